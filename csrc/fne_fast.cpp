@@ -1,0 +1,19 @@
+// The operator schemas of fne_fast, declared once. Kernels register per device in cpu/ and cuda/.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import fne_fast._C` loads this library, which runs the static registrations below; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fne_fast, m) {
+  m.def(
+      "sample_negatives(Tensor anchors, Tensor bank, Tensor positive_sim, Tensor anchor_ids, Tensor bank_ids, "
+      "Tensor stats, int k, str mode, float margin, float tau, float prior_k, float fn_margin, int min_count, "
+      "bool cutdown, int seed, int step, int row_offset, int col_offset, int filled, bool check_finite) "
+      "-> (Tensor index, Tensor sim, Tensor valid)");
+}

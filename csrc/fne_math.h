@@ -1,0 +1,90 @@
+// The per-pair epilogue of DESIGN.md §1-2 in float32, shared by the CPU and CUDA kernels and the C++ unit
+// tests: Gumbel noise from a Philox word, the FNE log-weight, and the order of (key, global index) pairs.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "philox.h"
+
+namespace fne_fast {
+
+enum class SamplerMode : int { kFne = 0, kHardest = 1, kUniform = 2 };
+
+// Parameters of the log-weight that are the same for every pair of one call, folded on the host so that the
+// per-pair work is a few multiply-adds: with
+//   log p±(s) = -(s - μ±)² / (2σ±²) - ½ log σ±²   (the ½ log 2π cancels),
+//   z(s) = log p⁺(s) - log p⁻(s) - log(K - 1),   P_fn = sigmoid(z),
+// the Bayesian branch applies where P_fn > 1 - fn_margin, i.e. z > logit(1 - fn_margin).
+struct WeightParams {
+  float tau;
+  bool bayes;              // n⁺ > min_count and both variances positive and finite
+  float mu_pos, mu_neg;
+  float half_inv_var_pos;  // 1 / (2σ⁺²)
+  float half_inv_var_neg;  // 1 / (2σ⁻²)
+  float z_offset;          // ½ log σ⁻² - ½ log σ⁺² - log(K - 1)
+  float z_threshold;       // logit(1 - fn_margin)
+};
+
+// stats = (μ⁺, σ⁺², μ⁻, σ⁻², n⁺) as stored on the device.
+FNE_HOST_DEVICE WeightParams make_weight_params(const float* stats, float tau, double prior_k, double fn_margin,
+                                                int64_t min_count) {
+  WeightParams p;
+  p.tau = tau;
+  const float var_pos = stats[1], var_neg = stats[3];
+  p.bayes = stats[4] > static_cast<float>(min_count) && var_pos > 0.f && var_neg > 0.f &&
+            std::isfinite(var_pos) && std::isfinite(var_neg) && std::isfinite(stats[0]) &&
+            std::isfinite(stats[2]);
+  p.mu_pos = stats[0];
+  p.mu_neg = stats[2];
+  p.half_inv_var_pos = p.bayes ? 0.5f / var_pos : 0.f;
+  p.half_inv_var_neg = p.bayes ? 0.5f / var_neg : 0.f;
+  p.z_offset = p.bayes ? static_cast<float>(0.5 * std::log(static_cast<double>(var_neg)) -
+                                            0.5 * std::log(static_cast<double>(var_pos)) - std::log(prior_k - 1.0))
+                       : 0.f;
+  const double threshold = 1.0 - fn_margin;  // P_fn must exceed this
+  p.z_threshold = threshold <= 0.0   ? -INFINITY
+                  : threshold >= 1.0 ? INFINITY
+                                     : static_cast<float>(std::log(threshold) - std::log1p(-threshold));
+  return p;
+}
+
+// logit of the false-negative probability, z(s) above.
+FNE_HOST_DEVICE float false_negative_logit(float s, const WeightParams& p) {
+  const float dp = s - p.mu_pos, dn = s - p.mu_neg;
+  return p.z_offset - dp * dp * p.half_inv_var_pos + dn * dn * p.half_inv_var_neg;
+}
+
+// ℓ_ij for mode fne: -τ P_fn where the Bayesian branch applies, else -τ (s - s⁺)². Always <= 0, which the
+// CPU kernel's early rejection relies on.
+FNE_HOST_DEVICE float fne_log_weight(float s, float positive_sim, const WeightParams& p) {
+  if (p.bayes) {
+    const float z = false_negative_logit(s, p);
+    if (z > p.z_threshold) return -p.tau / (1.f + std::exp(-z));
+  }
+  const float d = s - positive_sim;
+  return -p.tau * d * d;
+}
+
+// Standard Gumbel noise from one Philox word x: v = (x + ½) 2⁻³², E = -log(1 - v) ~ Exp(1), G = -log E.
+// 1 - v is formed exactly from the complement of x, and log1p keeps small v accurate, so G reaches ~22.2
+// (x = 0) instead of capping near 16.6 as a float32 -log(-log u) does.
+FNE_HOST_DEVICE float gumbel_from_bits(uint32_t x) {
+  constexpr float kTwoPowMinus32 = 2.3283064365386963e-10f;
+  float exponential;
+  if (x < 0x80000000u) {
+    const float v = (static_cast<float>(x) + 0.5f) * kTwoPowMinus32;
+    exponential = -std::log1p(-v);
+  } else {
+    const float one_minus_v = (static_cast<float>(~x) + 0.5f) * kTwoPowMinus32;
+    exponential = -std::log(one_minus_v);
+  }
+  return -std::log(exponential);
+}
+
+// Total order of candidates: larger key first, ties to the lower global index (DESIGN.md §2).
+FNE_HOST_DEVICE bool ranks_before(float key_a, int64_t index_a, float key_b, int64_t index_b) {
+  return key_a > key_b || (key_a == key_b && index_a < index_b);
+}
+
+}  // namespace fne_fast

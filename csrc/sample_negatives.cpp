@@ -1,0 +1,99 @@
+#include "sample_negatives.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <limits>
+
+namespace fne_fast {
+namespace {
+
+bool is_supported_embedding_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
+}
+
+SamplerMode parse_mode(c10::string_view mode) {
+  if (mode == "fne") return SamplerMode::kFne;
+  if (mode == "hardest") return SamplerMode::kHardest;
+  if (mode == "uniform") return SamplerMode::kUniform;
+  TORCH_CHECK_VALUE(false, "mode must be one of 'fne', 'hardest', 'uniform', got '", std::string(mode), "'");
+}
+
+}  // namespace
+
+SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::Tensor& bank,
+                                          const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
+                                          const at::Tensor& bank_ids, const at::Tensor& stats, int64_t k,
+                                          c10::string_view mode, double margin, double tau, double prior_k,
+                                          double fn_margin, int64_t min_count, bool cutdown, int64_t seed,
+                                          int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled,
+                                          bool check_finite) {
+  TORCH_CHECK_VALUE(anchors.dim() == 2, "anchors must be 2-D [B, D], got shape ", anchors.sizes());
+  TORCH_CHECK_VALUE(bank.dim() == 2, "bank must be 2-D [N, D], got shape ", bank.sizes());
+  TORCH_CHECK_VALUE(anchors.size(1) == bank.size(1), "anchors and bank must have the same embedding dimension, got ",
+                    anchors.size(1), " and ", bank.size(1));
+  TORCH_CHECK_TYPE(is_supported_embedding_dtype(anchors.scalar_type()),
+                   "anchors must be float32, bfloat16 or float16, got ", anchors.scalar_type());
+  TORCH_CHECK_TYPE(is_supported_embedding_dtype(bank.scalar_type()),
+                   "bank must be float32, bfloat16 or float16, got ", bank.scalar_type());
+  TORCH_CHECK_TYPE(anchors.scalar_type() == bank.scalar_type() || anchors.scalar_type() == at::kFloat,
+                   "anchors must have the bank's dtype or be float32, got anchors ", anchors.scalar_type(),
+                   " and bank ", bank.scalar_type());
+  const int64_t num_rows = anchors.size(0), num_cols = bank.size(0);
+  TORCH_CHECK_VALUE(positive_sim.dim() == 1 && positive_sim.size(0) == num_rows,
+                    "positive_sim must have shape [B] = [", num_rows, "], got ", positive_sim.sizes());
+  TORCH_CHECK_TYPE(positive_sim.scalar_type() == at::kFloat, "positive_sim must be float32, got ",
+                   positive_sim.scalar_type());
+  TORCH_CHECK_VALUE(anchor_ids.dim() == 1 && anchor_ids.size(0) == num_rows,
+                    "anchor_ids must have shape [B] = [", num_rows, "], got ", anchor_ids.sizes());
+  TORCH_CHECK_TYPE(anchor_ids.scalar_type() == at::kLong, "anchor_ids must be int64, got ",
+                   anchor_ids.scalar_type());
+  TORCH_CHECK_VALUE(bank_ids.dim() == 1 && bank_ids.size(0) == num_cols,
+                    "bank_ids must have shape [N] = [", num_cols, "], got ", bank_ids.sizes());
+  TORCH_CHECK_TYPE(bank_ids.scalar_type() == at::kLong, "bank_ids must be int64, got ", bank_ids.scalar_type());
+  TORCH_CHECK_VALUE(stats.dim() == 1 && stats.numel() == 5,
+                    "stats must be a float32 tensor of 5 values (mu_pos, var_pos, mu_neg, var_neg, n_pos), got shape ",
+                    stats.sizes());
+  TORCH_CHECK_TYPE(stats.scalar_type() == at::kFloat, "stats must be float32, got ", stats.scalar_type());
+  const auto device = anchors.device();
+  const std::pair<const char*, const at::Tensor*> same_device[] = {
+      {"bank", &bank}, {"positive_sim", &positive_sim}, {"anchor_ids", &anchor_ids},
+      {"bank_ids", &bank_ids}, {"stats", &stats}};
+  for (const auto& [name, tensor] : same_device) {
+    TORCH_CHECK_VALUE(tensor->device() == device, name, " must be on the anchors' device ", device, ", got ",
+                      tensor->device());
+  }
+  TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
+  TORCH_CHECK_VALUE(std::isfinite(margin), "margin must be finite, got ", margin);
+  TORCH_CHECK_VALUE(std::isfinite(tau) && tau >= 0.0, "tau must be finite and >= 0, got ", tau);
+  TORCH_CHECK_VALUE(std::isfinite(prior_k) && prior_k > 1.0, "prior_k must be finite and > 1, got ", prior_k);
+  TORCH_CHECK_VALUE(fn_margin >= 0.0 && fn_margin <= 1.0, "fn_margin must be in [0, 1], got ", fn_margin);
+  TORCH_CHECK_VALUE(min_count >= 0, "min_count must be >= 0, got ", min_count);
+  TORCH_CHECK_VALUE(step >= 0 && step <= std::numeric_limits<uint32_t>::max(), "step must be in [0, 2^32), got ",
+                    step);
+  TORCH_CHECK_VALUE(row_offset >= 0 && row_offset + num_rows - 1 <= std::numeric_limits<uint32_t>::max(),
+                    "row_offset + B must be in [0, 2^32], got row_offset ", row_offset, " with B ", num_rows);
+  TORCH_CHECK_VALUE(col_offset >= 0 && col_offset <= std::numeric_limits<int64_t>::max() - num_cols,
+                    "col_offset must be >= 0 and col_offset + N must fit in int64, got ", col_offset);
+  TORCH_CHECK_VALUE(filled >= 0 && filled <= num_cols, "filled must be in [0, N] = [0, ", num_cols, "], got ",
+                    filled);
+
+  SamplerConfig config;
+  config.k = k;
+  config.mode = parse_mode(mode);
+  config.margin = static_cast<float>(margin);
+  config.tau = static_cast<float>(tau);
+  config.prior_k = prior_k;
+  config.fn_margin = fn_margin;
+  config.min_count = min_count;
+  config.cutdown = cutdown;
+  config.seed = static_cast<uint64_t>(seed);  // the schema's int is signed: the same 64 bits
+  config.step = static_cast<uint32_t>(step);
+  config.row_offset = static_cast<uint32_t>(row_offset);
+  config.col_offset = col_offset;
+  config.filled = filled;
+  config.check_finite = check_finite;
+  return config;
+}
+
+}  // namespace fne_fast

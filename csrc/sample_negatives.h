@@ -1,0 +1,40 @@
+// Device-independent part of fne_fast::sample_negatives: argument checks and the per-call scalar parameters
+// shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <cstdint>
+
+#include "fne_math.h"
+
+namespace fne_fast {
+
+struct SamplerConfig {
+  int64_t k;
+  SamplerMode mode;
+  float margin;
+  float tau;
+  double prior_k;
+  double fn_margin;
+  int64_t min_count;
+  bool cutdown;
+  uint64_t seed;
+  uint32_t step;
+  uint32_t row_offset;
+  int64_t col_offset;
+  int64_t filled;
+  bool check_finite;
+};
+
+// Validates every argument (TORCH_CHECK messages name the argument) and returns the parsed configuration.
+SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::Tensor& bank,
+                                          const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
+                                          const at::Tensor& bank_ids, const at::Tensor& stats, int64_t k,
+                                          c10::string_view mode, double margin, double tau, double prior_k,
+                                          double fn_margin, int64_t min_count, bool cutdown, int64_t seed,
+                                          int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled,
+                                          bool check_finite);
+
+}  // namespace fne_fast

@@ -1,0 +1,12 @@
+"""fne_fast: fused kernels for False Negative Elimination (FNE) negative sampling.
+
+``sample_negatives`` selects, for each anchor, k negatives from a memory bank in one pass over the bank, with the
+Bayesian false-negative weights of Li et al. (ACM MM 2023); see DESIGN.md for the exact contract.
+"""
+
+from fne_fast import _C  # noqa: F401  (loads the compiled library, which registers the fne_fast ops)
+from fne_fast.ops import sample_negatives
+from fne_fast.stats import RunningStats
+
+__all__ = ["sample_negatives", "RunningStats"]
+__version__ = "0.1.0"

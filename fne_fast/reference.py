@@ -1,0 +1,168 @@
+"""Pure-PyTorch oracle of ``sample_negatives`` (DESIGN.md §1-2).
+
+It materialises the B×N similarity and key matrices on purpose: it is the test oracle for every backend and the
+"eager" baseline of the benchmarks. It draws the same Philox4x32-10 stream as the kernels, in torch integer
+arithmetic on int64 tensors (16-bit limbs keep every product below 2⁶³), and computes in ``dtype`` (float64 for
+tests, float32 for the eager baseline).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "philox4x32_10",
+    "gumbel_noise",
+    "log_weights",
+    "sample_negatives_reference",
+    "MODES",
+]
+
+MODES = ("fne", "hardest", "uniform")
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mul_hi_lo(a: torch.Tensor, multiplier: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of a * multiplier for a in [0, 2³²), without int64 overflow."""
+    m_hi, m_lo = multiplier >> 16, multiplier & 0xFFFF
+    upper = a * m_hi  # < 2⁴⁸: a * m_hi * 2¹⁶ is the upper part of the product
+    lower = a * m_lo  # < 2⁴⁸
+    hi = (upper + (lower >> 16)) >> 16
+    lo = (((upper & 0xFFFF) << 16) + lower) & _MASK32
+    return hi, lo
+
+
+def philox4x32_10(counter, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 on broadcastable int64 tensors holding 32-bit words; key = (lo, hi) Python ints."""
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in counter)
+    k0, k1 = key[0] & _MASK32, key[1] & _MASK32
+    for _ in range(10):
+        hi0, lo0 = _mul_hi_lo(c0, _PHILOX_M[0])
+        hi1, lo1 = _mul_hi_lo(c2, _PHILOX_M[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_W[0]) & _MASK32
+        k1 = (k1 + _PHILOX_W[1]) & _MASK32
+    return c0, c1, c2, c3
+
+
+def gumbel_noise(seed: int, step: int, rows: torch.Tensor, columns: torch.Tensor,
+                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """G[i, j] for global rows ``rows`` [B] and global columns ``columns`` [N] (int64), in ``dtype``."""
+    seed &= (1 << 64) - 1
+    rows = rows.to(torch.int64).reshape(-1, 1)
+    columns = columns.to(torch.int64).reshape(1, -1)
+    x, _, _, _ = philox4x32_10((columns & _MASK32, columns >> 32, rows & _MASK32, step & _MASK32),
+                               (seed & _MASK32, seed >> 32))
+    x = x.expand(rows.shape[0], columns.shape[1])
+    scale = 2.0 ** -32
+    small = x < (1 << 31)
+    v = (x.to(dtype) + 0.5) * scale
+    one_minus_v = ((_MASK32 - x).to(dtype) + 0.5) * scale  # exact complement: accurate where v is near 1
+    exponential = torch.where(small, -torch.log1p(-v), -torch.log(one_minus_v))
+    return -torch.log(exponential)
+
+
+def false_negative_probability(sim: torch.Tensor, stats: torch.Tensor, prior_k: float) -> torch.Tensor:
+    """P_fn(s) = sigmoid(log p⁺(s) - log p⁻(s) - log(K-1)) in the log domain, in sim's dtype."""
+    mu_pos, var_pos, mu_neg, var_neg = (stats[i].to(sim.dtype) for i in range(4))
+    z = (0.5 * torch.log(var_neg) - 0.5 * torch.log(var_pos) - math.log(prior_k - 1.0)
+         - (sim - mu_pos) ** 2 / (2 * var_pos) + (sim - mu_neg) ** 2 / (2 * var_neg))
+    return torch.sigmoid(z)
+
+
+def bayes_active(stats: torch.Tensor, min_count: int) -> torch.Tensor:
+    """Whether the Bayesian branch is on: n⁺ > min_count and both variances positive and finite (a 0-d bool)."""
+    s = stats.to(torch.float64)
+    return (s[4] > min_count) & (s[1] > 0) & (s[3] > 0) & torch.isfinite(s[:4]).all()
+
+
+def log_weights(sim: torch.Tensor, positive_sim: torch.Tensor, stats: torch.Tensor, *, mode: str = "fne",
+                tau: float = 0.5, prior_k: float = 10000.0, fn_margin: float = 0.999,
+                min_count: int = 200) -> torch.Tensor:
+    """ℓ[i, j] of DESIGN.md §1 for similarities sim [B, N] (no masking), in sim's dtype."""
+    if mode == "uniform":
+        return torch.zeros_like(sim)
+    if mode == "hardest":
+        return sim.clone()
+    base = -tau * (sim - positive_sim.to(sim.dtype).reshape(-1, 1)) ** 2
+    p_fn = false_negative_probability(sim, stats, prior_k)
+    use_bayes = bayes_active(stats, min_count) & (p_fn > 1.0 - fn_margin)
+    return torch.where(use_bayes, -tau * p_fn, base)
+
+
+def sample_negatives_reference(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, *, k: int = 1,
+                               mode: str = "fne", margin: float = 0.2, tau: float = 0.5,
+                               prior_k: float = 10000.0, fn_margin: float = 0.999, min_count: int = 200,
+                               cutdown: bool = True, seed: int = 0, step: int = 0, row_offset: int = 0,
+                               col_offset: int = 0, filled: int | None = None,
+                               dtype: torch.dtype = torch.float64, return_keys: bool = False):
+    """The oracle: same signature and outputs as ``fne_fast.sample_negatives``.
+
+    With ``return_keys=True`` it also returns the key of every chosen slot (``-inf`` for fallback and invalid
+    slots, the similarity in mode "hardest"), which the tests use to explain near-ties.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    device = anchors.device
+    num_rows, num_cols = anchors.shape[0], bank.shape[0]
+    filled = num_cols if filled is None else int(filled)
+    sim = anchors.to(dtype) @ bank.to(dtype).T
+    columns = torch.arange(num_cols, device=device, dtype=torch.int64)
+    rows = torch.arange(num_rows, device=device, dtype=torch.int64)
+
+    non_positive = (bank_ids.reshape(1, -1) != anchor_ids.reshape(-1, 1)) & (columns < filled).reshape(1, -1)
+    if mode == "hardest":
+        survives = non_positive
+        keys = sim
+    else:
+        survives = non_positive
+        if cutdown:
+            cut = stats[0].to(dtype) - margin
+            survives = survives & (sim > cut)
+        weights = log_weights(sim, positive_sim, stats, mode=mode, tau=tau, prior_k=prior_k,
+                              fn_margin=fn_margin, min_count=min_count)
+        keys = weights + gumbel_noise(seed, step, rows + row_offset, columns + col_offset, dtype)
+
+    neg_inf = torch.tensor(-math.inf, dtype=dtype, device=device)
+    # Stable descending sorts put ties in increasing column order: ties go to the lower global index.
+    race_keys, race_order = torch.sort(torch.where(survives, keys, neg_inf), dim=1, descending=True, stable=True)
+    race_valid = torch.gather(survives, 1, race_order)
+    chosen = torch.zeros_like(survives)
+    num_race = min(k, num_cols)
+    chosen.scatter_(1, race_order[:, :num_race], race_valid[:, :num_race])
+    fill_candidates = non_positive & ~chosen
+    _, fill_order = torch.sort(torch.where(fill_candidates, sim, neg_inf), dim=1, descending=True, stable=True)
+    fill_valid = torch.gather(fill_candidates, 1, fill_order)
+
+    # Slot t takes the t-th race winner while there are any, then the (t - m)-th hardest remaining candidate.
+    num_survivors = race_valid[:, :num_race].sum(dim=1, keepdim=True)
+    slots = torch.arange(k, device=device).reshape(1, -1).expand(num_rows, k)
+    from_race = slots < num_survivors
+    fill_slot = (slots - num_survivors).clamp(min=0)
+    pad = max(k - num_cols, 0)
+    if pad:
+        # Fewer columns than slots: pad with never-valid positions so the gathers below stay in range.
+        fill_order = torch.cat([fill_order, fill_order.new_zeros(num_rows, pad)], dim=1)
+        fill_valid = torch.cat([fill_valid, fill_valid.new_zeros(num_rows, pad)], dim=1)
+        race_order = torch.cat([race_order, race_order.new_zeros(num_rows, pad)], dim=1)
+        race_keys = torch.cat([race_keys, race_keys.new_full((num_rows, pad), -math.inf)], dim=1)
+    race_slot = slots.clamp(max=race_order.shape[1] - 1)
+    column = torch.where(from_race, torch.gather(race_order, 1, race_slot), torch.gather(fill_order, 1, fill_slot))
+    valid = from_race | torch.gather(fill_valid, 1, fill_slot)
+    slot_keys = torch.where(from_race, torch.gather(race_keys, 1, race_slot), neg_inf)
+
+    index = torch.where(valid, column + col_offset, torch.full_like(column, -1))
+    if num_cols:
+        chosen_sim = torch.gather(sim, 1, column.clamp(max=num_cols - 1))
+    else:
+        chosen_sim = torch.zeros(num_rows, k, dtype=dtype, device=device)
+    chosen_sim = torch.where(valid, chosen_sim, torch.zeros_like(chosen_sim)).to(torch.float32)
+    slot_keys = torch.where(valid, slot_keys, neg_inf)
+    if return_keys:
+        return index, chosen_sim, valid, slot_keys
+    return index, chosen_sim, valid

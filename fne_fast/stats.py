@@ -1,0 +1,106 @@
+"""Running statistics of positive and negative similarities (DESIGN.md §1, "Running statistics").
+
+Everything stays on the device: no ``.item()``, no loop over rows, no host synchronisation per step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["RunningStats", "right_pair_samples"]
+
+
+def right_pair_samples(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Samples of one batch from the in-batch similarity matrix ``sim = V Tᵀ`` [B, B].
+
+    Returns ``(positive [B], negative [B, 2], right [B] bool)``: row i is a sample where ``right[i]``, i.e.
+    ``argmax_j sim[i, j] == i`` and ``argmax_j sim[j, i] == i``; its positive is ``sim[i, i]`` and its negatives
+    are the row and column maxima with the diagonal set to 0 (the authors' code fills it with 0 first).
+    """
+    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"sim must be a square [B, B] matrix, got shape {tuple(sim.shape)}")
+    rows = torch.arange(sim.shape[0], device=sim.device)
+    right = (sim.argmax(dim=1) == rows) & (sim.argmax(dim=0) == rows)
+    off_diagonal = sim.masked_fill(torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device), 0.0)
+    negative = torch.stack([off_diagonal.max(dim=1).values, off_diagonal.max(dim=0).values], dim=1)
+    return sim.diagonal(), negative, right
+
+
+class _Moments:
+    """Count, running mean and the sum of squared deviations, each step's terms taken about the running mean
+    after that step's samples were added (the authors' order); or an exponential moving average."""
+
+    def __init__(self, device, momentum: float | None):
+        self.momentum = momentum
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.squares = torch.zeros((), dtype=torch.float64, device=device)
+        self.ema_mean = torch.zeros((), dtype=torch.float64, device=device)
+        self.ema_var = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, values: torch.Tensor, mask: torch.Tensor) -> None:
+        values = values.to(torch.float64)
+        weight = mask.to(torch.float64)
+        step_count = weight.sum()
+        if self.momentum is not None:
+            batch_mean = (values * weight).sum() / step_count.clamp(min=1)
+            batch_var = ((values - batch_mean) ** 2 * weight).sum() / (step_count - 1).clamp(min=1)
+            first = self.count == 0
+            m = self.momentum
+            new_mean = torch.where(first, batch_mean, m * self.ema_mean + (1 - m) * batch_mean)
+            new_var = torch.where(first, batch_var, m * self.ema_var + (1 - m) * batch_var)
+            self.ema_mean = torch.where(step_count > 0, new_mean, self.ema_mean)
+            self.ema_var = torch.where(step_count > 0, new_var, self.ema_var)
+        self.count = self.count + step_count
+        self.total = self.total + (values * weight).sum()
+        mean_after = self.total / self.count.clamp(min=1)
+        self.squares = self.squares + ((values - mean_after) ** 2 * weight).sum()
+
+    def mean(self) -> torch.Tensor:
+        return self.ema_mean if self.momentum is not None else self.total / self.count.clamp(min=1)
+
+    def variance(self) -> torch.Tensor:
+        return self.ema_var if self.momentum is not None else self.squares / (self.count - 1).clamp(min=1)
+
+
+class RunningStats:
+    """μ⁺, σ⁺², μ⁻, σ⁻² and n⁺ of the right pairs seen since the last ``reset()``, on ``device``.
+
+    ``momentum=None`` (default) reproduces the authors' running mean and variance; a float in (0, 1) switches
+    to exponential moving averages of each step's mean and variance (n⁺ still counts every sample).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", momentum: float | None = None):
+        if momentum is not None and not 0.0 < momentum < 1.0:
+            raise ValueError(f"momentum must be None or in (0, 1), got {momentum}")
+        self.device = torch.device(device)
+        self.momentum = momentum
+        self.reset()
+
+    def reset(self) -> None:
+        self._positive = _Moments(self.device, self.momentum)
+        self._negative = _Moments(self.device, self.momentum)
+
+    @torch.no_grad()
+    def update(self, sim: torch.Tensor) -> None:
+        """Adds the right pairs of one batch's in-batch similarity matrix ``sim`` [B, B] (image × text)."""
+        positive, negative, right = right_pair_samples(sim.detach().to(self.device))
+        self._positive.add(positive, right)
+        self._negative.add(negative, right.unsqueeze(1).expand_as(negative))
+
+    def as_tensor(self) -> torch.Tensor:
+        """The op's ``stats`` argument: float32 ``(μ⁺, σ⁺², μ⁻, σ⁻², n⁺)`` on the device."""
+        pos, neg = self._positive, self._negative
+        return torch.stack([pos.mean(), pos.variance(), neg.mean(), neg.variance(), pos.count]).to(torch.float32)
+
+    def state_dict(self) -> dict:
+        return {name: getattr(moments, field).clone()
+                for name, moments in (("positive", self._positive), ("negative", self._negative))
+                for field in ("count", "total", "squares", "ema_mean", "ema_var")
+                for name in [f"{name}.{field}"]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            which, field = key.split(".")
+            moments = self._positive if which == "positive" else self._negative
+            setattr(moments, field, value.to(device=self.device, dtype=torch.float64).clone())

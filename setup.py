@@ -1,0 +1,44 @@
+"""Builds fne_fast._C: the C++ CPU kernels always, the CUDA kernels when torch is a CUDA build and nvcc exists.
+
+Install torch first, then `pip install --no-build-isolation -e .` (build isolation would compile against a
+different torch). FNE_FAST_FORCE_CPU=1 skips the CUDA sources.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extension():
+    force_cpu = os.environ.get("FNE_FAST_FORCE_CPU", "0") not in ("", "0")
+    with_cuda = not force_cpu and torch.version.cuda is not None and CUDA_HOME is not None
+    # Release build: -O3 and no debug info (-g0 overrides a -g from Python's own CFLAGS). OpenMP is compiled in
+    # for at::parallel_for but not linked: the symbols resolve to the OpenMP runtime torch already loaded, so
+    # the process keeps a single thread pool.
+    cxx_flags = ["-O3", "-g0", "-fopenmp", "-std=c++17", "-Wall", "-Wno-unknown-pragmas"]
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if with_cuda:
+        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        return CUDAExtension("fne_fast._C", sources + _sources("csrc/cuda/*.cu"), include_dirs=include_dirs,
+                             define_macros=[("FNE_FAST_WITH_CUDA", "1")],
+                             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+    return CppExtension("fne_fast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
+
+
+setup(
+    packages=["fne_fast", "fne_fast.kernels"],
+    package_dir={"fne_fast": "fne_fast", "fne_fast.kernels": "kernels"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
