@@ -15,8 +15,10 @@ import torch
 __all__ = [
     "philox4x32_10",
     "gumbel_noise",
+    "gumbel_from_bits",
     "log_weights",
     "sample_negatives_reference",
+    "candidate_keys",
     "MODES",
 ]
 
@@ -58,12 +60,19 @@ def gumbel_noise(seed: int, step: int, rows: torch.Tensor, columns: torch.Tensor
     columns = columns.to(torch.int64).reshape(1, -1)
     x, _, _, _ = philox4x32_10((columns & _MASK32, columns >> 32, rows & _MASK32, step & _MASK32),
                                (seed & _MASK32, seed >> 32))
-    x = x.expand(rows.shape[0], columns.shape[1])
+    return gumbel_from_bits(x.expand(rows.shape[0], columns.shape[1]), dtype)
+
+
+def gumbel_from_bits(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """G = -log(E), E = -log(1 - v), v = (x + ½) 2⁻³² for 32-bit words x held in int64, in ``dtype``.
+
+    1 - v is formed exactly from the complement of x, and log1p keeps small v accurate, so the far tail
+    (G up to ~22.9 at x = 0) survives in float32.
+    """
     scale = 2.0 ** -32
-    small = x < (1 << 31)
     v = (x.to(dtype) + 0.5) * scale
-    one_minus_v = ((_MASK32 - x).to(dtype) + 0.5) * scale  # exact complement: accurate where v is near 1
-    exponential = torch.where(small, -torch.log1p(-v), -torch.log(one_minus_v))
+    one_minus_v = ((_MASK32 - x).to(dtype) + 0.5) * scale
+    exponential = torch.where(x < (1 << 31), -torch.log1p(-v), -torch.log(one_minus_v))
     return -torch.log(exponential)
 
 
@@ -95,6 +104,37 @@ def log_weights(sim: torch.Tensor, positive_sim: torch.Tensor, stats: torch.Tens
     return torch.where(use_bayes, -tau * p_fn, base)
 
 
+def candidate_keys(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, *, mode: str = "fne",
+                   margin: float = 0.2, tau: float = 0.5, prior_k: float = 10000.0, fn_margin: float = 0.999,
+                   min_count: int = 200, cutdown: bool = True, seed: int = 0, step: int = 0, row_offset: int = 0,
+                   col_offset: int = 0, filled: int | None = None, dtype: torch.dtype = torch.float64):
+    """The full B×N race of DESIGN.md §1-2: ``(keys, survives, non_positive, sim)``, each [B, N].
+
+    ``keys`` is ℓ + G (the similarity in mode "hardest") for every pair, masked or not; ``survives`` marks the
+    candidates of the race and ``non_positive`` those eligible for the hardest-negative fallback.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    device = anchors.device
+    num_rows, num_cols = anchors.shape[0], bank.shape[0]
+    filled = num_cols if filled is None else int(filled)
+    sim = anchors.to(dtype) @ bank.to(dtype).T
+    columns = torch.arange(num_cols, device=device, dtype=torch.int64)
+    rows = torch.arange(num_rows, device=device, dtype=torch.int64)
+    non_positive = (bank_ids.reshape(1, -1) != anchor_ids.reshape(-1, 1)) & (columns < filled).reshape(1, -1)
+    if mode == "hardest":
+        return sim, non_positive, non_positive, sim
+    survives = non_positive
+    if cutdown:
+        # The threshold is formed in float32, as the kernels do, so that it is the same number everywhere.
+        cut = (stats[0].to(torch.float32) - torch.tensor(margin, dtype=torch.float32)).to(dtype)
+        survives = survives & (sim > cut)
+    weights = log_weights(sim, positive_sim, stats, mode=mode, tau=tau, prior_k=prior_k, fn_margin=fn_margin,
+                          min_count=min_count)
+    keys = weights + gumbel_noise(seed, step, rows + row_offset, columns + col_offset, dtype)
+    return keys, survives, non_positive, sim
+
+
 def sample_negatives_reference(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, *, k: int = 1,
                                mode: str = "fne", margin: float = 0.2, tau: float = 0.5,
                                prior_k: float = 10000.0, fn_margin: float = 0.999, min_count: int = 200,
@@ -106,27 +146,12 @@ def sample_negatives_reference(anchors, bank, positive_sim, anchor_ids, bank_ids
     With ``return_keys=True`` it also returns the key of every chosen slot (``-inf`` for fallback and invalid
     slots, the similarity in mode "hardest"), which the tests use to explain near-ties.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    keys, survives, non_positive, sim = candidate_keys(
+        anchors, bank, positive_sim, anchor_ids, bank_ids, stats, mode=mode, margin=margin, tau=tau,
+        prior_k=prior_k, fn_margin=fn_margin, min_count=min_count, cutdown=cutdown, seed=seed, step=step,
+        row_offset=row_offset, col_offset=col_offset, filled=filled, dtype=dtype)
     device = anchors.device
-    num_rows, num_cols = anchors.shape[0], bank.shape[0]
-    filled = num_cols if filled is None else int(filled)
-    sim = anchors.to(dtype) @ bank.to(dtype).T
-    columns = torch.arange(num_cols, device=device, dtype=torch.int64)
-    rows = torch.arange(num_rows, device=device, dtype=torch.int64)
-
-    non_positive = (bank_ids.reshape(1, -1) != anchor_ids.reshape(-1, 1)) & (columns < filled).reshape(1, -1)
-    if mode == "hardest":
-        survives = non_positive
-        keys = sim
-    else:
-        survives = non_positive
-        if cutdown:
-            cut = stats[0].to(dtype) - margin
-            survives = survives & (sim > cut)
-        weights = log_weights(sim, positive_sim, stats, mode=mode, tau=tau, prior_k=prior_k,
-                              fn_margin=fn_margin, min_count=min_count)
-        keys = weights + gumbel_noise(seed, step, rows + row_offset, columns + col_offset, dtype)
+    num_rows, num_cols = sim.shape
 
     neg_inf = torch.tensor(-math.inf, dtype=dtype, device=device)
     # Stable descending sorts put ties in increasing column order: ties go to the lower global index.

@@ -93,14 +93,19 @@ class RunningStats:
         pos, neg = self._positive, self._negative
         return torch.stack([pos.mean(), pos.variance(), neg.mean(), neg.variance(), pos.count]).to(torch.float32)
 
+    _FIELDS = ("count", "total", "squares", "ema_mean", "ema_var")
+
     def state_dict(self) -> dict:
-        return {name: getattr(moments, field).clone()
-                for name, moments in (("positive", self._positive), ("negative", self._negative))
-                for field in ("count", "total", "squares", "ema_mean", "ema_var")
-                for name in [f"{name}.{field}"]}
+        state = {}
+        for name, moments in (("positive", self._positive), ("negative", self._negative)):
+            for field in self._FIELDS:
+                state[f"{name}.{field}"] = getattr(moments, field).clone()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             which, field = key.split(".")
+            if field not in self._FIELDS or which not in ("positive", "negative"):
+                raise KeyError(f"unexpected key {key!r} in the RunningStats state")
             moments = self._positive if which == "positive" else self._negative
             setattr(moments, field, value.to(device=self.device, dtype=torch.float64).clone())
