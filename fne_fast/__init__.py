@@ -4,9 +4,11 @@
 Bayesian false-negative weights of Li et al. (ACM MM 2023); see DESIGN.md for the exact contract.
 """
 
-from fne_fast import _C  # noqa: F401  (loads the compiled library, which registers the fne_fast ops)
-from fne_fast.ops import sample_negatives
-from fne_fast.stats import RunningStats
+import torch  # noqa: F401  (loads libtorch, which the compiled library links against)
+
+from fne_fast import _C  # noqa: F401,E402  (registers the fne_fast ops)
+from fne_fast.ops import sample_negatives  # noqa: E402
+from fne_fast.stats import RunningStats  # noqa: E402
 
 __all__ = ["sample_negatives", "RunningStats"]
 __version__ = "0.1.0"

@@ -1,0 +1,111 @@
+// C++ unit tests of the header-only core: Philox known-answer vectors and the float32 epilogue math against
+// double-precision formulas. Run by ctest.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+
+#include "fne_math.h"
+#include "philox.h"
+
+namespace {
+
+int failures = 0;
+
+void expect(bool condition, const char* what) {
+  if (!condition) {
+    std::printf("FAILED: %s\n", what);
+    ++failures;
+  }
+}
+
+void test_philox_known_answers() {
+  struct Vector {
+    uint32_t key_lo, key_hi;
+    uint32_t counter[4];
+    uint32_t expected[4];
+  };
+  // Random123's known-answer vectors for Philox4x32-10 (DESIGN.md §2).
+  const Vector vectors[] = {
+      {0, 0, {0, 0, 0, 0}, {0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8}},
+      {0xffffffff, 0xffffffff, {0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff},
+       {0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd}},
+      {0xa4093822, 0x299f31d0, {0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344},
+       {0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1}},
+  };
+  for (const Vector& v : vectors) {
+    uint32_t out[4];
+    const fne_fast::PhiloxKey key{v.key_lo, v.key_hi};
+    fne_fast::philox4x32_10(v.counter, key, out);
+    for (int w = 0; w < 4; ++w) expect(out[w] == v.expected[w], "philox4x32_10 known-answer vector");
+    const uint32_t first =
+        fne_fast::philox_first_word(v.counter[0], v.counter[1], v.counter[2], v.counter[3], key);
+    expect(first == v.expected[0], "philox_first_word equals the first output word");
+  }
+  const fne_fast::PhiloxKey from_seed = fne_fast::philox_key_from_seed(0x299f31d0a4093822ull);
+  expect(from_seed.lo == 0xa4093822u && from_seed.hi == 0x299f31d0u, "seed splits into (lo, hi)");
+}
+
+double gumbel_double(uint32_t x) {
+  const double v = (static_cast<double>(x) + 0.5) * std::ldexp(1.0, -32);
+  return -std::log(-std::log1p(-v));
+}
+
+void test_gumbel_accuracy() {
+  const uint32_t words[] = {0u, 1u, 1000u, 1u << 20, 0x7fffffffu, 0x80000000u, 0xfffffff0u, 0xffffffffu};
+  for (uint32_t x : words) {
+    const double exact = gumbel_double(x);
+    const double got = fne_fast::gumbel_from_bits(x);
+    expect(std::fabs(got - exact) <= 4e-6 * std::fmax(1.0, std::fabs(exact)), "gumbel_from_bits accuracy");
+  }
+  expect(fne_fast::gumbel_from_bits(0u) > 22.8f, "the far tail (x = 0) is not capped");
+  bool decreasing = true;
+  for (uint32_t x = 0; x < 0xffff0000u; x += 0x00fff3u) {
+    decreasing &= fne_fast::gumbel_from_bits(x) >= fne_fast::gumbel_from_bits(x + 0x00fff3u);
+  }
+  expect(decreasing, "G decreases with the Philox word (the CPU kernel's early rejection relies on it)");
+}
+
+void test_log_weight() {
+  const float stats[5] = {0.3f, 0.04f, 0.0f, 0.05f, 500.0f};
+  const double tau = 2.0, prior_k = 10000.0, fn_margin = 0.999;
+  const fne_fast::WeightParams params = fne_fast::make_weight_params(stats, 2.0f, prior_k, fn_margin, 200);
+  expect(params.bayes, "the Bayesian branch is on above min_count");
+  int bayes_pairs = 0, base_pairs = 0;
+  for (double s = -0.5; s <= 1.2; s += 0.0137) {
+    const double log_pos = -0.5 * (s - 0.3) * (s - 0.3) / 0.04 - 0.5 * std::log(0.04);
+    const double log_neg = -0.5 * s * s / 0.05 - 0.5 * std::log(0.05);
+    const double p_fn = 1.0 / (1.0 + std::exp(-(log_pos - log_neg - std::log(prior_k - 1.0))));
+    const double positive_sim = 0.7;
+    const bool bayes = p_fn > 1.0 - fn_margin;
+    const double expected = bayes ? -tau * p_fn : -tau * (s - positive_sim) * (s - positive_sim);
+    (bayes ? bayes_pairs : base_pairs) += 1;
+    const float got = fne_fast::fne_log_weight(static_cast<float>(s), static_cast<float>(positive_sim), params);
+    expect(std::fabs(got - expected) <= 1e-5 * std::fmax(1.0, std::fabs(expected)), "fne_log_weight");
+    expect(got <= 0.f, "log-weights are <= 0");
+  }
+  expect(bayes_pairs > 5 && base_pairs > 5, "both branches of the weight are exercised");
+
+  const float few[5] = {0.3f, 0.04f, 0.0f, 0.05f, 200.0f};
+  expect(!fne_fast::make_weight_params(few, 2.0f, prior_k, fn_margin, 200).bayes, "n+ must exceed min_count");
+  const float degenerate[5] = {0.3f, 0.0f, 0.0f, 0.05f, 500.0f};
+  expect(!fne_fast::make_weight_params(degenerate, 2.0f, prior_k, fn_margin, 200).bayes,
+         "a zero variance turns the Bayesian branch off");
+}
+
+void test_order() {
+  expect(fne_fast::ranks_before(2.f, 9, 1.f, 3), "larger key first");
+  expect(fne_fast::ranks_before(1.f, 3, 1.f, 9), "ties go to the lower index");
+  expect(!fne_fast::ranks_before(1.f, 9, 1.f, 3), "ties go to the lower index (converse)");
+  expect(!fne_fast::ranks_before(1.f, 3, 1.f, 3), "strict order");
+}
+
+}  // namespace
+
+int main() {
+  test_philox_known_answers();
+  test_gumbel_accuracy();
+  test_log_weight();
+  test_order();
+  if (failures == 0) std::printf("all core tests passed\n");
+  return failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs every test: the Python suite (CPU kernels, the oracle, Triton through its interpreter; CUDA tests skip
+# without a GPU), then the C++ unit tests with ctest and the nvcc compile check of the CUDA sources.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+status=0
+python -m pytest -q tests || status=$?
+
+build_dir=build/cmake
+mkdir -p build
+if cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release >"$build_dir.log" 2>&1 \
+    && cmake --build "$build_dir" >>"$build_dir.log" 2>&1; then
+  grep -E "compile-checking|Could not find|No CMAKE_CUDA" "$build_dir.log" || echo "cmake: no CUDA compiler found, CUDA compile check skipped"
+  ctest --test-dir "$build_dir" --output-on-failure || status=$?
+else
+  cat "$build_dir.log"
+  echo "C++ build or CUDA compile check FAILED"
+  status=1
+fi
+exit $status
