@@ -1,0 +1,152 @@
+"""The ``fne-fast`` command: train, eval and compare.
+
+    fne-fast train --dataset emoji --sampler fne --epochs 5 --out runs/emoji-fne --seed 0 [--resume]
+    fne-fast eval --checkpoint runs/emoji-fne/checkpoint.pt [--split test]
+    fne-fast compare --dataset emoji --samplers fne hardest uniform inbatch-hardest --seeds 0 1 2 --out runs/cmp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch  # noqa: F401  (loaded before fne_fast, whose compiled library links against it)
+
+from fne_fast.data import DATASETS
+from fne_fast.loss import SAMPLERS
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_training_options(parser: argparse.ArgumentParser, *, single_run: bool) -> None:
+    parser.add_argument("--dataset", choices=DATASETS, default="emoji")
+    if single_run:
+        parser.add_argument("--sampler", choices=SAMPLERS, default="fne")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--resume", action="store_true",
+                            help="continue the run in --out from its last checkpoint (same numbers as one run)")
+    parser.add_argument("--bank-size", type=int, default=8224)
+    parser.add_argument("--k", type=int, default=1, help="negatives sampled per anchor")
+    parser.add_argument("--epochs", type=int, default=5, help="including the warm-up epoch(s)")
+    parser.add_argument("--warmup-epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", required=not single_run, default="runs/emoji-fne" if single_run else None)
+    parser.add_argument("--margin", type=float, default=0.2)
+    parser.add_argument("--tau", type=float, default=0.5)
+    parser.add_argument("--prior-k", type=float, default=10000.0)
+    parser.add_argument("--fn-margin", type=float, default=0.999)
+    parser.add_argument("--min-count", type=int, default=200)
+    parser.add_argument("--stats-momentum", type=float, default=None,
+                        help="EMA momentum of the running statistics (default: the authors' running mean)")
+    parser.add_argument("--momentum", type=float, default=0.995, help="momentum of the key heads")
+    parser.add_argument("--bank-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--backend", default="auto", help="the op's backend: auto, cpu, cuda, triton, reference")
+    parser.add_argument("--image-size", type=int, default=128, help="pixels fed to EfficientNet-Lite0")
+    parser.add_argument("--limit", type=int, default=None, help="use at most this many items per split")
+    parser.add_argument("--cache-dir", default=None, help="feature cache (default: $FNE_FAST_CACHE or "
+                                                          "~/.cache/fne_fast)")
+    parser.add_argument("--data-root", default=None, help="tuxpaint: stamps directory; wordnet: dict directory")
+    parser.add_argument("--train-json", default=None, help="albef-json: training file")
+    parser.add_argument("--val-json", default=None, help="albef-json: validation file")
+    parser.add_argument("--test-json", default=None, help="albef-json: test file")
+    parser.add_argument("--image-root", default=None, help="albef-json: directory the image paths are under")
+    parser.add_argument("--features-dir", default=None, help="features: directory of {split}_*.npy arrays")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fne-fast", description="FNE negative sampling for image-text matching")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_training_options(commands.add_parser("train", help="train (or resume) one run"), single_run=True)
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
+    evaluate.add_argument("--device", default=None)
+    compare = commands.add_parser("compare", help="samplers x seeds -> a results table")
+    _add_training_options(compare, single_run=False)
+    compare.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
+    compare.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    return parser
+
+
+def _data_options(args) -> dict:
+    names = {"data_root": "root", "train_json": "train_json", "val_json": "val_json", "test_json": "test_json",
+             "image_root": "image_root", "features_dir": "features_dir"}
+    return {option: getattr(args, name) for name, option in names.items() if getattr(args, name) is not None}
+
+
+def config_from_args(args, **overrides):
+    from fne_fast.train import TrainConfig
+
+    values = dict(dataset=args.dataset, bank_size=args.bank_size, k=args.k, epochs=args.epochs,
+                  warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
+                  out=args.out, margin=args.margin, tau=args.tau, prior_k=args.prior_k, fn_margin=args.fn_margin,
+                  min_count=args.min_count, stats_momentum=args.stats_momentum, momentum=args.momentum,
+                  bank_dtype=args.bank_dtype, backend=args.backend, image_size=args.image_size, limit=args.limit,
+                  data_options=_data_options(args), cache_dir=args.cache_dir, plots=not args.no_plots,
+                  quiet=args.quiet)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _train(args) -> int:
+    from fne_fast.evaluate import final_table
+    from fne_fast.train import train
+
+    config = config_from_args(args, sampler=args.sampler, seed=args.seed, resume=args.resume)
+    history = train(config)
+    print(final_table(history, title=f"{config.dataset}, sampler {config.sampler}, seed {config.seed}"))
+    return 0
+
+
+def _evaluate(args) -> int:
+    from fne_fast.evaluate import embed_split, retrieval_metrics
+    from fne_fast.models import MatchingHeads
+    from fne_fast.train import TrainConfig, load_splits
+
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    config = TrainConfig(**{**state["config"], "device": args.device or state["config"]["device"]})
+    split = load_splits(config)[args.split]
+    heads = MatchingHeads(split.image_features.shape[1], split.text_features.shape[1], config.joint_dim,
+                          config.hidden_dim, config.momentum).to(config.device)
+    heads.load_state_dict(state["heads"])
+    image, text = embed_split(heads, split, torch.device(config.device))
+    metrics = retrieval_metrics(image, text, split.caption_image, split.image_group)
+    print(json.dumps({"checkpoint": args.checkpoint, "split": args.split, **metrics}))
+    return 0
+
+
+def _compare(args) -> int:
+    from fne_fast.evaluate import comparison_table
+    from fne_fast.train import load_splits, train
+
+    first = config_from_args(args, sampler=args.samplers[0], seed=args.seeds[0])
+    splits = load_splits(first)
+    histories = {}
+    for sampler in args.samplers:
+        for seed in args.seeds:
+            out = os.path.join(args.out, f"{sampler}-seed{seed}")
+            config = config_from_args(args, sampler=sampler, seed=seed, out=out, resume=True)
+            print(f"== {sampler}, seed {seed} -> {out}", flush=True)
+            histories[(sampler, seed)] = train(config, splits)
+    table = comparison_table(histories, dataset=args.dataset, command=" ".join(["fne-fast", *args.argv]))
+    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as stream:
+        stream.write(table)
+    print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # the results table quotes the command that produced it
+    return {"train": _train, "eval": _evaluate, "compare": _compare}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

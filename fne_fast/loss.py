@@ -1,0 +1,128 @@
+"""FNELoss: the bidirectional triplet loss with negatives sampled from momentum memory banks (DESIGN.md §1, §3).
+
+Image anchors are matched against the text bank and text anchors against the image bank. The fused op selects
+the negatives without gradients; the loss then gathers the chosen bank rows and recomputes their similarities
+with autograd, so only the gather and the hinge are differentiated. Positives are scored against the momentum
+keys (``s⁺ = <anchor, key>``), as in the authors' code. In the warm-up epoch, and throughout in mode
+``inbatch-hardest``, the loss is VSE++'s in-batch max violation between online embeddings instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fne_fast.bank import MemoryBank
+from fne_fast.ops import sample_negatives
+from fne_fast.reference import bayes_active, false_negative_probability
+from fne_fast.stats import RunningStats
+
+__all__ = ["FNELoss", "SAMPLERS", "DIAGNOSTIC_KEYS"]
+
+SAMPLERS = ("fne", "hardest", "uniform", "inbatch-hardest")
+# Per-step sums, kept on the device; a trainer adds them up and divides once per epoch (no sync per step).
+DIAGNOSTIC_KEYS = ("slots", "fallback", "p_fn_sum", "p_fn_slots", "false_negatives", "group_slots")
+# Decorrelates the two directions' Gumbel noise, which would otherwise share (row, column, step) counters.
+_TEXT_TO_IMAGE_SEED_OFFSET = 0x9E3779B97F4A7C15
+
+
+class FNELoss(nn.Module):
+    """Loss and diagnostics of one batch; owns the running similarity statistics (reset each epoch)."""
+
+    def __init__(self, sampler: str = "fne", *, k: int = 1, margin: float = 0.2, tau: float = 0.5,
+                 prior_k: float = 10000.0, fn_margin: float = 0.999, min_count: int = 200, cutdown: bool = True,
+                 seed: int = 0, stats_momentum: float | None = None, backend: str = "auto",
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        self.sampler, self.k, self.margin = sampler, k, margin
+        self.op_options = dict(k=k, margin=margin, tau=tau, prior_k=prior_k, fn_margin=fn_margin,
+                               min_count=min_count, cutdown=cutdown, backend=backend)
+        self.prior_k, self.min_count, self.seed = prior_k, min_count, seed
+        self.stats = RunningStats(device, stats_momentum)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, image_key: torch.Tensor, text_key: torch.Tensor,
+                ids: torch.Tensor, *, image_bank: MemoryBank | None = None, text_bank: MemoryBank | None = None,
+                step: int = 0, warmup: bool = False, group_of_id: torch.Tensor | None = None,
+                update_stats: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``image``, ``text``: online embeddings [B, D] of the batch's pairs; ``image_key``, ``text_key``: their
+        momentum keys; ``ids`` [B]: the image identity of each pair (pairs with one id are positives of each
+        other). The banks must already hold this batch's keys (enqueue first). ``group_of_id`` maps an identity
+        to its semantic group, for the false-negative rate. Returns (loss, per-step diagnostic sums)."""
+        if update_stats:
+            self.stats.update(image.detach() @ text.detach().T)
+        stats = self.stats.as_tensor()
+        if warmup or self.sampler == "inbatch-hardest":
+            return self._in_batch(image, text, ids, stats, group_of_id)
+        if image_bank is None or text_bank is None:
+            raise ValueError(f"sampler {self.sampler!r} needs image_bank and text_bank outside the warm-up")
+        diagnostics = _zero_diagnostics(image.device)
+        loss_image_to_text = self._bank_direction(image, text_key, ids, text_bank, stats, self.seed, step,
+                                                  group_of_id, diagnostics)
+        loss_text_to_image = self._bank_direction(text, image_key, ids, image_bank, stats,
+                                                  self.seed + _TEXT_TO_IMAGE_SEED_OFFSET, step, group_of_id,
+                                                  diagnostics)
+        return loss_image_to_text + loss_text_to_image, diagnostics
+
+    def _bank_direction(self, anchors, positive_keys, ids, bank: MemoryBank, stats, seed, step, group_of_id,
+                        diagnostics) -> torch.Tensor:
+        positive_sim = (anchors * positive_keys.to(anchors.dtype)).sum(dim=1)
+        op_mode = "hardest" if self.sampler == "hardest" else self.sampler
+        # Selection runs in float32 whatever the anchors' dtype (float64 in gradient checks): it is not
+        # differentiated, and the gather below recomputes the chosen similarities in the anchors' dtype.
+        index, chosen_sim, valid = sample_negatives(
+            anchors.detach().float(), bank.features, positive_sim.detach().float(), ids, bank.ids, stats,
+            mode=op_mode, seed=seed, step=step, filled=bank.filled, **self.op_options)
+        negatives = bank.features[index.clamp(min=0)].to(anchors.dtype)  # [B, k, D]
+        negative_sim = torch.einsum("bd,bkd->bk", anchors, negatives)
+        weight = valid.to(anchors.dtype)
+        hinge = (self.margin + negative_sim - positive_sim.unsqueeze(1)).clamp(min=0) * weight
+        loss = (hinge.sum(dim=1) / weight.sum(dim=1).clamp(min=1)).mean()
+
+        if self.sampler != "hardest" and self.op_options["cutdown"]:
+            # A sampled negative always beats the cut-down (s > μ⁺ - margin); a fallback never does.
+            fell_back = valid & (chosen_sim <= stats[0] - self.margin)
+            diagnostics["fallback"] += fell_back.sum()
+        chosen_ids = bank.ids[index.clamp(min=0)]
+        _add_choice_diagnostics(diagnostics, chosen_sim, valid, ids, chosen_ids, stats, self.prior_k,
+                                self.min_count, group_of_id)
+        return loss
+
+    def _in_batch(self, image, text, ids, stats, group_of_id):
+        """VSE++ max violation within the batch, both directions; other pairs of the same image are masked."""
+        diagnostics = _zero_diagnostics(image.device)
+        sim = image @ text.T
+        positive = sim.diagonal()
+        same_identity = ids.unsqueeze(0) == ids.unsqueeze(1)
+        masked = sim.masked_fill(same_identity, float("-inf"))
+        total = sim.new_zeros(())
+        for negative_sim, chosen in (masked.max(dim=1), masked.max(dim=0)):
+            valid = torch.isfinite(negative_sim)
+            hinge = (self.margin + negative_sim - positive).clamp(min=0)
+            total = total + torch.where(valid, hinge, torch.zeros_like(hinge)).mean()
+            _add_choice_diagnostics(diagnostics, negative_sim.detach().float().unsqueeze(1), valid.unsqueeze(1),
+                                    ids, ids[chosen].unsqueeze(1), stats, self.prior_k, self.min_count,
+                                    group_of_id)
+        return total, diagnostics
+
+
+def _zero_diagnostics(device) -> dict[str, torch.Tensor]:
+    return {key: torch.zeros((), dtype=torch.float64, device=device) for key in DIAGNOSTIC_KEYS}
+
+
+@torch.no_grad()
+def _add_choice_diagnostics(diagnostics, chosen_sim, valid, anchor_ids, chosen_ids, stats, prior_k, min_count,
+                            group_of_id) -> None:
+    """Adds the sums behind the fallback, mean-P_fn and false-negative rates for chosen negatives [B, k]."""
+    diagnostics["slots"] += valid.sum()
+    active = bayes_active(stats, min_count)
+    safe_stats = torch.where(active, stats, torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0], device=stats.device))
+    p_fn = false_negative_probability(chosen_sim.double(), safe_stats.double(), prior_k)
+    diagnostics["p_fn_sum"] += torch.where(active, (p_fn * valid).sum(), 0.0)
+    diagnostics["p_fn_slots"] += torch.where(active, valid.sum().double(), 0.0)
+    if group_of_id is not None:
+        anchor_group = group_of_id[anchor_ids].unsqueeze(1)
+        chosen_group = group_of_id[chosen_ids.clamp(min=0)]
+        diagnostics["false_negatives"] += ((anchor_group == chosen_group) & valid).sum()
+        diagnostics["group_slots"] += valid.sum()

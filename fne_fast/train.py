@@ -1,0 +1,275 @@
+"""The training loop: cached backbone features -> projection heads -> FNELoss over momentum banks.
+
+Every source of randomness is a function of the seed and a counter (head initialisation from the seed, the
+epoch's shuffle from (seed, epoch), the op's Gumbel noise from (seed, global step)), and a checkpoint at the end
+of each epoch holds everything else that evolves (heads, momentum heads, optimiser, banks, statistics, step
+counter, metrics so far), so ``resume=True`` continues to exactly the numbers of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fne_fast.bank import MemoryBank
+from fne_fast.data import DATASETS, SPLITS, FeatureSplit
+from fne_fast.data.features import atomic_save
+from fne_fast.evaluate import embed_split, retrieval_metrics
+from fne_fast.loss import DIAGNOSTIC_KEYS, SAMPLERS, FNELoss
+from fne_fast.models import MatchingHeads
+
+__all__ = ["TrainConfig", "train", "load_splits", "CHECKPOINT_NAME", "METRICS_NAME"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+TIMING_NAME = "timing.jsonl"
+_BANK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Settings that may differ between a run and its resumption without changing its numbers.
+_RESUMABLE_FIELDS = ("epochs", "resume", "out", "cache_dir", "plots", "quiet")
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "emoji"
+    sampler: str = "fne"
+    bank_size: int = 8224
+    k: int = 1
+    epochs: int = 5
+    warmup_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 5e-4
+    device: str = "cpu"
+    seed: int = 0
+    out: str = "runs/emoji-fne"
+    resume: bool = False
+    margin: float = 0.2
+    tau: float = 0.5
+    prior_k: float = 10000.0
+    fn_margin: float = 0.999
+    min_count: int = 200
+    stats_momentum: float | None = None
+    momentum: float = 0.995
+    joint_dim: int = 256
+    hidden_dim: int = 1024
+    bank_dtype: str = "float32"
+    backend: str = "auto"
+    image_size: int = 128
+    limit: int | None = None
+    data_options: dict = field(default_factory=dict)
+    cache_dir: str | None = None
+    plots: bool = True
+    quiet: bool = False
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.bank_dtype not in _BANK_DTYPES:
+            raise ValueError(f"bank_dtype must be one of {tuple(_BANK_DTYPES)}, got {self.bank_dtype!r}")
+        for name in ("bank_size", "k", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+
+
+def load_splits(config: TrainConfig) -> dict[str, FeatureSplit]:
+    """Features of every split, from the cache (encoding them on a miss)."""
+    if config.dataset == "features":
+        from fne_fast.data.features import load_feature_arrays
+
+        directory = config.data_options.get("features_dir")
+        if not directory:
+            raise ValueError("dataset 'features' needs data_options['features_dir'] (--features-dir)")
+        return {split: load_feature_arrays(directory, split) for split in SPLITS}
+    from fne_fast.data import load_raw_split
+    from fne_fast.data.features import _Encoders, cached_feature_split
+
+    encoders = _Encoders(config.image_size, config.device)
+    options = dict(config.data_options)
+    if config.limit is not None:
+        options["limit"] = config.limit
+    return {split: cached_feature_split(load_raw_split(config.dataset, split, **options), cache_dir=config.cache_dir,
+                                        encoders=encoders)
+            for split in SPLITS}
+
+
+class _Run:
+    """The evolving state of one training run, and its checkpoint."""
+
+    def __init__(self, config: TrainConfig, train_split: FeatureSplit):
+        self.config = config
+        device = torch.device(config.device)
+        torch.manual_seed(config.seed)
+        self.heads = MatchingHeads(train_split.image_features.shape[1], train_split.text_features.shape[1],
+                                   config.joint_dim, config.hidden_dim, config.momentum).to(device)
+        self.optimizer = torch.optim.Adam(self.heads.trainable_parameters(), lr=config.lr)
+        bank_dtype = _BANK_DTYPES[config.bank_dtype]
+        self.image_bank = MemoryBank(config.bank_size, config.joint_dim, dtype=bank_dtype, device=device)
+        self.text_bank = MemoryBank(config.bank_size, config.joint_dim, dtype=bank_dtype, device=device)
+        self.criterion = FNELoss(config.sampler, k=config.k, margin=config.margin, tau=config.tau,
+                                 prior_k=config.prior_k, fn_margin=config.fn_margin, min_count=config.min_count,
+                                 seed=config.seed, stats_momentum=config.stats_momentum, backend=config.backend,
+                                 device=device)
+        self.next_epoch = 0
+        self.step = 0
+        self.history: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"config": dataclasses.asdict(self.config), "next_epoch": self.next_epoch, "step": self.step,
+                "heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "image_bank": self.image_bank.state_dict(), "text_bank": self.text_bank.state_dict(),
+                "stats": self.criterion.stats.state_dict(), "torch_rng": torch.get_rng_state(),
+                "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        stored = {key: value for key, value in state["config"].items() if key not in _RESUMABLE_FIELDS}
+        current = {key: value for key, value in dataclasses.asdict(self.config).items()
+                   if key not in _RESUMABLE_FIELDS}
+        changed = sorted(key for key in current if stored.get(key) != current[key])
+        if changed:
+            raise ValueError(f"cannot resume: the checkpoint was trained with different settings: "
+                             + ", ".join(f"{key}={stored.get(key)!r} (now {current[key]!r})" for key in changed))
+        self.heads.load_state_dict(state["heads"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.image_bank.load_state_dict(state["image_bank"])
+        self.text_bank.load_state_dict(state["text_bank"])
+        self.criterion.stats.load_state_dict(state["stats"])
+        torch.set_rng_state(state["torch_rng"])
+        self.next_epoch, self.step, self.history = state["next_epoch"], state["step"], list(state["history"])
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    """Rewrites the whole file atomically (it is small), so a resumed run's log equals an uninterrupted one's."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as stream:
+        for row in rows:
+            stream.write(json.dumps(row) + "\n")
+    os.replace(temporary, path)
+
+
+def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, float]) -> dict:
+    config, device = run.config, torch.device(run.config.device)
+    warmup = epoch < config.warmup_epochs
+    run.criterion.stats.reset()
+    shuffle = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+    order = torch.randperm(split.text_features.shape[0], generator=shuffle)
+    group_of_id = split.image_group.to(device) if split.image_group is not None else None
+    sums = {key: torch.zeros((), dtype=torch.float64, device=device) for key in (*DIAGNOSTIC_KEYS, "loss")}
+    num_batches = math.ceil(order.numel() / config.batch_size)
+    from tqdm import tqdm
+
+    bar = tqdm(order.split(config.batch_size), total=num_batches, desc=f"epoch {epoch}", unit="step",
+               disable=config.quiet, leave=False)
+    for batch_number, captions in enumerate(bar):
+        ids = split.caption_image[captions].to(device)
+        image_features = split.image_features[split.caption_image[captions]].to(device)
+        text_features = split.text_features[captions].to(device)
+
+        started = time.perf_counter()
+        image, text, image_key, text_key = run.heads(image_features, text_features)
+        heads_forward = time.perf_counter()
+        run.image_bank.enqueue(image_key, ids)
+        run.text_bank.enqueue(text_key, ids)
+        enqueued = time.perf_counter()
+        run.criterion.stats.update(image.detach() @ text.detach().T)
+        stats_updated = time.perf_counter()
+        loss, diagnostics = run.criterion(image, text, image_key, text_key, ids, image_bank=run.image_bank,
+                                          text_bank=run.text_bank, step=run.step, warmup=warmup,
+                                          group_of_id=group_of_id, update_stats=False)
+        sampled = time.perf_counter()
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.heads.update_momentum()
+        finished = time.perf_counter()
+
+        timing["heads"] += (heads_forward - started) + (finished - sampled)
+        timing["bank_update"] += enqueued - heads_forward
+        timing["statistics"] += stats_updated - enqueued
+        timing["sampling_and_loss"] += sampled - stats_updated
+        run.step += 1
+        sums["loss"] += loss.detach()
+        for key in DIAGNOSTIC_KEYS:
+            sums[key] += diagnostics[key]
+        if batch_number % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+
+    totals = {key: value.item() for key, value in sums.items()}
+    stats = run.criterion.stats.as_tensor().tolist()
+    return {"loss": totals["loss"] / num_batches,
+            "fn_rate": (totals["false_negatives"] / totals["group_slots"]
+                        if split.image_group is not None and totals["group_slots"] else None),
+            "fallback_rate": totals["fallback"] / totals["slots"] if totals["slots"] else 0.0,
+            "mean_p_fn": totals["p_fn_sum"] / totals["p_fn_slots"] if totals["p_fn_slots"] else None,
+            "warmup": warmup,
+            "stats": dict(zip(("mu_pos", "var_pos", "mu_neg", "var_neg", "n_pos"), stats))}
+
+
+def _evaluate(run: _Run, split: FeatureSplit) -> dict:
+    image, text = embed_split(run.heads, split, torch.device(run.config.device))
+    return retrieval_metrics(image, text, split.caption_image, split.image_group)
+
+
+def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None) -> list[dict]:
+    """Trains (or resumes) a run in ``config.out``; returns the per-epoch metrics (also in metrics.jsonl)."""
+    os.makedirs(config.out, exist_ok=True)
+    splits = splits or load_splits(config)
+    run = _Run(config, splits["train"])
+    checkpoint_path = os.path.join(config.out, CHECKPOINT_NAME)
+    if config.resume and os.path.exists(checkpoint_path):
+        run.load_state_dict(torch.load(checkpoint_path, map_location=config.device, weights_only=False))
+        if not config.quiet:
+            print(f"resuming {config.out} at epoch {run.next_epoch} (step {run.step})")
+    elif os.path.exists(checkpoint_path) and not config.resume:
+        raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue that run, or choose another "
+                              "--out")
+    metrics_path, timing_path = os.path.join(config.out, METRICS_NAME), os.path.join(config.out, TIMING_NAME)
+    _write_jsonl(metrics_path, run.history)
+    timings = _read_jsonl(timing_path)[:run.next_epoch] if config.resume else []
+    for epoch in range(run.next_epoch, config.epochs):
+        started = time.perf_counter()
+        timing = dict.fromkeys(("heads", "sampling_and_loss", "bank_update", "statistics"), 0.0)
+        row = {"epoch": epoch, "sampler": config.sampler, "seed": config.seed}
+        row.update(_train_epoch(run, splits["train"], epoch, timing))
+        row.update(_evaluate(run, splits["test"]))
+        row["val_rsum"] = _evaluate(run, splits["val"])["rsum"]
+        run.history.append(row)
+        run.next_epoch = epoch + 1
+        atomic_save(run.state_dict(), checkpoint_path)
+        _write_jsonl(metrics_path, run.history)
+        timing["epoch_seconds"] = time.perf_counter() - started
+        timing["steps"] = math.ceil(splits["train"].text_features.shape[0] / config.batch_size)
+        timings.append({"epoch": epoch, **timing})
+        _write_jsonl(timing_path, timings)
+        if not config.quiet:
+            print(_epoch_line(row), flush=True)
+    if config.plots and run.history:
+        from fne_fast.plots import write_run_plots
+
+        write_run_plots(config.out, run.heads, splits["test"], run.history, config.prior_k,
+                        torch.device(config.device))
+    return run.history
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as stream:
+        return [json.loads(line) for line in stream if line.strip()]
+
+
+def _epoch_line(row: dict) -> str:
+    fn_rate = "n/a" if row["fn_rate"] is None else f"{100 * row['fn_rate']:.1f}%"
+    return (f"epoch {row['epoch']}{' (warm-up)' if row['warmup'] else ''}: loss {row['loss']:.4f}  "
+            f"i2t R@1/5/10 {row['i2t_r1']:.1f}/{row['i2t_r5']:.1f}/{row['i2t_r10']:.1f}  "
+            f"t2i R@1/5/10 {row['t2i_r1']:.1f}/{row['t2i_r5']:.1f}/{row['t2i_r10']:.1f}  rsum {row['rsum']:.1f}  "
+            f"FN rate {fn_rate}  fallback {100 * row['fallback_rate']:.1f}%")
