@@ -1,0 +1,134 @@
+"""FNELoss against an oracle that materialises the float64 similarity matrices and uses the reference sampler:
+same loss, same gradients (autograd through the oracle), and float64 gradcheck of the loss itself."""
+
+import pytest
+import torch
+
+from fne_fast.bank import MemoryBank
+from fne_fast.loss import _TEXT_TO_IMAGE_SEED_OFFSET, FNELoss
+from fne_fast.reference import sample_negatives_reference
+
+DIM, BATCH, BANK = 8, 6, 20
+
+
+def _unit(rows, generator):
+    return torch.nn.functional.normalize(torch.randn(rows, DIM, generator=generator, dtype=torch.float64), dim=1)
+
+
+def _set_stats(loss, mu_pos=0.3, var_pos=0.04, mu_neg=-0.1, var_neg=0.09, count=500):
+    """Running statistics with chosen moments and enough positives for the Bayesian branch."""
+    state = {}
+    for name, mean, variance in (("positive", mu_pos, var_pos), ("negative", mu_neg, var_neg)):
+        values = {"count": count, "total": mean * count, "squares": variance * (count - 1),
+                  "ema_mean": 0.0, "ema_var": 0.0}
+        state.update({f"{name}.{field}": torch.tensor(value, dtype=torch.float64) for field, value in values.items()})
+    loss.stats.load_state_dict(state)
+
+
+def _case(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([0, 1, 2, 3, 3, 4])  # two pairs share image 3
+    banks = []
+    for _ in range(2):
+        bank = MemoryBank(BANK, DIM)
+        bank.enqueue(_unit(BANK - 4, generator).float(), torch.randint(0, 8, (BANK - 4,), generator=generator))
+        banks.append(bank)
+    image, text = _unit(BATCH, generator), _unit(BATCH, generator)
+    image_key, text_key = _unit(BATCH, generator), _unit(BATCH, generator)
+    return ids, banks[0], banks[1], image, text, image_key, text_key
+
+
+def _oracle_direction(anchors, positive_keys, ids, bank, stats, seed, step, mode, margin, k):
+    """Triplet hinge over the reference sampler's choice, computed from the full float64 similarity matrix."""
+    positive = (anchors * positive_keys).sum(dim=1)
+    index, _, valid = sample_negatives_reference(
+        anchors.detach(), bank.features.double(), positive.detach().float(), ids, bank.ids, stats, k=k, mode=mode,
+        margin=margin, seed=seed, step=step, filled=bank.filled)
+    sim = anchors @ bank.features.double().T
+    chosen = torch.gather(sim, 1, index.clamp(min=0))
+    hinge = (margin + chosen - positive.unsqueeze(1)).clamp(min=0) * valid
+    return (hinge.sum(dim=1) / valid.sum(dim=1).clamp(min=1)).mean()
+
+
+@pytest.mark.parametrize("mode", ["fne", "hardest", "uniform"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_bank_loss_and_gradients_match_the_oracle(mode, k):
+    ids, image_bank, text_bank, image, text, image_key, text_key = _case()
+    loss_module = FNELoss(mode, k=k, seed=11)
+    _set_stats(loss_module)
+    stats = loss_module.stats.as_tensor()
+    image.requires_grad_(True)
+    text.requires_grad_(True)
+    loss, _ = loss_module(image, text, image_key, text_key, ids, image_bank=image_bank, text_bank=text_bank,
+                          step=5, update_stats=False)
+    gradients = torch.autograd.grad(loss, (image, text))
+    expected = (_oracle_direction(image, text_key, ids, text_bank, stats, 11, 5, mode, 0.2, k)
+                + _oracle_direction(text, image_key, ids, image_bank, stats, 11 + _TEXT_TO_IMAGE_SEED_OFFSET, 5,
+                                    mode, 0.2, k))
+    expected_gradients = torch.autograd.grad(expected, (image, text))
+    assert loss.dtype == torch.float64 and loss.item() > 0
+    torch.testing.assert_close(loss, expected)
+    for got, want in zip(gradients, expected_gradients):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("mode", ["fne", "inbatch-hardest"])
+def test_gradcheck_float64(mode):
+    ids, image_bank, text_bank, image, text, image_key, text_key = _case(seed=3)
+    loss_module = FNELoss(mode, seed=2)
+    _set_stats(loss_module)
+
+    def loss_of(image, text):
+        return loss_module(image, text, image_key, text_key, ids, image_bank=image_bank, text_bank=text_bank,
+                           step=1, update_stats=False)[0]
+
+    assert torch.autograd.gradcheck(loss_of, (image.requires_grad_(True), text.requires_grad_(True)))
+
+
+def test_in_batch_max_violation_matches_a_loop():
+    ids, _, _, image, text, _, _ = _case(seed=4)
+    image.requires_grad_(True)
+    text.requires_grad_(True)
+    loss_module = FNELoss("fne", margin=0.5)
+    loss, diagnostics = loss_module(image, text, image, text, ids, warmup=True, update_stats=False)
+    expected = image.new_zeros(())
+    for transpose in (False, True):
+        sim = (text @ image.T) if transpose else (image @ text.T)
+        terms = []
+        for i in range(BATCH):
+            negatives = [sim[i, j] for j in range(BATCH) if ids[j] != ids[i]]
+            terms.append((0.5 + torch.stack(negatives).max() - sim[i, i]).clamp(min=0))
+        expected = expected + torch.stack(terms).mean()
+    torch.testing.assert_close(loss, expected)
+    for got, want in zip(torch.autograd.grad(loss, (image, text)), torch.autograd.grad(expected, (image, text))):
+        torch.testing.assert_close(got, want)
+    assert diagnostics["slots"].item() == 2 * BATCH and diagnostics["fallback"].item() == 0
+
+
+def test_false_negative_rate_and_fallback_diagnostics():
+    # Anchor 0's hardest bank candidate is a variant (same group, other identity); anchor 1's is not.
+    anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    bank = MemoryBank(3, 2)
+    bank.enqueue(torch.tensor([[0.9, 0.1], [0.1, 0.9], [-1.0, 0.0]]), torch.tensor([2, 3, 4]))
+    group_of_id = torch.tensor([0, 1, 0, 5, 6])  # ids 0 and 2 share group 0
+    ids = torch.tensor([0, 1])
+    loss_module = FNELoss("hardest")
+    _set_stats(loss_module)
+    _, diagnostics = loss_module(anchors, anchors, anchors, anchors, ids, image_bank=bank, text_bank=bank,
+                                 group_of_id=group_of_id, update_stats=False)
+    assert diagnostics["false_negatives"].item() == 2  # anchor 0 in both directions
+    assert diagnostics["group_slots"].item() == 4
+    # With μ⁺ = 2 every candidate is cut down (s <= μ⁺ - margin), so every FNE choice is a fallback.
+    loss_module = FNELoss("fne")
+    _set_stats(loss_module, mu_pos=2.0)
+    _, diagnostics = loss_module(anchors, anchors, anchors, anchors, ids, image_bank=bank, text_bank=bank,
+                                 update_stats=False)
+    assert diagnostics["fallback"].item() == diagnostics["slots"].item() == 4
+
+
+def test_rejects_unknown_sampler_and_missing_banks():
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        FNELoss("softmax")
+    ids, _, _, image, text, image_key, text_key = _case()
+    with pytest.raises(ValueError, match="needs image_bank and text_bank"):
+        FNELoss("fne")(image, text, image_key, text_key, ids)

@@ -1,0 +1,118 @@
+"""The training loop on small synthetic features: resume exactness, atomic checkpoints, metrics, CLI, eval."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from fne_fast.data import FeatureSplit
+from fne_fast.evaluate import retrieval_metrics
+from fne_fast.train import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, train
+
+REQUIRED_KEYS = {"epoch", "loss", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "fn_rate",
+                 "fallback_rate", "i2t_group_r1", "t2i_group_r10", "group_rsum"}
+
+
+def _synthetic_split(seed, images=40, groups=10):
+    """Images are noisy copies of their group's centre; each has two captions, noisy linear images of it."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(groups, 12, generator=generator)
+    image_group = torch.arange(images) % groups
+    image_features = centres[image_group] + 0.3 * torch.randn(images, 12, generator=generator)
+    projection = torch.randn(12, 9, generator=torch.Generator().manual_seed(99))
+    caption_image = torch.arange(images).repeat_interleave(2)
+    text_features = image_features[caption_image] @ projection + 0.1 * torch.randn(2 * images, 9,
+                                                                                   generator=generator)
+    return FeatureSplit(image_features, text_features, caption_image, image_group)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {"train": _synthetic_split(0, images=60), "val": _synthetic_split(1), "test": _synthetic_split(2)}
+
+
+def _config(out, **overrides):
+    values = dict(dataset="features", out=str(out), epochs=3, batch_size=16, bank_size=50, min_count=5,
+                  joint_dim=16, hidden_dim=32, lr=1e-3, seed=3, plots=False, quiet=True)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _read(path):
+    with open(path) as stream:
+        return [json.loads(line) for line in stream]
+
+
+@pytest.mark.parametrize("sampler", ["fne", "inbatch-hardest"])
+def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, splits, sampler):
+    uninterrupted = train(_config(tmp_path / "whole", sampler=sampler), splits)
+    train(_config(tmp_path / "parts", sampler=sampler, epochs=1), splits)
+    train(_config(tmp_path / "parts", sampler=sampler, epochs=2, resume=True), splits)
+    resumed = train(_config(tmp_path / "parts", sampler=sampler, epochs=3, resume=True), splits)
+    assert resumed == uninterrupted
+    assert _read(tmp_path / "parts" / METRICS_NAME) == _read(tmp_path / "whole" / METRICS_NAME)
+    whole = torch.load(tmp_path / "whole" / CHECKPOINT_NAME, weights_only=False)
+    parts = torch.load(tmp_path / "parts" / CHECKPOINT_NAME, weights_only=False)
+    for key, value in whole["heads"].items():
+        assert torch.equal(value, parts["heads"][key]), key
+    assert torch.equal(whole["text_bank"]["features"], parts["text_bank"]["features"])
+    assert whole["step"] == parts["step"] == 3 * 8
+
+
+def test_metrics_have_the_documented_keys_and_sane_values(tmp_path, splits):
+    history = train(_config(tmp_path), splits)
+    rows = _read(tmp_path / METRICS_NAME)
+    assert rows == history and [row["epoch"] for row in rows] == [0, 1, 2]
+    for row in rows:
+        assert REQUIRED_KEYS <= row.keys()
+        assert 0 <= row["i2t_r1"] <= row["i2t_r5"] <= row["i2t_r10"] <= 100
+        assert row["i2t_r1"] <= row["i2t_group_r1"]
+        assert 0 <= row["fn_rate"] <= 1 and 0 <= row["fallback_rate"] <= 1
+    assert rows[0]["warmup"] and not rows[1]["warmup"]
+    assert rows[-1]["rsum"] > rows[0]["rsum"] * 0.5  # it trains, not a crash that left zeros
+    assert not any(name.startswith(".tmp") for name in os.listdir(tmp_path))  # atomic writes cleaned up
+
+
+def test_existing_run_needs_resume_and_matching_settings(tmp_path, splits):
+    train(_config(tmp_path, epochs=1), splits)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(_config(tmp_path, epochs=2), splits)
+    with pytest.raises(ValueError, match="different settings: lr"):
+        train(_config(tmp_path, epochs=2, lr=0.5, resume=True), splits)
+
+
+def test_retrieval_metrics_against_hand_computed_ranks():
+    image = torch.eye(3)
+    # Caption 0 -> image 0 ranks image 0 first; caption 1 -> image 1 ranks image 2 first; caption 2 -> image 2.
+    text = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.9], [0.0, 0.0, 1.0]])
+    caption_image = torch.tensor([0, 1, 2])
+    metrics = retrieval_metrics(image, text, caption_image, torch.tensor([0, 1, 1]))
+    assert metrics["t2i_r1"] == pytest.approx(200 / 3)
+    assert metrics["t2i_group_r1"] == pytest.approx(100.0)  # image 2 shares caption 1's group
+    # Image 1 scores its own caption 0.5 and the others 0; image 2 scores its own 1.0 above caption 1's 0.9.
+    assert metrics["i2t_r1"] == pytest.approx(100.0)
+    assert metrics["i2t_r5"] == 100.0
+
+
+def test_cli_train_and_eval_on_feature_arrays(tmp_path, splits, capsys):
+    import numpy as np
+
+    from fne_fast.cli import main
+
+    features = tmp_path / "features"
+    features.mkdir()
+    for name, split in splits.items():
+        np.save(features / f"{name}_image_features.npy", split.image_features.numpy())
+        np.save(features / f"{name}_text_features.npy", split.text_features.numpy())
+        np.save(features / f"{name}_caption_image.npy", split.caption_image.numpy())
+        np.save(features / f"{name}_image_group.npy", split.image_group.numpy())
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "features", "--features-dir", str(features), "--epochs", "2",
+                 "--batch-size", "16", "--bank-size", "64", "--min-count", "5", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "i2t R@1" in printed and "rsum" in printed
+    assert (out / "similarity_histogram.png").stat().st_size > 0 and (out / "recall.png").stat().st_size > 0
+    assert main(["eval", "--checkpoint", str(out / CHECKPOINT_NAME)]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["rsum"] == pytest.approx(_read(out / METRICS_NAME)[-1]["rsum"])
