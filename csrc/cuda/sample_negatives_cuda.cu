@@ -1,0 +1,512 @@
+// CUDA kernel of fne_fast::sample_negatives (DESIGN.md §2).
+//
+// Design: "bank chunks through cuBLAS, then a fused epilogue". The live bank rows [0, filled) are processed in
+// column chunks, all on the current stream:
+//   1. GEMM: cuBLAS writes the float32 similarities S = anchors · chunkᵀ into one reused [B, chunk] buffer
+//      (float32 GEMM; bf16/fp16 inputs use the GEMM with a float32 output, i.e. fp32 accumulation and no
+//      rounding of S; float32 anchors with a low-precision bank convert the chunk to float32 first, so every
+//      product is exact in float32 as on the CPU).
+//   2. Epilogue: one block per (anchor row, column split) reads its slice of S once and applies the masks
+//      (identity, cut-down), Philox, the Gumbel key and the FNE log-weight, keeping two ranked lists in shared
+//      memory: the Gumbel race and the hardest non-positive candidates (for the fallback). Candidates that cannot
+//      beat the list's k-th entry, or the row's k-th entry from earlier chunks, are dropped without shared-memory
+//      traffic, so after the first rounds almost every pair costs one comparison after its key.
+//   3. Merge: one block per row folds the splits' lists into the row's running lists (exact: top-k of a union).
+// After the last chunk one thread per row writes index/sim/valid in the CPU kernel's order (race winners by
+// decreasing key, then the hardest non-positive candidates not chosen yet, then invalid slots). Extra memory is
+// the S buffer (about 32 MiB, capped independently of N), an optional float32 copy of one bank chunk, and
+// O(B · k · splits) list entries; the B×N matrix is never formed.
+//
+// Why this design: cuBLAS reaches the GEMM's peak rate for every dtype, stride and architecture, so the
+// hand-written part is only the epilogue, whose selection semantics must match the CPU kernel exactly, and it can
+// be kept small enough to check by reading. The fully fused tensor-core design (no S round trip) is the Triton
+// backend's; the two GPU backends are measured against each other and backend="auto" takes the faster one per
+// shape. Expected trade-off: for compute-bound shapes (large B) this design runs at the cuBLAS rate plus an
+// epilogue of a few dozen integer operations per pair; for small B the S buffer adds 4·B bytes of traffic per
+// bank row (sized to stay in an H100's 50 MB L2, but written back eventually), so the fused kernel should win
+// the bandwidth-bound shapes.
+//
+// Selection: each shared-memory list is updated in rounds of kThreads · kItemsPerThread columns. Threads append
+// the candidates that beat the list's current k-th entry to a pool; after a barrier the pool and the list are
+// ranked together (rank = number of entries ordered before, a strict total order on (key, global index) since
+// indices are distinct), and the entries with rank < k form the new list. This is exact for any split of the
+// columns, which is what makes the result independent of the chunk and split sizes.
+//
+// Non-finite similarities (NaN/Inf anchors or bank rows, or float32 overflow) are never chosen on CUDA. A NaN key
+// (only reachable with non-finite inputs such as positive_sim or stats) ranks as -inf. check_finite=True raises
+// the same errors as the CPU kernel, which needs the host to see a device-side flag: the op then ends with one
+// device-to-host copy of four flags (a single synchronisation, after all kernels are queued). With
+// check_finite=False the op never synchronises with the host (and can be captured in a CUDA graph).
+//
+// Limits: k <= kMaxK (64) because the lists live in shared memory; larger k raises a ValueError. Column indices
+// are int64 throughout (N, filled and col_offset may exceed 2³¹). A float32 GEMM follows torch's TF32 setting
+// (torch.backends.cuda.matmul.allow_tf32, off by default).
+//
+// Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which needs the cuBLAS headers), so this file
+// also compiles against a CPU build of torch for the compile check in CMakeLists.txt.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <tuple>
+
+#include "../fne_math.h"
+#include "../philox.h"
+#include "../sample_negatives.h"
+
+namespace fne_fast {
+namespace {
+
+constexpr int kMaxK = 64;
+constexpr int kThreads = 256;
+constexpr int kItemsPerThread = 4;
+constexpr int kRoundCols = kThreads * kItemsPerThread;  // columns one block scans between two list updates
+constexpr int64_t kSimBufferBytes = int64_t{32} << 20;  // target size of the [B, chunk] float32 buffer
+constexpr int kBlocksPerSm = 4;                         // epilogue blocks per SM the split count aims for
+constexpr int kOutputThreads = 128;
+
+// One candidate: its key (the Gumbel key, or the similarity in the hardest list), its similarity and its global
+// column. 16 bytes.
+struct Entry {
+  float key;
+  float sim;
+  int64_t index;
+};
+
+__device__ __forceinline__ bool entry_before(const Entry& a, const Entry& b) {
+  return ranks_before(a.key, a.index, b.key, b.index);
+}
+
+// Lists of capacity k in global memory: entries [slots, k] best first, and their lengths [slots].
+struct ListSet {
+  Entry* entries;
+  int* counts;
+};
+
+// A ranked list under construction in shared memory.
+struct SharedList {
+  Entry pool[kMaxK + kRoundCols];  // [0, count): the list, best first; [k, k + pending): this round's candidates
+  Entry merged[kMaxK];
+  Entry floor;    // with has_floor: candidates must rank before it (the row's k-th entry from earlier chunks)
+  int has_floor;
+  int count;
+  int pending;
+};
+
+// Thread 0 only; the caller synchronises before the list is used.
+__device__ void init_list(SharedList& list, const Entry* floor) {
+  list.count = 0;
+  list.pending = 0;
+  list.has_floor = floor != nullptr;
+  if (floor != nullptr) list.floor = *floor;
+}
+
+// Offers one candidate during a round; returns whether it was appended to the pool. The list itself does not
+// change during a round, so the threshold tests read stable shared memory.
+__device__ __forceinline__ bool offer(SharedList& list, int k, const Entry& candidate) {
+  if (list.has_floor && !entry_before(candidate, list.floor)) return false;
+  if (list.count == k && !entry_before(candidate, list.pool[k - 1])) return false;
+  list.pool[k + atomicAdd(&list.pending, 1)] = candidate;
+  return true;
+}
+
+// Collective (every thread of the block, after the barrier that ends a round): folds the pool into the list.
+// Every thread reads the same count/pending here, so the early return is uniform.
+__device__ void flush(SharedList& list, int k) {
+  const int listed = list.count, pending = list.pending;
+  if (pending == 0) return;
+  const int total = listed + pending;
+  for (int e = threadIdx.x; e < total; e += blockDim.x) {
+    const Entry mine = list.pool[e < listed ? e : k + (e - listed)];
+    int rank = 0;
+    for (int f = 0; f < listed && rank < k; ++f) rank += entry_before(list.pool[f], mine);
+    for (int f = 0; f < pending && rank < k; ++f) rank += entry_before(list.pool[k + f], mine);
+    if (rank < k) list.merged[rank] = mine;
+  }
+  __syncthreads();
+  const int kept = min(total, k);
+  for (int e = threadIdx.x; e < kept; e += blockDim.x) list.pool[e] = list.merged[e];
+  if (threadIdx.x == 0) {
+    list.count = kept;
+    list.pending = 0;
+  }
+  __syncthreads();
+}
+
+// Collective: writes a finished list to slot `slot` of a ListSet. The caller's last barrier precedes it.
+__device__ void store_list(const SharedList& list, int k, ListSet out, int64_t slot) {
+  const int count = list.count;
+  for (int e = threadIdx.x; e < count; e += blockDim.x) out.entries[slot * k + e] = list.pool[e];
+  if (threadIdx.x == 0) out.counts[slot] = count;
+}
+
+struct EpilogueArgs {
+  const float* sims;        // [B, chunk_cols] of this chunk
+  const int64_t* bank_ids;  // ids of this chunk's columns
+  const int64_t* anchor_ids;
+  const float* positive_sim;
+  const float* stats;
+  int64_t chunk_cols;
+  int64_t split_cols;
+  int64_t splits;            // splits of this chunk; partial slot of (row, split) is row * splits + split
+  int64_t global_col_begin;  // col_offset + first column of the chunk
+  int k;
+  SamplerMode mode;
+  bool cutdown;
+  float margin;
+  float tau;
+  double prior_k;
+  double fn_margin;
+  int64_t min_count;
+  PhiloxKey philox_key;
+  uint32_t step;
+  uint32_t row_offset;
+  ListSet running_race, running_hard;  // read only: the floors from earlier chunks
+  ListSet partial_race, partial_hard;  // written: one list per (row, split)
+  int* non_finite;                     // set to 1 when a similarity is not finite
+};
+
+__global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs args) {
+  __shared__ SharedList race, hard;
+  __shared__ WeightParams weights;
+  __shared__ float cut;
+  const int k = args.k;
+  const int64_t row = blockIdx.x / args.splits;
+  const int64_t split = blockIdx.x % args.splits;
+  const bool sampling = args.mode != SamplerMode::kHardest;
+  if (threadIdx.x == 0) {
+    weights = make_weight_params(args.stats, args.tau, args.prior_k, args.fn_margin, args.min_count);
+    cut = sampling && args.cutdown ? args.stats[0] - args.margin : -INFINITY;
+    const bool race_full = args.running_race.counts[row] == k;
+    const bool hard_full = args.running_hard.counts[row] == k;
+    init_list(race, race_full ? &args.running_race.entries[row * k + k - 1] : nullptr);
+    init_list(hard, hard_full ? &args.running_hard.entries[row * k + k - 1] : nullptr);
+  }
+  __syncthreads();
+
+  const int64_t begin = split * args.split_cols;
+  const int64_t end = min(begin + args.split_cols, args.chunk_cols);
+  const float* row_sims = args.sims + row * args.chunk_cols;
+  const int64_t anchor_id = args.anchor_ids[row];
+  const float positive = args.positive_sim[row];
+  const uint32_t global_row = args.row_offset + static_cast<uint32_t>(row);
+  bool non_finite = false;
+  for (int64_t base = begin; base < end; base += kRoundCols) {
+    bool offered = false;
+#pragma unroll
+    for (int item = 0; item < kItemsPerThread; ++item) {
+      const int64_t j = base + item * kThreads + threadIdx.x;
+      if (j >= end) continue;
+      const float s = row_sims[j];
+      if (!isfinite(s)) {
+        non_finite = true;
+        continue;
+      }
+      if (args.bank_ids[j] == anchor_id) continue;  // the anchor's own identity: a true positive
+      const int64_t column = args.global_col_begin + j;
+      offered |= offer(hard, k, Entry{s, s, column});
+      if (sampling && s > cut) {
+        const uint64_t counter = static_cast<uint64_t>(column);
+        const uint32_t bits = philox_first_word(static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32),
+                                                global_row, args.step, args.philox_key);
+        const float log_weight = args.mode == SamplerMode::kFne ? fne_log_weight(s, positive, weights) : 0.f;
+        float key = log_weight + gumbel_from_bits(bits);
+        if (isnan(key)) key = -INFINITY;
+        offered |= offer(race, k, Entry{key, s, column});
+      }
+    }
+    // The round's trip count is the same for every thread, so every thread reaches this barrier.
+    if (__syncthreads_or(offered)) {
+      flush(hard, k);
+      flush(race, k);
+    }
+  }
+
+  const int64_t slot = row * args.splits + split;
+  store_list(hard, k, args.partial_hard, slot);
+  if (sampling) store_list(race, k, args.partial_race, slot);
+  if (__syncthreads_or(non_finite) && threadIdx.x == 0) *args.non_finite = 1;
+}
+
+struct MergeArgs {
+  int64_t splits;  // of the chunk just processed
+  int k;
+  bool sampling;   // mode != hardest: the race lists are in use
+  ListSet running_race, running_hard;  // read and rewritten, one block per row
+  ListSet partial_race, partial_hard;
+};
+
+// Offers entry `position` of list `slot` if the list has one.
+__device__ __forceinline__ bool offer_listed(SharedList& list, int k, const ListSet& from, int64_t slot,
+                                             int position) {
+  return position < from.counts[slot] && offer(list, k, from.entries[slot * k + position]);
+}
+
+__global__ void __launch_bounds__(kThreads) merge_kernel(MergeArgs args) {
+  __shared__ SharedList race, hard;
+  const int k = args.k;
+  const int64_t row = blockIdx.x;
+  if (threadIdx.x == 0) {
+    init_list(race, nullptr);
+    init_list(hard, nullptr);
+  }
+  __syncthreads();
+  // Source 0 is the running list, sources 1..splits the chunk's partial lists; k positions each. The sources
+  // cover disjoint column ranges, so all indices are distinct.
+  const int64_t total = (args.splits + 1) * k;
+  for (int64_t base = 0; base < total; base += kRoundCols) {
+    bool offered = false;
+#pragma unroll
+    for (int item = 0; item < kItemsPerThread; ++item) {
+      const int64_t t = base + item * kThreads + threadIdx.x;
+      if (t >= total) continue;
+      const int64_t source = t / k;
+      const int position = static_cast<int>(t % k);
+      const int64_t partial_slot = row * args.splits + source - 1;
+      if (source == 0) {
+        offered |= offer_listed(hard, k, args.running_hard, row, position);
+        if (args.sampling) offered |= offer_listed(race, k, args.running_race, row, position);
+      } else {
+        offered |= offer_listed(hard, k, args.partial_hard, partial_slot, position);
+        if (args.sampling) offered |= offer_listed(race, k, args.partial_race, partial_slot, position);
+      }
+    }
+    if (__syncthreads_or(offered)) {
+      flush(hard, k);
+      flush(race, k);
+    }
+  }
+  // Every read of the running lists happened before the last barrier above.
+  store_list(hard, k, args.running_hard, row);
+  if (args.sampling) store_list(race, k, args.running_race, row);
+}
+
+struct OutputArgs {
+  int64_t num_rows;
+  int k;
+  bool sampling;
+  ListSet race, hard;
+  int64_t* index;
+  float* sim;
+  bool* valid;
+};
+
+// One thread per row: race winners, then the hardest non-positive candidates not chosen yet, then invalid slots.
+// The top-k hardest list suffices: at most `winners` of its entries are winners, so it holds the k - winners
+// hardest candidates that are not.
+__global__ void __launch_bounds__(kOutputThreads) output_kernel(OutputArgs args) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= args.num_rows) return;
+  const int k = args.k;
+  const Entry* hard = args.hard.entries + row * k;
+  const int hard_count = args.hard.counts[row];
+  const Entry* race = args.sampling ? args.race.entries + row * k : hard;  // mode hardest: the hardest list
+  const int race_count = args.sampling ? args.race.counts[row] : hard_count;
+  int64_t* index = args.index + row * k;
+  float* sim = args.sim + row * k;
+  bool* valid = args.valid + row * k;
+  int slot = 0;
+  for (; slot < race_count; ++slot) {
+    index[slot] = race[slot].index;
+    sim[slot] = race[slot].sim;
+    valid[slot] = true;
+  }
+  const int winners = slot;
+  for (int h = 0; h < hard_count && slot < k; ++h) {
+    bool chosen = false;
+    for (int w = 0; w < winners; ++w) chosen |= race[w].index == hard[h].index;
+    if (chosen) continue;
+    index[slot] = hard[h].index;
+    sim[slot] = hard[h].sim;
+    valid[slot] = true;
+    ++slot;
+  }
+  for (; slot < k; ++slot) {
+    index[slot] = -1;
+    sim[slot] = 0.f;
+    valid[slot] = false;
+  }
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Optional positive integer from the environment (tests use it to force many small chunks), else `fallback`.
+int64_t positive_int_from_env(const char* name, int64_t fallback) {
+  const char* text = std::getenv(name);
+  if (text == nullptr || *text == '\0') return fallback;
+  char* end = nullptr;
+  const long long value = std::strtoll(text, &end, 10);
+  TORCH_CHECK_VALUE(end != text && *end == '\0' && value >= 1, name, " must be a positive integer, got '", text, "'");
+  return value;
+}
+
+// Columns per chunk: the float32 buffers of one chunk (S, plus the converted bank chunk) fill about
+// kSimBufferBytes, in whole rounds of the epilogue; FNE_FAST_CUDA_CHUNK_COLS overrides.
+int64_t chunk_columns(int64_t num_rows, int64_t dim, bool convert_bank, int64_t live_cols) {
+  const int64_t floats_per_column = num_rows + (convert_bank ? dim : 0);
+  const int64_t sized = kSimBufferBytes / (static_cast<int64_t>(sizeof(float)) * floats_per_column);
+  const int64_t fallback = std::max<int64_t>(kRoundCols, sized / kRoundCols * kRoundCols);
+  return std::min(positive_int_from_env("FNE_FAST_CUDA_CHUNK_COLS", fallback), std::max<int64_t>(live_cols, 1));
+}
+
+void check_finite_flags(const at::Tensor& anchors, const at::Tensor& positive_sim, const at::Tensor& stats,
+                        const at::Tensor& non_finite) {
+  // One device-to-host copy for all four checks; the order and messages are the CPU kernel's.
+  const auto flags = at::stack({at::logical_not(at::isfinite(anchors).all()),
+                                at::logical_not(at::isfinite(positive_sim).all()),
+                                at::logical_not(at::isfinite(stats).all()), non_finite.ne(0).squeeze(0)})
+                         .cpu();
+  const bool* bad = flags.data_ptr<bool>();
+  const char* suffix = " contains NaN or Inf (pass check_finite=False to skip this check)";
+  TORCH_CHECK_VALUE(!bad[0], "anchors", suffix);
+  TORCH_CHECK_VALUE(!bad[1], "positive_sim", suffix);
+  TORCH_CHECK_VALUE(!bad[2], "stats", suffix);
+  TORCH_CHECK_VALUE(!bad[3],
+                    "bank contains NaN or Inf (a similarity was not finite; pass check_finite=False to skip this "
+                    "check)");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda(
+    const at::Tensor& anchors, const at::Tensor& bank, const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
+    const at::Tensor& bank_ids, const at::Tensor& stats, int64_t k, c10::string_view mode, double margin,
+    double tau, double prior_k, double fn_margin, int64_t min_count, bool cutdown, int64_t seed, int64_t step,
+    int64_t row_offset, int64_t col_offset, int64_t filled, bool check_finite) {
+  const SamplerConfig config =
+      check_sample_negatives_args(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k, mode, margin, tau,
+                                  prior_k, fn_margin, min_count, cutdown, seed, step, row_offset, col_offset, filled,
+                                  check_finite);
+  TORCH_CHECK_VALUE(k <= kMaxK, "k must be <= ", kMaxK, " on CUDA (the per-row lists live in shared memory), got ",
+                    k);
+  const c10::cuda::CUDAGuard device_guard(anchors.device());
+  const int64_t num_rows = anchors.size(0), dim = anchors.size(1);
+  const auto long_options = anchors.options().dtype(at::kLong);
+  auto index = at::empty({num_rows, k}, long_options);
+  auto sim = at::empty({num_rows, k}, anchors.options().dtype(at::kFloat));
+  auto valid = at::empty({num_rows, k}, anchors.options().dtype(at::kBool));
+  if (num_rows == 0) return {index, sim, valid};
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto anchors_contig = anchors.contiguous();
+  const auto bank_ids_contig = bank_ids.contiguous();
+  const auto anchor_ids_contig = anchor_ids.contiguous();
+  const auto positive_contig = positive_sim.contiguous();
+  const auto stats_contig = stats.contiguous();
+  // float32 anchors with a low-precision bank: the chunk is converted, so products are formed in float32 from
+  // the exact bank values (as on the CPU) rather than from anchors rounded to the bank's dtype.
+  const bool convert_bank = bank.scalar_type() != anchors.scalar_type();
+  const bool float_gemm = anchors.scalar_type() == at::kFloat;
+
+  const int64_t live_cols = config.filled;  // rows >= filled are never read
+  const int64_t chunk_cols = chunk_columns(num_rows, dim, convert_bank, live_cols);
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, anchors.device().index()));
+  // Enough (row, split) blocks to fill the GPU when B is small, but at least one full round per split.
+  const int64_t splits_wanted = ceil_div(int64_t{kBlocksPerSm} * sm_count, num_rows);
+  const int64_t split_cols =
+      ceil_div(chunk_cols, std::max<int64_t>(1, std::min(splits_wanted, ceil_div(chunk_cols, kRoundCols))));
+  const int64_t max_splits = ceil_div(chunk_cols, split_cols);
+  TORCH_CHECK_VALUE(num_rows * max_splits <= std::numeric_limits<int32_t>::max(),
+                    "anchors has too many rows for one CUDA launch: ", num_rows);
+
+  // Lists: running race/hard [B, k], partial race/hard [B, max_splits, k]. Only the running lengths need
+  // initialising: every partial list a merge reads was written by the epilogue of the same chunk.
+  const int64_t running_slots = num_rows, partial_slots = num_rows * max_splits;
+  const int64_t entry_count = 2 * (running_slots + partial_slots) * k;
+  auto entries = at::empty({entry_count * static_cast<int64_t>(sizeof(Entry))}, anchors.options().dtype(at::kByte));
+  auto counts = at::zeros({2 * (running_slots + partial_slots) + 1}, anchors.options().dtype(at::kInt));
+  Entry* entry_ptr = reinterpret_cast<Entry*>(entries.data_ptr<uint8_t>());
+  int* count_ptr = counts.data_ptr<int>();
+  const ListSet running_race{entry_ptr, count_ptr};
+  const ListSet running_hard{entry_ptr + running_slots * k, count_ptr + running_slots};
+  const ListSet partial_race{entry_ptr + 2 * running_slots * k, count_ptr + 2 * running_slots};
+  const ListSet partial_hard{entry_ptr + (2 * running_slots + partial_slots) * k,
+                             count_ptr + 2 * running_slots + partial_slots};
+  int* non_finite = count_ptr + 2 * (running_slots + partial_slots);
+  const bool sampling = config.mode != SamplerMode::kHardest;
+
+  if (live_cols > 0) {
+    auto sims_buffer = at::empty({num_rows * chunk_cols}, anchors.options().dtype(at::kFloat));
+    at::Tensor bank_float_buffer;
+    if (convert_bank) bank_float_buffer = at::empty({chunk_cols, dim}, anchors.options().dtype(at::kFloat));
+
+    EpilogueArgs epilogue{};
+    epilogue.anchor_ids = anchor_ids_contig.data_ptr<int64_t>();
+    epilogue.positive_sim = positive_contig.data_ptr<float>();
+    epilogue.stats = stats_contig.data_ptr<float>();
+    epilogue.split_cols = split_cols;
+    epilogue.k = static_cast<int>(k);
+    epilogue.mode = config.mode;
+    epilogue.cutdown = config.cutdown;
+    epilogue.margin = config.margin;
+    epilogue.tau = config.tau;
+    epilogue.prior_k = config.prior_k;
+    epilogue.fn_margin = config.fn_margin;
+    epilogue.min_count = config.min_count;
+    epilogue.philox_key = philox_key_from_seed(config.seed);
+    epilogue.step = config.step;
+    epilogue.row_offset = config.row_offset;
+    epilogue.running_race = running_race;
+    epilogue.running_hard = running_hard;
+    epilogue.partial_race = partial_race;
+    epilogue.partial_hard = partial_hard;
+    epilogue.non_finite = non_finite;
+    MergeArgs merge{};
+    merge.k = static_cast<int>(k);
+    merge.sampling = sampling;
+    merge.running_race = running_race;
+    merge.running_hard = running_hard;
+    merge.partial_race = partial_race;
+    merge.partial_hard = partial_hard;
+
+    for (int64_t chunk_begin = 0; chunk_begin < live_cols; chunk_begin += chunk_cols) {
+      const int64_t cols = std::min(chunk_cols, live_cols - chunk_begin);
+      auto sims = sims_buffer.narrow(0, 0, num_rows * cols).view({num_rows, cols});
+      const auto tile = bank.narrow(0, chunk_begin, cols);  // at::mm accepts any strides of a view
+      if (dim == 0) {
+        sims.zero_();  // empty dot products; keeps cuBLAS away from a zero inner dimension
+      } else if (convert_bank) {
+        auto tile_float = bank_float_buffer.narrow(0, 0, cols);
+        tile_float.copy_(tile);
+        at::mm_out(sims, anchors_contig, tile_float.t());
+      } else if (float_gemm) {
+        at::mm_out(sims, anchors_contig, tile.t());
+      } else {
+        at::mm_out(sims, anchors_contig, tile.t(), at::kFloat);  // bf16/fp16 inputs, fp32 accumulation and output
+      }
+
+      const int64_t splits = ceil_div(cols, split_cols);
+      epilogue.sims = sims.data_ptr<float>();
+      epilogue.bank_ids = bank_ids_contig.data_ptr<int64_t>() + chunk_begin;
+      epilogue.chunk_cols = cols;
+      epilogue.splits = splits;
+      epilogue.global_col_begin = config.col_offset + chunk_begin;
+      epilogue_kernel<<<static_cast<unsigned>(num_rows * splits), kThreads, 0, stream>>>(epilogue);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      merge.splits = splits;
+      merge_kernel<<<static_cast<unsigned>(num_rows), kThreads, 0, stream>>>(merge);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+
+  OutputArgs output{num_rows, static_cast<int>(k), sampling, running_race, running_hard,
+                    index.data_ptr<int64_t>(), sim.data_ptr<float>(), valid.data_ptr<bool>()};
+  output_kernel<<<static_cast<unsigned>(ceil_div(num_rows, kOutputThreads)), kOutputThreads, 0, stream>>>(output);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  if (check_finite) {
+    check_finite_flags(anchors_contig, positive_contig, stats_contig, counts.narrow(0, counts.size(0) - 1, 1));
+  }
+  return {index, sim, valid};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fne_fast, CUDA, m) { m.impl("sample_negatives", &sample_negatives_cuda); }
+
+}  // namespace fne_fast
