@@ -1,0 +1,486 @@
+"""Triton kernel of ``fne_fast::sample_negatives`` (DESIGN.md §2): the fully fused GPU sampler.
+
+Layout of the work. The grid is (anchor blocks × bank splits); program (m, s) owns ``BLOCK_M`` anchors and a
+contiguous range of bank columns, which it walks ``BLOCK_N`` columns at a time. For each tile it computes the
+similarity tile with ``tl.dot`` (float32 accumulation), applies the identity / fill / cut-down masks, draws the
+Philox word of every pair, forms the keys ``ℓ + G`` in registers and updates two running top-k lists per anchor:
+the Gumbel race and the hardest non-positive candidates (the fallback). No similarity is ever written to memory.
+Each program writes its lists to small partial buffers ``[B, splits·k]``; a second small kernel merges them
+exactly (keys, then the lower global index on ties) and writes the output slots. Extra memory is
+``O(B · splits · k)``, independent of N.
+
+Why it is cheap after the first few tiles. Log-weights are <= 0, so a pair can enter a full race list only if its
+Gumbel noise alone beats the list's k-th key T; G decreases in the Philox word, which turns that into an integer
+bound per row. Tiles where no pair passes the bound (most of them, once a row has seen a few thousand
+candidates) skip the logarithms, the weights and the top-k update; the hardest list is skipped the same way with
+one float max per row. Only the Philox words are computed for every pair. The Philox rounds are written out here
+(not ``tl.philox``) because the counter is (column, column >> 32, row, step): the first two rounds' products then
+depend on the row or on the column only, and broadcasting computes them once per row or column.
+
+Random numbers follow DESIGN.md §2 bit for bit (counter = (global column lo, hi, row_offset + i, step), key =
+seed). The epilogue float math mirrors csrc/fne_math.h with two deliberate substitutes, both within a few float32
+ulps: ``-log1p(-v)`` uses its series below v = 2⁻⁴ (no accurate log1p exists without libdevice, and the GPU
+``log`` is an approximation whose absolute error would swamp tiny v), and the logit offset is formed in float32
+from the statistics on the device (no host synchronisation to read them).
+
+Precision. Products are accumulated in float32. bf16/fp16 banks with anchors of the same dtype use the tensor
+cores natively. Float32 (or mixed) inputs are converted to float32 and use ``input_precision`` (default "tf32"
+on CUDA, which rounds the inputs to 10-bit mantissas; "ieee" or "tf32x3" are exact or nearly so, at lower speed).
+Under ``TRITON_INTERPRET=1`` everything runs in float32 with "ieee" (the interpreter's bf16 arithmetic is wrong).
+
+Dispatch. ``backend="triton"`` calls :func:`sample_negatives_triton` directly. Importing this module registers it
+as the CUDA kernel of ``fne_fast::sample_negatives`` only when no compiled CUDA kernel is registered, so
+``backend="auto"`` on CUDA tensors runs the compiled CUDA C++ kernel when it was built and this kernel otherwise.
+That rule stands until both are measured on a GPU (bench/gpu_roofline.py times both side by side).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+__all__ = ["TritonConfig", "default_config", "sample_negatives_triton", "is_interpreted"]
+
+# Philox4x32-10 constants (csrc/philox.h).
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+# Sentinels: an empty list slot (below every ordered float key) and a packed tile entry that is not a candidate.
+EMPTY_KEY = tl.constexpr(-(2**31))
+PAD_KEY = tl.constexpr(2**31 - 1)  # list slots >= k: never the worst entry, never written
+NO_CANDIDATE = tl.constexpr(-(2**63))
+FLOAT_MAX = tl.constexpr(3.4028234663852886e38)
+
+_MODES = {"fne": 0, "hardest": 1, "uniform": 2}
+
+
+@triton.jit
+def _philox_first_word(c0, c1, c2, c3, k0, k1):
+    """First output word of Philox4x32-10 (csrc/philox.h philox_first_word); uint32 operands that broadcast."""
+    # Wrapping uint32 arithmetic is the algorithm, so the overflow sanitizer (on in debug and interpreter runs)
+    # must not check it.
+    for _ in tl.static_range(9):
+        n0 = tl.umulhi(c2, PHILOX_M1) ^ c1 ^ k0
+        n2 = tl.umulhi(c0, PHILOX_M0) ^ c3 ^ k1
+        c1 = tl.mul(c2, PHILOX_M1, sanitize_overflow=False)
+        c3 = tl.mul(c0, PHILOX_M0, sanitize_overflow=False)
+        c0 = n0
+        c2 = n2
+        k0 = tl.add(k0, PHILOX_W0, sanitize_overflow=False)
+        k1 = tl.add(k1, PHILOX_W1, sanitize_overflow=False)
+    return tl.umulhi(c2, PHILOX_M1) ^ c1 ^ k0
+
+
+@triton.jit
+def _gumbel_from_bits(x):
+    """G = -log(E), E = -log(1 - v), v = (x + ½) 2⁻³² (csrc/fne_math.h gumbel_from_bits) for uint32 words x."""
+    low = x < 0x80000000
+    # f is v for low words and the exactly formed 1 - v for high ones, as in the C++ kernel.
+    f = (tl.where(low, x, ~x).to(tl.float32) + 0.5) * 2.3283064365386963e-10
+    # -log(1 - v) = v + v²/2 + ... ; seven terms are exact to float32 for v < 2⁻⁴ (the rest is below v⁸).
+    series = f * (1.0 + f * (0.5 + f * (0.33333334 + f * (0.25 + f * (0.2 + f * (0.16666667 + f * 0.14285715))))))
+    exponential = tl.where(x < 0x10000000, series, -tl.log(tl.where(low, 1.0 - f, f)))
+    return -tl.log(exponential)
+
+
+@triton.jit
+def _to_ordered(key):
+    """int32 whose signed order is the float order of key (for non-NaN keys)."""
+    bits = key.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _from_ordered(ordered):
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pack(key, mask, BLOCK_N: tl.constexpr):
+    """One int64 per pair whose row maximum is the best key, ties to the lower column (the tile's order)."""
+    rank = (BLOCK_N - 1 - tl.arange(0, BLOCK_N)).to(tl.int64)
+    return tl.where(mask, (_to_ordered(key).to(tl.int64) << 32) | rank[None, :], NO_CANDIDATE)
+
+
+@triton.jit
+def _insert_tile(packed, sims, list_key, list_idx, list_sim, col_base, BLOCK_N: tl.constexpr,
+                 KEY_IS_SIM: tl.constexpr):
+    """Moves the tile's candidates that beat each row's worst list entry into the list, best first.
+
+    Tiles arrive in increasing column order, so a tile entry can only displace a list entry by a strictly larger
+    key, and at most k entries per row move: the loop runs at most k times, usually zero or once.
+    """
+    offs = tl.arange(0, BLOCK_N)
+    best = tl.max(packed, axis=1)
+    worst = tl.min(list_key, axis=1)
+    take = (best != NO_CANDIDATE) & ((best >> 32).to(tl.int32) > worst)
+    while tl.max(take.to(tl.int32), axis=0) > 0:
+        best_key = (best >> 32).to(tl.int32)
+        column = (BLOCK_N - 1) - (best & 0xFFFFFFFF).to(tl.int32)
+        hit = offs[None, :] == column[:, None]
+        if KEY_IS_SIM:
+            chosen_sim = _from_ordered(best_key)
+        else:
+            chosen_sim = tl.sum(tl.where(hit, sims, 0.0), axis=1)
+        # Evict the worst entry; among equal keys the one with the larger index ranks last.
+        is_worst = list_key == worst[:, None]
+        evicted = tl.max(tl.where(is_worst, list_idx, NO_CANDIDATE), axis=1)
+        slot = is_worst & (list_idx == evicted[:, None]) & take[:, None]
+        list_key = tl.where(slot, best_key[:, None], list_key)
+        list_idx = tl.where(slot, (col_base + column)[:, None], list_idx)
+        list_sim = tl.where(slot, chosen_sim[:, None], list_sim)
+        packed = tl.where(hit & take[:, None], NO_CANDIDATE, packed)
+        best = tl.max(packed, axis=1)
+        worst = tl.min(list_key, axis=1)
+        take = (best != NO_CANDIDATE) & ((best >> 32).to(tl.int32) > worst)
+    return list_key, list_idx, list_sim
+
+
+@triton.jit
+def _store_list(key_ptr, idx_ptr, sim_ptr, list_key, list_idx, list_sim, rows, row_ok, split, width,
+                K: tl.constexpr, KP: tl.constexpr):
+    slots = tl.arange(0, KP)
+    offsets = rows[:, None] * width + split * K + slots[None, :]
+    mask = row_ok[:, None] & (slots < K)[None, :]
+    tl.store(key_ptr + offsets, list_key, mask=mask)
+    tl.store(idx_ptr + offsets, list_idx, mask=mask)
+    tl.store(sim_ptr + offsets, list_sim, mask=mask)
+
+
+@triton.jit(do_not_specialize=["num_rows", "live_cols", "dim", "cols_per_split", "col_offset", "row_offset",
+                               "step", "seed_lo", "seed_hi"])
+def _sample_negatives_kernel(
+        anchors_ptr, bank_ptr, positive_ptr, anchor_ids_ptr, bank_ids_ptr, stats_ptr,
+        race_key_ptr, race_idx_ptr, race_sim_ptr, hard_key_ptr, hard_idx_ptr, hard_sim_ptr, flag_ptr,
+        num_rows, live_cols, dim, cols_per_split,
+        stride_am, stride_ad, stride_bn, stride_bd, stride_pos, stride_aid, stride_bid, stride_stats,
+        col_offset, row_offset, step, seed_lo, seed_hi,
+        margin, tau, min_count, log_prior, z_threshold,
+        K: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_RACE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_CUTDOWN: tl.constexpr, CHECK_FINITE: tl.constexpr,
+        DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    width = tl.num_programs(1).to(tl.int64) * K
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < num_rows
+    anchor_id = tl.load(anchor_ids_ptr + rows * stride_aid, mask=row_ok, other=0)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    # Per-call scalars (csrc/fne_math.h make_weight_params), from the statistics on the device.
+    mu_pos = tl.load(stats_ptr)
+    var_pos = tl.load(stats_ptr + stride_stats)
+    mu_neg = tl.load(stats_ptr + 2 * stride_stats)
+    var_neg = tl.load(stats_ptr + 3 * stride_stats)
+    n_pos = tl.load(stats_ptr + 4 * stride_stats)
+    bayes = ((n_pos > min_count) & (var_pos > 0) & (var_neg > 0) & (var_pos <= FLOAT_MAX)
+             & (var_neg <= FLOAT_MAX) & (tl.abs(mu_pos) <= FLOAT_MAX) & (tl.abs(mu_neg) <= FLOAT_MAX))
+    safe_var_pos = tl.where(bayes, var_pos, 1.0)
+    safe_var_neg = tl.where(bayes, var_neg, 1.0)
+    half_inv_var_pos = tl.where(bayes, 0.5 / safe_var_pos, 0.0)
+    half_inv_var_neg = tl.where(bayes, 0.5 / safe_var_neg, 0.0)
+    z_offset = tl.where(bayes, 0.5 * tl.log(safe_var_neg / safe_var_pos) - log_prior, 0.0)
+    # The Bayesian weight applies where bayes and z > z_threshold; folded into one threshold (+inf when off).
+    bayes_threshold = tl.where(bayes, z_threshold, float("inf"))
+    cut = mu_pos - margin
+    positive = tl.load(positive_ptr + rows * stride_pos, mask=row_ok, other=0.0)
+    saw_non_finite = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if CHECK_FINITE:
+        # abs(NaN) <= FLOAT_MAX is false, so these comparisons catch NaN as well as Inf.
+        stats_finite = ((tl.abs(mu_pos) <= FLOAT_MAX) & (tl.abs(var_pos) <= FLOAT_MAX)
+                        & (tl.abs(mu_neg) <= FLOAT_MAX) & (tl.abs(var_neg) <= FLOAT_MAX)
+                        & (tl.abs(n_pos) <= FLOAT_MAX))
+        positive_finite = tl.abs(positive) <= FLOAT_MAX
+        saw_non_finite = tl.where(positive_finite, 0, 1) | tl.where(stats_finite, 0, 1)  # masked rows load 0
+
+    key_lo = seed_lo.to(tl.uint32)
+    key_hi = seed_hi.to(tl.uint32)
+    counter_row = (row_offset + rows).to(tl.uint32)[:, None]
+    counter_step = step.to(tl.uint32)
+
+    slots = tl.arange(0, KP)[None, :]
+    empty_key = tl.where(slots < K, EMPTY_KEY, PAD_KEY) + tl.zeros([BLOCK_M, KP], dtype=tl.int32)
+    empty_idx = (-1 - slots).to(tl.int64) + tl.zeros([BLOCK_M, KP], dtype=tl.int64)
+    hard_key = empty_key
+    hard_idx = empty_idx
+    hard_sim = tl.zeros([BLOCK_M, KP], dtype=tl.float32)
+    race_key = empty_key
+    race_idx = empty_idx
+    race_sim = tl.zeros([BLOCK_M, KP], dtype=tl.float32)
+
+    col_begin = split * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, live_cols)
+    for tile_start in range(col_begin, col_end, BLOCK_N):
+        cols = tile_start + offs_n
+        col_ok = cols < col_end
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for d in range(0, dim, BLOCK_K):
+            ds = d + offs_k
+            a = tl.load(anchors_ptr + rows[:, None] * stride_am + ds[None, :] * stride_ad,
+                        mask=row_ok[:, None] & (ds < dim)[None, :], other=0.0)
+            b = tl.load(bank_ptr + cols[None, :] * stride_bn + ds[:, None] * stride_bd,
+                        mask=(ds < dim)[:, None] & col_ok[None, :], other=0.0)
+            if DOT_FP32:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+            else:
+                acc = tl.dot(a, b, acc)
+        s = acc
+        bank_id = tl.load(bank_ids_ptr + cols * stride_bid, mask=col_ok, other=0)
+        non_positive = row_ok[:, None] & col_ok[None, :] & (bank_id[None, :] != anchor_id[:, None])
+        if CHECK_FINITE:
+            bad = tl.where(row_ok[:, None] & col_ok[None, :], tl.where(tl.abs(s) <= FLOAT_MAX, 0, 1), 0)
+            saw_non_finite = saw_non_finite | tl.max(bad, axis=1)
+        global_base = col_offset + tile_start
+
+        # Hardest non-positive candidates (the fallback; the answer in mode "hardest").
+        hard_worst = tl.min(hard_key, axis=1)
+        hard_floor = tl.where(hard_worst == EMPTY_KEY, -float("inf"), _from_ordered(hard_worst))
+        row_hardest = tl.max(tl.where(non_positive, s, -float("inf")), axis=1)
+        if tl.max((row_hardest > hard_floor).to(tl.int32), axis=0) > 0:
+            hard_key, hard_idx, hard_sim = _insert_tile(_pack(s, non_positive, BLOCK_N), s, hard_key, hard_idx,
+                                                        hard_sim, global_base, BLOCK_N, True)
+
+        if HAS_RACE:
+            survives = non_positive
+            if HAS_CUTDOWN:
+                survives = survives & (s > cut)
+            # Largest Philox word whose noise can still beat the row's k-th key T: G(x) > T needs
+            # v < 1 - exp(-e^-T) <= e^-T; the slack covers float32 rounding of G and of the bound.
+            race_worst = tl.min(race_key, axis=1)
+            threshold = tl.where(race_worst == EMPTY_KEY, -float("inf"), _from_ordered(race_worst))
+            bound = tl.minimum(tl.exp(-threshold) * 4299262263.0 + 64.0, 4294967295.0)
+            limit = tl.minimum(bound.to(tl.int64), 4294967295).to(tl.uint32)
+            column = global_base + offs_n
+            hi_first = global_base >> 32
+            if hi_first == (global_base + BLOCK_N - 1) >> 32:
+                # The usual case: one high word for the whole tile keeps the first rounds' products 1-D.
+                words = _philox_first_word(column.to(tl.uint32)[None, :], hi_first.to(tl.uint32), counter_row,
+                                           counter_step, key_lo, key_hi)
+            else:
+                words = _philox_first_word(column.to(tl.uint32)[None, :], (column >> 32).to(tl.uint32)[None, :],
+                                           counter_row, counter_step, key_lo, key_hi)
+            candidates = survives & (words <= limit[:, None])
+            if tl.max(tl.max(candidates.to(tl.int32), axis=1), axis=0) > 0:
+                key = _gumbel_from_bits(words)
+                if HAS_WEIGHTS:
+                    dp = s - mu_pos
+                    dn = s - mu_neg
+                    z = z_offset - dp * dp * half_inv_var_pos + dn * dn * half_inv_var_neg
+                    d = s - positive[:, None]
+                    weight = tl.where(z > bayes_threshold, -tau / (1.0 + tl.exp(-z)), -tau * d * d)
+                    key = weight + key
+                race_key, race_idx, race_sim = _insert_tile(_pack(key, candidates, BLOCK_N), s, race_key, race_idx,
+                                                            race_sim, global_base, BLOCK_N, False)
+
+    _store_list(hard_key_ptr, hard_idx_ptr, hard_sim_ptr, hard_key, hard_idx, hard_sim, rows, row_ok, split, width,
+                K, KP)
+    if HAS_RACE:
+        _store_list(race_key_ptr, race_idx_ptr, race_sim_ptr, race_key, race_idx, race_sim, rows, row_ok, split,
+                    width, K, KP)
+    if CHECK_FINITE:
+        tl.store(flag_ptr + pid_m * tl.num_programs(1) + split, tl.max(saw_non_finite, axis=0))
+
+
+@triton.jit
+def _best_of(key, idx, sim):
+    """Per row: the best (key, index, sim) of a partial list (ties to the lower index) and the hit mask."""
+    best = tl.max(key, axis=1)
+    best_idx = tl.min(tl.where(key == best[:, None], idx, 2**63 - 1), axis=1)
+    hit = (key == best[:, None]) & (idx == best_idx[:, None])
+    best_sim = tl.sum(tl.where(hit, sim, 0.0), axis=1)
+    return best, best_idx, best_sim
+
+
+@triton.jit(do_not_specialize=["num_rows", "width"])
+def _merge_kernel(race_key_ptr, race_idx_ptr, race_sim_ptr, hard_key_ptr, hard_idx_ptr, hard_sim_ptr,
+                  index_ptr, sim_ptr, valid_ptr, num_rows, width,
+                  K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, HAS_RACE: tl.constexpr):
+    """Exact merge of the per-split lists: slot t is the t-th race winner while there are any, then the hardest
+    non-positive candidate not chosen yet, else invalid (DESIGN.md §2)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = rows < num_rows
+    offs = tl.arange(0, BLOCK_W)
+    partial = rows[:, None] * width + offs[None, :]
+    mask = row_ok[:, None] & (offs < width)[None, :]
+    hard_key = tl.load(hard_key_ptr + partial, mask=mask, other=EMPTY_KEY)
+    hard_idx = tl.load(hard_idx_ptr + partial, mask=mask, other=-1)
+    hard_sim = tl.load(hard_sim_ptr + partial, mask=mask, other=0.0)
+    if HAS_RACE:
+        race_key = tl.load(race_key_ptr + partial, mask=mask, other=EMPTY_KEY)
+        race_idx = tl.load(race_idx_ptr + partial, mask=mask, other=-1)
+        race_sim = tl.load(race_sim_ptr + partial, mask=mask, other=0.0)
+    for t in range(K):
+        hard_best, hard_best_idx, hard_best_sim = _best_of(hard_key, hard_idx, hard_sim)
+        out_idx = tl.where(hard_best != EMPTY_KEY, hard_best_idx, -1)
+        out_sim = tl.where(hard_best != EMPTY_KEY, hard_best_sim, 0.0)
+        if HAS_RACE:
+            race_best, race_best_idx, race_best_sim = _best_of(race_key, race_idx, race_sim)
+            from_race = race_best != EMPTY_KEY
+            out_idx = tl.where(from_race, race_best_idx, out_idx)
+            out_sim = tl.where(from_race, race_best_sim, out_sim)
+            race_key = tl.where(from_race[:, None] & (race_idx == race_best_idx[:, None]), EMPTY_KEY, race_key)
+        valid = out_idx >= 0
+        # A chosen column leaves the fallback list whichever list it came from.
+        hard_key = tl.where(valid[:, None] & (hard_idx == out_idx[:, None]), EMPTY_KEY, hard_key)
+        tl.store(index_ptr + rows * K + t, out_idx, mask=row_ok)
+        tl.store(sim_ptr + rows * K + t, out_sim, mask=row_ok)
+        tl.store(valid_ptr + rows * K + t, valid, mask=row_ok)
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonConfig:
+    """Tile sizes and launch parameters; ``num_splits=None`` picks enough splits to fill the device."""
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 32
+    num_warps: int = 4
+    num_stages: int = 3
+    num_splits: int | None = None
+    input_precision: str = "tf32"
+
+
+def is_interpreted() -> bool:
+    """Whether this module's kernels were created under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+    return isinstance(_sample_negatives_kernel, InterpretedFunction)
+
+
+def default_config(num_rows: int, dim: int, k: int, low_precision: bool, device: torch.device) -> TritonConfig:
+    """Untuned defaults (bench/gpu_roofline.py sweeps alternatives). Under the interpreter: small exact tiles."""
+    if device.type != "cuda":
+        return TritonConfig(block_m=64, block_n=128, block_k=32, input_precision="ieee")
+    kp = triton.next_power_of_2(k)
+    block_m = 128 if num_rows > 64 else 64
+    block_m = max(16, min(block_m, 4096 // kp))  # the two lists hold 2 · block_m · kp entries in registers
+    block_k = 64 if low_precision else 32
+    num_warps = 8 if block_m >= 128 else 4
+    return TritonConfig(block_m=block_m, block_n=64, block_k=block_k, num_warps=num_warps, num_stages=3)
+
+
+def _num_splits(config: TritonConfig, row_blocks: int, tiles: int, device: torch.device) -> int:
+    if config.num_splits is not None:
+        return max(1, min(config.num_splits, tiles))
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 3
+    return max(1, min(tiles, -(-target // row_blocks)))
+
+
+def _check_finite_host(tensors: dict) -> None:
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} contains NaN or Inf (pass check_finite=False to skip this check)")
+
+
+def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, *, k=1, mode="fne",
+                            margin=0.2, tau=0.5, prior_k=10000.0, fn_margin=0.999, min_count=200, cutdown=True,
+                            step=0, row_offset=0, col_offset=0, filled=None, seed=0, check_finite=True,
+                            config: TritonConfig | None = None):
+    """``fne_fast.sample_negatives`` on the Triton kernels; arguments as validated by fne_fast.ops.
+
+    ``seed`` is an int in [0, 2⁶⁴). ``config`` overrides the tile sizes (tests and benchmarks). With
+    ``check_finite`` the kernel flags non-finite similarities, positive_sim or stats, and the flag is read back
+    (one host synchronisation); pass ``check_finite=False`` in training loops that must stay asynchronous.
+    """
+    if anchors.device.type == "cpu" and not is_interpreted():
+        raise RuntimeError("the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1, which must be set "
+                           "before fne_fast.kernels is imported")
+    num_rows, num_cols = anchors.shape[0], bank.shape[0]
+    filled = num_cols if filled is None else int(filled)
+    device = anchors.device
+    index = torch.full((num_rows, k), -1, dtype=torch.int64, device=device)
+    sim = torch.zeros((num_rows, k), dtype=torch.float32, device=device)
+    valid = torch.zeros((num_rows, k), dtype=torch.bool, device=device)
+    if num_rows == 0:
+        return index, sim, valid
+    if filled == 0:
+        if check_finite:
+            _check_finite_host({"anchors": anchors, "positive_sim": positive_sim, "stats": stats})
+        return index, sim, valid
+
+    interpreted = device.type != "cuda"
+    low_precision = anchors.dtype == bank.dtype and bank.dtype != torch.float32
+    config = config or default_config(num_rows, anchors.shape[1], k, low_precision, device)
+    kp = triton.next_power_of_2(k)
+    row_blocks = triton.cdiv(num_rows, config.block_m)
+    tiles = triton.cdiv(filled, config.block_n)
+    splits = _num_splits(config, row_blocks, tiles, device)
+    cols_per_split = triton.cdiv(tiles, splits) * config.block_n
+    splits = triton.cdiv(filled, cols_per_split)  # no split without columns
+    width = splits * k
+
+    has_race = mode != "hardest"
+    hard_key = torch.empty((num_rows, width), dtype=torch.int32, device=device)
+    hard_idx = torch.empty((num_rows, width), dtype=torch.int64, device=device)
+    hard_sim = torch.empty((num_rows, width), dtype=torch.float32, device=device)
+    if has_race:
+        race_key, race_idx, race_sim = torch.empty_like(hard_key), torch.empty_like(hard_idx), torch.empty_like(
+            hard_sim)
+    else:  # never read or written: the HAS_RACE branches are compiled out
+        race_key, race_idx, race_sim = hard_key, hard_idx, hard_sim
+    flags = torch.zeros(row_blocks * splits if check_finite else 1, dtype=torch.int32, device=device)
+
+    z_threshold = 1.0 - fn_margin  # P_fn must exceed it: z > logit(1 - fn_margin)
+    z_threshold = (-math.inf if z_threshold <= 0 else math.inf if z_threshold >= 1
+                   else math.log(z_threshold) - math.log1p(-z_threshold))
+    dot_fp32 = interpreted or not low_precision
+    _sample_negatives_kernel[(row_blocks, splits)](
+        anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
+        race_key, race_idx, race_sim, hard_key, hard_idx, hard_sim, flags,
+        num_rows, filled, anchors.shape[1], cols_per_split,
+        anchors.stride(0), anchors.stride(1), bank.stride(0), bank.stride(1), positive_sim.stride(0),
+        anchor_ids.stride(0), bank_ids.stride(0), stats.stride(0),
+        col_offset, row_offset, step, seed & 0xFFFFFFFF, seed >> 32,
+        float(margin), float(tau), float(min_count), math.log(prior_k - 1.0), z_threshold,
+        K=k, KP=kp, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        HAS_RACE=has_race, HAS_WEIGHTS=mode == "fne", HAS_CUTDOWN=has_race and bool(cutdown),
+        CHECK_FINITE=bool(check_finite), DOT_FP32=dot_fp32,
+        INPUT_PRECISION="ieee" if interpreted else config.input_precision,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    block_w = triton.next_power_of_2(width)
+    block_r = max(1, min(16, 4096 // block_w))
+    _merge_kernel[(triton.cdiv(num_rows, block_r),)](
+        race_key, race_idx, race_sim, hard_key, hard_idx, hard_sim, index, sim, valid, num_rows, width,
+        K=k, BLOCK_R=block_r, BLOCK_W=block_w, HAS_RACE=has_race, num_warps=4)
+    if check_finite and bool(flags.any()):
+        raise ValueError("anchors, bank, positive_sim or stats contain NaN or Inf (a similarity or input was not "
+                         "finite; pass check_finite=False to skip this check)")
+    return index, sim, valid
+
+
+def _sample_negatives_op(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k, mode, margin, tau, prior_k,
+                         fn_margin, min_count, cutdown, seed, step, row_offset, col_offset, filled, check_finite):
+    """The schema's calling convention (csrc/fne_fast.cpp), for the dispatcher's CUDA key."""
+    from fne_fast.ops import _check_arguments
+
+    _check_arguments(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k, mode, tau, prior_k, fn_margin,
+                     min_count, step, row_offset, col_offset, filled, "triton")
+    return sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k=k, mode=mode,
+                                   margin=margin, tau=tau, prior_k=prior_k, fn_margin=fn_margin,
+                                   min_count=min_count, cutdown=cutdown, step=step, row_offset=row_offset,
+                                   col_offset=col_offset, filled=filled, seed=seed % (1 << 64),
+                                   check_finite=check_finite)
+
+
+def _register_as_cuda_kernel():
+    """The Triton kernel serves the CUDA dispatch key when no compiled CUDA kernel was built (see module doc)."""
+    name = "fne_fast::sample_negatives"
+    try:
+        if torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"):
+            return None
+    except RuntimeError:  # the schema is not loaded (fne_fast._C missing): nothing to register against
+        return None
+    library = torch.library.Library("fne_fast", "IMPL")
+    library.impl("sample_negatives", _sample_negatives_op, "CUDA")
+    return library
+
+
+_CUDA_REGISTRATION = _register_as_cuda_kernel()  # keeps the registration alive for the life of the process

@@ -1,0 +1,355 @@
+"""The Triton kernel (kernels/sample_negatives.py) against the float64 oracle fne_fast.reference.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors (it must be set before fne_fast.kernels is
+imported, hence the top of this module); sizes stay small because the interpreter is slow. With CUDA the same
+tests run the compiled kernels, and the tests marked "gpu" add large sizes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+import fne_fast  # noqa: E402
+from fne_fast import reference  # noqa: E402
+from fne_fast.kernels import sample_negatives as triton_kernels  # noqa: E402
+from fne_fast.kernels.sample_negatives import TritonConfig, sample_negatives_triton  # noqa: E402
+from inputs import sample_inputs  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not triton_kernels.is_interpreted():
+    pytest.skip("no GPU, and fne_fast.kernels was imported before TRITON_INTERPRET=1 was set",
+                allow_module_level=True)
+gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+
+MODES = ("fne", "hardest", "uniform")
+STEEP = dict(tau=4.0)  # weights far from flat
+EXACT_PRECISION = "ieee"
+
+
+def inputs_on_device(*args, **kwargs):
+    return sample_inputs(*args, device=DEVICE, **kwargs)
+
+
+def run_triton(inputs, config=None, **options):
+    if config is None:
+        return fne_fast.sample_negatives(*inputs.values(), backend="triton", **options)
+    return sample_negatives_triton(*inputs.values(), config=config, **options)
+
+
+def run_oracle(inputs, **options):
+    options = {key: value for key, value in options.items() if key != "check_finite"}
+    cpu_inputs = {name: tensor.cpu() for name, tensor in inputs.items()}
+    return reference.sample_negatives_reference(*cpu_inputs.values(), dtype=torch.float64, **options)
+
+
+def assert_same_draws(actual, expected):
+    index, sim, valid = (tensor.cpu() for tensor in actual)
+    ref_index, ref_sim, ref_valid = (tensor.cpu() for tensor in expected)
+    assert torch.equal(valid, ref_valid)
+    assert torch.equal(index, ref_index)
+    torch.testing.assert_close(sim, ref_sim, rtol=0, atol=1e-6)
+
+
+# --- the building blocks ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _philox_words_kernel(c0_ptr, c1_ptr, c2_ptr, out_ptr, c3, k0, k1, ROWS: tl.constexpr, COLS: tl.constexpr,
+                         SCALAR_HIGH_WORD: tl.constexpr):
+    cols = tl.arange(0, COLS)
+    rows = tl.arange(0, ROWS)
+    c0 = tl.load(c0_ptr + cols).to(tl.uint32)[None, :]
+    c2 = tl.load(c2_ptr + rows).to(tl.uint32)[:, None]
+    if SCALAR_HIGH_WORD:
+        c1 = tl.load(c1_ptr).to(tl.uint32)
+    else:
+        c1 = tl.load(c1_ptr + cols).to(tl.uint32)[None, :]
+    words = triton_kernels._philox_first_word(c0, c1, c2, c3.to(tl.uint32), k0.to(tl.uint32), k1.to(tl.uint32))
+    tl.store(out_ptr + rows[:, None] * COLS + cols[None, :], words.to(tl.int64))
+
+
+@triton.jit
+def _gumbel_kernel(words_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, triton_kernels._gumbel_from_bits(tl.load(words_ptr + offs).to(tl.uint32)))
+
+
+def philox_first_words(c0, c1, c2, c3, key, scalar_high_word):
+    out = torch.empty(len(c2), len(c0), dtype=torch.int64, device=DEVICE)
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=DEVICE)  # noqa: E731
+    _philox_words_kernel[(1,)](as_tensor(c0), as_tensor(c1), as_tensor(c2), out, c3, key[0], key[1],
+                               ROWS=len(c2), COLS=len(c0), SCALAR_HIGH_WORD=scalar_high_word)
+    return out.cpu()
+
+
+def test_philox_known_answer_vectors():
+    # Random123's vectors (DESIGN.md §2); the kernel keeps the first output word only.
+    vectors = [((0, 0), (0, 0, 0, 0), 0x6627E8D5),
+               ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF,) * 4, 0x408F276D),
+               ((0xA4093822, 0x299F31D0), (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), 0xD16CFE09)]
+    for key, (c0, c1, c2, c3), expected in vectors:
+        for scalar_high_word in (True, False):
+            words = philox_first_words([c0], [c1], [c2], c3, key, scalar_high_word)
+            assert words.item() == expected
+
+
+@pytest.mark.parametrize("scalar_high_word", [True, False])
+def test_philox_broadcast_matches_reference(scalar_high_word):
+    # Rows and columns broadcast: the first rounds run on 1-D operands, which must not change the words.
+    generator = torch.Generator().manual_seed(0)
+    c0 = torch.randint(0, 2**32, (32,), generator=generator)
+    c1 = torch.full((32,), 7) if scalar_high_word else torch.randint(0, 2**32, (32,), generator=generator)
+    c2 = torch.randint(0, 2**32, (16,), generator=generator)
+    key = (0x12345678, 0x9ABCDEF0)
+    words = philox_first_words(c0.tolist(), c1.tolist(), c2.tolist(), 0xDEADBEEF, key, scalar_high_word)
+    expected, _, _, _ = reference.philox4x32_10((c0.reshape(1, -1), c1.reshape(1, -1), c2.reshape(-1, 1),
+                                                 0xDEADBEEF), key)
+    assert torch.equal(words, expected.expand(16, 32))
+
+
+def test_gumbel_matches_float64_including_the_far_tail():
+    special = [0, 1, 2**20, 2**28 - 1, 2**28, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1]
+    words = torch.cat([torch.tensor(special), torch.randint(0, 2**32, (128 - len(special),),
+                                                             generator=torch.Generator().manual_seed(1))])
+    out = torch.empty(128, dtype=torch.float32, device=DEVICE)
+    _gumbel_kernel[(1,)](words.to(DEVICE), out, N=128)
+    expected = reference.gumbel_from_bits(words, torch.float64)
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=2e-6, atol=2e-6)
+    assert out[0] > 22.8  # a float32 -log(-log u) would cap near 16.6
+
+
+# --- draws against the oracle -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("k", [1, 3])
+def test_matches_oracle_on_exact_inputs(mode, k):
+    inputs = inputs_on_device(37, 300, 19, exact=True, seed=k)
+    options = dict(k=k, mode=mode, seed=123456789, step=7, row_offset=5, col_offset=1000, **STEEP)
+    assert_same_draws(run_triton(inputs, **options), run_oracle(inputs, **options))
+
+
+@pytest.mark.parametrize("bank_dtype,anchor_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                                     (torch.bfloat16, torch.bfloat16)])
+def test_low_precision_banks(bank_dtype, anchor_dtype):
+    inputs = inputs_on_device(21, 200, 24, exact=True, bank_dtype=bank_dtype, anchor_dtype=anchor_dtype, seed=2)
+    options = dict(k=2, seed=5, **STEEP)
+    assert_same_draws(run_triton(inputs, **options), run_oracle(inputs, **options))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_rows_match_oracle_up_to_near_ties(mode):
+    inputs = inputs_on_device(384, 1024, 48, seed=3)
+    options = dict(k=2, mode=mode, seed=99, **STEEP)
+    config = TritonConfig(block_m=128, block_n=256, block_k=64, input_precision=EXACT_PRECISION)
+    index, _, valid = (tensor.cpu() for tensor in run_triton(inputs, config=config, **options))
+    ref_index, _, ref_valid = run_oracle(inputs, **options)
+    differ = (index != ref_index).any(dim=1) | (valid != ref_valid).any(dim=1)
+    assert differ.float().mean() <= 1e-3
+    if differ.any():
+        # A disagreement must be a near-tie of the float64 keys (float32 keys agree with them to ~1e-6).
+        cpu_inputs = {name: tensor.cpu() for name, tensor in inputs.items()}
+        keys, _, _, _ = reference.candidate_keys(*cpu_inputs.values(), mode=mode, seed=99, **STEEP)
+        rows = differ.nonzero().flatten()
+        ours = torch.gather(keys[rows], 1, index[rows].clamp(min=0))
+        theirs = torch.gather(keys[rows], 1, ref_index[rows].clamp(min=0))
+        assert (ours - theirs).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("config", [
+    TritonConfig(block_m=16, block_n=16, block_k=16, num_splits=1, input_precision=EXACT_PRECISION),
+    TritonConfig(block_m=32, block_n=32, block_k=16, num_splits=7, input_precision=EXACT_PRECISION),
+    TritonConfig(block_m=64, block_n=64, block_k=64, num_splits=100, input_precision=EXACT_PRECISION),
+])
+def test_tiles_and_splits_do_not_change_draws(config):
+    inputs = inputs_on_device(29, 700, 24, exact=True, seed=4, num_ids=40)
+    for mode in MODES:
+        options = dict(k=3, mode=mode, seed=2024, step=3, **STEEP)
+        assert_same_draws(run_triton(inputs, config=config, **options), run_oracle(inputs, **options))
+
+
+def test_column_words_that_cross_two_to_the_32():
+    # A tile whose global columns straddle 2³² takes the per-column high-word path of the Philox counter.
+    inputs = inputs_on_device(8, 300, 8, exact=True, seed=5)
+    for col_offset in (2**32 - 150, 2**33 + 7):
+        options = dict(k=2, mode="uniform", cutdown=False, seed=3, col_offset=col_offset, row_offset=2**32 - 8)
+        assert_same_draws(run_triton(inputs, **options), run_oracle(inputs, **options))
+
+
+def test_seed_is_taken_modulo_two_to_the_64():
+    inputs = inputs_on_device(16, 200, 8, exact=True)
+    assert_same_draws(run_triton(inputs, seed=-1), run_oracle(inputs, seed=(1 << 64) - 1))
+
+
+def test_bayesian_branch_switches_on_above_min_count():
+    inputs = inputs_on_device(32, 400, 16, exact=True, seed=13)
+    below = dict(inputs, stats=inputs["stats"].clone())
+    below["stats"][4] = 200.0  # n⁺ must exceed min_count
+    assert_same_draws(run_triton(below, **STEEP), run_oracle(below, **STEEP))
+    assert not torch.equal(run_triton(below, **STEEP)[0], run_triton(inputs, **STEEP)[0])
+
+
+# --- edge cases ---------------------------------------------------------------------------------------------------
+
+def test_empty_bank_and_empty_batch():
+    index, sim, valid = run_triton(inputs_on_device(5, 0, 8), k=3)
+    assert index.shape == (5, 3) and (index == -1).all() and not valid.any() and (sim == 0).all()
+    index, sim, valid = run_triton(inputs_on_device(0, 50, 8), k=2)
+    assert index.shape == sim.shape == valid.shape == (0, 2)
+
+
+@pytest.mark.parametrize("filled", [0, 1, 333])
+def test_partly_filled_bank(filled):
+    inputs = inputs_on_device(17, 500, 12, exact=True, seed=2)
+    inputs["bank"][filled:] = float("nan")  # rows >= filled are never read
+    index, sim, valid = run_triton(inputs, k=2, filled=filled)
+    assert (index.cpu() < filled).all()
+    inputs["bank"][filled:] = 0
+    assert_same_draws((index, sim, valid), run_oracle(inputs, k=2, filled=filled))
+
+
+def test_all_candidates_positive():
+    inputs = inputs_on_device(4, 50, 8, exact=True)
+    inputs["bank_ids"][:] = 3
+    inputs["anchor_ids"][:] = 3
+    index, sim, valid = run_triton(inputs, k=2)
+    assert (index == -1).all() and not valid.any() and (sim == 0).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_more_slots_than_survivors_falls_back_to_hardest(mode):
+    inputs = inputs_on_device(12, 40, 8, exact=True, seed=9, num_ids=5)
+    index, sim, valid = run_triton(inputs, k=45, mode=mode)  # k > N: every row runs out
+    assert_same_draws((index, sim, valid), run_oracle(inputs, k=45, mode=mode))
+
+
+def test_everything_cut_down_takes_the_hardest_negative():
+    inputs = inputs_on_device(8, 200, 8, exact=True)
+    inputs["stats"][0] = 100.0  # cut-down threshold above every similarity
+    assert_same_draws(run_triton(inputs, k=2), run_oracle(inputs, k=2))
+    assert run_triton(inputs)[2].all()
+
+
+def test_single_anchor_and_repeated_ids():
+    inputs = inputs_on_device(1, 500, 5, exact=True, num_ids=2)
+    assert_same_draws(run_triton(inputs, k=5, **STEEP), run_oracle(inputs, k=5, **STEEP))
+
+
+def test_non_contiguous_inputs():
+    inputs = inputs_on_device(20, 300, 16, exact=True, seed=12)
+    strided = {
+        "anchors": inputs["anchors"].T.contiguous().T,  # column-major
+        "bank": torch.stack([inputs["bank"], -inputs["bank"]], dim=2)[:, :, 0],  # strided columns
+        "positive_sim": torch.stack([inputs["positive_sim"]] * 2, dim=1)[:, 0],
+        "anchor_ids": inputs["anchor_ids"].repeat_interleave(3)[::3],
+        "bank_ids": inputs["bank_ids"].repeat_interleave(2)[::2],
+        "stats": torch.stack([inputs["stats"]] * 2, dim=1)[:, 1],
+    }
+    assert not strided["bank"].is_contiguous()
+    assert_same_draws(run_triton(strided, k=3), run_oracle(inputs, k=3))
+
+
+@pytest.mark.parametrize("name", ["bank", "anchors", "positive_sim", "stats"])
+def test_non_finite_inputs_raise_unless_unchecked(name):
+    inputs = inputs_on_device(6, 100, 8, exact=True)
+    inputs[name].view(-1)[1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        run_triton(inputs)
+    run_triton(inputs, check_finite=False)  # no check, no error
+
+
+def test_registered_for_the_cuda_dispatch_key():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fne_fast::sample_negatives", "CUDA")
+
+
+# --- distribution -------------------------------------------------------------------------------------------------
+
+DISTRIBUTION_SIMS = (-0.25, 0.0625, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+
+
+def distribution_inputs(copies):
+    """One anchor repeated `copies` times: rows differ only in their Philox counter, so they are independent
+    draws from one categorical distribution over the ten candidates."""
+    inputs = sample_inputs(1, len(DISTRIBUTION_SIMS), 8, exact=True, seed=11)
+    inputs["anchors"] = torch.zeros(copies, 8)
+    inputs["anchors"][:, 0] = 1.0
+    inputs["bank"][:, 0] = torch.tensor(DISTRIBUTION_SIMS)
+    inputs["bank_ids"] = torch.arange(1, len(DISTRIBUTION_SIMS) + 1)
+    inputs["anchor_ids"] = torch.zeros(copies, dtype=torch.int64)
+    inputs["positive_sim"] = torch.full((copies,), 0.8)
+    return {name: tensor.to(DEVICE) for name, tensor in inputs.items()}
+
+
+def expected_probabilities(inputs, tau):
+    anchor = inputs["anchors"][:1].cpu().double()
+    sim = anchor @ inputs["bank"].cpu().double().T
+    stats = inputs["stats"].cpu()
+    weights = reference.log_weights(sim, inputs["positive_sim"][:1].cpu(), stats, tau=tau)[0]
+    survives = sim[0] > stats[0].item() - 0.2
+    probabilities = torch.where(survives, weights.exp(), torch.zeros_like(weights))
+    return probabilities / probabilities.sum()
+
+
+def chi_square_p_value(counts, probabilities):
+    from scipy import stats
+
+    keep = probabilities > 0
+    assert counts[~keep].sum() == 0, "a cut-down candidate was sampled"
+    expected = probabilities[keep] * counts.sum()
+    return stats.chisquare(counts[keep].double().numpy(), expected.numpy()).pvalue
+
+
+def test_sampled_frequencies_follow_the_weights():
+    inputs = distribution_inputs(copies=12000)
+    tau = 6.0
+    probabilities = expected_probabilities(inputs, tau)
+    assert probabilities.max() / probabilities[probabilities > 0].min() > 3  # far from flat
+    config = TritonConfig(block_m=1024, block_n=16, block_k=16, input_precision=EXACT_PRECISION)
+    index, _, valid = run_triton(inputs, config=config, tau=tau, seed=31)
+    assert valid.all()
+    counts = torch.bincount(index[:, 0].cpu(), minlength=probabilities.numel())
+    assert chi_square_p_value(counts, probabilities) > 1e-3
+    # The same test rejects a deliberately wrong weighting (the weights of tau / 2).
+    assert chi_square_p_value(counts, expected_probabilities(inputs, tau / 2)) < 1e-6
+
+
+# --- large sizes on a GPU -----------------------------------------------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_large_exact_inputs(bank_dtype):
+    inputs = inputs_on_device(300, 70000, 128, exact=True, bank_dtype=bank_dtype, seed=21, num_ids=5000)
+    options = dict(k=4, seed=77, step=2, col_offset=2**32 - 30000, **STEEP)
+    assert_same_draws(run_triton(inputs, **options), run_oracle(inputs, **options))
+
+
+@gpu
+@pytest.mark.parametrize("precision,max_differ", [("ieee", 1e-3), ("tf32", 0.05)])
+def test_gpu_float32_precision(precision, max_differ):
+    # tf32 rounds the inputs to 10-bit mantissas, which moves similarities by ~1e-3: near-ties flip more often.
+    inputs = inputs_on_device(1024, 50000, 256, seed=22)
+    options = dict(k=2, seed=1, **STEEP)
+    config = TritonConfig(block_m=64, block_n=64, block_k=32, input_precision=precision)
+    index = run_triton(inputs, config=config, **options)[0].cpu()
+    ref_index = run_oracle(inputs, **options)[0]
+    assert (index != ref_index).any(dim=1).float().mean() <= max_differ
+
+
+@gpu
+def test_gpu_extra_memory_does_not_grow_with_the_bank():
+    inputs = inputs_on_device(128, 2**22, 64, bank_dtype=torch.bfloat16, seed=23)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run_triton(inputs, k=1, check_finite=False)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < 16 * 2**20
