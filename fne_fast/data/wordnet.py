@@ -1,0 +1,65 @@
+"""WordNet (Debian wordnet-base): lemma ↔ gloss pairs, ~207k of them. The "image" side is the lemma text (both
+sides go through the text encoder); the synset is the semantic group, so the synonyms of a lemma, which share its
+gloss, are its natural false negatives. Splits are drawn by synset."""
+
+from __future__ import annotations
+
+import os
+
+from fne_fast.data import DatasetFormatError, RawSplit, content_fingerprint, hash_split
+
+__all__ = ["load_wordnet", "parse_data_line", "DEFAULT_ROOT"]
+
+DEFAULT_ROOT = "/usr/share/wordnet"
+_DATA_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
+
+
+def parse_data_line(line: str, path: str, line_number: int) -> tuple[str, list[str], str]:
+    """(synset key, lemmas, definition) of one line of a WordNet data file (wndb(5WN) format)."""
+    fields, separator, gloss = line.partition(" | ")
+    if not separator:
+        raise DatasetFormatError(path, "no ' | ' before the gloss", line_number)
+    tokens = fields.split()
+    try:
+        offset, _, synset_type, word_count = tokens[0], tokens[1], tokens[2], int(tokens[3], 16)
+    except (IndexError, ValueError) as error:
+        raise DatasetFormatError(path, "expected 'offset lex_filenum ss_type w_cnt(hex)' at the start",
+                                 line_number) from error
+    words = tokens[4:4 + 2 * word_count:2]
+    if word_count < 1 or len(words) != word_count:
+        raise DatasetFormatError(path, f"w_cnt says {word_count} words, the line holds {len(words)}", line_number)
+    # Adjective markers such as "(a)" or "(p)" are syntax, not part of the lemma.
+    lemmas = [word.split("(")[0].replace("_", " ") for word in words]
+    definition = gloss.split('; "')[0].strip()  # the definition, without the quoted examples
+    if not definition:
+        raise DatasetFormatError(path, "empty gloss", line_number)
+    return f"{synset_type}{offset}", lemmas, definition
+
+
+def load_wordnet(split: str, *, root: str = DEFAULT_ROOT, limit: int | None = None) -> RawSplit:
+    """All (lemma, definition) pairs of the synsets in one split; ``limit`` keeps the first pairs."""
+    lemmas_out, captions, groups = [], [], []
+    for file_name in _DATA_FILES:
+        path = os.path.join(root, file_name)
+        if not os.path.isfile(path):
+            raise DatasetFormatError(path, "WordNet data file not found (install Debian's wordnet-base, e.g. with "
+                                           "scripts/setup_data.sh, or pass --data-root)")
+        with open(path, encoding="utf-8", errors="replace") as stream:
+            for line_number, line in enumerate(stream, start=1):
+                if line.startswith("  ") or not line.strip():
+                    continue  # the licence header is indented by two spaces
+                synset, lemmas, definition = parse_data_line(line.rstrip("\n"), path, line_number)
+                if hash_split(synset) != split:
+                    continue
+                for lemma in lemmas:
+                    lemmas_out.append(lemma)
+                    captions.append(definition)
+                    groups.append(synset)
+        if limit is not None and len(lemmas_out) >= limit:
+            break
+    if limit is not None:
+        lemmas_out, captions, groups = lemmas_out[:limit], captions[:limit], groups[:limit]
+    fingerprint = content_fingerprint("wordnet", limit, [os.path.getsize(os.path.join(root, name))
+                                                         for name in _DATA_FILES], len(lemmas_out))
+    return RawSplit("wordnet", split, lemmas_out, captions, list(range(len(lemmas_out))), groups, fingerprint,
+                    image_modality="text", image_names=lemmas_out)
