@@ -240,9 +240,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
   call.cut_threshold = (call.config.mode != SamplerMode::kHardest && cutdown) ? stats_ptr[0] - call.config.margin
                                                                                : kNegInf;
 
-  const int64_t tile_rows = tile_size_from_env("FNE_FAST_CPU_TILE_ROWS", 128);
-  const int64_t tile_cols = tile_size_from_env("FNE_FAST_CPU_TILE_COLS", 512);
   const int64_t live_cols = call.config.filled;  // rows >= filled are never read
+  // Tiles no larger than the problem (small calls allocate little) nor than int32 column offsets allow.
+  const int64_t tile_rows = std::min<int64_t>({tile_size_from_env("FNE_FAST_CPU_TILE_ROWS", 128), num_rows, 4096});
+  const int64_t tile_cols =
+      std::min<int64_t>({tile_size_from_env("FNE_FAST_CPU_TILE_COLS", 512), std::max<int64_t>(live_cols, 1), 65536});
   const int64_t row_blocks = (num_rows + tile_rows - 1) / tile_rows;
   const int64_t col_tiles = (live_cols + tile_cols - 1) / tile_cols;
   const bool convert_bank = bank.scalar_type() != at::kFloat;
@@ -255,6 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
   std::vector<char> thread_saw_non_finite(thread_lists.size(), 0);
   at::parallel_for(0, row_blocks * col_tiles, 1, [&](int64_t begin, int64_t end) {
     const int thread = at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(thread >= 0 && thread < static_cast<int>(thread_lists.size()));
     RowLists& lists = thread_lists[thread];
     if (lists.k == 0) lists.resize(num_rows, k);
     TileScratch scratch;
