@@ -8,14 +8,15 @@
 //      product is exact in float32 as on the CPU).
 //   2. Epilogue: one block per (anchor row, column split) reads its slice of S once and applies the masks
 //      (identity, cut-down), Philox, the Gumbel key and the FNE log-weight, keeping two ranked lists in shared
-//      memory: the Gumbel race and the hardest non-positive candidates (for the fallback). Candidates that cannot
-//      beat the list's k-th entry, or the row's k-th entry from earlier chunks, are dropped without shared-memory
-//      traffic, so after the first rounds almost every pair costs one comparison after its key.
+//      memory: the Gumbel race and the hardest non-positive candidates (for the fallback). Candidates that
+//      cannot beat the list's k-th entry, or the row's k-th entry from earlier chunks, are dropped without any
+//      shared-memory write, so after the first rounds almost every pair costs one comparison after its key.
 //   3. Merge: one block per row folds the splits' lists into the row's running lists (exact: top-k of a union).
 // After the last chunk one thread per row writes index/sim/valid in the CPU kernel's order (race winners by
 // decreasing key, then the hardest non-positive candidates not chosen yet, then invalid slots). Extra memory is
-// the S buffer (about 32 MiB, capped independently of N), an optional float32 copy of one bank chunk, and
-// O(B · k · splits) list entries; the B×N matrix is never formed.
+// the S buffer (about 32 MiB, at least 1024 columns: max(32 MiB, 4 KiB · B)), an optional float32 copy of one
+// bank chunk (counted in the same 32 MiB), and O(B · k · splits) list entries: independent of N, and the B×N
+// matrix is never formed.
 //
 // Why this design: cuBLAS reaches the GEMM's peak rate for every dtype, stride and architecture, so the
 // hand-written part is only the epilogue, whose selection semantics must match the CPU kernel exactly, and it can
