@@ -10,7 +10,9 @@
 //      (identity, cut-down), Philox, the Gumbel key and the FNE log-weight, keeping two ranked lists in shared
 //      memory: the Gumbel race and the hardest non-positive candidates (for the fallback). Candidates that
 //      cannot beat the list's k-th entry, or the row's k-th entry from earlier chunks, are dropped without any
-//      shared-memory write, so after the first rounds almost every pair costs one comparison after its key.
+//      shared-memory write. As in the CPU kernel, log-weights are <= 0, so a Philox word whose noise alone
+//      cannot reach that threshold skips the logarithms and the weight: after the first rounds almost every
+//      pair costs its Philox word and a few comparisons.
 //   3. Merge: one block per row folds the splits' lists into the row's running lists (exact: top-k of a union).
 // After the last chunk one thread per row writes index/sim/valid in the CPU kernel's order (race winners by
 // decreasing key, then the hardest non-positive candidates not chosen yet, then invalid slots). Extra memory is
@@ -98,7 +100,24 @@ struct SharedList {
   int has_floor;
   int count;
   int pending;
+  uint32_t gumbel_limit;  // Philox words above it give noise too small to enter (race list; see below)
 };
+
+// Largest Philox word whose Gumbel noise can still reach `threshold`, with slack for the float32 rounding of the
+// noise and the key: G(x) > T  <=>  E < e^-T  <=>  v < 1 - exp(-e^-T). The same bound as the CPU kernel's.
+// Log-weights are <= 0 (fne_math.h), so a word above it cannot give a key that beats T.
+__device__ uint32_t gumbel_bits_limit(float threshold) {
+  if (!(threshold > -INFINITY)) return UINT32_MAX;
+  const double v = -expm1(-exp(-static_cast<double>(threshold)));
+  const double bound = v * 4294967296.0 * (1.0 + 1e-4) + 64.0;
+  return bound >= 4294967295.0 ? UINT32_MAX : static_cast<uint32_t>(bound);
+}
+
+// The key a candidate must exceed to be admitted: the larger of the floor and, once full, the list's k-th key.
+__device__ float admission_key(const SharedList& list, const Entry* kth) {
+  const float floor_key = list.has_floor ? list.floor.key : -INFINITY;
+  return kth != nullptr ? fmaxf(floor_key, kth->key) : floor_key;
+}
 
 // Thread 0 only; the caller synchronises before the list is used.
 __device__ void init_list(SharedList& list, const Entry* floor) {
@@ -106,6 +125,7 @@ __device__ void init_list(SharedList& list, const Entry* floor) {
   list.pending = 0;
   list.has_floor = floor != nullptr;
   if (floor != nullptr) list.floor = *floor;
+  list.gumbel_limit = gumbel_bits_limit(admission_key(list, nullptr));
 }
 
 // Offers one candidate during a round; returns whether it was appended to the pool. The list itself does not
@@ -136,6 +156,7 @@ __device__ void flush(SharedList& list, int k) {
   if (threadIdx.x == 0) {
     list.count = kept;
     list.pending = 0;
+    list.gumbel_limit = gumbel_bits_limit(admission_key(list, kept == k ? &list.merged[k - 1] : nullptr));
   }
   __syncthreads();
 }
@@ -216,10 +237,14 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs args) {
         const uint64_t counter = static_cast<uint64_t>(column);
         const uint32_t bits = philox_first_word(static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32),
                                                 global_row, args.step, args.philox_key);
-        const float log_weight = args.mode == SamplerMode::kFne ? fne_log_weight(s, positive, weights) : 0.f;
-        float key = log_weight + gumbel_from_bits(bits);
-        if (isnan(key)) key = -INFINITY;
-        offered |= offer(race, k, Entry{key, s, column});
+        // Once the list has a threshold, almost every word fails this test: the logarithms and the weight are
+        // then skipped, for the whole warp as a rule.
+        if (bits <= race.gumbel_limit) {
+          const float log_weight = args.mode == SamplerMode::kFne ? fne_log_weight(s, positive, weights) : 0.f;
+          float key = log_weight + gumbel_from_bits(bits);
+          if (isnan(key)) key = -INFINITY;
+          offered |= offer(race, k, Entry{key, s, column});
+        }
       }
     }
     // The round's trip count is the same for every thread, so every thread reaches this barrier.
