@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the in-place build, when this file runs as a script from bench/
 
 
 def run_step(name: str, command: list[str], env: dict | None = None) -> bool:
@@ -76,7 +77,7 @@ def timing() -> None:
 
     source = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     target = torch.empty_like(source)
-    copy_bandwidth = 2 * source.numel() / milliseconds(lambda: target.copy_(source)) / 1e9  # GB/s, read + write
+    copy_bandwidth = 2 * source.numel() / milliseconds(lambda: target.copy_(source)) / 1e6  # GB/s, read + write
     del source, target
     square = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     matmul_rate = 2 * 8192**3 / milliseconds(lambda: square @ square) / 1e9  # TFLOP/s
