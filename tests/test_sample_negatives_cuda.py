@@ -74,6 +74,17 @@ def test_matches_oracle_and_cpu_on_exact_inputs(mode, k, bank_dtype):
     assert_same_draws(result, run_cpu(inputs, **options))
 
 
+@pytest.mark.parametrize("options", [dict(cutdown=False), dict(fn_margin=0.0), dict(fn_margin=1.0), dict(tau=0.0),
+                                     dict(margin=-0.5), dict(prior_k=1.5, tau=3.0), dict(min_count=10**6)],
+                         ids=lambda options: ",".join(f"{key}={value}" for key, value in options.items()))
+def test_weight_parameters_match_oracle_and_cpu(options):
+    # The weight parameters are folded on the device from `stats` (double precision there, as on the CPU).
+    inputs = sample_inputs(30, 2000, 16, exact=True, seed=20)
+    result = run_cuda(inputs, k=3, **options)
+    assert_same_draws(result, run_oracle(inputs, k=3, **options))
+    assert_same_draws(result, run_cpu(inputs, k=3, **options))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_anchors_with_matching_bank(dtype):
     # The bf16/fp16 GEMM with a float32 output: exact inputs make its accumulation exact too.
