@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ["TritonConfig", "default_config", "sample_negatives_triton", "is_interpreted"]
+__all__ = ["TritonConfig", "default_config", "sample_negatives_triton", "is_interpreted", "SERVES_CUDA_DISPATCH"]
 
 # Philox4x32-10 constants (csrc/philox.h).
 PHILOX_M0 = tl.constexpr(0xD2511F53)
@@ -110,36 +110,52 @@ def _pack(key, mask, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _insert_tile(packed, sims, list_key, list_idx, list_sim, col_base, BLOCK_N: tl.constexpr,
+def _move_best(packed, sims, list_key, list_idx, list_sim, best, worst, take, col_base, BLOCK_N: tl.constexpr,
+               KEY_IS_SIM: tl.constexpr):
+    """One round of _insert_tile: each row that takes moves its best tile entry into its worst list slot."""
+    best_key = (best >> 32).to(tl.int32)
+    column = (BLOCK_N - 1) - (best & 0xFFFFFFFF).to(tl.int32)
+    hit = tl.arange(0, BLOCK_N)[None, :] == column[:, None]
+    if KEY_IS_SIM:
+        chosen_sim = _from_ordered(best_key)
+    else:
+        chosen_sim = tl.sum(tl.where(hit, sims, 0.0), axis=1)
+    # Evict the worst entry; among equal keys the one with the larger index ranks last.
+    is_worst = list_key == worst[:, None]
+    evicted = tl.max(tl.where(is_worst, list_idx, NO_CANDIDATE), axis=1)
+    slot = is_worst & (list_idx == evicted[:, None]) & take[:, None]
+    list_key = tl.where(slot, best_key[:, None], list_key)
+    list_idx = tl.where(slot, (col_base + column)[:, None], list_idx)
+    list_sim = tl.where(slot, chosen_sim[:, None], list_sim)
+    packed = tl.where(hit & take[:, None], NO_CANDIDATE, packed)
+    best = tl.max(packed, axis=1)
+    worst = tl.min(list_key, axis=1)
+    take = (best != NO_CANDIDATE) & ((best >> 32).to(tl.int32) > worst)
+    return packed, list_key, list_idx, list_sim, best, worst, take
+
+
+@triton.jit
+def _insert_tile(packed, sims, list_key, list_idx, list_sim, col_base, K: tl.constexpr, BLOCK_N: tl.constexpr,
                  KEY_IS_SIM: tl.constexpr):
     """Moves the tile's candidates that beat each row's worst list entry into the list, best first.
 
     Tiles arrive in increasing column order, so a tile entry can only displace a list entry by a strictly larger
-    key, and at most k entries per row move: the loop runs at most k times, usually zero or once.
+    key, and at most k entries per row move: at most k rounds, usually zero or one. For small k the rounds are
+    unrolled, which keeps the tile loop free of nested loops: the compiler only software-pipelines innermost
+    loops, and the tile loop is the one whose bank loads should run ahead.
     """
-    offs = tl.arange(0, BLOCK_N)
     best = tl.max(packed, axis=1)
     worst = tl.min(list_key, axis=1)
     take = (best != NO_CANDIDATE) & ((best >> 32).to(tl.int32) > worst)
-    while tl.max(take.to(tl.int32), axis=0) > 0:
-        best_key = (best >> 32).to(tl.int32)
-        column = (BLOCK_N - 1) - (best & 0xFFFFFFFF).to(tl.int32)
-        hit = offs[None, :] == column[:, None]
-        if KEY_IS_SIM:
-            chosen_sim = _from_ordered(best_key)
-        else:
-            chosen_sim = tl.sum(tl.where(hit, sims, 0.0), axis=1)
-        # Evict the worst entry; among equal keys the one with the larger index ranks last.
-        is_worst = list_key == worst[:, None]
-        evicted = tl.max(tl.where(is_worst, list_idx, NO_CANDIDATE), axis=1)
-        slot = is_worst & (list_idx == evicted[:, None]) & take[:, None]
-        list_key = tl.where(slot, best_key[:, None], list_key)
-        list_idx = tl.where(slot, (col_base + column)[:, None], list_idx)
-        list_sim = tl.where(slot, chosen_sim[:, None], list_sim)
-        packed = tl.where(hit & take[:, None], NO_CANDIDATE, packed)
-        best = tl.max(packed, axis=1)
-        worst = tl.min(list_key, axis=1)
-        take = (best != NO_CANDIDATE) & ((best >> 32).to(tl.int32) > worst)
+    if K <= 4:
+        for _ in tl.static_range(K):
+            if tl.max(take.to(tl.int32), axis=0) > 0:
+                packed, list_key, list_idx, list_sim, best, worst, take = _move_best(
+                    packed, sims, list_key, list_idx, list_sim, best, worst, take, col_base, BLOCK_N, KEY_IS_SIM)
+    else:
+        while tl.max(take.to(tl.int32), axis=0) > 0:
+            packed, list_key, list_idx, list_sim, best, worst, take = _move_best(
+                packed, sims, list_key, list_idx, list_sim, best, worst, take, col_base, BLOCK_N, KEY_IS_SIM)
     return list_key, list_idx, list_sim
 
 
@@ -165,7 +181,7 @@ def _sample_negatives_kernel(
         margin, tau, min_count, log_prior, z_threshold,
         K: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_RACE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_CUTDOWN: tl.constexpr, CHECK_FINITE: tl.constexpr,
-        DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+        DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, ONE_K_STEP: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     width = tl.num_programs(1).to(tl.int64) * K
@@ -216,23 +232,38 @@ def _sample_negatives_kernel(
     race_idx = empty_idx
     race_sim = tl.zeros([BLOCK_M, KP], dtype=tl.float32)
 
+    if ONE_K_STEP:
+        # The whole embedding fits one step: the anchor tile stays in registers for the whole split, and the
+        # tile loop itself is the loop that the compiler software-pipelines (bank loads run ahead of the epilogue).
+        anchor_tile = tl.load(anchors_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ad,
+                              mask=row_ok[:, None] & (offs_k < dim)[None, :], other=0.0)
+        if DOT_FP32:
+            anchor_tile = anchor_tile.to(tl.float32)
+
     col_begin = split * cols_per_split
     col_end = tl.minimum(col_begin + cols_per_split, live_cols)
     for tile_start in range(col_begin, col_end, BLOCK_N):
         cols = tile_start + offs_n
         col_ok = cols < col_end
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for d in range(0, dim, BLOCK_K):
-            ds = d + offs_k
-            a = tl.load(anchors_ptr + rows[:, None] * stride_am + ds[None, :] * stride_ad,
-                        mask=row_ok[:, None] & (ds < dim)[None, :], other=0.0)
-            b = tl.load(bank_ptr + cols[None, :] * stride_bn + ds[:, None] * stride_bd,
-                        mask=(ds < dim)[:, None] & col_ok[None, :], other=0.0)
+        if ONE_K_STEP:
+            b = tl.load(bank_ptr + cols[None, :] * stride_bn + offs_k[:, None] * stride_bd,
+                        mask=(offs_k < dim)[:, None] & col_ok[None, :], other=0.0)
             if DOT_FP32:
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+                s = tl.dot(anchor_tile, b.to(tl.float32), input_precision=INPUT_PRECISION)
             else:
-                acc = tl.dot(a, b, acc)
-        s = acc
+                s = tl.dot(anchor_tile, b)
+        else:
+            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for d in range(0, dim, BLOCK_K):
+                ds = d + offs_k
+                a = tl.load(anchors_ptr + rows[:, None] * stride_am + ds[None, :] * stride_ad,
+                            mask=row_ok[:, None] & (ds < dim)[None, :], other=0.0)
+                b = tl.load(bank_ptr + cols[None, :] * stride_bn + ds[:, None] * stride_bd,
+                            mask=(ds < dim)[:, None] & col_ok[None, :], other=0.0)
+                if DOT_FP32:
+                    s = tl.dot(a.to(tl.float32), b.to(tl.float32), s, input_precision=INPUT_PRECISION)
+                else:
+                    s = tl.dot(a, b, s)
         bank_id = tl.load(bank_ids_ptr + cols * stride_bid, mask=col_ok, other=0)
         non_positive = row_ok[:, None] & col_ok[None, :] & (bank_id[None, :] != anchor_id[:, None])
         if CHECK_FINITE:
@@ -246,7 +277,7 @@ def _sample_negatives_kernel(
         row_hardest = tl.max(tl.where(non_positive, s, -float("inf")), axis=1)
         if tl.max((row_hardest > hard_floor).to(tl.int32), axis=0) > 0:
             hard_key, hard_idx, hard_sim = _insert_tile(_pack(s, non_positive, BLOCK_N), s, hard_key, hard_idx,
-                                                        hard_sim, global_base, BLOCK_N, True)
+                                                        hard_sim, global_base, K, BLOCK_N, True)
 
         if HAS_RACE:
             survives = non_positive
@@ -278,7 +309,7 @@ def _sample_negatives_kernel(
                     weight = tl.where(z > bayes_threshold, -tau / (1.0 + tl.exp(-z)), -tau * d * d)
                     key = weight + key
                 race_key, race_idx, race_sim = _insert_tile(_pack(key, candidates, BLOCK_N), s, race_key, race_idx,
-                                                            race_sim, global_base, BLOCK_N, False)
+                                                            race_sim, global_base, K, BLOCK_N, False)
 
     _store_list(hard_key_ptr, hard_idx_ptr, hard_sim_ptr, hard_key, hard_idx, hard_sim, rows, row_ok, split, width,
                 K, KP)
@@ -353,15 +384,20 @@ def is_interpreted() -> bool:
 
 
 def default_config(num_rows: int, dim: int, k: int, low_precision: bool, device: torch.device) -> TritonConfig:
-    """Untuned defaults (bench/gpu_roofline.py sweeps alternatives). Under the interpreter: small exact tiles."""
-    if device.type != "cuda":
-        return TritonConfig(block_m=64, block_n=128, block_k=32, input_precision="ieee")
+    """Untuned defaults (bench/gpu_roofline.py sweeps alternatives). Under the interpreter: large tiles, since
+    its cost is per operation, not per element, and exact "ieee" products."""
     kp = triton.next_power_of_2(k)
-    block_m = 128 if num_rows > 64 else 64
+    whole_dim = max(16, triton.next_power_of_2(dim))
+    if device.type != "cuda":
+        return TritonConfig(block_m=64, block_n=128, block_k=min(whole_dim, 64), input_precision="ieee")
+    block_m = min(128, max(16, triton.next_power_of_2(num_rows)))
     block_m = max(16, min(block_m, 4096 // kp))  # the two lists hold 2 · block_m · kp entries in registers
-    block_k = 64 if low_precision else 32
-    num_warps = 8 if block_m >= 128 else 4
-    return TritonConfig(block_m=block_m, block_n=64, block_k=block_k, num_warps=num_warps, num_stages=3)
+    # One k-step when the bank tile's rows are at most 512 bytes (bf16 D <= 256, float32 D <= 128).
+    one_step = whole_dim * (2 if low_precision else 4) <= 512
+    block_k = whole_dim if one_step else (64 if low_precision else 32)
+    block_n = 64
+    num_warps = 8 if block_m * block_n >= 8192 else 4
+    return TritonConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=3)
 
 
 def _num_splits(config: TritonConfig, row_blocks: int, tiles: int, device: torch.device) -> int:
@@ -396,15 +432,12 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
     num_rows, num_cols = anchors.shape[0], bank.shape[0]
     filled = num_cols if filled is None else int(filled)
     device = anchors.device
-    index = torch.full((num_rows, k), -1, dtype=torch.int64, device=device)
-    sim = torch.zeros((num_rows, k), dtype=torch.float32, device=device)
-    valid = torch.zeros((num_rows, k), dtype=torch.bool, device=device)
-    if num_rows == 0:
-        return index, sim, valid
-    if filled == 0:
-        if check_finite:
+    if num_rows == 0 or filled == 0:
+        if check_finite and num_rows:
             _check_finite_host({"anchors": anchors, "positive_sim": positive_sim, "stats": stats})
-        return index, sim, valid
+        return (torch.full((num_rows, k), -1, dtype=torch.int64, device=device),
+                torch.zeros((num_rows, k), dtype=torch.float32, device=device),
+                torch.zeros((num_rows, k), dtype=torch.bool, device=device))
 
     interpreted = device.type != "cuda"
     low_precision = anchors.dtype == bank.dtype and bank.dtype != torch.float32
@@ -426,7 +459,7 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
             hard_sim)
     else:  # never read or written: the HAS_RACE branches are compiled out
         race_key, race_idx, race_sim = hard_key, hard_idx, hard_sim
-    flags = torch.zeros(row_blocks * splits if check_finite else 1, dtype=torch.int32, device=device)
+    flags = torch.empty(row_blocks * splits if check_finite else 1, dtype=torch.int32, device=device)
 
     z_threshold = 1.0 - fn_margin  # P_fn must exceed it: z > logit(1 - fn_margin)
     z_threshold = (-math.inf if z_threshold <= 0 else math.inf if z_threshold >= 1
@@ -444,7 +477,12 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
         HAS_RACE=has_race, HAS_WEIGHTS=mode == "fne", HAS_CUTDOWN=has_race and bool(cutdown),
         CHECK_FINITE=bool(check_finite), DOT_FP32=dot_fp32,
         INPUT_PRECISION="ieee" if interpreted else config.input_precision,
+        ONE_K_STEP=config.block_k >= anchors.shape[1],
         num_warps=config.num_warps, num_stages=config.num_stages)
+    # Every slot is written by the merge kernel.
+    index = torch.empty((num_rows, k), dtype=torch.int64, device=device)
+    sim = torch.empty((num_rows, k), dtype=torch.float32, device=device)
+    valid = torch.empty((num_rows, k), dtype=torch.bool, device=device)
     block_w = triton.next_power_of_2(width)
     block_r = max(1, min(16, 4096 // block_w))
     _merge_kernel[(triton.cdiv(num_rows, block_r),)](
@@ -484,3 +522,5 @@ def _register_as_cuda_kernel():
 
 
 _CUDA_REGISTRATION = _register_as_cuda_kernel()  # keeps the registration alive for the life of the process
+# Whether this kernel serves the CUDA key (no compiled CUDA kernel was built): benchmarks label backends with it.
+SERVES_CUDA_DISPATCH = _CUDA_REGISTRATION is not None

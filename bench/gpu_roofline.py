@@ -1,0 +1,369 @@
+"""GPU roofline of fne_fast.sample_negatives: one call measures, checks and times everything (issue 3).
+
+    python bench/gpu_roofline.py --out DIR             # on a CUDA machine: all shapes, writes DIR/roofline.json
+    python bench/gpu_roofline.py --out DIR --dry-run   # CPU, Triton interpreter, tiny shapes: checks the script
+
+Steps: (1) the device's ceilings: a large device-to-device copy (bytes read + written) and a large bf16 matmul;
+(2) every GPU backend against the float64 oracle at a small size (exact inputs must give identical draws);
+(3) for each (B, N, D, bank dtype) of issue 3: the Triton kernel (default tiles, plus a small sweep), the compiled
+CUDA kernel when it was built, the eager oracle in float32, torch.compile of the oracle and the bare matmul
+``anchors @ bank.T``. Times are medians of CUDA-event timings; "extra MB" is the peak allocation above the inputs.
+GB/s counts reading the bank once; TFLOP/s counts 2·B·N·D. The table is printed as markdown (for
+bench/RESULTS.md) and everything goes to DIR/roofline.json, rewritten after each measurement so that a run cut
+short by a time limit still leaves its results. ``--budget-s`` skips what would start after that many seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+SHAPES = ((32, 8224, 768, "float32"), (128, 4 * 2**20, 256, "bfloat16"), (1024, 2**20, 768, "bfloat16"),
+          (128, 16 * 2**20, 128, "bfloat16"))
+DRY_RUN_SHAPES = ((8, 300, 24, "float32"), (16, 700, 32, "bfloat16"))
+ORACLE_BYTES_PER_PAIR = 96  # the oracle's B×N temporaries (float32 and int64 Philox limbs, sort outputs)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for roofline.json")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
+    parser.add_argument("--shapes", default=None, help="comma-separated indices into the shape list (default all)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the oracle")
+    parser.add_argument("--no-sweep", action="store_true", help="time the default Triton tiles only")
+    parser.add_argument("--budget-s", type=float, default=540.0, help="start nothing new after this many seconds")
+    return parser.parse_args()
+
+
+ARGS = parse_args()
+if ARGS.dry_run:
+    os.environ["TRITON_INTERPRET"] = "1"  # before fne_fast.kernels is imported
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+import fne_fast  # noqa: E402
+from fne_fast import reference  # noqa: E402
+from fne_fast.kernels import sample_negatives as triton_kernels  # noqa: E402
+
+START = time.perf_counter()
+DEVICE = torch.device("cpu" if ARGS.dry_run else "cuda")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def over_budget() -> bool:
+    return time.perf_counter() - START > ARGS.budget_s
+
+
+def synchronize():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn, target_s=1.0, min_reps=3, max_reps=25) -> float:
+    """Median milliseconds of fn() after one warm-up call (which also compiles)."""
+    fn()
+    synchronize()
+    times = []
+    reps = min_reps
+    while len(times) < reps:
+        if DEVICE.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+        if len(times) == 1:
+            reps = max(min_reps, min(max_reps, int(target_s * 1e3 / max(times[0], 1e-3))))
+    return statistics.median(times)
+
+
+def extra_memory_mb(fn) -> float | None:
+    """Peak bytes allocated by one call above what was allocated before it, in MB (CUDA only)."""
+    if DEVICE.type != "cuda":
+        return None
+    synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure_ceilings(results):
+    """Copy bandwidth (read + write) and bf16 matmul rate of this device."""
+    if DEVICE.type != "cuda":
+        results["ceilings"] = {"copy_GBps": None, "bf16_matmul_TFLOPs": None, "note": "dry run: no ceilings"}
+        return
+    numel = 2**30 // 2  # 1 GiB of bf16 per buffer
+    src = torch.empty(numel, dtype=torch.bfloat16, device=DEVICE).normal_()
+    dst = torch.empty_like(src)
+    copy_ms = time_call(lambda: dst.copy_(src), target_s=2.0)
+    del src, dst
+    size = 8192
+    a = torch.randn(size, size, dtype=torch.bfloat16, device=DEVICE)
+    b = torch.randn(size, size, dtype=torch.bfloat16, device=DEVICE)
+    matmul_ms = time_call(lambda: a @ b, target_s=2.0)
+    del a, b
+    torch.cuda.empty_cache()
+    results["ceilings"] = {"copy_GBps": 2 * numel * 2 / copy_ms / 1e6,
+                           "bf16_matmul_TFLOPs": 2 * size**3 / matmul_ms / 1e9}
+
+
+def make_inputs(num_rows, num_cols, dim, bank_dtype, *, exact=False, seed=0):
+    """Unit-norm random embeddings (or exact small-integer ones) built in chunks so the bank is the only big
+    allocation; stats put the cut-down threshold ~1.3σ above 0, so ~10% of the pairs survive it."""
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def embeddings(rows, dtype):
+        out = torch.empty(rows, dim, dtype=dtype, device=DEVICE)
+        for begin in range(0, rows, 2**20):
+            end = min(rows, begin + 2**20)
+            if exact:
+                chunk = torch.randint(-4, 5, (end - begin, dim), generator=generator, device=DEVICE) / 8.0
+            else:
+                chunk = torch.randn(end - begin, dim, generator=generator, device=DEVICE)
+                chunk = torch.nn.functional.normalize(chunk, dim=1)
+            out[begin:end] = chunk.to(dtype)
+        return out
+
+    cut = 1.28 / math.sqrt(dim)
+    return {
+        "anchors": embeddings(num_rows, torch.float32 if bank_dtype == torch.float32 else bank_dtype),
+        "bank": embeddings(num_cols, bank_dtype),
+        "positive_sim": 0.3 + 0.4 * torch.rand(num_rows, generator=generator, device=DEVICE),
+        "anchor_ids": torch.randint(0, max(num_cols // 4, 1), (num_rows,), generator=generator, device=DEVICE),
+        "bank_ids": torch.randint(0, max(num_cols // 4, 1), (num_cols,), generator=generator, device=DEVICE),
+        "stats": torch.tensor([cut + 0.2, 0.01, 0.0, 0.01, 500.0], device=DEVICE),
+    }
+
+
+OPTIONS = dict(k=1, mode="fne", seed=1234, step=3)
+
+
+def sweep_configs(num_rows, dim, bank_dtype):
+    """A few alternatives to the default tiles (only on a GPU; the interpreter has nothing to tune)."""
+    if ARGS.no_sweep or DEVICE.type != "cuda":
+        return {}
+    low = bank_dtype != torch.float32
+    default = triton_kernels.default_config(num_rows, dim, OPTIONS["k"], low, DEVICE)
+    configs = {}
+    for block_m, block_n, warps, stages in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 4)):
+        config = dataclasses.replace(default, block_m=min(block_m, default.block_m), block_n=block_n,
+                                     num_warps=warps, num_stages=stages)
+        if config != default:
+            configs[f"triton {config.block_m}x{block_n}x{config.block_k} w{warps} s{stages}"] = config
+    return configs
+
+
+def check_backends(results):
+    """Every GPU backend against the float64 oracle at a small size: exact inputs must give identical draws."""
+    checks = {}
+    backends = ["triton", "auto"] + (["cuda"] if DEVICE.type == "cuda" else [])
+    for bank_dtype in (torch.float32, torch.bfloat16):
+        inputs = make_inputs(48, 3000, 40, bank_dtype, exact=True, seed=7)
+        cpu_inputs = {name: tensor.cpu() for name, tensor in inputs.items()}
+        for mode in reference.MODES:
+            options = dict(OPTIONS, k=3, mode=mode, col_offset=2**32 - 1000)
+            expected = reference.sample_negatives_reference(*cpu_inputs.values(), dtype=torch.float64, **options)
+            for backend in backends:
+                if backend in ("auto", "cuda") and DEVICE.type != "cuda":
+                    continue
+                got = fne_fast.sample_negatives(*inputs.values(), backend=backend, **options)
+                same = all(torch.equal(a.cpu(), b) for a, b in zip((got[0], got[2]), (expected[0], expected[2])))
+                same = same and torch.allclose(got[1].cpu(), expected[1], rtol=0, atol=1e-6)
+                checks[f"{backend} {mode} {str(bank_dtype).replace('torch.', '')}"] = bool(same)
+    results["checks"] = checks
+    print("oracle checks:", "all identical" if all(checks.values()) else
+          f"MISMATCH in {[name for name, ok in checks.items() if not ok]}")
+
+
+def oracle_fits(num_rows, num_cols) -> bool:
+    free = torch.cuda.mem_get_info()[0] if DEVICE.type == "cuda" else float("inf")
+    return num_rows * num_cols * ORACLE_BYTES_PER_PAIR < 0.8 * free
+
+
+def recorder(entry, results, write):
+    """record(name, fn): times fn into entry["methods"][name], or notes why it was skipped."""
+    rows = entry["methods"]
+    bank_bytes = entry["N"] * entry["D"] * DTYPES[entry["bank_dtype"]].itemsize
+    flops = 2 * entry["B"] * entry["N"] * entry["D"]
+    ceilings = results["ceilings"]
+
+    def record(name, fn):
+        if over_budget():
+            rows[name] = {"skipped": "time budget"}
+            return
+        try:
+            ms = time_call(fn)
+            extra = extra_memory_mb(fn)
+        except torch.OutOfMemoryError:
+            rows[name] = {"skipped": "out of memory"}
+            torch.cuda.empty_cache()
+            return
+        row = {"ms": ms, "extra_MB": extra, "GBps": bank_bytes / ms / 1e6, "TFLOPs": flops / ms / 1e9}
+        if ceilings.get("copy_GBps"):
+            row["frac_copy_bw"] = row["GBps"] / ceilings["copy_GBps"]
+            row["frac_bf16_matmul"] = row["TFLOPs"] / ceilings["bf16_matmul_TFLOPs"]
+        rows[name] = row
+        print(f"  {name:<34} {ms:10.3f} ms", flush=True)
+        write()
+
+    return record
+
+
+def shape_entry(results, num_rows, num_cols, dim, dtype_name):
+    for entry in results["shapes"]:
+        if (entry["B"], entry["N"], entry["D"], entry["bank_dtype"]) == (num_rows, num_cols, dim, dtype_name):
+            return entry
+    entry = {"B": num_rows, "N": num_cols, "D": dim, "bank_dtype": dtype_name, "methods": {}}
+    results["shapes"].append(entry)
+    return entry
+
+
+def bench_pass(shape, stage, results, write):
+    """One stage for one shape. Stages run over all shapes in turn ("core", then "sweep", then "compile"), so a
+    time limit costs the optional rows first."""
+    num_rows, num_cols, dim, dtype_name = shape
+    bank_dtype = DTYPES[dtype_name]
+    entry = shape_entry(results, *shape)
+    record = recorder(entry, results, write)
+    fits = oracle_fits(num_rows, num_cols)
+    if over_budget() or (stage == "sweep" and not sweep_configs(num_rows, dim, bank_dtype)):
+        return
+    inputs = make_inputs(num_rows, num_cols, dim, bank_dtype, seed=1)
+    print(f"[{stage}] B={num_rows} N={num_cols} D={dim} {dtype_name}", flush=True)
+    if stage == "core":
+        record("triton", lambda: triton_kernels.sample_negatives_triton(*inputs.values(), check_finite=False,
+                                                                         **OPTIONS))
+        record("triton (check_finite)", lambda: fne_fast.sample_negatives(*inputs.values(), backend="triton",
+                                                                           **OPTIONS))
+        if DEVICE.type == "cuda" and not triton_kernels.SERVES_CUDA_DISPATCH:
+            record("cuda (compiled C++)", lambda: fne_fast.sample_negatives(*inputs.values(), backend="cuda",
+                                                                             check_finite=False, **OPTIONS))
+        record("bare matmul", lambda: inputs["anchors"].to(bank_dtype) @ inputs["bank"].T)
+        if fits:
+            record("eager oracle (float32)", lambda: reference.sample_negatives_reference(
+                *inputs.values(), dtype=torch.float32, **OPTIONS))
+        else:
+            entry["methods"]["eager oracle (float32)"] = {"skipped": "would not fit in memory"}
+    elif stage == "sweep":
+        for name, config in sweep_configs(num_rows, dim, bank_dtype).items():
+            record(name, lambda config=config: triton_kernels.sample_negatives_triton(
+                *inputs.values(), config=config, check_finite=False, **OPTIONS))
+    elif fits:
+        # The dry run only checks this path: inductor's CPU code generation of the oracle takes many minutes.
+        compiled = torch.compile(reference.sample_negatives_reference, dynamic=False,
+                                 backend="inductor" if DEVICE.type == "cuda" else "eager")
+        record("torch.compile(oracle)", lambda: compiled(*inputs.values(), dtype=torch.float32, **OPTIONS))
+    else:
+        entry["methods"]["torch.compile(oracle)"] = {"skipped": "would not fit in memory"}
+    del inputs
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def add_speedups(results):
+    for entry in results["shapes"]:
+        rows = entry["methods"]
+        best_triton = min((row["ms"] for name, row in rows.items() if name.startswith("triton") and "ms" in row),
+                          default=None)
+        oracle_ms = rows.get("eager oracle (float32)", {}).get("ms")
+        if best_triton and oracle_ms:
+            entry["speedup_vs_eager_oracle"] = oracle_ms / best_triton
+
+
+def acceptance(results):
+    """Issue 3's acceptance figures from the best Triton row of each shape."""
+    verdict = {}
+    for entry in results["shapes"]:
+        triton_rows = [row for name, row in entry["methods"].items() if name.startswith("triton") and "ms" in row]
+        if not triton_rows:
+            continue
+        best = min(triton_rows, key=lambda row: row["ms"])
+        shape = (entry["B"], entry["N"], entry["D"], entry["bank_dtype"])
+        if shape == (128, 4 * 2**20, 256, "bfloat16") and "frac_copy_bw" in best:
+            verdict["4M bf16: >= 75% of copy bandwidth"] = best["frac_copy_bw"] >= 0.75
+        if shape == (1024, 2**20, 768, "bfloat16") and "frac_bf16_matmul" in best:
+            verdict["1M x 1024 bf16: >= 50% of bf16 matmul"] = best["frac_bf16_matmul"] >= 0.5
+        if shape[1] == 16 * 2**20:
+            default = entry["methods"].get("triton", {})
+            if default.get("extra_MB") is not None:
+                verdict["16M: < 64 MB extra memory"] = default["extra_MB"] < 64
+        if "speedup_vs_eager_oracle" in entry:
+            verdict[f"{shape}: >= 5x eager oracle"] = entry["speedup_vs_eager_oracle"] >= 5
+    results["acceptance"] = verdict
+
+
+def markdown_table(results) -> str:
+    lines = ["| B | N | D | bank | method | ms | extra MB | GB/s | % copy BW | TFLOP/s | % bf16 matmul |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for entry in results["shapes"]:
+        shape = f"| {entry['B']} | {entry['N']} | {entry['D']} | {entry['bank_dtype']} "
+        for name, row in entry["methods"].items():
+            if "ms" not in row:
+                lines.append(f"{shape}| {name} | {row['skipped']} | | | | | |")
+                continue
+            fmt = lambda value, spec: "" if value is None else format(value, spec)  # noqa: E731
+            lines.append(f"{shape}| {name} | {row['ms']:.3f} | {fmt(row['extra_MB'], '.1f')} | {row['GBps']:.0f} | "
+                         f"{fmt(row.get('frac_copy_bw') and 100 * row['frac_copy_bw'], '.0f')} | "
+                         f"{row['TFLOPs']:.1f} | "
+                         f"{fmt(row.get('frac_bf16_matmul') and 100 * row['frac_bf16_matmul'], '.0f')} |")
+    return "\n".join(lines)
+
+
+def main():
+    os.makedirs(ARGS.out, exist_ok=True)
+    path = os.path.join(ARGS.out, "roofline.json")
+    results = {
+        "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu (Triton interpreter)",
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+                     "python": platform.python_version()},
+        "triton_serves_cuda_dispatch": triton_kernels.SERVES_CUDA_DISPATCH,
+        "options": OPTIONS,
+        "shapes": [],
+    }
+
+    def write():
+        with open(path, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+    measure_ceilings(results)
+    print("ceilings:", results["ceilings"], flush=True)
+    write()
+    check_backends(results)
+    write()
+    shapes = DRY_RUN_SHAPES if ARGS.dry_run else SHAPES
+    if ARGS.shapes:
+        shapes = [shapes[int(index)] for index in ARGS.shapes.split(",")]
+    stages = ["core", "sweep"] + ([] if ARGS.no_compile else ["compile"])
+    for stage in stages:
+        for shape in shapes:
+            bench_pass(shape, stage, results, write)
+    add_speedups(results)
+    if not ARGS.dry_run:
+        acceptance(results)
+    results["elapsed_s"] = time.perf_counter() - START
+    write()
+    print(f"\ndevice: {results['device']}, versions: {results['versions']}")
+    print(f"ceilings: {results['ceilings']}")
+    print(markdown_table(results))
+    print("acceptance:", json.dumps(results.get("acceptance", "not judged in a dry run"), indent=1))
+    print(f"wrote {path}")
+    return 0 if all(results["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
