@@ -75,6 +75,9 @@ def recall_curves(path: str, history: list[dict]) -> None:
                        ("i2t_group_r1", "C2-"), ("t2i_group_r1", "C3-")):
         if all(key in row for row in history):
             axis.plot(epochs, [row[key] for row in history], style, marker="o", label=key)
+    from matplotlib.ticker import MaxNLocator
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("epoch")
     axis.set_ylabel("recall (%)")
     axis.set_title("Test recall per epoch")

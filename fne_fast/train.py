@@ -90,9 +90,9 @@ def load_splits(config: TrainConfig) -> dict[str, FeatureSplit]:
             raise ValueError("dataset 'features' needs data_options['features_dir'] (--features-dir)")
         return {split: load_feature_arrays(directory, split) for split in SPLITS}
     from fne_fast.data import load_raw_split
-    from fne_fast.data.features import _Encoders, cached_feature_split
+    from fne_fast.data.features import LazyEncoders, cached_feature_split
 
-    encoders = _Encoders(config.image_size, config.device)
+    encoders = LazyEncoders(config.image_size, config.device)
     options = dict(config.data_options)
     if config.limit is not None:
         options["limit"] = config.limit

@@ -14,7 +14,7 @@ import torch
 
 from fne_fast.data import DatasetFormatError, FeatureSplit, RawSplit, group_ids
 
-__all__ = ["atomic_save", "default_cache_dir", "encode_split", "cached_feature_split", "load_feature_arrays"]
+__all__ = ["atomic_save", "default_cache_dir", "LazyEncoders", "encode_split", "cached_feature_split", "load_feature_arrays"]
 
 
 def atomic_save(obj, path: str) -> None:
@@ -67,7 +67,7 @@ def _encode_images(encoder, loaders, batch_size: int, description: str) -> torch
     return output
 
 
-class _Encoders:
+class LazyEncoders:
     """Loads each backbone on first use only: a fully cached run never imports transformers."""
 
     def __init__(self, image_size: int, device):
@@ -96,7 +96,7 @@ class _Encoders:
         return f"{image_side}+{text_encoder_version()}"
 
 
-def encode_split(raw: RawSplit, encoders: _Encoders, batch_size: int = 64) -> FeatureSplit:
+def encode_split(raw: RawSplit, encoders: LazyEncoders, batch_size: int = 64) -> FeatureSplit:
     """Features of a raw split from the frozen backbones."""
     if raw.image_modality == "text":
         image_features = _encode_texts(encoders.text, list(raw.images), 4 * batch_size,
@@ -109,9 +109,9 @@ def encode_split(raw: RawSplit, encoders: _Encoders, batch_size: int = 64) -> Fe
 
 
 def cached_feature_split(raw: RawSplit, *, cache_dir: str | None = None, image_size: int = 128,
-                         device: str = "cpu", encoders: _Encoders | None = None) -> FeatureSplit:
+                         device: str = "cpu", encoders: LazyEncoders | None = None) -> FeatureSplit:
     """The split's features from the cache, encoding and caching them on a miss."""
-    encoders = encoders or _Encoders(image_size, device)
+    encoders = encoders or LazyEncoders(image_size, device)
     cache_dir = cache_dir or default_cache_dir()
     name = f"{raw.dataset}-{raw.split}-{encoders.versions(raw.image_modality)}-{raw.fingerprint}.pt"
     path = os.path.join(cache_dir, name)

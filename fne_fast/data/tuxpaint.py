@@ -39,7 +39,10 @@ def load_stamp_image(path: str, size: int = 256):
         if path.endswith(".svg"):
             import cairosvg
 
-            image = Image.open(io.BytesIO(cairosvg.svg2png(url=path, output_width=size, output_height=size)))
+            # Some stamps (Inkscape exports) declare XML entities, which cairosvg refuses unless `unsafe`; the
+            # stamps are local files from a Debian package, not untrusted input.
+            png = cairosvg.svg2png(url=path, output_width=size, output_height=size, unsafe=True)
+            image = Image.open(io.BytesIO(png))
         else:
             image = Image.open(path)
             image.load()
