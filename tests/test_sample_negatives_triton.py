@@ -185,6 +185,16 @@ def test_column_words_that_cross_two_to_the_32():
         assert_same_draws(run_triton(inputs, **options), run_oracle(inputs, **options))
 
 
+def test_similarity_equal_to_the_cut_down_threshold_is_cut():
+    # μ⁺ - margin = 0.5 - 0.25 is exact, and exact inputs hit s = 0.25 often: "s <= threshold" is cut down.
+    inputs = inputs_on_device(24, 300, 4, exact=True, seed=8)
+    inputs["stats"][0] = 0.5
+    sims = inputs["anchors"].cpu().double() @ inputs["bank"].cpu().double().T
+    assert (sims == 0.25).sum() > 50
+    options = dict(k=4, mode="uniform", margin=0.25, seed=6)
+    assert_same_draws(run_triton(inputs, **options), run_oracle(inputs, **options))
+
+
 def test_seed_is_taken_modulo_two_to_the_64():
     inputs = inputs_on_device(16, 200, 8, exact=True)
     assert_same_draws(run_triton(inputs, seed=-1), run_oracle(inputs, seed=(1 << 64) - 1))
