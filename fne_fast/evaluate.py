@@ -92,12 +92,14 @@ def _mean_std(values: list[float]) -> str:
 
 
 def comparison_table(histories: dict[tuple[str, int], list[dict]], *, dataset: str, command: str) -> str:
-    """Samplers × seeds -> Markdown: mean ± std over seeds of the last epoch's rsum, group rsum, and the
-    false-negative rate and fallback rate of the last epoch's chosen negatives (in percent)."""
+    """Samplers × seeds -> Markdown: mean ± std over seeds of the last epoch's R@1, rsum, group rsum, and the
+    false-negative rate (all chosen negatives; those the sampler drew itself, without the fallbacks) and the
+    fallback rate of the last epoch's chosen negatives (in percent)."""
     samplers = list(dict.fromkeys(sampler for sampler, _ in histories))
     lines = [f"#### {dataset}", "", f"`{command}`", "",
-             "| sampler | seeds | R@1 i2t | R@1 t2i | rsum | group rsum | FN rate % | fallback % |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| sampler | seeds | R@1 i2t | R@1 t2i | rsum | group rsum | FN rate % | FN rate sampled % | "
+             "fallback % |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for sampler in samplers:
         lasts = [history[-1] for (name, _), history in histories.items() if name == sampler and history]
 
@@ -105,5 +107,6 @@ def comparison_table(histories: dict[tuple[str, int], list[dict]], *, dataset: s
             return _mean_std([row[key] * scale for row in lasts if row.get(key) is not None])
 
         lines.append(f"| {sampler} | {len(lasts)} | {column('i2t_r1')} | {column('t2i_r1')} | {column('rsum')} | "
-                     f"{column('group_rsum')} | {column('fn_rate', 100)} | {column('fallback_rate', 100)} |")
+                     f"{column('group_rsum')} | {column('fn_rate', 100)} | {column('fn_rate_sampled', 100)} | "
+                     f"{column('fallback_rate', 100)} |")
     return "\n".join(lines) + "\n"

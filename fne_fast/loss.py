@@ -21,7 +21,8 @@ __all__ = ["FNELoss", "SAMPLERS", "DIAGNOSTIC_KEYS"]
 
 SAMPLERS = ("fne", "hardest", "uniform", "inbatch-hardest")
 # Per-step sums, kept on the device; a trainer adds them up and divides once per epoch (no sync per step).
-DIAGNOSTIC_KEYS = ("slots", "fallback", "p_fn_sum", "p_fn_slots", "false_negatives", "group_slots")
+DIAGNOSTIC_KEYS = ("slots", "fallback", "p_fn_sum", "p_fn_slots", "false_negatives", "group_slots",
+                   "sampled_false_negatives", "sampled_group_slots")
 # Decorrelates the two directions' Gumbel noise, which would otherwise share (row, column, step) counters.
 _TEXT_TO_IMAGE_SEED_OFFSET = 0x9E3779B97F4A7C15
 
@@ -80,13 +81,14 @@ class FNELoss(nn.Module):
         hinge = (self.margin + negative_sim - positive_sim.unsqueeze(1)).clamp(min=0) * weight
         loss = (hinge.sum(dim=1) / weight.sum(dim=1).clamp(min=1)).mean()
 
+        fell_back = torch.zeros_like(valid)
         if self.sampler != "hardest" and self.op_options["cutdown"]:
             # A sampled negative always beats the cut-down (s > μ⁺ - margin); a fallback never does.
             fell_back = valid & (chosen_sim <= stats[0] - self.margin)
             diagnostics["fallback"] += fell_back.sum()
         chosen_ids = bank.ids[index.clamp(min=0)]
         _add_choice_diagnostics(diagnostics, chosen_sim, valid, ids, chosen_ids, stats, self.prior_k,
-                                self.min_count, group_of_id)
+                                self.min_count, group_of_id, sampled=valid & ~fell_back)
         return loss
 
     def _in_batch(self, image, text, ids, stats, group_of_id):
@@ -113,8 +115,9 @@ def _zero_diagnostics(device) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def _add_choice_diagnostics(diagnostics, chosen_sim, valid, anchor_ids, chosen_ids, stats, prior_k, min_count,
-                            group_of_id) -> None:
-    """Adds the sums behind the fallback, mean-P_fn and false-negative rates for chosen negatives [B, k]."""
+                            group_of_id, sampled=None) -> None:
+    """Adds the sums behind the fallback, mean-P_fn and false-negative rates for chosen negatives [B, k];
+    ``sampled`` marks the slots the sampler chose itself (not fallbacks), for the FN rate of those alone."""
     diagnostics["slots"] += valid.sum()
     active = bayes_active(stats, min_count)
     safe_stats = torch.where(active, stats, torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0], device=stats.device))
@@ -124,5 +127,9 @@ def _add_choice_diagnostics(diagnostics, chosen_sim, valid, anchor_ids, chosen_i
     if group_of_id is not None:
         anchor_group = group_of_id[anchor_ids].unsqueeze(1)
         chosen_group = group_of_id[chosen_ids.clamp(min=0)]
-        diagnostics["false_negatives"] += ((anchor_group == chosen_group) & valid).sum()
+        same_group = (anchor_group == chosen_group) & valid
+        diagnostics["false_negatives"] += same_group.sum()
         diagnostics["group_slots"] += valid.sum()
+        sampled = valid if sampled is None else sampled
+        diagnostics["sampled_false_negatives"] += (same_group & sampled).sum()
+        diagnostics["sampled_group_slots"] += sampled.sum()

@@ -208,6 +208,9 @@ def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, f
     return {"loss": totals["loss"] / num_batches,
             "fn_rate": (totals["false_negatives"] / totals["group_slots"]
                         if split.image_group is not None and totals["group_slots"] else None),
+            # The FN rate of the negatives the sampler drew itself, leaving out the hardest-negative fallbacks.
+            "fn_rate_sampled": (totals["sampled_false_negatives"] / totals["sampled_group_slots"]
+                                if split.image_group is not None and totals["sampled_group_slots"] else None),
             "fallback_rate": totals["fallback"] / totals["slots"] if totals["slots"] else 0.0,
             "mean_p_fn": totals["p_fn_sum"] / totals["p_fn_slots"] if totals["p_fn_slots"] else None,
             "warmup": warmup,

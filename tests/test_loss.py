@@ -122,8 +122,9 @@ def test_false_negative_rate_and_fallback_diagnostics():
     loss_module = FNELoss("fne")
     _set_stats(loss_module, mu_pos=2.0)
     _, diagnostics = loss_module(anchors, anchors, anchors, anchors, ids, image_bank=bank, text_bank=bank,
-                                 update_stats=False)
+                                 group_of_id=group_of_id, update_stats=False)
     assert diagnostics["fallback"].item() == diagnostics["slots"].item() == 4
+    assert diagnostics["group_slots"].item() == 4 and diagnostics["sampled_group_slots"].item() == 0
 
 
 def test_rejects_unknown_sampler_and_missing_banks():
