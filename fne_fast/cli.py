@@ -47,6 +47,8 @@ def _add_training_options(parser: argparse.ArgumentParser, *, single_run: bool) 
     parser.add_argument("--backend", default="auto", help="the op's backend: auto, cpu, cuda, triton, reference")
     parser.add_argument("--image-size", type=int, default=128, help="pixels fed to EfficientNet-Lite0")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many items per split")
+    parser.add_argument("--steps-per-epoch", type=int, default=None,
+                        help="cap on the batches of each epoch (default: one pass over the training pairs)")
     parser.add_argument("--cache-dir", default=None, help="feature cache (default: $FNE_FAST_CACHE or "
                                                           "~/.cache/fne_fast)")
     parser.add_argument("--data-root", default=None, help="tuxpaint: stamps directory; wordnet: dict directory")
@@ -88,6 +90,7 @@ def config_from_args(args, **overrides):
                   out=args.out, margin=args.margin, tau=args.tau, prior_k=args.prior_k, fn_margin=args.fn_margin,
                   min_count=args.min_count, stats_momentum=args.stats_momentum, momentum=args.momentum,
                   bank_dtype=args.bank_dtype, backend=args.backend, image_size=args.image_size, limit=args.limit,
+                  steps_per_epoch=args.steps_per_epoch,
                   data_options=_data_options(args), cache_dir=args.cache_dir, plots=not args.no_plots,
                   quiet=args.quiet)
     values.update(overrides)

@@ -61,6 +61,7 @@ class TrainConfig:
     backend: str = "auto"
     image_size: int = 128
     limit: int | None = None
+    steps_per_epoch: int | None = None
     data_options: dict = field(default_factory=dict)
     cache_dir: str | None = None
     plots: bool = True
@@ -73,6 +74,8 @@ class TrainConfig:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.bank_dtype not in _BANK_DTYPES:
             raise ValueError(f"bank_dtype must be one of {tuple(_BANK_DTYPES)}, got {self.bank_dtype!r}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be None or >= 1, got {self.steps_per_epoch}")
         for name in ("bank_size", "k", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -163,10 +166,10 @@ def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, f
     order = torch.randperm(split.text_features.shape[0], generator=shuffle)
     group_of_id = split.image_group.to(device) if split.image_group is not None else None
     sums = {key: torch.zeros((), dtype=torch.float64, device=device) for key in (*DIAGNOSTIC_KEYS, "loss")}
-    num_batches = math.ceil(order.numel() / config.batch_size)
+    num_batches = _steps_per_epoch(config, order.numel())
     from tqdm import tqdm
 
-    bar = tqdm(order.split(config.batch_size), total=num_batches, desc=f"epoch {epoch}", unit="step",
+    bar = tqdm(order.split(config.batch_size)[:num_batches], total=num_batches, desc=f"epoch {epoch}", unit="step",
                disable=config.quiet, leave=False)
     for batch_number, captions in enumerate(bar):
         ids = split.caption_image[captions].to(device)
@@ -217,6 +220,13 @@ def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, f
             "stats": dict(zip(("mu_pos", "var_pos", "mu_neg", "var_neg", "n_pos"), stats))}
 
 
+def _steps_per_epoch(config: TrainConfig, num_pairs: int) -> int:
+    """Batches in an epoch: all of them, or the first ``steps_per_epoch`` of the epoch's shuffle (short runs
+    and timing runs over a large data set)."""
+    num_batches = math.ceil(num_pairs / config.batch_size)
+    return num_batches if config.steps_per_epoch is None else min(num_batches, config.steps_per_epoch)
+
+
 def _evaluate(run: _Run, split: FeatureSplit) -> dict:
     image, text = embed_split(run.heads, split, torch.device(run.config.device))
     return retrieval_metrics(image, text, split.caption_image, split.image_group)
@@ -250,7 +260,7 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None) ->
         atomic_save(run.state_dict(), checkpoint_path)
         _write_jsonl(metrics_path, run.history)
         timing["epoch_seconds"] = time.perf_counter() - started
-        timing["steps"] = math.ceil(splits["train"].text_features.shape[0] / config.batch_size)
+        timing["steps"] = _steps_per_epoch(config, splits["train"].text_features.shape[0])
         timings.append({"epoch": epoch, **timing})
         _write_jsonl(timing_path, timings)
         if not config.quiet:

@@ -116,3 +116,11 @@ def test_cli_train_and_eval_on_feature_arrays(tmp_path, splits, capsys):
     assert main(["eval", "--checkpoint", str(out / CHECKPOINT_NAME)]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["rsum"] == pytest.approx(_read(out / METRICS_NAME)[-1]["rsum"])
+
+
+def test_steps_per_epoch_caps_each_epoch(tmp_path, splits):
+    train(_config(tmp_path, epochs=2, steps_per_epoch=3), splits)
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["step"] == 2 * 3
+    timing = _read(tmp_path / "timing.jsonl")
+    assert [row["steps"] for row in timing] == [3, 3]
+    assert {"heads", "sampling_and_loss", "bank_update", "statistics", "epoch_seconds"} <= timing[0].keys()
