@@ -170,7 +170,7 @@ def _store_list(key_ptr, idx_ptr, sim_ptr, list_key, list_idx, list_sim, rows, r
     tl.store(sim_ptr + offsets, list_sim, mask=mask)
 
 
-@triton.jit(do_not_specialize=["num_rows", "live_cols", "dim", "cols_per_split", "col_offset", "row_offset",
+@triton.jit(do_not_specialize=["num_rows", "live_cols", "cols_per_split", "col_offset", "row_offset",
                                "step", "seed_lo", "seed_hi"])
 def _sample_negatives_kernel(
         anchors_ptr, bank_ptr, positive_ptr, anchor_ids_ptr, bank_ids_ptr, stats_ptr,
@@ -305,8 +305,8 @@ def _sample_negatives_kernel(
                     dp = s - mu_pos
                     dn = s - mu_neg
                     z = z_offset - dp * dp * half_inv_var_pos + dn * dn * half_inv_var_neg
-                    d = s - positive[:, None]
-                    weight = tl.where(z > bayes_threshold, -tau / (1.0 + tl.exp(-z)), -tau * d * d)
+                    dpos = s - positive[:, None]
+                    weight = tl.where(z > bayes_threshold, -tau / (1.0 + tl.exp(-z)), -tau * dpos * dpos)
                     key = weight + key
                 race_key, race_idx, race_sim = _insert_tile(_pack(key, candidates, BLOCK_N), s, race_key, race_idx,
                                                             race_sim, global_base, K, BLOCK_N, False)
