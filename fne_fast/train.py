@@ -158,6 +158,14 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
     os.replace(temporary, path)
 
 
+def _clock(device: torch.device) -> float:
+    """Wall time for the per-step breakdown; on a GPU it waits for queued kernels first, so each section is
+    charged its own work (this synchronisation is the price of the breakdown)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, float]) -> dict:
     config, device = run.config, torch.device(run.config.device)
     warmup = epoch < config.warmup_epochs
@@ -176,23 +184,23 @@ def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, f
         image_features = split.image_features[split.caption_image[captions]].to(device)
         text_features = split.text_features[captions].to(device)
 
-        started = time.perf_counter()
+        started = _clock(device)
         image, text, image_key, text_key = run.heads(image_features, text_features)
-        heads_forward = time.perf_counter()
+        heads_forward = _clock(device)
         run.image_bank.enqueue(image_key, ids)
         run.text_bank.enqueue(text_key, ids)
-        enqueued = time.perf_counter()
+        enqueued = _clock(device)
         run.criterion.stats.update(image.detach() @ text.detach().T)
-        stats_updated = time.perf_counter()
+        stats_updated = _clock(device)
         loss, diagnostics = run.criterion(image, text, image_key, text_key, ids, image_bank=run.image_bank,
                                           text_bank=run.text_bank, step=run.step, warmup=warmup,
                                           group_of_id=group_of_id, update_stats=False)
-        sampled = time.perf_counter()
+        sampled = _clock(device)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
         run.heads.update_momentum()
-        finished = time.perf_counter()
+        finished = _clock(device)
 
         timing["heads"] += (heads_forward - started) + (finished - sampled)
         timing["bank_update"] += enqueued - heads_forward
@@ -202,7 +210,7 @@ def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, f
         sums["loss"] += loss.detach()
         for key in DIAGNOSTIC_KEYS:
             sums[key] += diagnostics[key]
-        if batch_number % 20 == 0:
+        if not config.quiet and batch_number % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
 
@@ -249,7 +257,7 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None) ->
     _write_jsonl(metrics_path, run.history)
     timings = _read_jsonl(timing_path)[:run.next_epoch] if config.resume else []
     for epoch in range(run.next_epoch, config.epochs):
-        started = time.perf_counter()
+        started = _clock(device)
         timing = dict.fromkeys(("heads", "sampling_and_loss", "bank_update", "statistics"), 0.0)
         row = {"epoch": epoch, "sampler": config.sampler, "seed": config.seed}
         row.update(_train_epoch(run, splits["train"], epoch, timing))
