@@ -257,7 +257,7 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None) ->
     _write_jsonl(metrics_path, run.history)
     timings = _read_jsonl(timing_path)[:run.next_epoch] if config.resume else []
     for epoch in range(run.next_epoch, config.epochs):
-        started = _clock(device)
+        started = time.perf_counter()
         timing = dict.fromkeys(("heads", "sampling_and_loss", "bank_update", "statistics"), 0.0)
         row = {"epoch": epoch, "sampler": config.sampler, "seed": config.seed}
         row.update(_train_epoch(run, splits["train"], epoch, timing))
