@@ -7,8 +7,10 @@ tests run the compiled kernels, and the tests marked "gpu" add large sizes.
 
 from __future__ import annotations
 
-import math
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -279,6 +281,11 @@ def test_non_finite_inputs_raise_unless_unchecked(name):
 
 def test_registered_for_the_cuda_dispatch_key():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fne_fast::sample_negatives", "CUDA")
+    # The function behind the CUDA key takes the schema's positional arguments and its signed 64-bit seed.
+    inputs = inputs_on_device(10, 120, 8, exact=True, seed=3)
+    schema_args = (2, "fne", 0.2, 4.0, 10000.0, 0.999, 200, True, -1, 5, 3, 7, 100, True)
+    expected = run_oracle(inputs, k=2, tau=4.0, seed=(1 << 64) - 1, step=5, row_offset=3, col_offset=7, filled=100)
+    assert_same_draws(triton_kernels._sample_negatives_op(*inputs.values(), *schema_args), expected)
 
 
 # --- distribution -------------------------------------------------------------------------------------------------
@@ -330,6 +337,71 @@ def test_sampled_frequencies_follow_the_weights():
     assert chi_square_p_value(counts, probabilities) > 1e-3
     # The same test rejects a deliberately wrong weighting (the weights of tau / 2).
     assert chi_square_p_value(counts, expected_probabilities(inputs, tau / 2)) < 1e-6
+
+
+# --- compiled code generation, checked without a GPU ------------------------------------------------------------
+
+# Compiles the kernels for Hopper and Ampere (Triton's bundled ptxas), in a subprocess because this process runs
+# the interpreter. The interpreter executes Python, so code that only the compiler rejects (a loop-carried
+# variable changing type, a branch yielding different shapes) would otherwise reach the GPU untested.
+COMPILE_SCRIPT = textwrap.dedent("""
+    import sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import fne_fast.kernels.sample_negatives as kernels
+
+    def signature(fn, pointers, floats, ints64, constants):
+        names = fn.arg_names
+        types = {}
+        for name in names:
+            if name in constants:
+                types[name] = "constexpr"
+            elif name in pointers:
+                types[name] = "*" + pointers[name]
+            else:
+                types[name] = "fp32" if name in floats else "i64" if name in ints64 else "i32"
+        aligned = [name for name in names if types[name].startswith("*") or name in ("stride_am", "stride_bn", "dim")]
+        attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+        return ASTSource(fn, types, constexprs=constants, attrs=attrs)
+
+    def main_kernel(k, mode, bank, anchors, block_k, one_step, dot_fp32):
+        pointers = dict(anchors_ptr=anchors, bank_ptr=bank, positive_ptr="fp32", anchor_ids_ptr="i64",
+                        bank_ids_ptr="i64", stats_ptr="fp32", race_key_ptr="i32", race_idx_ptr="i64",
+                        race_sim_ptr="fp32", hard_key_ptr="i32", hard_idx_ptr="i64", hard_sim_ptr="fp32",
+                        flag_ptr="i32")
+        constants = dict(K=k, KP=triton.next_power_of_2(k), BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k,
+                         HAS_RACE=mode != "hardest", HAS_WEIGHTS=mode == "fne", HAS_CUTDOWN=mode != "hardest",
+                         CHECK_FINITE=True, DOT_FP32=dot_fp32, INPUT_PRECISION="tf32", ONE_K_STEP=one_step,
+                         stride_ad=1, stride_bd=1)
+        floats = ("margin", "tau", "min_count", "log_prior", "z_threshold")
+        return signature(kernels._sample_negatives_kernel, pointers, floats, ("col_offset",), constants)
+
+    def merge_kernel(k, has_race):
+        pointers = dict(race_key_ptr="i32", race_idx_ptr="i64", race_sim_ptr="fp32", hard_key_ptr="i32",
+                        hard_idx_ptr="i64", hard_sim_ptr="fp32", index_ptr="i64", sim_ptr="fp32", valid_ptr="i1")
+        constants = dict(K=k, BLOCK_R=16, BLOCK_W=64, HAS_RACE=has_race)
+        return signature(kernels._merge_kernel, pointers, (), (), constants)
+
+    arch = int(sys.argv[1])
+    sources = [main_kernel(1, "fne", "bf16", "bf16", 128, True, False),
+               main_kernel(3, "uniform", "bf16", "fp32", 32, False, True),
+               main_kernel(6, "fne", "fp32", "fp32", 32, False, True),
+               main_kernel(2, "hardest", "fp16", "fp16", 64, False, False),
+               merge_kernel(3, True), merge_kernel(2, False)]
+    for source in sources:
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+        assert compiled.asm["cubin"], source.name
+    print("compiled", len(sources))
+""")
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_kernels_compile_for_gpus(arch):
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, str(arch)], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0 and "compiled 6" in result.stdout, result.stderr[-3000:]
 
 
 # --- large sizes on a GPU -----------------------------------------------------------------------------------------
