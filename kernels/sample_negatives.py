@@ -11,8 +11,8 @@ exactly (keys, then the lower global index on ties) and writes the output slots.
 
 Why it is cheap after the first few tiles. Log-weights are <= 0, so a pair can enter a full race list only if its
 Gumbel noise alone beats the list's k-th key T; G decreases in the Philox word, which turns that into an integer
-bound per row. Tiles where no pair passes the bound (most of them, once a row has seen a few thousand
-candidates) skip the logarithms, the weights and the top-k update; the hardest list is skipped the same way with
+bound per row. Tiles where no pair passes the bound (most of them, once each row has seen many times more
+candidates than a tile holds) skip the logarithms, the weights and the top-k update; the hardest list is skipped the same way with
 one float max per row. Only the Philox words are computed for every pair. The Philox rounds are written out here
 (not ``tl.philox``) because the counter is (column, column >> 32, row, step): the first two rounds' products then
 depend on the row or on the column only, and broadcasting computes them once per row or column.
@@ -57,7 +57,7 @@ PAD_KEY = tl.constexpr(2**31 - 1)  # list slots >= k: never the worst entry, nev
 NO_CANDIDATE = tl.constexpr(-(2**63))
 FLOAT_MAX = tl.constexpr(3.4028234663852886e38)
 
-_MODES = {"fne": 0, "hardest": 1, "uniform": 2}
+MAX_MERGE_WIDTH = 2048  # partial entries per row that the merge kernel holds at once
 
 
 @triton.jit
@@ -233,8 +233,8 @@ def _sample_negatives_kernel(
     race_sim = tl.zeros([BLOCK_M, KP], dtype=tl.float32)
 
     if ONE_K_STEP:
-        # The whole embedding fits one step: the anchor tile stays in registers for the whole split, and the
-        # tile loop itself is the loop that the compiler software-pipelines (bank loads run ahead of the epilogue).
+        # The whole embedding fits one step: the anchor tile stays on chip for the whole split, and the tile loop
+        # itself is the loop that the compiler software-pipelines (bank loads run ahead of the epilogue).
         anchor_tile = tl.load(anchors_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ad,
                               mask=row_ok[:, None] & (offs_k < dim)[None, :], other=0.0)
         if DOT_FP32:
@@ -284,7 +284,8 @@ def _sample_negatives_kernel(
             if HAS_CUTDOWN:
                 survives = survives & (s > cut)
             # Largest Philox word whose noise can still beat the row's k-th key T: G(x) > T needs
-            # v < 1 - exp(-e^-T) <= e^-T; the slack covers float32 rounding of G and of the bound.
+            # v < 1 - exp(-e^-T) <= e^-T. The slack (factor 1.001: 2³² · 1.001 = 4299262263, plus 64 words)
+            # covers float32 rounding of G, of the key and of the bound.
             race_worst = tl.min(race_key, axis=1)
             threshold = tl.where(race_worst == EMPTY_KEY, -float("inf"), _from_ordered(race_worst))
             bound = tl.minimum(tl.exp(-threshold) * 4299262263.0 + 64.0, 4294967295.0)
@@ -322,7 +323,7 @@ def _sample_negatives_kernel(
 
 @triton.jit
 def _best_of(key, idx, sim):
-    """Per row: the best (key, index, sim) of a partial list (ties to the lower index) and the hit mask."""
+    """Per row: the best (key, index, sim) of the merged partial lists, ties to the lower index."""
     best = tl.max(key, axis=1)
     best_idx = tl.min(tl.where(key == best[:, None], idx, 2**63 - 1), axis=1)
     hit = (key == best[:, None]) & (idx == best_idx[:, None])
@@ -400,14 +401,16 @@ def default_config(num_rows: int, dim: int, k: int, low_precision: bool, device:
     return TritonConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=3)
 
 
-def _num_splits(config: TritonConfig, row_blocks: int, tiles: int, device: torch.device) -> int:
+def _num_splits(config: TritonConfig, row_blocks: int, tiles: int, k: int, device: torch.device) -> int:
+    """Enough programs to fill the device, at most one per tile, and few enough that the merge kernel's row of
+    splits · k partial entries stays a register-sized block."""
     if config.num_splits is not None:
-        return max(1, min(config.num_splits, tiles))
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = config.num_splits
+    elif device.type == "cuda":
+        wanted = -(-4 * torch.cuda.get_device_properties(device).multi_processor_count // row_blocks)
     else:
-        target = 3
-    return max(1, min(tiles, -(-target // row_blocks)))
+        wanted = 3
+    return max(1, min(wanted, tiles, MAX_MERGE_WIDTH // triton.next_power_of_2(k)))
 
 
 def _check_finite_host(tensors: dict) -> None:
@@ -445,7 +448,7 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
     kp = triton.next_power_of_2(k)
     row_blocks = triton.cdiv(num_rows, config.block_m)
     tiles = triton.cdiv(filled, config.block_n)
-    splits = _num_splits(config, row_blocks, tiles, device)
+    splits = _num_splits(config, row_blocks, tiles, k, device)
     cols_per_split = triton.cdiv(tiles, splits) * config.block_n
     splits = triton.cdiv(filled, cols_per_split)  # no split without columns
     width = splits * k
