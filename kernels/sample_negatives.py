@@ -13,9 +13,10 @@ Why it is cheap after the first few tiles. Log-weights are <= 0, so a pair can e
 Gumbel noise alone beats the list's k-th key T; G decreases in the Philox word, which turns that into an integer
 bound per row. Tiles where no pair passes the bound (most of them, once each row has seen many times more
 candidates than a tile holds) skip the logarithms, the weights and the top-k update; the hardest list is skipped
-the same way with one float max per row. Only the Philox words are computed for every pair. The Philox rounds are written out here
-(not ``tl.philox``) because the counter is (column, column >> 32, row, step): the first two rounds' products then
-depend on the row or on the column only, and broadcasting computes them once per row or column.
+the same way with one float max per row. Only the Philox words are computed for every pair. The Philox rounds
+are written out here (not ``tl.philox``) because the counter is (column, column >> 32, row, step): the first two
+rounds' products then depend on the row or on the column only, and broadcasting computes them once per row or
+column.
 
 Random numbers follow DESIGN.md §2 bit for bit (counter = (global column lo, hi, row_offset + i, step), key =
 seed). The epilogue float math mirrors csrc/fne_math.h with two deliberate substitutes, both within a few float32
