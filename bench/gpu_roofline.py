@@ -267,6 +267,11 @@ def bench_pass(shape, stage, results, write):
         for name, config in sweep_configs(num_rows, dim, bank_dtype).items():
             record(name, lambda config=config: triton_kernels.sample_negatives_triton(
                 *inputs.values(), config=config, check_finite=False, **OPTIONS))
+        # Where the time goes: mode "hardest" draws no random numbers (similarities + top-k only), "uniform"
+        # draws them but computes no weights. Labelled "diag" so that no acceptance figure picks them.
+        for mode in ("hardest", "uniform"):
+            record(f"diag: triton mode={mode}", lambda mode=mode: triton_kernels.sample_negatives_triton(
+                *inputs.values(), check_finite=False, **dict(OPTIONS, mode=mode)))
     elif fits:
         # The dry run only checks this path: inductor's CPU code generation of the oracle takes many minutes.
         compiled = torch.compile(reference.sample_negatives_reference, dynamic=False,
@@ -287,6 +292,9 @@ def add_speedups(results):
         oracle_ms = rows.get("eager oracle (float32)", {}).get("ms")
         if best_triton and oracle_ms:
             entry["speedup_vs_eager_oracle"] = oracle_ms / best_triton
+        compiled_ms = rows.get("cuda (compiled C++)", {}).get("ms")
+        if best_triton and compiled_ms:  # evidence for the backend="auto" rule on CUDA
+            entry["faster_gpu_backend"] = "triton" if best_triton < compiled_ms else "cuda"
 
 
 def acceptance(results):
