@@ -161,14 +161,16 @@ def sweep_configs(num_rows, dim, bank_dtype):
         return {}
     low = bank_dtype != torch.float32
     default = triton_kernels.default_config(num_rows, dim, OPTIONS["k"], low, DEVICE)
-    shapes = (((64, 32, 4, 3),) if DEVICE.type != "cuda" else
-              ((64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3)))
+    shapes = (((64, 32, 4, 3, None),) if DEVICE.type != "cuda" else
+              ((64, 64, 4, 3, None), (64, 64, 4, 3, 168), (64, 32, 4, 3, 168), (128, 32, 4, 3, None),
+               (128, 64, 8, 3, None), (128, 128, 8, 3, None)))
     configs = {}
-    for block_m, block_n, warps, stages in shapes:
+    for block_m, block_n, warps, stages, maxnreg in shapes:
         config = dataclasses.replace(default, block_m=min(block_m, default.block_m), block_n=block_n,
-                                     num_warps=warps, num_stages=stages)
+                                     num_warps=warps, num_stages=stages, maxnreg=maxnreg)
         if config != default:
-            configs[f"triton {config.block_m}x{block_n}x{config.block_k} w{warps} s{stages}"] = config
+            name = f"triton {config.block_m}x{block_n}x{config.block_k} w{warps} s{stages}"
+            configs[name + (f" r{maxnreg}" if maxnreg else "")] = config
     return configs
 
 

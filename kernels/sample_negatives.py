@@ -83,7 +83,8 @@ def _gumbel_from_bits(x):
     """G = -log(E), E = -log(1 - v), v = (x + ½) 2⁻³² (csrc/fne_math.h gumbel_from_bits) for uint32 words x."""
     low = x < 0x80000000
     # f is v for low words and the exactly formed 1 - v for high ones, as in the C++ kernel.
-    f = (tl.where(low, x, ~x).to(tl.float32) + 0.5) * 2.3283064365386963e-10
+    # x ^ 0xFFFFFFFF is ~x (which the interpreter of Triton 3.6 rejects for uint32).
+    f = (tl.where(low, x, x ^ 0xFFFFFFFF).to(tl.float32) + 0.5) * 2.3283064365386963e-10
     # -log(1 - v) = v + v²/2 + ... ; seven terms are exact to float32 for v < 2⁻⁴ (the rest is below v⁸).
     series = f * (1.0 + f * (0.5 + f * (0.33333334 + f * (0.25 + f * (0.2 + f * (0.16666667 + f * 0.14285715))))))
     exponential = tl.where(x < 0x10000000, series, -tl.log(tl.where(low, 1.0 - f, f)))
@@ -378,6 +379,9 @@ class TritonConfig:
     num_stages: int = 3
     num_splits: int | None = None
     input_precision: str = "tf32"
+    # Register cap per thread (ptxas otherwise takes up to 255 for the epilogue, one or two programs per SM);
+    # 168 lets three 4-warp programs share an SM without spilling at 64x64 tiles (ptxas -v, sm_90).
+    maxnreg: int | None = None
 
 
 def is_interpreted() -> bool:
@@ -482,7 +486,8 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
         CHECK_FINITE=bool(check_finite), DOT_FP32=dot_fp32,
         INPUT_PRECISION="ieee" if interpreted else config.input_precision,
         ONE_K_STEP=config.block_k >= anchors.shape[1],
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages,
+        **({} if interpreted or config.maxnreg is None else {"maxnreg": config.maxnreg}))
     # Every slot is written by the merge kernel.
     index = torch.empty((num_rows, k), dtype=torch.int64, device=device)
     sim = torch.empty((num_rows, k), dtype=torch.float32, device=device)
