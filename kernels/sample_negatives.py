@@ -463,8 +463,7 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
     hard_idx = torch.empty((num_rows, width), dtype=torch.int64, device=device)
     hard_sim = torch.empty((num_rows, width), dtype=torch.float32, device=device)
     if has_race:
-        race_key, race_idx, race_sim = torch.empty_like(hard_key), torch.empty_like(hard_idx), torch.empty_like(
-            hard_sim)
+        race_key, race_idx, race_sim = (torch.empty_like(partial) for partial in (hard_key, hard_idx, hard_sim))
     else:  # never read or written: the HAS_RACE branches are compiled out
         race_key, race_idx, race_sim = hard_key, hard_idx, hard_sim
     flags = torch.empty(row_blocks * splits if check_finite else 1, dtype=torch.int32, device=device)
