@@ -82,6 +82,17 @@ FNE_HOST_DEVICE float gumbel_from_bits(uint32_t x) {
   return -std::log(exponential);
 }
 
+// Largest Philox word whose Gumbel noise can still reach `threshold`, with slack for the float32 rounding of
+// the noise and of the key: G(x) > T  <=>  E < e^-T  <=>  v < 1 - exp(-e^-T). Log-weights are <= 0, so a word
+// above this bound cannot give a key that beats T: the kernels skip the logarithms and the weight for it.
+FNE_HOST_DEVICE uint32_t gumbel_bits_limit(float threshold) {
+  constexpr uint32_t kAllWords = 0xFFFFFFFFu;
+  if (!(threshold > -INFINITY)) return kAllWords;
+  const double v = -std::expm1(-std::exp(-static_cast<double>(threshold)));
+  const double bound = v * 4294967296.0 * (1.0 + 1e-4) + 64.0;
+  return bound >= 4294967295.0 ? kAllWords : static_cast<uint32_t>(bound);
+}
+
 // Total order of candidates: larger key first, ties to the lower global index (DESIGN.md §2).
 FNE_HOST_DEVICE bool ranks_before(float key_a, int64_t index_a, float key_b, int64_t index_b) {
   return key_a > key_b || (key_a == key_b && index_a < index_b);

@@ -91,15 +91,6 @@ struct RowLists {
   }
 };
 
-// Largest Philox word whose Gumbel noise can still reach `threshold` (with slack for float32 rounding of G and
-// of the key): G(x) > T  <=>  E < e^-T  <=>  v < 1 - exp(-e^-T).
-uint32_t gumbel_bits_limit(float threshold) {
-  if (!(threshold > kNegInf)) return std::numeric_limits<uint32_t>::max();
-  const double v = -std::expm1(-std::exp(-static_cast<double>(threshold)));
-  const double bound = v * 4294967296.0 * (1.0 + 1e-4) + 64.0;
-  return bound >= 4294967295.0 ? std::numeric_limits<uint32_t>::max() : static_cast<uint32_t>(bound);
-}
-
 struct RowContext {
   const float* sims;          // similarities of this row to the tile's columns
   const int64_t* bank_ids;    // ids of the tile's columns

@@ -103,16 +103,6 @@ struct SharedList {
   uint32_t gumbel_limit;  // Philox words above it give noise too small to enter (race list; see below)
 };
 
-// Largest Philox word whose Gumbel noise can still reach `threshold`, with slack for the float32 rounding of the
-// noise and the key: G(x) > T  <=>  E < e^-T  <=>  v < 1 - exp(-e^-T). The same bound as the CPU kernel's.
-// Log-weights are <= 0 (fne_math.h), so a word above it cannot give a key that beats T.
-__device__ uint32_t gumbel_bits_limit(float threshold) {
-  if (!(threshold > -INFINITY)) return UINT32_MAX;
-  const double v = -expm1(-exp(-static_cast<double>(threshold)));
-  const double bound = v * 4294967296.0 * (1.0 + 1e-4) + 64.0;
-  return bound >= 4294967295.0 ? UINT32_MAX : static_cast<uint32_t>(bound);
-}
-
 // The key a candidate must exceed to be admitted: the larger of the floor and, once full, the list's k-th key.
 __device__ float admission_key(const SharedList& list, const Entry* kth) {
   const float floor_key = list.has_floor ? list.floor.key : -INFINITY;

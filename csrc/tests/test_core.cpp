@@ -65,6 +65,24 @@ void test_gumbel_accuracy() {
   expect(decreasing, "G decreases with the Philox word (the CPU kernel's early rejection relies on it)");
 }
 
+void test_gumbel_bits_limit() {
+  // Words above the limit must give noise below the threshold (the early rejection may never drop a winner),
+  // and the limit must not be loose by more than its documented slack.
+  const float thresholds[] = {-3.f, -1.f, 0.f, 0.5f, 2.f, 5.f, 10.f, 15.f, 20.f};
+  for (float threshold : thresholds) {
+    const uint32_t limit = fne_fast::gumbel_bits_limit(threshold);
+    bool sound = true;
+    for (uint64_t x = uint64_t{limit} + 1; x <= 0xffffffffull && x < uint64_t{limit} + 4096; ++x) {
+      sound &= fne_fast::gumbel_from_bits(static_cast<uint32_t>(x)) < threshold;
+    }
+    expect(sound, "gumbel_bits_limit never rejects a word whose noise reaches the threshold");
+    const double exact_limit = -std::expm1(-std::exp(-static_cast<double>(threshold))) * std::ldexp(1.0, 32);
+    expect(limit == 0xffffffffu || limit <= exact_limit * 1.001 + 64.0,
+           "gumbel_bits_limit admits at most 0.1% + 64 words more than needed");
+  }
+  expect(fne_fast::gumbel_bits_limit(-INFINITY) == 0xffffffffu, "no threshold admits every word");
+}
+
 void test_log_weight() {
   const float stats[5] = {0.3f, 0.04f, 0.0f, 0.05f, 500.0f};
   const double tau = 2.0, prior_k = 10000.0, fn_margin = 0.999;
@@ -104,6 +122,7 @@ void test_order() {
 int main() {
   test_philox_known_answers();
   test_gumbel_accuracy();
+  test_gumbel_bits_limit();
   test_log_weight();
   test_order();
   if (failures == 0) std::printf("all core tests passed\n");
