@@ -11,7 +11,7 @@ fi
 # --no-build-isolation: compile against the torch installed above, not a fresh one in an isolated environment.
 python -m pip install --quiet "setuptools>=64" wheel ninja
 python -m pip install --quiet --no-build-isolation -e ".[test]"
-if [ -x scripts/setup_data.sh ]; then
+if [ -f scripts/setup_data.sh ]; then
   bash scripts/setup_data.sh
 fi
 python -c "import fne_fast, torch; print(f'fne_fast {fne_fast.__version__} ready (torch {torch.__version__})')"
