@@ -1,6 +1,7 @@
 """GPU roofline of fne_fast.sample_negatives: one call measures, checks and times everything (issue 3).
 
-    python bench/gpu_roofline.py --out DIR             # on a CUDA machine: all shapes, writes DIR/roofline.json
+    python bench/gpu_roofline.py --build --out DIR     # fresh CUDA machine: build in place, then everything
+    python bench/gpu_roofline.py --out DIR             # fne_fast already built or installed
     python bench/gpu_roofline.py --out DIR --dry-run   # CPU, Triton interpreter, tiny shapes: checks the script
 
 Steps: (1) the device's ceilings: a large device-to-device copy (bytes read + written) and a large bf16 matmul;
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -34,6 +37,8 @@ ORACLE_BYTES_PER_PAIR = 112  # peak of the oracle's B×N temporaries (float32, i
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for roofline.json")
+    parser.add_argument("--build", action="store_true", help="first run `setup.py build_ext --inplace` (the C++ "
+                        "kernels, and the CUDA one where nvcc exists), as a fresh GPU machine needs")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
     parser.add_argument("--shapes", default=None, help="comma-separated indices into the shape list (default all)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the oracle")
@@ -42,16 +47,38 @@ def parse_args():
     return parser.parse_args()
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = parse_args()
 if ARGS.dry_run:
     os.environ["TRITON_INTERPRET"] = "1"  # before fne_fast.kernels is imported
+if ARGS.build:
+    subprocess.check_call([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=ROOT)
+sys.path.insert(0, ROOT)  # an in-place build wins over an installed copy
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 
 import fne_fast  # noqa: E402
 from fne_fast import reference  # noqa: E402
-from fne_fast.kernels import sample_negatives as triton_kernels  # noqa: E402
+
+
+def import_triton_kernels():
+    """fne_fast.kernels lives in kernels/ (setup.py's package_dir); without an install, map it by hand."""
+    try:
+        from fne_fast.kernels import sample_negatives
+    except ModuleNotFoundError:
+        folder = os.path.join(ROOT, "kernels")
+        spec = importlib.util.spec_from_file_location("fne_fast.kernels", os.path.join(folder, "__init__.py"),
+                                                      submodule_search_locations=[folder])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["fne_fast.kernels"] = package
+        spec.loader.exec_module(package)
+        fne_fast.kernels = package
+        from fne_fast.kernels import sample_negatives
+    return sample_negatives
+
+
+triton_kernels = import_triton_kernels()
 
 START = time.perf_counter()
 DEVICE = torch.device("cpu" if ARGS.dry_run else "cuda")
