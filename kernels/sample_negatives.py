@@ -20,8 +20,8 @@ column.
 
 Random numbers follow DESIGN.md §2 bit for bit (counter = (global column lo, hi, row_offset + i, step), key =
 seed). The epilogue float math mirrors csrc/fne_math.h with two deliberate substitutes, both within a few float32
-ulps: ``-log1p(-v)`` uses its series below v = 2⁻⁴ (no accurate log1p exists without libdevice, and the GPU
-``log`` is an approximation whose absolute error would swamp tiny v), and the logit offset is formed in float32
+ulps: ``-log1p(-v)`` uses its series below v = 2⁻⁴ (Triton has log1p only in libdevice, which the interpreter
+lacks, and log(1 - v) would lose small v to the rounding of 1 - v), and the logit offset is formed in float32
 from the statistics on the device (no host synchronisation to read them).
 
 Precision. Products are accumulated in float32. bf16/fp16 banks with anchors of the same dtype use the tensor
