@@ -91,17 +91,19 @@ def load_splits(config: TrainConfig) -> dict[str, FeatureSplit]:
         directory = config.data_options.get("features_dir")
         if not directory:
             raise ValueError("dataset 'features' needs data_options['features_dir'] (--features-dir)")
-        return {split: load_feature_arrays(directory, split) for split in SPLITS}
-    from fne_fast.data import load_raw_split
-    from fne_fast.data.features import LazyEncoders, cached_feature_split
+        splits = {split: load_feature_arrays(directory, split) for split in SPLITS}
+    else:
+        from fne_fast.data import load_raw_split
+        from fne_fast.data.features import LazyEncoders, cached_feature_split
 
-    encoders = LazyEncoders(config.image_size, config.device)
-    options = dict(config.data_options)
+        encoders = LazyEncoders(config.image_size, config.device)
+        splits = {split: cached_feature_split(load_raw_split(config.dataset, split, **config.data_options),
+                                              cache_dir=config.cache_dir, encoders=encoders)
+                  for split in SPLITS}
+    # The limit subsets the full cached features, so limited runs share one cache with full runs.
     if config.limit is not None:
-        options["limit"] = config.limit
-    return {split: cached_feature_split(load_raw_split(config.dataset, split, **options), cache_dir=config.cache_dir,
-                                        encoders=encoders)
-            for split in SPLITS}
+        splits = {name: split.first_images(config.limit) for name, split in splits.items()}
+    return splits
 
 
 class _Run:

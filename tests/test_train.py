@@ -124,3 +124,10 @@ def test_steps_per_epoch_caps_each_epoch(tmp_path, splits):
     timing = _read(tmp_path / "timing.jsonl")
     assert [row["steps"] for row in timing] == [3, 3]
     assert {"heads", "sampling_and_loss", "bank_update", "statistics", "epoch_seconds"} <= timing[0].keys()
+
+
+def test_first_images_keeps_the_images_captions_in_order(splits):
+    subset = splits["test"].first_images(3)
+    assert subset.image_features.shape[0] == 3 and subset.caption_image.tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.equal(subset.text_features, splits["test"].text_features[:6])
+    assert torch.equal(subset.image_group, splits["test"].image_group[:3])

@@ -79,6 +79,13 @@ class FeatureSplit:
         if self.image_group is not None and self.image_group.shape[0] != num_images:
             raise ValueError(f"image_group has {self.image_group.shape[0]} entries for {num_images} images")
 
+    def first_images(self, limit: int) -> "FeatureSplit":
+        """The first ``limit`` images and their captions: what a loader's ``limit`` would have encoded (loaders
+        keep items in order), taken from the full split's cached features instead of encoding a new subset."""
+        keep = self.caption_image < limit
+        return FeatureSplit(self.image_features[:limit], self.text_features[keep], self.caption_image[keep],
+                            None if self.image_group is None else self.image_group[:limit])
+
 
 def group_ids(names: list[str] | None) -> torch.Tensor | None:
     """Integer ids for group names, numbered in order of first appearance."""
