@@ -8,6 +8,7 @@ import torch  # noqa: F401  (loads libtorch, which the compiled library links ag
 
 from fne_fast import _C  # noqa: F401,E402  (registers the fne_fast ops)
 from fne_fast.ops import sample_negatives  # noqa: E402
+import fne_fast.kernels  # noqa: E402,F401  (registers the Triton CUDA kernel when Triton is installed)
 from fne_fast.stats import RunningStats  # noqa: E402
 
 __all__ = ["sample_negatives", "RunningStats"]

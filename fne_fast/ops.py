@@ -13,6 +13,17 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _UINT64 = 1 << 64
 
 
+def _has_compiled_cuda_kernel() -> bool:
+    """Whether fne_fast._C was built with its CUDA kernel (the CUDA key may be served by Triton instead)."""
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fne_fast::sample_negatives", "CUDA"):
+        return False
+    try:
+        from fne_fast.kernels.sample_negatives import SERVES_CUDA_DISPATCH
+    except ImportError:  # no Triton: whatever serves the CUDA key is the compiled kernel
+        return True
+    return not SERVES_CUDA_DISPATCH
+
+
 def _check_tensor(name: str, value, *, ndim: int, dtypes: tuple, device: torch.device | None) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -70,6 +81,9 @@ def _check_arguments(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend in ("cpu", "cuda") and device.type != backend:
         raise ValueError(f"backend={backend!r} needs tensors on {backend}, got {device}")
+    if backend == "cuda" and not _has_compiled_cuda_kernel():
+        raise ValueError("backend='cuda' needs the compiled CUDA kernel, which this build lacks (it is built when "
+                         "torch is a CUDA build and nvcc is found); use backend='triton' or 'auto'")
 
 
 def sample_negatives(anchors: torch.Tensor, bank: torch.Tensor, positive_sim: torch.Tensor,
