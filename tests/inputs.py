@@ -1,4 +1,5 @@
-"""The one input generator of the sample_negatives tests (shared by every backend's tests)."""
+"""The one input generator, oracle wrapper and statistical checks of the sample_negatives tests, shared by
+every backend's tests."""
 
 from __future__ import annotations
 
@@ -37,3 +38,66 @@ def sample_inputs(num_rows: int, num_cols: int, dim: int, *, exact: bool = False
         "bank_ids": torch.randint(0, num_ids, (num_cols,), generator=generator).to(device),
         "stats": torch.tensor(stats, dtype=torch.float32, device=device),
     }
+
+
+# --- the oracle and the comparisons every backend's tests use ---------------------------------------------------
+
+def run_oracle(inputs: dict, **options):
+    """The float64 oracle on the inputs' device; results on the CPU."""
+    from fne_fast import reference
+
+    options = {key: value for key, value in options.items() if key not in ("backend", "check_finite")}
+    result = reference.sample_negatives_reference(*inputs.values(), dtype=torch.float64, **options)
+    return tuple(tensor.cpu() for tensor in result)
+
+
+def assert_same_draws(actual, expected) -> None:
+    """Identical indices and validity, similarities within float32 accumulation error (compared on the CPU)."""
+    index, sim, valid = (tensor.cpu() for tensor in actual)
+    ref_index, ref_sim, ref_valid = (tensor.cpu() for tensor in expected)
+    assert torch.equal(valid, ref_valid)
+    assert torch.equal(index, ref_index)
+    torch.testing.assert_close(sim, ref_sim, rtol=0, atol=1e-6)
+
+
+# --- distribution tests ---------------------------------------------------------------------------------------
+
+# Similarities of the candidates to the anchor: two below the cut-down threshold μ⁺ - margin = 0.1, the rest
+# spread over both branches of the weight (P_fn > 0.001 from s ≈ 0.46 on with EXACT_STATS).
+DISTRIBUTION_SIMS = (-0.25, 0.0625, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+
+
+def distribution_inputs(sims=DISTRIBUTION_SIMS, copies: int = 20000, device="cpu") -> dict:
+    """One anchor repeated `copies` times against candidates of chosen similarity: rows differ only in their
+    Philox counter, so they are independent draws from the same categorical distribution."""
+    inputs = sample_inputs(1, len(sims), 8, exact=True, seed=11)
+    inputs["anchors"] = torch.zeros(copies, 8)
+    inputs["anchors"][:, 0] = 1.0
+    inputs["bank"][:, 0] = torch.tensor(sims)
+    inputs["bank_ids"] = torch.arange(1, len(sims) + 1)
+    inputs["anchor_ids"] = torch.zeros(copies, dtype=torch.int64)
+    inputs["positive_sim"] = torch.full((copies,), 0.8)
+    return {name: tensor.to(device) for name, tensor in inputs.items()}
+
+
+def expected_probabilities(inputs: dict, tau: float, mode: str = "fne") -> torch.Tensor:
+    """Normalised exp(ℓ) over the survivors of distribution_inputs, in float64 on the CPU."""
+    from fne_fast import reference
+
+    sim = inputs["anchors"][:1].cpu().double() @ inputs["bank"].cpu().double().T  # [1, N]
+    stats = inputs["stats"].cpu()
+    weights = reference.log_weights(sim, inputs["positive_sim"][:1].cpu(), stats, mode=mode, tau=tau)[0]
+    survives = sim[0] > stats[0].item() - 0.2
+    probabilities = torch.where(survives, weights.exp(), torch.zeros_like(weights))
+    return probabilities / probabilities.sum()
+
+
+def chi_square_p_value(counts: torch.Tensor, probabilities: torch.Tensor) -> float:
+    """Pearson's goodness of fit of sampled counts to probabilities; a cut-down candidate sampled fails."""
+    from scipy import stats
+
+    counts = counts.cpu()
+    keep = probabilities > 0
+    assert counts[~keep].sum() == 0, "a cut-down candidate was sampled"
+    expected = probabilities[keep] * counts.sum()
+    return stats.chisquare(counts[keep].double().numpy(), expected.numpy()).pvalue

@@ -12,7 +12,8 @@ import torch
 
 import fne_fast
 from fne_fast import reference
-from inputs import sample_inputs
+from inputs import (assert_same_draws, chi_square_p_value, distribution_inputs,
+                    expected_probabilities, run_oracle, sample_inputs)
 
 MODES = ("fne", "hardest", "uniform")
 STEEP = dict(tau=4.0)  # weights far from flat
@@ -46,19 +47,6 @@ def run_cuda(inputs, **options):
 
 def run_cpu(inputs, **options):
     return fne_fast.sample_negatives(*inputs.values(), backend="cpu", **options)
-
-
-def run_oracle(inputs, **options):
-    options = {key: value for key, value in options.items() if key != "check_finite"}
-    return reference.sample_negatives_reference(*inputs.values(), dtype=torch.float64, **options)
-
-
-def assert_same_draws(actual, expected):
-    index, sim, valid = actual
-    ref_index, ref_sim, ref_valid = expected
-    assert torch.equal(valid, ref_valid)
-    assert torch.equal(index, ref_index)
-    torch.testing.assert_close(sim, ref_sim, rtol=0, atol=1e-6)
 
 
 # --- agreement with the oracle and the CPU kernel -------------------------------------------------------------
@@ -182,39 +170,6 @@ def test_runs_on_the_inputs_device():
 
 
 # --- distribution ---------------------------------------------------------------------------------------------
-
-DISTRIBUTION_SIMS = (-0.25, 0.0625, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
-
-
-def distribution_inputs(sims=DISTRIBUTION_SIMS, copies=20000):
-    """One anchor repeated `copies` times: rows differ only in their Philox counter, so they are independent draws
-    from one categorical distribution (the same construction as the CPU tests)."""
-    inputs = sample_inputs(1, len(sims), 8, exact=True, seed=11)
-    inputs["anchors"] = torch.zeros(copies, 8)
-    inputs["anchors"][:, 0] = 1.0
-    inputs["bank"][:, 0] = torch.tensor(sims)
-    inputs["bank_ids"] = torch.arange(1, len(sims) + 1)
-    inputs["anchor_ids"] = torch.zeros(copies, dtype=torch.int64)
-    inputs["positive_sim"] = torch.full((copies,), 0.8)
-    return inputs
-
-
-def expected_probabilities(inputs, tau, mode="fne"):
-    sim = inputs["anchors"][:1].double() @ inputs["bank"].double().T
-    weights = reference.log_weights(sim, inputs["positive_sim"][:1], inputs["stats"], mode=mode, tau=tau)[0]
-    survives = sim[0] > inputs["stats"][0].item() - 0.2
-    probabilities = torch.where(survives, weights.exp(), torch.zeros_like(weights))
-    return probabilities / probabilities.sum()
-
-
-def chi_square_p_value(counts, probabilities):
-    from scipy import stats
-
-    keep = probabilities > 0
-    assert counts[~keep].sum() == 0, "a cut-down candidate was sampled"
-    expected = probabilities[keep] * counts.sum()
-    return stats.chisquare(counts[keep].double().numpy(), expected.numpy()).pvalue
-
 
 @pytest.mark.parametrize("mode,tau", [("fne", 6.0), ("uniform", 0.0)])
 def test_sampled_frequencies_follow_the_weights(mode, tau):

@@ -26,7 +26,8 @@ import fne_fast  # noqa: E402
 from fne_fast import reference  # noqa: E402
 from fne_fast.kernels import sample_negatives as triton_kernels  # noqa: E402
 from fne_fast.kernels.sample_negatives import TritonConfig, sample_negatives_triton  # noqa: E402
-from inputs import sample_inputs  # noqa: E402
+from inputs import (assert_same_draws, chi_square_p_value, distribution_inputs,  # noqa: E402
+                    expected_probabilities, run_oracle, sample_inputs)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not triton_kernels.is_interpreted():
@@ -47,21 +48,6 @@ def run_triton(inputs, config=None, **options):
     if config is None:
         return fne_fast.sample_negatives(*inputs.values(), backend="triton", **options)
     return sample_negatives_triton(*inputs.values(), config=config, **options)
-
-
-def run_oracle(inputs, **options):
-    """The float64 oracle on the inputs' device (the GPU's sizes would be slow on the CPU), results on the CPU."""
-    options = {key: value for key, value in options.items() if key != "check_finite"}
-    result = reference.sample_negatives_reference(*inputs.values(), dtype=torch.float64, **options)
-    return tuple(tensor.cpu() for tensor in result)
-
-
-def assert_same_draws(actual, expected):
-    index, sim, valid = (tensor.cpu() for tensor in actual)
-    ref_index, ref_sim, ref_valid = (tensor.cpu() for tensor in expected)
-    assert torch.equal(valid, ref_valid)
-    assert torch.equal(index, ref_index)
-    torch.testing.assert_close(sim, ref_sim, rtol=0, atol=1e-6)
 
 
 # --- the building blocks ----------------------------------------------------------------------------------------
@@ -293,43 +279,11 @@ def test_registered_for_the_cuda_dispatch_key():
 
 # --- distribution -------------------------------------------------------------------------------------------------
 
-DISTRIBUTION_SIMS = (-0.25, 0.0625, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
-
-def distribution_inputs(copies):
-    """One anchor repeated `copies` times: rows differ only in their Philox counter, so they are independent
-    draws from one categorical distribution over the ten candidates."""
-    inputs = sample_inputs(1, len(DISTRIBUTION_SIMS), 8, exact=True, seed=11)
-    inputs["anchors"] = torch.zeros(copies, 8)
-    inputs["anchors"][:, 0] = 1.0
-    inputs["bank"][:, 0] = torch.tensor(DISTRIBUTION_SIMS)
-    inputs["bank_ids"] = torch.arange(1, len(DISTRIBUTION_SIMS) + 1)
-    inputs["anchor_ids"] = torch.zeros(copies, dtype=torch.int64)
-    inputs["positive_sim"] = torch.full((copies,), 0.8)
-    return {name: tensor.to(DEVICE) for name, tensor in inputs.items()}
-
-
-def expected_probabilities(inputs, tau):
-    anchor = inputs["anchors"][:1].cpu().double()
-    sim = anchor @ inputs["bank"].cpu().double().T
-    stats = inputs["stats"].cpu()
-    weights = reference.log_weights(sim, inputs["positive_sim"][:1].cpu(), stats, tau=tau)[0]
-    survives = sim[0] > stats[0].item() - 0.2
-    probabilities = torch.where(survives, weights.exp(), torch.zeros_like(weights))
-    return probabilities / probabilities.sum()
-
-
-def chi_square_p_value(counts, probabilities):
-    from scipy import stats
-
-    keep = probabilities > 0
-    assert counts[~keep].sum() == 0, "a cut-down candidate was sampled"
-    expected = probabilities[keep] * counts.sum()
-    return stats.chisquare(counts[keep].double().numpy(), expected.numpy()).pvalue
 
 
 def test_sampled_frequencies_follow_the_weights():
-    inputs = distribution_inputs(copies=12000)
+    inputs = distribution_inputs(copies=12000, device=DEVICE)
     tau = 6.0
     probabilities = expected_probabilities(inputs, tau)
     assert probabilities.max() / probabilities[probabilities > 0].min() > 3  # far from flat
