@@ -140,7 +140,7 @@ class _Run:
                    if key not in _RESUMABLE_FIELDS}
         changed = sorted(key for key in current if stored.get(key) != current[key])
         if changed:
-            raise ValueError(f"cannot resume: the checkpoint was trained with different settings: "
+            raise ValueError("cannot resume: the checkpoint was trained with different settings: "
                              + ", ".join(f"{key}={stored.get(key)!r} (now {current[key]!r})" for key in changed))
         self.heads.load_state_dict(state["heads"])
         self.optimizer.load_state_dict(state["optimizer"])

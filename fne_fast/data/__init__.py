@@ -7,7 +7,7 @@ once with the frozen backbones into ``FeatureSplit``s (what training and evaluat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 

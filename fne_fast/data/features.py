@@ -14,7 +14,8 @@ import torch
 
 from fne_fast.data import DatasetFormatError, FeatureSplit, RawSplit, group_ids
 
-__all__ = ["atomic_save", "default_cache_dir", "LazyEncoders", "encode_split", "cached_feature_split", "load_feature_arrays"]
+__all__ = ["atomic_save", "default_cache_dir", "LazyEncoders", "encode_split", "cached_feature_split",
+           "load_feature_arrays"]
 
 
 def atomic_save(obj, path: str) -> None:
@@ -40,30 +41,31 @@ def default_cache_dir() -> str:
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fne_fast")
 
 
-def _progress(iterable, total: int, description: str):
+def _in_batches(items, batch_size: int, description: str):
+    """Yields (start, batch) slices of ``items`` while a progress bar counts items."""
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=description, unit="item", unit_scale=True, leave=False)
+    with tqdm(total=len(items), desc=description, unit="item", unit_scale=True, leave=False) as bar:
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            yield start, batch
+            bar.update(len(batch))
 
 
 def _encode_texts(encoder, texts: list[str], batch_size: int, description: str) -> torch.Tensor:
     """Each distinct text encoded once, in batches of similar length (less padding)."""
     distinct = sorted(set(texts), key=lambda text: (len(text), text))
     output = torch.empty(len(distinct), encoder.dim)
-    bar = _progress(range(0, len(distinct), batch_size), len(distinct), description)
-    for start in bar:
-        output[start:start + batch_size] = encoder.encode(distinct[start:start + batch_size])
-        bar.update(min(batch_size, len(distinct) - start) - 1)
+    for start, batch in _in_batches(distinct, batch_size, description):
+        output[start:start + len(batch)] = encoder.encode(batch)
     position = {text: row for row, text in enumerate(distinct)}
     return output[torch.tensor([position[text] for text in texts], dtype=torch.int64)]
 
 
 def _encode_images(encoder, loaders, batch_size: int, description: str) -> torch.Tensor:
     output = torch.empty(len(loaders), encoder.dim)
-    bar = _progress(range(0, len(loaders), batch_size), len(loaders), description)
-    for start in bar:
-        output[start:start + batch_size] = encoder.encode([load() for load in loaders[start:start + batch_size]])
-        bar.update(min(batch_size, len(loaders) - start) - 1)
+    for start, batch in _in_batches(list(loaders), batch_size, description):
+        output[start:start + len(batch)] = encoder.encode([load() for load in batch])
     return output
 
 
