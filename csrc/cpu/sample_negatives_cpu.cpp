@@ -25,6 +25,7 @@
 
 #include "../fne_math.h"
 #include "../sample_negatives.h"
+#include "philox_avx512.h"
 
 namespace fne_fast {
 namespace {
@@ -108,14 +109,24 @@ struct CallContext {
   float cut_threshold;  // s <= cut_threshold is cut down (-inf when the cut-down is off)
 };
 
-// Philox first words for the compacted columns: the hot, vectorised loop.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void philox_words_for_columns(
+// Philox first words for the compacted columns, portable: compilers vectorise it (AVX2 clone on x86).
+__attribute__((target_clones("avx2", "default"))) void philox_words_portable(
     const int32_t* columns, int64_t count, int64_t global_col_begin, uint32_t row, uint32_t step, PhiloxKey key,
     uint32_t* words) {
   for (int64_t c = 0; c < count; ++c) {
     const uint64_t column = static_cast<uint64_t>(global_col_begin) + static_cast<uint64_t>(columns[c]);
     words[c] = philox_first_word(static_cast<uint32_t>(column), static_cast<uint32_t>(column >> 32), row, step, key);
   }
+}
+
+// The hot loop: AVX-512 in 32-bit lanes where the CPU has it (see philox_avx512.h), else the portable loop.
+void philox_words_for_columns(const int32_t* columns, int64_t count, int64_t global_col_begin, uint32_t row,
+                              uint32_t step, PhiloxKey key, uint32_t* words) {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
+  if (has_avx512) return philox_words_avx512(columns, count, global_col_begin, row, step, key, words);
+#endif
+  philox_words_portable(columns, count, global_col_begin, row, step, key, words);
 }
 
 // Masks, hardest list and compaction of the survivors; returns the number of survivors written to `columns`.
