@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -105,6 +106,24 @@ def test_tiling_and_threads_do_not_change_draws(monkeypatch, tile_rows, tile_col
     torch.set_num_threads(threads)
     assert_same_draws(run_op(exact, k=3, **STEEP), expected_exact)
     assert_same_draws(run_op(stream_only, k=3, mode="uniform", cutdown=False), expected_stream)
+
+
+def test_portable_philox_path_gives_the_same_draws(tmp_path):
+    # The kernel picks its AVX-512 Philox loop once per process; a fresh process with FNE_FAST_CPU_PORTABLE=1
+    # runs the portable loop on the same inputs, including columns whose global index crosses 2³².
+    import subprocess
+    import sys
+
+    inputs = sample_inputs(9, 700, 8, exact=True, seed=21)
+    options = dict(k=3, col_offset=2**32 - 350, **STEEP)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = ("import sys, torch, fne_fast; inputs = torch.load(sys.argv[1]); "
+              f"torch.save(fne_fast.sample_negatives(*inputs.values(), **{options!r}), sys.argv[2])")
+    env = dict(os.environ, FNE_FAST_CPU_PORTABLE="1")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+                   env=env, check=True)
+    assert_same_draws(torch.load(tmp_path / "out.pt"), run_op(inputs, **options))
+    assert_same_draws(run_op(inputs, **options), run_oracle(inputs, **options))
 
 
 def merge_shards(inputs, shard_results, k, **options):

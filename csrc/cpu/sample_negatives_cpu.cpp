@@ -123,7 +123,8 @@ __attribute__((target_clones("avx2", "default"))) void philox_words_portable(
 void philox_words_for_columns(const int32_t* columns, int64_t count, int64_t global_col_begin, uint32_t row,
                               uint32_t step, PhiloxKey key, uint32_t* words) {
 #if defined(__x86_64__) || defined(_M_X64)
-  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
+  // FNE_FAST_CPU_PORTABLE=1 forces the portable loop (read once per process), so tests cover both paths.
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f") && std::getenv("FNE_FAST_CPU_PORTABLE") == nullptr;
   if (has_avx512) return philox_words_avx512(columns, count, global_col_begin, row, step, key, words);
 #endif
   philox_words_portable(columns, count, global_col_begin, row, step, key, words);
