@@ -95,18 +95,22 @@ def test_retrieval_metrics_against_hand_computed_ranks():
     assert metrics["i2t_r5"] == 100.0
 
 
-def test_cli_train_and_eval_on_feature_arrays(tmp_path, splits, capsys):
+def _write_feature_arrays(directory, splits):
     import numpy as np
 
+    directory.mkdir()
+    for name, split in splits.items():
+        np.save(directory / f"{name}_image_features.npy", split.image_features.numpy())
+        np.save(directory / f"{name}_text_features.npy", split.text_features.numpy())
+        np.save(directory / f"{name}_caption_image.npy", split.caption_image.numpy())
+        np.save(directory / f"{name}_image_group.npy", split.image_group.numpy())
+
+
+def test_cli_train_and_eval_on_feature_arrays(tmp_path, splits, capsys):
     from fne_fast.cli import main
 
     features = tmp_path / "features"
-    features.mkdir()
-    for name, split in splits.items():
-        np.save(features / f"{name}_image_features.npy", split.image_features.numpy())
-        np.save(features / f"{name}_text_features.npy", split.text_features.numpy())
-        np.save(features / f"{name}_caption_image.npy", split.caption_image.numpy())
-        np.save(features / f"{name}_image_group.npy", split.image_group.numpy())
+    _write_feature_arrays(features, splits)
     out = tmp_path / "run"
     assert main(["train", "--dataset", "features", "--features-dir", str(features), "--epochs", "2",
                  "--batch-size", "16", "--bank-size", "64", "--min-count", "5", "--out", str(out), "--quiet"]) == 0
@@ -131,3 +135,20 @@ def test_first_images_keeps_the_images_captions_in_order(splits):
     assert subset.image_features.shape[0] == 3 and subset.caption_image.tolist() == [0, 0, 1, 1, 2, 2]
     assert torch.equal(subset.text_features, splits["test"].text_features[:6])
     assert torch.equal(subset.image_group, splits["test"].image_group[:3])
+
+
+def test_cli_compare_writes_a_table_and_resumes_finished_runs(tmp_path, splits, capsys):
+    from fne_fast.cli import main
+
+    features = tmp_path / "features"
+    _write_feature_arrays(features, splits)
+    arguments = ["compare", "--dataset", "features", "--features-dir", str(features), "--samplers", "fne",
+                 "inbatch-hardest", "--seeds", "0", "1", "--epochs", "2", "--batch-size", "16", "--bank-size", "64",
+                 "--min-count", "5", "--out", str(tmp_path / "cmp"), "--quiet", "--no-plots"]
+    assert main(arguments) == 0
+    table = (tmp_path / "cmp" / "results.md").read_text()
+    assert "| fne | 2 |" in table and "| inbatch-hardest | 2 |" in table and "--samplers fne inbatch-hardest" in table
+    first = _read(tmp_path / "cmp" / "fne-seed1" / METRICS_NAME)
+    assert main(arguments) == 0  # every run is finished: resumed with nothing left to train
+    assert _read(tmp_path / "cmp" / "fne-seed1" / METRICS_NAME) == first
+    assert (tmp_path / "cmp" / "results.md").read_text() == table
