@@ -6,9 +6,11 @@ import os
 import pytest
 import torch
 
-from fne_fast.data import FeatureSplit
-from fne_fast.evaluate import retrieval_metrics
-from fne_fast.train import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, train
+pytest.importorskip("tqdm", reason="tqdm (the `train` extra) is not installed: scripts/setup_data.sh installs it")
+
+from fne_fast.data import FeatureSplit  # noqa: E402
+from fne_fast.evaluate import retrieval_metrics  # noqa: E402
+from fne_fast.train import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, train  # noqa: E402
 
 REQUIRED_KEYS = {"epoch", "loss", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "fn_rate",
                  "fallback_rate", "i2t_group_r1", "t2i_group_r10", "group_rsum"}
@@ -107,6 +109,7 @@ def _write_feature_arrays(directory, splits):
 
 
 def test_cli_train_and_eval_on_feature_arrays(tmp_path, splits, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib (the `train` extra) draws the run's plots")
     from fne_fast.cli import main
 
     features = tmp_path / "features"
