@@ -101,3 +101,35 @@ def chi_square_p_value(counts: torch.Tensor, probabilities: torch.Tensor) -> flo
     assert counts[~keep].sum() == 0, "a cut-down candidate was sampled"
     expected = probabilities[keep] * counts.sum()
     return stats.chisquare(counts[keep].double().numpy(), expected.numpy()).pvalue
+
+
+def pair_p_values(index: torch.Tensor, probabilities: torch.Tensor) -> tuple[float, float]:
+    """Chi-square p-values of the (first, second) slot pairs of k = 2 draws: against sampling without
+    replacement (p_i p_j / (1 - p_i), the Gumbel-top-2 law) and against independent slots (p_i p_j, renormalised
+    over i ≠ j), which a correct sampler must fail."""
+    index = index.cpu()
+    live = probabilities > 0
+    n = int(live.sum())
+    order = torch.nonzero(live).flatten()
+    position = torch.full((probabilities.numel(),), -1, dtype=torch.int64)
+    position[order] = torch.arange(n)
+    counts = torch.bincount(position[index[:, 0]] * n + position[index[:, 1]], minlength=n * n)
+    p = probabilities[order]
+    without_replacement = p.reshape(-1, 1) * p.reshape(1, -1) / (1 - p).reshape(-1, 1)
+    independent = p.reshape(-1, 1) * p.reshape(1, -1)
+    for table in (without_replacement, independent):
+        table.fill_diagonal_(0)
+    return (chi_square_p_value(counts, without_replacement.flatten()),
+            chi_square_p_value(counts, (independent / independent.sum()).flatten()))
+
+
+def strided_copy(inputs: dict) -> dict:
+    """The same values as `inputs` in non-contiguous layouts (column-major anchors, strided bank and vectors)."""
+    return {
+        "anchors": inputs["anchors"].T.contiguous().T,
+        "bank": torch.stack([inputs["bank"], -inputs["bank"]], dim=2)[:, :, 0],
+        "positive_sim": torch.stack([inputs["positive_sim"]] * 2, dim=1)[:, 0],
+        "anchor_ids": inputs["anchor_ids"].repeat_interleave(3)[::3],
+        "bank_ids": inputs["bank_ids"].repeat_interleave(2)[::2],
+        "stats": torch.stack([inputs["stats"]] * 2, dim=1)[:, 1],
+    }

@@ -11,7 +11,7 @@ import torch
 import fne_fast
 from fne_fast import reference
 from inputs import (assert_same_draws, chi_square_p_value, distribution_inputs, expected_probabilities,
-                    run_oracle, sample_inputs)
+                    pair_p_values, run_oracle, sample_inputs, strided_copy)
 
 MODES = ("fne", "hardest", "uniform")
 # A tau large enough that the weights are far from flat (0.5 gives nearly uniform weights).
@@ -178,23 +178,11 @@ def test_sampled_frequencies_follow_the_weights(monkeypatch, tile_cols):
 def test_second_slot_is_sampling_without_replacement():
     inputs = distribution_inputs(sims=(0.0625, 0.125, 0.25, 0.375, 0.875, 1.0), copies=40000)
     tau = 6.0
-    p = expected_probabilities(inputs, tau)
     index, _, valid = run_op(inputs, k=2, tau=tau, seed=8)
-    live = p > 0
-    n = int(live.sum())
-    assert valid[:, 1].all() == (n >= 2)
-    order = torch.nonzero(live).flatten()
-    position = torch.full((p.numel(),), -1, dtype=torch.int64)
-    position[order] = torch.arange(n)
-    pairs = position[index[:, 0]] * n + position[index[:, 1]]
-    counts = torch.bincount(pairs, minlength=n * n)
-    pair_p = (p[order].reshape(-1, 1) * p[order].reshape(1, -1) / (1 - p[order]).reshape(-1, 1))
-    pair_p.fill_diagonal_(0)
-    assert chi_square_p_value(counts, pair_p.flatten()) > 1e-3
-    # Sampling with replacement (independent slots) must be rejected.
-    with_replacement = p[order].reshape(-1, 1) * p[order].reshape(1, -1)
-    with_replacement.fill_diagonal_(0)
-    assert chi_square_p_value(counts, (with_replacement / with_replacement.sum()).flatten()) < 1e-6
+    assert valid.all()
+    without_replacement, independent = pair_p_values(index, expected_probabilities(inputs, tau))
+    assert without_replacement > 1e-3
+    assert independent < 1e-6  # sampling with replacement must be rejected
 
 
 def test_uniform_mode_is_uniform_over_survivors():
@@ -265,14 +253,7 @@ def test_single_anchor_and_repeated_ids():
 
 def test_non_contiguous_inputs_match_contiguous():
     inputs = sample_inputs(20, 600, 16, exact=True, seed=12)
-    strided = {
-        "anchors": inputs["anchors"].T.contiguous().T,  # column-major
-        "bank": torch.stack([inputs["bank"], -inputs["bank"]], dim=2)[:, :, 0],  # strided columns
-        "positive_sim": torch.stack([inputs["positive_sim"]] * 2, dim=1)[:, 0],
-        "anchor_ids": inputs["anchor_ids"].repeat_interleave(3)[::3],
-        "bank_ids": inputs["bank_ids"].repeat_interleave(2)[::2],
-        "stats": torch.stack([inputs["stats"]] * 2, dim=1)[:, 1],
-    }
+    strided = strided_copy(inputs)
     assert not strided["bank"].is_contiguous()
     assert_same_draws(run_op(strided, k=3), run_op(inputs, k=3))
 

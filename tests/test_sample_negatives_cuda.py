@@ -12,8 +12,8 @@ import torch
 
 import fne_fast
 from fne_fast import reference
-from inputs import (assert_same_draws, chi_square_p_value, distribution_inputs,
-                    expected_probabilities, run_oracle, sample_inputs)
+from inputs import (assert_same_draws, chi_square_p_value, distribution_inputs, expected_probabilities,
+                    pair_p_values, run_oracle, sample_inputs, strided_copy)
 
 MODES = ("fne", "hardest", "uniform")
 STEEP = dict(tau=4.0)  # weights far from flat
@@ -186,25 +186,11 @@ def test_sampled_frequencies_follow_the_weights(mode, tau):
 def test_second_slot_is_sampling_without_replacement():
     inputs = distribution_inputs(sims=(0.0625, 0.125, 0.25, 0.375, 0.875, 1.0), copies=40000)
     tau = 6.0
-    p = expected_probabilities(inputs, tau)
     index, _, valid = run_cuda(inputs, k=2, tau=tau, seed=8)
-    live = p > 0
-    n = int(live.sum())
-    assert valid[:, 1].all() == (n >= 2)
-    order = torch.nonzero(live).flatten()
-    position = torch.full((p.numel(),), -1, dtype=torch.int64)
-    position[order] = torch.arange(n)
-    counts = torch.bincount(position[index[:, 0]] * n + position[index[:, 1]], minlength=n * n)
-    pair_p = p[order].reshape(-1, 1) * p[order].reshape(1, -1) / (1 - p[order]).reshape(-1, 1)
-    pair_p.fill_diagonal_(0)
-    assert chi_square_p_value(counts, pair_p.flatten()) > 1e-3
-
-
-# --- edge cases -----------------------------------------------------------------------------------------------
-
-def test_empty_bank_gives_invalid_slots():
-    index, sim, valid = run_cuda(sample_inputs(5, 0, 8), k=3)
-    assert index.shape == (5, 3) and (index == -1).all() and not valid.any() and (sim == 0).all()
+    assert valid.all()
+    without_replacement, independent = pair_p_values(index, expected_probabilities(inputs, tau))
+    assert without_replacement > 1e-3
+    assert independent < 1e-6  # sampling with replacement must be rejected
 
 
 def test_empty_anchor_batch():
@@ -263,14 +249,7 @@ def test_single_anchor_and_repeated_ids():
 @pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16])
 def test_non_contiguous_inputs_match_contiguous(bank_dtype):
     inputs = on_device(sample_inputs(20, 600, 16, exact=True, seed=12, bank_dtype=bank_dtype))
-    strided = {
-        "anchors": inputs["anchors"].T.contiguous().T,  # column-major
-        "bank": torch.stack([inputs["bank"], -inputs["bank"]], dim=2)[:, :, 0],  # strided columns
-        "positive_sim": torch.stack([inputs["positive_sim"]] * 2, dim=1)[:, 0],
-        "anchor_ids": inputs["anchor_ids"].repeat_interleave(3)[::3],
-        "bank_ids": inputs["bank_ids"].repeat_interleave(2)[::2],
-        "stats": torch.stack([inputs["stats"]] * 2, dim=1)[:, 1],
-    }
+    strided = strided_copy(inputs)
     assert not strided["bank"].is_contiguous() and not strided["anchors"].is_contiguous()
     expected = cuda_op(*inputs.values(), k=3)
     for actual, wanted in zip(cuda_op(*strided.values(), k=3), expected):

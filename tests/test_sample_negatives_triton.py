@@ -27,7 +27,7 @@ from fne_fast import reference  # noqa: E402
 from fne_fast.kernels import sample_negatives as triton_kernels  # noqa: E402
 from fne_fast.kernels.sample_negatives import TritonConfig, sample_negatives_triton  # noqa: E402
 from inputs import (assert_same_draws, chi_square_p_value, distribution_inputs,  # noqa: E402
-                    expected_probabilities, run_oracle, sample_inputs)
+                    expected_probabilities, run_oracle, sample_inputs, strided_copy)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not triton_kernels.is_interpreted():
@@ -247,14 +247,7 @@ def test_single_anchor_and_repeated_ids():
 
 def test_non_contiguous_inputs():
     inputs = inputs_on_device(20, 300, 16, exact=True, seed=12)
-    strided = {
-        "anchors": inputs["anchors"].T.contiguous().T,  # column-major
-        "bank": torch.stack([inputs["bank"], -inputs["bank"]], dim=2)[:, :, 0],  # strided columns
-        "positive_sim": torch.stack([inputs["positive_sim"]] * 2, dim=1)[:, 0],
-        "anchor_ids": inputs["anchor_ids"].repeat_interleave(3)[::3],
-        "bank_ids": inputs["bank_ids"].repeat_interleave(2)[::2],
-        "stats": torch.stack([inputs["stats"]] * 2, dim=1)[:, 1],
-    }
+    strided = strided_copy(inputs)
     assert not strided["bank"].is_contiguous()
     assert_same_draws(run_triton(strided, k=3), run_oracle(inputs, k=3))
 
