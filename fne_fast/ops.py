@@ -100,7 +100,9 @@ def sample_negatives(anchors: torch.Tensor, bank: torch.Tensor, positive_sim: to
     ``valid = False`` where a row has run out of non-positive candidates. The op is not differentiable: gather
     ``bank[index]`` and recompute the similarities with autograd.
 
-    ``seed`` is taken modulo 2⁶⁴. ``check_finite`` raises on NaN/Inf in the inputs, checked inside the pass.
+    ``seed`` is taken modulo 2⁶⁴. ``check_finite`` raises on NaN/Inf in the inputs, checked inside the pass; on
+    CUDA (compiled or Triton) reading that flag back is the op's one host synchronisation, and
+    ``check_finite=False`` removes it. The compiled CUDA kernel supports k <= 64 (its lists live in shared memory).
     """
     num_cols = bank.shape[0] if isinstance(bank, torch.Tensor) and bank.dim() >= 1 else 0
     filled = num_cols if filled is None else filled
