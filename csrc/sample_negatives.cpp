@@ -1,5 +1,7 @@
 #include "sample_negatives.h"
 
+#include <ATen/ATen.h>
+
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -94,6 +96,21 @@ SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::T
   config.filled = filled;
   config.check_finite = check_finite;
   return config;
+}
+
+at::Tensor non_finite_input_flags(const at::Tensor& anchors, const at::Tensor& positive_sim, const at::Tensor& stats) {
+  return at::stack({at::logical_not(at::isfinite(anchors).all()), at::logical_not(at::isfinite(positive_sim).all()),
+                    at::logical_not(at::isfinite(stats).all())});
+}
+
+void raise_if_not_finite(const bool* input_flags, bool bank_similarity_not_finite) {
+  const char* suffix = " contains NaN or Inf (pass check_finite=False to skip this check)";
+  TORCH_CHECK_VALUE(!input_flags[0], "anchors", suffix);
+  TORCH_CHECK_VALUE(!input_flags[1], "positive_sim", suffix);
+  TORCH_CHECK_VALUE(!input_flags[2], "stats", suffix);
+  TORCH_CHECK_VALUE(!bank_similarity_not_finite,
+                    "bank contains NaN or Inf (a similarity was not finite; pass check_finite=False to skip this "
+                    "check)");
 }
 
 }  // namespace fne_fast

@@ -37,4 +37,11 @@ SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::T
                                           int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled,
                                           bool check_finite);
 
+// check_finite, shared by every kernel so that the errors read the same: a bool tensor [3] on the inputs' device
+// (no host synchronisation) saying whether anchors, positive_sim and stats hold a NaN or Inf ...
+at::Tensor non_finite_input_flags(const at::Tensor& anchors, const at::Tensor& positive_sim, const at::Tensor& stats);
+
+// ... and the errors, in that order, then the bank's (detected inside the pass, from a non-finite similarity).
+void raise_if_not_finite(const bool* input_flags, bool bank_similarity_not_finite);
+
 }  // namespace fne_fast

@@ -206,11 +206,6 @@ void write_output_row(RankedList race, RankedList hard, int64_t* index, float* s
   }
 }
 
-void check_finite_input(const at::Tensor& tensor, const char* name) {
-  TORCH_CHECK_VALUE(at::isfinite(tensor).all().item<bool>(), name,
-                    " contains NaN or Inf (pass check_finite=False to skip this check)");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
     const at::Tensor& anchors, const at::Tensor& bank, const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
     const at::Tensor& bank_ids, const at::Tensor& stats, int64_t k, c10::string_view mode, double margin,
@@ -233,9 +228,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
   const auto positive_contig = positive_sim.contiguous();
   const auto stats_contig = stats.contiguous();
   if (check_finite) {
-    check_finite_input(anchors_float, "anchors");
-    check_finite_input(positive_contig, "positive_sim");
-    check_finite_input(stats_contig, "stats");
+    // The small inputs before the pass (a bad one would waste it); the bank from inside the pass, below.
+    const auto input_flags = non_finite_input_flags(anchors_float, positive_contig, stats_contig);
+    raise_if_not_finite(input_flags.data_ptr<bool>(), false);
   }
   const float* stats_ptr = stats_contig.data_ptr<float>();
   call.weights = make_weight_params(stats_ptr, call.config.tau, prior_k, fn_margin, min_count);
@@ -297,11 +292,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
     thread_saw_non_finite[thread] |= saw_non_finite;
   });
   if (check_finite) {
-    for (char flag : thread_saw_non_finite) {
-      TORCH_CHECK_VALUE(!flag,
-                        "bank contains NaN or Inf (a similarity was not finite; pass check_finite=False to skip "
-                        "this check)");
-    }
+    const bool inputs_checked_above[3] = {false, false, false};
+    const bool bank_not_finite =
+        std::any_of(thread_saw_non_finite.begin(), thread_saw_non_finite.end(), [](char flag) { return flag != 0; });
+    raise_if_not_finite(inputs_checked_above, bank_not_finite);
   }
 
   // Exact merge of the per-thread lists; in mode "hardest" the hardest list is the answer.

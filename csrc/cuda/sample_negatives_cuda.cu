@@ -371,21 +371,12 @@ int64_t chunk_columns(int64_t num_rows, int64_t dim, bool convert_bank, int64_t 
   return std::min(positive_int_from_env("FNE_FAST_CUDA_CHUNK_COLS", fallback), std::max<int64_t>(live_cols, 1));
 }
 
+// One device-to-host copy for all four checks (the op's only synchronisation, and only with check_finite).
 void check_finite_flags(const at::Tensor& anchors, const at::Tensor& positive_sim, const at::Tensor& stats,
                         const at::Tensor& non_finite) {
-  // One device-to-host copy for all four checks; the order and messages are the CPU kernel's.
-  const auto flags = at::stack({at::logical_not(at::isfinite(anchors).all()),
-                                at::logical_not(at::isfinite(positive_sim).all()),
-                                at::logical_not(at::isfinite(stats).all()), non_finite.ne(0).squeeze(0)})
-                         .cpu();
+  const auto flags = at::cat({non_finite_input_flags(anchors, positive_sim, stats), non_finite.ne(0)}).cpu();
   const bool* bad = flags.data_ptr<bool>();
-  const char* suffix = " contains NaN or Inf (pass check_finite=False to skip this check)";
-  TORCH_CHECK_VALUE(!bad[0], "anchors", suffix);
-  TORCH_CHECK_VALUE(!bad[1], "positive_sim", suffix);
-  TORCH_CHECK_VALUE(!bad[2], "stats", suffix);
-  TORCH_CHECK_VALUE(!bad[3],
-                    "bank contains NaN or Inf (a similarity was not finite; pass check_finite=False to skip this "
-                    "check)");
+  raise_if_not_finite(bad, bad[3]);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda(
