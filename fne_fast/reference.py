@@ -93,11 +93,10 @@ def bayes_active(stats: torch.Tensor, min_count: int) -> torch.Tensor:
 def log_weights(sim: torch.Tensor, positive_sim: torch.Tensor, stats: torch.Tensor, *, mode: str = "fne",
                 tau: float = 0.5, prior_k: float = 10000.0, fn_margin: float = 0.999,
                 min_count: int = 200) -> torch.Tensor:
-    """ℓ[i, j] of DESIGN.md §1 for similarities sim [B, N] (no masking), in sim's dtype."""
+    """ℓ[i, j] of DESIGN.md §1 for similarities sim [B, N] (no masking), in sim's dtype; mode "fne" or
+    "uniform" (mode "hardest" has no weights: its key is the similarity)."""
     if mode == "uniform":
         return torch.zeros_like(sim)
-    if mode == "hardest":
-        return sim.clone()
     base = -tau * (sim - positive_sim.to(sim.dtype).reshape(-1, 1)) ** 2
     p_fn = false_negative_probability(sim, stats, prior_k)
     use_bayes = bayes_active(stats, min_count) & (p_fn > 1.0 - fn_margin)
