@@ -1,0 +1,239 @@
+"""TAGS-DC beside any sampler: the training loop calls ``start_epoch`` (build the epoch's pool), ``step`` (the
+weighted TAGS losses of one step, added to the sampler's loss before the backward pass), ``optimizer_step`` and
+``finish_epoch`` (metrics, held-out word-level evaluation, examples).
+
+Every random choice is drawn from a ``torch.Generator`` seeded by (run seed, epoch, purpose), and the heads, their
+optimiser and the examples so far are in the checkpoint, so a resumed run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import torch
+
+from fne_fast.tags.heads import TagsHeads, discrimination_loss, synthetic_ranking_loss, word_loss
+from fne_fast.tags.options import TagsOptions
+from fne_fast.tags.pool import CaptionSource, SyntheticPool, build_pool
+from fne_fast.tags.report import examples_section, word_level_metrics
+from fne_fast.tags.vocab import UNKNOWN, Vocabulary
+
+__all__ = ["TagsTrainer", "derived_seed", "STEP_SUMS"]
+
+# Per-step sums kept on the device and divided once per epoch.
+STEP_SUMS = ("rank_loss", "mlm_loss", "discrimination_loss", "correction_loss", "rank_pairs", "rank_correct",
+             "mlm_words", "mlm_correct", "words", "discrimination_correct", "changed", "predicted_changed",
+             "true_changed", "corrections", "correction_correct", "used", "used_positive")
+
+
+def derived_seed(seed: int, *purpose) -> int:
+    """A 63-bit seed for one purpose (e.g. ("pool", epoch)) of a run: independent streams per purpose."""
+    digest = hashlib.sha256(repr((seed, "tags", *purpose)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The concatenation of arange(start, start + count) (on the inputs' device)."""
+    total = int(counts.sum())
+    first = torch.cumsum(counts, 0) - counts
+    offsets = torch.arange(total, device=starts.device) - torch.repeat_interleave(first, counts)
+    return torch.repeat_interleave(starts, counts) + offsets
+
+
+class TagsTrainer:
+    def __init__(self, options: TagsOptions, *, seed: int, device, joint_dim: int, word_dim: int, lr: float,
+                 vocabulary: Vocabulary, train: CaptionSource, heldout: CaptionSource | None, text_encoder,
+                 captions: list[str], image_names: list[str], caption_image: list[int], progress: bool = False):
+        """``text_encoder``: a zero-argument callable returning the frozen ``TextEncoder`` (loaded on first use);
+        ``captions``, ``image_names``, ``caption_image``: the training split's, for examples.md."""
+        self.options, self.seed, self.device, self.progress = options, seed, torch.device(device), progress
+        self.vocabulary, self.train_source, self.heldout_source = vocabulary, train, heldout
+        self.text_encoder = text_encoder
+        self.captions, self.image_names, self.caption_image = captions, image_names, caption_image
+        if not train.eligible:
+            raise ValueError("TAGS-DC: no training caption has a word to mask (object, attribute or relation)")
+        # Seeded apart from the global RNG, so the matcher's heads start as in the same run without TAGS.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(seed, "init"))
+            self.heads = TagsHeads(word_dim, joint_dim, len(vocabulary), options.hidden_dim).to(self.device)
+        self.optimizer = torch.optim.Adam(self.heads.parameters(), lr=lr)
+        self.examples: list[str] = []
+        self.pool: SyntheticPool | None = None
+
+    # --- checkpoint ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "examples": list(self.examples), "vocabulary": self.vocabulary.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.heads.load_state_dict(state["heads"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.examples = list(state["examples"])
+
+    # --- the epoch ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _image_embedding(self, matching_heads, split, rows: torch.Tensor) -> torch.Tensor:
+        return matching_heads.image_head(split.image_features[split.caption_image[rows]].to(self.device))
+
+    def _pool(self, source: CaptionSource, rows: list[int], matching_heads, split, random: torch.Generator,
+              masked_versions: int, samples: int) -> SyntheticPool:
+        image = self._image_embedding(matching_heads, split, torch.tensor(rows, dtype=torch.int64))
+        pool = build_pool(source, self.vocabulary, rows, image, self.heads.generator, self.text_encoder(), random,
+                          masked_versions=masked_versions, samples=samples,
+                          mask_probability=self.options.mask_probability, temperature=self.options.temperature,
+                          progress=self.progress)
+        return pool.to(self.device)
+
+    def start_epoch(self, epoch: int, matching_heads, split) -> dict[str, float]:
+        """Builds the epoch's pool from the generator as it is now; returns its cost in seconds."""
+        started = time.perf_counter()
+        random = torch.Generator().manual_seed(derived_seed(self.seed, "pool", epoch))
+        eligible = self.train_source.eligible
+        chosen = torch.randperm(len(eligible), generator=random)[:self.options.pool_captions].tolist()
+        self.pool = self._pool(self.train_source, [eligible[index] for index in chosen], matching_heads, split,
+                               random, self.options.masked_versions, self.options.samples)
+        self._order_random = torch.Generator().manual_seed(derived_seed(self.seed, "order", epoch))
+        self._order: list[int] = []
+        self.sums = {key: torch.zeros((), dtype=torch.float64, device=self.device) for key in STEP_SUMS}
+        self.steps = 0
+        return {"tags_pool_seconds": time.perf_counter() - started}
+
+    def _step_positions(self, step: int) -> torch.Tensor:
+        """Pool positions used at ``step``: consecutive slices of a stream of shuffles of the pool."""
+        needed = (step + 1) * self.options.captions_per_step
+        while len(self._order) < needed:
+            self._order += torch.randperm(self.pool.rows.numel(), generator=self._order_random).tolist()
+        first = step * self.options.captions_per_step
+        return torch.tensor(self._order[first:needed], dtype=torch.int64, device=self.device)
+
+    def step(self, step: int, matching_heads, split) -> torch.Tensor:
+        """The weighted TAGS loss of one training step (``step`` counts from 0 in the epoch)."""
+        options, pool = self.options, self.pool
+        positions = self._step_positions(step)
+        rows = pool.rows[positions]
+        image = matching_heads.image_head(split.image_features[split.caption_image[rows.cpu()]].to(self.device))
+        caption = matching_heads.text_head(split.text_features[rows.cpu()].to(self.device))
+
+        # Score every candidate of these captions with the current model; keep the m hardest of each.
+        counts = pool.candidate_count[positions]
+        candidates = _ranges(pool.candidate_start[positions], counts)
+        owner = torch.repeat_interleave(torch.arange(positions.numel(), device=self.device), counts)
+        embedded = matching_heads.text_head(pool.candidates.embeddings[candidates])
+        scores = (image[owner] * embedded).sum(dim=1).detach()
+        widest = int(counts.max()) if counts.numel() else 0
+        keep = min(options.keep, widest)
+        first = torch.cumsum(counts, 0) - counts
+        table = torch.full((positions.numel(), max(widest, 1)), float("-inf"), device=self.device)
+        table[owner, torch.arange(candidates.numel(), device=self.device) - first[owner]] = scores
+        top_scores, top_slots = table.topk(max(keep, 1), dim=1)
+        valid = torch.isfinite(top_scores)
+        chosen = (first.unsqueeze(1) + top_slots).clamp(max=max(candidates.numel() - 1, 0))
+        synthetic = embedded[chosen] if candidates.numel() else caption.unsqueeze(1).detach() * 0
+        rank_loss, rank_correct = synthetic_ranking_loss(image, caption, synthetic, valid,
+                                                         options.margin)
+
+        # Discrimination and correction on the kept sentences' words; the generator's MLM on the masked words.
+        used = candidates[chosen[valid]]
+        lengths = pool.candidates.lengths[used]
+        words = _ranges(pool.candidates.starts[used], lengths)
+        word_image = image[torch.repeat_interleave(owner[chosen[valid]], lengths)]
+        states = pool.candidates.states[words]
+        changed = pool.word_changed[words]
+        discrimination_logits = self.heads.discriminator(states, word_image)
+        correction_logits = self.heads.corrector(states[changed], word_image[changed])
+        originals = pool.word_original[words][changed]
+        masked = _ranges(pool.masked_start[positions], pool.masked_count[positions])
+        masked_image = image[torch.repeat_interleave(torch.arange(positions.numel(), device=self.device),
+                                                     pool.masked_count[positions])]
+        generator_logits = self.heads.generator(pool.masked_states[masked], masked_image)
+        targets = pool.masked_targets[masked]
+
+        losses = {"rank_loss": rank_loss, "mlm_loss": word_loss(generator_logits, targets),
+                  "discrimination_loss": discrimination_loss(discrimination_logits, changed),
+                  "correction_loss": word_loss(correction_logits, originals)}
+        self._add_sums(losses, valid, rank_correct, generator_logits, targets, discrimination_logits, changed,
+                       correction_logits, originals, pool.candidate_positive[used])
+        return (options.rank_weight * losses["rank_loss"] + options.mlm_weight * losses["mlm_loss"]
+                + options.discrimination_weight * losses["discrimination_loss"]
+                + options.correction_weight * losses["correction_loss"])
+
+    @torch.no_grad()
+    def _add_sums(self, losses, valid, rank_correct, generator_logits, targets, discrimination_logits, changed,
+                  correction_logits, originals, used_positive) -> None:
+        sums = self.sums
+        for key, value in losses.items():
+            sums[key] += value.detach()
+        sums["rank_pairs"] += valid.sum()
+        sums["rank_correct"] += rank_correct.sum()
+        known = targets != UNKNOWN
+        sums["mlm_words"] += known.sum()
+        sums["mlm_correct"] += ((generator_logits.argmax(dim=1) == targets) & known).sum()
+        predicted = discrimination_logits.argmax(dim=1).bool()
+        sums["words"] += changed.numel()
+        sums["discrimination_correct"] += (predicted == changed).sum()
+        sums["changed"] += changed.sum()
+        sums["predicted_changed"] += predicted.sum()
+        sums["true_changed"] += (predicted & changed).sum()
+        known_originals = originals != UNKNOWN
+        sums["corrections"] += known_originals.sum()
+        sums["correction_correct"] += ((correction_logits.argmax(dim=1) == originals) & known_originals).sum()
+        sums["used"] += used_positive.numel()
+        sums["used_positive"] += used_positive.sum()
+        self.steps += 1
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def finish_epoch(self, epoch: int, matching_heads, split, heldout_split) -> tuple[dict, dict[str, float]]:
+        """(metrics of the epoch, timing in seconds); appends the epoch's examples."""
+        started = time.perf_counter()
+        totals = {key: value.item() for key, value in self.sums.items()}
+        steps = max(self.steps, 1)
+
+        def share(part, whole):
+            return 100.0 * totals[part] / totals[whole] if totals[whole] else None
+
+        counts = self.pool.counts
+        metrics = {f"tags_{key}": totals[key] / steps for key in ("rank_loss", "mlm_loss", "discrimination_loss",
+                                                                   "correction_loss")}
+        changed_f1_base = totals["predicted_changed"] + totals["changed"]
+        metrics.update({
+            "tags_rank_acc": share("rank_correct", "rank_pairs"),
+            "tags_mlm_acc": share("mlm_correct", "mlm_words"),
+            "tags_discrimination_acc": share("discrimination_correct", "words"),
+            "tags_discrimination_f1": (200.0 * totals["true_changed"] / changed_f1_base if changed_f1_base
+                                       else None),
+            "tags_correction_acc": share("correction_correct", "corrections"),
+            # The acceptance figure: synthetic negatives actually used that are really positives.
+            "tags_positive_share": share("used_positive", "used"),
+            "tags_positive_share_kept": (100.0 * counts["positive_kept"] / counts["kept"] if counts["kept"]
+                                         else None),
+            "tags_positive_share_generated": (100.0 * counts["positive_generated"] / counts["generated"]
+                                              if counts["generated"] else None),
+            "tags_pool": dict(counts)})
+        metrics.update(self._heldout(epoch, matching_heads, heldout_split))
+        self._append_examples(epoch, matching_heads, split)
+        return metrics, {"tags_finish_seconds": time.perf_counter() - started}
+
+    def _heldout(self, epoch: int, matching_heads, heldout_split) -> dict:
+        source = self.heldout_source
+        if source is None or not source.eligible or self.options.heldout_captions == 0:
+            return {}
+        rows_random = torch.Generator().manual_seed(derived_seed(self.seed, "heldout-rows"))
+        chosen = torch.randperm(len(source.eligible), generator=rows_random)[:self.options.heldout_captions]
+        rows = [source.eligible[index] for index in chosen.tolist()]
+        random = torch.Generator().manual_seed(derived_seed(self.seed, "heldout", epoch))
+        pool = self._pool(source, rows, matching_heads, heldout_split, random, 1, 2)
+        image = self._image_embedding(matching_heads, heldout_split, pool.rows.cpu())
+        return {f"tags_{key}": value for key, value in word_level_metrics(self.heads, pool, image).items()}
+
+    @torch.no_grad()
+    def _append_examples(self, epoch: int, matching_heads, split) -> None:
+        pool = self.pool
+        image = self._image_embedding(matching_heads, split, pool.rows.cpu())
+        scores = (image[pool.candidate_owner] * matching_heads.text_head(pool.candidates.embeddings)).sum(dim=1)
+        self.examples = self.examples[:epoch] + [examples_section(
+            epoch, pool, scores.cpu(), self.train_source.parsed, self.captions, self.image_names,
+            self.caption_image, self.options.examples, self.options.keep)]
