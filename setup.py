@@ -37,7 +37,7 @@ def _extension():
 
 
 setup(
-    packages=["fne_fast", "fne_fast.kernels"],
+    packages=["fne_fast", "fne_fast.data", "fne_fast.tags", "fne_fast.kernels"],
     package_dir={"fne_fast": "fne_fast", "fne_fast.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

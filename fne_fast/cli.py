@@ -3,6 +3,8 @@
     fne-fast train --dataset emoji --sampler fne --epochs 5 --out runs/emoji-fne --seed 0 [--resume]
     fne-fast eval --checkpoint runs/emoji-fne/checkpoint.pt [--split test]
     fne-fast compare --dataset emoji --samplers fne hardest uniform inbatch-hardest --seeds 0 1 2 --out runs/cmp
+    fne-fast train --tags                     (TAGS-DC synthetic negatives beside the sampler)
+    fne-fast search --checkpoint runs/emoji-fne/checkpoint.pt --text "a red heart"   (or --image PATH)
 """
 
 from __future__ import annotations
@@ -59,6 +61,23 @@ def _add_training_options(parser: argparse.ArgumentParser, *, single_run: bool) 
     parser.add_argument("--features-dir", default=None, help="features: directory of {split}_*.npy arrays")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_tags_options(parser, single_run=single_run)
+
+
+def _add_tags_options(parser: argparse.ArgumentParser, *, single_run: bool) -> None:
+    """``--tags`` and one ``--tags-<field>`` flag per TagsOptions field."""
+    from fne_fast.tags import TagsOptions
+
+    group = parser.add_argument_group("TAGS-DC (synthetic negative sentences, word discrimination and correction)")
+    if single_run:
+        group.add_argument("--tags", action="store_true", help="add TAGS-DC to the sampler")
+    else:
+        group.add_argument("--tags", choices=("off", "on", "both"), default="off",
+                           help="runs without TAGS-DC, with it, or both (one more arm per sampler)")
+    for option in TagsOptions.fields():
+        group.add_argument(f"--tags-{option.name.replace('_', '-')}", dest=f"tags_{option.name}",
+                           type=type(option.default), default=option.default,
+                           help=f"{option.metadata['help']} (default {option.default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(compare, single_run=False)
     compare.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
     compare.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    search = commands.add_parser("search", help="query a trained matcher over a split: the top images of a text, "
+                                                "or the top captions of an image")
+    search.add_argument("--checkpoint", required=True)
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="find the images of the split that match this text")
+    query.add_argument("--image", help="find the captions of the split that match this image file")
+    search.add_argument("--split", choices=("train", "val", "test"), default="test")
+    search.add_argument("--top", type=int, default=5, help="how many results")
+    search.add_argument("--device", default=None)
+    search.add_argument("--cache-dir", default=None, help="feature cache (default: the run's)")
     return parser
 
 
@@ -82,7 +111,15 @@ def _data_options(args) -> dict:
     return {option: getattr(args, name) for name, option in names.items() if getattr(args, name) is not None}
 
 
+def _tags_options(args):
+    from fne_fast.tags import TagsOptions
+
+    return TagsOptions(**{option.name: getattr(args, f"tags_{option.name}") for option in TagsOptions.fields()})
+
+
 def config_from_args(args, **overrides):
+    """The run's TrainConfig; ``overrides`` may set ``tags`` to a bool (TAGS-DC with the --tags-* options, or
+    not)."""
     from fne_fast.train import TrainConfig
 
     values = dict(dataset=args.dataset, bank_size=args.bank_size, k=args.k, epochs=args.epochs,
@@ -94,6 +131,7 @@ def config_from_args(args, **overrides):
                   data_options=_data_options(args), cache_dir=args.cache_dir, plots=not args.no_plots,
                   quiet=args.quiet)
     values.update(overrides)
+    values["tags"] = _tags_options(args) if values.get("tags") else None
     return TrainConfig(**values)
 
 
@@ -101,9 +139,10 @@ def _train(args) -> int:
     from fne_fast.evaluate import final_table
     from fne_fast.train import train
 
-    config = config_from_args(args, sampler=args.sampler, seed=args.seed, resume=args.resume)
+    config = config_from_args(args, sampler=args.sampler, seed=args.seed, resume=args.resume, tags=args.tags)
     history = train(config)
-    print(final_table(history, title=f"{config.dataset}, sampler {config.sampler}, seed {config.seed}"))
+    arm = f"{config.sampler}{'+tags' if config.tags else ''}"
+    print(final_table(history, title=f"{config.dataset}, sampler {arm}, seed {config.seed}"))
     return 0
 
 
@@ -112,7 +151,9 @@ def _evaluate(args) -> int:
     from fne_fast.models import MatchingHeads
     from fne_fast.train import TrainConfig, load_splits
 
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    from fne_fast.matcher import read_checkpoint
+
+    state = read_checkpoint(args.checkpoint)
     config = TrainConfig(**{**state["config"], "device": args.device or state["config"]["device"]})
     split = load_splits(config)[args.split]
     heads = MatchingHeads(split.image_features.shape[1], split.text_features.shape[1], config.joint_dim,
@@ -131,12 +172,15 @@ def _compare(args) -> int:
     first = config_from_args(args, sampler=args.samplers[0], seed=args.seeds[0])
     splits = load_splits(first)
     histories = {}
+    tags_arms = {"off": (False,), "on": (True,), "both": (False, True)}[args.tags]
     for sampler in args.samplers:
-        for seed in args.seeds:
-            out = os.path.join(args.out, f"{sampler}-seed{seed}")
-            config = config_from_args(args, sampler=sampler, seed=seed, out=out, resume=True)
-            print(f"== {sampler}, seed {seed} -> {out}", flush=True)
-            histories[(sampler, seed)] = train(config, splits)
+        for tags in tags_arms:
+            arm = f"{sampler}+tags" if tags else sampler
+            for seed in args.seeds:
+                out = os.path.join(args.out, f"{arm}-seed{seed}")
+                config = config_from_args(args, sampler=sampler, seed=seed, out=out, resume=True, tags=tags)
+                print(f"== {arm}, seed {seed} -> {out}", flush=True)
+                histories[(arm, seed)] = train(config, splits)
     table = comparison_table(histories, dataset=args.dataset, command=" ".join(["fne-fast", *args.argv]))
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as stream:
         stream.write(table)
@@ -144,11 +188,62 @@ def _compare(args) -> int:
     return 0
 
 
+def _search(args) -> int:
+    from fne_fast.data import load_raw_split
+    from fne_fast.matcher import matcher_from_state, read_checkpoint, top_matches
+    from fne_fast.train import TrainConfig, load_splits
+
+    if args.top < 1:
+        raise SystemExit(f"fne-fast search: --top must be >= 1, got {args.top}")
+    try:
+        state = read_checkpoint(args.checkpoint)
+        overrides = {"device": args.device or state["config"]["device"], "quiet": True}
+        if args.cache_dir:
+            overrides["cache_dir"] = args.cache_dir
+        config = TrainConfig(**{**state["config"], **overrides})
+        matcher = matcher_from_state(state, config.device)
+        split = load_splits(config)[args.split]
+        if args.text is not None:
+            query, candidates = matcher.encode_texts([args.text])[0], matcher.embed_image_features(split.image_features)
+        else:
+            query, candidates = matcher.encode_images([args.image])[0], matcher.embed_text_features(split.text_features)
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        raise SystemExit(f"fne-fast search: {error}") from None
+    names = captions = None
+    if config.dataset != "features":
+        raw = load_raw_split(config.dataset, args.split, **config.data_options)
+        # The split's rows: a --limit run keeps the first images and their captions (FeatureSplit.first_images).
+        names = raw.image_names
+        captions = [text for text, image in zip(raw.captions, raw.caption_image)
+                    if config.limit is None or image < config.limit]
+    caption_image = split.caption_image.tolist()
+    first_caption = {}
+    for row, image in enumerate(caption_image):
+        first_caption.setdefault(image, row)
+
+    def image_label(image: int) -> str:
+        if names is None:
+            return f"image {image}"
+        caption = captions[first_caption[image]] if image in first_caption else ""
+        return f"{names[image]}  ({caption})"
+
+    target = "images" if args.text is not None else "captions"
+    print(f"top {target} of the {config.dataset} {args.split} split for {args.text or args.image!r}:")
+    for rank, (index, score) in enumerate(top_matches(query, candidates, args.top), start=1):
+        if args.text is not None:
+            label = image_label(index)
+        else:
+            text = captions[index] if captions is not None else f"caption {index}"
+            label = f"{text}  [{image_label(caption_image[index])}]"
+        print(f"{rank:3d}. {score:.3f}  {label}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # the results table quotes the command that produced it
-    return {"train": _train, "eval": _evaluate, "compare": _compare}[args.command](args)
+    return {"train": _train, "eval": _evaluate, "compare": _compare, "search": _search}[args.command](args)
 
 
 if __name__ == "__main__":

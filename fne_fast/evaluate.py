@@ -80,6 +80,10 @@ def final_table(history: list[dict], title: str) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {last[f'{prefix}rsum']:.1f} |")
     lines += ["", f"FN rate of chosen negatives {_percent(last['fn_rate'])}, fallback "
                   f"{_percent(last['fallback_rate'])}, mean P_fn {_percent(last['mean_p_fn'])}"]
+    if last.get("swap_acc") is not None:
+        kinds = ", ".join(f"{kind} {last[f'swap_acc_{kind}']:.1f}%" for kind in ("object", "attribute", "relation")
+                          if last.get(f"swap_acc_{kind}") is not None)
+        lines.append(f"One-word-swap accuracy {last['swap_acc']:.1f}% ({kinds})")
     return "\n".join(lines)
 
 
@@ -92,21 +96,23 @@ def _mean_std(values: list[float]) -> str:
 
 
 def comparison_table(histories: dict[tuple[str, int], list[dict]], *, dataset: str, command: str) -> str:
-    """Samplers × seeds -> Markdown: mean ± std over seeds of the last epoch's R@1, rsum, group rsum, and the
-    false-negative rate (all chosen negatives; those the sampler drew itself, without the fallbacks) and the
-    fallback rate of the last epoch's chosen negatives (in percent)."""
+    """Samplers × seeds -> Markdown: mean ± std over seeds of the last epoch's R@1, rsum, group rsum, the
+    false-negative rate (all chosen negatives; those the sampler drew itself, without the fallbacks), the
+    fallback rate of the last epoch's chosen negatives (in percent) and the one-word-swap accuracy (overall and
+    per swapped word kind). A sampler name may carry "+tags" (the TAGS-DC arm)."""
     samplers = list(dict.fromkeys(sampler for sampler, _ in histories))
     lines = [f"#### {dataset}", "", f"`{command}`", "",
              "| sampler | seeds | R@1 i2t | R@1 t2i | rsum | group rsum | FN rate % | FN rate sampled % | "
-             "fallback % |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "fallback % | swap acc % | swap object / attribute / relation % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for sampler in samplers:
         lasts = [history[-1] for (name, _), history in histories.items() if name == sampler and history]
 
         def column(key, scale=1.0):
             return _mean_std([row[key] * scale for row in lasts if row.get(key) is not None])
 
+        kinds = " / ".join(column(f"swap_acc_{kind}") for kind in ("object", "attribute", "relation"))
         lines.append(f"| {sampler} | {len(lasts)} | {column('i2t_r1')} | {column('t2i_r1')} | {column('rsum')} | "
                      f"{column('group_rsum')} | {column('fn_rate', 100)} | {column('fn_rate_sampled', 100)} | "
-                     f"{column('fallback_rate', 100)} |")
+                     f"{column('fallback_rate', 100)} | {column('swap_acc')} | {kinds} |")
     return "\n".join(lines) + "\n"

@@ -19,10 +19,11 @@ import torch
 
 from fne_fast.bank import MemoryBank
 from fne_fast.data import DATASETS, SPLITS, FeatureSplit
-from fne_fast.data.features import atomic_save
+from fne_fast.data.features import atomic_save, default_cache_dir
 from fne_fast.evaluate import embed_split, retrieval_metrics
 from fne_fast.loss import DIAGNOSTIC_KEYS, SAMPLERS, FNELoss
 from fne_fast.models import MatchingHeads
+from fne_fast.tags import TagsOptions
 
 __all__ = ["TrainConfig", "train", "load_splits", "CHECKPOINT_NAME", "METRICS_NAME"]
 
@@ -63,6 +64,7 @@ class TrainConfig:
     limit: int | None = None
     steps_per_epoch: int | None = None
     data_options: dict = field(default_factory=dict)
+    tags: TagsOptions | None = None  # TAGS-DC beside the sampler (None: off); a dict is accepted, as stored
     cache_dir: str | None = None
     plots: bool = True
     quiet: bool = False
@@ -72,6 +74,8 @@ class TrainConfig:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if isinstance(self.tags, dict):
+            self.tags = TagsOptions(**self.tags)
         if self.bank_dtype not in _BANK_DTYPES:
             raise ValueError(f"bank_dtype must be one of {tuple(_BANK_DTYPES)}, got {self.bank_dtype!r}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
@@ -109,7 +113,7 @@ def load_splits(config: TrainConfig) -> dict[str, FeatureSplit]:
 class _Run:
     """The evolving state of one training run, and its checkpoint."""
 
-    def __init__(self, config: TrainConfig, train_split: FeatureSplit):
+    def __init__(self, config: TrainConfig, train_split: FeatureSplit, texts):
         self.config = config
         device = torch.device(config.device)
         torch.manual_seed(config.seed)
@@ -123,6 +127,12 @@ class _Run:
                                  prior_k=config.prior_k, fn_margin=config.fn_margin, min_count=config.min_count,
                                  seed=config.seed, stats_momentum=config.stats_momentum, backend=config.backend,
                                  device=device)
+        self.tags = None
+        if config.tags is not None:
+            from fne_fast.tags.run import make_trainer
+
+            self.tags = make_trainer(config.tags, texts, train_split, seed=config.seed, device=device,
+                                     joint_dim=config.joint_dim, lr=config.lr, progress=not config.quiet)
         self.next_epoch = 0
         self.step = 0
         self.history: list[dict] = []
@@ -132,7 +142,7 @@ class _Run:
                 "heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "image_bank": self.image_bank.state_dict(), "text_bank": self.text_bank.state_dict(),
                 "stats": self.criterion.stats.state_dict(), "torch_rng": torch.get_rng_state(),
-                "history": self.history}
+                "history": self.history, "tags": self.tags.state_dict() if self.tags else None}
 
     def load_state_dict(self, state: dict) -> None:
         stored = {key: value for key, value in state["config"].items() if key not in _RESUMABLE_FIELDS}
@@ -148,6 +158,8 @@ class _Run:
         self.text_bank.load_state_dict(state["text_bank"])
         self.criterion.stats.load_state_dict(state["stats"])
         torch.set_rng_state(state["torch_rng"])
+        if self.tags:
+            self.tags.load_state_dict(state["tags"])
         self.next_epoch, self.step, self.history = state["next_epoch"], state["step"], list(state["history"])
 
 
@@ -179,6 +191,8 @@ def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, f
     num_batches = _steps_per_epoch(config, order.numel())
     from tqdm import tqdm
 
+    if run.tags:
+        timing.update(run.tags.start_epoch(epoch, run.heads, split))
     bar = tqdm(order.split(config.batch_size)[:num_batches], total=num_batches, desc=f"epoch {epoch}", unit="step",
                disable=config.quiet, leave=False)
     for batch_number, captions in enumerate(bar):
@@ -198,13 +212,20 @@ def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, f
                                           text_bank=run.text_bank, step=run.step, warmup=warmup,
                                           group_of_id=group_of_id, update_stats=False)
         sampled = _clock(device)
+        if run.tags:
+            loss = loss + run.tags.step(batch_number, run.heads, split)
+        tags_loss = _clock(device)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
+        if run.tags:
+            run.tags.optimizer_step()
         run.heads.update_momentum()
         finished = _clock(device)
 
-        timing["heads"] += (heads_forward - started) + (finished - sampled)
+        timing["heads"] += (heads_forward - started) + (finished - tags_loss)
+        if run.tags:
+            timing["tags_loss"] = timing.get("tags_loss", 0.0) + tags_loss - sampled
         timing["bank_update"] += enqueued - heads_forward
         timing["statistics"] += stats_updated - enqueued
         timing["sampling_and_loss"] += sampled - stats_updated
@@ -237,16 +258,25 @@ def _steps_per_epoch(config: TrainConfig, num_pairs: int) -> int:
     return num_batches if config.steps_per_epoch is None else min(num_batches, config.steps_per_epoch)
 
 
-def _evaluate(run: _Run, split: FeatureSplit) -> dict:
+def _evaluate(run: _Run, split: FeatureSplit, swap_test=None) -> dict:
     image, text = embed_split(run.heads, split, torch.device(run.config.device))
-    return retrieval_metrics(image, text, split.caption_image, split.image_group)
+    metrics = retrieval_metrics(image, text, split.caption_image, split.image_group)
+    if swap_test is not None:
+        metrics.update(swap_test.metrics(run.heads, image, text, split.caption_image))
+    return metrics
 
 
 def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None) -> list[dict]:
     """Trains (or resumes) a run in ``config.out``; returns the per-epoch metrics (also in metrics.jsonl)."""
+    from fne_fast.tags.run import SwapEvaluation, text_corpus, write_examples
+
     os.makedirs(config.out, exist_ok=True)
     splits = splits or load_splits(config)
-    run = _Run(config, splits["train"])
+    texts = text_corpus(config.dataset, config.data_options, config.cache_dir or default_cache_dir(), config.limit,
+                        progress=not config.quiet)
+    swap_test = SwapEvaluation(texts, config.cache_dir or default_cache_dir(), config.device,
+                               progress=not config.quiet)
+    run = _Run(config, splits["train"], texts)
     checkpoint_path = os.path.join(config.out, CHECKPOINT_NAME)
     if config.resume and os.path.exists(checkpoint_path):
         run.load_state_dict(torch.load(checkpoint_path, map_location=config.device, weights_only=False))
@@ -263,7 +293,12 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None) ->
         timing = dict.fromkeys(("heads", "sampling_and_loss", "bank_update", "statistics"), 0.0)
         row = {"epoch": epoch, "sampler": config.sampler, "seed": config.seed}
         row.update(_train_epoch(run, splits["train"], epoch, timing))
-        row.update(_evaluate(run, splits["test"]))
+        if run.tags:
+            tags_metrics, tags_timing = run.tags.finish_epoch(epoch, run.heads, splits["train"], splits["val"])
+            row.update(tags_metrics)
+            timing.update(tags_timing)
+            write_examples(config.out, run.tags)
+        row.update(_evaluate(run, splits["test"], swap_test))
         row["val_rsum"] = _evaluate(run, splits["val"])["rsum"]
         run.history.append(row)
         run.next_epoch = epoch + 1
@@ -292,7 +327,8 @@ def _read_jsonl(path: str) -> list[dict]:
 
 def _epoch_line(row: dict) -> str:
     fn_rate = "n/a" if row["fn_rate"] is None else f"{100 * row['fn_rate']:.1f}%"
+    swap = "n/a" if row.get("swap_acc") is None else f"{row['swap_acc']:.1f}%"
     return (f"epoch {row['epoch']}{' (warm-up)' if row['warmup'] else ''}: loss {row['loss']:.4f}  "
             f"i2t R@1/5/10 {row['i2t_r1']:.1f}/{row['i2t_r5']:.1f}/{row['i2t_r10']:.1f}  "
             f"t2i R@1/5/10 {row['t2i_r1']:.1f}/{row['t2i_r5']:.1f}/{row['t2i_r10']:.1f}  rsum {row['rsum']:.1f}  "
-            f"FN rate {fn_rate}  fallback {100 * row['fallback_rate']:.1f}%")
+            f"FN rate {fn_rate}  fallback {100 * row['fallback_rate']:.1f}%  swap {swap}")

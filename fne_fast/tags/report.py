@@ -14,7 +14,8 @@ from fne_fast.tags.vocab import UNKNOWN
 __all__ = ["word_level_metrics", "examples_section", "EXAMPLES_NAME"]
 
 EXAMPLES_NAME = "examples.md"
-_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~])")
+# Characters that would start emphasis, code, links, tables or HTML inside a list item.
+_MARKDOWN = re.compile(r"([\\`*_\[\]<>|~])")
 
 
 @torch.no_grad()
