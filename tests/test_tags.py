@@ -162,9 +162,13 @@ def test_without_groups_only_the_images_own_captions_are_copies():
     assert checker.reason_to_drop(1, RED_CAR, bike, "a red bike on a bridge", set()) == "copy"
 
 
-def test_positive_check_also_catches_reordered_keyword_lists():
+def test_reordered_keyword_lists_are_copies_and_the_positive_check_is_broader():
     checker = _filter()
+    assert checker.reason_to_drop(0, RED_CAR, {1: ("car", "car")}, "red, car", set()) == "copy"
     assert checker.is_positive(0, RED_CAR, {1: ("car", "car")}, "red, car")
+    # Only words of the group's captions: kept by the filter, flagged by the (upper-bound) positive check.
+    assert checker.reason_to_drop(0, RED_CAR, {1: ("car", "car")}, "car, car", set()) is None
+    assert checker.is_positive(0, RED_CAR, {1: ("car", "car")}, "car, car")
     assert not checker.is_positive(0, RED_CAR, {2: ("bike", "bike")}, "a red bike on a bridge")
     assert normalise("  A red-car!! ") == "a red car"
 

@@ -1,10 +1,13 @@
-"""Which refilled sentences are kept as negatives, and which would really be positives.
+"""Which refilled sentences are kept as negatives, and which may really be positives.
 
-A candidate is dropped when it is a *copy* (equal, after normalising case and punctuation, to a caption of its
-image or, where the data has semantic groups, of any image of the group), a *duplicate* of an earlier candidate
-of the same caption, or a *synonym* swap (every changed word is another form or a WordNet synonym of the word it
-replaced). The positive check the trainer reports is broader than the filter: it also counts a candidate whose
-words are, in any order, those of a group caption (CLDR keyword lists are unordered).
+A candidate is dropped when it is a *copy* (equal to a caption of its image or, where the data has semantic
+groups, of any image of the group, after normalising case and punctuation and ignoring word order: CLDR keyword
+lists are unordered), a *duplicate* of an earlier candidate of the same caption, or a *synonym* swap (every
+changed word is another form or a WordNet synonym of the word it replaced).
+
+The positive check the trainer reports is broader than the filter: it also flags a candidate written only with
+words of the group's captions ("face, face, grinning face" for "face, grin, grinning face", or a variant's words).
+Some of those are real negatives (two words of a caption swapped), so the share it reports is an upper bound.
 """
 
 from __future__ import annotations
@@ -35,34 +38,34 @@ class CandidateFilter:
                  synonyms: Synonyms):
         self.synonyms = synonyms
         self.caption_group = [image if image_group is None else int(image_group[image]) for image in caption_image]
-        self.group_texts: dict[int, set[str]] = {}
         self.group_bags: dict[int, set[tuple[str, ...]]] = {}
+        self.group_words: dict[int, set[str]] = {}
         for caption, group in zip(captions, self.caption_group):
-            self.group_texts.setdefault(group, set()).add(normalise(caption))
             self.group_bags.setdefault(group, set()).add(_bag(caption))
+            self.group_words.setdefault(group, set()).update(normalise(caption).split())
 
     def _only_same_meaning(self, caption: ParsedCaption, replacements: dict[int, tuple[str, str]]) -> bool:
         return all(self.synonyms.same_meaning(caption.words[position], caption.lemmas[position], word, lemma)
                    for position, (word, lemma) in replacements.items())
 
     def reason_to_drop(self, caption_index: int, caption: ParsedCaption, replacements: dict[int, tuple[str, str]],
-                       text: str, seen: set[str]) -> str | None:
+                       text: str, seen: set[tuple[str, ...]]) -> str | None:
         """One of DROP_REASONS, or None to keep. ``replacements``: position -> (new word, its lemma); ``seen``:
-        the normalised texts of the caption's candidates kept so far (this call adds the candidate's)."""
-        normalised = normalise(text)
-        if normalised in self.group_texts[self.caption_group[caption_index]]:
+        the candidates of the caption kept so far, as word bags (this call adds the candidate's)."""
+        bag = _bag(text)
+        if bag in self.group_bags[self.caption_group[caption_index]]:
             return "copy"
-        if normalised in seen:
+        if bag in seen:
             return "duplicate"
         if self._only_same_meaning(caption, replacements):
             return "synonym"
-        seen.add(normalised)
+        seen.add(bag)
         return None
 
     def is_positive(self, caption_index: int, caption: ParsedCaption, replacements: dict[int, tuple[str, str]],
                     text: str) -> bool:
-        """Whether the candidate really describes its image: a group caption up to word order, or only
-        synonym / inflection changes."""
+        """Whether the candidate may describe its image: a group caption up to word order, only synonym /
+        inflection changes, or only words of the group's captions."""
         group = self.caption_group[caption_index]
-        return (normalise(text) in self.group_texts[group] or _bag(text) in self.group_bags[group]
+        return (_bag(text) in self.group_bags[group] or set(normalise(text).split()) <= self.group_words[group]
                 or self._only_same_meaning(caption, replacements))

@@ -100,7 +100,7 @@ def build_pool(source: CaptionSource, vocabulary: Vocabulary, rows: list[int], i
 
     counts = dict.fromkeys(POOL_COUNTS, 0)
     kept_words, kept_owner, kept_positive, texts, changes, changed_flags, originals = [], [], [], [], [], [], []
-    seen: dict[int, set[str]] = {}
+    seen: dict[int, set[tuple[str, ...]]] = {}
     cursor = 0
     for index, version in versions:
         row, caption = rows[index], source.parsed[rows[index]]
