@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 namespace fne_fast {
@@ -111,6 +112,15 @@ void raise_if_not_finite(const bool* input_flags, bool bank_similarity_not_finit
   TORCH_CHECK_VALUE(!bank_similarity_not_finite,
                     "bank contains NaN or Inf (a similarity was not finite; pass check_finite=False to skip this "
                     "check)");
+}
+
+int64_t positive_int_from_env(const char* name, int64_t fallback) {
+  const char* text = std::getenv(name);
+  if (text == nullptr || *text == '\0') return fallback;
+  char* end = nullptr;
+  const long long value = std::strtoll(text, &end, 10);
+  TORCH_CHECK_VALUE(end != text && *end == '\0' && value >= 1, name, " must be a positive integer, got '", text, "'");
+  return value;
 }
 
 }  // namespace fne_fast

@@ -25,14 +25,16 @@ lacks, and log(1 - v) would lose small v to the rounding of 1 - v), and the logi
 from the statistics on the device (no host synchronisation to read them).
 
 Precision. Products are accumulated in float32. bf16/fp16 banks with anchors of the same dtype use the tensor
-cores natively. Float32 (or mixed) inputs are converted to float32 and use ``input_precision`` (default "tf32"
-on CUDA, which rounds the inputs to 10-bit mantissas; "ieee" or "tf32x3" are exact or nearly so, at lower speed).
+cores natively. Float32 (or mixed) inputs are converted to float32 and use ``input_precision``, which by default
+follows torch's TF32 setting like the cuBLAS GEMM of the CUDA backend: "ieee" (exact float32 products) unless
+``torch.backends.cuda.matmul.allow_tf32`` is on, then "tf32" (inputs rounded to 10-bit mantissas, faster).
 Under ``TRITON_INTERPRET=1`` everything runs in float32 with "ieee" (the interpreter's bf16 arithmetic is wrong).
 
-Dispatch. ``backend="triton"`` calls :func:`sample_negatives_triton` directly. Importing this module registers it
-as the CUDA kernel of ``fne_fast::sample_negatives`` only when no compiled CUDA kernel is registered, so
-``backend="auto"`` on CUDA tensors runs the compiled CUDA C++ kernel when it was built and this kernel otherwise.
-That rule stands until both are measured on a GPU (bench/gpu_roofline.py times both side by side).
+Dispatch. fne_fast/ops.py calls :func:`sample_negatives_triton` for ``backend="triton"``, and registers it for
+the CUDA key of ``fne_fast::sample_negatives`` when no compiled CUDA kernel was built, so ``backend="auto"`` on
+CUDA tensors runs the compiled CUDA C++ kernel when it exists and this kernel otherwise. That rule stands until
+both are measured on a GPU (bench/bench_sample_negatives_gpu.py times both side by side). This module imports
+only public modules of fne_fast (options, fne_math): it never imports ops, so there is no cycle.
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ["TritonConfig", "default_config", "sample_negatives_triton", "is_interpreted", "SERVES_CUDA_DISPATCH"]
+from fne_fast.checks import raise_if_not_finite
+from fne_fast.fne_math import fn_logit_threshold
+from fne_fast.options import SamplerOptions
+
+__all__ = ["TritonConfig", "default_config", "sample_negatives_triton", "is_interpreted"]
 
 # Philox4x32-10 constants (csrc/philox.h).
 PHILOX_M0 = tl.constexpr(0xD2511F53)
@@ -267,10 +273,13 @@ def _sample_negatives_kernel(
                 else:
                     s = tl.dot(a, b, s)
         bank_id = tl.load(bank_ids_ptr + cols * stride_bid, mask=col_ok, other=0)
-        non_positive = row_ok[:, None] & col_ok[None, :] & (bank_id[None, :] != anchor_id[:, None])
+        # A non-finite similarity (NaN or Inf inputs, or float32 overflow) is never a candidate, as in the C++
+        # kernels; abs(NaN) <= FLOAT_MAX is false.
+        finite = tl.abs(s) <= FLOAT_MAX
+        live = row_ok[:, None] & col_ok[None, :]
+        non_positive = live & finite & (bank_id[None, :] != anchor_id[:, None])
         if CHECK_FINITE:
-            bad = tl.where(row_ok[:, None] & col_ok[None, :], tl.where(tl.abs(s) <= FLOAT_MAX, 0, 1), 0)
-            saw_non_finite = saw_non_finite | tl.max(bad, axis=1)
+            saw_non_finite = saw_non_finite | tl.max(tl.where(live & ~finite, 1, 0), axis=1)
         global_base = col_offset + tile_start
 
         # Hardest non-positive candidates (the fallback; the answer in mode "hardest").
@@ -378,7 +387,7 @@ class TritonConfig:
     num_warps: int = 4
     num_stages: int = 3
     num_splits: int | None = None
-    input_precision: str = "tf32"
+    input_precision: str | None = None  # None: "tf32" where torch.backends.cuda.matmul.allow_tf32, else "ieee"
     # Register cap per thread (ptxas otherwise takes up to 255 for the epilogue, one or two programs per SM);
     # 168 lets three 4-warp programs share an SM without spilling at 64x64 tiles (ptxas -v, sm_90).
     maxnreg: int | None = None
@@ -406,6 +415,12 @@ def default_config(num_rows: int, dim: int, k: int, low_precision: bool, device:
     return TritonConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=3)
 
 
+def _input_precision(config: TritonConfig) -> str:
+    if config.input_precision is not None:
+        return config.input_precision
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
 def _num_splits(config: TritonConfig, row_blocks: int, tiles: int, k: int, device: torch.device) -> int:
     """Enough programs to fill the device, at most one per tile, and few enough that the merge kernel's row of
     splits · k partial entries stays a register-sized block."""
@@ -418,17 +433,11 @@ def _num_splits(config: TritonConfig, row_blocks: int, tiles: int, k: int, devic
     return max(1, min(wanted, tiles, MAX_MERGE_WIDTH // triton.next_power_of_2(k)))
 
 
-def _check_finite_host(tensors: dict) -> None:
-    for name, tensor in tensors.items():
-        if not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{name} contains NaN or Inf (pass check_finite=False to skip this check)")
-
-
-def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, *, k=1, mode="fne",
-                            margin=0.2, tau=0.5, prior_k=10000.0, fn_margin=0.999, min_count=200, cutdown=True,
-                            step=0, row_offset=0, col_offset=0, filled=None, seed=0, check_finite=True,
-                            config: TritonConfig | None = None):
-    """``fne_fast.sample_negatives`` on the Triton kernels; arguments as validated by fne_fast.ops.
+def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
+                            options: SamplerOptions = SamplerOptions(), *, seed=0, step=0, row_offset=0,
+                            col_offset=0, filled=None, check_finite=True, config: TritonConfig | None = None):
+    """``fne_fast.sample_negatives`` on the Triton kernels, for arguments already checked (fne_fast.ops checks
+    them before calling this).
 
     ``seed`` is an int in [0, 2⁶⁴). ``config`` overrides the tile sizes (tests and benchmarks). With
     ``check_finite`` the kernel flags non-finite similarities, positive_sim or stats, and the flag is read back
@@ -437,12 +446,13 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
     if anchors.device.type == "cpu" and not is_interpreted():
         raise RuntimeError("the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1, which must be set "
                            "before fne_fast.kernels is imported")
+    k, mode = options.k, options.mode
     num_rows, num_cols = anchors.shape[0], bank.shape[0]
     filled = num_cols if filled is None else int(filled)
     device = anchors.device
     if num_rows == 0 or filled == 0:
         if check_finite and num_rows:
-            _check_finite_host({"anchors": anchors, "positive_sim": positive_sim, "stats": stats})
+            raise_if_not_finite(anchors, positive_sim, stats)
         return (torch.full((num_rows, k), -1, dtype=torch.int64, device=device),
                 torch.zeros((num_rows, k), dtype=torch.float32, device=device),
                 torch.zeros((num_rows, k), dtype=torch.bool, device=device))
@@ -468,9 +478,6 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
         race_key, race_idx, race_sim = hard_key, hard_idx, hard_sim
     flags = torch.empty(row_blocks * splits if check_finite else 1, dtype=torch.int32, device=device)
 
-    z_threshold = 1.0 - fn_margin  # P_fn must exceed it: z > logit(1 - fn_margin)
-    z_threshold = (-math.inf if z_threshold <= 0 else math.inf if z_threshold >= 1
-                   else math.log(z_threshold) - math.log1p(-z_threshold))
     dot_fp32 = interpreted or not low_precision
     _sample_negatives_kernel[(row_blocks, splits)](
         anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
@@ -479,11 +486,12 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
         anchors.stride(0), anchors.stride(1), bank.stride(0), bank.stride(1), positive_sim.stride(0),
         anchor_ids.stride(0), bank_ids.stride(0), stats.stride(0),
         col_offset, row_offset, step, seed & 0xFFFFFFFF, seed >> 32,
-        float(margin), float(tau), float(min_count), math.log(prior_k - 1.0), z_threshold,
+        options.margin, options.tau, float(options.min_count), math.log(options.prior_k - 1.0),
+        fn_logit_threshold(options.fn_margin),
         K=k, KP=kp, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        HAS_RACE=has_race, HAS_WEIGHTS=mode == "fne", HAS_CUTDOWN=has_race and bool(cutdown),
+        HAS_RACE=has_race, HAS_WEIGHTS=mode == "fne", HAS_CUTDOWN=has_race and options.cutdown,
         CHECK_FINITE=bool(check_finite), DOT_FP32=dot_fp32,
-        INPUT_PRECISION="ieee" if interpreted else config.input_precision,
+        INPUT_PRECISION="ieee" if interpreted else _input_precision(config),
         ONE_K_STEP=config.block_k >= anchors.shape[1],
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({} if interpreted or config.maxnreg is None else {"maxnreg": config.maxnreg}))
@@ -497,38 +505,6 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
         race_key, race_idx, race_sim, hard_key, hard_idx, hard_sim, index, sim, valid, num_rows, width,
         K=k, BLOCK_R=block_r, BLOCK_W=block_w, HAS_RACE=has_race, num_warps=4)
     if check_finite and bool(flags.any()):
-        raise ValueError("anchors, bank, positive_sim or stats contain NaN or Inf (a similarity or input was not "
-                         "finite; pass check_finite=False to skip this check)")
+        # Which input it was is worked out on the host, only on this error path.
+        raise_if_not_finite(anchors, positive_sim, stats, similarities_finite=False)
     return index, sim, valid
-
-
-def _sample_negatives_op(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k, mode, margin, tau, prior_k,
-                         fn_margin, min_count, cutdown, seed, step, row_offset, col_offset, filled, check_finite):
-    """The schema's calling convention (csrc/fne_fast.cpp), for the dispatcher's CUDA key."""
-    from fne_fast.ops import _check_arguments
-
-    _check_arguments(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k, mode, tau, prior_k, fn_margin,
-                     min_count, step, row_offset, col_offset, filled, "triton")
-    return sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k=k, mode=mode,
-                                   margin=margin, tau=tau, prior_k=prior_k, fn_margin=fn_margin,
-                                   min_count=min_count, cutdown=cutdown, step=step, row_offset=row_offset,
-                                   col_offset=col_offset, filled=filled, seed=seed % (1 << 64),
-                                   check_finite=check_finite)
-
-
-def _register_as_cuda_kernel():
-    """The Triton kernel serves the CUDA dispatch key when no compiled CUDA kernel was built (see module doc)."""
-    name = "fne_fast::sample_negatives"
-    try:
-        if torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"):
-            return None
-    except RuntimeError:  # the schema is not loaded (fne_fast._C missing): nothing to register against
-        return None
-    library = torch.library.Library("fne_fast", "IMPL")
-    library.impl("sample_negatives", _sample_negatives_op, "CUDA")
-    return library
-
-
-_CUDA_REGISTRATION = _register_as_cuda_kernel()  # keeps the registration alive for the life of the process
-# Whether this kernel serves the CUDA key (no compiled CUDA kernel was built): benchmarks label backends with it.
-SERVES_CUDA_DISPATCH = _CUDA_REGISTRATION is not None

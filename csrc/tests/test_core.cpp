@@ -86,7 +86,12 @@ void test_gumbel_bits_limit() {
 void test_log_weight() {
   const float stats[5] = {0.3f, 0.04f, 0.0f, 0.05f, 500.0f};
   const double tau = 2.0, prior_k = 10000.0, fn_margin = 0.999;
-  const fne_fast::WeightParams params = fne_fast::make_weight_params(stats, 2.0f, prior_k, fn_margin, 200);
+  fne_fast::SamplerConfig config{};
+  config.tau = 2.0f;
+  config.prior_k = prior_k;
+  config.fn_margin = fn_margin;
+  config.min_count = 200;
+  const fne_fast::WeightParams params = fne_fast::make_weight_params(stats, config);
   expect(params.bayes, "the Bayesian branch is on above min_count");
   int bayes_pairs = 0, base_pairs = 0;
   for (double s = -0.5; s <= 1.2; s += 0.0137) {
@@ -104,9 +109,9 @@ void test_log_weight() {
   expect(bayes_pairs > 5 && base_pairs > 5, "both branches of the weight are exercised");
 
   const float few[5] = {0.3f, 0.04f, 0.0f, 0.05f, 200.0f};
-  expect(!fne_fast::make_weight_params(few, 2.0f, prior_k, fn_margin, 200).bayes, "n+ must exceed min_count");
+  expect(!fne_fast::make_weight_params(few, config).bayes, "n+ must exceed min_count");
   const float degenerate[5] = {0.3f, 0.0f, 0.0f, 0.05f, 500.0f};
-  expect(!fne_fast::make_weight_params(degenerate, 2.0f, prior_k, fn_margin, 200).bayes,
+  expect(!fne_fast::make_weight_params(degenerate, config).bayes,
          "a zero variance turns the Bayesian branch off");
 }
 
