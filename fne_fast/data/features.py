@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-from fne_fast.data import DatasetFormatError, FeatureSplit, RawSplit, group_ids
+from fne_fast.data.core import DatasetFormatError, FeatureSplit, RawSplit, group_ids
 from fne_fast.io import atomic_save
 
 __all__ = ["default_cache_dir", "encode_split", "cached_feature_split", "load_feature_arrays"]
