@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 namespace fne_fast {
@@ -26,7 +27,7 @@ SamplerMode parse_mode(c10::string_view mode) {
 SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::Tensor& bank,
                                           const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
                                           const at::Tensor& bank_ids, const at::Tensor& stats, int64_t k,
-                                          c10::string_view mode, double margin, double tau, double prior_k,
+                                          c10::string_view mode, double margin, double tau, double fn_tau, double prior_k,
                                           double fn_margin, int64_t min_count, bool cutdown, int64_t seed,
                                           int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled,
                                           bool check_finite) {
@@ -68,6 +69,7 @@ SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::T
   TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
   TORCH_CHECK_VALUE(std::isfinite(margin), "margin must be finite, got ", margin);
   TORCH_CHECK_VALUE(std::isfinite(tau) && tau >= 0.0, "tau must be finite and >= 0, got ", tau);
+  TORCH_CHECK_VALUE(fn_tau >= 0.0, "fn_tau must be >= 0 (inf removes likely false negatives), got ", fn_tau);
   TORCH_CHECK_VALUE(std::isfinite(prior_k) && prior_k > 1.0, "prior_k must be finite and > 1, got ", prior_k);
   TORCH_CHECK_VALUE(fn_margin >= 0.0 && fn_margin <= 1.0, "fn_margin must be in [0, 1], got ", fn_margin);
   TORCH_CHECK_VALUE(min_count >= 0, "min_count must be >= 0, got ", min_count);
@@ -85,6 +87,7 @@ SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::T
   config.mode = parse_mode(mode);
   config.margin = static_cast<float>(margin);
   config.tau = static_cast<float>(tau);
+  config.fn_tau = static_cast<float>(fn_tau);
   config.prior_k = prior_k;
   config.fn_margin = fn_margin;
   config.min_count = min_count;
@@ -111,6 +114,15 @@ void raise_if_not_finite(const bool* input_flags, bool bank_similarity_not_finit
   TORCH_CHECK_VALUE(!bank_similarity_not_finite,
                     "bank contains NaN or Inf (a similarity was not finite; pass check_finite=False to skip this "
                     "check)");
+}
+
+int64_t positive_int_from_env(const char* name, int64_t fallback) {
+  const char* text = std::getenv(name);
+  if (text == nullptr || *text == '\0') return fallback;
+  char* end = nullptr;
+  const long long value = std::strtoll(text, &end, 10);
+  TORCH_CHECK_VALUE(end != text && *end == '\0' && value >= 1, name, " must be a positive integer, got '", text, "'");
+  return value;
 }
 
 }  // namespace fne_fast

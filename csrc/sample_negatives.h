@@ -11,28 +11,13 @@
 
 namespace fne_fast {
 
-struct SamplerConfig {
-  int64_t k;
-  SamplerMode mode;
-  float margin;
-  float tau;
-  double prior_k;
-  double fn_margin;
-  int64_t min_count;
-  bool cutdown;
-  uint64_t seed;
-  uint32_t step;
-  uint32_t row_offset;
-  int64_t col_offset;
-  int64_t filled;
-  bool check_finite;
-};
 
-// Validates every argument (TORCH_CHECK messages name the argument) and returns the parsed configuration.
+// Validates every argument (TORCH_CHECK messages name the argument) and returns the parsed configuration
+// (SamplerConfig, in fne_math.h so that device code can take it by value).
 SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::Tensor& bank,
                                           const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
                                           const at::Tensor& bank_ids, const at::Tensor& stats, int64_t k,
-                                          c10::string_view mode, double margin, double tau, double prior_k,
+                                          c10::string_view mode, double margin, double tau, double fn_tau, double prior_k,
                                           double fn_margin, int64_t min_count, bool cutdown, int64_t seed,
                                           int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled,
                                           bool check_finite);
@@ -43,5 +28,9 @@ at::Tensor non_finite_input_flags(const at::Tensor& anchors, const at::Tensor& p
 
 // ... and the errors, in that order, then the bank's (detected inside the pass, from a non-finite similarity).
 void raise_if_not_finite(const bool* input_flags, bool bank_similarity_not_finite);
+
+// A positive integer from the environment variable `name` (tile and chunk sizes, for tests and tuning), or
+// `fallback` when it is unset or empty; anything else is an error naming the variable.
+int64_t positive_int_from_env(const char* name, int64_t fallback);
 
 }  // namespace fne_fast

@@ -17,9 +17,45 @@ import sys
 import torch  # noqa: F401  (loaded before fne_fast, whose compiled library links against it)
 
 from fne_fast.data import DATASETS
+from fne_fast.io import atomic_write_text
 from fne_fast.loss import SAMPLERS
+from fne_fast.options import SamplerOptions, option_fields
 
 __all__ = ["main", "build_parser"]
+
+# Sampler options that are flags (the op's mode follows --sampler).
+_OPTION_FLAGS = tuple(option for option in option_fields() if option.name != "mode")
+
+
+def _option_value(option):
+    """argparse type of a SamplerOptions field: converts the text, then applies the field's own check, so a bad
+    value is a one-line usage error naming the flag, before any data is read."""
+    convert = int if option.type == "int" else float  # float("inf") reads "inf"
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {option.type}, got {text!r}") from None
+        problem = option.metadata["check"](value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
+        return value
+
+    return parse
+
+
+def _add_sampler_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per SamplerOptions field, its default and help text taken from the field."""
+    for option in _OPTION_FLAGS:
+        flag = "--" + option.name.replace("_", "-")
+        if option.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=option.default,
+                                help=option.metadata["help"])
+        else:
+            default = "" if option.default is None else f" (default {option.default})"
+            parser.add_argument(flag, type=_option_value(option), default=option.default,
+                                help=option.metadata["help"] + default)
 
 
 def _add_training_options(parser: argparse.ArgumentParser, *, single_run: bool) -> None:
@@ -30,18 +66,13 @@ def _add_training_options(parser: argparse.ArgumentParser, *, single_run: bool) 
         parser.add_argument("--resume", action="store_true",
                             help="continue the run in --out from its last checkpoint (same numbers as one run)")
     parser.add_argument("--bank-size", type=int, default=8224)
-    parser.add_argument("--k", type=int, default=1, help="negatives sampled per anchor")
+    _add_sampler_options(parser)
     parser.add_argument("--epochs", type=int, default=5, help="including the warm-up epoch(s)")
     parser.add_argument("--warmup-epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", required=not single_run, default="runs/emoji-fne" if single_run else None)
-    parser.add_argument("--margin", type=float, default=0.2)
-    parser.add_argument("--tau", type=float, default=0.5)
-    parser.add_argument("--prior-k", type=float, default=10000.0)
-    parser.add_argument("--fn-margin", type=float, default=0.999)
-    parser.add_argument("--min-count", type=int, default=200)
     parser.add_argument("--stats-momentum", type=float, default=None,
                         help="EMA momentum of the running statistics (default: the authors' running mean)")
     parser.add_argument("--momentum", type=float, default=0.995, help="momentum of the key heads")
@@ -76,7 +107,7 @@ def _add_tags_options(parser: argparse.ArgumentParser, *, single_run: bool) -> N
                            help="runs without TAGS-DC, with it, or both (one more arm per sampler)")
     for option in TagsOptions.fields():
         group.add_argument(f"--tags-{option.name.replace('_', '-')}", dest=f"tags_{option.name}",
-                           type=type(option.default), default=option.default,
+                           type=_option_value(option), default=option.default,
                            help=f"{option.metadata['help']} (default {option.default})")
 
 
@@ -122,10 +153,10 @@ def config_from_args(args, **overrides):
     not)."""
     from fne_fast.train import TrainConfig
 
-    values = dict(dataset=args.dataset, bank_size=args.bank_size, k=args.k, epochs=args.epochs,
+    options = SamplerOptions(**{option.name: getattr(args, option.name) for option in _OPTION_FLAGS})
+    values = dict(dataset=args.dataset, options=options, bank_size=args.bank_size, epochs=args.epochs,
                   warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
-                  out=args.out, margin=args.margin, tau=args.tau, prior_k=args.prior_k, fn_margin=args.fn_margin,
-                  min_count=args.min_count, stats_momentum=args.stats_momentum, momentum=args.momentum,
+                  out=args.out, stats_momentum=args.stats_momentum, momentum=args.momentum,
                   bank_dtype=args.bank_dtype, backend=args.backend, image_size=args.image_size, limit=args.limit,
                   steps_per_epoch=args.steps_per_epoch,
                   data_options=_data_options(args), cache_dir=args.cache_dir, plots=not args.no_plots,
@@ -148,10 +179,9 @@ def _train(args) -> int:
 
 def _evaluate(args) -> int:
     from fne_fast.evaluate import embed_split, retrieval_metrics
+    from fne_fast.matcher import read_checkpoint
     from fne_fast.models import MatchingHeads
     from fne_fast.train import TrainConfig, load_splits
-
-    from fne_fast.matcher import read_checkpoint
 
     state = read_checkpoint(args.checkpoint)
     config = TrainConfig(**{**state["config"], "device": args.device or state["config"]["device"]})
@@ -182,8 +212,7 @@ def _compare(args) -> int:
                 print(f"== {arm}, seed {seed} -> {out}", flush=True)
                 histories[(arm, seed)] = train(config, splits)
     table = comparison_table(histories, dataset=args.dataset, command=" ".join(["fne-fast", *args.argv]))
-    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as stream:
-        stream.write(table)
+    atomic_write_text(os.path.join(args.out, "results.md"), table)
     print(table)
     return 0
 

@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from fne_fast.bank import MemoryBank
+from fne_fast.fne_math import bayes_active, false_negative_probability
 from fne_fast.ops import sample_negatives
-from fne_fast.reference import bayes_active, false_negative_probability
+from fne_fast.options import SamplerOptions
 from fne_fast.stats import RunningStats
 
-__all__ = ["FNELoss", "SAMPLERS", "DIAGNOSTIC_KEYS"]
+__all__ = ["FNELoss", "SAMPLERS", "DIAGNOSTIC_KEYS", "sampler_mode"]
 
 SAMPLERS = ("fne", "hardest", "uniform", "inbatch-hardest")
 # Per-step sums, kept on the device; a trainer adds them up and divides once per epoch (no sync per step).
@@ -27,20 +28,25 @@ DIAGNOSTIC_KEYS = ("slots", "fallback", "p_fn_sum", "p_fn_slots", "false_negativ
 _TEXT_TO_IMAGE_SEED_OFFSET = 0x9E3779B97F4A7C15
 
 
-class FNELoss(nn.Module):
-    """Loss and diagnostics of one batch; owns the running similarity statistics (reset each epoch)."""
+def sampler_mode(sampler: str) -> str:
+    """The op's mode for a bank sampler (``inbatch-hardest`` samples nothing from the bank: mode "hardest" is
+    its nominal value)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    return "hardest" if sampler == "inbatch-hardest" else sampler
 
-    def __init__(self, sampler: str = "fne", *, k: int = 1, margin: float = 0.2, tau: float = 0.5,
-                 prior_k: float = 10000.0, fn_margin: float = 0.999, min_count: int = 200, cutdown: bool = True,
-                 seed: int = 0, stats_momentum: float | None = None, backend: str = "auto",
-                 device: torch.device | str = "cpu"):
+
+class FNELoss(nn.Module):
+    """Loss and diagnostics of one batch; owns the running similarity statistics (reset each epoch).
+
+    ``options`` are the op's (its ``mode`` is set from ``sampler``); ``margin`` is also the hinge's."""
+
+    def __init__(self, sampler: str = "fne", options: SamplerOptions = SamplerOptions(), *, seed: int = 0,
+                 stats_momentum: float | None = None, backend: str = "auto", device: torch.device | str = "cpu"):
         super().__init__()
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        self.sampler, self.k, self.margin = sampler, k, margin
-        self.op_options = dict(k=k, margin=margin, tau=tau, prior_k=prior_k, fn_margin=fn_margin,
-                               min_count=min_count, cutdown=cutdown, backend=backend)
-        self.prior_k, self.min_count, self.seed = prior_k, min_count, seed
+        self.sampler = sampler
+        self.options = options.replace(mode=sampler_mode(sampler))
+        self.backend, self.seed = backend, seed
         self.stats = RunningStats(device, stats_momentum)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, image_key: torch.Tensor, text_key: torch.Tensor,
@@ -69,26 +75,24 @@ class FNELoss(nn.Module):
     def _bank_direction(self, anchors, positive_keys, ids, bank: MemoryBank, stats, seed, step, group_of_id,
                         diagnostics) -> torch.Tensor:
         positive_sim = (anchors * positive_keys.to(anchors.dtype)).sum(dim=1)
-        op_mode = "hardest" if self.sampler == "hardest" else self.sampler
         # Selection runs in float32 whatever the anchors' dtype (float64 in gradient checks): it is not
         # differentiated, and the gather below recomputes the chosen similarities in the anchors' dtype.
-        index, chosen_sim, valid = sample_negatives(
+        index, chosen_sim, valid, key = sample_negatives(
             anchors.detach().float(), bank.features, positive_sim.detach().float(), ids, bank.ids, stats,
-            mode=op_mode, seed=seed, step=step, filled=bank.filled, **self.op_options)
+            seed=seed, step=step, filled=bank.filled, backend=self.backend, return_keys=True,
+            **self.options.as_kwargs())
         negatives = bank.features[index.clamp(min=0)].to(anchors.dtype)  # [B, k, D]
         negative_sim = torch.einsum("bd,bkd->bk", anchors, negatives)
         weight = valid.to(anchors.dtype)
-        hinge = (self.margin + negative_sim - positive_sim.unsqueeze(1)).clamp(min=0) * weight
+        hinge = (self.options.margin + negative_sim - positive_sim.unsqueeze(1)).clamp(min=0) * weight
         loss = (hinge.sum(dim=1) / weight.sum(dim=1).clamp(min=1)).mean()
 
-        fell_back = torch.zeros_like(valid)
-        if self.sampler != "hardest" and self.op_options["cutdown"]:
-            # A sampled negative always beats the cut-down (s > μ⁺ - margin); a fallback never does.
-            fell_back = valid & (chosen_sim <= stats[0] - self.margin)
-            diagnostics["fallback"] += fell_back.sum()
+        # A fallback slot (no candidate left in the race: all cut down or of weight 0) has key -inf.
+        fell_back = valid & ~torch.isfinite(key) if self.sampler != "hardest" else torch.zeros_like(valid)
+        diagnostics["fallback"] += fell_back.sum()
         chosen_ids = bank.ids[index.clamp(min=0)]
-        _add_choice_diagnostics(diagnostics, chosen_sim, valid, ids, chosen_ids, stats, self.prior_k,
-                                self.min_count, group_of_id, sampled=valid & ~fell_back)
+        _add_choice_diagnostics(diagnostics, chosen_sim, valid, ids, chosen_ids, stats, self.options, group_of_id,
+                                sampled=valid & ~fell_back)
         return loss
 
     def _in_batch(self, image, text, ids, stats, group_of_id):
@@ -101,11 +105,10 @@ class FNELoss(nn.Module):
         total = sim.new_zeros(())
         for negative_sim, chosen in (masked.max(dim=1), masked.max(dim=0)):
             valid = torch.isfinite(negative_sim)
-            hinge = (self.margin + negative_sim - positive).clamp(min=0)
+            hinge = (self.options.margin + negative_sim - positive).clamp(min=0)
             total = total + torch.where(valid, hinge, torch.zeros_like(hinge)).mean()
             _add_choice_diagnostics(diagnostics, negative_sim.detach().float().unsqueeze(1), valid.unsqueeze(1),
-                                    ids, ids[chosen].unsqueeze(1), stats, self.prior_k, self.min_count,
-                                    group_of_id)
+                                    ids, ids[chosen].unsqueeze(1), stats, self.options, group_of_id)
         return total, diagnostics
 
 
@@ -114,14 +117,14 @@ def _zero_diagnostics(device) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _add_choice_diagnostics(diagnostics, chosen_sim, valid, anchor_ids, chosen_ids, stats, prior_k, min_count,
-                            group_of_id, sampled=None) -> None:
+def _add_choice_diagnostics(diagnostics, chosen_sim, valid, anchor_ids, chosen_ids, stats,
+                            options: SamplerOptions, group_of_id, sampled=None) -> None:
     """Adds the sums behind the fallback, mean-P_fn and false-negative rates for chosen negatives [B, k];
     ``sampled`` marks the slots the sampler chose itself (not fallbacks), for the FN rate of those alone."""
     diagnostics["slots"] += valid.sum()
-    active = bayes_active(stats, min_count)
+    active = bayes_active(stats, options.min_count)
     safe_stats = torch.where(active, stats, torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0], device=stats.device))
-    p_fn = false_negative_probability(chosen_sim.double(), safe_stats.double(), prior_k)
+    p_fn = false_negative_probability(chosen_sim.double(), safe_stats.double(), options.prior_k)
     diagnostics["p_fn_sum"] += torch.where(active, (p_fn * valid).sum(), 0.0)
     diagnostics["p_fn_slots"] += torch.where(active, valid.sum().double(), 0.0)
     if group_of_id is not None:

@@ -14,7 +14,7 @@ from importlib import metadata
 import torch
 from torch import nn
 
-__all__ = ["ImageEncoder", "TextEncoder", "ProjectionHead", "MatchingHeads", "MissingEncoderError",
+__all__ = ["ImageEncoder", "TextEncoder", "LazyEncoders", "ProjectionHead", "MatchingHeads", "MissingEncoderError",
            "image_encoder_version", "text_encoder_version"]
 
 
@@ -101,6 +101,32 @@ class TextEncoder:
         mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
         pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         return nn.functional.normalize(pooled, dim=-1).float().cpu()
+
+
+class LazyEncoders:
+    """Both backbones, each loaded on first use only (a fully cached run never imports transformers): what
+    ``fne_fast.data.features`` encodes splits with."""
+
+    def __init__(self, image_size: int = 128, device: str | torch.device = "cpu"):
+        self.image_size, self.device = image_size, device
+        self._image = self._text = None
+
+    @property
+    def image(self) -> ImageEncoder:
+        if self._image is None:
+            self._image = ImageEncoder(self.image_size, self.device)
+        return self._image
+
+    @property
+    def text(self) -> TextEncoder:
+        if self._text is None:
+            self._text = TextEncoder(self.device)
+        return self._text
+
+    def versions(self, image_modality: str) -> str:
+        """Both encoders' versions, from package metadata: computing them does not load the networks."""
+        image_side = text_encoder_version() if image_modality == "text" else image_encoder_version(self.image_size)
+        return f"{image_side}+{text_encoder_version()}"
 
 
 class ProjectionHead(nn.Module):

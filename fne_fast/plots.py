@@ -9,7 +9,7 @@ import torch
 
 from fne_fast.data import FeatureSplit
 from fne_fast.evaluate import embed_split
-from fne_fast.reference import false_negative_probability
+from fne_fast.fne_math import false_negative_probability
 
 __all__ = ["write_run_plots"]
 

@@ -12,17 +12,13 @@ import math
 
 import torch
 
-__all__ = [
-    "philox4x32_10",
-    "gumbel_noise",
-    "gumbel_from_bits",
-    "log_weights",
-    "sample_negatives_reference",
-    "candidate_keys",
-    "MODES",
-]
+from fne_fast.checks import raise_if_not_finite
+from fne_fast.fne_math import log_weights
+from fne_fast.options import SamplerOptions
 
-MODES = ("fne", "hardest", "uniform")
+__all__ = ["philox4x32_10", "gumbel_noise", "gumbel_from_bits", "sample_negatives_reference", "candidate_keys"]
+
+_DEFAULTS = SamplerOptions()
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)
@@ -76,51 +72,29 @@ def gumbel_from_bits(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> tor
     return -torch.log(exponential)
 
 
-def false_negative_probability(sim: torch.Tensor, stats: torch.Tensor, prior_k: float) -> torch.Tensor:
-    """P_fn(s) = sigmoid(log p⁺(s) - log p⁻(s) - log(K-1)) in the log domain, in sim's dtype."""
-    mu_pos, var_pos, mu_neg, var_neg = (stats[i].to(sim.dtype) for i in range(4))
-    z = (0.5 * torch.log(var_neg) - 0.5 * torch.log(var_pos) - math.log(prior_k - 1.0)
-         - (sim - mu_pos) ** 2 / (2 * var_pos) + (sim - mu_neg) ** 2 / (2 * var_neg))
-    return torch.sigmoid(z)
-
-
-def bayes_active(stats: torch.Tensor, min_count: int) -> torch.Tensor:
-    """Whether the Bayesian branch is on: n⁺ > min_count and both variances positive and finite (a 0-d bool)."""
-    s = stats.to(torch.float64)
-    return (s[4] > min_count) & (s[1] > 0) & (s[3] > 0) & torch.isfinite(s[:4]).all()
-
-
-def log_weights(sim: torch.Tensor, positive_sim: torch.Tensor, stats: torch.Tensor, *, mode: str = "fne",
-                tau: float = 0.5, prior_k: float = 10000.0, fn_margin: float = 0.999,
-                min_count: int = 200) -> torch.Tensor:
-    """ℓ[i, j] of DESIGN.md §1 for similarities sim [B, N] (no masking), in sim's dtype; mode "fne" or
-    "uniform" (mode "hardest" has no weights: its key is the similarity)."""
-    if mode == "uniform":
-        return torch.zeros_like(sim)
-    base = -tau * (sim - positive_sim.to(sim.dtype).reshape(-1, 1)) ** 2
-    p_fn = false_negative_probability(sim, stats, prior_k)
-    use_bayes = bayes_active(stats, min_count) & (p_fn > 1.0 - fn_margin)
-    return torch.where(use_bayes, -tau * p_fn, base)
-
-
-def candidate_keys(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, *, mode: str = "fne",
-                   margin: float = 0.2, tau: float = 0.5, prior_k: float = 10000.0, fn_margin: float = 0.999,
-                   min_count: int = 200, cutdown: bool = True, seed: int = 0, step: int = 0, row_offset: int = 0,
-                   col_offset: int = 0, filled: int | None = None, dtype: torch.dtype = torch.float64):
+def candidate_keys(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, *, mode: str = _DEFAULTS.mode,
+                   margin: float = _DEFAULTS.margin, tau: float = _DEFAULTS.tau,
+                   fn_tau: float | None = _DEFAULTS.fn_tau, prior_k: float = _DEFAULTS.prior_k,
+                   fn_margin: float = _DEFAULTS.fn_margin,
+                   min_count: int = _DEFAULTS.min_count, cutdown: bool = _DEFAULTS.cutdown, seed: int = 0,
+                   step: int = 0, row_offset: int = 0, col_offset: int = 0, filled: int | None = None,
+                   dtype: torch.dtype = torch.float64):
     """The full B×N race of DESIGN.md §1-2: ``(keys, survives, non_positive, sim)``, each [B, N].
 
     ``keys`` is ℓ + G (the similarity in mode "hardest") for every pair, masked or not; ``survives`` marks the
     candidates of the race and ``non_positive`` those eligible for the hardest-negative fallback.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    options = SamplerOptions(mode=mode, margin=margin, tau=tau, fn_tau=fn_tau, prior_k=prior_k,
+                             fn_margin=fn_margin, min_count=min_count, cutdown=cutdown)
     device = anchors.device
     num_rows, num_cols = anchors.shape[0], bank.shape[0]
     filled = num_cols if filled is None else int(filled)
     sim = anchors.to(dtype) @ bank.to(dtype).T
     columns = torch.arange(num_cols, device=device, dtype=torch.int64)
     rows = torch.arange(num_rows, device=device, dtype=torch.int64)
-    non_positive = (bank_ids.reshape(1, -1) != anchor_ids.reshape(-1, 1)) & (columns < filled).reshape(1, -1)
+    # A non-finite similarity (non-finite inputs with check_finite off) is never a candidate.
+    non_positive = ((bank_ids.reshape(1, -1) != anchor_ids.reshape(-1, 1)) & (columns < filled).reshape(1, -1)
+                    & torch.isfinite(sim))
     if mode == "hardest":
         return sim, non_positive, non_positive, sim
     survives = non_positive
@@ -128,29 +102,38 @@ def candidate_keys(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, *, 
         # The threshold is formed in float32, as the kernels do, so that it is the same number everywhere.
         cut = (stats[0].to(torch.float32) - torch.tensor(margin, dtype=torch.float32)).to(dtype)
         survives = survives & (sim > cut)
-    weights = log_weights(sim, positive_sim, stats, mode=mode, tau=tau, prior_k=prior_k, fn_margin=fn_margin,
-                          min_count=min_count)
+    weights = log_weights(sim, positive_sim, stats, options)
+    survives = survives & (weights > -math.inf)  # weight 0 (fn_tau = inf): out of the race, like a cut-down one
     keys = weights + gumbel_noise(seed, step, rows + row_offset, columns + col_offset, dtype)
     return keys, survives, non_positive, sim
 
 
-def sample_negatives_reference(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, *, k: int = 1,
-                               mode: str = "fne", margin: float = 0.2, tau: float = 0.5,
-                               prior_k: float = 10000.0, fn_margin: float = 0.999, min_count: int = 200,
-                               cutdown: bool = True, seed: int = 0, step: int = 0, row_offset: int = 0,
-                               col_offset: int = 0, filled: int | None = None,
-                               dtype: torch.dtype = torch.float64, return_keys: bool = False):
+def sample_negatives_reference(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, *,
+                               k: int = _DEFAULTS.k, mode: str = _DEFAULTS.mode, margin: float = _DEFAULTS.margin,
+                               tau: float = _DEFAULTS.tau, fn_tau: float | None = _DEFAULTS.fn_tau,
+                               prior_k: float = _DEFAULTS.prior_k,
+                               fn_margin: float = _DEFAULTS.fn_margin, min_count: int = _DEFAULTS.min_count,
+                               cutdown: bool = _DEFAULTS.cutdown, seed: int = 0, step: int = 0,
+                               row_offset: int = 0, col_offset: int = 0, filled: int | None = None,
+                               dtype: torch.dtype = torch.float64, return_keys: bool = False,
+                               check_finite: bool = False):
     """The oracle: same signature and outputs as ``fne_fast.sample_negatives``.
+
+    ``check_finite`` raises the op's errors for NaN/Inf inputs (the bank's from its live similarities).
 
     With ``return_keys=True`` it also returns the key of every chosen slot (``-inf`` for fallback and invalid
     slots, the similarity in mode "hardest"), which the tests use to explain near-ties.
     """
     keys, survives, non_positive, sim = candidate_keys(
-        anchors, bank, positive_sim, anchor_ids, bank_ids, stats, mode=mode, margin=margin, tau=tau,
+        anchors, bank, positive_sim, anchor_ids, bank_ids, stats, mode=mode, margin=margin, tau=tau, fn_tau=fn_tau,
         prior_k=prior_k, fn_margin=fn_margin, min_count=min_count, cutdown=cutdown, seed=seed, step=step,
         row_offset=row_offset, col_offset=col_offset, filled=filled, dtype=dtype)
     device = anchors.device
     num_rows, num_cols = sim.shape
+    if check_finite:
+        live = num_cols if filled is None else filled
+        raise_if_not_finite(anchors, positive_sim, stats,
+                            similarities_finite=bool(torch.isfinite(sim[:, :live]).all()))
 
     neg_inf = torch.tensor(-math.inf, dtype=dtype, device=device)
     # Stable descending sorts put ties in increasing column order: ties go to the lower global index.

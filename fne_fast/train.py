@@ -9,7 +9,6 @@ counter, metrics so far), so ``resume=True`` continues to exactly the numbers of
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -19,10 +18,12 @@ import torch
 
 from fne_fast.bank import MemoryBank
 from fne_fast.data import DATASETS, SPLITS, FeatureSplit
-from fne_fast.data.features import atomic_save, default_cache_dir
+from fne_fast.data.features import default_cache_dir
 from fne_fast.evaluate import embed_split, retrieval_metrics
-from fne_fast.loss import DIAGNOSTIC_KEYS, SAMPLERS, FNELoss
+from fne_fast.io import atomic_save, read_jsonl, write_jsonl
+from fne_fast.loss import DIAGNOSTIC_KEYS, SAMPLERS, FNELoss, sampler_mode
 from fne_fast.models import MatchingHeads
+from fne_fast.options import SamplerOptions
 from fne_fast.tags import TagsOptions
 
 __all__ = ["TrainConfig", "train", "load_splits", "CHECKPOINT_NAME", "METRICS_NAME"]
@@ -37,10 +38,13 @@ _RESUMABLE_FIELDS = ("epochs", "resume", "out", "cache_dir", "plots", "quiet")
 
 @dataclass
 class TrainConfig:
+    """Everything that defines a run. ``options`` are the sampler's (their ``mode`` follows ``sampler``); a dict
+    is accepted for them, as a checkpoint stores it."""
+
     dataset: str = "emoji"
     sampler: str = "fne"
+    options: SamplerOptions = field(default_factory=SamplerOptions)
     bank_size: int = 8224
-    k: int = 1
     epochs: int = 5
     warmup_epochs: int = 1
     batch_size: int = 32
@@ -49,11 +53,6 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/emoji-fne"
     resume: bool = False
-    margin: float = 0.2
-    tau: float = 0.5
-    prior_k: float = 10000.0
-    fn_margin: float = 0.999
-    min_count: int = 200
     stats_momentum: float | None = None
     momentum: float = 0.995
     joint_dim: int = 256
@@ -74,13 +73,16 @@ class TrainConfig:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if isinstance(self.options, dict):
+            self.options = SamplerOptions(**self.options)
+        self.options = self.options.replace(mode=sampler_mode(self.sampler))
         if isinstance(self.tags, dict):
             self.tags = TagsOptions(**self.tags)
         if self.bank_dtype not in _BANK_DTYPES:
             raise ValueError(f"bank_dtype must be one of {tuple(_BANK_DTYPES)}, got {self.bank_dtype!r}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be None or >= 1, got {self.steps_per_epoch}")
-        for name in ("bank_size", "k", "epochs", "batch_size"):
+        for name in ("bank_size", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_epochs < 0:
@@ -98,11 +100,12 @@ def load_splits(config: TrainConfig) -> dict[str, FeatureSplit]:
         splits = {split: load_feature_arrays(directory, split) for split in SPLITS}
     else:
         from fne_fast.data import load_raw_split
-        from fne_fast.data.features import LazyEncoders, cached_feature_split
+        from fne_fast.data.features import cached_feature_split
+        from fne_fast.models import LazyEncoders
 
         encoders = LazyEncoders(config.image_size, config.device)
         splits = {split: cached_feature_split(load_raw_split(config.dataset, split, **config.data_options),
-                                              cache_dir=config.cache_dir, encoders=encoders)
+                                              encoders, cache_dir=config.cache_dir)
                   for split in SPLITS}
     # The limit subsets the full cached features, so limited runs share one cache with full runs.
     if config.limit is not None:
@@ -123,10 +126,8 @@ class _Run:
         bank_dtype = _BANK_DTYPES[config.bank_dtype]
         self.image_bank = MemoryBank(config.bank_size, config.joint_dim, dtype=bank_dtype, device=device)
         self.text_bank = MemoryBank(config.bank_size, config.joint_dim, dtype=bank_dtype, device=device)
-        self.criterion = FNELoss(config.sampler, k=config.k, margin=config.margin, tau=config.tau,
-                                 prior_k=config.prior_k, fn_margin=config.fn_margin, min_count=config.min_count,
-                                 seed=config.seed, stats_momentum=config.stats_momentum, backend=config.backend,
-                                 device=device)
+        self.criterion = FNELoss(config.sampler, config.options, seed=config.seed,
+                                 stats_momentum=config.stats_momentum, backend=config.backend, device=device)
         self.tags = None
         if config.tags is not None:
             from fne_fast.tags.run import make_trainer
@@ -161,15 +162,6 @@ class _Run:
         if self.tags:
             self.tags.load_state_dict(state["tags"])
         self.next_epoch, self.step, self.history = state["next_epoch"], state["step"], list(state["history"])
-
-
-def _write_jsonl(path: str, rows: list[dict]) -> None:
-    """Rewrites the whole file atomically (it is small), so a resumed run's log equals an uninterrupted one's."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as stream:
-        for row in rows:
-            stream.write(json.dumps(row) + "\n")
-    os.replace(temporary, path)
 
 
 def _clock(device: torch.device) -> float:
@@ -286,8 +278,8 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None) ->
         raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue that run, or choose another "
                               "--out")
     metrics_path, timing_path = os.path.join(config.out, METRICS_NAME), os.path.join(config.out, TIMING_NAME)
-    _write_jsonl(metrics_path, run.history)
-    timings = _read_jsonl(timing_path)[:run.next_epoch] if config.resume else []
+    write_jsonl(metrics_path, run.history)
+    timings = read_jsonl(timing_path)[:run.next_epoch] if config.resume else []
     for epoch in range(run.next_epoch, config.epochs):
         started = time.perf_counter()
         timing = dict.fromkeys(("heads", "sampling_and_loss", "bank_update", "statistics"), 0.0)
@@ -303,26 +295,19 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None) ->
         run.history.append(row)
         run.next_epoch = epoch + 1
         atomic_save(run.state_dict(), checkpoint_path)
-        _write_jsonl(metrics_path, run.history)
+        write_jsonl(metrics_path, run.history)
         timing["epoch_seconds"] = time.perf_counter() - started
         timing["steps"] = _steps_per_epoch(config, splits["train"].text_features.shape[0])
         timings.append({"epoch": epoch, **timing})
-        _write_jsonl(timing_path, timings)
+        write_jsonl(timing_path, timings)
         if not config.quiet:
             print(_epoch_line(row), flush=True)
     if config.plots and run.history:
         from fne_fast.plots import write_run_plots
 
-        write_run_plots(config.out, run.heads, splits["test"], run.history, config.prior_k,
+        write_run_plots(config.out, run.heads, splits["test"], run.history, config.options.prior_k,
                         torch.device(config.device))
     return run.history
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as stream:
-        return [json.loads(line) for line in stream if line.strip()]
 
 
 def _epoch_line(row: dict) -> str:

@@ -1,12 +1,5 @@
-"""Triton kernels of fne_fast (installed as the subpackage fne_fast.kernels).
+"""Triton kernels of fne_fast, installed as the subpackage fne_fast.kernels.
 
-Importing this package registers the Triton sampler as the CUDA kernel of fne_fast::sample_negatives when Triton
-is installed and no compiled CUDA kernel was built (see kernels/sample_negatives.py).
+Nothing here is imported by ``import fne_fast``: fne_fast/ops.py imports kernels/sample_negatives.py (and with it
+Triton) on the Triton kernel's first call.
 """
-
-try:
-    import triton  # noqa: F401
-except ImportError:  # Triton is optional: CPU-only installs work without it
-    pass
-else:
-    from fne_fast.kernels import sample_negatives  # noqa: F401  (registers the CUDA dispatch key)

@@ -25,14 +25,16 @@ lacks, and log(1 - v) would lose small v to the rounding of 1 - v), and the logi
 from the statistics on the device (no host synchronisation to read them).
 
 Precision. Products are accumulated in float32. bf16/fp16 banks with anchors of the same dtype use the tensor
-cores natively. Float32 (or mixed) inputs are converted to float32 and use ``input_precision`` (default "tf32"
-on CUDA, which rounds the inputs to 10-bit mantissas; "ieee" or "tf32x3" are exact or nearly so, at lower speed).
+cores natively. Float32 (or mixed) inputs are converted to float32 and use ``input_precision``, which by default
+follows torch's TF32 setting like the cuBLAS GEMM of the CUDA backend: "ieee" (exact float32 products) unless
+``torch.backends.cuda.matmul.allow_tf32`` is on, then "tf32" (inputs rounded to 10-bit mantissas, faster).
 Under ``TRITON_INTERPRET=1`` everything runs in float32 with "ieee" (the interpreter's bf16 arithmetic is wrong).
 
-Dispatch. ``backend="triton"`` calls :func:`sample_negatives_triton` directly. Importing this module registers it
-as the CUDA kernel of ``fne_fast::sample_negatives`` only when no compiled CUDA kernel is registered, so
-``backend="auto"`` on CUDA tensors runs the compiled CUDA C++ kernel when it was built and this kernel otherwise.
-That rule stands until both are measured on a GPU (bench/gpu_roofline.py times both side by side).
+Dispatch. fne_fast/ops.py calls :func:`sample_negatives_triton` for ``backend="triton"``, and registers it for
+the CUDA key of ``fne_fast::sample_negatives`` when no compiled CUDA kernel was built, so ``backend="auto"`` on
+CUDA tensors runs the compiled CUDA C++ kernel when it exists and this kernel otherwise. That rule stands until
+both are measured on a GPU (bench/bench_sample_negatives_gpu.py times both side by side). This module imports
+only public modules of fne_fast (options, fne_math): it never imports ops, so there is no cycle.
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ["TritonConfig", "default_config", "sample_negatives_triton", "is_interpreted", "SERVES_CUDA_DISPATCH"]
+from fne_fast.checks import raise_if_not_finite
+from fne_fast.fne_math import fn_logit_threshold
+from fne_fast.options import SamplerOptions
+
+__all__ = ["TritonConfig", "default_config", "sample_negatives_triton", "is_interpreted"]
 
 # Philox4x32-10 constants (csrc/philox.h).
 PHILOX_M0 = tl.constexpr(0xD2511F53)
@@ -180,9 +186,10 @@ def _sample_negatives_kernel(
         num_rows, live_cols, dim, cols_per_split,
         stride_am, stride_ad, stride_bn, stride_bd, stride_pos, stride_aid, stride_bid, stride_stats,
         col_offset, row_offset, step, seed_lo, seed_hi,
-        margin, tau, min_count, log_prior, z_threshold,
+        margin, tau, fn_tau, min_count, log_prior, z_threshold,
         K: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_RACE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_CUTDOWN: tl.constexpr, CHECK_FINITE: tl.constexpr,
+        FN_EXCLUDES: tl.constexpr,
         DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, ONE_K_STEP: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -267,10 +274,13 @@ def _sample_negatives_kernel(
                 else:
                     s = tl.dot(a, b, s)
         bank_id = tl.load(bank_ids_ptr + cols * stride_bid, mask=col_ok, other=0)
-        non_positive = row_ok[:, None] & col_ok[None, :] & (bank_id[None, :] != anchor_id[:, None])
+        # A non-finite similarity (NaN or Inf inputs, or float32 overflow) is never a candidate, as in the C++
+        # kernels; abs(NaN) <= FLOAT_MAX is false.
+        finite = tl.abs(s) <= FLOAT_MAX
+        live = row_ok[:, None] & col_ok[None, :]
+        non_positive = live & finite & (bank_id[None, :] != anchor_id[:, None])
         if CHECK_FINITE:
-            bad = tl.where(row_ok[:, None] & col_ok[None, :], tl.where(tl.abs(s) <= FLOAT_MAX, 0, 1), 0)
-            saw_non_finite = saw_non_finite | tl.max(bad, axis=1)
+            saw_non_finite = saw_non_finite | tl.max(tl.where(live & ~finite, 1, 0), axis=1)
         global_base = col_offset + tile_start
 
         # Hardest non-positive candidates (the fallback; the answer in mode "hardest").
@@ -309,8 +319,14 @@ def _sample_negatives_kernel(
                     dn = s - mu_neg
                     z = z_offset - dp * dp * half_inv_var_pos + dn * dn * half_inv_var_neg
                     dpos = s - positive[:, None]
-                    weight = tl.where(z > bayes_threshold, -tau / (1.0 + tl.exp(-z)), -tau * dpos * dpos)
+                    if FN_EXCLUDES:  # fn_tau = inf: a likely false negative has weight 0 (log-weight -inf)
+                        likely_false = -float("inf")
+                    else:
+                        likely_false = -fn_tau / (1.0 + tl.exp(-z))
+                    weight = tl.where(z > bayes_threshold, likely_false, -tau * dpos * dpos)
                     key = weight + key
+                    # A key of -inf (weight 0) or NaN (non-finite positive_sim or stats) is not a race candidate.
+                    candidates = candidates & (key > -float("inf"))
                 race_key, race_idx, race_sim = _insert_tile(_pack(key, candidates, BLOCK_N), s, race_key, race_idx,
                                                             race_sim, global_base, K, BLOCK_N, False)
 
@@ -335,10 +351,11 @@ def _best_of(key, idx, sim):
 
 @triton.jit(do_not_specialize=["num_rows", "width"])
 def _merge_kernel(race_key_ptr, race_idx_ptr, race_sim_ptr, hard_key_ptr, hard_idx_ptr, hard_sim_ptr,
-                  index_ptr, sim_ptr, valid_ptr, num_rows, width,
+                  index_ptr, sim_ptr, valid_ptr, key_ptr, num_rows, width,
                   K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, HAS_RACE: tl.constexpr):
-    """Exact merge of the per-split lists: slot t is the t-th race winner while there are any, then the hardest
-    non-positive candidate not chosen yet, else invalid (DESIGN.md §2)."""
+    """Exact merge of the per-split lists: slot t is the t-th race winner (with its key) while there are any, then
+    the hardest non-positive candidate not chosen yet (key -inf), else invalid (DESIGN.md §2). In mode "hardest"
+    the hardest list is the answer and its key is the similarity."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < num_rows
     offs = tl.arange(0, BLOCK_W)
@@ -360,13 +377,17 @@ def _merge_kernel(race_key_ptr, race_idx_ptr, race_sim_ptr, hard_key_ptr, hard_i
             from_race = race_best != EMPTY_KEY
             out_idx = tl.where(from_race, race_best_idx, out_idx)
             out_sim = tl.where(from_race, race_best_sim, out_sim)
+            out_key = tl.where(from_race, _from_ordered(race_best), -float("inf"))
             race_key = tl.where(from_race[:, None] & (race_idx == race_best_idx[:, None]), EMPTY_KEY, race_key)
+        else:
+            out_key = tl.where(hard_best != EMPTY_KEY, _from_ordered(hard_best), -float("inf"))
         valid = out_idx >= 0
         # A chosen column leaves the fallback list whichever list it came from.
         hard_key = tl.where(valid[:, None] & (hard_idx == out_idx[:, None]), EMPTY_KEY, hard_key)
         tl.store(index_ptr + rows * K + t, out_idx, mask=row_ok)
         tl.store(sim_ptr + rows * K + t, out_sim, mask=row_ok)
         tl.store(valid_ptr + rows * K + t, valid, mask=row_ok)
+        tl.store(key_ptr + rows * K + t, out_key, mask=row_ok)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,7 +399,7 @@ class TritonConfig:
     num_warps: int = 4
     num_stages: int = 3
     num_splits: int | None = None
-    input_precision: str = "tf32"
+    input_precision: str | None = None  # None: "tf32" where torch.backends.cuda.matmul.allow_tf32, else "ieee"
     # Register cap per thread (ptxas otherwise takes up to 255 for the epilogue, one or two programs per SM);
     # 168 lets three 4-warp programs share an SM without spilling at 64x64 tiles (ptxas -v, sm_90).
     maxnreg: int | None = None
@@ -390,7 +411,7 @@ def is_interpreted() -> bool:
 
 
 def default_config(num_rows: int, dim: int, k: int, low_precision: bool, device: torch.device) -> TritonConfig:
-    """Untuned defaults (bench/gpu_roofline.py sweeps alternatives). Under the interpreter: large tiles, since
+    """Untuned defaults (bench/bench_sample_negatives_gpu.py sweeps alternatives). Under the interpreter: large tiles, since
     its cost is per operation, not per element, and exact "ieee" products."""
     kp = triton.next_power_of_2(k)
     whole_dim = max(16, triton.next_power_of_2(dim))
@@ -406,6 +427,12 @@ def default_config(num_rows: int, dim: int, k: int, low_precision: bool, device:
     return TritonConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=3)
 
 
+def _input_precision(config: TritonConfig) -> str:
+    if config.input_precision is not None:
+        return config.input_precision
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
 def _num_splits(config: TritonConfig, row_blocks: int, tiles: int, k: int, device: torch.device) -> int:
     """Enough programs to fill the device, at most one per tile, and few enough that the merge kernel's row of
     splits · k partial entries stays a register-sized block."""
@@ -418,17 +445,11 @@ def _num_splits(config: TritonConfig, row_blocks: int, tiles: int, k: int, devic
     return max(1, min(wanted, tiles, MAX_MERGE_WIDTH // triton.next_power_of_2(k)))
 
 
-def _check_finite_host(tensors: dict) -> None:
-    for name, tensor in tensors.items():
-        if not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{name} contains NaN or Inf (pass check_finite=False to skip this check)")
-
-
-def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, *, k=1, mode="fne",
-                            margin=0.2, tau=0.5, prior_k=10000.0, fn_margin=0.999, min_count=200, cutdown=True,
-                            step=0, row_offset=0, col_offset=0, filled=None, seed=0, check_finite=True,
-                            config: TritonConfig | None = None):
-    """``fne_fast.sample_negatives`` on the Triton kernels; arguments as validated by fne_fast.ops.
+def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
+                            options: SamplerOptions = SamplerOptions(), *, seed=0, step=0, row_offset=0,
+                            col_offset=0, filled=None, check_finite=True, config: TritonConfig | None = None):
+    """``fne_fast.sample_negatives`` on the Triton kernels, for arguments already checked (fne_fast.ops checks
+    them before calling this).
 
     ``seed`` is an int in [0, 2⁶⁴). ``config`` overrides the tile sizes (tests and benchmarks). With
     ``check_finite`` the kernel flags non-finite similarities, positive_sim or stats, and the flag is read back
@@ -437,15 +458,17 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
     if anchors.device.type == "cpu" and not is_interpreted():
         raise RuntimeError("the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1, which must be set "
                            "before fne_fast.kernels is imported")
+    k, mode = options.k, options.mode
     num_rows, num_cols = anchors.shape[0], bank.shape[0]
     filled = num_cols if filled is None else int(filled)
     device = anchors.device
     if num_rows == 0 or filled == 0:
         if check_finite and num_rows:
-            _check_finite_host({"anchors": anchors, "positive_sim": positive_sim, "stats": stats})
+            raise_if_not_finite(anchors, positive_sim, stats)
         return (torch.full((num_rows, k), -1, dtype=torch.int64, device=device),
                 torch.zeros((num_rows, k), dtype=torch.float32, device=device),
-                torch.zeros((num_rows, k), dtype=torch.bool, device=device))
+                torch.zeros((num_rows, k), dtype=torch.bool, device=device),
+                torch.full((num_rows, k), -math.inf, dtype=torch.float32, device=device))
 
     interpreted = device.type != "cuda"
     low_precision = anchors.dtype == bank.dtype and bank.dtype != torch.float32
@@ -468,9 +491,6 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
         race_key, race_idx, race_sim = hard_key, hard_idx, hard_sim
     flags = torch.empty(row_blocks * splits if check_finite else 1, dtype=torch.int32, device=device)
 
-    z_threshold = 1.0 - fn_margin  # P_fn must exceed it: z > logit(1 - fn_margin)
-    z_threshold = (-math.inf if z_threshold <= 0 else math.inf if z_threshold >= 1
-                   else math.log(z_threshold) - math.log1p(-z_threshold))
     dot_fp32 = interpreted or not low_precision
     _sample_negatives_kernel[(row_blocks, splits)](
         anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
@@ -479,11 +499,12 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
         anchors.stride(0), anchors.stride(1), bank.stride(0), bank.stride(1), positive_sim.stride(0),
         anchor_ids.stride(0), bank_ids.stride(0), stats.stride(0),
         col_offset, row_offset, step, seed & 0xFFFFFFFF, seed >> 32,
-        float(margin), float(tau), float(min_count), math.log(prior_k - 1.0), z_threshold,
+        options.margin, options.tau, min(options.effective_fn_tau, FLOAT_MAX.value), float(options.min_count),
+        math.log(options.prior_k - 1.0), fn_logit_threshold(options.fn_margin),
         K=k, KP=kp, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        HAS_RACE=has_race, HAS_WEIGHTS=mode == "fne", HAS_CUTDOWN=has_race and bool(cutdown),
-        CHECK_FINITE=bool(check_finite), DOT_FP32=dot_fp32,
-        INPUT_PRECISION="ieee" if interpreted else config.input_precision,
+        HAS_RACE=has_race, HAS_WEIGHTS=mode == "fne", HAS_CUTDOWN=has_race and options.cutdown,
+        CHECK_FINITE=bool(check_finite), FN_EXCLUDES=math.isinf(options.effective_fn_tau), DOT_FP32=dot_fp32,
+        INPUT_PRECISION="ieee" if interpreted else _input_precision(config),
         ONE_K_STEP=config.block_k >= anchors.shape[1],
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({} if interpreted or config.maxnreg is None else {"maxnreg": config.maxnreg}))
@@ -491,44 +512,13 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
     index = torch.empty((num_rows, k), dtype=torch.int64, device=device)
     sim = torch.empty((num_rows, k), dtype=torch.float32, device=device)
     valid = torch.empty((num_rows, k), dtype=torch.bool, device=device)
+    key = torch.empty((num_rows, k), dtype=torch.float32, device=device)
     block_w = triton.next_power_of_2(width)
     block_r = max(1, min(16, 4096 // block_w))
     _merge_kernel[(triton.cdiv(num_rows, block_r),)](
-        race_key, race_idx, race_sim, hard_key, hard_idx, hard_sim, index, sim, valid, num_rows, width,
+        race_key, race_idx, race_sim, hard_key, hard_idx, hard_sim, index, sim, valid, key, num_rows, width,
         K=k, BLOCK_R=block_r, BLOCK_W=block_w, HAS_RACE=has_race, num_warps=4)
     if check_finite and bool(flags.any()):
-        raise ValueError("anchors, bank, positive_sim or stats contain NaN or Inf (a similarity or input was not "
-                         "finite; pass check_finite=False to skip this check)")
-    return index, sim, valid
-
-
-def _sample_negatives_op(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k, mode, margin, tau, prior_k,
-                         fn_margin, min_count, cutdown, seed, step, row_offset, col_offset, filled, check_finite):
-    """The schema's calling convention (csrc/fne_fast.cpp), for the dispatcher's CUDA key."""
-    from fne_fast.ops import _check_arguments
-
-    _check_arguments(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k, mode, tau, prior_k, fn_margin,
-                     min_count, step, row_offset, col_offset, filled, "triton")
-    return sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k=k, mode=mode,
-                                   margin=margin, tau=tau, prior_k=prior_k, fn_margin=fn_margin,
-                                   min_count=min_count, cutdown=cutdown, step=step, row_offset=row_offset,
-                                   col_offset=col_offset, filled=filled, seed=seed % (1 << 64),
-                                   check_finite=check_finite)
-
-
-def _register_as_cuda_kernel():
-    """The Triton kernel serves the CUDA dispatch key when no compiled CUDA kernel was built (see module doc)."""
-    name = "fne_fast::sample_negatives"
-    try:
-        if torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"):
-            return None
-    except RuntimeError:  # the schema is not loaded (fne_fast._C missing): nothing to register against
-        return None
-    library = torch.library.Library("fne_fast", "IMPL")
-    library.impl("sample_negatives", _sample_negatives_op, "CUDA")
-    return library
-
-
-_CUDA_REGISTRATION = _register_as_cuda_kernel()  # keeps the registration alive for the life of the process
-# Whether this kernel serves the CUDA key (no compiled CUDA kernel was built): benchmarks label backends with it.
-SERVES_CUDA_DISPATCH = _CUDA_REGISTRATION is not None
+        # Which input it was is worked out on the host, only on this error path.
+        raise_if_not_finite(anchors, positive_sim, stats, similarities_finite=False)
+    return index, sim, valid, key

@@ -1,15 +1,47 @@
+"""Shared fixtures. The `backend` fixture runs a test once per available kernel of sample_negatives: a new
+backend gets the whole conformance suite (tests/test_sample_negatives.py) by adding one entry to BACKENDS."""
+
+import importlib.util
 import os
 import sys
 
 import pytest
 import torch
 
-# Triton picks interpreter mode when it is imported (which `import fne_fast` does): without a GPU, run its
-# kernels through the interpreter on CPU tensors.
+# Triton decides on interpreter mode when its kernels are created (fne_fast.kernels is imported lazily, on the
+# Triton kernel's first call): without a GPU, run them through the interpreter on CPU tensors.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/inputs.py: the shared sample_inputs
+sys.path.insert(0, os.path.dirname(__file__))  # tests/inputs.py: the shared oracle and comparisons
+
+from inputs import Backend  # noqa: E402
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_HAS_GPU = torch.cuda.is_available()
+
+
+def _compiled_cuda_kernel() -> bool:
+    from fne_fast import ops
+
+    return ops.COMPILED_CUDA_KERNEL
+
+
+BACKENDS = [
+    pytest.param(Backend("reference", "cpu"), id="reference"),
+    pytest.param(Backend("cpu", "cpu"), id="cpu"),
+    # Compiled on a GPU; through the interpreter on CPU tensors otherwise.
+    pytest.param(Backend("triton", "cuda" if _HAS_GPU else "cpu"), id="triton",
+                 marks=pytest.mark.skipif(not _HAS_TRITON, reason="Triton is not installed")),
+    pytest.param(Backend("cuda", "cuda"), id="cuda",
+                 marks=pytest.mark.skipif(not (_HAS_GPU and _compiled_cuda_kernel()),
+                                          reason="needs a GPU and fne_fast built with its CUDA kernel")),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> Backend:
+    return request.param
 
 
 @pytest.fixture(autouse=True)

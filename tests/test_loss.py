@@ -6,6 +6,7 @@ import torch
 
 from fne_fast.bank import MemoryBank
 from fne_fast.loss import _TEXT_TO_IMAGE_SEED_OFFSET, FNELoss
+from fne_fast.options import SamplerOptions
 from fne_fast.reference import sample_negatives_reference
 
 DIM, BATCH, BANK = 8, 6, 20
@@ -54,7 +55,7 @@ def _oracle_direction(anchors, positive_keys, ids, bank, stats, seed, step, mode
 @pytest.mark.parametrize("k", [1, 3])
 def test_bank_loss_and_gradients_match_the_oracle(mode, k):
     ids, image_bank, text_bank, image, text, image_key, text_key = _case()
-    loss_module = FNELoss(mode, k=k, seed=11)
+    loss_module = FNELoss(mode, SamplerOptions(k=k), seed=11)
     _set_stats(loss_module)
     stats = loss_module.stats.as_tensor()
     image.requires_grad_(True)
@@ -89,7 +90,7 @@ def test_in_batch_max_violation_matches_a_loop():
     ids, _, _, image, text, _, _ = _case(seed=4)
     image.requires_grad_(True)
     text.requires_grad_(True)
-    loss_module = FNELoss("fne", margin=0.5)
+    loss_module = FNELoss("fne", SamplerOptions(margin=0.5))
     loss, diagnostics = loss_module(image, text, image, text, ids, warmup=True, update_stats=False)
     expected = image.new_zeros(())
     for transpose in (False, True):

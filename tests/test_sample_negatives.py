@@ -1,278 +1,392 @@
-"""fne_fast.sample_negatives (the C++ CPU kernel) against the float64 oracle fne_fast.reference."""
+"""The conformance suite of fne_fast.sample_negatives: every behaviour, once, against every available backend
+(the `backend` fixture of conftest.py: reference, cpu, triton — through its interpreter without a GPU — and
+cuda), with the float64 oracle fne_fast.reference as the expected result and errors that name the argument.
+
+Backend-specific tests live beside it: test_sample_negatives_cpu.py (tiles, threads, the Philox loops),
+test_sample_negatives_cuda.py (chunks, streams, CUDA graphs, int64 columns), test_sample_negatives_triton.py
+(building blocks, tile configs, code generation).
+"""
 
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
 import fne_fast
 from fne_fast import reference
-from inputs import (assert_same_draws, chi_square_p_value, distribution_inputs, expected_probabilities,
-                    pair_p_values, run_oracle, sample_inputs, strided_copy)
+from fne_fast.testing import sample_inputs
+from inputs import (MODES, STEEP, assert_matches_oracle, assert_same_draws, chi_square_p_value,
+                    distribution_inputs, expected_probabilities, pair_p_values, run_oracle, strided_copy)
 
-MODES = ("fne", "hardest", "uniform")
-# A tau large enough that the weights are far from flat (0.5 gives nearly uniform weights).
-STEEP = dict(tau=4.0)
-
-
-def run_op(inputs, **options):
-    return fne_fast.sample_negatives(*inputs.values(), **options)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def test_philox_known_answer_vectors():
-    # Random123's known-answer vectors for Philox4x32-10 (DESIGN.md §2).
-    vectors = [
-        ((0, 0), (0, 0, 0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-        ((0xFFFFFFFF,) * 2, (0xFFFFFFFF,) * 4, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-        ((0xA4093822, 0x299F31D0), (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
-         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-    ]
-    for key, counter, expected in vectors:
-        assert tuple(int(word) for word in reference.philox4x32_10(counter, key)) == expected
+def check(backend, inputs, **options):
+    """Runs the backend and compares it with the oracle; returns the backend's result."""
+    result = backend.run(inputs, **options)
+    assert_matches_oracle(backend, result, inputs, **options)
+    return result
 
 
-def test_gumbel_float32_keeps_the_far_tail():
-    # x = 0 is v = 2⁻³³: G ≈ 22.87, where a float32 -log(-log u) would cap near 16.6 (DESIGN.md §2).
-    words = torch.tensor([0, 1, 2**20, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1])
-    in_float32 = reference.gumbel_from_bits(words, torch.float32).double()
-    in_float64 = reference.gumbel_from_bits(words, torch.float64)
-    torch.testing.assert_close(in_float32, in_float64, rtol=1e-6, atol=1e-6)
-    assert in_float32[0] > 22.8
-    v = (words.double() + 0.5) * 2.0**-32
-    torch.testing.assert_close(in_float64, -torch.log(-torch.log1p(-v)), rtol=1e-12, atol=1e-12)
-
+# --- draws against the oracle ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("k", [1, 4])
-@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_matches_oracle_on_exact_inputs(mode, k, bank_dtype):
-    inputs = sample_inputs(37, 1100, 19, exact=True, bank_dtype=bank_dtype, seed=k)
-    options = dict(k=k, mode=mode, seed=123456789, step=7, row_offset=5, col_offset=1000, **STEEP)
-    assert_same_draws(run_op(inputs, **options), run_oracle(inputs, **options))
+@pytest.mark.parametrize("bank_dtype", DTYPES)
+def test_matches_oracle_on_exact_inputs(backend, mode, k, bank_dtype):
+    inputs = backend.inputs(37, 1100, 19, kind="exact", bank_dtype=bank_dtype, seed=k)
+    check(backend, inputs, k=k, mode=mode, seed=123456789, step=7, row_offset=5, col_offset=1000, **STEEP)
 
 
-def test_low_precision_anchors_with_matching_bank():
-    inputs = sample_inputs(9, 300, 8, exact=True, bank_dtype=torch.bfloat16, anchor_dtype=torch.bfloat16)
-    assert_same_draws(run_op(inputs, k=2), run_oracle(inputs, k=2))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", MODES)
+def test_low_precision_anchors_with_matching_bank(backend, dtype, mode):
+    inputs = backend.inputs(9, 600, 40, kind="exact", bank_dtype=dtype, anchor_dtype=dtype)
+    check(backend, inputs, k=3, mode=mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_float32_rows_match_oracle_up_to_near_ties(mode):
-    inputs = sample_inputs(1000, 1500, 48, seed=3)
+def test_float32_rows_match_oracle_up_to_near_ties(backend, mode):
+    # Random float32 inputs: similarities round differently from float64, so a few rows may pick another
+    # candidate, and each such pick must be a near-tie of the float64 keys.
+    num_rows = 256 if backend.interpreted else 1000
+    inputs = backend.inputs(num_rows, 1500, 48, seed=3)
     options = dict(k=2, mode=mode, seed=99, **STEEP)
-    index, _, valid = run_op(inputs, **options)
-    ref_index, _, ref_valid = run_oracle(inputs, **options)
-    differ = (index != ref_index).any(dim=1) | (valid != ref_valid).any(dim=1)
-    assert differ.float().mean() <= 1e-3
-    if differ.any():
-        # Every disagreement must be a near-tie of the float64 keys: float32 similarities, weights and Gumbel
-        # noise are each within ~1e-6 of float64, so keys agree to well within 1e-4.
-        keys, _, _, _ = reference.candidate_keys(*inputs.values(), mode=mode, seed=99, **STEEP)
-        rows = differ.nonzero().flatten()
-        ours = torch.gather(keys[rows], 1, index[rows].clamp(min=0))
-        theirs = torch.gather(keys[rows], 1, ref_index[rows].clamp(min=0))
-        assert (ours - theirs).abs().max() < 1e-4
+    result = backend.run(inputs, **options)
+    assert_matches_oracle(backend, result, inputs, max_differ=1e-3, **options)
+    # The reported similarity is the float32 similarity of the reported column.
+    _, _, _, full_sim = reference.candidate_keys(*inputs.values(), mode="hardest")
+    torch.testing.assert_close(result[1].double(), torch.gather(full_sim, 1, result[0]), rtol=0, atol=1e-5)
 
 
-def test_seed_is_taken_modulo_two_to_the_64():
-    inputs = sample_inputs(16, 400, 8, exact=True)
-    assert_same_draws(run_op(inputs, seed=-1), run_oracle(inputs, seed=(1 << 64) - 1))
-    assert_same_draws(run_op(inputs, seed=(1 << 64) + 5), run_op(inputs, seed=5))
+@pytest.mark.parametrize("options", [dict(cutdown=False), dict(fn_margin=0.0), dict(fn_margin=1.0), dict(tau=0.0),
+                                     dict(margin=-0.5), dict(prior_k=1.5, tau=3.0), dict(min_count=10**6),
+                                     dict(fn_tau=0.0), dict(fn_tau=7.5), dict(fn_tau=math.inf),
+                                     dict(fn_tau=math.inf, fn_margin=1.0), dict(fn_tau=math.inf, prior_k=2.0)],
+                         ids=lambda options: ",".join(f"{key}={value}" for key, value in options.items()))
+def test_weight_parameters(backend, options):
+    inputs = backend.inputs(30, 2000, 16, kind="exact", seed=20)
+    check(backend, inputs, k=3, **options)
 
 
-def test_different_seeds_and_steps_give_different_draws():
-    inputs = sample_inputs(64, 2000, 16, exact=True)
-    base = run_op(inputs, mode="uniform", cutdown=False)[0]
-    assert not torch.equal(base, run_op(inputs, mode="uniform", cutdown=False, seed=1)[0])
-    assert not torch.equal(base, run_op(inputs, mode="uniform", cutdown=False, step=1)[0])
+def test_bayesian_branch_switches_on_above_min_count(backend):
+    inputs = backend.inputs(64, 800, 16, kind="exact", seed=13)
+    below = dict(inputs, stats=inputs["stats"].clone())
+    below["stats"][4] = 200.0  # n⁺ must exceed min_count
+    below_result = check(backend, below, **STEEP)
+    assert not torch.equal(below_result[0], check(backend, inputs, **STEEP)[0])
 
 
-# --- invariance: tiling, threads, shards ---------------------------------------------------------------------
-
-@pytest.mark.parametrize("tile_rows,tile_cols", [(1, 1), (7, 33), (128, 512), (1000, 5000)])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_tiling_and_threads_do_not_change_draws(monkeypatch, tile_rows, tile_cols, threads):
-    exact = sample_inputs(29, 1300, 24, exact=True, seed=4)
-    # In mode "uniform" without cut-down the draws depend on the random stream only, so even similarities that
-    # round differently under another blocking cannot change them.
-    stream_only = sample_inputs(29, 1300, 24, seed=5)
-    expected_exact = run_op(exact, k=3, **STEEP)
-    expected_stream = run_op(stream_only, k=3, mode="uniform", cutdown=False)
-    monkeypatch.setenv("FNE_FAST_CPU_TILE_ROWS", str(tile_rows))
-    monkeypatch.setenv("FNE_FAST_CPU_TILE_COLS", str(tile_cols))
-    torch.set_num_threads(threads)
-    assert_same_draws(run_op(exact, k=3, **STEEP), expected_exact)
-    assert_same_draws(run_op(stream_only, k=3, mode="uniform", cutdown=False), expected_stream)
+def test_similarity_equal_to_the_cut_down_threshold_is_cut(backend):
+    # μ⁺ - margin = 0.5 - 0.25 is exact, and exact inputs hit s = 0.25 often: "s <= threshold" is cut down.
+    inputs = backend.inputs(24, 300, 4, kind="exact", seed=8)
+    inputs["stats"][0] = 0.5
+    sims = inputs["anchors"].cpu().double() @ inputs["bank"].cpu().double().T
+    assert (sims == 0.25).sum() > 50
+    check(backend, inputs, k=4, mode="uniform", margin=0.25, seed=6)
 
 
-def test_portable_philox_path_gives_the_same_draws(tmp_path):
-    # The kernel picks its AVX-512 Philox loop once per process; a fresh process with FNE_FAST_CPU_PORTABLE=1
-    # runs the portable loop on the same inputs, including columns whose global index crosses 2³².
-    import subprocess
-    import sys
-
-    inputs = sample_inputs(9, 700, 8, exact=True, seed=21)
-    options = dict(k=3, col_offset=2**32 - 350, **STEEP)
-    torch.save(inputs, tmp_path / "inputs.pt")
-    script = ("import sys, torch, fne_fast; inputs = torch.load(sys.argv[1]); "
-              f"torch.save(fne_fast.sample_negatives(*inputs.values(), **{options!r}), sys.argv[2])")
-    env = dict(os.environ, FNE_FAST_CPU_PORTABLE="1")
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-                   env=env, check=True)
-    assert_same_draws(torch.load(tmp_path / "out.pt"), run_op(inputs, **options))
-    assert_same_draws(run_op(inputs, **options), run_oracle(inputs, **options))
+def test_seed_is_taken_modulo_two_to_the_64(backend):
+    inputs = backend.inputs(16, 400, 8, kind="exact")
+    assert_same_draws(backend.run(inputs, seed=-1), run_oracle(inputs, seed=(1 << 64) - 1))
+    assert_same_draws(backend.run(inputs, seed=(1 << 64) + 5), backend.run(inputs, seed=5))
 
 
-def merge_shards(inputs, shard_results, k, **options):
-    """Exact merge of per-shard top-k lists, ranking race winners by their (float64 oracle) keys."""
-    keys, survives, _, sim = reference.candidate_keys(*inputs.values(), **options)
-    rows = torch.arange(keys.shape[0]).reshape(-1, 1)
-    index = torch.cat([result[0] for result in shard_results], dim=1)
-    valid = torch.cat([result[2] for result in shard_results], dim=1)
-    column = index.clamp(min=0)
-    in_race = valid & survives[rows, column]
-    merged = []
-    for row in range(index.shape[0]):
-        race = sorted({(-keys[row, c].item(), c.item()) for c in column[row][in_race[row]]})[:k]
-        chosen = [c for _, c in race]
-        fill = sorted({(-sim[row, c].item(), c.item()) for c in column[row][valid[row] & ~in_race[row]]})
-        chosen += [c for _, c in fill if c not in chosen][:k - len(chosen)]
-        merged.append(chosen + [-1] * (k - len(chosen)))
-    return torch.tensor(merged, dtype=torch.int64)
+def test_different_seeds_and_steps_give_different_draws(backend):
+    inputs = backend.inputs(64, 2000, 16, kind="exact")
+    base = backend.run(inputs, mode="uniform", cutdown=False)[0]
+    assert not torch.equal(base, backend.run(inputs, mode="uniform", cutdown=False, seed=1)[0])
+    assert not torch.equal(base, backend.run(inputs, mode="uniform", cutdown=False, step=1)[0])
+
+
+def test_counters_beyond_32_bits(backend):
+    # Global columns that cross 2³² inside the bank, or start above it, use the high word of the Philox counter;
+    # rows and steps at the top of their 32-bit range.
+    inputs = backend.inputs(16, 700, 12, kind="exact", seed=21)
+    for col_offset in (2**32 - 300, 2**40 + 3):
+        options = dict(k=3, col_offset=col_offset, step=2**32 - 1, row_offset=2**32 - 16, **STEEP)
+        index, _, valid, _ = check(backend, inputs, seed=(1 << 64) - 5, **options)
+        assert (index[valid] >= col_offset).all()
+
+
+def shard_bounds(num_cols: int, shards: int) -> list[int]:
+    """Uneven column ranges: a shard of a single row, an empty one where there are enough shards, the rest
+    of unequal lengths."""
+    cuts = {0, num_cols, 1, num_cols // 3, num_cols // 3 + 7, num_cols // 2 + 1, (4 * num_cols) // 5,
+            num_cols - 2}
+    inner = sorted(cut for cut in cuts if 0 < cut < num_cols)
+    picked = inner[:shards - 1] if shards - 1 <= len(inner) else inner
+    return [0, *picked, num_cols]
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("k", [1, 3])
-def test_shards_with_column_offsets_merge_to_one_call(mode, k):
-    inputs = sample_inputs(23, 900, 16, exact=True, seed=6, num_ids=12)
+@pytest.mark.parametrize("k", [1, 4, 16])
+@pytest.mark.parametrize("shards", [2, 3, 7])
+def test_merged_shards_equal_one_call_over_the_whole_bank(backend, mode, k, shards):
+    # Two anchors have only 5 non-positive bank rows (k = 16 leaves them invalid slots), and at k = 16 rows run
+    # out of candidates above the cut-down and fall back to the hardest negatives.
+    inputs = backend.inputs(23, 300, 16, kind="exact", seed=6, num_ids=12)
+    inputs["anchor_ids"][:2] = 99
+    inputs["bank_ids"][5:] = 99
     options = dict(mode=mode, seed=2024, step=3, **STEEP)
-    whole = run_op(inputs, k=k, **options)
-    bounds = [0, 250, 251, 640, 900]  # uneven shards, one of a single row
-    shards = []
-    for begin, end in zip(bounds[:-1], bounds[1:]):
-        shard = dict(inputs, bank=inputs["bank"][begin:end], bank_ids=inputs["bank_ids"][begin:end])
-        shards.append(run_op(shard, k=k, col_offset=begin, **options))
-    assert torch.equal(merge_shards(inputs, shards, k, **options), whole[0])
+    whole = backend.run(inputs, k=k, **options)
+    bounds = shard_bounds(300, shards)
+    parts = [backend.run(dict(inputs, bank=inputs["bank"][begin:end], bank_ids=inputs["bank_ids"][begin:end]),
+                         k=k, col_offset=begin, **options) for begin, end in zip(bounds[:-1], bounds[1:])]
+    merged = fne_fast.merge_candidates(*(torch.cat([part[i] for part in parts], dim=1) for i in range(4)), k=k)
+    for actual, wanted in zip(merged, whole):
+        assert torch.equal(actual, wanted)
+    if k == 16:
+        assert not whole[2][:2].any(dim=0)[5:].any()  # the two anchors ran out after 5 slots...
+        if mode != "hardest":
+            assert (whole[2] & ~torch.isfinite(whole[3])).any()  # ...and rows fell back
+
+
+def test_merge_rejects_mismatched_shapes():
+    index = torch.zeros(3, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="one shape"):
+        fne_fast.merge_candidates(index, torch.zeros(3, 5), index.bool(), torch.zeros(3, 4), k=2)
+    with pytest.raises(ValueError, match="k must be"):
+        fne_fast.merge_candidates(index, torch.zeros(3, 4), index.bool(), torch.zeros(3, 4), k=5)
 
 
 # --- distribution ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tile_cols", ["1", "512"])
-def test_sampled_frequencies_follow_the_weights(monkeypatch, tile_cols):
-    monkeypatch.setenv("FNE_FAST_CPU_TILE_COLS", tile_cols)
-    inputs = distribution_inputs()
-    tau = 6.0
-    probabilities = expected_probabilities(inputs, tau)
-    assert probabilities.max() / probabilities[probabilities > 0].min() > 3  # far from flat
-    index, _, valid = run_op(inputs, tau=tau, seed=31)
+@pytest.mark.parametrize("mode,tau", [("fne", 6.0), ("uniform", 0.0)])
+def test_sampled_frequencies_follow_the_weights(backend, mode, tau):
+    inputs = distribution_inputs(copies=8000 if backend.interpreted else 20000)  # 8000 rejects tau/2 at p ~ 1e-114
+    probabilities = expected_probabilities(inputs, tau, mode=mode)
+    index, _, valid, _ = backend.run(inputs, mode=mode, tau=tau, seed=31)
     assert valid.all()
     counts = torch.bincount(index[:, 0], minlength=probabilities.numel())
     assert chi_square_p_value(counts, probabilities) > 1e-3
-    # The same test rejects a deliberately wrong weighting (here: the weights of tau / 2).
-    assert chi_square_p_value(counts, expected_probabilities(inputs, tau / 2)) < 1e-6
+    if mode == "fne":
+        assert probabilities.max() / probabilities[probabilities > 0].min() > 3  # far from flat
+        # The same test rejects a deliberately wrong weighting (the weights of tau / 2).
+        assert chi_square_p_value(counts, expected_probabilities(inputs, tau / 2)) < 1e-6
 
 
-def test_second_slot_is_sampling_without_replacement():
-    inputs = distribution_inputs(sims=(0.0625, 0.125, 0.25, 0.375, 0.875, 1.0), copies=40000)
+@pytest.mark.parametrize("fn_tau", [1.0, math.inf])
+def test_fn_tau_weights_likely_false_negatives(backend, fn_tau):
+    # The candidates with P_fn > 1 - fn_margin (s >= 0.5 here) are drawn with weight exp(-fn_tau P_fn); with
+    # fn_tau = inf never, and exactly the others in proportion to their weights.
+    inputs = distribution_inputs(copies=8000 if backend.interpreted else 20000)
     tau = 6.0
-    index, _, valid = run_op(inputs, k=2, tau=tau, seed=8)
+    probabilities = expected_probabilities(inputs, tau, fn_tau=fn_tau)
+    index, _, valid, key = backend.run(inputs, tau=tau, fn_tau=fn_tau, seed=41)
+    assert valid.all() and torch.isfinite(key).all()  # every row has candidates left: no fallback
+    counts = torch.bincount(index[:, 0], minlength=probabilities.numel())
+    assert chi_square_p_value(counts, probabilities) > 1e-3
+    assert chi_square_p_value(counts, expected_probabilities(inputs, tau)) < 1e-6  # the authors' fn_tau = tau
+    if math.isinf(fn_tau):
+        assert (probabilities[5:] == 0).all() and probabilities[2:5].sum() == 1
+
+
+def test_excluded_false_negatives_can_still_be_the_hardest_fallback(backend):
+    # With fn_tau = inf and everything else cut down, the likely false negatives are out of the race but remain
+    # non-positive candidates of the fallback: each row takes the hardest of them.
+    inputs = distribution_inputs(copies=50)
+    inputs["stats"][0] = 0.74  # cut-down threshold 0.54: only s >= 0.625 survives it, all with P_fn > 0.001
+    index, sim, valid, key = check(backend, inputs, k=2, tau=6.0, fn_tau=math.inf)
+    assert valid.all() and not torch.isfinite(key).any()
+    assert (index == torch.tensor([9, 8])).all()
+
+
+def test_second_slot_is_sampling_without_replacement(backend):
+    # 8000 copies reject independent slots at p ~ 1e-41 (the interpreter's size), 40000 at p ~ 1e-227.
+    inputs = distribution_inputs(sims=(0.0625, 0.125, 0.25, 0.375, 0.875, 1.0),
+                                 copies=8000 if backend.interpreted else 40000)
+    tau = 6.0
+    index, _, valid, _ = backend.run(inputs, k=2, tau=tau, seed=8)
     assert valid.all()
     without_replacement, independent = pair_p_values(index, expected_probabilities(inputs, tau))
     assert without_replacement > 1e-3
     assert independent < 1e-6  # sampling with replacement must be rejected
 
 
-def test_uniform_mode_is_uniform_over_survivors():
-    inputs = distribution_inputs()
-    probabilities = expected_probabilities(inputs, 0.0, mode="uniform")
-    index, _, _ = run_op(inputs, mode="uniform", seed=5)
-    counts = torch.bincount(index[:, 0], minlength=probabilities.numel())
-    assert chi_square_p_value(counts, probabilities) > 1e-3
-
-
 # --- edge cases -----------------------------------------------------------------------------------------------
 
-def test_empty_bank_gives_invalid_slots():
-    inputs = sample_inputs(5, 0, 8)
-    index, sim, valid = run_op(inputs, k=3)
+def test_empty_bank_and_empty_batch(backend):
+    index, sim, valid, _ = backend.run(backend.inputs(5, 0, 8), k=3)
     assert index.shape == (5, 3) and (index == -1).all() and not valid.any() and (sim == 0).all()
-    assert_same_draws((index, sim, valid), run_oracle(inputs, k=3))
-
-
-def test_empty_anchor_batch():
-    index, sim, valid = run_op(sample_inputs(0, 50, 8), k=2)
+    index, sim, valid, _ = backend.run(backend.inputs(0, 50, 8), k=2)
     assert index.shape == sim.shape == valid.shape == (0, 2)
 
 
 @pytest.mark.parametrize("filled", [0, 1, 333, 1000])
-def test_partly_filled_bank(filled):
-    inputs = sample_inputs(17, 1000, 12, exact=True, seed=2)
-    inputs["bank"][filled:] = float("nan")  # rows >= filled are never read
-    index, sim, valid = run_op(inputs, k=2, filled=filled)
+def test_partly_filled_bank(backend, filled):
+    inputs = backend.inputs(17, 1000, 12, kind="exact", seed=2)
+    inputs["bank"][filled:] = float("nan")  # rows >= filled are never read (check_finite stays quiet)
+    index, sim, valid, _ = backend.run(inputs, k=2, filled=filled)
     assert (index < filled).all()
     inputs["bank"][filled:] = 0
-    assert_same_draws((index, sim, valid), run_oracle(inputs, k=2, filled=filled))
+    assert_matches_oracle(backend, (index, sim, valid), inputs, k=2, filled=filled)
 
 
-def test_all_candidates_positive():
-    inputs = sample_inputs(4, 50, 8, exact=True)
+def test_all_candidates_positive(backend):
+    inputs = backend.inputs(4, 50, 8, kind="exact")
     inputs["bank_ids"][:] = 3
     inputs["anchor_ids"][:] = 3
-    index, _, valid = run_op(inputs, k=2)
-    assert (index == -1).all() and not valid.any()
+    index, sim, valid, _ = backend.run(inputs, k=2)
+    assert (index == -1).all() and not valid.any() and (sim == 0).all()
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_more_slots_than_survivors_falls_back_to_hardest(mode):
-    inputs = sample_inputs(12, 40, 8, exact=True, seed=9, num_ids=5)
-    index, sim, valid = run_op(inputs, k=45, mode=mode)  # k > N: every row runs out
-    assert_same_draws((index, sim, valid), run_oracle(inputs, k=45, mode=mode))
+def test_more_slots_than_survivors_falls_back_to_hardest(backend, mode):
+    inputs = backend.inputs(12, 40, 8, kind="exact", seed=9, num_ids=5)
+    index, _, valid, _ = check(backend, inputs, k=45, mode=mode)  # k > N: every row runs out
     for row in range(12):
         chosen = index[row][valid[row]]
         assert len(set(chosen.tolist())) == len(chosen)  # distinct
         assert valid[row].sum() == (inputs["bank_ids"] != inputs["anchor_ids"][row]).sum()
 
 
-def test_everything_cut_down_takes_the_hardest_negative():
-    inputs = sample_inputs(8, 200, 8, exact=True)
+def test_everything_cut_down_takes_the_hardest_negative(backend):
+    inputs = backend.inputs(8, 200, 8, kind="exact")
     inputs["stats"][0] = 100.0  # cut-down threshold above every similarity
-    index, sim, valid = run_op(inputs)
+    _, sim, valid, _ = check(backend, inputs, k=3)
     _, _, _, full_sim = reference.candidate_keys(*inputs.values(), mode="hardest")
     hardest = torch.where(inputs["bank_ids"] != inputs["anchor_ids"].reshape(-1, 1), full_sim, -math.inf)
     assert valid.all()
     torch.testing.assert_close(sim[:, 0].double(), hardest.max(dim=1).values)
 
 
-def test_single_anchor_and_repeated_ids():
-    inputs = sample_inputs(1, 500, 5, exact=True, num_ids=2)
-    assert_same_draws(run_op(inputs, k=5, **STEEP), run_oracle(inputs, k=5, **STEEP))
+def test_single_anchor_and_repeated_ids(backend):
+    check(backend, backend.inputs(1, 500, 5, kind="exact", num_ids=2), k=5, **STEEP)
 
 
-def test_non_contiguous_inputs_match_contiguous():
-    inputs = sample_inputs(20, 600, 16, exact=True, seed=12)
+@pytest.mark.parametrize("dim", [0, 1, 3, 129])
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16])
+def test_odd_embedding_dimensions(backend, dim, bank_dtype):
+    check(backend, backend.inputs(11, 700, dim, kind="exact", seed=17, num_ids=100, bank_dtype=bank_dtype),
+          k=4, **STEEP)
+
+
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_inputs_match_contiguous(backend, bank_dtype):
+    inputs = backend.inputs(20, 600, 16, kind="exact", seed=12, bank_dtype=bank_dtype)
     strided = strided_copy(inputs)
-    assert not strided["bank"].is_contiguous()
-    assert_same_draws(run_op(strided, k=3), run_op(inputs, k=3))
+    assert not strided["bank"].is_contiguous() and not strided["anchors"].is_contiguous()
+    for actual, wanted in zip(backend.run(strided, k=3), backend.run(inputs, k=3)):
+        assert torch.equal(actual, wanted)
 
 
-def test_bayesian_branch_switches_on_above_min_count():
-    inputs = sample_inputs(64, 800, 16, exact=True, seed=13)
-    below = dict(inputs, stats=inputs["stats"].clone())
-    below["stats"][4] = 200.0  # n⁺ must exceed min_count
-    assert_same_draws(run_op(below, **STEEP), run_oracle(below, **STEEP))
-    assert not torch.equal(run_op(below, **STEEP)[0], run_op(inputs, **STEEP)[0])
+# --- bad input --------------------------------------------------------------------------------------------------
+
+def _with(backend, **changes):
+    inputs = backend.inputs(6, 40, 8, kind="exact")
+    inputs.update(changes)
+    return inputs
 
 
-def test_torch_compile_and_opcheck():
-    inputs = sample_inputs(6, 80, 8, exact=True)
-    args = (*inputs.values(), 2, "fne", 0.2, 0.5, 10000.0, 0.999, 200, True, 3, 1, 0, 0, 80, True)
+BAD_TENSORS = [
+    ("anchors", dict(anchors=torch.zeros(6, 8, 1)), ValueError),
+    ("bank", dict(bank=torch.zeros(40)), ValueError),
+    ("embedding dimension", dict(bank=torch.zeros(40, 9)), ValueError),
+    ("anchors", dict(anchors=torch.zeros(6, 8, dtype=torch.int32)), TypeError),
+    ("bank", dict(bank=torch.zeros(40, 8, dtype=torch.int64)), TypeError),
+    ("bank", dict(bank=torch.zeros(40, 8, dtype=torch.float64)), TypeError),
+    ("anchors", dict(anchors=torch.zeros(6, 8, dtype=torch.float16), bank=torch.zeros(40, 8, dtype=torch.bfloat16)),
+     TypeError),
+    ("positive_sim", dict(positive_sim=torch.zeros(5)), ValueError),
+    ("positive_sim", dict(positive_sim=torch.zeros(6, dtype=torch.float64)), TypeError),
+    ("anchor_ids", dict(anchor_ids=torch.zeros(6, dtype=torch.float32)), TypeError),
+    ("anchor_ids", dict(anchor_ids=torch.zeros(7, dtype=torch.int64)), ValueError),
+    ("bank_ids", dict(bank_ids=torch.zeros(40, dtype=torch.int32)), TypeError),
+    ("bank_ids", dict(bank_ids=torch.zeros(39, dtype=torch.int64)), ValueError),
+    ("stats", dict(stats=torch.zeros(4)), ValueError),
+    ("stats", dict(stats=torch.zeros(5, dtype=torch.float64)), TypeError),
+    ("bank", dict(bank=torch.zeros(40, 8, device="meta")), ValueError),
+    ("anchors", dict(anchors=[[0.0] * 8] * 6), TypeError),
+]
+
+
+@pytest.mark.parametrize("name,changes,error", BAD_TENSORS, ids=[f"{i}-{case[0]}" for i, case in enumerate(BAD_TENSORS)])
+def test_bad_tensors_name_the_argument(backend, name, changes, error):
+    inputs = _with(backend, **{key: value.to(backend.device) if isinstance(value, torch.Tensor)
+                               and value.device.type != "meta" else value for key, value in changes.items()})
+    with pytest.raises(error, match=name):
+        fne_fast.sample_negatives(*inputs.values(), backend=backend.name)
+
+
+BAD_OPTIONS = [
+    ("k", dict(k=0)), ("k", dict(k=-3)), ("k", dict(k=1.5)), ("mode", dict(mode="hard")),
+    ("tau", dict(tau=-0.1)), ("tau", dict(tau=float("nan"))), ("prior_k", dict(prior_k=1.0)),
+    ("prior_k", dict(prior_k=0.5)), ("fn_margin", dict(fn_margin=1.5)), ("min_count", dict(min_count=-1)),
+    ("margin", dict(margin=float("inf"))), ("cutdown", dict(cutdown=None)), ("fn_tau", dict(fn_tau=-0.5)),
+    ("fn_tau", dict(fn_tau=float("nan"))),
+    ("filled", dict(filled=41)), ("filled", dict(filled=-1)), ("step", dict(step=2**32)), ("step", dict(step=-1)),
+    ("step", dict(step=2**70)), ("row_offset", dict(row_offset=2**32 - 5)), ("row_offset", dict(row_offset=-1)),
+    ("col_offset", dict(col_offset=-1)), ("seed", dict(seed=1.5)), ("backend", dict(backend="gpu")),
+]
+
+
+@pytest.mark.parametrize("name,options", BAD_OPTIONS, ids=[f"{i}-{case[0]}" for i, case in enumerate(BAD_OPTIONS)])
+def test_bad_options_name_the_argument(backend, name, options):
+    with pytest.raises((ValueError, TypeError), match=name):
+        fne_fast.sample_negatives(*_with(backend).values(), **{"backend": backend.name, **options})
+
+
+def test_backend_must_match_the_device():
+    with pytest.raises(ValueError, match="backend"):
+        fne_fast.sample_negatives(*sample_inputs(6, 40, 8).values(), backend="cuda")
+
+
+@pytest.mark.parametrize("name", ["anchors", "bank", "positive_sim", "stats"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_inputs_raise_unless_unchecked(backend, name, value):
+    inputs = _with(backend)
+    inputs[name].view(-1)[3] = value
+    with pytest.raises(ValueError, match=f"{name} contains NaN or Inf"):
+        backend.run(inputs, k=2)
+    index, _, valid, _ = backend.run(inputs, k=2, check_finite=False)
+    assert ((index >= -1) & (index < 40)).all()
+    assert (valid == (index >= 0)).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_finite_similarities_are_never_chosen_without_check_finite(backend, mode):
+    inputs = backend.inputs(6, 300, 8, kind="exact", seed=18)
+    inputs["bank"][::2] = float("inf")
+    inputs["bank"][1::4] = float("nan")
+    index, _, valid, _ = backend.run(inputs, k=8, mode=mode, check_finite=False)
+    assert valid.any(dim=1).all()
+    assert ((index[valid] % 4) == 3).all()  # the only rows with finite similarities
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+@pytest.mark.parametrize("name,options", [("k", dict(k=0)), ("mode", dict(mode="x")), ("filled", dict(filled=99)),
+                                          ("prior_k", dict(prior_k=1.0)), ("tau", dict(tau=-1.0)),
+                                          ("fn_tau", dict(fn_tau=-1.0)), ("fn_tau", dict(fn_tau=math.nan))])
+def test_the_raw_operator_checks_too(device, name, options):
+    # Callers that bypass the Python wrapper still get an error naming the argument, not a crash.
+    args = dict(k=1, mode="fne", margin=0.2, tau=0.5, fn_tau=0.5, prior_k=1e4, fn_margin=0.999, min_count=200,
+                cutdown=True, seed=0, step=0, row_offset=0, col_offset=0, filled=40, check_finite=True)
+    args.update(options)
+    with pytest.raises(ValueError, match=name):
+        torch.ops.fne_fast.sample_negatives(*sample_inputs(6, 40, 8, device=device).values(), *args.values())
+
+
+# --- the operator under torch.library and torch.compile ---------------------------------------------------------
+
+def test_opcheck_and_torch_compile(backend):
+    if backend.name == "reference" or backend.interpreted:
+        pytest.skip("not served through the dispatcher")  # the interpreter's CPU tensors go to the C++ kernel
+    from fne_fast import ops
+
+    if backend.name == "triton" and not ops.TRITON_SERVES_CUDA:
+        pytest.skip("the compiled CUDA kernel serves the CUDA key")
+    inputs = {name: tensor.to(backend.device) for name, tensor in backend.inputs(6, 80, 8, kind="exact").items()}
+    args = (*inputs.values(), 2, "fne", 0.2, 0.5, 0.5, 10000.0, 0.999, 200, True, 3, 1, 0, 0, 80, True)
     torch.library.opcheck(torch.ops.fne_fast.sample_negatives.default, args)
 
     @torch.compile(backend="eager", fullgraph=True)
     def compiled(*tensors):
         return fne_fast.sample_negatives(*tensors, k=2, seed=3, step=1)
 
-    assert_same_draws(compiled(*inputs.values()), run_op(inputs, k=2, seed=3, step=1))
+    assert_same_draws(compiled(*inputs.values()), fne_fast.sample_negatives(*inputs.values(), k=2, seed=3, step=1))
+    keys = fne_fast.sample_negatives(*inputs.values(), k=2, seed=3, return_keys=True)
+    assert len(keys) == 4 and keys[3].dtype == torch.float32 and keys[3].shape == (6, 2)

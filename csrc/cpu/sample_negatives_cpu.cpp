@@ -32,17 +32,11 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Anchor rows and bank rows per work item. 128 x 512 float32 similarities (256 KiB) plus, for low-precision
-// banks, a 512-row float32 copy of the bank tile fit the 1 MiB L2 of one core here. Overridable for tests and
-// tuning through the environment.
-int64_t tile_size_from_env(const char* name, int64_t fallback) {
-  const char* text = std::getenv(name);
-  if (text == nullptr || *text == '\0') return fallback;
-  char* end = nullptr;
-  const long long value = std::strtoll(text, &end, 10);
-  TORCH_CHECK_VALUE(end != text && *end == '\0' && value >= 1, name, " must be a positive integer, got '", text, "'");
-  return value;
-}
+// Anchor rows and bank rows per work item: 128 x 512 float32 similarities (256 KiB) plus, for low-precision
+// banks, a 512-row float32 copy of the bank tile fit the 1 MiB L2 of one core here. FNE_FAST_CPU_TILE_ROWS and
+// FNE_FAST_CPU_TILE_COLS override them (tests and tuning).
+constexpr int64_t kTileRows = 128;
+constexpr int64_t kTileCols = 512;
 
 // An ordered list (best first) of at most k candidates of one row.
 struct RankedList {
@@ -51,6 +45,12 @@ struct RankedList {
   int64_t* index;
   int64_t* count;
   int64_t k;
+
+  // The list interface of write_output_row (fne_math.h).
+  int64_t size() const { return *count; }
+  int64_t index_at(int64_t i) const { return index[i]; }
+  float sim_at(int64_t i) const { return sim[i]; }
+  float key_at(int64_t i) const { return key[i]; }
 
   bool accepts(float candidate_key, int64_t candidate_index) const {
     return *count < k || ranks_before(candidate_key, candidate_index, key[k - 1], index[k - 1]);
@@ -139,14 +139,16 @@ int64_t scan_row(const RowContext& row, const CallContext& call, RankedList hard
   int64_t survivors = 0;
   for (int64_t j = 0; j < row.tile_cols; ++j) {
     const float s = row.sims[j];
-    non_finite |= !(std::fabs(s) <= std::numeric_limits<float>::max());
-    const bool non_positive = row.bank_ids[j] != row.anchor_id;
-    if (non_positive && s >= hard_threshold && hard.accepts(s, row.global_col_begin + j)) {
+    // A non-finite similarity (non-finite inputs, or float32 overflow) is never a candidate.
+    const bool finite = std::fabs(s) <= std::numeric_limits<float>::max();
+    non_finite |= !finite;
+    const bool candidate = finite & (row.bank_ids[j] != row.anchor_id);
+    if (candidate && s >= hard_threshold && hard.accepts(s, row.global_col_begin + j)) {
       hard.insert(s, s, row.global_col_begin + j);
       hard_threshold = hard.threshold();
     }
     columns[survivors] = static_cast<int32_t>(j);
-    survivors += non_positive & (s > cut);
+    survivors += candidate & (s > cut);
   }
   *saw_non_finite |= non_finite;
   return survivors;
@@ -164,6 +166,7 @@ void race_row(const RowContext& row, const CallContext& call, RankedList race, c
     const float s = row.sims[columns[c]];
     const float log_weight = weighted ? fne_log_weight(s, row.positive_sim, call.weights) : 0.f;
     const float key = log_weight + gumbel_from_bits(words[c]);
+    if (!(key > kNegInf)) continue;  // weight 0 (fn_tau = inf): excluded like a cut-down candidate
     const int64_t global_index = row.global_col_begin + columns[c];
     if (race.accepts(key, global_index)) {
       race.insert(key, s, global_index);
@@ -180,46 +183,21 @@ struct TileScratch {
   at::Tensor bank_tile_float;  // float32 copy of a low-precision bank tile (products stay exact in float32)
 };
 
-// Writes one output row: the race winners in key order, then the hardest non-positive candidates not chosen yet.
-void write_output_row(RankedList race, RankedList hard, int64_t* index, float* sim, bool* valid) {
-  const int64_t k = race.k;
-  int64_t slot = 0;
-  for (; slot < *race.count; ++slot) {
-    index[slot] = race.index[slot];
-    sim[slot] = race.sim[slot];
-    valid[slot] = true;
-  }
-  const int64_t winners = slot;
-  for (int64_t h = 0; h < *hard.count && slot < k; ++h) {
-    const int64_t* winners_begin = race.index;
-    const int64_t* winners_end = race.index + winners;
-    if (std::find(winners_begin, winners_end, hard.index[h]) != winners_end) continue;
-    index[slot] = hard.index[h];
-    sim[slot] = hard.sim[h];
-    valid[slot] = true;
-    ++slot;
-  }
-  for (; slot < k; ++slot) {
-    index[slot] = -1;
-    sim[slot] = 0.f;
-    valid[slot] = false;
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
     const at::Tensor& anchors, const at::Tensor& bank, const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
     const at::Tensor& bank_ids, const at::Tensor& stats, int64_t k, c10::string_view mode, double margin,
-    double tau, double prior_k, double fn_margin, int64_t min_count, bool cutdown, int64_t seed, int64_t step,
-    int64_t row_offset, int64_t col_offset, int64_t filled, bool check_finite) {
+    double tau, double fn_tau, double prior_k, double fn_margin, int64_t min_count, bool cutdown, int64_t seed,
+    int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled, bool check_finite) {
   CallContext call;
   call.config = check_sample_negatives_args(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k, mode,
-                                            margin, tau, prior_k, fn_margin, min_count, cutdown, seed, step,
-                                            row_offset, col_offset, filled, check_finite);
+                                            margin, tau, fn_tau, prior_k, fn_margin, min_count, cutdown, seed,
+                                            step, row_offset, col_offset, filled, check_finite);
   const int64_t num_rows = anchors.size(0);
   auto index = at::full({num_rows, k}, -1, anchors.options().dtype(at::kLong));
   auto sim = at::zeros({num_rows, k}, anchors.options().dtype(at::kFloat));
   auto valid = at::zeros({num_rows, k}, anchors.options().dtype(at::kBool));
-  if (num_rows == 0) return {index, sim, valid};
+  auto key = at::full({num_rows, k}, kNegInf, anchors.options().dtype(at::kFloat));
+  if (num_rows == 0) return {index, sim, valid, key};
 
   const auto anchors_float = anchors.to(at::kFloat).contiguous();
   const auto bank_contig = bank.contiguous();
@@ -233,16 +211,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
     raise_if_not_finite(input_flags.data_ptr<bool>(), false);
   }
   const float* stats_ptr = stats_contig.data_ptr<float>();
-  call.weights = make_weight_params(stats_ptr, call.config.tau, prior_k, fn_margin, min_count);
+  call.weights = make_weight_params(stats_ptr, call.config);
   call.philox_key = philox_key_from_seed(call.config.seed);
   call.cut_threshold = (call.config.mode != SamplerMode::kHardest && cutdown) ? stats_ptr[0] - call.config.margin
                                                                                : kNegInf;
 
   const int64_t live_cols = call.config.filled;  // rows >= filled are never read
   // Tiles no larger than the problem (small calls allocate little) nor than int32 column offsets allow.
-  const int64_t tile_rows = std::min<int64_t>({tile_size_from_env("FNE_FAST_CPU_TILE_ROWS", 128), num_rows, 4096});
-  const int64_t tile_cols =
-      std::min<int64_t>({tile_size_from_env("FNE_FAST_CPU_TILE_COLS", 512), std::max<int64_t>(live_cols, 1), 65536});
+  const int64_t tile_rows =
+      std::min<int64_t>({positive_int_from_env("FNE_FAST_CPU_TILE_ROWS", kTileRows), num_rows, 4096});
+  const int64_t tile_cols = std::min<int64_t>(
+      {positive_int_from_env("FNE_FAST_CPU_TILE_COLS", kTileCols), std::max<int64_t>(live_cols, 1), 65536});
   const int64_t row_blocks = (num_rows + tile_rows - 1) / tile_rows;
   const int64_t col_tiles = (live_cols + tile_cols - 1) / tile_cols;
   const bool convert_bank = bank.scalar_type() != at::kFloat;
@@ -305,6 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
   int64_t* index_ptr = index.data_ptr<int64_t>();
   float* sim_ptr = sim.data_ptr<float>();
   bool* valid_ptr = valid.data_ptr<bool>();
+  float* key_ptr = key.data_ptr<float>();
   at::parallel_for(0, num_rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       RankedList race = merged.race(row), hard = merged.hard(row);
@@ -322,11 +302,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
           }
         }
       }
-      if (hardest) race = hard;
-      write_output_row(race, hard, index_ptr + row * k, sim_ptr + row * k, valid_ptr + row * k);
+      write_output_row(hardest ? hard : race, hard, k, index_ptr + row * k, sim_ptr + row * k,
+                       valid_ptr + row * k, key_ptr + row * k);
     }
   });
-  return {index, sim, valid};
+  return {index, sim, valid, key};
 }
 
 }  // namespace

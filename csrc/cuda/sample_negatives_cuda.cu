@@ -14,7 +14,7 @@
 //      cannot reach that threshold skips the logarithms and the weight: after the first rounds almost every
 //      pair costs its Philox word and a few comparisons.
 //   3. Merge: one block per row folds the splits' lists into the row's running lists (exact: top-k of a union).
-// After the last chunk one thread per row writes index/sim/valid in the CPU kernel's order (race winners by
+// After the last chunk one thread per row writes index/sim/valid/key in the CPU kernel's order (race winners by
 // decreasing key, then the hardest non-positive candidates not chosen yet, then invalid slots). Extra memory is
 // the S buffer (about 32 MiB, at least 1024 columns: max(32 MiB, 4 KiB · B)), an optional float32 copy of one
 // bank chunk (counted in the same 32 MiB), and O(B · k · splits) list entries: independent of N, and the B×N
@@ -35,8 +35,9 @@
 // indices are distinct), and the entries with rank < k form the new list. This is exact for any split of the
 // columns, which is what makes the result independent of the chunk and split sizes.
 //
-// Non-finite similarities (NaN/Inf anchors or bank rows, or float32 overflow) are never chosen on CUDA. A NaN key
-// (only reachable with non-finite inputs such as positive_sim or stats) ranks as -inf. check_finite=True raises
+// Non-finite similarities (NaN/Inf anchors or bank rows, or float32 overflow) are never chosen, as by every
+// backend. A key of -inf (weight 0 with fn_tau = inf) or NaN (non-finite positive_sim or stats) is not a race
+// candidate; the candidate can still be a fallback. check_finite=True raises
 // the same errors as the CPU kernel, which needs the host to see a device-side flag: the op then ends with one
 // device-to-host copy of four flags (a single synchronisation, after all kernels are queued). With
 // check_finite=False the op never synchronises with the host (and can be captured in a CUDA graph).
@@ -55,7 +56,6 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
 #include <tuple>
 
@@ -168,17 +168,8 @@ struct EpilogueArgs {
   int64_t split_cols;
   int64_t splits;            // splits of this chunk; partial slot of (row, split) is row * splits + split
   int64_t global_col_begin;  // col_offset + first column of the chunk
-  int k;
-  SamplerMode mode;
-  bool cutdown;
-  float margin;
-  float tau;
-  double prior_k;
-  double fn_margin;
-  int64_t min_count;
+  SamplerConfig config;
   PhiloxKey philox_key;
-  uint32_t step;
-  uint32_t row_offset;
   ListSet running_race, running_hard;  // read only: the floors from earlier chunks
   ListSet partial_race, partial_hard;  // written: one list per (row, split)
   int* non_finite;                     // set to 1 when a similarity is not finite
@@ -188,13 +179,14 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs args) {
   __shared__ SharedList race, hard;
   __shared__ WeightParams weights;
   __shared__ float cut;
-  const int k = args.k;
+  const SamplerConfig& config = args.config;
+  const int k = static_cast<int>(config.k);
   const int64_t row = blockIdx.x / args.splits;
   const int64_t split = blockIdx.x % args.splits;
-  const bool sampling = args.mode != SamplerMode::kHardest;
+  const bool sampling = config.mode != SamplerMode::kHardest;
   if (threadIdx.x == 0) {
-    weights = make_weight_params(args.stats, args.tau, args.prior_k, args.fn_margin, args.min_count);
-    cut = sampling && args.cutdown ? args.stats[0] - args.margin : -INFINITY;
+    weights = make_weight_params(args.stats, config);
+    cut = sampling && config.cutdown ? args.stats[0] - config.margin : -INFINITY;
     const bool race_full = args.running_race.counts[row] == k;
     const bool hard_full = args.running_hard.counts[row] == k;
     init_list(race, race_full ? &args.running_race.entries[row * k + k - 1] : nullptr);
@@ -207,7 +199,7 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs args) {
   const float* row_sims = args.sims + row * args.chunk_cols;
   const int64_t anchor_id = args.anchor_ids[row];
   const float positive = args.positive_sim[row];
-  const uint32_t global_row = args.row_offset + static_cast<uint32_t>(row);
+  const uint32_t global_row = config.row_offset + static_cast<uint32_t>(row);
   bool non_finite = false;
   for (int64_t base = begin; base < end; base += kRoundCols) {
     bool offered = false;
@@ -226,14 +218,14 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs args) {
       if (sampling && s > cut) {
         const uint64_t counter = static_cast<uint64_t>(column);
         const uint32_t bits = philox_first_word(static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32),
-                                                global_row, args.step, args.philox_key);
+                                                global_row, config.step, args.philox_key);
         // Once the list has a threshold, almost every word fails this test: the logarithms and the weight are
         // then skipped, for the whole warp as a rule.
         if (bits <= race.gumbel_limit) {
-          const float log_weight = args.mode == SamplerMode::kFne ? fne_log_weight(s, positive, weights) : 0.f;
-          float key = log_weight + gumbel_from_bits(bits);
-          if (isnan(key)) key = -INFINITY;
-          offered |= offer(race, k, Entry{key, s, column});
+          const float log_weight = config.mode == SamplerMode::kFne ? fne_log_weight(s, positive, weights) : 0.f;
+          const float key = log_weight + gumbel_from_bits(bits);
+          // Weight 0 (fn_tau = inf), or NaN from non-finite inputs: not a race candidate.
+          if (key > -INFINITY) offered |= offer(race, k, Entry{key, s, column});
         }
       }
     }
@@ -311,56 +303,31 @@ struct OutputArgs {
   int64_t* index;
   float* sim;
   bool* valid;
+  float* key;
 };
 
-// One thread per row: race winners, then the hardest non-positive candidates not chosen yet, then invalid slots.
-// The top-k hardest list suffices: at most `winners` of its entries are winners, so it holds the k - winners
-// hardest candidates that are not.
+// A finished list of global memory in the list interface of write_output_row (fne_math.h).
+struct EntryList {
+  const Entry* entries;
+  int count;
+  __device__ int64_t size() const { return count; }
+  __device__ int64_t index_at(int64_t i) const { return entries[i].index; }
+  __device__ float sim_at(int64_t i) const { return entries[i].sim; }
+  __device__ float key_at(int64_t i) const { return entries[i].key; }
+};
+
+// One thread per row writes its k output slots (in mode "hardest" the race list is the hardest list).
 __global__ void __launch_bounds__(kOutputThreads) output_kernel(OutputArgs args) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= args.num_rows) return;
   const int k = args.k;
-  const Entry* hard = args.hard.entries + row * k;
-  const int hard_count = args.hard.counts[row];
-  const Entry* race = args.sampling ? args.race.entries + row * k : hard;  // mode hardest: the hardest list
-  const int race_count = args.sampling ? args.race.counts[row] : hard_count;
-  int64_t* index = args.index + row * k;
-  float* sim = args.sim + row * k;
-  bool* valid = args.valid + row * k;
-  int slot = 0;
-  for (; slot < race_count; ++slot) {
-    index[slot] = race[slot].index;
-    sim[slot] = race[slot].sim;
-    valid[slot] = true;
-  }
-  const int winners = slot;
-  for (int h = 0; h < hard_count && slot < k; ++h) {
-    bool chosen = false;
-    for (int w = 0; w < winners; ++w) chosen |= race[w].index == hard[h].index;
-    if (chosen) continue;
-    index[slot] = hard[h].index;
-    sim[slot] = hard[h].sim;
-    valid[slot] = true;
-    ++slot;
-  }
-  for (; slot < k; ++slot) {
-    index[slot] = -1;
-    sim[slot] = 0.f;
-    valid[slot] = false;
-  }
+  const EntryList hard{args.hard.entries + row * k, args.hard.counts[row]};
+  const EntryList race = args.sampling ? EntryList{args.race.entries + row * k, args.race.counts[row]} : hard;
+  write_output_row(race, hard, k, args.index + row * k, args.sim + row * k, args.valid + row * k,
+                   args.key + row * k);
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Optional positive integer from the environment (tests use it to force many small chunks), else `fallback`.
-int64_t positive_int_from_env(const char* name, int64_t fallback) {
-  const char* text = std::getenv(name);
-  if (text == nullptr || *text == '\0') return fallback;
-  char* end = nullptr;
-  const long long value = std::strtoll(text, &end, 10);
-  TORCH_CHECK_VALUE(end != text && *end == '\0' && value >= 1, name, " must be a positive integer, got '", text, "'");
-  return value;
-}
 
 // Columns per chunk: the float32 buffers of one chunk (S, plus the converted bank chunk) fill about
 // kSimBufferBytes, in whole rounds of the epilogue; FNE_FAST_CUDA_CHUNK_COLS overrides.
@@ -379,15 +346,15 @@ void check_finite_flags(const at::Tensor& anchors, const at::Tensor& positive_si
   raise_if_not_finite(bad, bad[3]);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda(
     const at::Tensor& anchors, const at::Tensor& bank, const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
     const at::Tensor& bank_ids, const at::Tensor& stats, int64_t k, c10::string_view mode, double margin,
-    double tau, double prior_k, double fn_margin, int64_t min_count, bool cutdown, int64_t seed, int64_t step,
-    int64_t row_offset, int64_t col_offset, int64_t filled, bool check_finite) {
+    double tau, double fn_tau, double prior_k, double fn_margin, int64_t min_count, bool cutdown, int64_t seed,
+    int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled, bool check_finite) {
   const SamplerConfig config =
       check_sample_negatives_args(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k, mode, margin, tau,
-                                  prior_k, fn_margin, min_count, cutdown, seed, step, row_offset, col_offset, filled,
-                                  check_finite);
+                                  fn_tau, prior_k, fn_margin, min_count, cutdown, seed, step, row_offset, col_offset,
+                                  filled, check_finite);
   TORCH_CHECK_VALUE(k <= kMaxK, "k must be <= ", kMaxK, " on CUDA (the per-row lists live in shared memory), got ",
                     k);
   const c10::cuda::CUDAGuard device_guard(anchors.device());
@@ -396,7 +363,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda(
   auto index = at::empty({num_rows, k}, long_options);
   auto sim = at::empty({num_rows, k}, anchors.options().dtype(at::kFloat));
   auto valid = at::empty({num_rows, k}, anchors.options().dtype(at::kBool));
-  if (num_rows == 0) return {index, sim, valid};
+  auto key = at::empty({num_rows, k}, anchors.options().dtype(at::kFloat));
+  if (num_rows == 0) return {index, sim, valid, key};
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto anchors_contig = anchors.contiguous();
@@ -447,17 +415,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda(
     epilogue.positive_sim = positive_contig.data_ptr<float>();
     epilogue.stats = stats_contig.data_ptr<float>();
     epilogue.split_cols = split_cols;
-    epilogue.k = static_cast<int>(k);
-    epilogue.mode = config.mode;
-    epilogue.cutdown = config.cutdown;
-    epilogue.margin = config.margin;
-    epilogue.tau = config.tau;
-    epilogue.prior_k = config.prior_k;
-    epilogue.fn_margin = config.fn_margin;
-    epilogue.min_count = config.min_count;
+    epilogue.config = config;
     epilogue.philox_key = philox_key_from_seed(config.seed);
-    epilogue.step = config.step;
-    epilogue.row_offset = config.row_offset;
     epilogue.running_race = running_race;
     epilogue.running_hard = running_hard;
     epilogue.partial_race = partial_race;
@@ -502,14 +461,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda(
   }
 
   OutputArgs output{num_rows, static_cast<int>(k), sampling, running_race, running_hard,
-                    index.data_ptr<int64_t>(), sim.data_ptr<float>(), valid.data_ptr<bool>()};
+                    index.data_ptr<int64_t>(), sim.data_ptr<float>(), valid.data_ptr<bool>(), key.data_ptr<float>()};
   output_kernel<<<static_cast<unsigned>(ceil_div(num_rows, kOutputThreads)), kOutputThreads, 0, stream>>>(output);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (check_finite) {
     check_finite_flags(anchors_contig, positive_contig, stats_contig, counts.narrow(0, counts.size(0) - 1, 1));
   }
-  return {index, sim, valid};
+  return {index, sim, valid, key};
 }
 
 }  // namespace

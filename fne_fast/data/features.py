@@ -2,38 +2,22 @@
 
 The cache file of a split is keyed by data set, split, both encoders' versions and the split's content
 fingerprint, so a changed source file or encoder never serves stale features. Files are written atomically.
+
+The encoders are passed in (``fne_fast.models.LazyEncoders`` or anything with ``image``, ``text`` and
+``versions(image_modality)``): this module does not import the models.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 import torch
 
-from fne_fast.data import DatasetFormatError, FeatureSplit, RawSplit, group_ids
+from fne_fast.data.core import DatasetFormatError, FeatureSplit, RawSplit, group_ids
+from fne_fast.io import atomic_save
 
-__all__ = ["atomic_save", "default_cache_dir", "LazyEncoders", "encode_split", "cached_feature_split",
-           "load_feature_arrays"]
-
-
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file beside ``path``, then rename it over ``path``: readers see the old file or
-    the new one, never a torn write."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+__all__ = ["default_cache_dir", "encode_split", "cached_feature_split", "load_feature_arrays"]
 
 
 def default_cache_dir() -> str:
@@ -69,36 +53,7 @@ def _encode_images(encoder, loaders, batch_size: int, description: str) -> torch
     return output
 
 
-class LazyEncoders:
-    """Loads each backbone on first use only: a fully cached run never imports transformers."""
-
-    def __init__(self, image_size: int, device):
-        self.image_size, self.device = image_size, device
-        self._image = self._text = None
-
-    @property
-    def image(self):
-        if self._image is None:
-            from fne_fast.models import ImageEncoder
-            self._image = ImageEncoder(self.image_size, self.device)
-        return self._image
-
-    @property
-    def text(self):
-        if self._text is None:
-            from fne_fast.models import TextEncoder
-            self._text = TextEncoder(self.device)
-        return self._text
-
-    def versions(self, image_modality: str) -> str:
-        """Both encoders' versions, from package metadata: computing them does not load the networks."""
-        from fne_fast.models import image_encoder_version, text_encoder_version
-
-        image_side = text_encoder_version() if image_modality == "text" else image_encoder_version(self.image_size)
-        return f"{image_side}+{text_encoder_version()}"
-
-
-def encode_split(raw: RawSplit, encoders: LazyEncoders, batch_size: int = 64) -> FeatureSplit:
+def encode_split(raw: RawSplit, encoders, batch_size: int = 64) -> FeatureSplit:
     """Features of a raw split from the frozen backbones."""
     if raw.image_modality == "text":
         image_features = _encode_texts(encoders.text, list(raw.images), 4 * batch_size,
@@ -110,10 +65,8 @@ def encode_split(raw: RawSplit, encoders: LazyEncoders, batch_size: int = 64) ->
                         group_ids(raw.image_group))
 
 
-def cached_feature_split(raw: RawSplit, *, cache_dir: str | None = None, image_size: int = 128,
-                         device: str = "cpu", encoders: LazyEncoders | None = None) -> FeatureSplit:
-    """The split's features from the cache, encoding and caching them on a miss."""
-    encoders = encoders or LazyEncoders(image_size, device)
+def cached_feature_split(raw: RawSplit, encoders, *, cache_dir: str | None = None) -> FeatureSplit:
+    """The split's features from the cache, encoding and caching them with ``encoders`` on a miss."""
     cache_dir = cache_dir or default_cache_dir()
     name = f"{raw.dataset}-{raw.split}-{encoders.versions(raw.image_modality)}-{raw.fingerprint}.pt"
     path = os.path.join(cache_dir, name)

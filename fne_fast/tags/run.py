@@ -8,6 +8,7 @@ import warnings
 
 import torch
 
+from fne_fast.io import atomic_write_text
 from fne_fast.tags.corpus import Corpus
 from fne_fast.tags.filtering import CandidateFilter
 from fne_fast.tags.pool import CaptionSource
@@ -85,10 +86,7 @@ def make_trainer(options, corpus: Corpus | None, train_split, *, seed: int, devi
 
 def write_examples(out: str, trainer: TagsTrainer) -> None:
     """examples.md: every epoch's section so far, written atomically."""
-    path = os.path.join(out, EXAMPLES_NAME)
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as stream:
-        stream.write("# Synthetic negatives (TAGS-DC)\n\nEach caption with its hardest synthetic sentences under the "
-                     "model at the end of the epoch; changed words in bold, the replaced word struck through.\n\n")
-        stream.write("\n".join(trainer.examples))
-    os.replace(temporary, path)
+    atomic_write_text(os.path.join(out, EXAMPLES_NAME),
+                      "# Synthetic negatives (TAGS-DC)\n\nEach caption with its hardest synthetic sentences under the "
+                      "model at the end of the epoch; changed words in bold, the replaced word struck through.\n\n"
+                      + "\n".join(trainer.examples))

@@ -127,8 +127,8 @@ def cached_parse(texts: list[str], cache_dir: str, name: str, *, progress: bool 
     """``parse_captions`` through an on-disk cache keyed by the texts, spaCy's model and the span rules."""
     import torch
 
-    from fne_fast.data import content_fingerprint
-    from fne_fast.data.features import atomic_save
+    from fne_fast.data.core import content_fingerprint
+    from fne_fast.io import atomic_save
 
     from importlib import metadata
 
