@@ -166,9 +166,11 @@ def test_reordered_keyword_lists_are_copies_and_the_positive_check_is_broader():
     checker = _filter()
     assert checker.reason_to_drop(0, RED_CAR, {1: ("car", "car")}, "red, car", set()) == "copy"
     assert checker.is_positive(0, RED_CAR, {1: ("car", "car")}, "red, car")
-    # Only words of the group's captions: kept by the filter, flagged by the (upper-bound) positive check.
+    # Only words of the image's captions: kept by the filter, flagged by the (upper-bound) positive check; the
+    # words of another image of the group are not enough.
     assert checker.reason_to_drop(0, RED_CAR, {1: ("car", "car")}, "car, car", set()) is None
     assert checker.is_positive(0, RED_CAR, {1: ("car", "car")}, "car, car")
+    assert not checker.is_positive(0, RED_CAR, {2: ("tree", "tree")}, "a red tree on a bridge")
     assert not checker.is_positive(0, RED_CAR, {2: ("bike", "bike")}, "a red bike on a bridge")
     assert normalise("  A red-car!! ") == "a red car"
 

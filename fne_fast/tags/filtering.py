@@ -6,8 +6,8 @@ lists are unordered), a *duplicate* of an earlier candidate of the same caption,
 changed word is another form or a WordNet synonym of the word it replaced).
 
 The positive check the trainer reports is broader than the filter: it also flags a candidate written only with
-words of the group's captions ("face, face, grinning face" for "face, grin, grinning face", or a variant's words).
-Some of those are real negatives (two words of a caption swapped), so the share it reports is an upper bound.
+words of its image's own captions ("face, face, grinning face" for "face, grin, grinning face"). Some of those
+are real negatives (two words of a caption swapped), so the share it reports is an upper bound.
 """
 
 from __future__ import annotations
@@ -37,12 +37,13 @@ class CandidateFilter:
     def __init__(self, captions: list[str], caption_image: list[int], image_group: list[int] | None,
                  synonyms: Synonyms):
         self.synonyms = synonyms
+        self.caption_image = list(caption_image)
         self.caption_group = [image if image_group is None else int(image_group[image]) for image in caption_image]
         self.group_bags: dict[int, set[tuple[str, ...]]] = {}
-        self.group_words: dict[int, set[str]] = {}
-        for caption, group in zip(captions, self.caption_group):
+        self.image_words: dict[int, set[str]] = {}
+        for caption, image, group in zip(captions, self.caption_image, self.caption_group):
             self.group_bags.setdefault(group, set()).add(_bag(caption))
-            self.group_words.setdefault(group, set()).update(normalise(caption).split())
+            self.image_words.setdefault(image, set()).update(normalise(caption).split())
 
     def _only_same_meaning(self, caption: ParsedCaption, replacements: dict[int, tuple[str, str]]) -> bool:
         return all(self.synonyms.same_meaning(caption.words[position], caption.lemmas[position], word, lemma)
@@ -65,7 +66,7 @@ class CandidateFilter:
     def is_positive(self, caption_index: int, caption: ParsedCaption, replacements: dict[int, tuple[str, str]],
                     text: str) -> bool:
         """Whether the candidate may describe its image: a group caption up to word order, only synonym /
-        inflection changes, or only words of the group's captions."""
-        group = self.caption_group[caption_index]
-        return (_bag(text) in self.group_bags[group] or set(normalise(text).split()) <= self.group_words[group]
+        inflection changes, or only words of the image's own captions."""
+        return (_bag(text) in self.group_bags[self.caption_group[caption_index]]
+                or set(normalise(text).split()) <= self.image_words[self.caption_image[caption_index]]
                 or self._only_same_meaning(caption, replacements))
