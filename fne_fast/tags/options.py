@@ -58,7 +58,7 @@ class TagsOptions:
     mlm_weight: float = _option(0.1, _weight, "weight of the generator's masked-word loss (authors: 0.01-0.1)")
     discrimination_weight: float = _option(5e-4, _weight, "weight of the word discrimination loss (authors)")
     correction_weight: float = _option(5e-4, _weight, "weight of the word correction loss (authors)")
-    hidden_dim: int = _option(512, _count(2), "hidden width of the generator and corrector (discriminator: half)")
+    hidden_dim: int = _option(256, _count(2), "hidden width of the generator and corrector (discriminator: half)")
     vocabulary_size: int = _option(8192, _count(2), "most frequent training-caption words the generator can write")
     heldout_captions: int = _option(64, _count(0), "validation captions whose synthetic sentences measure the "
                                                    "word-level heads each epoch")

@@ -111,15 +111,17 @@ class TagsTrainer:
         """The weighted TAGS loss of one training step (``step`` counts from 0 in the epoch)."""
         options, pool = self.options, self.pool
         positions = self._step_positions(step)
-        rows = pool.rows[positions]
-        image = matching_heads.image_head(split.image_features[split.caption_image[rows.cpu()]].to(self.device))
-        caption = matching_heads.text_head(split.text_features[rows.cpu()].to(self.device))
-
-        # Score every candidate of these captions with the current model; keep the m hardest of each.
+        rows = pool.rows[positions].cpu()
+        image = matching_heads.image_head(split.image_features[split.caption_image[rows]].to(self.device))
         counts = pool.candidate_count[positions]
         candidates = _ranges(pool.candidate_start[positions], counts)
+        # One pass of the text head over the captions and their candidates (one weight gradient, not two).
+        texts = matching_heads.text_head(torch.cat([split.text_features[rows].to(self.device),
+                                                    pool.candidates.embeddings[candidates]]))
+        caption, embedded = texts[:positions.numel()], texts[positions.numel():]
+
+        # Score every candidate of these captions with the current model; keep the m hardest of each.
         owner = torch.repeat_interleave(torch.arange(positions.numel(), device=self.device), counts)
-        embedded = matching_heads.text_head(pool.candidates.embeddings[candidates])
         scores = (image[owner] * embedded).sum(dim=1).detach()
         widest = int(counts.max()) if counts.numel() else 0
         keep = min(options.keep, widest)
