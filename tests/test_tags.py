@@ -290,3 +290,14 @@ def test_swap_accuracy_by_hand():
     # Caption 0 wins (1 > 0), caption 1 ties (1 = 1: a miss), caption 2 loses (0.6 < 0.9).
     assert result == {"swap_acc": pytest.approx(100 / 3), "swap_acc_object": 50.0, "swap_acc_attribute": None,
                       "swap_acc_relation": 0.0}
+
+
+def test_the_hardest_candidates_of_each_caption_are_kept():
+    from fne_fast.tags.trainer import _hardest
+
+    scores = torch.tensor([0.1, 0.5, 0.3, 0.9, 0.2])  # caption 0: three candidates, caption 1: none, caption 2: two
+    chosen, valid = _hardest(scores, torch.tensor([3, 0, 2]), keep=2)
+    assert valid.tolist() == [[True, True], [False, False], [True, True]]
+    assert chosen[0].tolist() == [1, 2] and chosen[2].tolist() == [3, 4]
+    chosen, valid = _hardest(scores, torch.tensor([3, 0, 2]), keep=5)  # fewer candidates than keep
+    assert valid.tolist() == [[True, True, True], [False] * 3, [True, True, False]]

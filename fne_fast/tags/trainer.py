@@ -41,6 +41,18 @@ def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(starts, counts) + offsets
 
 
+def _hardest(scores: torch.Tensor, counts: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per caption, the (up to) ``keep`` highest-scoring of its candidates: ``scores`` [K] are grouped by caption,
+    ``counts`` [C] how many each has. Returns indices into ``scores`` [C, m] and which of them exist [C, m]."""
+    widest = int(counts.max()) if counts.numel() else 0
+    first = torch.cumsum(counts, 0) - counts
+    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    table = torch.full((counts.numel(), max(widest, 1)), float("-inf"), device=scores.device)
+    table[owner, torch.arange(scores.numel(), device=scores.device) - first[owner]] = scores
+    top_scores, top_slots = table.topk(max(min(keep, widest), 1), dim=1)
+    return (first.unsqueeze(1) + top_slots).clamp(max=max(scores.numel() - 1, 0)), torch.isfinite(top_scores)
+
+
 class TagsTrainer:
     def __init__(self, options: TagsOptions, *, seed: int, device, joint_dim: int, word_dim: int, lr: float,
                  vocabulary: Vocabulary, train: CaptionSource, heldout: CaptionSource | None, text_encoder,
@@ -122,18 +134,9 @@ class TagsTrainer:
 
         # Score every candidate of these captions with the current model; keep the m hardest of each.
         owner = torch.repeat_interleave(torch.arange(positions.numel(), device=self.device), counts)
-        scores = (image[owner] * embedded).sum(dim=1).detach()
-        widest = int(counts.max()) if counts.numel() else 0
-        keep = min(options.keep, widest)
-        first = torch.cumsum(counts, 0) - counts
-        table = torch.full((positions.numel(), max(widest, 1)), float("-inf"), device=self.device)
-        table[owner, torch.arange(candidates.numel(), device=self.device) - first[owner]] = scores
-        top_scores, top_slots = table.topk(max(keep, 1), dim=1)
-        valid = torch.isfinite(top_scores)
-        chosen = (first.unsqueeze(1) + top_slots).clamp(max=max(candidates.numel() - 1, 0))
-        synthetic = embedded[chosen] if candidates.numel() else caption.unsqueeze(1).detach() * 0
-        rank_loss, rank_correct = synthetic_ranking_loss(image, caption, synthetic, valid,
-                                                         options.margin)
+        chosen, valid = _hardest(((image[owner] * embedded).sum(dim=1)).detach(), counts, options.keep)
+        synthetic = embedded[chosen] if candidates.numel() else embedded.new_zeros(*chosen.shape, image.shape[1])
+        rank_loss, rank_correct = synthetic_ranking_loss(image, caption, synthetic, valid, options.margin)
 
         # Discrimination and correction on the kept sentences' words; the generator's MLM on the masked words.
         used = candidates[chosen[valid]]
