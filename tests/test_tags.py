@@ -162,15 +162,15 @@ def test_without_groups_only_the_images_own_captions_are_copies():
     assert checker.reason_to_drop(1, RED_CAR, bike, "a red bike on a bridge", set()) == "copy"
 
 
-def test_reordered_keyword_lists_are_copies_and_the_positive_check_is_broader():
+def test_reorders_and_own_words_are_dropped_and_the_positive_check_is_broader():
     checker = _filter()
     assert checker.reason_to_drop(0, RED_CAR, {1: ("car", "car")}, "red, car", set()) == "copy"
-    assert checker.is_positive(0, RED_CAR, {1: ("car", "car")}, "red, car")
-    # Only words of the image's captions: kept by the filter, flagged by the (upper-bound) positive check; the
-    # words of another image of the group are not enough.
-    assert checker.reason_to_drop(0, RED_CAR, {1: ("car", "car")}, "car, car", set()) is None
-    assert checker.is_positive(0, RED_CAR, {1: ("car", "car")}, "car, car")
-    assert not checker.is_positive(0, RED_CAR, {2: ("tree", "tree")}, "a red tree on a bridge")
+    assert checker.reason_to_drop(0, RED_CAR, {1: ("car", "car")}, "car, car", set()) == "own_words"
+    # Words of another image of the group: kept by the filter, flagged by the (upper-bound) positive check.
+    tree = {5: ("tree", "tree")}
+    assert checker.reason_to_drop(0, RED_CAR, tree, "a red car on a tree", set()) is None
+    assert checker.is_positive(0, RED_CAR, tree, "a red car on a tree")
+    assert checker.is_positive(0, RED_CAR, {2: ("automobile", "automobile")}, "a red automobile on a bridge")
     assert not checker.is_positive(0, RED_CAR, {2: ("bike", "bike")}, "a red bike on a bridge")
     assert normalise("  A red-car!! ") == "a red car"
 
