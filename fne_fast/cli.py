@@ -191,6 +191,14 @@ def _evaluate(args) -> int:
     heads.load_state_dict(state["heads"])
     image, text = embed_split(heads, split, torch.device(config.device))
     metrics = retrieval_metrics(image, text, split.caption_image, split.image_group)
+    if args.split == "test":  # the one-word-swap test exists for the test split
+        from fne_fast.data.features import default_cache_dir
+        from fne_fast.tags.run import SwapEvaluation, text_corpus
+
+        cache_dir = config.cache_dir or default_cache_dir()
+        texts = text_corpus(config.dataset, config.data_options, cache_dir, config.limit, progress=False)
+        metrics.update(SwapEvaluation(texts, cache_dir, config.device, progress=False).metrics(
+            heads, image, text, split.caption_image))
     print(json.dumps({"checkpoint": args.checkpoint, "split": args.split, **metrics}))
     return 0
 

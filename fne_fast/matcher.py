@@ -24,7 +24,8 @@ _TEXT_IMAGE_DATASETS = ("wordnet",)
 
 
 def read_checkpoint(path, map_location="cpu") -> dict:
-    """The state a training run saved (``train.py``): config, heads, optimiser, banks, metrics, …"""
+    """The state a training run saved (``train.py``): config, heads, optimiser, banks, metrics, … The one
+    function that reads checkpoint files (resume, eval, search, load_matcher)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--checkpoint {path}: no such file (a run writes checkpoint.pt into its --out)")
     return torch.load(path, map_location=map_location, weights_only=False)

@@ -271,7 +271,9 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None) ->
     run = _Run(config, splits["train"], texts)
     checkpoint_path = os.path.join(config.out, CHECKPOINT_NAME)
     if config.resume and os.path.exists(checkpoint_path):
-        run.load_state_dict(torch.load(checkpoint_path, map_location=config.device, weights_only=False))
+        from fne_fast.matcher import read_checkpoint
+
+        run.load_state_dict(read_checkpoint(checkpoint_path, map_location=config.device))
         if not config.quiet:
             print(f"resuming {config.out} at epoch {run.next_epoch} (step {run.step})")
     elif os.path.exists(checkpoint_path) and not config.resume:
