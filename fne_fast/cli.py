@@ -106,9 +106,13 @@ def _add_tags_options(parser: argparse.ArgumentParser, *, single_run: bool) -> N
         group.add_argument("--tags", choices=("off", "on", "both"), default="off",
                            help="runs without TAGS-DC, with it, or both (one more arm per sampler)")
     for option in TagsOptions.fields():
-        group.add_argument(f"--tags-{option.name.replace('_', '-')}", dest=f"tags_{option.name}",
-                           type=_option_value(option), default=option.default,
-                           help=f"{option.metadata['help']} (default {option.default})")
+        flag, help_text = f"--tags-{option.name.replace('_', '-')}", option.metadata["help"]
+        if option.type == "bool":
+            group.add_argument(flag, dest=f"tags_{option.name}", action=argparse.BooleanOptionalAction,
+                               default=option.default, help=help_text)
+        else:
+            group.add_argument(flag, dest=f"tags_{option.name}", type=_option_value(option), default=option.default,
+                               help=f"{help_text} (default {option.default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
