@@ -162,16 +162,19 @@ def test_without_groups_only_the_images_own_captions_are_copies():
     assert checker.reason_to_drop(1, RED_CAR, bike, "a red bike on a bridge", set()) == "copy"
 
 
-def test_reorders_and_own_words_are_dropped_and_the_positive_check_is_broader():
+def test_candidates_made_of_group_words_are_copies_and_the_positive_check_is_broader():
     checker = _filter()
-    assert checker.reason_to_drop(0, RED_CAR, {1: ("car", "car")}, "red, car", set()) == "copy"
-    assert checker.reason_to_drop(0, RED_CAR, {1: ("car", "car")}, "car, car", set()) == "own_words"
-    # Words of another image of the group: kept by the filter, flagged by the (upper-bound) positive check.
-    tree = {5: ("tree", "tree")}
-    assert checker.reason_to_drop(0, RED_CAR, tree, "a red car on a tree", set()) is None
-    assert checker.is_positive(0, RED_CAR, tree, "a red car on a tree")
+    assert checker.reason_to_drop(0, RED_CAR, {1: ("car", "car")}, "red, car", set()) == "copy"  # reordered
+    assert checker.reason_to_drop(0, RED_CAR, {1: ("car", "car")}, "car, car", set()) == "copy"  # a repeat
+    # A word of the other image of the group.
+    assert checker.reason_to_drop(0, RED_CAR, {5: ("tree", "tree")}, "a red car on a tree", set()) == "copy"
+    # A synonym of a group word in another place: kept by the filter, flagged by the (upper-bound) check.
+    moved = {5: ("automobile", "automobile")}
+    assert checker.reason_to_drop(0, RED_CAR, moved, "a red car on a automobile", set()) is None
+    assert checker.is_positive(0, RED_CAR, moved, "a red car on a automobile")
     assert checker.is_positive(0, RED_CAR, {2: ("automobile", "automobile")}, "a red automobile on a bridge")
-    assert not checker.is_positive(0, RED_CAR, {2: ("bike", "bike")}, "a red bike on a bridge")
+    assert checker.is_positive(0, RED_CAR, {2: ("bike", "bike")}, "a red bike on a bridge")  # bicycle's synonym
+    assert not checker.is_positive(0, RED_CAR, {2: ("boat", "boat")}, "a red boat on a bridge")
     assert normalise("  A red-car!! ") == "a red car"
 
 

@@ -62,9 +62,9 @@ class TagsOptions:
     mlm_weight: float = _option(0.1, _weight, "weight of the generator's masked-word loss (authors: 0.01-0.1)")
     discrimination_weight: float = _option(5e-4, _weight, "weight of the word discrimination loss (authors)")
     correction_weight: float = _option(5e-4, _weight, "weight of the word correction loss (authors)")
-    share_image_head: bool = _option(True, _flag, "the word heads' losses also train the matcher's image head "
-                                                  "(as the authors' heads share UNITER); off: they read a "
-                                                  "detached image embedding")
+    train_image_head: bool = _option(True, _flag, "TAGS-DC's losses also train the matcher's image head (as the "
+                                                  "authors' heads share UNITER); off: only the text head and "
+                                                  "TAGS-DC's own heads learn from them")
     hidden_dim: int = _option(256, _count(2), "hidden width of the generator and corrector (discriminator: half)")
     vocabulary_size: int = _option(8192, _count(2), "most frequent training-caption words the generator can write")
     heldout_captions: int = _option(64, _count(0), "validation captions whose synthetic sentences measure the "

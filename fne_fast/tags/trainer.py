@@ -125,6 +125,8 @@ class TagsTrainer:
         positions = self._step_positions(step)
         rows = pool.rows[positions].cpu()
         image = matching_heads.image_head(split.image_features[split.caption_image[rows]].to(self.device))
+        if not options.train_image_head:
+            image = image.detach()
         counts = pool.candidate_count[positions]
         candidates = _ranges(pool.candidate_start[positions], counts)
         # One pass of the text head over the captions and their candidates (one weight gradient, not two).
@@ -139,19 +141,18 @@ class TagsTrainer:
         rank_loss, rank_correct = synthetic_ranking_loss(image, caption, synthetic, valid, options.margin)
 
         # Discrimination and correction on the kept sentences' words; the generator's MLM on the masked words.
-        condition = image if options.share_image_head else image.detach()
         used = candidates[chosen[valid]]
         lengths = pool.candidates.lengths[used]
         words = _ranges(pool.candidates.starts[used], lengths)
-        word_image = condition[torch.repeat_interleave(owner[chosen[valid]], lengths)]
+        word_image = image[torch.repeat_interleave(owner[chosen[valid]], lengths)]
         states = pool.candidates.states[words]
         changed = pool.word_changed[words]
         discrimination_logits = self.heads.discriminator(states, word_image)
         correction_logits = self.heads.corrector(states[changed], word_image[changed])
         originals = pool.word_original[words][changed]
         masked = _ranges(pool.masked_start[positions], pool.masked_count[positions])
-        masked_image = condition[torch.repeat_interleave(torch.arange(positions.numel(), device=self.device),
-                                                         pool.masked_count[positions])]
+        masked_image = image[torch.repeat_interleave(torch.arange(positions.numel(), device=self.device),
+                                                     pool.masked_count[positions])]
         generator_logits = self.heads.generator(pool.masked_states[masked], masked_image)
         targets = pool.masked_targets[masked]
 
