@@ -180,3 +180,20 @@ def test_search_command_lists_the_top_images_and_captions(dataset, whole_run, ca
         main(["search", "--checkpoint", str(out / "none.pt"), "--text", "x"])
     with pytest.raises(SystemExit, match="--top"):
         main(["search", "--checkpoint", checkpoint, "--text", "x", "--top", "0"])
+
+
+def test_compare_adds_a_tags_arm_per_sampler(dataset, tmp_path, capsys):
+    from fne_fast.cli import main
+
+    options = dataset["options"]
+    out = tmp_path / "cmp"
+    assert main(["compare", "--dataset", "albef-json", "--train-json", options["train_json"], "--val-json",
+                 options["val_json"], "--test-json", options["test_json"], "--image-root", options["image_root"],
+                 "--cache-dir", dataset["cache"], "--image-size", "64", "--samplers", "inbatch-hardest", "--tags",
+                 "both", "--seeds", "0", "--epochs", "1", "--batch-size", "8", "--bank-size", "32",
+                 "--tags-pool-captions", "4", "--tags-masked-versions", "1", "--tags-heldout-captions", "2",
+                 "--out", str(out), "--quiet", "--no-plots"]) == 0
+    table = (out / "results.md").read_text()
+    assert "| inbatch-hardest | 1 |" in table and "| inbatch-hardest+tags | 1 |" in table and "swap acc" in table
+    assert (out / "inbatch-hardest+tags-seed0" / "examples.md").exists()
+    assert not (out / "inbatch-hardest-seed0" / "examples.md").exists()
