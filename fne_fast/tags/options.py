@@ -66,9 +66,10 @@ class TagsOptions:
     train_image_head: bool = _option(True, _flag, "TAGS-DC's losses also train the matcher's image head (as the "
                                                   "authors' heads share UNITER); off: only the text head and "
                                                   "TAGS-DC's own heads learn from them")
-    hidden_dim: int = _option(256, _count(2), "hidden width of the generator and corrector (discriminator: half)")
+    hidden_dim: int = _option(128, _count(2), "hidden width of the generator and corrector (discriminator: half); "
+                                              "their Adam step is a tenth of an epoch's TAGS cost at 256")
     vocabulary_size: int = _option(8192, _count(2), "most frequent training-caption words the generator can write")
-    heldout_captions: int = _option(64, _count(0), "validation captions whose synthetic sentences measure the "
+    heldout_captions: int = _option(32, _count(0), "validation captions whose synthetic sentences measure the "
                                                    "word-level heads each epoch")
     examples: int = _option(6, _count(0), "captions shown per epoch in examples.md")
 
