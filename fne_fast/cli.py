@@ -2,7 +2,8 @@
 
     fne-fast train --dataset emoji --sampler fne --epochs 5 --out runs/emoji-fne --seed 0 [--resume]
     fne-fast eval --checkpoint runs/emoji-fne/checkpoint.pt [--split test]
-    fne-fast compare --dataset emoji --samplers fne hardest uniform inbatch-hardest --seeds 0 1 2 --out runs/cmp
+    fne-fast compare --dataset emoji --samplers inbatch-hardest hardest uniform fne fne:fn_tau=inf --seeds 0 1 2 \
+        --out runs/cmp [--baseline inbatch-hardest]
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import sys
 import torch  # noqa: F401  (loaded before fne_fast, whose compiled library links against it)
 
 from fne_fast.data import DATASETS
-from fne_fast.io import atomic_write_text
 from fne_fast.loss import SAMPLERS
 from fne_fast.options import SamplerOptions, option_fields
 
@@ -100,11 +100,49 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
     evaluate.add_argument("--device", default=None)
-    compare = commands.add_parser("compare", help="samplers x seeds -> a results table")
+    compare = commands.add_parser("compare", help="samplers x seeds, selected by validation, paired against a "
+                                                  "baseline -> results.md, results.json, compare.png")
     _add_training_options(compare, single_run=False)
-    compare.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
+    compare.add_argument("--samplers", nargs="+", type=_arm, default=[_arm(name) for name in SAMPLERS],
+                         metavar="SAMPLER[:FIELD=VALUE,...]",
+                         help=f"the arms: a sampler ({', '.join(SAMPLERS)}), optionally with sampler options of its "
+                              "own, e.g. fne:fn_tau=inf or fne:fn_tau=inf,prior_k=100 (default: every sampler)")
     compare.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    compare.add_argument("--baseline", default="inbatch-hardest",
+                         help="the arm every other is paired with (default inbatch-hardest)")
+    compare.add_argument("--bootstrap", type=_positive_int, default=2000,
+                         help="bootstrap resamples of the test items for the paired intervals (default 2000)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _check_compare_args(parser: argparse.ArgumentParser, args) -> None:
+    """What argparse cannot check alone (a baseline among the arms, no repeats), as a usage error before any data
+    is read."""
+    from fne_fast.compare import check_arms
+
+    try:
+        check_arms(args.samplers, args.seeds, args.baseline)
+    except ValueError as error:
+        parser.error(f"argument {error}")
+
+
+def _arm(text: str):
+    from fne_fast.compare import parse_arm
+
+    try:
+        return parse_arm(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _data_options(args) -> dict:
@@ -156,27 +194,22 @@ def _evaluate(args) -> int:
 
 
 def _compare(args) -> int:
-    from fne_fast.evaluate import comparison_table
-    from fne_fast.train import load_splits, train
+    from fne_fast.compare import RESULTS_MD, compare
 
-    first = config_from_args(args, sampler=args.samplers[0], seed=args.seeds[0])
-    splits = load_splits(first)
-    histories = {}
-    for sampler in args.samplers:
-        for seed in args.seeds:
-            out = os.path.join(args.out, f"{sampler}-seed{seed}")
-            config = config_from_args(args, sampler=sampler, seed=seed, out=out, resume=True)
-            print(f"== {sampler}, seed {seed} -> {out}", flush=True)
-            histories[(sampler, seed)] = train(config, splits)
-    table = comparison_table(histories, dataset=args.dataset, command=" ".join(["fne-fast", *args.argv]))
-    atomic_write_text(os.path.join(args.out, "results.md"), table)
-    print(table)
+    base = config_from_args(args, sampler=args.samplers[0].sampler, seed=args.seeds[0])
+    compare(base, args.samplers, args.seeds, args.out, baseline=args.baseline,
+            command=" ".join(["fne-fast", *args.argv]), replicates=args.bootstrap, plots=not args.no_plots)
+    with open(os.path.join(args.out, RESULTS_MD), encoding="utf-8") as table:
+        print(table.read())
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "compare":
+        _check_compare_args(parser, args)
     args.argv = argv  # the results table quotes the command that produced it
     return {"train": _train, "eval": _evaluate, "compare": _compare}[args.command](args)
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from fne_fast.data import FeatureSplit
+from fne_fast.selection import run_summary
 
-__all__ = ["retrieval_metrics", "embed_split", "final_table", "comparison_table", "RECALL_KEYS"]
+__all__ = ["retrieval_metrics", "retrieval_ranks", "recalls_from_ranks", "embed_split", "final_table", "RECALL_KEYS"]
 
 _KS = (1, 5, 10)
 RECALL_KEYS = tuple(f"{direction}_r{k}" for direction in ("i2t", "t2i") for k in _KS)
@@ -34,79 +35,79 @@ def _ranks_of_best_positive(scores: torch.Tensor, positive: torch.Tensor) -> tor
 
 
 @torch.no_grad()
-def retrieval_metrics(image: torch.Tensor, text: torch.Tensor, caption_image: torch.Tensor,
-                      image_group: torch.Tensor | None = None, chunk: int = 1024) -> dict[str, float]:
-    """Recalls in percent (``i2t_r1`` … ``t2i_r10``, ``rsum``, and with groups ``i2t_group_r1`` …,
-    ``group_rsum``) for unit embeddings ``image`` [I, D] and ``text`` [T, D]."""
+def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image: torch.Tensor,
+                    image_group: torch.Tensor | None = None, chunk: int = 1024) -> dict[str, torch.Tensor]:
+    """Per-item ranks of the best hit (0 = retrieved first), int64 on the CPU, for unit embeddings ``image``
+    [I, D] and ``text`` [T, D]: ``i2t`` [I], ``t2i`` [T], and with groups ``i2t_group``, ``t2i_group``. The
+    recalls are read from them (``recalls_from_ranks``), and so is the paired bootstrap over test items."""
     caption_image = caption_image.to(image.device)
     # Strict recall labels each image by itself; group recall by its group. A hit shares the anchor's label.
     labelings = {"": torch.arange(image.shape[0], device=image.device)}
     if image_group is not None:
-        labelings["group_"] = image_group.to(image.device)
-    metrics: dict[str, float] = {}
-    for prefix, label_of_image in labelings.items():
+        labelings["_group"] = image_group.to(image.device)
+    ranks: dict[str, torch.Tensor] = {}
+    for suffix, label_of_image in labelings.items():
         caption_label = label_of_image[caption_image]
-        i2t_ranks = torch.cat([
+        ranks[f"i2t{suffix}"] = torch.cat([
             _ranks_of_best_positive(image[start:start + chunk] @ text.T,
                                     label_of_image[start:start + chunk, None] == caption_label[None, :])
-            for start in range(0, image.shape[0], chunk)])
-        t2i_ranks = torch.cat([
+            for start in range(0, image.shape[0], chunk)]).cpu()
+        ranks[f"t2i{suffix}"] = torch.cat([
             _ranks_of_best_positive(text[start:start + chunk] @ image.T,
                                     caption_label[start:start + chunk, None] == label_of_image[None, :])
-            for start in range(0, text.shape[0], chunk)])
-        for direction, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
+            for start in range(0, text.shape[0], chunk)]).cpu()
+    return ranks
+
+
+def recalls_from_ranks(ranks: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Recalls in percent (``i2t_r1`` … ``t2i_r10``, ``rsum``, and with group ranks ``i2t_group_r1`` …,
+    ``group_rsum``)."""
+    metrics: dict[str, float] = {}
+    for prefix, suffix in (("", ""), ("group_", "_group")):
+        if f"i2t{suffix}" not in ranks:
+            continue
+        for direction in ("i2t", "t2i"):
             for k in _KS:
-                metrics[f"{direction}_{prefix}r{k}"] = 100.0 * (ranks < k).double().mean().item()
+                metrics[f"{direction}_{prefix}r{k}"] = 100.0 * (ranks[direction + suffix] < k).double().mean().item()
         metrics[f"{prefix}rsum"] = sum(metrics[f"{direction}_{prefix}r{k}"] for direction in ("i2t", "t2i")
                                        for k in _KS)
     return metrics
+
+
+def retrieval_metrics(image: torch.Tensor, text: torch.Tensor, caption_image: torch.Tensor,
+                      image_group: torch.Tensor | None = None, chunk: int = 1024) -> dict[str, float]:
+    """Recalls in percent (``i2t_r1`` … ``t2i_r10``, ``rsum``, and with groups ``i2t_group_r1`` …,
+    ``group_rsum``) for unit embeddings ``image`` [I, D] and ``text`` [T, D]."""
+    return recalls_from_ranks(retrieval_ranks(image, text, caption_image, image_group, chunk))
 
 
 def _percent(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _recall_rows(row: dict, label: str) -> list[str]:
+    lines = []
+    for view, prefix in (("strict", ""), ("group", "group_")):
+        if f"{prefix}rsum" in row:
+            cells = [f"{row[f'{direction}_{prefix}r{k}']:.1f}" for direction in ("i2t", "t2i") for k in _KS]
+            lines.append(f"| {label} | {view} | " + " | ".join(cells) + f" | {row[f'{prefix}rsum']:.1f} |")
+    return lines
+
+
 def final_table(history: list[dict], title: str) -> str:
-    """The last epoch's recalls as a small Markdown table (what `fne-fast train` prints at the end)."""
+    """Test recalls of the best-validation epoch and of the last epoch as a small Markdown table (what
+    `fne-fast train` prints at the end)."""
     if not history:
         return f"{title}: no epoch trained"
-    last = history[-1]
-    lines = [f"### {title}: epoch {last['epoch']}", "",
-             "| view | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum |",
-             "|---|---|---|---|---|---|---|---|"]
-    for label, prefix in (("strict", ""), ("group", "group_")):
-        if f"{prefix}rsum" in last:
-            cells = [f"{last[f'{direction}_{prefix}r{k}']:.1f}" for direction in ("i2t", "t2i") for k in _KS]
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {last[f'{prefix}rsum']:.1f} |")
-    lines += ["", f"FN rate of chosen negatives {_percent(last['fn_rate'])}, fallback "
-                  f"{_percent(last['fallback_rate'])}, mean P_fn {_percent(last['mean_p_fn'])}"]
-    return "\n".join(lines)
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    tensor = torch.tensor(values, dtype=torch.float64)
-    std = tensor.std().item() if len(values) > 1 else 0.0
-    return f"{tensor.mean().item():.1f} ± {std:.1f}"
-
-
-def comparison_table(histories: dict[tuple[str, int], list[dict]], *, dataset: str, command: str) -> str:
-    """Samplers × seeds -> Markdown: mean ± std over seeds of the last epoch's R@1, rsum, group rsum, and the
-    false-negative rate (all chosen negatives; those the sampler drew itself, without the fallbacks) and the
-    fallback rate of the last epoch's chosen negatives (in percent)."""
-    samplers = list(dict.fromkeys(sampler for sampler, _ in histories))
-    lines = [f"#### {dataset}", "", f"`{command}`", "",
-             "| sampler | seeds | R@1 i2t | R@1 t2i | rsum | group rsum | FN rate % | FN rate sampled % | "
-             "fallback % |",
+    summary = run_summary(history)
+    best, last = summary["best"], summary["last"]
+    lines = [f"### {title}", "",
+             "| epoch | view | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for sampler in samplers:
-        lasts = [history[-1] for (name, _), history in histories.items() if name == sampler and history]
-
-        def column(key, scale=1.0):
-            return _mean_std([row[key] * scale for row in lasts if row.get(key) is not None])
-
-        lines.append(f"| {sampler} | {len(lasts)} | {column('i2t_r1')} | {column('t2i_r1')} | {column('rsum')} | "
-                     f"{column('group_rsum')} | {column('fn_rate', 100)} | {column('fn_rate_sampled', 100)} | "
-                     f"{column('fallback_rate', 100)} |")
-    return "\n".join(lines) + "\n"
+    lines += _recall_rows(best, f"{best['epoch']} (best val rsum {best['val_rsum']:.1f})")
+    if last is not best:
+        lines += _recall_rows(last, f"{last['epoch']} (last)")
+    lines += ["", f"last epoch: FN rate of chosen negatives {_percent(last['fn_rate'])}, of sampled ones "
+                  f"{_percent(last.get('fn_rate_sampled'))}, fallback {_percent(last['fallback_rate'])}, mean P_fn "
+                  f"{_percent(last['mean_p_fn'])}"]
+    return "\n".join(lines)

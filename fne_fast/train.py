@@ -18,15 +18,20 @@ import torch
 
 from fne_fast.bank import MemoryBank
 from fne_fast.data import DATASETS, SPLITS, FeatureSplit
-from fne_fast.evaluate import embed_split, retrieval_metrics
-from fne_fast.io import atomic_save, read_jsonl, write_jsonl
+from fne_fast.diagnostics import epoch_diagnostics
+from fne_fast.evaluate import embed_split, recalls_from_ranks, retrieval_metrics, retrieval_ranks
+from fne_fast.io import atomic_output, atomic_save, read_jsonl, write_jsonl
 from fne_fast.loss import DIAGNOSTIC_KEYS, SAMPLERS, FNELoss, sampler_mode
 from fne_fast.models import MatchingHeads
 from fne_fast.options import SamplerOptions
+from fne_fast.selection import is_best_so_far
 
-__all__ = ["TrainConfig", "train", "load_splits", "CHECKPOINT_NAME", "METRICS_NAME"]
+__all__ = ["TrainConfig", "train", "load_splits", "read_best_test_ranks", "CHECKPOINT_NAME", "BEST_NAME",
+           "BEST_RANKS_NAME", "METRICS_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"  # the state of the best-validation epoch (fne_fast.selection)
+BEST_RANKS_NAME = "best_test_ranks.safetensors"  # that epoch's per-item test ranks, for paired comparisons
 METRICS_NAME = "metrics.jsonl"
 TIMING_NAME = "timing.jsonl"
 _BANK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -233,6 +238,34 @@ def _evaluate(run: _Run, split: FeatureSplit) -> dict:
     return retrieval_metrics(image, text, split.caption_image, split.image_group)
 
 
+def _test_ranks(run: _Run, split: FeatureSplit) -> dict[str, torch.Tensor]:
+    image, text = embed_split(run.heads, split, torch.device(run.config.device))
+    return retrieval_ranks(image, text, split.caption_image, split.image_group)
+
+
+def _keep_best(run: _Run, ranks: dict[str, torch.Tensor], epoch: int) -> None:
+    """Keeps a copy of the state of the best-validation epoch (best.pt) and its test ranks. Called before the
+    epoch's checkpoint is written, so a run killed in between redoes the epoch and writes both again."""
+    from safetensors.torch import save
+
+    metadata = {"epoch": str(epoch), "format": "fne_fast.test_ranks/1"}
+    with atomic_output(os.path.join(run.config.out, BEST_RANKS_NAME)) as stream:
+        stream.write(save({name: values.contiguous() for name, values in ranks.items()}, metadata=metadata))
+    atomic_save(run.state_dict(), os.path.join(run.config.out, BEST_NAME))
+
+
+def read_best_test_ranks(out: str) -> tuple[int, dict[str, torch.Tensor]]:
+    """(epoch, per-item test ranks) of a run's best-validation epoch."""
+    from safetensors import safe_open
+
+    path = os.path.join(out, BEST_RANKS_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: the run in {out} has no best-validation epoch recorded (was it "
+                                "trained by an older fne_fast? train it again in a new folder)")
+    with safe_open(path, framework="pt") as stored:
+        return int(stored.metadata()["epoch"]), {name: stored.get_tensor(name) for name in stored.keys()}
+
+
 def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None) -> list[dict]:
     """Trains (or resumes) a run in ``config.out``; returns the per-epoch metrics (also in metrics.jsonl)."""
     os.makedirs(config.out, exist_ok=True)
@@ -249,15 +282,22 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None) ->
     metrics_path, timing_path = os.path.join(config.out, METRICS_NAME), os.path.join(config.out, TIMING_NAME)
     write_jsonl(metrics_path, run.history)
     timings = read_jsonl(timing_path)[:run.next_epoch] if config.resume else []
+    first_epoch = run.next_epoch
     for epoch in range(run.next_epoch, config.epochs):
         started = time.perf_counter()
         timing = dict.fromkeys(("heads", "sampling_and_loss", "bank_update", "statistics"), 0.0)
         row = {"epoch": epoch, "sampler": config.sampler, "seed": config.seed}
         row.update(_train_epoch(run, splits["train"], epoch, timing))
-        row.update(_evaluate(run, splits["test"]))
+        row["diagnostics"] = epoch_diagnostics(run.heads, splits["train"], run.image_bank, run.text_bank,
+                                               run.criterion.stats.as_tensor(), run.criterion.options,
+                                               sampler=config.sampler, device=torch.device(config.device))
+        ranks = _test_ranks(run, splits["test"])
+        row.update(recalls_from_ranks(ranks))
         row["val_rsum"] = _evaluate(run, splits["val"])["rsum"]
         run.history.append(row)
         run.next_epoch = epoch + 1
+        if is_best_so_far(run.history):
+            _keep_best(run, ranks, epoch)
         atomic_save(run.state_dict(), checkpoint_path)
         write_jsonl(metrics_path, run.history)
         timing["epoch_seconds"] = time.perf_counter() - started
@@ -266,12 +306,19 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None) ->
         write_jsonl(timing_path, timings)
         if not config.quiet:
             print(_epoch_line(row), flush=True)
-    if config.plots and run.history:
+    # A finished run resumed with nothing left to train (an interrupted compare, restarted) keeps its plots.
+    if config.plots and run.history and (run.next_epoch > first_epoch or not _has_plots(config.out)):
         from fne_fast.plots import write_run_plots
 
-        write_run_plots(config.out, run.heads, splits["test"], run.history, config.options.prior_k,
+        write_run_plots(config.out, run.heads, splits["test"], run.history, config.options,
                         torch.device(config.device))
     return run.history
+
+
+def _has_plots(out: str) -> bool:
+    from fne_fast.plots import RUN_PLOTS
+
+    return all(os.path.exists(os.path.join(out, name)) for name in RUN_PLOTS)
 
 
 def _epoch_line(row: dict) -> str:
