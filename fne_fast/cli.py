@@ -88,7 +88,8 @@ def _add_training_options(parser: argparse.ArgumentParser, *, single_run: bool) 
     parser.add_argument("--test-json", default=None, help="albef-json: test file")
     parser.add_argument("--image-root", default=None, help="albef-json: directory the image paths are under")
     parser.add_argument("--features-dir", default=None, help="features: directory of {split}_*.npy arrays")
-    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-plots", action="store_true", help="no plots of each run (compare still draws "
+                                                                "compare.png)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -198,7 +199,7 @@ def _compare(args) -> int:
 
     base = config_from_args(args, sampler=args.samplers[0].sampler, seed=args.seeds[0])
     compare(base, args.samplers, args.seeds, args.out, baseline=args.baseline,
-            command=" ".join(["fne-fast", *args.argv]), replicates=args.bootstrap, plots=not args.no_plots)
+            command=" ".join(["fne-fast", *args.argv]), replicates=args.bootstrap)
     with open(os.path.join(args.out, RESULTS_MD), encoding="utf-8") as table:
         print(table.read())
     return 0

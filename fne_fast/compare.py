@@ -127,9 +127,9 @@ def check_arms(arms: list[Arm], seeds: list[int], baseline: str) -> None:
 
 
 def compare(base, arms: list[Arm], seeds: list[int], out: str, *, baseline: str = "inbatch-hardest",
-            command: str = "", splits=None, replicates: int = 2000, plots: bool = True) -> dict:
-    """Trains (or resumes) every arm × seed from the ``base`` TrainConfig into ``out`` and writes the results
-    files; returns the results (what results.json holds)."""
+            command: str = "", splits=None, replicates: int = 2000) -> dict:
+    """Trains (or resumes) every arm × seed from the ``base`` TrainConfig into ``out`` (with the run plots when
+    ``base.plots``) and writes the results files; returns the results (what results.json holds)."""
     from fne_fast.train import load_splits, read_best_test_ranks, train
 
     check_arms(arms, seeds, baseline)
@@ -173,10 +173,9 @@ def compare(base, arms: list[Arm], seeds: list[int], out: str, *, baseline: str 
 
     atomic_write_text(os.path.join(out, RESULTS_JSON), json.dumps(results, indent=1) + "\n")
     atomic_write_text(os.path.join(out, RESULTS_MD), results_markdown(results))
-    if plots:
-        from fne_fast.plots import comparison_bars
+    from fne_fast.plots import comparison_bars
 
-        comparison_bars(os.path.join(out, COMPARE_PNG), results)
+    comparison_bars(os.path.join(out, COMPARE_PNG), results)
     return results
 
 
