@@ -41,22 +41,25 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image: torc
     [I, D] and ``text`` [T, D]: ``i2t`` [I], ``t2i`` [T], and with groups ``i2t_group``, ``t2i_group``. The
     recalls are read from them (``recalls_from_ranks``), and so is the paired bootstrap over test items."""
     caption_image = caption_image.to(image.device)
-    # Strict recall labels each image by itself; group recall by its group. A hit shares the anchor's label.
+    # Strict recall labels each image by itself; group recall by its group. A hit shares the anchor's label. Each
+    # chunk of scores is computed once and ranked under every labeling.
     labelings = {"": torch.arange(image.shape[0], device=image.device)}
     if image_group is not None:
         labelings["_group"] = image_group.to(image.device)
-    ranks: dict[str, torch.Tensor] = {}
-    for suffix, label_of_image in labelings.items():
-        caption_label = label_of_image[caption_image]
-        ranks[f"i2t{suffix}"] = torch.cat([
-            _ranks_of_best_positive(image[start:start + chunk] @ text.T,
-                                    label_of_image[start:start + chunk, None] == caption_label[None, :])
-            for start in range(0, image.shape[0], chunk)]).cpu()
-        ranks[f"t2i{suffix}"] = torch.cat([
-            _ranks_of_best_positive(text[start:start + chunk] @ image.T,
-                                    caption_label[start:start + chunk, None] == label_of_image[None, :])
-            for start in range(0, text.shape[0], chunk)]).cpu()
-    return ranks
+    caption_labels = {suffix: labels[caption_image] for suffix, labels in labelings.items()}
+    chunks: dict[str, list[torch.Tensor]] = {f"{direction}{suffix}": [] for direction in ("i2t", "t2i")
+                                             for suffix in labelings}
+    for start in range(0, image.shape[0], chunk):
+        scores = image[start:start + chunk] @ text.T
+        for suffix, labels in labelings.items():
+            positive = labels[start:start + chunk, None] == caption_labels[suffix][None, :]
+            chunks[f"i2t{suffix}"].append(_ranks_of_best_positive(scores, positive).cpu())
+    for start in range(0, text.shape[0], chunk):
+        scores = text[start:start + chunk] @ image.T
+        for suffix, labels in labelings.items():
+            positive = caption_labels[suffix][start:start + chunk, None] == labels[None, :]
+            chunks[f"t2i{suffix}"].append(_ranks_of_best_positive(scores, positive).cpu())
+    return {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
 def recalls_from_ranks(ranks: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -233,9 +233,10 @@ def _steps_per_epoch(config: TrainConfig, num_pairs: int) -> int:
     return num_batches if config.steps_per_epoch is None else min(num_batches, config.steps_per_epoch)
 
 
-def _evaluate(run: _Run, split: FeatureSplit) -> dict:
+def _validation_rsum(run: _Run, split: FeatureSplit) -> float:
+    """Strict rsum on the validation split: what selects the best epoch (fne_fast.selection)."""
     image, text = embed_split(run.heads, split, torch.device(run.config.device))
-    return retrieval_metrics(image, text, split.caption_image, split.image_group)
+    return retrieval_metrics(image, text, split.caption_image)["rsum"]
 
 
 def _test_ranks(run: _Run, split: FeatureSplit) -> dict[str, torch.Tensor]:
@@ -293,7 +294,7 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None) ->
                                                sampler=config.sampler, device=torch.device(config.device))
         ranks = _test_ranks(run, splits["test"])
         row.update(recalls_from_ranks(ranks))
-        row["val_rsum"] = _evaluate(run, splits["val"])["rsum"]
+        row["val_rsum"] = _validation_rsum(run, splits["val"])
         run.history.append(row)
         run.next_epoch = epoch + 1
         if is_best_so_far(run.history):
