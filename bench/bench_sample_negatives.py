@@ -7,13 +7,19 @@ Baselines, per shape (B, N, D), float32, 2 threads: the bare matmul ``anchors @ 
 eager PyTorch oracle in float32 (fne_fast.reference), and a rewrite of the authors' loss-side selection
 (bench/authors_loss.py). A training step makes two calls (image→text and text→image) of the same shape, so
 per-call ratios are also per-step ratios.
+
+Two more rows per shape measure what ``fn_tau`` costs: the fused op on the same tensors with statistics under
+which half of the pairs are likely false negatives (P_fn > 1 - fn_margin), with the authors' weight
+(``fn_tau = tau``) and with their removal (``fn_tau = inf``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import pytest
 import torch
@@ -25,6 +31,10 @@ from common import SHAPES, machine_description, median_seconds, peak_extra_bytes
 from fne_fast import reference  # noqa: E402
 
 OPTIONS = dict(k=1, mode="fne", seed=0, step=0)
+# (μ⁺, σ⁺², μ⁻, σ⁻², n⁺): nothing cut down (μ⁺ - margin = -1.2), and P_fn(s) > 0.001 exactly where s > ~0, i.e. for
+# half of the pairs of random unit vectors.
+HALF_LIKELY_FALSE_STATS = (-1.0, 1.0, -0.32, 0.01, 500.0)
+FN_TAU_ROWS = ("fused op, half likely FN, fn_tau = tau", "fused op, half likely FN, fn_tau = inf")
 
 
 def authors_baseline(inputs):
@@ -43,11 +53,14 @@ def authors_baseline(inputs):
 
 def implementations(inputs):
     args = tuple(inputs.values())
+    half_likely_false = (*args[:-1], torch.tensor(HALF_LIKELY_FALSE_STATS))
     return {
         "fused op": lambda: fne_fast.sample_negatives(*args, **OPTIONS),
         "bare matmul": lambda: inputs["anchors"] @ inputs["bank"].T,
         "eager oracle (fp32)": lambda: reference.sample_negatives_reference(*args, dtype=torch.float32, **OPTIONS),
         "authors' loss code": authors_baseline(inputs),
+        FN_TAU_ROWS[0]: lambda: fne_fast.sample_negatives(*half_likely_false, **OPTIONS),
+        FN_TAU_ROWS[1]: lambda: fne_fast.sample_negatives(*half_likely_false, fn_tau=float("inf"), **OPTIONS),
     }
 
 
@@ -60,22 +73,40 @@ def _two_threads():
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("name", ["fused op", "bare matmul", "eager oracle (fp32)", "authors' loss code"])
+@pytest.mark.parametrize("name", ["fused op", "bare matmul", "eager oracle (fp32)", "authors' loss code",
+                                  *FN_TAU_ROWS])
 def test_sample_negatives_cpu(benchmark, shape, name):
     function = implementations(sample_inputs(*shape, kind="worst_case"))[name]
-    rounds = 1 if name != "fused op" and shape == SHAPES[-1] else 3
+    rounds = 1 if not name.startswith("fused op") and shape == SHAPES[-1] else 3
     benchmark.pedantic(function, rounds=rounds, warmup_rounds=1)
 
 
-def measure(shapes, repeats: int) -> list[dict]:
+SLOW_BASELINES = ("eager oracle (fp32)", "authors' loss code")
+
+
+def measure(shapes, repeats: int, skip: tuple = ()) -> list[dict]:
+    """Median seconds per call and peak memory of every implementation. The repeated ones are timed in
+    round-robin order (one call of each per round), so a change in the machine's load during the run shifts all
+    of them alike and their ratios stay comparable; a slow baseline at a large shape is timed once."""
     rows = []
     for shape in shapes:
         inputs = sample_inputs(*shape, kind="worst_case")
-        for name, function in implementations(inputs).items():
-            slow = name != "fused op" and shape[0] * shape[1] > 10**7
-            seconds = median_seconds(function, 1 if slow else repeats)
+        functions = {name: function for name, function in implementations(inputs).items() if name not in skip}
+        once = {name for name in functions if not name.startswith("fused op") and shape[0] * shape[1] > 10**7}
+        times = {name: [median_seconds(functions[name], 1)] for name in once}
+        rounds = {name: [] for name in functions if name not in once}
+        for function in (functions[name] for name in rounds):
+            function()  # warm-up
+        for _ in range(repeats):
+            for name in rounds:
+                begin = time.perf_counter()
+                functions[name]()
+                rounds[name].append(time.perf_counter() - begin)
+        times.update(rounds)
+        for name, function in functions.items():
+            seconds = statistics.median(times[name])
             rows.append({"shape": shape, "name": name, "seconds": seconds, "peak": peak_extra_bytes(function)})
-            print(f"{shape} {name:<22} {1e3 * seconds:9.1f} ms", flush=True)
+            print(f"{shape} {name:<40} {1e3 * seconds:9.1f} ms", flush=True)
     return rows
 
 
@@ -98,10 +129,12 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shapes", default=None, help="e.g. 32x8224x768,128x65536x256 (default: all three)")
     parser.add_argument("--write", default=None, help="write the markdown table to this file")
+    parser.add_argument("--skip-baselines", action="store_true",
+                        help="leave out the eager oracle and the authors' code (the fn_tau rows in minutes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = SHAPES if args.shapes is None else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
-    table = markdown(measure(shapes, args.repeats))
+    table = markdown(measure(shapes, args.repeats, SLOW_BASELINES if args.skip_baselines else ()))
     print(table)
     if args.write:
         temporary = args.write + ".tmp"
