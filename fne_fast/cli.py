@@ -78,6 +78,9 @@ def _add_training_options(parser: argparse.ArgumentParser, *, single_run: bool) 
     parser.add_argument("--backend", default="auto", help="the op's backend: auto, cpu, cuda, triton, reference")
     parser.add_argument("--image-size", type=int, default=128, help="pixels fed to EfficientNet-Lite0")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many items per split")
+    parser.add_argument("--eval-limit", type=int, default=None,
+                        help="use at most this many items of the validation and test splits (the training split "
+                             "stays whole)")
     parser.add_argument("--steps-per-epoch", type=int, default=None,
                         help="cap on the batches of each epoch (default: one pass over the training pairs)")
     parser.add_argument("--cache-dir", default=None, help="feature cache (default: $FNE_FAST_CACHE or "
@@ -160,6 +163,7 @@ def config_from_args(args, **overrides):
                   warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
                   out=args.out, stats_momentum=args.stats_momentum, momentum=args.momentum,
                   bank_dtype=args.bank_dtype, backend=args.backend, image_size=args.image_size, limit=args.limit,
+                  eval_limit=args.eval_limit,
                   steps_per_epoch=args.steps_per_epoch,
                   data_options=_data_options(args), cache_dir=args.cache_dir, plots=not args.no_plots,
                   quiet=args.quiet)

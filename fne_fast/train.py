@@ -64,6 +64,7 @@ class TrainConfig:
     backend: str = "auto"
     image_size: int = 128
     limit: int | None = None
+    eval_limit: int | None = None
     steps_per_epoch: int | None = None
     data_options: dict = field(default_factory=dict)
     cache_dir: str | None = None
@@ -80,8 +81,9 @@ class TrainConfig:
         self.options = self.options.replace(mode=sampler_mode(self.sampler))
         if self.bank_dtype not in _BANK_DTYPES:
             raise ValueError(f"bank_dtype must be one of {tuple(_BANK_DTYPES)}, got {self.bank_dtype!r}")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be None or >= 1, got {self.steps_per_epoch}")
+        for name in ("steps_per_epoch", "limit", "eval_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be None or >= 1, got {getattr(self, name)}")
         for name in ("bank_size", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -110,6 +112,10 @@ def load_splits(config: TrainConfig) -> dict[str, FeatureSplit]:
     # The limit subsets the full cached features, so limited runs share one cache with full runs.
     if config.limit is not None:
         splits = {name: split.first_images(config.limit) for name, split in splits.items()}
+    # A large data set's evaluation (a ranking of every test item against all others) is capped apart from its
+    # training set: what a large bank needs to fill up is not what a recall needs to be precise.
+    if config.eval_limit is not None:
+        splits.update({name: splits[name].first_images(config.eval_limit) for name in ("val", "test")})
     return splits
 
 

@@ -207,3 +207,17 @@ def test_an_interrupted_compare_redoes_only_what_is_missing(tmp_path, splits, mo
     epochs_trained.clear()
     assert main(_compare_arguments(features, tmp_path / "parts")) == 0  # all done: nothing trained again
     assert epochs_trained == []
+
+
+def test_eval_limit_caps_validation_and_test_but_not_training(tmp_path, splits):  # noqa: F811
+    from fne_fast.train import load_splits
+
+    features = tmp_path / "features"
+    _write_feature_arrays(features, splits)
+    loaded = load_splits(_config(tmp_path / "run", eval_limit=7, data_options={"features_dir": str(features)}))
+    assert loaded["train"].image_features.shape[0] == splits["train"].image_features.shape[0] == 60
+    for name in ("val", "test"):
+        assert loaded[name].image_features.shape[0] == 7
+        assert torch.equal(loaded[name].text_features, splits[name].first_images(7).text_features)
+    with pytest.raises(ValueError, match="eval_limit"):
+        _config(tmp_path, eval_limit=0)
