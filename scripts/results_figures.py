@@ -25,7 +25,7 @@ import shutil
 
 import torch
 
-from fne_fast.diagnostics import LOG10_P_FN_EDGES
+from fne_fast.diagnostics import LOG10_P_FN_EDGES, SIM_EDGES
 from fne_fast.fne_math import log_weights
 from fne_fast.io import read_jsonl
 from fne_fast.options import SamplerOptions
@@ -130,6 +130,12 @@ def threshold_curve(folder: str, splits=None) -> tuple[torch.Tensor, torch.Tenso
     return same_fn / drawing.clamp(min=1), 1 - drawing / anchors_total, stats[0].item() - options.margin, splits
 
 
+def _binned_auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """P(a positive's bin > a negative's bin) + ½ P(same bin), from two histograms over the same bins."""
+    below = torch.cumsum(negative, 0) - negative
+    return ((positive * (below + 0.5 * negative)).sum() / (positive.sum() * negative.sum())).item()
+
+
 def separability(results: dict, runs: str, path: str) -> bool:
     arms = {arm["name"]: arm for arm in results["arms"]}
     arm = arms.get(REMOVING)
@@ -143,10 +149,14 @@ def separability(results: dict, runs: str, path: str) -> bool:
         cuts.append(cut)
         left.plot(THRESHOLDS, 100 * rates, "k-", linewidth=1, label="FN rate of own draws" if not seed_index else None)
         left.plot(THRESHOLDS, 100 * fallback, "C2--", linewidth=1, label="fallback share" if not seed_index else None)
+    rates = {}
     for name, colour in (("hardest", "C3"), ("uniform", "C4")):
         if name in arms:
-            rate = 100 * arms[name]["summary"]["fn_rate_sampled"]["mean"]
-            left.axhline(rate, color=colour, linewidth=1, label=f"{name} (trained): {rate:.1f} %")
+            rates[name] = 100 * arms[name]["summary"]["fn_rate_sampled"]["mean"]
+            left.axhline(rates[name], color=colour, linewidth=1, label=f"{name} (trained): {rates[name]:.1f} %")
+    if rates:
+        left.axhline(0.75 * min(rates.values()), color="k", linestyle=":", linewidth=1,
+                     label="25 % below the lower of the two")
     left.set_xlim(min(cuts) - 0.02, 1.0)
     left.set_ylim(0, 100)
     left.set_xlabel("removal threshold: race candidates with s above it removed")
@@ -155,6 +165,13 @@ def separability(results: dict, runs: str, path: str) -> bool:
                    fontsize=9)
     left.legend(fontsize=7)
     rows = [read_jsonl(os.path.join(runs, run["folder"], "metrics.jsonl"))[-1]["diagnostics"] for run in arm["runs"]]
+    same = sum(torch.tensor(row["sim_hist_same_group"], dtype=torch.float64) for row in rows)
+    other = sum(torch.tensor(row["sim_hist_other"], dtype=torch.float64) for row in rows)
+    race = torch.tensor(SIM_EDGES[:-1], dtype=torch.float64) >= sum(cuts) / len(cuts)
+    bank_share, race_share = same.sum() / (same + other).sum(), (same * race).sum() / ((same + other) * race).sum()
+    print(f"{results['dataset']}: AUC of s, same group against other candidates: whole bank "
+          f"{_binned_auc(same, other):.3f}, race {_binned_auc(same * race, other * race):.3f}; same-group share of "
+          f"the bank {bank_share:.4f}, of the race {race_share:.3f}")
     p_edges = torch.tensor(LOG10_P_FN_EDGES, dtype=torch.float64)
     for key, colour, label in (("p_fn_hist_same_group", "C3", "same group"), ("p_fn_hist_other", "C0", "other")):
         counts = sum(torch.tensor(row[key], dtype=torch.float64) for row in rows)
