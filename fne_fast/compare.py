@@ -31,7 +31,7 @@ RESULTS_JSON, RESULTS_MD, COMPARE_PNG = "results.json", "results.md", "compare.p
 # the bank diagnostics of fne_fast.diagnostics).
 _BEST_KEYS = ("rsum", "group_rsum", "i2t_r1", "t2i_r1", "val_rsum")
 _LAST_KEYS = ("fn_rate", "fn_rate_sampled", "fallback_rate", "mean_p_fn")
-_DIAGNOSTIC_KEYS = ("top1pct_fn_rate", "bayes_share_race", "entropy", "expected_fn_rate")
+_DIAGNOSTIC_KEYS = ("top1pct_fn_rate", "race_per_anchor", "bayes_share_race", "entropy", "expected_fn_rate")
 
 
 @dataclass(frozen=True)
@@ -205,13 +205,14 @@ def results_markdown(results: dict) -> str:
                      f"{_cell(s, 't2i_r1')} | {_cell(s, 'rsum')} | {_cell(s, 'group_rsum')} | "
                      f"{_cell(s, 'last_rsum')} | {_cell(s, 'last_group_rsum')} |")
     lines += ["", "| arm | FN rate % | FN rate own draws % | fallback % | mean P_fn of chosen | FN rate in top 1 % | "
-                  "Bayesian share of race % | entropy (nats) |",
-              "|---|---|---|---|---|---|---|---|"]
+                  "race per anchor | Bayesian share of race % | entropy (nats) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for arm in results["arms"]:
         s = arm["summary"]
         lines.append(f"| {arm['name']} | {_cell(s, 'fn_rate', 100)} | {_cell(s, 'fn_rate_sampled', 100)} | "
                      f"{_cell(s, 'fallback_rate', 100)} | {_cell(s, 'mean_p_fn', 1, 4)} | "
-                     f"{_cell(s, 'top1pct_fn_rate', 100)} | {_cell(s, 'bayes_share_race', 100)} | "
+                     f"{_cell(s, 'top1pct_fn_rate', 100)} | {_cell(s, 'race_per_anchor')} | "
+                     f"{_cell(s, 'bayes_share_race', 100)} | "
                      f"{_cell(s, 'entropy', 1, 2)} |")
     if results["paired"]:
         lines += ["", f"Paired differences against `{results['baseline']}` (same seed = same initialisation and "

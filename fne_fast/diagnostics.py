@@ -136,11 +136,12 @@ def summarise(sums: dict, *, sampler: str, has_groups: bool) -> dict:
 
     p_fn_same, p_fn_other = values["p_fn_hist_same_group"], values["p_fn_hist_other"]
     draws = sampler != "inbatch-hardest"
+    races = draws and sampler != "hardest"  # mode "hardest" picks its negative without a race
     return {
         "anchors": int(values["anchors"]),
         "candidates_per_anchor": ratio("candidates", "anchors"),
-        "race_per_anchor": ratio("race", "anchors") if draws else None,
-        "bayes_share_race": ratio("race_bayes", "race") if draws else None,
+        "race_per_anchor": ratio("race", "anchors") if races else None,
+        "bayes_share_race": ratio("race_bayes", "race") if races else None,
         "bayes_share_all": ratio("candidates_bayes", "candidates"),
         "entropy": ratio("entropy", "drawing_anchors") if draws else None,
         "fallback_share": (1.0 - values["drawing_anchors"] / values["anchors"]) if draws and values["anchors"]
