@@ -3,7 +3,7 @@
     fne-fast train --dataset emoji --sampler fne --epochs 5 --out runs/emoji-fne --seed 0 [--resume]
     fne-fast eval --checkpoint runs/emoji-fne/checkpoint.pt [--split test]
     fne-fast compare --dataset emoji --samplers inbatch-hardest hardest uniform fne fne:fn_tau=inf --seeds 0 1 2 \
-        --out runs/cmp [--baseline inbatch-hardest]
+        --out runs/cmp [--baseline inbatch-hardest [uniform ...]]
 """
 
 from __future__ import annotations
@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"the arms: a sampler ({', '.join(SAMPLERS)}), optionally with sampler options of its "
                               "own, e.g. fne:fn_tau=inf or fne:fn_tau=inf,prior_k=100 (default: every sampler)")
     compare.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    compare.add_argument("--baseline", default="inbatch-hardest",
-                         help="the arm every other is paired with (default inbatch-hardest)")
+    compare.add_argument("--baseline", nargs="+", default=["inbatch-hardest"], metavar="ARM",
+                         help="the arm every other is paired with (default inbatch-hardest); further arms add "
+                              "further paired tables")
     compare.add_argument("--bootstrap", type=_positive_int, default=2000,
                          help="bootstrap resamples of the test items for the paired intervals (default 2000)")
     return parser
@@ -202,7 +203,7 @@ def _compare(args) -> int:
     from fne_fast.compare import RESULTS_MD, compare
 
     base = config_from_args(args, sampler=args.samplers[0].sampler, seed=args.seeds[0])
-    compare(base, args.samplers, args.seeds, args.out, baseline=args.baseline,
+    compare(base, args.samplers, args.seeds, args.out, baselines=args.baseline,
             command=" ".join(["fne-fast", *args.argv]), replicates=args.bootstrap)
     with open(os.path.join(args.out, RESULTS_MD), encoding="utf-8") as table:
         print(table.read())

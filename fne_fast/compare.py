@@ -6,7 +6,8 @@ An *arm* is a sampler with optional changes to the sampler's options, written ``
 checkpoint, so an interrupted comparison redoes only what is missing. Then:
 
 * each run is reported at its best-validation epoch (``fne_fast.selection``), beside its last epoch;
-* each arm is paired with the baseline seed by seed (``fne_fast.paired``) on rsum and group rsum;
+* each arm is paired with the baseline (and any further baselines) seed by seed (``fne_fast.paired``) on rsum
+  and group rsum;
 * ``results.json`` holds every number, ``results.md`` the tables, ``compare.png`` the bars.
 """
 
@@ -24,7 +25,7 @@ from fne_fast.options import option_fields
 from fne_fast.paired import paired_comparison
 from fne_fast.selection import run_summary
 
-__all__ = ["Arm", "parse_arm", "check_arms", "compare", "results_markdown", "RESULTS_JSON", "RESULTS_MD", "COMPARE_PNG"]
+__all__ = ["Arm", "parse_arm", "check_arms", "pairings", "compare", "results_markdown", "RESULTS_JSON", "RESULTS_MD", "COMPARE_PNG"]
 
 RESULTS_JSON, RESULTS_MD, COMPARE_PNG = "results.json", "results.md", "compare.png"
 # The best-validation epoch's test recalls, and what the sampler did in the last epoch (training-time rates and
@@ -113,26 +114,37 @@ def _mean_std(values: list) -> dict | None:
     return {"mean": mean, "std": std, "n": len(values)}
 
 
-def check_arms(arms: list[Arm], seeds: list[int], baseline: str) -> None:
-    """Raises ValueError (starting with the flag's name) unless the arms and seeds are distinct and the baseline is
-    one of the arms."""
+def check_arms(arms: list[Arm], seeds: list[int], baselines: list[str]) -> None:
+    """Raises ValueError (starting with the flag's name) unless the arms, seeds and baselines are distinct and each
+    baseline is one of the arms."""
     names = [arm.name for arm in arms]
     if not names or len(set(names)) != len(names):
         raise ValueError(f"--samplers: need distinct arms, got {' '.join(names) or 'none'}")
-    if baseline not in names:
-        raise ValueError(f"--baseline: {baseline!r} is not one of the compared arms ({' '.join(names)}); add it to "
-                         "--samplers or choose another --baseline")
+    if not baselines or len(set(baselines)) != len(baselines):
+        raise ValueError(f"--baseline: need distinct baselines, got {baselines}")
+    for baseline in baselines:
+        if baseline not in names:
+            raise ValueError(f"--baseline: {baseline!r} is not one of the compared arms ({' '.join(names)}); add it "
+                             "to --samplers or choose another --baseline")
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds: need distinct seeds, got {seeds}")
 
 
-def compare(base, arms: list[Arm], seeds: list[int], out: str, *, baseline: str = "inbatch-hardest",
+def pairings(names: list[str], baselines: list[str]) -> list[tuple[str, str]]:
+    """(arm, baseline) pairs to test: every arm against each baseline in turn, leaving out an arm against itself
+    and the mirror of a pair already listed (an earlier baseline against a later one)."""
+    return [(name, baseline) for index, baseline in enumerate(baselines) for name in names
+            if name != baseline and name not in baselines[:index]]
+
+
+def compare(base, arms: list[Arm], seeds: list[int], out: str, *, baselines: tuple = ("inbatch-hardest",),
             command: str = "", splits=None, replicates: int = 2000) -> dict:
     """Trains (or resumes) every arm × seed from the ``base`` TrainConfig into ``out`` (with the run plots when
     ``base.plots``) and writes the results files; returns the results (what results.json holds)."""
     from fne_fast.train import load_splits, read_best_test_ranks, train
 
-    check_arms(arms, seeds, baseline)
+    baselines = list(baselines)
+    check_arms(arms, seeds, baselines)
     splits = splits or load_splits(base)
     histories = {}
     for seed in seeds:  # seeds outermost: after each seed, every arm has a paired run
@@ -141,7 +153,8 @@ def compare(base, arms: list[Arm], seeds: list[int], out: str, *, baseline: str 
             print(f"== {arm.name}, seed {seed} -> {config.out}", flush=True)
             histories[arm.name, seed] = train(config, splits)
 
-    results = {"dataset": base.dataset, "command": command, "seeds": list(seeds), "baseline": baseline,
+    results = {"dataset": base.dataset, "command": command, "seeds": list(seeds), "baseline": baselines[0],
+               "baselines": baselines,
                "selection": "test recalls of the best-validation epoch (val rsum; epochs after the warm-up)",
                "arms": [], "paired": []}
     ranks = {}
@@ -161,13 +174,11 @@ def compare(base, arms: list[Arm], seeds: list[int], out: str, *, baseline: str 
                                 "runs": runs, "summary": summary})
     caption_image = splits["test"].caption_image
     has_groups = splits["test"].image_group is not None
-    for arm in arms:
-        if arm.name == baseline:
-            continue
-        pairs = {"arm": arm.name, "baseline": baseline}
+    for name, baseline in pairings([arm.name for arm in arms], baselines):
+        pairs = {"arm": name, "baseline": baseline}
         for group in (False, True) if has_groups else (False,):
             pairs["group_rsum" if group else "rsum"] = paired_comparison(
-                [ranks[arm.name, seed] for seed in seeds], [ranks[baseline, seed] for seed in seeds], caption_image,
+                [ranks[name, seed] for seed in seeds], [ranks[baseline, seed] for seed in seeds], caption_image,
                 group=group, replicates=replicates)
         results["paired"].append(pairs)
 
@@ -215,7 +226,8 @@ def results_markdown(results: dict) -> str:
                      f"{_cell(s, 'bayes_share_race', 100)} | "
                      f"{_cell(s, 'entropy', 1, 2)} |")
     if results["paired"]:
-        lines += ["", f"Paired differences against `{results['baseline']}` (same seed = same initialisation and "
+        baselines = ", ".join(f"`{name}`" for name in results["baselines"])
+        lines += ["", f"Paired differences against {baselines} (same seed = same initialisation and "
                       "batches): per seed, mean, paired t-test over seeds, 95 % bootstrap interval over test items; "
                       "\"beyond noise\" only when both exclude 0.", "",
                   "| arm − baseline | metric | per seed | mean | t-test p | bootstrap 95 % | verdict |",

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("tqdm", reason="tqdm (the `train` extra) is not installed: scripts/setup_data.sh installs it")
 
 from fne_fast import train as train_module  # noqa: E402
-from fne_fast.compare import Arm, parse_arm  # noqa: E402
+from fne_fast.compare import Arm, pairings, parse_arm  # noqa: E402
 from fne_fast.evaluate import recalls_from_ranks  # noqa: E402
 from fne_fast.paired import (BEYOND_NOISE, WITHIN_NOISE, paired_comparison, rsum_item_scores,  # noqa: E402
                              student_t_two_sided_p)
@@ -142,7 +142,13 @@ def test_bad_arms_name_the_problem(text, message):
         parse_arm(text)
 
 
+def test_each_baseline_is_paired_with_every_other_arm_once():
+    assert pairings(["a", "b", "c"], ["a"]) == [("b", "a"), ("c", "a")]
+    assert pairings(["a", "b", "c"], ["a", "c"]) == [("b", "a"), ("c", "a"), ("b", "c")]
+
+
 @pytest.mark.parametrize("extra,message", [(["--baseline", "hardest"], "argument --baseline"),
+                                           (["--baseline", "fne", "fne"], "argument --baseline"),
                                            (["--samplers", "fne", "fne"], "argument --samplers"),
                                            (["--samplers", "fne:nope=1"], "argument --samplers")])
 def test_compare_usage_errors_come_before_any_data(monkeypatch, capsys, extra, message):
