@@ -13,12 +13,14 @@
 // beats the list's k-th key, which is one integer comparison of its Philox word; logarithms and the weight are
 // evaluated for the few pairs that pass.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -43,6 +45,22 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 //    which read the bank once at B = 256, 0.56x: no difference worth a second shape.
 constexpr int64_t kTileRows = 128, kTileCols = 512;
 
+// Small per-call work runs on the calling thread: a parallel region wakes the pool, and on a machine shared with
+// other work a woken thread may wait for a time slice. With the anchors' check, the packing of the anchors and
+// the merge in parallel regions of their own, a (128, 65536, 256) bf16 call took 2x longer on two threads than on
+// one (medians of 21, load ~5 on 2 cores); one region (the tiles) is what such a call needs.
+bool has_non_finite(const at::Tensor& contiguous) {
+  bool found = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, contiguous.scalar_type(), "has_non_finite", [&] {
+    const scalar_t* values = contiguous.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < contiguous.numel(); ++i) found |= !std::isfinite(static_cast<float>(values[i]));
+  });
+  return found;
+}
+
+// Rows per chunk of the final merge: it is O(B · k · threads), parallel only for very large batches.
+constexpr int64_t kMergeRowsPerChunk = 4096;
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
     const at::Tensor& anchors, const at::Tensor& bank, const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
     const at::Tensor& bank_ids, const at::Tensor& stats, int64_t k, c10::string_view mode, double margin,
@@ -59,6 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
   auto key = at::full({num_rows, k}, kNegInf, anchors.options().dtype(at::kFloat));
   if (num_rows == 0) return {index, sim, valid, key};
 
+  const auto anchors_contig = anchors.contiguous();
   const auto bank_contig = bank.contiguous();
   const auto bank_ids_contig = bank_ids.contiguous();
   const auto anchor_ids_contig = anchor_ids.contiguous();
@@ -66,8 +85,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
   const auto stats_contig = stats.contiguous();
   if (check_finite) {
     // The small inputs before the pass (a bad one would waste it); the bank from inside the pass, below.
-    const auto input_flags = non_finite_input_flags(anchors, positive_contig, stats_contig);
-    raise_if_not_finite(input_flags.data_ptr<bool>(), false);
+    const bool input_flags[3] = {has_non_finite(anchors_contig), has_non_finite(positive_contig),
+                                 has_non_finite(stats_contig)};
+    raise_if_not_finite(input_flags, false);
   }
   const float* stats_ptr = stats_contig.data_ptr<float>();
   call.weights = make_weight_params(stats_ptr, call.config);
@@ -86,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
   const int64_t tile_cols = std::min<int64_t>(full_cols, std::max<int64_t>(live_cols, 1));
   const int64_t row_blocks = (num_rows + tile_rows - 1) / tile_rows;
   const int64_t col_tiles = (live_cols + tile_cols - 1) / tile_cols;
-  const SimilarityTiles tiles(anchors, bank_contig, tile_rows, tile_cols, full_cols);
+  const SimilarityTiles tiles(anchors_contig, bank_contig, tile_rows, tile_cols, full_cols);
   const int64_t* bank_ids_ptr = bank_ids_contig.data_ptr<int64_t>();
   const int64_t global_col_base = call.config.col_offset;
 
@@ -134,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
   float* sim_ptr = sim.data_ptr<float>();
   bool* valid_ptr = valid.data_ptr<bool>();
   float* key_ptr = key.data_ptr<float>();
-  at::parallel_for(0, num_rows, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_rows, kMergeRowsPerChunk, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       RankedList race = merged.race(row), hard = merged.hard(row);
       for (RowLists& lists : thread_lists) {

@@ -3,9 +3,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/native/CPUBlas.h>
-#if defined(__x86_64__) || defined(_M_X64)
-#include <cpuinfo.h>
-#endif
 
 #include <algorithm>
 #include <cstring>
@@ -28,7 +25,8 @@ int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1
 
 bool bf16_brgemm_supported() {
 #if defined(__x86_64__) || defined(_M_X64)
-  static const bool cpu_has_bf16 = cpuinfo_initialize() && cpuinfo_has_x86_avx512bf16();
+  // The compiler's CPUID check (as for the epilogue's AVX-512), which also asks whether the OS saves AVX-512 state.
+  static const bool cpu_has_bf16 = __builtin_cpu_supports("avx512bf16");
   // torch.backends.mkldnn.enabled may change between calls, and oneDNN's kernel refuses to run while it is off.
   return cpu_has_bf16 && at::globalContext().userEnabledMkldnn();
 #else
@@ -50,23 +48,30 @@ SimilarityTiles::SimilarityTiles(const at::Tensor& anchors, const at::Tensor& ba
       max_cols_(max_cols),
       full_cols_(full_cols),
       bank_(bank) {
-  TORCH_INTERNAL_ASSERT(bank.is_contiguous());
+  TORCH_INTERNAL_ASSERT(anchors.is_contiguous() && bank.is_contiguous());
   const int64_t num_rows = anchors.size(0);
   if (!brgemm_) {
     anchors_float_ = anchors.to(at::kFloat).contiguous();
     return;
   }
   // VNNI-2: element (d, r) of the [D, B] right operand sits at [d / 2][r][d % 2]. The padding leaves room for
-  // the last block's rows rounded up to a whole kAnchorBlock.
+  // the last block's rows rounded up to a whole kAnchorBlock. A plain loop (B x D values): see has_non_finite in
+  // sample_negatives_cpu.cpp for why small per-call work stays off the thread pool.
   padded_rows_ = round_up(num_rows, kAnchorBlock) + kAnchorBlock;
   const int64_t pairs = dim_ / 2;
-  packed_anchors_ = at::zeros({pairs, padded_rows_, 2}, anchors.options());
-  packed_anchors_.narrow(1, 0, num_rows)
-      .copy_(anchors.narrow(1, 0, 2 * pairs).reshape({num_rows, pairs, 2}).transpose(0, 1));
+  packed_anchors_ = at::empty({pairs, padded_rows_, 2}, anchors.options());
+  at::BFloat16* packed = packed_anchors_.data_ptr<at::BFloat16>();
+  std::fill(packed, packed + packed_anchors_.numel(), at::BFloat16(0.f));
+  const at::BFloat16* rows = anchors.data_ptr<at::BFloat16>();
+  for (int64_t r = 0; r < num_rows; ++r) {
+    for (int64_t p = 0; p < pairs; ++p) {
+      packed[(p * padded_rows_ + r) * 2] = rows[r * dim_ + 2 * p];
+      packed[(p * padded_rows_ + r) * 2 + 1] = rows[r * dim_ + 2 * p + 1];
+    }
+  }
   if (dim_ % 2 == 1) {
-    const auto last = anchors.select(1, dim_ - 1).to(at::kFloat).contiguous();
     last_column_.assign(padded_rows_, 0.f);
-    std::copy(last.data_ptr<float>(), last.data_ptr<float>() + num_rows, last_column_.begin());
+    for (int64_t r = 0; r < num_rows; ++r) last_column_[r] = static_cast<float>(rows[r * dim_ + dim_ - 1]);
   }
 }
 
@@ -74,7 +79,9 @@ SimilarityTiles::Worker::Worker(const SimilarityTiles& tiles) : tiles_(tiles) {
   out_ = at::empty({round_up(tiles.max_cols_, kBlock) * round_up(tiles.max_rows_, kAnchorBlock)},
                    tiles.bank_.options().dtype(at::kFloat));
   if (tiles.brgemm_) {
-    staged_rows_ = at::zeros({kBlock, tiles.dim_}, tiles.bank_.options());
+    staged_rows_ = at::empty({kBlock, tiles.dim_}, tiles.bank_.options());
+    std::fill(staged_rows_.data_ptr<at::BFloat16>(), staged_rows_.data_ptr<at::BFloat16>() + staged_rows_.numel(),
+              at::BFloat16(0.f));
   } else if (tiles.bank_.scalar_type() != at::kFloat) {
     bank_tile_float_ = at::empty({tiles.max_cols_, tiles.dim_}, tiles.bank_.options().dtype(at::kFloat));
   }

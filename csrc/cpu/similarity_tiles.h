@@ -25,7 +25,7 @@ bool bf16_brgemm_supported();
 
 class SimilarityTiles {
  public:
-  // `bank` must be contiguous. Tiles are at most max_rows x max_cols; a tile of full_cols columns is one GEMM
+  // `anchors` and `bank` must be contiguous. Tiles are at most max_rows x max_cols; a tile of full_cols columns is one GEMM
   // (on the brgemm path shorter ones are cut into fixed blocks).
   SimilarityTiles(const at::Tensor& anchors, const at::Tensor& bank, int64_t max_rows, int64_t max_cols,
                   int64_t full_cols);
