@@ -29,6 +29,15 @@ cores natively. Float32 (or mixed) inputs are converted to float32 and use ``inp
 follows torch's TF32 setting like the cuBLAS GEMM of the CUDA backend: "ieee" (exact float32 products) unless
 ``torch.backends.cuda.matmul.allow_tf32`` is on, then "tf32" (inputs rounded to 10-bit mantissas, faster).
 Under ``TRITON_INTERPRET=1`` everything runs in float32 with "ieee" (the interpreter's bf16 arithmetic is wrong).
+Compiled, ``tl.log`` / ``tl.exp`` and the division are the GPU's approximate instructions (about 2 ulp each) and
+multiply-adds are fused, so a key ℓ + G (G up to ~23, where a float32 ulp is 1.9e-6) may differ from the CPU's by
+a few ulps even on exactly representable inputs: two logarithms in G and one exp in the weight put it within
+5 ulps, 1e-5. Candidates whose float64 keys are closer than that are near-ties that may go either way; the tests
+allow exactly that much on a GPU (``Backend.key_tolerance`` in tests/inputs.py), and identical draws elsewhere.
+
+Tiles. ``default_config`` picks 8 warps and tiles whose epilogue fits the registers without spilling on sm_90
+(ROW_BLOCK_LIMITS below); scripts/triton_resources.py compiles every shipped configuration without a GPU and
+reports its registers, stack (spills) and shared memory, and the test suite fails on any spill.
 
 Dispatch. fne_fast/ops.py calls :func:`sample_negatives_triton` for ``backend="triton"``, and registers it for
 the CUDA key of ``fne_fast::sample_negatives`` when no compiled CUDA kernel was built, so ``backend="auto"`` on
