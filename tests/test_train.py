@@ -8,9 +8,11 @@ import torch
 
 pytest.importorskip("tqdm", reason="tqdm (the `train` extra) is not installed: scripts/setup_data.sh installs it")
 
+from fne_fast.checkpoint import read_checkpoint  # noqa: E402
 from fne_fast.data import FeatureSplit  # noqa: E402
 from fne_fast.evaluate import retrieval_metrics  # noqa: E402
 from fne_fast.options import SamplerOptions  # noqa: E402
+from fne_fast.preflight import UsageError  # noqa: E402
 from fne_fast.train import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, train  # noqa: E402
 
 REQUIRED_KEYS = {"epoch", "loss", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "fn_rate",
@@ -56,8 +58,8 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, splits, sample
     resumed = train(_config(tmp_path / "parts", sampler=sampler, epochs=3, resume=True), splits)
     assert resumed == uninterrupted
     assert _read(tmp_path / "parts" / METRICS_NAME) == _read(tmp_path / "whole" / METRICS_NAME)
-    whole = torch.load(tmp_path / "whole" / CHECKPOINT_NAME, weights_only=False)
-    parts = torch.load(tmp_path / "parts" / CHECKPOINT_NAME, weights_only=False)
+    whole = read_checkpoint(str(tmp_path / "whole" / CHECKPOINT_NAME))
+    parts = read_checkpoint(str(tmp_path / "parts" / CHECKPOINT_NAME))
     for key, value in whole["heads"].items():
         assert torch.equal(value, parts["heads"][key]), key
     assert torch.equal(whole["text_bank"]["features"], parts["text_bank"]["features"])
@@ -80,7 +82,7 @@ def test_metrics_have_the_documented_keys_and_sane_values(tmp_path, splits):
 
 def test_existing_run_needs_resume_and_matching_settings(tmp_path, splits):
     train(_config(tmp_path, epochs=1), splits)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(UsageError, match="already holds a run.*--resume"):
         train(_config(tmp_path, epochs=2), splits)
     with pytest.raises(ValueError, match="different settings: lr"):
         train(_config(tmp_path, epochs=2, lr=0.5, resume=True), splits)
@@ -129,7 +131,7 @@ def test_cli_train_and_eval_on_feature_arrays(tmp_path, splits, capsys):
 
 def test_steps_per_epoch_caps_each_epoch(tmp_path, splits):
     train(_config(tmp_path, epochs=2, steps_per_epoch=3), splits)
-    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["step"] == 2 * 3
+    assert read_checkpoint(str(tmp_path / CHECKPOINT_NAME))["step"] == 2 * 3
     timing = _read(tmp_path / "timing.jsonl")
     assert [row["steps"] for row in timing] == [3, 3]
     assert {"heads", "sampling_and_loss", "bank_update", "statistics", "epoch_seconds"} <= timing[0].keys()
