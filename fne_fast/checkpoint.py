@@ -264,7 +264,7 @@ def load_checkpoint(directory: str, name: str = "checkpoint") -> tuple[dict, str
         try:
             state = read_checkpoint(path)
         except CheckpointError as error:
-            problems.append(str(error).split("; ")[0])
+            problems.append(f"{error.path}: {error.problem}")
             continue
         _known_good[path] = _signature(path)
         if path == previous:

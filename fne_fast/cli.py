@@ -88,6 +88,8 @@ def _add_training_options(parser: argparse.ArgumentParser, *, single_run: bool) 
     parser.add_argument("--stats-momentum", type=float, default=None,
                         help="EMA momentum of the running statistics (default: the authors' running mean)")
     parser.add_argument("--momentum", type=float, default=0.995, help="momentum of the key heads")
+    parser.add_argument("--joint-dim", type=int, default=256, help="width of the joint embedding space")
+    parser.add_argument("--hidden-dim", type=int, default=1024, help="hidden width of the projection heads")
     parser.add_argument("--bank-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="the op's backend")
     parser.add_argument("--image-size", type=int, default=128, help="pixels fed to EfficientNet-Lite0")
@@ -135,6 +137,7 @@ def config_from_args(args, **overrides):
     values = dict(dataset=args.dataset, options=options, bank_size=args.bank_size, epochs=args.epochs,
                   warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
                   out=args.out, stats_momentum=args.stats_momentum, momentum=args.momentum,
+                  joint_dim=args.joint_dim, hidden_dim=args.hidden_dim,
                   bank_dtype=args.bank_dtype, backend=args.backend, image_size=args.image_size, limit=args.limit,
                   steps_per_epoch=args.steps_per_epoch,
                   data_options=_data_options(args), cache_dir=args.cache_dir, plots=not args.no_plots,

@@ -17,7 +17,7 @@ import tempfile
 from contextlib import contextmanager
 
 __all__ = ["atomic_output", "atomic_save", "atomic_write_text", "write_jsonl", "read_jsonl",
-           "remove_stale_temporaries", "TEMPORARY_PREFIX"]
+           "remove_stale_temporaries", "temporary_prefix", "TEMPORARY_PREFIX"]
 
 TEMPORARY_PREFIX = ".tmp-"
 # Host names may hold characters a file name should not; the owner check only needs them to be distinct.
@@ -33,8 +33,7 @@ def atomic_output(path: str, mode: str = "wb", suffix: str = ".tmp", before_repl
     checkpoint moves the file it replaces aside there)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f"{TEMPORARY_PREFIX}{_HOST}-{os.getpid()}-",
-                                         suffix=suffix)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=temporary_prefix(), suffix=suffix)
     try:
         with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as stream:
             yield stream
@@ -48,6 +47,11 @@ def atomic_output(path: str, mode: str = "wb", suffix: str = ".tmp", before_repl
             os.remove(temporary)
         raise
     sync_directory(directory)
+
+
+def temporary_prefix(pid: int | None = None) -> str:
+    """The name prefix of the temporary files process ``pid`` (default: this one) of this host writes."""
+    return f"{TEMPORARY_PREFIX}{_HOST}-{os.getpid() if pid is None else pid}-"
 
 
 def sync_directory(directory: str) -> None:
