@@ -7,7 +7,7 @@ different torch). FNE_FAST_FORCE_CPU=1 skips the CUDA sources.
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 import torch
@@ -37,8 +37,10 @@ def _extension():
 
 
 setup(
-    packages=["fne_fast", "fne_fast.kernels"],
-    package_dir={"fne_fast": "fne_fast", "fne_fast.kernels": "kernels"},
+    # Every package under fne_fast/, found (not listed: a listed one can be forgotten, as fne_fast.data once was),
+    # and the Triton kernels of the top-level kernels/ folder as fne_fast.kernels.
+    packages=find_packages(include=["fne_fast", "fne_fast.*"]) + ["fne_fast.kernels"],
+    package_dir={"fne_fast.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

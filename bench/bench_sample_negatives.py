@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import fne_fast  # noqa: E402
 from authors_loss import AuthorsStyleSampler  # noqa: E402
-from common import SHAPES, machine_description, make_inputs, median_seconds, peak_extra_bytes  # noqa: E402
+from common import SHAPES, machine_description, median_seconds, peak_extra_bytes, sample_inputs  # noqa: E402
 from fne_fast import reference  # noqa: E402
 
 OPTIONS = dict(k=1, mode="fne", seed=0, step=0)
@@ -62,7 +62,7 @@ def _two_threads():
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("name", ["fused op", "bare matmul", "eager oracle (fp32)", "authors' loss code"])
 def test_sample_negatives_cpu(benchmark, shape, name):
-    function = implementations(make_inputs(*shape))[name]
+    function = implementations(sample_inputs(*shape, kind="worst_case"))[name]
     rounds = 1 if name != "fused op" and shape == SHAPES[-1] else 3
     benchmark.pedantic(function, rounds=rounds, warmup_rounds=1)
 
@@ -70,7 +70,7 @@ def test_sample_negatives_cpu(benchmark, shape, name):
 def measure(shapes, repeats: int) -> list[dict]:
     rows = []
     for shape in shapes:
-        inputs = make_inputs(*shape)
+        inputs = sample_inputs(*shape, kind="worst_case")
         for name, function in implementations(inputs).items():
             slow = name != "fused op" and shape[0] * shape[1] > 10**7
             seconds = median_seconds(function, 1 if slow else repeats)

@@ -1,4 +1,5 @@
-"""Shared pieces of the CPU benchmarks: inputs, timing, peak memory, machine description."""
+"""Shared pieces of the benchmarks beside fne_fast.testing (inputs, the timer): the CPU shapes, peak memory and
+the machine description."""
 
 from __future__ import annotations
 
@@ -6,43 +7,15 @@ import ctypes
 import gc
 import os
 import platform
-import statistics
 import subprocess
-import time
 
 import torch
 
 import fne_fast
+from fne_fast.testing import median_seconds, sample_inputs  # noqa: F401  (the benchmarks' inputs and timer)
 
 # DESIGN.md / issue 2 shapes: the authors' setting, their comment's bank, and a large bank.
 SHAPES = [(32, 8224, 768), (128, 65536, 256), (256, 262144, 256)]
-
-
-def make_inputs(num_rows: int, num_cols: int, dim: int, seed: int = 0) -> dict:
-    """Normalised random embeddings and statistics with nothing cut down and the Bayesian branch on: the
-    sampler's worst case, where every pair pays for Philox and the race."""
-    generator = torch.Generator().manual_seed(seed)
-    anchors = torch.nn.functional.normalize(torch.randn(num_rows, dim, generator=generator), dim=1)
-    bank = torch.nn.functional.normalize(torch.randn(num_cols, dim, generator=generator), dim=1)
-    return {
-        "anchors": anchors,
-        "bank": bank,
-        "positive_sim": torch.full((num_rows,), 0.5),
-        "anchor_ids": torch.arange(num_rows),
-        "bank_ids": torch.arange(num_cols) % (num_cols // 2) + num_rows,
-        "stats": torch.tensor([-1.0, 0.01, 0.0, 0.01, 500.0]),
-    }
-
-
-def median_seconds(function, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _status_kib(field: str) -> int:

@@ -13,7 +13,7 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(fne_fast, m) {
   m.def(
       "sample_negatives(Tensor anchors, Tensor bank, Tensor positive_sim, Tensor anchor_ids, Tensor bank_ids, "
-      "Tensor stats, int k, str mode, float margin, float tau, float prior_k, float fn_margin, int min_count, "
-      "bool cutdown, int seed, int step, int row_offset, int col_offset, int filled, bool check_finite) "
-      "-> (Tensor index, Tensor sim, Tensor valid)");
+      "Tensor stats, int k, str mode, float margin, float tau, float fn_tau, float prior_k, float fn_margin, "
+      "int min_count, bool cutdown, int seed, int step, int row_offset, int col_offset, int filled, "
+      "bool check_finite) -> (Tensor index, Tensor sim, Tensor valid, Tensor key)");
 }

@@ -18,6 +18,7 @@ struct SamplerConfig {
   SamplerMode mode;
   float margin;
   float tau;
+  float fn_tau;  // the likely false negatives' temperature: -fn_tau P_fn; +inf excludes them
   double prior_k;
   double fn_margin;
   int64_t min_count;
@@ -37,6 +38,8 @@ struct SamplerConfig {
 // the Bayesian branch applies where P_fn > 1 - fn_margin, i.e. z > logit(1 - fn_margin).
 struct WeightParams {
   float tau;
+  float fn_tau;
+  bool fn_excludes;        // fn_tau = +inf: a likely false negative gets weight 0 (log-weight -inf)
   bool bayes;              // n⁺ > min_count and both variances positive and finite
   float mu_pos, mu_neg;
   float half_inv_var_pos;  // 1 / (2σ⁺²)
@@ -49,6 +52,8 @@ struct WeightParams {
 FNE_HOST_DEVICE WeightParams make_weight_params(const float* stats, const SamplerConfig& config) {
   WeightParams p;
   p.tau = config.tau;
+  p.fn_tau = config.fn_tau;
+  p.fn_excludes = std::isinf(config.fn_tau);
   const float var_pos = stats[1], var_neg = stats[3];
   p.bayes = stats[4] > static_cast<float>(config.min_count) && var_pos > 0.f && var_neg > 0.f &&
             std::isfinite(var_pos) && std::isfinite(var_neg) && std::isfinite(stats[0]) &&
@@ -74,12 +79,13 @@ FNE_HOST_DEVICE float false_negative_logit(float s, const WeightParams& p) {
   return p.z_offset - dp * dp * p.half_inv_var_pos + dn * dn * p.half_inv_var_neg;
 }
 
-// ℓ_ij for mode fne: -τ P_fn where the Bayesian branch applies, else -τ (s - s⁺)². Always <= 0, which the
-// CPU kernel's early rejection relies on.
+// ℓ_ij for mode fne: -fn_tau P_fn where the Bayesian branch applies (-inf when fn_tau is +inf: the kernels
+// exclude such a candidate from the race, as a cut-down one), else -τ (s - s⁺)². Always <= 0, which the kernels'
+// early rejection relies on.
 FNE_HOST_DEVICE float fne_log_weight(float s, float positive_sim, const WeightParams& p) {
   if (p.bayes) {
     const float z = false_negative_logit(s, p);
-    if (z > p.z_threshold) return -p.tau / (1.f + std::exp(-z));
+    if (z > p.z_threshold) return p.fn_excludes ? -INFINITY : -p.fn_tau / (1.f + std::exp(-z));
   }
   const float d = s - positive_sim;
   return -p.tau * d * d;
@@ -118,18 +124,20 @@ FNE_HOST_DEVICE bool ranks_before(float key_a, int64_t index_a, float key_b, int
 }
 
 // Writes the k output slots of one row (DESIGN.md §2), shared by the CPU and CUDA kernels: the race winners in
-// key order, then the hardest non-positive candidates not chosen yet, then invalid slots (index -1, sim 0). The
-// lists are ranked best first and offer size(), index_at(i) and sim_at(i); in mode "hardest" the race list is the
-// hardest list. The top-k hardest list suffices: at most `winners` of its entries are winners, so it holds the
-// k - winners hardest candidates that are not.
+// key order with their keys, then the hardest non-positive candidates not chosen yet (key -inf), then invalid
+// slots (index -1, sim 0, key -inf). The lists are ranked best first and offer size(), index_at(i), sim_at(i) and
+// key_at(i); in mode "hardest" the race list is the hardest list, whose key is the similarity. The top-k hardest
+// list suffices: at most `winners` of its entries are winners, so it holds the k - winners hardest candidates
+// that are not.
 template <typename RaceList, typename HardList>
 FNE_HOST_DEVICE void write_output_row(const RaceList& race, const HardList& hard, int64_t k, int64_t* index,
-                                      float* sim, bool* valid) {
+                                      float* sim, bool* valid, float* key) {
   int64_t slot = 0;
   for (; slot < race.size(); ++slot) {
     index[slot] = race.index_at(slot);
     sim[slot] = race.sim_at(slot);
     valid[slot] = true;
+    key[slot] = race.key_at(slot);
   }
   const int64_t winners = slot;
   for (int64_t h = 0; h < hard.size() && slot < k; ++h) {
@@ -139,12 +147,14 @@ FNE_HOST_DEVICE void write_output_row(const RaceList& race, const HardList& hard
     index[slot] = hard.index_at(h);
     sim[slot] = hard.sim_at(h);
     valid[slot] = true;
+    key[slot] = -INFINITY;
     ++slot;
   }
   for (; slot < k; ++slot) {
     index[slot] = -1;
     sim[slot] = 0.f;
     valid[slot] = false;
+    key[slot] = -INFINITY;
   }
 }
 

@@ -27,7 +27,7 @@ SamplerMode parse_mode(c10::string_view mode) {
 SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::Tensor& bank,
                                           const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
                                           const at::Tensor& bank_ids, const at::Tensor& stats, int64_t k,
-                                          c10::string_view mode, double margin, double tau, double prior_k,
+                                          c10::string_view mode, double margin, double tau, double fn_tau, double prior_k,
                                           double fn_margin, int64_t min_count, bool cutdown, int64_t seed,
                                           int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled,
                                           bool check_finite) {
@@ -69,6 +69,7 @@ SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::T
   TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
   TORCH_CHECK_VALUE(std::isfinite(margin), "margin must be finite, got ", margin);
   TORCH_CHECK_VALUE(std::isfinite(tau) && tau >= 0.0, "tau must be finite and >= 0, got ", tau);
+  TORCH_CHECK_VALUE(fn_tau >= 0.0, "fn_tau must be >= 0 (inf removes likely false negatives), got ", fn_tau);
   TORCH_CHECK_VALUE(std::isfinite(prior_k) && prior_k > 1.0, "prior_k must be finite and > 1, got ", prior_k);
   TORCH_CHECK_VALUE(fn_margin >= 0.0 && fn_margin <= 1.0, "fn_margin must be in [0, 1], got ", fn_margin);
   TORCH_CHECK_VALUE(min_count >= 0, "min_count must be >= 0, got ", min_count);
@@ -86,6 +87,7 @@ SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::T
   config.mode = parse_mode(mode);
   config.margin = static_cast<float>(margin);
   config.tau = static_cast<float>(tau);
+  config.fn_tau = static_cast<float>(fn_tau);
   config.prior_k = prior_k;
   config.fn_margin = fn_margin;
   config.min_count = min_count;

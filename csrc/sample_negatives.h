@@ -17,7 +17,7 @@ namespace fne_fast {
 SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::Tensor& bank,
                                           const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
                                           const at::Tensor& bank_ids, const at::Tensor& stats, int64_t k,
-                                          c10::string_view mode, double margin, double tau, double prior_k,
+                                          c10::string_view mode, double margin, double tau, double fn_tau, double prior_k,
                                           double fn_margin, int64_t min_count, bool cutdown, int64_t seed,
                                           int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled,
                                           bool check_finite);

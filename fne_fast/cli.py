@@ -43,7 +43,7 @@ _OPTION_FLAGS = tuple(option for option in option_fields() if option.name != "mo
 def _option_value(option):
     """argparse type of a SamplerOptions field: converts the text, then applies the field's own check, so a bad
     value is a one-line usage error naming the flag, before any data is read."""
-    convert = int if option.type == "int" else float
+    convert = int if option.type == "int" else float  # float("inf") reads "inf"
 
     def parse(text: str):
         try:
@@ -66,8 +66,9 @@ def _add_sampler_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=option.default,
                                 help=option.metadata["help"])
         else:
+            default = "" if option.default is None else f" (default {option.default})"
             parser.add_argument(flag, type=_option_value(option), default=option.default,
-                                help=f"{option.metadata['help']} (default {option.default})")
+                                help=option.metadata["help"] + default)
 
 
 def _add_training_options(parser: argparse.ArgumentParser, *, single_run: bool) -> None:

@@ -51,8 +51,8 @@ def bayes_active(stats: torch.Tensor, min_count: int) -> torch.Tensor:
 def log_weights(sim: torch.Tensor, positive_sim: torch.Tensor, stats: torch.Tensor,
                 options: SamplerOptions = SamplerOptions()) -> torch.Tensor:
     """ℓ[i, j] of DESIGN.md §1 for similarities sim [B, N] (no masking), in sim's dtype: ``-τ (s - s⁺)²``, or
-    ``-τ P_fn(s)`` where the Bayesian branch applies; zero in mode "uniform". Mode "hardest" has no weights (its
-    key is the similarity) and is refused."""
+    ``-fn_tau P_fn(s)`` where the Bayesian branch applies (-inf with fn_tau = inf: weight 0); zero in mode
+    "uniform". Mode "hardest" has no weights (its key is the similarity) and is refused."""
     if options.mode == "hardest":
         raise ValueError("mode 'hardest' has no log-weights: its key is the similarity")
     if options.mode == "uniform":
@@ -60,4 +60,6 @@ def log_weights(sim: torch.Tensor, positive_sim: torch.Tensor, stats: torch.Tens
     base = -options.tau * (sim - positive_sim.to(sim.dtype).reshape(-1, 1)) ** 2
     z = false_negative_logit(sim, stats, options.prior_k)
     use_bayes = bayes_active(stats, options.min_count) & (z > fn_logit_threshold(options.fn_margin))
-    return torch.where(use_bayes, -options.tau * torch.sigmoid(z), base)
+    fn_tau = options.effective_fn_tau
+    likely_false = torch.full_like(sim, -math.inf) if math.isinf(fn_tau) else -fn_tau * torch.sigmoid(z)
+    return torch.where(use_bayes, likely_false, base)

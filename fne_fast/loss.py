@@ -77,20 +77,19 @@ class FNELoss(nn.Module):
         positive_sim = (anchors * positive_keys.to(anchors.dtype)).sum(dim=1)
         # Selection runs in float32 whatever the anchors' dtype (float64 in gradient checks): it is not
         # differentiated, and the gather below recomputes the chosen similarities in the anchors' dtype.
-        index, chosen_sim, valid = sample_negatives(
+        index, chosen_sim, valid, key = sample_negatives(
             anchors.detach().float(), bank.features, positive_sim.detach().float(), ids, bank.ids, stats,
-            seed=seed, step=step, filled=bank.filled, backend=self.backend, **self.options.as_kwargs())
+            seed=seed, step=step, filled=bank.filled, backend=self.backend, return_keys=True,
+            **self.options.as_kwargs())
         negatives = bank.features[index.clamp(min=0)].to(anchors.dtype)  # [B, k, D]
         negative_sim = torch.einsum("bd,bkd->bk", anchors, negatives)
         weight = valid.to(anchors.dtype)
         hinge = (self.options.margin + negative_sim - positive_sim.unsqueeze(1)).clamp(min=0) * weight
         loss = (hinge.sum(dim=1) / weight.sum(dim=1).clamp(min=1)).mean()
 
-        fell_back = torch.zeros_like(valid)
-        if self.sampler != "hardest" and self.options.cutdown:
-            # A sampled negative always beats the cut-down (s > μ⁺ - margin); a fallback never does.
-            fell_back = valid & (chosen_sim <= stats[0] - self.options.margin)
-            diagnostics["fallback"] += fell_back.sum()
+        # A fallback slot (no candidate left in the race: all cut down or of weight 0) has key -inf.
+        fell_back = valid & ~torch.isfinite(key) if self.sampler != "hardest" else torch.zeros_like(valid)
+        diagnostics["fallback"] += fell_back.sum()
         chosen_ids = bank.ids[index.clamp(min=0)]
         _add_choice_diagnostics(diagnostics, chosen_sim, valid, ids, chosen_ids, stats, self.options, group_of_id,
                                 sampled=valid & ~fell_back)

@@ -50,17 +50,17 @@ def _run_python_kernel(backend, anchors, bank, positive_sim, anchor_ids, bank_id
 
         return reference.sample_negatives_reference(anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
                                                     dtype=torch.float32, check_finite=check_finite,
-                                                    **options.as_kwargs(), **counters)
+                                                    return_keys=True, **options.as_kwargs(), **counters)
     return _triton_kernels().sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
                                                      options, check_finite=check_finite, **counters)
 
 
 def _sample_negatives_triton_op(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k, mode, margin, tau,
-                                prior_k, fn_margin, min_count, cutdown, seed, step, row_offset, col_offset, filled,
-                                check_finite):
+                                fn_tau, prior_k, fn_margin, min_count, cutdown, seed, step, row_offset, col_offset,
+                                filled, check_finite):
     """The Triton kernel in the schema's calling convention (csrc/fne_fast.cpp), for the CUDA dispatch key."""
-    options = SamplerOptions(mode=mode, k=k, margin=margin, tau=tau, prior_k=prior_k, fn_margin=fn_margin,
-                             min_count=min_count, cutdown=cutdown)
+    options = SamplerOptions(mode=mode, k=k, margin=margin, tau=tau, fn_tau=fn_tau, prior_k=prior_k,
+                             fn_margin=fn_margin, min_count=min_count, cutdown=cutdown)
     return _run_python_kernel("triton", anchors, bank, positive_sim, anchor_ids, bank_ids, stats, options,
                               seed=seed % _UINT64, step=step, row_offset=row_offset, col_offset=col_offset,
                               filled=filled, check_finite=check_finite)
@@ -94,11 +94,11 @@ def _check_backend(backend: str, device: torch.device) -> None:
 def sample_negatives(anchors: torch.Tensor, bank: torch.Tensor, positive_sim: torch.Tensor,
                      anchor_ids: torch.Tensor, bank_ids: torch.Tensor, stats: torch.Tensor, *,
                      k: int = _DEFAULTS.k, mode: str = _DEFAULTS.mode, margin: float = _DEFAULTS.margin,
-                     tau: float = _DEFAULTS.tau, prior_k: float = _DEFAULTS.prior_k,
-                     fn_margin: float = _DEFAULTS.fn_margin, min_count: int = _DEFAULTS.min_count,
-                     cutdown: bool = _DEFAULTS.cutdown, seed: int = 0, step: int = 0, row_offset: int = 0,
-                     col_offset: int = 0, filled: int | None = None, backend: str = "auto",
-                     check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     tau: float = _DEFAULTS.tau, fn_tau: float | None = _DEFAULTS.fn_tau,
+                     prior_k: float = _DEFAULTS.prior_k, fn_margin: float = _DEFAULTS.fn_margin,
+                     min_count: int = _DEFAULTS.min_count, cutdown: bool = _DEFAULTS.cutdown, seed: int = 0,
+                     step: int = 0, row_offset: int = 0, col_offset: int = 0, filled: int | None = None,
+                     backend: str = "auto", check_finite: bool = True, return_keys: bool = False):
     """Sample k negatives per anchor from the bank in one pass (DESIGN.md §2).
 
     The sampler's options (``k`` … ``cutdown``) are the fields of :class:`fne_fast.SamplerOptions`, whose
@@ -106,15 +106,18 @@ def sample_negatives(anchors: torch.Tensor, bank: torch.Tensor, positive_sim: to
 
     Returns ``(index [B, k] int64, sim [B, k] float32, valid [B, k] bool)``: global bank indices
     (``col_offset + j``) ordered by decreasing key, then hardest-negative fallbacks; ``index = -1`` and
-    ``valid = False`` where a row has run out of non-positive candidates. The op is not differentiable: gather
-    ``bank[index]`` and recompute the similarities with autograd.
+    ``valid = False`` where a row has run out of non-positive candidates. With ``return_keys=True`` a fourth
+    tensor ``key [B, k]`` float32: each slot's race key ℓ + G (the similarity in mode "hardest"), -inf for
+    fallback and invalid slots; the keys make the results of column shards mergeable exactly
+    (:func:`fne_fast.merge_candidates`). The op is not differentiable: gather ``bank[index]`` and recompute the
+    similarities with autograd.
 
     ``seed`` is taken modulo 2⁶⁴. ``check_finite`` raises on NaN/Inf in the inputs, checked inside the pass; on
     CUDA (compiled or Triton) reading that flag back is the op's one host synchronisation, and
     ``check_finite=False`` removes it. The compiled CUDA kernel supports k <= 64 (its lists live in shared memory).
     """
-    options = SamplerOptions(mode=mode, k=k, margin=margin, tau=tau, prior_k=prior_k, fn_margin=fn_margin,
-                             min_count=min_count, cutdown=cutdown)
+    options = SamplerOptions(mode=mode, k=k, margin=margin, tau=tau, fn_tau=fn_tau, prior_k=prior_k,
+                             fn_margin=fn_margin, min_count=min_count, cutdown=cutdown)
     tensors = dict(zip(TENSOR_ARGUMENTS, (anchors, bank, positive_sim, anchor_ids, bank_ids, stats)))
     check_python_types(tensors, dict(step=step, row_offset=row_offset, col_offset=col_offset,
                                      filled=0 if filled is None else filled), seed)
@@ -122,20 +125,24 @@ def sample_negatives(anchors: torch.Tensor, bank: torch.Tensor, positive_sim: to
     seed %= _UINT64
     _check_backend(backend, anchors.device)
     if backend in ("reference", "triton"):
-        return _run_python_kernel(backend, *tensors.values(), options, seed=seed, step=step, row_offset=row_offset,
-                                  col_offset=col_offset, filled=filled, check_finite=check_finite)
-    signed_seed = seed - _UINT64 if seed >= 2**63 else seed  # the schema's int is int64: the same 64 bits
-    return torch.ops.fne_fast.sample_negatives(*tensors.values(), options.k, options.mode, options.margin,
-                                               options.tau, options.prior_k, options.fn_margin, options.min_count,
-                                               options.cutdown, signed_seed, step, row_offset, col_offset, filled,
-                                               bool(check_finite))
+        result = _run_python_kernel(backend, *tensors.values(), options, seed=seed, step=step,
+                                    row_offset=row_offset, col_offset=col_offset, filled=filled,
+                                    check_finite=check_finite)
+    else:
+        signed_seed = seed - _UINT64 if seed >= 2**63 else seed  # the schema's int is int64: the same 64 bits
+        result = torch.ops.fne_fast.sample_negatives(
+            *tensors.values(), options.k, options.mode, options.margin, options.tau, options.effective_fn_tau,
+            options.prior_k, options.fn_margin, options.min_count, options.cutdown, signed_seed, step, row_offset,
+            col_offset, filled, bool(check_finite))
+    return tuple(result) if return_keys else tuple(result[:3])
 
 
 @torch.library.register_fake(_OPERATOR)
-def _sample_negatives_fake(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k, mode, margin, tau, prior_k,
-                           fn_margin, min_count, cutdown, seed, step, row_offset, col_offset, filled, check_finite):
+def _sample_negatives_fake(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k, mode, margin, tau, fn_tau,
+                           prior_k, fn_margin, min_count, cutdown, seed, step, row_offset, col_offset, filled,
+                           check_finite):
     torch._check(anchors.dim() == 2, lambda: "anchors must be 2-D")
     torch._check(k >= 1, lambda: "k must be >= 1")
     rows = anchors.shape[0]
     return (anchors.new_empty((rows, k), dtype=torch.int64), anchors.new_empty((rows, k), dtype=torch.float32),
-            anchors.new_empty((rows, k), dtype=torch.bool))
+            anchors.new_empty((rows, k), dtype=torch.bool), anchors.new_empty((rows, k), dtype=torch.float32))

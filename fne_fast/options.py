@@ -37,6 +37,11 @@ def _check_tau(value) -> str | None:
     return None if _is_number(value) and math.isfinite(value) and value >= 0 else "must be finite and >= 0"
 
 
+def _check_fn_tau(value) -> str | None:
+    ok = value is None or (_is_number(value) and value >= 0)  # NaN fails >= 0; inf is allowed
+    return None if ok else "must be None (= tau), a number >= 0, or inf"
+
+
 def _check_prior_k(value) -> str | None:
     return None if _is_number(value) and math.isfinite(value) and value > 1 else "must be finite and > 1"
 
@@ -66,7 +71,9 @@ class SamplerOptions:
                                             "the bank; uniform: a random non-positive, non-cut-down negative")
     k: int = _option(1, _check_k, "negatives sampled per anchor")
     margin: float = _option(0.2, _check_margin, "triplet margin; candidates with s <= mu+ - margin are cut down")
-    tau: float = _option(0.5, _check_tau, "temperature of the log-weight -tau (s - s+)^2 (and -tau P_fn)")
+    tau: float = _option(0.5, _check_tau, "temperature of the log-weight -tau (s - s+)^2")
+    fn_tau: float | None = _option(None, _check_fn_tau, "log-weight -fn_tau P_fn of a likely false negative "
+                                                        "(default: tau, the authors' rule; inf removes them)")
     prior_k: float = _option(10000.0, _check_prior_k, "prior odds negatives:positives = K-1 in P_fn")
     fn_margin: float = _option(0.999, _check_fn_margin,
                                "the Bayesian weight applies where P_fn > 1 - fn_margin")
@@ -80,8 +87,13 @@ class SamplerOptions:
             problem = option.metadata["check"](value)
             if problem is not None:
                 raise ValueError(f"{option.name} {problem}, got {value!r}")
-            if option.type == "float":
+            if option.type.startswith("float") and value is not None:
                 object.__setattr__(self, option.name, float(value))  # ints are welcome; store one type
+
+    @property
+    def effective_fn_tau(self) -> float:
+        """fn_tau, with None resolved to tau."""
+        return self.tau if self.fn_tau is None else self.fn_tau
 
     def replace(self, **changes) -> "SamplerOptions":
         """A copy with some fields changed (validated again)."""

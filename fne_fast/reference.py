@@ -74,7 +74,8 @@ def gumbel_from_bits(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> tor
 
 def candidate_keys(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, *, mode: str = _DEFAULTS.mode,
                    margin: float = _DEFAULTS.margin, tau: float = _DEFAULTS.tau,
-                   prior_k: float = _DEFAULTS.prior_k, fn_margin: float = _DEFAULTS.fn_margin,
+                   fn_tau: float | None = _DEFAULTS.fn_tau, prior_k: float = _DEFAULTS.prior_k,
+                   fn_margin: float = _DEFAULTS.fn_margin,
                    min_count: int = _DEFAULTS.min_count, cutdown: bool = _DEFAULTS.cutdown, seed: int = 0,
                    step: int = 0, row_offset: int = 0, col_offset: int = 0, filled: int | None = None,
                    dtype: torch.dtype = torch.float64):
@@ -83,8 +84,8 @@ def candidate_keys(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, *, 
     ``keys`` is ℓ + G (the similarity in mode "hardest") for every pair, masked or not; ``survives`` marks the
     candidates of the race and ``non_positive`` those eligible for the hardest-negative fallback.
     """
-    options = SamplerOptions(mode=mode, margin=margin, tau=tau, prior_k=prior_k, fn_margin=fn_margin,
-                             min_count=min_count, cutdown=cutdown)
+    options = SamplerOptions(mode=mode, margin=margin, tau=tau, fn_tau=fn_tau, prior_k=prior_k,
+                             fn_margin=fn_margin, min_count=min_count, cutdown=cutdown)
     device = anchors.device
     num_rows, num_cols = anchors.shape[0], bank.shape[0]
     filled = num_cols if filled is None else int(filled)
@@ -102,13 +103,15 @@ def candidate_keys(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, *, 
         cut = (stats[0].to(torch.float32) - torch.tensor(margin, dtype=torch.float32)).to(dtype)
         survives = survives & (sim > cut)
     weights = log_weights(sim, positive_sim, stats, options)
+    survives = survives & (weights > -math.inf)  # weight 0 (fn_tau = inf): out of the race, like a cut-down one
     keys = weights + gumbel_noise(seed, step, rows + row_offset, columns + col_offset, dtype)
     return keys, survives, non_positive, sim
 
 
 def sample_negatives_reference(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, *,
                                k: int = _DEFAULTS.k, mode: str = _DEFAULTS.mode, margin: float = _DEFAULTS.margin,
-                               tau: float = _DEFAULTS.tau, prior_k: float = _DEFAULTS.prior_k,
+                               tau: float = _DEFAULTS.tau, fn_tau: float | None = _DEFAULTS.fn_tau,
+                               prior_k: float = _DEFAULTS.prior_k,
                                fn_margin: float = _DEFAULTS.fn_margin, min_count: int = _DEFAULTS.min_count,
                                cutdown: bool = _DEFAULTS.cutdown, seed: int = 0, step: int = 0,
                                row_offset: int = 0, col_offset: int = 0, filled: int | None = None,
@@ -122,7 +125,7 @@ def sample_negatives_reference(anchors, bank, positive_sim, anchor_ids, bank_ids
     slots, the similarity in mode "hardest"), which the tests use to explain near-ties.
     """
     keys, survives, non_positive, sim = candidate_keys(
-        anchors, bank, positive_sim, anchor_ids, bank_ids, stats, mode=mode, margin=margin, tau=tau,
+        anchors, bank, positive_sim, anchor_ids, bank_ids, stats, mode=mode, margin=margin, tau=tau, fn_tau=fn_tau,
         prior_k=prior_k, fn_margin=fn_margin, min_count=min_count, cutdown=cutdown, seed=seed, step=step,
         row_offset=row_offset, col_offset=col_offset, filled=filled, dtype=dtype)
     device = anchors.device

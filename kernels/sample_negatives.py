@@ -186,9 +186,10 @@ def _sample_negatives_kernel(
         num_rows, live_cols, dim, cols_per_split,
         stride_am, stride_ad, stride_bn, stride_bd, stride_pos, stride_aid, stride_bid, stride_stats,
         col_offset, row_offset, step, seed_lo, seed_hi,
-        margin, tau, min_count, log_prior, z_threshold,
+        margin, tau, fn_tau, min_count, log_prior, z_threshold,
         K: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_RACE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_CUTDOWN: tl.constexpr, CHECK_FINITE: tl.constexpr,
+        FN_EXCLUDES: tl.constexpr,
         DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, ONE_K_STEP: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -318,8 +319,14 @@ def _sample_negatives_kernel(
                     dn = s - mu_neg
                     z = z_offset - dp * dp * half_inv_var_pos + dn * dn * half_inv_var_neg
                     dpos = s - positive[:, None]
-                    weight = tl.where(z > bayes_threshold, -tau / (1.0 + tl.exp(-z)), -tau * dpos * dpos)
+                    if FN_EXCLUDES:  # fn_tau = inf: a likely false negative has weight 0 (log-weight -inf)
+                        likely_false = -float("inf")
+                    else:
+                        likely_false = -fn_tau / (1.0 + tl.exp(-z))
+                    weight = tl.where(z > bayes_threshold, likely_false, -tau * dpos * dpos)
                     key = weight + key
+                    # A key of -inf (weight 0) or NaN (non-finite positive_sim or stats) is not a race candidate.
+                    candidates = candidates & (key > -float("inf"))
                 race_key, race_idx, race_sim = _insert_tile(_pack(key, candidates, BLOCK_N), s, race_key, race_idx,
                                                             race_sim, global_base, K, BLOCK_N, False)
 
@@ -344,10 +351,11 @@ def _best_of(key, idx, sim):
 
 @triton.jit(do_not_specialize=["num_rows", "width"])
 def _merge_kernel(race_key_ptr, race_idx_ptr, race_sim_ptr, hard_key_ptr, hard_idx_ptr, hard_sim_ptr,
-                  index_ptr, sim_ptr, valid_ptr, num_rows, width,
+                  index_ptr, sim_ptr, valid_ptr, key_ptr, num_rows, width,
                   K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, HAS_RACE: tl.constexpr):
-    """Exact merge of the per-split lists: slot t is the t-th race winner while there are any, then the hardest
-    non-positive candidate not chosen yet, else invalid (DESIGN.md §2)."""
+    """Exact merge of the per-split lists: slot t is the t-th race winner (with its key) while there are any, then
+    the hardest non-positive candidate not chosen yet (key -inf), else invalid (DESIGN.md §2). In mode "hardest"
+    the hardest list is the answer and its key is the similarity."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < num_rows
     offs = tl.arange(0, BLOCK_W)
@@ -369,13 +377,17 @@ def _merge_kernel(race_key_ptr, race_idx_ptr, race_sim_ptr, hard_key_ptr, hard_i
             from_race = race_best != EMPTY_KEY
             out_idx = tl.where(from_race, race_best_idx, out_idx)
             out_sim = tl.where(from_race, race_best_sim, out_sim)
+            out_key = tl.where(from_race, _from_ordered(race_best), -float("inf"))
             race_key = tl.where(from_race[:, None] & (race_idx == race_best_idx[:, None]), EMPTY_KEY, race_key)
+        else:
+            out_key = tl.where(hard_best != EMPTY_KEY, _from_ordered(hard_best), -float("inf"))
         valid = out_idx >= 0
         # A chosen column leaves the fallback list whichever list it came from.
         hard_key = tl.where(valid[:, None] & (hard_idx == out_idx[:, None]), EMPTY_KEY, hard_key)
         tl.store(index_ptr + rows * K + t, out_idx, mask=row_ok)
         tl.store(sim_ptr + rows * K + t, out_sim, mask=row_ok)
         tl.store(valid_ptr + rows * K + t, valid, mask=row_ok)
+        tl.store(key_ptr + rows * K + t, out_key, mask=row_ok)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,7 +411,7 @@ def is_interpreted() -> bool:
 
 
 def default_config(num_rows: int, dim: int, k: int, low_precision: bool, device: torch.device) -> TritonConfig:
-    """Untuned defaults (bench/gpu_roofline.py sweeps alternatives). Under the interpreter: large tiles, since
+    """Untuned defaults (bench/bench_sample_negatives_gpu.py sweeps alternatives). Under the interpreter: large tiles, since
     its cost is per operation, not per element, and exact "ieee" products."""
     kp = triton.next_power_of_2(k)
     whole_dim = max(16, triton.next_power_of_2(dim))
@@ -455,7 +467,8 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
             raise_if_not_finite(anchors, positive_sim, stats)
         return (torch.full((num_rows, k), -1, dtype=torch.int64, device=device),
                 torch.zeros((num_rows, k), dtype=torch.float32, device=device),
-                torch.zeros((num_rows, k), dtype=torch.bool, device=device))
+                torch.zeros((num_rows, k), dtype=torch.bool, device=device),
+                torch.full((num_rows, k), -math.inf, dtype=torch.float32, device=device))
 
     interpreted = device.type != "cuda"
     low_precision = anchors.dtype == bank.dtype and bank.dtype != torch.float32
@@ -486,11 +499,11 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
         anchors.stride(0), anchors.stride(1), bank.stride(0), bank.stride(1), positive_sim.stride(0),
         anchor_ids.stride(0), bank_ids.stride(0), stats.stride(0),
         col_offset, row_offset, step, seed & 0xFFFFFFFF, seed >> 32,
-        options.margin, options.tau, float(options.min_count), math.log(options.prior_k - 1.0),
-        fn_logit_threshold(options.fn_margin),
+        options.margin, options.tau, min(options.effective_fn_tau, FLOAT_MAX.value), float(options.min_count),
+        math.log(options.prior_k - 1.0), fn_logit_threshold(options.fn_margin),
         K=k, KP=kp, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         HAS_RACE=has_race, HAS_WEIGHTS=mode == "fne", HAS_CUTDOWN=has_race and options.cutdown,
-        CHECK_FINITE=bool(check_finite), DOT_FP32=dot_fp32,
+        CHECK_FINITE=bool(check_finite), FN_EXCLUDES=math.isinf(options.effective_fn_tau), DOT_FP32=dot_fp32,
         INPUT_PRECISION="ieee" if interpreted else _input_precision(config),
         ONE_K_STEP=config.block_k >= anchors.shape[1],
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -499,12 +512,13 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
     index = torch.empty((num_rows, k), dtype=torch.int64, device=device)
     sim = torch.empty((num_rows, k), dtype=torch.float32, device=device)
     valid = torch.empty((num_rows, k), dtype=torch.bool, device=device)
+    key = torch.empty((num_rows, k), dtype=torch.float32, device=device)
     block_w = triton.next_power_of_2(width)
     block_r = max(1, min(16, 4096 // block_w))
     _merge_kernel[(triton.cdiv(num_rows, block_r),)](
-        race_key, race_idx, race_sim, hard_key, hard_idx, hard_sim, index, sim, valid, num_rows, width,
+        race_key, race_idx, race_sim, hard_key, hard_idx, hard_sim, index, sim, valid, key, num_rows, width,
         K=k, BLOCK_R=block_r, BLOCK_W=block_w, HAS_RACE=has_race, num_warps=4)
     if check_finite and bool(flags.any()):
         # Which input it was is worked out on the host, only on this error path.
         raise_if_not_finite(anchors, positive_sim, stats, similarities_finite=False)
-    return index, sim, valid
+    return index, sim, valid, key

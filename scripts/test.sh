@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: the Python suite (CPU kernels, the oracle, Triton through its interpreter; CUDA tests skip
-# without a GPU), then the C++ unit tests with ctest and the nvcc compile check of the CUDA sources.
+# without a GPU), the C++ unit tests with ctest and the nvcc compile check of the CUDA sources, then the wheel a
+# user gets, built and installed into a fresh virtual environment (scripts/check_wheel.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,4 +20,5 @@ else
   echo "C++ build or CUDA compile check FAILED"
   status=1
 fi
+bash scripts/check_wheel.sh 2> >(grep -v "^WARNING: Location" >&2) || { echo "wheel check FAILED"; status=1; }
 exit $status

@@ -62,7 +62,9 @@ def test_float32_rows_match_oracle_up_to_near_ties(backend, mode):
 
 
 @pytest.mark.parametrize("options", [dict(cutdown=False), dict(fn_margin=0.0), dict(fn_margin=1.0), dict(tau=0.0),
-                                     dict(margin=-0.5), dict(prior_k=1.5, tau=3.0), dict(min_count=10**6)],
+                                     dict(margin=-0.5), dict(prior_k=1.5, tau=3.0), dict(min_count=10**6),
+                                     dict(fn_tau=0.0), dict(fn_tau=7.5), dict(fn_tau=math.inf),
+                                     dict(fn_tau=math.inf, fn_margin=1.0), dict(fn_tau=math.inf, prior_k=2.0)],
                          ids=lambda options: ",".join(f"{key}={value}" for key, value in options.items()))
 def test_weight_parameters(backend, options):
     inputs = backend.inputs(30, 2000, 16, kind="exact", seed=20)
@@ -105,40 +107,49 @@ def test_counters_beyond_32_bits(backend):
     inputs = backend.inputs(16, 700, 12, kind="exact", seed=21)
     for col_offset in (2**32 - 300, 2**40 + 3):
         options = dict(k=3, col_offset=col_offset, step=2**32 - 1, row_offset=2**32 - 16, **STEEP)
-        index, _, valid = check(backend, inputs, seed=(1 << 64) - 5, **options)
+        index, _, valid, _ = check(backend, inputs, seed=(1 << 64) - 5, **options)
         assert (index[valid] >= col_offset).all()
 
 
-def merge_shards(inputs, shard_results, k, **options):
-    """Exact merge of per-shard top-k lists, ranking race winners by their (float64 oracle) keys."""
-    keys, survives, _, sim = reference.candidate_keys(*inputs.values(), **options)
-    rows = torch.arange(keys.shape[0]).reshape(-1, 1)
-    index = torch.cat([result[0] for result in shard_results], dim=1)
-    valid = torch.cat([result[2] for result in shard_results], dim=1)
-    column = index.clamp(min=0)
-    in_race = valid & survives[rows, column]
-    merged = []
-    for row in range(index.shape[0]):
-        race = sorted({(-keys[row, c].item(), c.item()) for c in column[row][in_race[row]]})[:k]
-        chosen = [c for _, c in race]
-        fill = sorted({(-sim[row, c].item(), c.item()) for c in column[row][valid[row] & ~in_race[row]]})
-        chosen += [c for _, c in fill if c not in chosen][:k - len(chosen)]
-        merged.append(chosen + [-1] * (k - len(chosen)))
-    return torch.tensor(merged, dtype=torch.int64)
+def shard_bounds(num_cols: int, shards: int) -> list[int]:
+    """Uneven column ranges: a shard of a single row, an empty one where there are enough shards, the rest
+    of unequal lengths."""
+    cuts = {0, num_cols, 1, num_cols // 3, num_cols // 3 + 7, num_cols // 2 + 1, (4 * num_cols) // 5,
+            num_cols - 2}
+    inner = sorted(cut for cut in cuts if 0 < cut < num_cols)
+    picked = inner[:shards - 1] if shards - 1 <= len(inner) else inner
+    return [0, *picked, num_cols]
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("k", [1, 3])
-def test_shards_with_column_offsets_merge_to_one_call(backend, mode, k):
-    inputs = backend.inputs(23, 900, 16, kind="exact", seed=6, num_ids=12)
+@pytest.mark.parametrize("k", [1, 4, 16])
+@pytest.mark.parametrize("shards", [2, 3, 7])
+def test_merged_shards_equal_one_call_over_the_whole_bank(backend, mode, k, shards):
+    # Two anchors have only 5 non-positive bank rows (k = 16 leaves them invalid slots), and at k = 16 rows run
+    # out of candidates above the cut-down and fall back to the hardest negatives.
+    inputs = backend.inputs(23, 300, 16, kind="exact", seed=6, num_ids=12)
+    inputs["anchor_ids"][:2] = 99
+    inputs["bank_ids"][5:] = 99
     options = dict(mode=mode, seed=2024, step=3, **STEEP)
     whole = backend.run(inputs, k=k, **options)
-    bounds = [0, 250, 251, 640, 900]  # uneven shards, one of a single row
-    shards = []
-    for begin, end in zip(bounds[:-1], bounds[1:]):
-        shard = dict(inputs, bank=inputs["bank"][begin:end], bank_ids=inputs["bank_ids"][begin:end])
-        shards.append(backend.run(shard, k=k, col_offset=begin, **options))
-    assert torch.equal(merge_shards(inputs, shards, k, **options), whole[0])
+    bounds = shard_bounds(300, shards)
+    parts = [backend.run(dict(inputs, bank=inputs["bank"][begin:end], bank_ids=inputs["bank_ids"][begin:end]),
+                         k=k, col_offset=begin, **options) for begin, end in zip(bounds[:-1], bounds[1:])]
+    merged = fne_fast.merge_candidates(*(torch.cat([part[i] for part in parts], dim=1) for i in range(4)), k=k)
+    for actual, wanted in zip(merged, whole):
+        assert torch.equal(actual, wanted)
+    if k == 16:
+        assert not whole[2][:2].any(dim=0)[5:].any()  # the two anchors ran out after 5 slots...
+        if mode != "hardest":
+            assert (whole[2] & ~torch.isfinite(whole[3])).any()  # ...and rows fell back
+
+
+def test_merge_rejects_mismatched_shapes():
+    index = torch.zeros(3, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="one shape"):
+        fne_fast.merge_candidates(index, torch.zeros(3, 5), index.bool(), torch.zeros(3, 4), k=2)
+    with pytest.raises(ValueError, match="k must be"):
+        fne_fast.merge_candidates(index, torch.zeros(3, 4), index.bool(), torch.zeros(3, 4), k=5)
 
 
 # --- distribution ---------------------------------------------------------------------------------------------
@@ -147,7 +158,7 @@ def test_shards_with_column_offsets_merge_to_one_call(backend, mode, k):
 def test_sampled_frequencies_follow_the_weights(backend, mode, tau):
     inputs = distribution_inputs(copies=8000 if backend.interpreted else 20000)  # 8000 rejects tau/2 at p ~ 1e-114
     probabilities = expected_probabilities(inputs, tau, mode=mode)
-    index, _, valid = backend.run(inputs, mode=mode, tau=tau, seed=31)
+    index, _, valid, _ = backend.run(inputs, mode=mode, tau=tau, seed=31)
     assert valid.all()
     counts = torch.bincount(index[:, 0], minlength=probabilities.numel())
     assert chi_square_p_value(counts, probabilities) > 1e-3
@@ -157,12 +168,38 @@ def test_sampled_frequencies_follow_the_weights(backend, mode, tau):
         assert chi_square_p_value(counts, expected_probabilities(inputs, tau / 2)) < 1e-6
 
 
+@pytest.mark.parametrize("fn_tau", [1.0, math.inf])
+def test_fn_tau_weights_likely_false_negatives(backend, fn_tau):
+    # The candidates with P_fn > 1 - fn_margin (s >= 0.5 here) are drawn with weight exp(-fn_tau P_fn); with
+    # fn_tau = inf never, and exactly the others in proportion to their weights.
+    inputs = distribution_inputs(copies=8000 if backend.interpreted else 20000)
+    tau = 6.0
+    probabilities = expected_probabilities(inputs, tau, fn_tau=fn_tau)
+    index, _, valid, key = backend.run(inputs, tau=tau, fn_tau=fn_tau, seed=41)
+    assert valid.all() and torch.isfinite(key).all()  # every row has candidates left: no fallback
+    counts = torch.bincount(index[:, 0], minlength=probabilities.numel())
+    assert chi_square_p_value(counts, probabilities) > 1e-3
+    assert chi_square_p_value(counts, expected_probabilities(inputs, tau)) < 1e-6  # the authors' fn_tau = tau
+    if math.isinf(fn_tau):
+        assert (probabilities[5:] == 0).all() and probabilities[2:5].sum() == 1
+
+
+def test_excluded_false_negatives_can_still_be_the_hardest_fallback(backend):
+    # With fn_tau = inf and everything else cut down, the likely false negatives are out of the race but remain
+    # non-positive candidates of the fallback: each row takes the hardest of them.
+    inputs = distribution_inputs(copies=50)
+    inputs["stats"][0] = 0.74  # cut-down threshold 0.54: only s >= 0.625 survives it, all with P_fn > 0.001
+    index, sim, valid, key = check(backend, inputs, k=2, tau=6.0, fn_tau=math.inf)
+    assert valid.all() and not torch.isfinite(key).any()
+    assert (index == torch.tensor([9, 8])).all()
+
+
 def test_second_slot_is_sampling_without_replacement(backend):
     # 8000 copies reject independent slots at p ~ 1e-41 (the interpreter's size), 40000 at p ~ 1e-227.
     inputs = distribution_inputs(sims=(0.0625, 0.125, 0.25, 0.375, 0.875, 1.0),
                                  copies=8000 if backend.interpreted else 40000)
     tau = 6.0
-    index, _, valid = backend.run(inputs, k=2, tau=tau, seed=8)
+    index, _, valid, _ = backend.run(inputs, k=2, tau=tau, seed=8)
     assert valid.all()
     without_replacement, independent = pair_p_values(index, expected_probabilities(inputs, tau))
     assert without_replacement > 1e-3
@@ -172,9 +209,9 @@ def test_second_slot_is_sampling_without_replacement(backend):
 # --- edge cases -----------------------------------------------------------------------------------------------
 
 def test_empty_bank_and_empty_batch(backend):
-    index, sim, valid = backend.run(backend.inputs(5, 0, 8), k=3)
+    index, sim, valid, _ = backend.run(backend.inputs(5, 0, 8), k=3)
     assert index.shape == (5, 3) and (index == -1).all() and not valid.any() and (sim == 0).all()
-    index, sim, valid = backend.run(backend.inputs(0, 50, 8), k=2)
+    index, sim, valid, _ = backend.run(backend.inputs(0, 50, 8), k=2)
     assert index.shape == sim.shape == valid.shape == (0, 2)
 
 
@@ -182,7 +219,7 @@ def test_empty_bank_and_empty_batch(backend):
 def test_partly_filled_bank(backend, filled):
     inputs = backend.inputs(17, 1000, 12, kind="exact", seed=2)
     inputs["bank"][filled:] = float("nan")  # rows >= filled are never read (check_finite stays quiet)
-    index, sim, valid = backend.run(inputs, k=2, filled=filled)
+    index, sim, valid, _ = backend.run(inputs, k=2, filled=filled)
     assert (index < filled).all()
     inputs["bank"][filled:] = 0
     assert_matches_oracle(backend, (index, sim, valid), inputs, k=2, filled=filled)
@@ -192,14 +229,14 @@ def test_all_candidates_positive(backend):
     inputs = backend.inputs(4, 50, 8, kind="exact")
     inputs["bank_ids"][:] = 3
     inputs["anchor_ids"][:] = 3
-    index, sim, valid = backend.run(inputs, k=2)
+    index, sim, valid, _ = backend.run(inputs, k=2)
     assert (index == -1).all() and not valid.any() and (sim == 0).all()
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_more_slots_than_survivors_falls_back_to_hardest(backend, mode):
     inputs = backend.inputs(12, 40, 8, kind="exact", seed=9, num_ids=5)
-    index, _, valid = check(backend, inputs, k=45, mode=mode)  # k > N: every row runs out
+    index, _, valid, _ = check(backend, inputs, k=45, mode=mode)  # k > N: every row runs out
     for row in range(12):
         chosen = index[row][valid[row]]
         assert len(set(chosen.tolist())) == len(chosen)  # distinct
@@ -209,7 +246,7 @@ def test_more_slots_than_survivors_falls_back_to_hardest(backend, mode):
 def test_everything_cut_down_takes_the_hardest_negative(backend):
     inputs = backend.inputs(8, 200, 8, kind="exact")
     inputs["stats"][0] = 100.0  # cut-down threshold above every similarity
-    _, sim, valid = check(backend, inputs, k=3)
+    _, sim, valid, _ = check(backend, inputs, k=3)
     _, _, _, full_sim = reference.candidate_keys(*inputs.values(), mode="hardest")
     hardest = torch.where(inputs["bank_ids"] != inputs["anchor_ids"].reshape(-1, 1), full_sim, -math.inf)
     assert valid.all()
@@ -278,7 +315,8 @@ BAD_OPTIONS = [
     ("k", dict(k=0)), ("k", dict(k=-3)), ("k", dict(k=1.5)), ("mode", dict(mode="hard")),
     ("tau", dict(tau=-0.1)), ("tau", dict(tau=float("nan"))), ("prior_k", dict(prior_k=1.0)),
     ("prior_k", dict(prior_k=0.5)), ("fn_margin", dict(fn_margin=1.5)), ("min_count", dict(min_count=-1)),
-    ("margin", dict(margin=float("inf"))), ("cutdown", dict(cutdown=None)),
+    ("margin", dict(margin=float("inf"))), ("cutdown", dict(cutdown=None)), ("fn_tau", dict(fn_tau=-0.5)),
+    ("fn_tau", dict(fn_tau=float("nan"))),
     ("filled", dict(filled=41)), ("filled", dict(filled=-1)), ("step", dict(step=2**32)), ("step", dict(step=-1)),
     ("step", dict(step=2**70)), ("row_offset", dict(row_offset=2**32 - 5)), ("row_offset", dict(row_offset=-1)),
     ("col_offset", dict(col_offset=-1)), ("seed", dict(seed=1.5)), ("backend", dict(backend="gpu")),
@@ -303,7 +341,7 @@ def test_non_finite_inputs_raise_unless_unchecked(backend, name, value):
     inputs[name].view(-1)[3] = value
     with pytest.raises(ValueError, match=f"{name} contains NaN or Inf"):
         backend.run(inputs, k=2)
-    index, _, valid = backend.run(inputs, k=2, check_finite=False)
+    index, _, valid, _ = backend.run(inputs, k=2, check_finite=False)
     assert ((index >= -1) & (index < 40)).all()
     assert (valid == (index >= 0)).all()
 
@@ -313,7 +351,7 @@ def test_non_finite_similarities_are_never_chosen_without_check_finite(backend, 
     inputs = backend.inputs(6, 300, 8, kind="exact", seed=18)
     inputs["bank"][::2] = float("inf")
     inputs["bank"][1::4] = float("nan")
-    index, _, valid = backend.run(inputs, k=8, mode=mode, check_finite=False)
+    index, _, valid, _ = backend.run(inputs, k=8, mode=mode, check_finite=False)
     assert valid.any(dim=1).all()
     assert ((index[valid] % 4) == 3).all()  # the only rows with finite similarities
 
@@ -321,11 +359,12 @@ def test_non_finite_similarities_are_never_chosen_without_check_finite(backend, 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU"))])
 @pytest.mark.parametrize("name,options", [("k", dict(k=0)), ("mode", dict(mode="x")), ("filled", dict(filled=99)),
-                                          ("prior_k", dict(prior_k=1.0)), ("tau", dict(tau=-1.0))])
+                                          ("prior_k", dict(prior_k=1.0)), ("tau", dict(tau=-1.0)),
+                                          ("fn_tau", dict(fn_tau=-1.0)), ("fn_tau", dict(fn_tau=math.nan))])
 def test_the_raw_operator_checks_too(device, name, options):
     # Callers that bypass the Python wrapper still get an error naming the argument, not a crash.
-    args = dict(k=1, mode="fne", margin=0.2, tau=0.5, prior_k=1e4, fn_margin=0.999, min_count=200, cutdown=True,
-                seed=0, step=0, row_offset=0, col_offset=0, filled=40, check_finite=True)
+    args = dict(k=1, mode="fne", margin=0.2, tau=0.5, fn_tau=0.5, prior_k=1e4, fn_margin=0.999, min_count=200,
+                cutdown=True, seed=0, step=0, row_offset=0, col_offset=0, filled=40, check_finite=True)
     args.update(options)
     with pytest.raises(ValueError, match=name):
         torch.ops.fne_fast.sample_negatives(*sample_inputs(6, 40, 8, device=device).values(), *args.values())
@@ -341,7 +380,7 @@ def test_opcheck_and_torch_compile(backend):
     if backend.name == "triton" and not ops.TRITON_SERVES_CUDA:
         pytest.skip("the compiled CUDA kernel serves the CUDA key")
     inputs = {name: tensor.to(backend.device) for name, tensor in backend.inputs(6, 80, 8, kind="exact").items()}
-    args = (*inputs.values(), 2, "fne", 0.2, 0.5, 10000.0, 0.999, 200, True, 3, 1, 0, 0, 80, True)
+    args = (*inputs.values(), 2, "fne", 0.2, 0.5, 0.5, 10000.0, 0.999, 200, True, 3, 1, 0, 0, 80, True)
     torch.library.opcheck(torch.ops.fne_fast.sample_negatives.default, args)
 
     @torch.compile(backend="eager", fullgraph=True)
@@ -349,3 +388,5 @@ def test_opcheck_and_torch_compile(backend):
         return fne_fast.sample_negatives(*tensors, k=2, seed=3, step=1)
 
     assert_same_draws(compiled(*inputs.values()), fne_fast.sample_negatives(*inputs.values(), k=2, seed=3, step=1))
+    keys = fne_fast.sample_negatives(*inputs.values(), k=2, seed=3, return_keys=True)
+    assert len(keys) == 4 and keys[3].dtype == torch.float32 and keys[3].shape == (6, 2)

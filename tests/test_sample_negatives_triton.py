@@ -133,19 +133,24 @@ def test_registered_for_the_cuda_dispatch_key():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fne_fast::sample_negatives", "CUDA")
     # The function behind the CUDA key takes the schema's positional arguments and its signed 64-bit seed.
     inputs = inputs_on_device(10, 120, 8, kind="exact", seed=3)
-    schema_args = (2, "fne", 0.2, 4.0, 10000.0, 0.999, 200, True, -1, 5, 3, 7, 100, True)
+    schema_args = (2, "fne", 0.2, 4.0, 4.0, 10000.0, 0.999, 200, True, -1, 5, 3, 7, 100, True)
     expected = run_oracle(inputs, k=2, tau=4.0, seed=(1 << 64) - 1, step=5, row_offset=3, col_offset=7, filled=100)
     assert_same_draws(ops._sample_negatives_triton_op(*inputs.values(), *schema_args), expected)
     with pytest.raises(ValueError, match="filled"):  # and checks its arguments, as the C++ kernels do
         ops._sample_negatives_triton_op(*inputs.values(), *schema_args[:-2], 121, True)
 
 
-def test_default_precision_follows_torch_tf32_setting(monkeypatch):
+def test_default_precision_follows_torch_tf32_setting():
     config = TritonConfig()
-    assert triton_kernels._input_precision(config) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert triton_kernels._input_precision(config) == "tf32"
-    assert triton_kernels._input_precision(TritonConfig(input_precision="ieee")) == "ieee"
+    before = torch.backends.cuda.matmul.allow_tf32  # a torch setting, not an attribute monkeypatch can restore
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert triton_kernels._input_precision(config) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert triton_kernels._input_precision(config) == "tf32"
+        assert triton_kernels._input_precision(TritonConfig(input_precision="ieee")) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 # --- compiled code generation, checked without a GPU ------------------------------------------------------------
@@ -174,28 +179,30 @@ COMPILE_SCRIPT = textwrap.dedent("""
         attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
         return ASTSource(fn, types, constexprs=constants, attrs=attrs)
 
-    def main_kernel(k, mode, bank, anchors, block_k, one_step, dot_fp32):
+    def main_kernel(k, mode, bank, anchors, block_k, one_step, dot_fp32, fn_excludes=False):
         pointers = dict(anchors_ptr=anchors, bank_ptr=bank, positive_ptr="fp32", anchor_ids_ptr="i64",
                         bank_ids_ptr="i64", stats_ptr="fp32", race_key_ptr="i32", race_idx_ptr="i64",
                         race_sim_ptr="fp32", hard_key_ptr="i32", hard_idx_ptr="i64", hard_sim_ptr="fp32",
                         flag_ptr="i32")
         constants = dict(K=k, KP=triton.next_power_of_2(k), BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k,
                          HAS_RACE=mode != "hardest", HAS_WEIGHTS=mode == "fne", HAS_CUTDOWN=mode != "hardest",
-                         CHECK_FINITE=True, DOT_FP32=dot_fp32, INPUT_PRECISION="tf32", ONE_K_STEP=one_step,
+                         CHECK_FINITE=True, FN_EXCLUDES=fn_excludes, DOT_FP32=dot_fp32, INPUT_PRECISION="tf32",
+                         ONE_K_STEP=one_step,
                          stride_ad=1, stride_bd=1)
-        floats = ("margin", "tau", "min_count", "log_prior", "z_threshold")
+        floats = ("margin", "tau", "fn_tau", "min_count", "log_prior", "z_threshold")
         return signature(kernels._sample_negatives_kernel, pointers, floats, ("col_offset",), constants)
 
     def merge_kernel(k, has_race):
         pointers = dict(race_key_ptr="i32", race_idx_ptr="i64", race_sim_ptr="fp32", hard_key_ptr="i32",
-                        hard_idx_ptr="i64", hard_sim_ptr="fp32", index_ptr="i64", sim_ptr="fp32", valid_ptr="i1")
+                        hard_idx_ptr="i64", hard_sim_ptr="fp32", index_ptr="i64", sim_ptr="fp32", valid_ptr="i1",
+                        key_ptr="fp32")
         constants = dict(K=k, BLOCK_R=16, BLOCK_W=64, HAS_RACE=has_race)
         return signature(kernels._merge_kernel, pointers, (), (), constants)
 
     arch = int(sys.argv[1])
     sources = [main_kernel(1, "fne", "bf16", "bf16", 128, True, False),
                main_kernel(3, "uniform", "bf16", "fp32", 32, False, True),
-               main_kernel(6, "fne", "fp32", "fp32", 32, False, True),
+               main_kernel(6, "fne", "fp32", "fp32", 32, False, True, fn_excludes=True),
                main_kernel(2, "hardest", "fp16", "fp16", 64, False, False),
                merge_kernel(3, True), merge_kernel(2, False)]
     for source in sources:

@@ -50,6 +50,7 @@ struct RankedList {
   int64_t size() const { return *count; }
   int64_t index_at(int64_t i) const { return index[i]; }
   float sim_at(int64_t i) const { return sim[i]; }
+  float key_at(int64_t i) const { return key[i]; }
 
   bool accepts(float candidate_key, int64_t candidate_index) const {
     return *count < k || ranks_before(candidate_key, candidate_index, key[k - 1], index[k - 1]);
@@ -138,14 +139,16 @@ int64_t scan_row(const RowContext& row, const CallContext& call, RankedList hard
   int64_t survivors = 0;
   for (int64_t j = 0; j < row.tile_cols; ++j) {
     const float s = row.sims[j];
-    non_finite |= !(std::fabs(s) <= std::numeric_limits<float>::max());
-    const bool non_positive = row.bank_ids[j] != row.anchor_id;
-    if (non_positive && s >= hard_threshold && hard.accepts(s, row.global_col_begin + j)) {
+    // A non-finite similarity (non-finite inputs, or float32 overflow) is never a candidate.
+    const bool finite = std::fabs(s) <= std::numeric_limits<float>::max();
+    non_finite |= !finite;
+    const bool candidate = finite & (row.bank_ids[j] != row.anchor_id);
+    if (candidate && s >= hard_threshold && hard.accepts(s, row.global_col_begin + j)) {
       hard.insert(s, s, row.global_col_begin + j);
       hard_threshold = hard.threshold();
     }
     columns[survivors] = static_cast<int32_t>(j);
-    survivors += non_positive & (s > cut);
+    survivors += candidate & (s > cut);
   }
   *saw_non_finite |= non_finite;
   return survivors;
@@ -163,6 +166,7 @@ void race_row(const RowContext& row, const CallContext& call, RankedList race, c
     const float s = row.sims[columns[c]];
     const float log_weight = weighted ? fne_log_weight(s, row.positive_sim, call.weights) : 0.f;
     const float key = log_weight + gumbel_from_bits(words[c]);
+    if (!(key > kNegInf)) continue;  // weight 0 (fn_tau = inf): excluded like a cut-down candidate
     const int64_t global_index = row.global_col_begin + columns[c];
     if (race.accepts(key, global_index)) {
       race.insert(key, s, global_index);
@@ -179,20 +183,21 @@ struct TileScratch {
   at::Tensor bank_tile_float;  // float32 copy of a low-precision bank tile (products stay exact in float32)
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
     const at::Tensor& anchors, const at::Tensor& bank, const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
     const at::Tensor& bank_ids, const at::Tensor& stats, int64_t k, c10::string_view mode, double margin,
-    double tau, double prior_k, double fn_margin, int64_t min_count, bool cutdown, int64_t seed, int64_t step,
-    int64_t row_offset, int64_t col_offset, int64_t filled, bool check_finite) {
+    double tau, double fn_tau, double prior_k, double fn_margin, int64_t min_count, bool cutdown, int64_t seed,
+    int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled, bool check_finite) {
   CallContext call;
   call.config = check_sample_negatives_args(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k, mode,
-                                            margin, tau, prior_k, fn_margin, min_count, cutdown, seed, step,
-                                            row_offset, col_offset, filled, check_finite);
+                                            margin, tau, fn_tau, prior_k, fn_margin, min_count, cutdown, seed,
+                                            step, row_offset, col_offset, filled, check_finite);
   const int64_t num_rows = anchors.size(0);
   auto index = at::full({num_rows, k}, -1, anchors.options().dtype(at::kLong));
   auto sim = at::zeros({num_rows, k}, anchors.options().dtype(at::kFloat));
   auto valid = at::zeros({num_rows, k}, anchors.options().dtype(at::kBool));
-  if (num_rows == 0) return {index, sim, valid};
+  auto key = at::full({num_rows, k}, kNegInf, anchors.options().dtype(at::kFloat));
+  if (num_rows == 0) return {index, sim, valid, key};
 
   const auto anchors_float = anchors.to(at::kFloat).contiguous();
   const auto bank_contig = bank.contiguous();
@@ -279,6 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
   int64_t* index_ptr = index.data_ptr<int64_t>();
   float* sim_ptr = sim.data_ptr<float>();
   bool* valid_ptr = valid.data_ptr<bool>();
+  float* key_ptr = key.data_ptr<float>();
   at::parallel_for(0, num_rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       RankedList race = merged.race(row), hard = merged.hard(row);
@@ -297,10 +303,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
         }
       }
       write_output_row(hardest ? hard : race, hard, k, index_ptr + row * k, sim_ptr + row * k,
-                       valid_ptr + row * k);
+                       valid_ptr + row * k, key_ptr + row * k);
     }
   });
-  return {index, sim, valid};
+  return {index, sim, valid, key};
 }
 
 }  // namespace

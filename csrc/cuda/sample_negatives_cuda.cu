@@ -14,7 +14,7 @@
 //      cannot reach that threshold skips the logarithms and the weight: after the first rounds almost every
 //      pair costs its Philox word and a few comparisons.
 //   3. Merge: one block per row folds the splits' lists into the row's running lists (exact: top-k of a union).
-// After the last chunk one thread per row writes index/sim/valid in the CPU kernel's order (race winners by
+// After the last chunk one thread per row writes index/sim/valid/key in the CPU kernel's order (race winners by
 // decreasing key, then the hardest non-positive candidates not chosen yet, then invalid slots). Extra memory is
 // the S buffer (about 32 MiB, at least 1024 columns: max(32 MiB, 4 KiB · B)), an optional float32 copy of one
 // bank chunk (counted in the same 32 MiB), and O(B · k · splits) list entries: independent of N, and the B×N
@@ -35,8 +35,9 @@
 // indices are distinct), and the entries with rank < k form the new list. This is exact for any split of the
 // columns, which is what makes the result independent of the chunk and split sizes.
 //
-// Non-finite similarities (NaN/Inf anchors or bank rows, or float32 overflow) are never chosen on CUDA. A NaN key
-// (only reachable with non-finite inputs such as positive_sim or stats) ranks as -inf. check_finite=True raises
+// Non-finite similarities (NaN/Inf anchors or bank rows, or float32 overflow) are never chosen, as by every
+// backend. A key of -inf (weight 0 with fn_tau = inf) or NaN (non-finite positive_sim or stats) is not a race
+// candidate; the candidate can still be a fallback. check_finite=True raises
 // the same errors as the CPU kernel, which needs the host to see a device-side flag: the op then ends with one
 // device-to-host copy of four flags (a single synchronisation, after all kernels are queued). With
 // check_finite=False the op never synchronises with the host (and can be captured in a CUDA graph).
@@ -222,9 +223,9 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs args) {
         // then skipped, for the whole warp as a rule.
         if (bits <= race.gumbel_limit) {
           const float log_weight = config.mode == SamplerMode::kFne ? fne_log_weight(s, positive, weights) : 0.f;
-          float key = log_weight + gumbel_from_bits(bits);
-          if (isnan(key)) key = -INFINITY;
-          offered |= offer(race, k, Entry{key, s, column});
+          const float key = log_weight + gumbel_from_bits(bits);
+          // Weight 0 (fn_tau = inf), or NaN from non-finite inputs: not a race candidate.
+          if (key > -INFINITY) offered |= offer(race, k, Entry{key, s, column});
         }
       }
     }
@@ -302,6 +303,7 @@ struct OutputArgs {
   int64_t* index;
   float* sim;
   bool* valid;
+  float* key;
 };
 
 // A finished list of global memory in the list interface of write_output_row (fne_math.h).
@@ -311,6 +313,7 @@ struct EntryList {
   __device__ int64_t size() const { return count; }
   __device__ int64_t index_at(int64_t i) const { return entries[i].index; }
   __device__ float sim_at(int64_t i) const { return entries[i].sim; }
+  __device__ float key_at(int64_t i) const { return entries[i].key; }
 };
 
 // One thread per row writes its k output slots (in mode "hardest" the race list is the hardest list).
@@ -320,7 +323,8 @@ __global__ void __launch_bounds__(kOutputThreads) output_kernel(OutputArgs args)
   const int k = args.k;
   const EntryList hard{args.hard.entries + row * k, args.hard.counts[row]};
   const EntryList race = args.sampling ? EntryList{args.race.entries + row * k, args.race.counts[row]} : hard;
-  write_output_row(race, hard, k, args.index + row * k, args.sim + row * k, args.valid + row * k);
+  write_output_row(race, hard, k, args.index + row * k, args.sim + row * k, args.valid + row * k,
+                   args.key + row * k);
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -342,15 +346,15 @@ void check_finite_flags(const at::Tensor& anchors, const at::Tensor& positive_si
   raise_if_not_finite(bad, bad[3]);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda(
     const at::Tensor& anchors, const at::Tensor& bank, const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
     const at::Tensor& bank_ids, const at::Tensor& stats, int64_t k, c10::string_view mode, double margin,
-    double tau, double prior_k, double fn_margin, int64_t min_count, bool cutdown, int64_t seed, int64_t step,
-    int64_t row_offset, int64_t col_offset, int64_t filled, bool check_finite) {
+    double tau, double fn_tau, double prior_k, double fn_margin, int64_t min_count, bool cutdown, int64_t seed,
+    int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled, bool check_finite) {
   const SamplerConfig config =
       check_sample_negatives_args(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k, mode, margin, tau,
-                                  prior_k, fn_margin, min_count, cutdown, seed, step, row_offset, col_offset, filled,
-                                  check_finite);
+                                  fn_tau, prior_k, fn_margin, min_count, cutdown, seed, step, row_offset, col_offset,
+                                  filled, check_finite);
   TORCH_CHECK_VALUE(k <= kMaxK, "k must be <= ", kMaxK, " on CUDA (the per-row lists live in shared memory), got ",
                     k);
   const c10::cuda::CUDAGuard device_guard(anchors.device());
@@ -359,7 +363,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda(
   auto index = at::empty({num_rows, k}, long_options);
   auto sim = at::empty({num_rows, k}, anchors.options().dtype(at::kFloat));
   auto valid = at::empty({num_rows, k}, anchors.options().dtype(at::kBool));
-  if (num_rows == 0) return {index, sim, valid};
+  auto key = at::empty({num_rows, k}, anchors.options().dtype(at::kFloat));
+  if (num_rows == 0) return {index, sim, valid, key};
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto anchors_contig = anchors.contiguous();
@@ -456,14 +461,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda(
   }
 
   OutputArgs output{num_rows, static_cast<int>(k), sampling, running_race, running_hard,
-                    index.data_ptr<int64_t>(), sim.data_ptr<float>(), valid.data_ptr<bool>()};
+                    index.data_ptr<int64_t>(), sim.data_ptr<float>(), valid.data_ptr<bool>(), key.data_ptr<float>()};
   output_kernel<<<static_cast<unsigned>(ceil_div(num_rows, kOutputThreads)), kOutputThreads, 0, stream>>>(output);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (check_finite) {
     check_finite_flags(anchors_contig, positive_contig, stats_contig, counts.narrow(0, counts.size(0) - 1, 1));
   }
-  return {index, sim, valid};
+  return {index, sim, valid, key};
 }
 
 }  // namespace

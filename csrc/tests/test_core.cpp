@@ -1,5 +1,5 @@
-// C++ unit tests of the header-only core: Philox known-answer vectors and the float32 epilogue math against
-// double-precision formulas. Run by ctest.
+// C++ unit tests of the header-only core: Philox known-answer vectors, the float32 epilogue math against
+// double-precision formulas, and the output-slot writer shared by the CPU and CUDA kernels. Run by ctest.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -88,6 +88,7 @@ void test_log_weight() {
   const double tau = 2.0, prior_k = 10000.0, fn_margin = 0.999;
   fne_fast::SamplerConfig config{};
   config.tau = 2.0f;
+  config.fn_tau = 2.0f;  // the authors' rule: fn_tau = tau
   config.prior_k = prior_k;
   config.fn_margin = fn_margin;
   config.min_count = 200;
@@ -124,12 +125,62 @@ void test_order() {
 
 }  // namespace
 
+// A ranked list over plain arrays, in the interface write_output_row reads.
+struct ArrayList {
+  const int64_t* indices;
+  const float* sims;
+  const float* keys;
+  int64_t count;
+  int64_t size() const { return count; }
+  int64_t index_at(int64_t i) const { return indices[i]; }
+  float sim_at(int64_t i) const { return sims[i]; }
+  float key_at(int64_t i) const { return keys[i]; }
+};
+
+void test_write_output_row() {
+  // Race winners 7 and 3; the hardest list holds 3 (a winner), 9 and 1; k = 5 leaves one invalid slot.
+  const int64_t race_index[] = {7, 3};
+  const float race_sim[] = {0.2f, 0.6f}, race_key[] = {5.0f, 4.0f};
+  const int64_t hard_index[] = {3, 9, 1};
+  const float hard_sim[] = {0.6f, 0.5f, 0.4f};
+  const ArrayList race{race_index, race_sim, race_key, 2}, hard{hard_index, hard_sim, hard_sim, 3};
+  int64_t index[5];
+  float sim[5], key[5];
+  bool valid[5];
+  fne_fast::write_output_row(race, hard, 5, index, sim, valid, key);
+  const int64_t expected_index[] = {7, 3, 9, 1, -1};
+  const float expected_sim[] = {0.2f, 0.6f, 0.5f, 0.4f, 0.f};
+  for (int slot = 0; slot < 5; ++slot) {
+    expect(index[slot] == expected_index[slot] && sim[slot] == expected_sim[slot], "slots in order");
+    expect(valid[slot] == (slot < 4), "the last slot is invalid");
+    expect(slot < 2 ? key[slot] == race_key[slot] : std::isinf(key[slot]) && key[slot] < 0,
+           "race keys, then -inf for fallback and invalid slots");
+  }
+}
+
+void test_excluded_false_negative_weight() {
+  const float stats[5] = {0.3f, 0.04f, 0.0f, 0.05f, 500.0f};
+  fne_fast::SamplerConfig config{};
+  config.tau = 2.0f;
+  config.fn_tau = INFINITY;
+  config.prior_k = 10000.0;
+  config.fn_margin = 0.999;
+  config.min_count = 200;
+  const fne_fast::WeightParams params = fne_fast::make_weight_params(stats, config);
+  const float likely_false = fne_fast::fne_log_weight(0.8f, 0.7f, params);  // P_fn(0.8) ≈ 0.003 > 0.001
+  const float likely_negative = fne_fast::fne_log_weight(-0.3f, 0.7f, params);
+  expect(std::isinf(likely_false) && likely_false < 0, "fn_tau = inf gives a likely false negative weight 0");
+  expect(std::fabs(likely_negative + 2.0f * 1.0f * 1.0f) < 1e-5f, "other candidates keep -tau (s - s+)^2");
+}
+
 int main() {
   test_philox_known_answers();
   test_gumbel_accuracy();
   test_gumbel_bits_limit();
   test_log_weight();
   test_order();
+  test_write_output_row();
+  test_excluded_false_negative_weight();
   if (failures == 0) std::printf("all core tests passed\n");
   return failures == 0 ? 0 : 1;
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from fne_fast.data import DatasetFormatError, RawSplit, content_fingerprint
+from fne_fast.data.core import DatasetFormatError, RawSplit, content_fingerprint
 
 __all__ = ["load_albef_json"]
 

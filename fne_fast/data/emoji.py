@@ -12,7 +12,7 @@ import os
 import xml.etree.ElementTree as ElementTree
 from functools import lru_cache
 
-from fne_fast.data import DatasetFormatError, RawSplit, content_fingerprint, hash_split
+from fne_fast.data.core import DatasetFormatError, RawSplit, content_fingerprint, hash_split
 
 __all__ = ["load_emoji", "base_emoji", "read_annotations", "DEFAULT_FONT", "DEFAULT_CLDR"]
 

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from fne_fast.data import DatasetFormatError, FeatureSplit, RawSplit, first_nonfinite_row, group_ids
+from fne_fast.data.core import DatasetFormatError, FeatureSplit, RawSplit, first_nonfinite_row, group_ids
 from fne_fast.fingerprint import describe_sources, inputs_record, record_digest
 from fne_fast.io import atomic_save, remove_stale_temporaries
 

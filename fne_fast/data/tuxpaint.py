@@ -10,7 +10,7 @@ import io
 import os
 import re
 
-from fne_fast.data import DatasetFormatError, RawSplit, content_fingerprint, hash_split
+from fne_fast.data.core import DatasetFormatError, RawSplit, content_fingerprint, hash_split
 
 __all__ = ["load_tuxpaint", "read_caption", "load_stamp_image", "DEFAULT_ROOT"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from fne_fast.data import DatasetFormatError, RawSplit, content_fingerprint, hash_split
+from fne_fast.data.core import DatasetFormatError, RawSplit, content_fingerprint, hash_split
 
 __all__ = ["load_wordnet", "parse_data_line", "DEFAULT_ROOT"]
 

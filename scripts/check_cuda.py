@@ -2,8 +2,8 @@
 
 Run from the repository root on a machine with a GPU, a CUDA build of torch and nvcc:
 
-    python3 bench/check_cuda.py                 # every step; exit status 1 if any step failed
-    python3 bench/check_cuda.py --skip-build    # reuse the extension already built in place
+    python3 scripts/check_cuda.py                 # every step; exit status 1 if any step failed
+    python3 scripts/check_cuda.py --skip-build    # reuse the extension already built in place
 
 Steps: (1) build fne_fast with its CUDA kernel (setup.py, in place), (2) check that the CUDA kernel is registered,
 (3) pytest tests/test_sample_negatives_cuda.py, (4) compute-sanitizer memcheck over a small case that crosses
@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # the in-place build, when this file runs as a script from bench/
+sys.path.insert(0, ROOT)  # the in-place build, when this file runs as a script from scripts/
 
 
 def run_step(name: str, command: list[str], env: dict | None = None) -> bool:
@@ -116,19 +116,19 @@ def main() -> int:
         # In place, without pip: nothing is fetched and no other environment is touched.
         results["build"] = run_step("build", [python, "setup.py", "build_ext", "--inplace"],
                                     env={"FNE_FAST_FORCE_CPU": "0", "MAX_JOBS": str(os.cpu_count() or 4)})
-    registered = ("import torch, fne_fast; assert torch.cuda.is_available(), 'no GPU'; "
-                  "assert torch._C._dispatch_has_kernel_for_dispatch_key('fne_fast::sample_negatives', 'CUDA'), "
-                  "'fne_fast was built without its CUDA kernel'; print('CUDA kernel registered')")
+    registered = ("import torch, fne_fast; from fne_fast import ops; assert torch.cuda.is_available(), 'no GPU'; "
+                  "assert ops.COMPILED_CUDA_KERNEL, 'fne_fast was built without its CUDA kernel'; "
+                  "print('CUDA kernel registered')")
     results["registered"] = run_step("kernel registered", [python, "-c", registered])
     results["tests"] = run_step("tests", [python, "-m", "pytest", "-q", "-rs", "tests/test_sample_negatives_cuda.py"])
     sanitizer = shutil.which("compute-sanitizer") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
                                                                    "bin", "compute-sanitizer")
-    case = [python, os.path.join("bench", "check_cuda.py"), "--case"]
+    case = [python, os.path.join("scripts", "check_cuda.py"), "--case"]
     results["memcheck"] = run_step("memcheck", [sanitizer, "--tool", "memcheck", "--error-exitcode", "1", *case])
     for tool in ("racecheck", "synccheck"):
         results[tool] = run_step(tool, [sanitizer, "--tool", tool, "--kernel-name", "kns=fne_fast",
                                         "--error-exitcode", "1", *case])
-    results["timing"] = run_step("timing", [python, os.path.join("bench", "check_cuda.py"), "--time-only"])
+    results["timing"] = run_step("timing", [python, os.path.join("scripts", "check_cuda.py"), "--time-only"])
     print("\n" + "\n".join(f"{name}: {'ok' if ok else 'FAILED'}" for name, ok in results.items()))
     return 0 if all(results.values()) else 1
 

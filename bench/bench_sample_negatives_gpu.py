@@ -1,8 +1,8 @@
-"""GPU roofline of fne_fast.sample_negatives: one call measures, checks and times everything (issue 3).
+"""GPU roofline of fne_fast.sample_negatives: one call measures, checks and times everything.
 
-    python bench/gpu_roofline.py --build --out DIR     # fresh CUDA machine: build in place, then everything
-    python bench/gpu_roofline.py --out DIR             # fne_fast already built or installed
-    python bench/gpu_roofline.py --out DIR --dry-run   # CPU, Triton interpreter, tiny shapes: checks the script
+    python bench/bench_sample_negatives_gpu.py --build --out DIR     # fresh CUDA machine: build in place first
+    python bench/bench_sample_negatives_gpu.py --out DIR             # fne_fast already built or installed
+    python bench/bench_sample_negatives_gpu.py --out DIR --dry-run   # CPU, Triton interpreter, tiny shapes
 
 Steps: (1) the device's ceilings: a large device-to-device copy (bytes read + written) and a large bf16 matmul;
 (2) every GPU backend against the float64 oracle at a small size (exact inputs must give identical draws);
@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -34,7 +32,7 @@ DRY_RUN_SHAPES = ((8, 300, 24, "float32"), (16, 700, 32, "bfloat16"))
 ORACLE_BYTES_PER_PAIR = 112  # peak of the oracle's B×N temporaries (float32, int64 Philox limbs, sorts) on CPU
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for roofline.json")
     parser.add_argument("--build", action="store_true", help="first run `setup.py build_ext --inplace` (the C++ "
@@ -44,45 +42,36 @@ def parse_args():
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the oracle")
     parser.add_argument("--no-sweep", action="store_true", help="time the default Triton tiles only")
     parser.add_argument("--budget-s", type=float, default=540.0, help="start nothing new after this many seconds")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = parse_args()
-if ARGS.dry_run:
-    os.environ["TRITON_INTERPRET"] = "1"  # before fne_fast.kernels is imported
-if ARGS.build:
-    subprocess.check_call([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=ROOT)
-sys.path.insert(0, ROOT)  # an in-place build wins over an installed copy
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-
-import fne_fast  # noqa: E402
-from fne_fast import reference  # noqa: E402
+# Set by main() (after the optional in-place build), read by the functions below.
+ARGS = START = DEVICE = None
+torch = triton = fne_fast = ops = reference = triton_kernels = None
+DTYPES = {}
 
 
-def import_triton_kernels():
-    """fne_fast.kernels lives in kernels/ (setup.py's package_dir); without an install, map it by hand."""
-    try:
-        from fne_fast.kernels import sample_negatives
-    except ModuleNotFoundError:
-        folder = os.path.join(ROOT, "kernels")
-        spec = importlib.util.spec_from_file_location("fne_fast.kernels", os.path.join(folder, "__init__.py"),
-                                                      submodule_search_locations=[folder])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["fne_fast.kernels"] = package
-        spec.loader.exec_module(package)
-        fne_fast.kernels = package
-        from fne_fast.kernels import sample_negatives
-    return sample_negatives
+def load_modules(args) -> None:
+    """Imports torch, Triton and fne_fast after the optional in-place build (whose result must win over an
+    installed copy), with TRITON_INTERPRET set first for a dry run."""
+    global torch, triton, fne_fast, ops, reference, triton_kernels, DEVICE, DTYPES
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before fne_fast.kernels is imported
+    if args.build:
+        subprocess.check_call([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=ROOT)
+    sys.path.insert(0, ROOT)
+    import torch as torch_module
+    import triton as triton_module
 
+    import fne_fast as package
+    from fne_fast import ops as ops_module, reference as reference_module
+    from fne_fast.kernels import sample_negatives as kernels_module
 
-triton_kernels = import_triton_kernels()
-
-START = time.perf_counter()
-DEVICE = torch.device("cpu" if ARGS.dry_run else "cuda")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    torch, triton, fne_fast, ops, reference, triton_kernels = (torch_module, triton_module, package, ops_module,
+                                                                reference_module, kernels_module)
+    DEVICE = torch.device("cpu" if args.dry_run else "cuda")
+    DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def over_budget() -> bool:
@@ -96,25 +85,9 @@ def synchronize():
 
 def time_call(fn, target_s=1.0, min_reps=3, max_reps=25) -> float:
     """Median milliseconds of fn() after one warm-up call (which also compiles)."""
-    fn()
-    synchronize()
-    times = []
-    reps = min_reps
-    while len(times) < reps:
-        if DEVICE.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-        if len(times) == 1:
-            reps = max(min_reps, min(max_reps, int(target_s * 1e3 / max(times[0], 1e-3))))
-    return statistics.median(times)
+    from fne_fast.testing import median_seconds
+
+    return 1e3 * median_seconds(fn, min_reps, device=DEVICE, target_seconds=target_s, max_repeats=max_reps)
 
 
 def extra_memory_mb(fn) -> float | None:
@@ -150,34 +123,24 @@ def measure_ceilings(results):
 
 
 def make_inputs(num_rows, num_cols, dim, bank_dtype, *, exact=False, seed=0):
-    """Unit-norm random embeddings (or exact small-integer ones) built in chunks so the bank is the only big
-    allocation; stats put the cut-down threshold ~1.3σ above 0, so ~10% of the pairs survive it."""
-    generator = torch.Generator(device=DEVICE).manual_seed(seed)
-
-    def embeddings(rows, dtype):
-        out = torch.empty(rows, dim, dtype=dtype, device=DEVICE)
-        for begin in range(0, rows, 2**20):
-            end = min(rows, begin + 2**20)
-            if exact:
-                chunk = torch.randint(-4, 5, (end - begin, dim), generator=generator, device=DEVICE) / 8.0
-            else:
-                chunk = torch.randn(end - begin, dim, generator=generator, device=DEVICE)
-                chunk = torch.nn.functional.normalize(chunk, dim=1)
-            out[begin:end] = chunk.to(dtype)
-        return out
+    """Unit-norm random embeddings (or exact small-integer ones), generated on the device; statistics put the
+    cut-down threshold ~1.3σ above 0, so ~10% of the pairs survive it."""
+    from fne_fast.testing import sample_inputs
 
     cut = 1.28 / math.sqrt(dim)
-    return {
-        "anchors": embeddings(num_rows, torch.float32 if bank_dtype == torch.float32 else bank_dtype),
-        "bank": embeddings(num_cols, bank_dtype),
-        "positive_sim": 0.3 + 0.4 * torch.rand(num_rows, generator=generator, device=DEVICE),
-        "anchor_ids": torch.randint(0, max(num_cols // 4, 1), (num_rows,), generator=generator, device=DEVICE),
-        "bank_ids": torch.randint(0, max(num_cols // 4, 1), (num_cols,), generator=generator, device=DEVICE),
-        "stats": torch.tensor([cut + 0.2, 0.01, 0.0, 0.01, 500.0], device=DEVICE),
-    }
+    return sample_inputs(num_rows, num_cols, dim, kind="exact" if exact else "random", bank_dtype=bank_dtype,
+                         anchor_dtype=torch.float32 if bank_dtype == torch.float32 else bank_dtype, seed=seed,
+                         stats=(cut + 0.2, 0.01, 0.0, 0.01, 500.0), device=DEVICE, generator_device=DEVICE)
 
 
 OPTIONS = dict(k=1, mode="fne", seed=1234, step=3)
+COUNTERS = dict(seed=1234, step=3)
+
+
+def triton_options():
+    from fne_fast.options import SamplerOptions
+
+    return SamplerOptions(k=OPTIONS["k"], mode=OPTIONS["mode"])
 
 
 def sweep_configs(num_rows, dim, bank_dtype):
@@ -208,7 +171,7 @@ def check_backends(results):
     for bank_dtype in (torch.float32, torch.bfloat16):
         inputs = make_inputs(48, 3000, 40, bank_dtype, exact=True, seed=7)
         cpu_inputs = {name: tensor.cpu() for name, tensor in inputs.items()}
-        for mode in reference.MODES:
+        for mode in ("fne", "hardest", "uniform"):
             options = dict(OPTIONS, k=3, mode=mode, col_offset=2**32 - 1000)
             expected = reference.sample_negatives_reference(*cpu_inputs.values(), dtype=torch.float64, **options)
             for backend in backends:
@@ -279,11 +242,11 @@ def bench_pass(shape, stage, results, write):
     inputs = make_inputs(num_rows, num_cols, dim, bank_dtype, seed=1)
     print(f"[{stage}] B={num_rows} N={num_cols} D={dim} {dtype_name}", flush=True)
     if stage == "core":
-        record("triton", lambda: triton_kernels.sample_negatives_triton(*inputs.values(), check_finite=False,
-                                                                         **OPTIONS))
+        record("triton", lambda: fne_fast.sample_negatives(*inputs.values(), backend="triton", check_finite=False,
+                                                            **OPTIONS))
         record("triton (check_finite)", lambda: fne_fast.sample_negatives(*inputs.values(), backend="triton",
                                                                            **OPTIONS))
-        if DEVICE.type == "cuda" and not triton_kernels.SERVES_CUDA_DISPATCH:
+        if DEVICE.type == "cuda" and ops.COMPILED_CUDA_KERNEL:
             record("cuda (compiled C++)", lambda: fne_fast.sample_negatives(*inputs.values(), backend="cuda",
                                                                              check_finite=False, **OPTIONS))
         record("bare matmul", lambda: inputs["anchors"].to(bank_dtype) @ inputs["bank"].T)
@@ -295,12 +258,12 @@ def bench_pass(shape, stage, results, write):
     elif stage == "sweep":
         for name, config in sweep_configs(num_rows, dim, bank_dtype).items():
             record(name, lambda config=config: triton_kernels.sample_negatives_triton(
-                *inputs.values(), config=config, check_finite=False, **OPTIONS))
+                *inputs.values(), triton_options(), config=config, check_finite=False, **COUNTERS))
         # Where the time goes: mode "hardest" draws no random numbers (similarities + top-k only), "uniform"
         # draws them but computes no weights. Labelled "diag" so that no acceptance figure picks them.
         for mode in ("hardest", "uniform"):
-            record(f"diag: triton mode={mode}", lambda mode=mode: triton_kernels.sample_negatives_triton(
-                *inputs.values(), check_finite=False, **dict(OPTIONS, mode=mode)))
+            record(f"diag: triton mode={mode}", lambda mode=mode: fne_fast.sample_negatives(
+                *inputs.values(), backend="triton", check_finite=False, **dict(OPTIONS, mode=mode)))
     elif fits:
         # The dry run only checks this path: inductor's CPU code generation of the oracle takes many minutes.
         compiled = torch.compile(reference.sample_negatives_reference, dynamic=False,
@@ -365,14 +328,18 @@ def markdown_table(results) -> str:
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
+    global ARGS, START
+    ARGS = parse_args(argv)
+    START = time.perf_counter()
+    load_modules(ARGS)
     os.makedirs(ARGS.out, exist_ok=True)
     path = os.path.join(ARGS.out, "roofline.json")
     results = {
         "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu (Triton interpreter)",
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
                      "python": platform.python_version()},
-        "triton_serves_cuda_dispatch": triton_kernels.SERVES_CUDA_DISPATCH,
+        "triton_serves_cuda_dispatch": ops.TRITON_SERVES_CUDA,
         "options": OPTIONS,
         "shapes": [],
     }

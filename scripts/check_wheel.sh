@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# What a user gets is the wheel: build it, check that it holds every module of the source tree, install it into
+# a fresh virtual environment with the pinned torch, and run the console scripts and an import of every
+# subpackage from there (an editable install would hide a missing package).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+work=build/wheel-check
+rm -rf "$work"
+mkdir -p "$work"
+python -m pip wheel --quiet --no-build-isolation --no-deps -w "$work/dist" .
+wheel=$(ls "$work"/dist/fne_fast-*.whl)
+python scripts/wheel_modules.py "$wheel"
+
+python -m venv "$work/venv"
+venv_python="$work/venv/bin/python"
+"$venv_python" -m pip install --quiet --upgrade pip
+torch_version=$(python -c "import torch; print(torch.__version__.split('+')[0])")
+"$venv_python" -m pip install --quiet "torch==$torch_version" "$wheel"
+# Outside the source tree, so that only the installed copy can be imported.
+(cd "$work" && venv/bin/fne-fast --help >/dev/null && echo "fne-fast --help: ok")
+(cd "$work" && venv/bin/fne-fast-demo --bank-size 2000 --dim 64 --repeats 1 >/dev/null && echo "fne-fast-demo: ok")
+(cd "$work" && "$OLDPWD/$venv_python" - "$OLDPWD/$wheel" <<'PY'
+import importlib
+import sys
+import zipfile
+
+import fne_fast
+
+names = sorted({name[:-len(".py")].replace("/", ".").removesuffix(".__init__")
+                for name in zipfile.ZipFile(sys.argv[1]).namelist() if name.endswith(".py")})
+for name in names:
+    if name != "fne_fast.kernels.sample_negatives":  # needs Triton, which this venv does not install
+        importlib.import_module(name)
+assert fne_fast.__file__.startswith(sys.prefix), f"imported {fne_fast.__file__}, not the installed wheel"
+print(f"imported {len(names) - 1} modules from the installed wheel")
+PY
+)

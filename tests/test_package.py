@@ -1,0 +1,128 @@
+"""The package's structure: no import cycles, the Triton kernels import nothing private, the oracle is not a
+run-time dependency, ``import fne_fast`` does not import Triton, and the wheel check catches a missing module."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _module_files() -> dict[str, str]:
+    """Module name -> file, for fne_fast/ and kernels/ (installed as fne_fast.kernels)."""
+    modules = {}
+    for folder, package in (("fne_fast", "fne_fast"), ("kernels", "fne_fast.kernels")):
+        for directory, subdirectories, files in os.walk(os.path.join(ROOT, folder)):
+            subdirectories[:] = [name for name in subdirectories if name != "__pycache__"]
+            relative = os.path.relpath(directory, os.path.join(ROOT, folder))
+            prefix = package if relative == "." else f"{package}.{relative.replace(os.sep, '.')}"
+            for name in files:
+                if name.endswith(".py"):
+                    modules[prefix if name == "__init__.py" else f"{prefix}.{name[:-3]}"] = os.path.join(directory,
+                                                                                                         name)
+    return modules
+
+
+def _imports(name: str, path: str, modules: dict) -> list[tuple[str, bool, list[str]]]:
+    """(imported module, at module level, imported names) for every fne_fast import in a file."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    top_level = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fne_fast"):
+            names = [alias.name for alias in node.names]
+            for alias in names:  # `from fne_fast import ops` imports the module fne_fast.ops
+                target = f"{node.module}.{alias}"
+                found.append((target if target in modules else node.module, id(node) in top_level, [alias]))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("fne_fast"):
+                    found.append((alias.name, id(node) in top_level, []))
+    return found
+
+
+def test_no_import_cycles():
+    modules = _module_files()
+    graph = {name: {target for target, _, _ in _imports(name, path, modules) if target in modules and target != name}
+             for name, path in modules.items()}
+    # A submodule importing its own package's __init__ (`import fne_fast`) is how packages work, not a cycle
+    # through the code, unless __init__ imports it back: keep those edges.
+    state: dict[str, int] = {}
+
+    def visit(node, trail):
+        state[node] = 1
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(target):] + [target]))
+            if target not in state:
+                visit(target, trail + [target])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+def test_kernels_import_nothing_private_and_not_the_wrapper():
+    modules = _module_files()
+    for name, path in modules.items():
+        if not name.startswith("fne_fast.kernels"):
+            continue
+        for target, _, names in _imports(name, path, modules):
+            assert not any(part.startswith("_") for part in target.split(".")), f"{name} imports {target}"
+            assert not any(alias.startswith("_") for alias in names), f"{name} imports {names} from {target}"
+            assert target not in ("fne_fast", "fne_fast.ops"), f"{name} imports {target}: a cycle through the wrapper"
+
+
+def test_the_oracle_is_not_a_run_time_dependency():
+    modules = _module_files()
+    for name, path in modules.items():
+        for target, top_level, _ in _imports(name, path, modules):
+            if target == "fne_fast.reference" and name != "fne_fast.reference":
+                # Only the wrapper's backend="reference" branch may load it, inside the function.
+                assert name == "fne_fast.ops" and not top_level, f"{name} imports the oracle"
+
+
+def test_import_loads_neither_triton_nor_the_oracle():
+    script = ("import sys, time; start = time.perf_counter(); import torch; after_torch = time.perf_counter(); "
+              "import fne_fast, fne_fast.train, fne_fast.cli, fne_fast.loss, fne_fast.evaluate, fne_fast.demo; "
+              "print(time.perf_counter() - after_torch); "
+              "assert 'triton' not in sys.modules, 'triton imported'; "
+              "assert 'fne_fast.reference' not in sys.modules, 'the oracle imported'")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_wheel_check_reports_a_missing_module(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import wheel_modules
+    finally:
+        sys.path.pop(0)
+    complete = sorted(wheel_modules.source_modules())
+    for name, listed in (("complete.whl", complete), ("partial.whl", [n for n in complete if "/data/" not in n])):
+        with zipfile.ZipFile(tmp_path / name, "w") as wheel:
+            for module in listed:
+                wheel.writestr(module, "")
+    check = [sys.executable, os.path.join(ROOT, "scripts", "wheel_modules.py")]
+    assert subprocess.run(check + [str(tmp_path / "complete.whl")], capture_output=True).returncode == 0
+    missing = subprocess.run(check + [str(tmp_path / "partial.whl")], capture_output=True, text=True)
+    assert missing.returncode == 1 and "missing from the wheel: fne_fast/data/__init__.py" in missing.stdout
+
+
+@pytest.mark.parametrize("module", ["fne_fast.kernels", "fne_fast.kernels.sample_negatives"])
+def test_kernels_resolve_in_a_source_checkout(module):
+    # After `setup.py build_ext --inplace` the package is used from the tree, where the kernels sit in the
+    # top-level kernels/ folder; fne_fast.kernels must resolve there too.
+    pytest.importorskip("triton")
+    script = f"import importlib, fne_fast; print(importlib.import_module({module!r}).__file__)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                            env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.path.join("kernels", "") in result.stdout
