@@ -52,7 +52,7 @@ def _check_backend(backend: str, device: torch.device) -> None:
     from fne_fast import ops
 
     try:
-        ops._check_backend(backend, device)  # the op's own rule, so the two cannot disagree
+        ops.check_backend(backend, device)  # the op's own rule, so the two cannot disagree
     except ValueError as error:
         raise UsageError(f"--backend: {error}") from None
     if backend == "triton" and importlib.util.find_spec("triton") is None:
