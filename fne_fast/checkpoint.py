@@ -78,26 +78,30 @@ def has_checkpoint(directory: str, name: str = "checkpoint") -> bool:
 
 # ---- the state tree <-> JSON + named tensors -------------------------------------------------------------
 
-def _encode(value, path: str, tensors: dict[str, torch.Tensor]):
+def _encode(value, path: str, tensors: dict[str, torch.Tensor], shared: set):
     if isinstance(value, torch.Tensor):
         name = path or "tensor"
         while name in tensors:  # two paths that print alike ({0: …} and {"0": …}) still get distinct names
             name += "'"
-        # A copy on the CPU: contiguous, sharing no storage (safetensors refuses shared storage).
-        tensors[name] = value.detach().to("cpu", copy=True).contiguous()
+        value = value.detach().cpu().contiguous()
+        storage = value.untyped_storage().data_ptr()
+        if storage in shared:  # safetensors refuses tensors that share storage: store a copy
+            value = value.clone()
+        shared.add(value.untyped_storage().data_ptr())
+        tensors[name] = value
         return {"$tensor": name}
     if hasattr(value, "state_dict") and callable(value.state_dict):
-        return _encode(value.state_dict(), path, tensors)
+        return _encode(value.state_dict(), path, tensors, shared)
     if isinstance(value, tuple):
-        return {"$tuple": [_encode(item, f"{path}/{index}", tensors) for index, item in enumerate(value)]}
+        return {"$tuple": [_encode(item, f"{path}/{index}", tensors, shared) for index, item in enumerate(value)]}
     if isinstance(value, list):
-        return [_encode(item, f"{path}/{index}", tensors) for index, item in enumerate(value)]
+        return [_encode(item, f"{path}/{index}", tensors, shared) for index, item in enumerate(value)]
     if isinstance(value, dict):
         plain = all(isinstance(key, str) and key not in _REFERENCE_KEYS for key in value)
-        encoded = {key: _encode(item, f"{path}/{key}".lstrip("/"), tensors) for key, item in value.items()}
+        encoded = {key: _encode(item, f"{path}/{key}".lstrip("/"), tensors, shared) for key, item in value.items()}
         if plain:
             return encoded
-        return {"$items": [[_encode(key, f"{path}/key", tensors), item] for key, item in encoded.items()]}
+        return {"$items": [[_encode(key, f"{path}/key", tensors, shared), item] for key, item in encoded.items()]}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(f"cannot store {type(value).__name__} at {path or 'the root'} in a checkpoint: use tensors, "
@@ -136,25 +140,33 @@ def _file_digest(blob, position: int) -> str:
     return digest.hexdigest()
 
 
-def _serialize(state: dict) -> bytearray:
-    from safetensors.torch import save
-
+def _serialize(state: dict) -> list:
+    """The checkpoint file's bytes, in pieces (no copy of the tensors' bytes is made to insert the digest)."""
+    save = _safetensors().save
     if not isinstance(state, dict):
         raise TypeError(f"a checkpoint state must be a dict, got {type(state).__name__}")
     tensors: dict[str, torch.Tensor] = {}
-    tree = json.dumps(_encode(state, "", tensors))
-    blob = bytearray(save(tensors, metadata={"format": FORMAT, "state": tree, _DIGEST_KEY: "0" * _DIGEST_LENGTH}))
+    tree = json.dumps(_encode(state, "", tensors, set()))
+    blob = save(tensors, metadata={"format": FORMAT, "state": tree, _DIGEST_KEY: "0" * _DIGEST_LENGTH})
     header_end = 8 + int.from_bytes(blob[:8], "little")
     position = _digest_position(blob, header_end, b"0" * _DIGEST_LENGTH)
-    blob[position:position + _DIGEST_LENGTH] = _file_digest(blob, position).encode()
-    return blob
+    view = memoryview(blob)
+    return [view[:position], _file_digest(blob, position).encode(), view[position + _DIGEST_LENGTH:]]
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ImportError("fne_fast checkpoints need the safetensors package: pip install safetensors (it is in "
+                          "the `train` extra, which scripts/setup_data.sh installs)") from None
+    return safetensors.torch
 
 
 def read_checkpoint(path: str) -> dict:
     """The state saved in the checkpoint file ``path``, after verifying its SHA-256; tensors are on the CPU.
     Raises ``CheckpointError`` naming the file for a missing, truncated, damaged or foreign file."""
-    from safetensors.torch import load
-
+    load = _safetensors().load
     if not os.path.isfile(path):
         raise CheckpointError(path, "no such checkpoint file",
                               "a run writes checkpoint.safetensors into its --out; pass that file or the run folder")
@@ -234,7 +246,7 @@ def _test_hook(point: str) -> None:
 def save_checkpoint(directory: str, state: dict, name: str = "checkpoint", *, keep_previous: bool = True) -> str:
     """Writes ``state`` as ``directory/<name>.safetensors`` atomically; with ``keep_previous`` the checkpoint it
     replaces (if it verifies) becomes ``<name>.previous.safetensors``. Returns the path written."""
-    blob = _serialize(state)
+    pieces = _serialize(state)
     latest, previous = checkpoint_path(directory, name), checkpoint_path(directory, name, previous=True)
 
     def move_latest_aside():
@@ -245,7 +257,8 @@ def save_checkpoint(directory: str, state: dict, name: str = "checkpoint", *, ke
             _test_hook("checkpoint-rotated")
 
     with atomic_output(latest, "wb", suffix=SUFFIX, before_replace=move_latest_aside) as stream:
-        stream.write(blob)
+        for piece in pieces:
+            stream.write(piece)
     _known_good[latest] = _signature(latest)
     _test_hook("checkpoint-saved")
     return latest
