@@ -51,8 +51,7 @@ _PREVIOUS = ".previous"
 _DIGEST_KEY = "fne_fast.sha256"
 _DIGEST_LENGTH = 64
 _REFERENCE_KEYS = ("$tensor", "$tuple", "$items")
-_ADVICE = ("nothing was loaded from it: restore it from a copy, or start the run afresh with another --out "
-           "(or after deleting this one)")
+_ADVICE = "nothing was loaded; restore the file from a copy, or start the run afresh in another --out"
 
 
 class CheckpointError(Exception):

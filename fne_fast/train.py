@@ -111,7 +111,10 @@ def load_splits(config: TrainConfig) -> dict[str, FeatureSplit]:
         directory = config.data_options.get("features_dir")
         if not directory:
             raise UsageError("--features-dir: --dataset features needs it")
-        splits = {split: load_feature_arrays(directory, split, memo_folder=config.cache_dir) for split in SPLITS}
+        from fne_fast.data.features import default_cache_dir
+
+        memo_folder = config.cache_dir or default_cache_dir()  # where the arrays' file digests are remembered
+        splits = {split: load_feature_arrays(directory, split, memo_folder=memo_folder) for split in SPLITS}
     else:
         from fne_fast.data import load_raw_split
         from fne_fast.data.features import cached_feature_split
@@ -223,7 +226,7 @@ def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, f
         loss.backward()
         run.optimizer.step()
         run.heads.update_momentum()
-        divergence.record(run.step, loss, run.heads)
+        divergence.record(run.step, loss)
         finished = _clock(device)
 
         timing["heads"] += (heads_forward - started) + (finished - sampled)
@@ -239,6 +242,7 @@ def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, f
         if not config.quiet and batch_number % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
+    divergence.raise_if_parameters_diverged(epoch, run.step - 1, run.heads)
 
     totals = {key: value.item() for key, value in sums.items()}
     stats = run.criterion.stats.as_tensor().tolist()
@@ -255,29 +259,34 @@ def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, f
 
 
 class _DivergenceWatch:
-    """The first step whose loss, or whose parameters after the update, hold NaN or infinity. Recorded on the
-    device each step; read (a host synchronisation) every step on a CPU, where it costs nothing, and every 20
-    steps on a GPU, so the error still names the exact step."""
-
-    _WHAT = {1: "the loss is", 2: "the parameters after the optimiser step are"}
+    """The first step whose loss holds NaN or infinity, recorded on the device each step and read (a host
+    synchronisation) every step on a CPU, where it costs nothing, and every 20 steps on a GPU, so the error still
+    names the exact step. Parameters that turn non-finite make the next step's loss non-finite; those of the
+    epoch's last step are checked once at its end."""
 
     def __init__(self, device: torch.device):
-        self.first = torch.full((2,), -1, dtype=torch.int64, device=device)  # (step, what): what 1 loss, 2 params
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
 
     @torch.no_grad()
-    def record(self, step: int, loss: torch.Tensor, heads: torch.nn.Module) -> None:
-        # NaN and infinity survive a sum, so one sum per tensor tells whether it holds any.
-        parameters_finite = torch.stack([parameter.sum() for parameter in heads.parameters()]).isfinite().all()
-        what = torch.where(~loss.detach().isfinite(), 1, torch.where(~parameters_finite, 2, 0))
-        new = torch.stack([torch.full_like(what, step), what])
-        self.first = torch.where((self.first[1] <= 0) & (what > 0), new, self.first)
+    def record(self, step: int, loss: torch.Tensor) -> None:
+        bad = (self.first_bad_step < 0) & ~loss.detach().isfinite()
+        self.first_bad_step = torch.where(bad, step, self.first_bad_step)
 
     def raise_if_diverged(self, epoch: int) -> None:
-        step, what = self.first.tolist()
-        if what > 0:
-            raise NonFiniteError(f"training diverged at epoch {epoch} step {step}: {self._WHAT[what]} not finite "
-                                 "(NaN or infinity); nothing of this epoch was saved, the folder keeps the last good "
-                                 "checkpoint. Try a lower --lr")
+        step = int(self.first_bad_step)
+        if step >= 0:
+            raise NonFiniteError(f"training diverged at epoch {epoch} step {step}: the loss is not finite "
+                                 f"(NaN or infinity); {_DIVERGED}")
+
+    @torch.no_grad()
+    def raise_if_parameters_diverged(self, epoch: int, step: int, heads: torch.nn.Module) -> None:
+        # NaN and infinity survive a sum, so one sum per tensor tells whether it holds any.
+        if not torch.stack([parameter.sum() for parameter in heads.parameters()]).isfinite().all():
+            raise NonFiniteError(f"training diverged at epoch {epoch} step {step}: the parameters after the "
+                                 f"optimiser step are not finite (NaN or infinity); {_DIVERGED}")
+
+
+_DIVERGED = "nothing of this epoch was saved, the folder keeps the last good checkpoint. Try a lower --lr"
 
 
 def _steps_per_epoch(config: TrainConfig, num_pairs: int) -> int:
