@@ -106,13 +106,11 @@ class TrainConfig:
 def load_splits(config: TrainConfig) -> dict[str, FeatureSplit]:
     """Features of every split, from the cache (encoding them on a miss)."""
     if config.dataset == "features":
-        from fne_fast.data.features import load_feature_arrays
+        from fne_fast.data.features import default_cache_dir, load_feature_arrays
 
         directory = config.data_options.get("features_dir")
         if not directory:
             raise UsageError("--features-dir: --dataset features needs it")
-        from fne_fast.data.features import default_cache_dir
-
         memo_folder = config.cache_dir or default_cache_dir()  # where the arrays' file digests are remembered
         splits = {split: load_feature_arrays(directory, split, memo_folder=memo_folder) for split in SPLITS}
     else:
@@ -159,8 +157,9 @@ class _Run:
                 "history": self.history, "timing": self.timing, "inputs": self.inputs}
 
     def load_state_dict(self, state: dict) -> None:
-        _check_same_settings(state["config"], self.config)
-        changed = differences(state.get("inputs") or {}, self.inputs)
+        """The state of a checkpoint whose settings ``_resume_state`` compared before the data was read; its
+        record of the inputs is compared here, with the data's."""
+        changed = differences(state["inputs"], self.inputs)
         if changed:
             raise UsageError("--resume: the data changed since the checkpoint was written: " + "; ".join(changed)
                              + ". Train on the new data in another --out")
@@ -171,7 +170,7 @@ class _Run:
         self.criterion.stats.load_state_dict(state["stats"])
         torch.set_rng_state(state["torch_rng"])
         self.next_epoch, self.step, self.history = state["next_epoch"], state["step"], list(state["history"])
-        self.timing = list(state.get("timing", []))
+        self.timing = list(state["timing"])
 
 
 def _check_same_settings(stored_config: dict, config: TrainConfig) -> None:
