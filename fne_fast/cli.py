@@ -164,7 +164,10 @@ def _evaluate(args) -> int:
     from fne_fast.preflight import check_device
     from fne_fast.train import TrainConfig, load_splits
 
-    state = load_checkpoint(args.checkpoint)[0] if os.path.isdir(args.checkpoint) else read_checkpoint(args.checkpoint)
+    if os.path.isdir(args.checkpoint):
+        state, path = load_checkpoint(args.checkpoint)  # the latest that verifies
+    else:
+        state, path = read_checkpoint(args.checkpoint), args.checkpoint
     config = TrainConfig(**{**state["config"], "device": args.device or state["config"]["device"]})
     check_device(config.device)
     split = load_splits(config)[args.split]
@@ -173,7 +176,7 @@ def _evaluate(args) -> int:
     heads.load_state_dict(state["heads"])
     image, text = embed_split(heads, split, torch.device(config.device))
     metrics = retrieval_metrics(image, text, split.caption_image, split.image_group)
-    print(json.dumps({"checkpoint": args.checkpoint, "split": args.split, **metrics}))
+    print(json.dumps({"checkpoint": path, "split": args.split, **metrics}))
     return 0
 
 

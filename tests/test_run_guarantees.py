@@ -132,12 +132,18 @@ def test_bit_flips_in_the_latest_checkpoint_fall_back_to_the_previous_one(featur
     latest.write_bytes(bytes(damaged))
     with pytest.raises(CheckpointError, match="does not match its SHA-256"):
         read_checkpoint(str(latest))
+    with pytest.warns(CheckpointWarning, match="does not match its SHA-256; using the previous checkpoint"):
+        state, used = load_checkpoint(str(out))
+    assert used == str(out / PREVIOUS_NAME) and state["next_epoch"] == 1
     capsys.readouterr()
     code, _, err = _cli(features_run_arguments(features, out, epochs=3) + ["--resume"], capsys)
     assert code == 0
     assert f"warning: {latest}: its content does not match its SHA-256" in err and PREVIOUS_NAME in err
     assert _rows(out / METRICS_NAME) == uninterrupted  # epoch 1 trained again from epoch 0's checkpoint
     assert [row["epoch"] for row in _rows(out / TIMING_NAME)] == [0, 1, 2]
+    code, printed, _ = _cli(["eval", "--checkpoint", str(out)], capsys)  # a run folder: its latest checkpoint
+    evaluated = json.loads(printed)
+    assert code == 0 and evaluated["checkpoint"] == str(latest) and evaluated["rsum"] == uninterrupted[-1]["rsum"]
 
 
 def test_a_truncated_checkpoint_is_named_in_the_error(features, tmp_path, capsys):
