@@ -132,7 +132,7 @@ def test_bit_flips_in_the_latest_checkpoint_fall_back_to_the_previous_one(featur
     latest.write_bytes(bytes(damaged))
     with pytest.raises(CheckpointError, match="does not match its SHA-256"):
         read_checkpoint(str(latest))
-    with pytest.warns(CheckpointWarning, match="does not match its SHA-256; using the previous checkpoint"):
+    with pytest.warns(CheckpointWarning, match="does not match its SHA-256: the file is damaged; using the previous"):
         state, used = load_checkpoint(str(out))
     assert used == str(out / PREVIOUS_NAME) and state["next_epoch"] == 1
     capsys.readouterr()
