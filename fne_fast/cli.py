@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         except RunInterrupted as interrupted:
             print(f"fne-fast: {interrupted}", file=sys.stderr, flush=True)
             return interrupted.exit_code
+        except KeyboardInterrupt:  # Ctrl-C outside a run folder (eval)
+            print("fne-fast: interrupted", file=sys.stderr, flush=True)
+            return 130
         except _USER_ERRORS as error:
             print(f"fne-fast: error: {error}", file=sys.stderr, flush=True)
             return 2
