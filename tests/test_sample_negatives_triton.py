@@ -142,15 +142,15 @@ def test_registered_for_the_cuda_dispatch_key():
 
 def test_default_precision_follows_torch_tf32_setting():
     config = TritonConfig()
-    assert triton_kernels._input_precision(config) == "ieee"
-    # Set and restored by hand: torch's cuBLAS module keeps the flag outside its __dict__, so pytest's monkeypatch
-    # would try to delete the attribute on undo, which the module refuses.
-    torch.backends.cuda.matmul.allow_tf32 = True
+    before = torch.backends.cuda.matmul.allow_tf32  # a torch setting, not an attribute monkeypatch can restore
     try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert triton_kernels._input_precision(config) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
         assert triton_kernels._input_precision(config) == "tf32"
         assert triton_kernels._input_precision(TritonConfig(input_precision="ieee")) == "ieee"
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 # --- compiled code generation, checked without a GPU ------------------------------------------------------------
