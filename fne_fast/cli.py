@@ -3,6 +3,10 @@
     fne-fast train --dataset emoji --sampler fne --epochs 5 --out runs/emoji-fne --seed 0 [--resume]
     fne-fast eval --checkpoint runs/emoji-fne/checkpoint.pt [--split test]
     fne-fast compare --dataset emoji --samplers fne hardest uniform inbatch-hardest --seeds 0 1 2 --out runs/cmp
+    torchrun --nproc_per_node 2 -m fne_fast.cli train ...   (W processes; --batch-size is per process)
+
+Under torchrun, train and compare run over the process group torchrun describes in the environment
+(fne_fast/distributed.py); rank 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import sys
 
 import torch  # noqa: F401  (loaded before fne_fast, whose compiled library links against it)
 
+from fne_fast import distributed
 from fne_fast.data import DATASETS
 from fne_fast.io import atomic_write_text
 from fne_fast.loss import SAMPLERS
@@ -128,13 +133,14 @@ def config_from_args(args, **overrides):
     return TrainConfig(**values)
 
 
-def _train(args) -> int:
+def _train(args, group) -> int:
     from fne_fast.evaluate import final_table
     from fne_fast.train import train
 
     config = config_from_args(args, sampler=args.sampler, seed=args.seed, resume=args.resume)
-    history = train(config)
-    print(final_table(history, title=f"{config.dataset}, sampler {config.sampler}, seed {config.seed}"))
+    history = train(config, group=group)
+    if distributed.rank(group) == 0:
+        print(final_table(history, title=f"{config.dataset}, sampler {config.sampler}, seed {config.seed}"))
     return 0
 
 
@@ -155,22 +161,25 @@ def _evaluate(args) -> int:
     return 0
 
 
-def _compare(args) -> int:
+def _compare(args, group) -> int:
     from fne_fast.evaluate import comparison_table
     from fne_fast.train import load_splits, train
 
     first = config_from_args(args, sampler=args.samplers[0], seed=args.seeds[0])
-    splits = load_splits(first)
+    with distributed.first_rank_first(distributed.patient_group(group)):
+        splits = load_splits(first)
     histories = {}
     for sampler in args.samplers:
         for seed in args.seeds:
             out = os.path.join(args.out, f"{sampler}-seed{seed}")
             config = config_from_args(args, sampler=sampler, seed=seed, out=out, resume=True)
-            print(f"== {sampler}, seed {seed} -> {out}", flush=True)
-            histories[(sampler, seed)] = train(config, splits)
-    table = comparison_table(histories, dataset=args.dataset, command=" ".join(["fne-fast", *args.argv]))
-    atomic_write_text(os.path.join(args.out, "results.md"), table)
-    print(table)
+            if distributed.rank(group) == 0:
+                print(f"== {sampler}, seed {seed} -> {out}", flush=True)
+            histories[(sampler, seed)] = train(config, splits, group=group)
+    if distributed.rank(group) == 0:
+        table = comparison_table(histories, dataset=args.dataset, command=" ".join(["fne-fast", *args.argv]))
+        atomic_write_text(os.path.join(args.out, "results.md"), table)
+        print(table)
     return 0
 
 
@@ -178,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # the results table quotes the command that produced it
-    return {"train": _train, "eval": _evaluate, "compare": _compare}[args.command](args)
+    if args.command == "eval":
+        return _evaluate(args)
+    with distributed.process_group_from_environment(args.device) as group:
+        return {"train": _train, "compare": _compare}[args.command](args, group)
 
 
 if __name__ == "__main__":

@@ -4,18 +4,27 @@ Every source of randomness is a function of the seed and a counter (head initial
 epoch's shuffle from (seed, epoch), the op's Gumbel noise from (seed, global step)), and a checkpoint at the end
 of each epoch holds everything else that evolves (heads, momentum heads, optimiser, banks, statistics, step
 counter, metrics so far), so ``resume=True`` continues to exactly the numbers of an uninterrupted run.
+
+Under torchrun (``group``: the process group, fne_fast/distributed.py) each step's global batch of W·B pairs
+(``batch_size`` B per process) is split over the ranks in rank order, the banks are sharded, the heads are wrapped
+in DistributedDataParallel and the loss is the global batch's (fne_fast/loss.py), so the run follows the data
+order, the negatives and the losses of one process with batch W·B. Rank 0 evaluates and writes every file; the
+checkpoint holds whole banks, so a run resumes with any number of processes of the same global batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import torch
 
+from fne_fast import distributed
 from fne_fast.bank import MemoryBank
 from fne_fast.data import DATASETS, SPLITS, FeatureSplit
 from fne_fast.evaluate import embed_split, retrieval_metrics
@@ -32,6 +41,8 @@ TIMING_NAME = "timing.jsonl"
 _BANK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Settings that may differ between a run and its resumption without changing its numbers.
 _RESUMABLE_FIELDS = ("epochs", "resume", "out", "cache_dir", "plots", "quiet")
+# Not compared directly on resume: the global batch, batch_size × processes, is.
+_PER_PROCESS_FIELDS = ("batch_size",)
 
 
 @dataclass
@@ -111,37 +122,56 @@ def load_splits(config: TrainConfig) -> dict[str, FeatureSplit]:
 class _Run:
     """The evolving state of one training run, and its checkpoint."""
 
-    def __init__(self, config: TrainConfig, train_split: FeatureSplit):
-        self.config = config
+    def __init__(self, config: TrainConfig, train_split: FeatureSplit, group=None):
+        self.config, self.group = config, group
+        self.world_size, self.rank = distributed.world_size(group), distributed.rank(group)
         device = torch.device(config.device)
         torch.manual_seed(config.seed)
         self.heads = MatchingHeads(train_split.image_features.shape[1], train_split.text_features.shape[1],
                                    config.joint_dim, config.hidden_dim, config.momentum).to(device)
+        # DDP averages the ranks' gradients of the trainable heads (the momentum heads have none); the loss is
+        # scaled so that the average is the global batch's gradient (fne_fast/loss.py).
+        self.model = self.heads if group is None else torch.nn.parallel.DistributedDataParallel(
+            self.heads, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None, process_group=group)
         self.optimizer = torch.optim.Adam(self.heads.trainable_parameters(), lr=config.lr)
         bank_dtype = _BANK_DTYPES[config.bank_dtype]
-        self.image_bank = MemoryBank(config.bank_size, config.joint_dim, dtype=bank_dtype, device=device)
-        self.text_bank = MemoryBank(config.bank_size, config.joint_dim, dtype=bank_dtype, device=device)
+        self.image_bank = MemoryBank(config.bank_size, config.joint_dim, dtype=bank_dtype, device=device,
+                                     group=group)
+        self.text_bank = MemoryBank(config.bank_size, config.joint_dim, dtype=bank_dtype, device=device,
+                                    group=group)
         self.criterion = FNELoss(config.sampler, config.options, seed=config.seed,
-                                 stats_momentum=config.stats_momentum, backend=config.backend, device=device)
+                                 stats_momentum=config.stats_momentum, backend=config.backend, device=device,
+                                 group=group)
         self.next_epoch = 0
         self.step = 0
         self.history: list[dict] = []
 
-    def state_dict(self) -> dict:
-        return {"config": dataclasses.asdict(self.config), "next_epoch": self.next_epoch, "step": self.step,
+    def state_dict(self) -> dict | None:
+        """Collective when sharded (the banks' shards are gathered): the state on rank 0, None elsewhere."""
+        image_bank, text_bank = self.image_bank.state_dict(), self.text_bank.state_dict()
+        if self.rank != 0:
+            return None
+        return {"config": dataclasses.asdict(self.config), "world_size": self.world_size,
+                "next_epoch": self.next_epoch, "step": self.step,
                 "heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "image_bank": self.image_bank.state_dict(), "text_bank": self.text_bank.state_dict(),
+                "image_bank": image_bank, "text_bank": text_bank,
                 "stats": self.criterion.stats.state_dict(), "torch_rng": torch.get_rng_state(),
                 "history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
-        stored = {key: value for key, value in state["config"].items() if key not in _RESUMABLE_FIELDS}
-        current = {key: value for key, value in dataclasses.asdict(self.config).items()
-                   if key not in _RESUMABLE_FIELDS}
-        changed = sorted(key for key in current if stored.get(key) != current[key])
+        skipped = _RESUMABLE_FIELDS + _PER_PROCESS_FIELDS
+        stored = {key: value for key, value in state["config"].items() if key not in skipped}
+        current = {key: value for key, value in dataclasses.asdict(self.config).items() if key not in skipped}
+        changed = [f"{key}={stored.get(key)!r} (now {current[key]!r})" for key in sorted(current)
+                   if stored.get(key) != current[key]]
+        stored_processes = state.get("world_size", 1)
+        stored_batch = state["config"]["batch_size"] * stored_processes
+        if stored_batch != self.config.batch_size * self.world_size:
+            changed.append(f"global batch = batch_size × processes = {state['config']['batch_size']} × "
+                           f"{stored_processes} (now {self.config.batch_size} × {self.world_size})")
         if changed:
             raise ValueError("cannot resume: the checkpoint was trained with different settings: "
-                             + ", ".join(f"{key}={stored.get(key)!r} (now {current[key]!r})" for key in changed))
+                             + ", ".join(changed))
         self.heads.load_state_dict(state["heads"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.image_bank.load_state_dict(state["image_bank"])
@@ -166,28 +196,34 @@ def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, f
     shuffle = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
     order = torch.randperm(split.text_features.shape[0], generator=shuffle)
     group_of_id = split.image_group.to(device) if split.image_group is not None else None
-    sums = {key: torch.zeros((), dtype=torch.float64, device=device) for key in (*DIAGNOSTIC_KEYS, "loss")}
-    num_batches = _steps_per_epoch(config, order.numel())
+    sums = {key: torch.zeros((), dtype=torch.float64, device=device) for key in DIAGNOSTIC_KEYS}
+    num_batches = _steps_per_epoch(config, order.numel(), run.world_size)
     from tqdm import tqdm
 
-    bar = tqdm(order.split(config.batch_size)[:num_batches], total=num_batches, desc=f"epoch {epoch}", unit="step",
-               disable=config.quiet, leave=False)
-    for batch_number, captions in enumerate(bar):
+    # A step's global batch is the next W·B pairs of the shuffle; rank r takes its r-th slice of B (the last
+    # batch of an epoch may leave a rank fewer pairs, or none).
+    global_batch = config.batch_size * run.world_size
+    mine = slice(run.rank * config.batch_size, (run.rank + 1) * config.batch_size)
+    bar = tqdm(order.split(global_batch)[:num_batches], total=num_batches, desc=f"epoch {epoch}", unit="step",
+               disable=config.quiet or run.rank != 0, leave=False)
+    for batch_number, global_captions in enumerate(bar):
+        captions = global_captions[mine]
         ids = split.caption_image[captions].to(device)
         image_features = split.image_features[split.caption_image[captions]].to(device)
         text_features = split.text_features[captions].to(device)
 
         started = _clock(device)
-        image, text, image_key, text_key = run.heads(image_features, text_features)
+        image, text, image_key, text_key = run.model(image_features, text_features)
         heads_forward = _clock(device)
         run.image_bank.enqueue(image_key, ids)
         run.text_bank.enqueue(text_key, ids)
         enqueued = _clock(device)
-        run.criterion.stats.update(image.detach() @ text.detach().T)
+        batch = distributed.gather_batch(image, text, ids, run.group)
+        run.criterion.stats.update(batch.similarity())
         stats_updated = _clock(device)
         loss, diagnostics = run.criterion(image, text, image_key, text_key, ids, image_bank=run.image_bank,
                                           text_bank=run.text_bank, step=run.step, warmup=warmup,
-                                          group_of_id=group_of_id, update_stats=False)
+                                          group_of_id=group_of_id, update_stats=False, batch=batch)
         sampled = _clock(device)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -200,14 +236,15 @@ def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, f
         timing["statistics"] += stats_updated - enqueued
         timing["sampling_and_loss"] += sampled - stats_updated
         run.step += 1
-        sums["loss"] += loss.detach()
         for key in DIAGNOSTIC_KEYS:
             sums[key] += diagnostics[key]
-        if not config.quiet and batch_number % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if not bar.disable and batch_number % 20 == 0:
+            bar.set_postfix(loss=f"{diagnostics['loss'].item() * run.world_size:.4f}")  # rank 0's share × W
     bar.close()
 
-    totals = {key: value.item() for key, value in sums.items()}
+    # One all_reduce adds up the ranks' sums (their shares of the loss, their anchors' diagnostics).
+    summed = distributed.all_reduce_sum(torch.stack([sums[key] for key in DIAGNOSTIC_KEYS]), run.group, "metrics")
+    totals = dict(zip(DIAGNOSTIC_KEYS, summed.tolist()))
     stats = run.criterion.stats.as_tensor().tolist()
     return {"loss": totals["loss"] / num_batches,
             "fn_rate": (totals["false_negatives"] / totals["group_slots"]
@@ -221,10 +258,10 @@ def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, f
             "stats": dict(zip(("mu_pos", "var_pos", "mu_neg", "var_neg", "n_pos"), stats))}
 
 
-def _steps_per_epoch(config: TrainConfig, num_pairs: int) -> int:
-    """Batches in an epoch: all of them, or the first ``steps_per_epoch`` of the epoch's shuffle (short runs
-    and timing runs over a large data set)."""
-    num_batches = math.ceil(num_pairs / config.batch_size)
+def _steps_per_epoch(config: TrainConfig, num_pairs: int, world_size: int) -> int:
+    """Global batches in an epoch: all of them, or the first ``steps_per_epoch`` of the epoch's shuffle (short
+    runs and timing runs over a large data set)."""
+    num_batches = math.ceil(num_pairs / (config.batch_size * world_size))
     return num_batches if config.steps_per_epoch is None else min(num_batches, config.steps_per_epoch)
 
 
@@ -233,45 +270,69 @@ def _evaluate(run: _Run, split: FeatureSplit) -> dict:
     return retrieval_metrics(image, text, split.caption_image, split.image_group)
 
 
-def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None) -> list[dict]:
-    """Trains (or resumes) a run in ``config.out``; returns the per-epoch metrics (also in metrics.jsonl)."""
+def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None, group=None) -> list[dict]:
+    """Trains (or resumes) a run in ``config.out``; returns the per-epoch metrics (also in metrics.jsonl).
+    ``group``: the process group of a run over several processes (None: this process alone); every rank calls
+    ``train`` with the same config, and rank 0 writes the files."""
+    first = distributed.rank(group) == 0
+    verbose = first and not config.quiet
+    _require_same_config(config, group)
+    # Rank 0 alone may be busy for long (encoding features on a cold cache, evaluating, writing the checkpoint):
+    # the others wait for it in this group, whose timeout is long.
+    patient = distributed.patient_group(group)
     os.makedirs(config.out, exist_ok=True)
-    splits = splits or load_splits(config)
-    run = _Run(config, splits["train"])
+    if splits is None:
+        with distributed.first_rank_first(patient):  # rank 0 fills the feature cache, the others read it
+            splits = load_splits(config)
+    run = _Run(config, splits["train"], group)
     checkpoint_path = os.path.join(config.out, CHECKPOINT_NAME)
     if config.resume and os.path.exists(checkpoint_path):
         run.load_state_dict(torch.load(checkpoint_path, map_location=config.device, weights_only=False))
-        if not config.quiet:
+        if verbose:
             print(f"resuming {config.out} at epoch {run.next_epoch} (step {run.step})")
     elif os.path.exists(checkpoint_path) and not config.resume:
         raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue that run, or choose another "
                               "--out")
     metrics_path, timing_path = os.path.join(config.out, METRICS_NAME), os.path.join(config.out, TIMING_NAME)
-    write_jsonl(metrics_path, run.history)
-    timings = read_jsonl(timing_path)[:run.next_epoch] if config.resume else []
+    if first:
+        write_jsonl(metrics_path, run.history)
+    timings = read_jsonl(timing_path)[:run.next_epoch] if config.resume and first else []
     for epoch in range(run.next_epoch, config.epochs):
         started = time.perf_counter()
         timing = dict.fromkeys(("heads", "sampling_and_loss", "bank_update", "statistics"), 0.0)
         row = {"epoch": epoch, "sampler": config.sampler, "seed": config.seed}
         row.update(_train_epoch(run, splits["train"], epoch, timing))
-        row.update(_evaluate(run, splits["test"]))
-        row["val_rsum"] = _evaluate(run, splits["val"])["rsum"]
-        run.history.append(row)
+        if first:  # the heads are the same on every rank: one evaluation
+            row.update(_evaluate(run, splits["test"]))
+            row["val_rsum"] = _evaluate(run, splits["val"])["rsum"]
+        run.history.append(distributed.broadcast_from_first(row, patient, "metrics"))
         run.next_epoch = epoch + 1
-        atomic_save(run.state_dict(), checkpoint_path)
-        write_jsonl(metrics_path, run.history)
-        timing["epoch_seconds"] = time.perf_counter() - started
-        timing["steps"] = _steps_per_epoch(config, splits["train"].text_features.shape[0])
-        timings.append({"epoch": epoch, **timing})
-        write_jsonl(timing_path, timings)
-        if not config.quiet:
-            print(_epoch_line(row), flush=True)
-    if config.plots and run.history:
+        state = run.state_dict()
+        with distributed.first_rank_first(patient):
+            if first:
+                atomic_save(state, checkpoint_path)
+                write_jsonl(metrics_path, run.history)
+                timing["epoch_seconds"] = time.perf_counter() - started
+                timing["steps"] = _steps_per_epoch(config, splits["train"].text_features.shape[0], run.world_size)
+                timings.append({"epoch": epoch, **timing})
+                write_jsonl(timing_path, timings)
+        if verbose:
+            print(_epoch_line(run.history[-1]), flush=True)
+    if config.plots and run.history and first:
         from fne_fast.plots import write_run_plots
 
         write_run_plots(config.out, run.heads, splits["test"], run.history, config.options.prior_k,
                         torch.device(config.device))
     return run.history
+
+
+def _require_same_config(config: TrainConfig, group) -> None:
+    """Every rank must train with the same settings: a clear error instead of collectives that do not match."""
+    if distributed.world_size(group) == 1:
+        return
+    fingerprint = zlib.crc32(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str).encode())
+    table = distributed.agree("fne-fast train", [fingerprint], None, group, torch.device(config.device))
+    distributed.require_same("fne-fast train", table, ("settings fingerprint",))
 
 
 def _epoch_line(row: dict) -> str:
