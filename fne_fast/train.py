@@ -132,7 +132,8 @@ class _Run:
         # DDP averages the ranks' gradients of the trainable heads (the momentum heads have none); the loss is
         # scaled so that the average is the global batch's gradient (fne_fast/loss.py).
         self.model = self.heads if group is None else torch.nn.parallel.DistributedDataParallel(
-            self.heads, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None, process_group=group)
+            self.heads, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None,
+            process_group=group)
         self.optimizer = torch.optim.Adam(self.heads.trainable_parameters(), lr=config.lr)
         bank_dtype = _BANK_DTYPES[config.bank_dtype]
         self.image_bank = MemoryBank(config.bank_size, config.joint_dim, dtype=bank_dtype, device=device,
