@@ -131,13 +131,15 @@ def agree(what: str, values: list[int], problem: str | None, group, device) -> l
         dist.all_gather_single(table, row, group=group)
     _sent("control", (world_size(group) - 1) * row.numel() * 8)
     table = table.view(world_size(group), -1).cpu()
-    problems = []
+    ranks_of_problem: dict[str, list[int]] = {}
     for other, line in enumerate(table):
         if line[0]:
             raw = bytes(line[2 + len(values):].contiguous().view(torch.uint8).tolist())[:int(line[1])]
-            problems.append(f"rank {other}: {raw.decode(errors='replace')}")
-    if problems:
-        raise ValueError(f"{what}: " + "; ".join(problems))
+            ranks_of_problem.setdefault(raw.decode(errors="replace"), []).append(other)
+    if ranks_of_problem:
+        raise ValueError(f"{what}: " + "; ".join(
+            f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {text}"
+            for text, ranks in ranks_of_problem.items()))
     return table[:, 2:2 + len(values)].tolist()
 
 
@@ -197,7 +199,8 @@ def all_reduce_sum(tensor: torch.Tensor, group, label: str) -> torch.Tensor:
     if world_size(group) > 1:
         with _collective(f"all_reduce of {label}", group):
             dist.all_reduce(tensor, group=group)
-        _sent(label, (world_size(group) - 1) * tensor.nbytes // world_size(group))
+        # Any all-reduce algorithm sends at least a reduce-scatter's and an all-gather's share.
+        _sent(label, 2 * (world_size(group) - 1) * tensor.nbytes // world_size(group))
     return tensor
 
 

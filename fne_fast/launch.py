@@ -23,13 +23,12 @@ __all__ = ["Outcome", "run_in_processes", "results_of"]
 @dataclass
 class Outcome:
     """One rank's end: ``value`` when it returned, ``error`` (a traceback) when it raised, ``exit_code`` when it
-    died without reporting; ``seconds`` from the launch to its report (None when it did not report)."""
+    died without reporting."""
 
     rank: int
     value: object = None
     error: str | None = None
     exit_code: int | None = None
-    seconds: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -37,7 +36,7 @@ class Outcome:
 
 
 def _process_main(function, rank: int, world_size: int, store: str, threads: int, timeout_seconds: float,
-                  report: str, started: float, args: tuple) -> None:
+                  report: str, args: tuple) -> None:
     import torch
     import torch.distributed as dist
 
@@ -52,7 +51,6 @@ def _process_main(function, rank: int, world_size: int, store: str, threads: int
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001  (reported to the parent, which raises or inspects it)
         outcome.error = traceback.format_exc()
-    outcome.seconds = time.time() - started
     with open(report + ".tmp", "wb") as stream:
         pickle.dump(outcome, stream)
     os.replace(report + ".tmp", report)
@@ -70,7 +68,7 @@ def run_in_processes(function, world_size: int, *args, threads: int = 1, timeout
         reports = [os.path.join(directory, f"rank{rank}.pickle") for rank in range(world_size)]
         started = time.time()
         processes = [context.Process(target=_process_main, args=(function, rank, world_size, store, threads,
-                                                                 timeout, reports[rank], started, args))
+                                                                 timeout, reports[rank], args))
                      for rank in range(world_size)]
         for process in processes:
             process.start()
