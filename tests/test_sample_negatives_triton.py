@@ -140,12 +140,17 @@ def test_registered_for_the_cuda_dispatch_key():
         ops._sample_negatives_triton_op(*inputs.values(), *schema_args[:-2], 121, True)
 
 
-def test_default_precision_follows_torch_tf32_setting(monkeypatch):
+def test_default_precision_follows_torch_tf32_setting():
     config = TritonConfig()
-    assert triton_kernels._input_precision(config) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert triton_kernels._input_precision(config) == "tf32"
-    assert triton_kernels._input_precision(TritonConfig(input_precision="ieee")) == "ieee"
+    before = torch.backends.cuda.matmul.allow_tf32  # a torch setting, not an attribute monkeypatch can restore
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert triton_kernels._input_precision(config) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert triton_kernels._input_precision(config) == "tf32"
+        assert triton_kernels._input_precision(TritonConfig(input_precision="ieee")) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 # --- compiled code generation, checked without a GPU ------------------------------------------------------------
