@@ -36,10 +36,13 @@ TERMS = ("anchors", "candidates", "rows", "ring")
 TIMED_SHAPE = (256, 262146, 256)
 
 
-def formula(world_size: int, batch: int, k: int, dim: int, element_bytes: int) -> dict[str, int]:
-    """DESIGN.md §3.1: bytes one rank sends per step and direction, by term (``batch``: the local batch)."""
-    others = world_size - 1
-    return {"anchors": others * batch * (4 * dim + 12), "candidates": 16 * others * world_size * batch * k,
+def formula(world_size: int, batch: int, k: int, dim: int, element_bytes: int,
+            total: int | None = None) -> dict[str, int]:
+    """DESIGN.md §3.1: bytes one rank sends per step and direction, by term; ``batch`` is the local batch (the
+    largest one when they differ: the collectives pad to it), ``total`` the global batch (default W·batch: the
+    candidates of every global anchor are gathered unpadded)."""
+    others, total = world_size - 1, world_size * batch if total is None else total
+    return {"anchors": others * batch * (4 * dim + 12), "candidates": 16 * others * total * k,
             "rows": others * batch * k * dim * element_bytes, "ring": others * batch * (dim * element_bytes + 8)}
 
 
@@ -136,7 +139,8 @@ def markdown(traffic: list[dict], runs: dict, rounds: int, repeats: int) -> str:
     lines += ["", f"### One sampling step of (G, N, D) = ({total}, {size}, {dim}), float32, worst case, k = 1", "",
               f"Median over {rounds} interleaved rounds of each launch's median of {repeats} steps (the slowest "
               "rank's). Bytes: what each rank sends in that step, and the formula's sampling terms (anchors, "
-              "candidates, rows) with B = the largest local batch.", "",
+              "candidates, rows) with B = the largest local batch and the candidates of the G global anchors.",
+              "",
               "| processes × threads | local batch B | ms / step | vs 1 process | bank MB per rank | bytes sent "
               "per rank | formula | indices = 1 process |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for (processes, threads), outcomes in runs.items():
@@ -144,7 +148,8 @@ def markdown(traffic: list[dict], runs: dict, rounds: int, repeats: int) -> str:
         first = outcomes[0]
         batch = _local_rows(total, processes, 0).stop
         sent = max(sum(rank["sent"].get(term, 0) for term in TERMS) for rank in first)
-        expected = sum(value for term, value in formula(processes, batch, 1, dim, 4).items() if term != "ring")
+        expected = sum(value for term, value in formula(processes, batch, 1, dim, 4, total).items()
+                       if term != "ring")
         same_index = torch.equal(torch.cat([rank["index"] for rank in first]), reference_index)
         lines.append(f"| {processes} × {threads} | {batch} | {1e3 * seconds:.1f} | {seconds / single:.2f}x | "
                      f"{max(rank['bank_bytes'] for rank in first) / 1e6:.1f} | {sent} | "
@@ -175,9 +180,12 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--write", default=None, help="write the markdown tables to this file")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     traffic = measure_traffic()
     runs = measure_time(args.rounds, args.repeats)
-    table = markdown(traffic, runs, args.rounds, args.repeats) + "\n" + paper_table()
+    # Other jobs on the machine slow every configuration; the load average says how busy it was.
+    load = f"Load average (1 min) at the start and the end: {load_before:.1f}, {os.getloadavg()[0]:.1f}\n\n"
+    table = load + markdown(traffic, runs, args.rounds, args.repeats) + "\n" + paper_table()
     print(table)
     if args.write:
         atomic_write_text(args.write, table)
