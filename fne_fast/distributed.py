@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 __all__ = ["TIMEOUT", "PATIENT_TIMEOUT", "PeerFailure", "world_size", "rank", "process_group_from_environment",
            "patient_group", "count_traffic", "agree", "require_same", "all_gather_rows", "reduce_scatter_rows",
-           "gather_to_first", "all_reduce_sum", "broadcast_from_first", "first_rank_first", "GlobalBatch",
+           "gather_to_first", "all_reduce", "broadcast_from_first", "first_rank_first", "GlobalBatch",
            "gather_batch", "dtype_code", "dtype_name"]
 
 # A collective that waits longer than this for a peer raises (torchrun runs: the default group's timeout).
@@ -118,10 +118,11 @@ def _collective(what: str, group):
 
 # --- agreement -------------------------------------------------------------------------------------------------
 
-def agree(what: str, values: list[int], problem: str | None, group, device) -> list[list[int]]:
+def agree(what: str, values: list[int], problem: str | None, group, device,
+          error: type[Exception] = ValueError) -> list[list[int]]:
     """Every rank's ``values`` (small integers), after one all_gather that also carries each rank's local
     ``problem`` (None when its arguments are fine). If any rank has a problem, every rank raises the same
-    ValueError naming each such rank, before any data collective could wait for a rank that has left."""
+    ``error`` naming each such rank, before any data collective could wait for a rank that has left."""
     message = (problem or "").encode()[:_MESSAGE_BYTES]
     text = torch.frombuffer(bytearray(message.ljust(_MESSAGE_BYTES, b"\0")), dtype=torch.int64)
     row = torch.cat([torch.tensor([problem is not None, len(message), *values], dtype=torch.int64), text])
@@ -137,22 +138,23 @@ def agree(what: str, values: list[int], problem: str | None, group, device) -> l
             raw = bytes(line[2 + len(values):].contiguous().view(torch.uint8).tolist())[:int(line[1])]
             ranks_of_problem.setdefault(raw.decode(errors="replace"), []).append(other)
     if ranks_of_problem:
-        raise ValueError(f"{what}: " + "; ".join(
+        raise error(f"{what}: " + "; ".join(
             f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {text}"
             for text, ranks in ranks_of_problem.items()))
     return table[:, 2:2 + len(values)].tolist()
 
 
-def require_same(what: str, table: list[list[int]], names: tuple[str, ...], show=None) -> None:
-    """Raises a ValueError listing every rank's values when the ranks' rows of ``table`` (from ``agree``)
-    differ. ``show`` turns a row into readable values (default: the numbers)."""
+def require_same(what: str, table: list[list[int]], names: tuple[str, ...], show=None,
+                 error: type[Exception] = ValueError) -> None:
+    """Raises ``error`` listing every rank's values when the ranks' rows of ``table`` (from ``agree``) differ.
+    ``show`` turns a row into readable values (default: the numbers)."""
     if all(line == table[0] for line in table):
         return
     show = show or (lambda line: line)
     described = "; ".join(f"rank {other} has " + ", ".join(f"{name}={value}" for name, value in
                                                             zip(names, show(line)))
                           for other, line in enumerate(table))
-    raise ValueError(f"{what}: the ranks disagree on {', '.join(names)}: {described}")
+    raise error(f"{what}: the ranks disagree on {', '.join(names)}: {described}")
 
 
 # --- data collectives ------------------------------------------------------------------------------------------
@@ -194,11 +196,11 @@ def gather_to_first(tensor: torch.Tensor, group, label: str) -> list[torch.Tenso
     return parts
 
 
-def all_reduce_sum(tensor: torch.Tensor, group, label: str) -> torch.Tensor:
-    """The elementwise sum of ``tensor`` over the ranks (in place; also returned)."""
+def all_reduce(tensor: torch.Tensor, group, label: str, op: str = "sum") -> torch.Tensor:
+    """The elementwise ``op`` ("sum" or "min") of ``tensor`` over the ranks (in place; also returned)."""
     if world_size(group) > 1:
         with _collective(f"all_reduce of {label}", group):
-            dist.all_reduce(tensor, group=group)
+            dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}[op], group=group)
         # Any all-reduce algorithm sends at least a reduce-scatter's and an all-gather's share.
         _sent(label, 2 * (world_size(group) - 1) * tensor.nbytes // world_size(group))
     return tensor

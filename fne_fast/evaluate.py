@@ -3,6 +3,10 @@
 Strict recall counts only an item's own captions (image→text) or its own image (text→image) as hits, so a
 retrieved variant of the same emoji is a miss; group recall counts any item of the anchor's semantic group as a
 hit. Both are reported because strict recall penalises exactly the false negatives FNE is meant to tolerate.
+
+A broken model is never reported as good: recalls of non-finite embeddings are refused (``NonFiniteError``), and
+the ranking itself never counts a non-finite score as a hit (a NaN candidate ranks below every other, and a row
+whose positives score NaN is ranked last), so even NaN scores cannot raise a recall.
 """
 
 from __future__ import annotations
@@ -11,10 +15,24 @@ import torch
 
 from fne_fast.data import FeatureSplit
 
-__all__ = ["retrieval_metrics", "embed_split", "final_table", "comparison_table", "RECALL_KEYS"]
+__all__ = ["retrieval_metrics", "embed_split", "final_table", "comparison_table", "RECALL_KEYS", "NonFiniteError",
+           "raise_if_not_finite_embeddings"]
 
 _KS = (1, 5, 10)
 RECALL_KEYS = tuple(f"{direction}_r{k}" for direction in ("i2t", "t2i") for k in _KS)
+
+
+class NonFiniteError(RuntimeError):
+    """A model, loss or embedding holds NaN or infinity: there is no result to report."""
+
+
+def raise_if_not_finite_embeddings(image: torch.Tensor, text: torch.Tensor) -> None:
+    bad = {name: int((~torch.isfinite(values)).any(dim=1).sum()) for name, values in (("image", image),
+                                                                                      ("text", text))}
+    if any(bad.values()):
+        raise NonFiniteError(f"the model's embeddings are not finite ({bad['image']} of {image.shape[0]} image rows, "
+                             f"{bad['text']} of {text.shape[0]} text rows hold NaN or infinity): no recall is "
+                             "reported for a broken model")
 
 
 @torch.no_grad()
@@ -28,16 +46,21 @@ def embed_split(heads, split: FeatureSplit, device, batch_size: int = 4096) -> t
 
 
 def _ranks_of_best_positive(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """For each row, how many candidates score strictly above the row's best positive (0 = retrieved first)."""
+    """For each row, how many candidates score strictly above the row's best positive (0 = retrieved first). A
+    NaN score ranks below every other; a row whose best positive is not finite ranks last (never a hit)."""
+    scores = scores.masked_fill(scores.isnan(), float("-inf"))
     best = scores.masked_fill(~positive, float("-inf")).max(dim=1, keepdim=True).values
-    return (scores > best).sum(dim=1)
+    ranks = (scores > best).sum(dim=1)
+    return torch.where(torch.isfinite(best.squeeze(1)), ranks, torch.full_like(ranks, scores.shape[1]))
 
 
 @torch.no_grad()
 def retrieval_metrics(image: torch.Tensor, text: torch.Tensor, caption_image: torch.Tensor,
                       image_group: torch.Tensor | None = None, chunk: int = 1024) -> dict[str, float]:
     """Recalls in percent (``i2t_r1`` … ``t2i_r10``, ``rsum``, and with groups ``i2t_group_r1`` …,
-    ``group_rsum``) for unit embeddings ``image`` [I, D] and ``text`` [T, D]."""
+    ``group_rsum``) for unit embeddings ``image`` [I, D] and ``text`` [T, D]. Raises ``NonFiniteError`` when an
+    embedding is not finite."""
+    raise_if_not_finite_embeddings(image, text)
     caption_image = caption_image.to(image.device)
     # Strict recall labels each image by itself; group recall by its group. A hit shares the anchor's label.
     labelings = {"": torch.arange(image.shape[0], device=image.device)}

@@ -10,6 +10,7 @@ import torch
 from fne_fast.data import FeatureSplit
 from fne_fast.evaluate import embed_split
 from fne_fast.fne_math import false_negative_probability
+from fne_fast.io import atomic_output
 
 __all__ = ["write_run_plots"]
 
@@ -21,6 +22,13 @@ def _pyplot():
     import matplotlib.pyplot as pyplot
 
     return pyplot
+
+
+def _save(figure, path: str) -> None:
+    """The figure as a PNG, written atomically like every file of a run."""
+    with atomic_output(path, "wb", suffix=".png") as stream:
+        figure.savefig(stream, dpi=120, format="png")
+    _pyplot().close(figure)
 
 
 def _gaussian(x: torch.Tensor, mean: float, variance: float) -> torch.Tensor:
@@ -63,8 +71,7 @@ def similarity_histogram(path: str, heads, split: FeatureSplit, stats: dict, pri
     axis.legend(loc="upper left", fontsize=8)
     axis.set_title("Similarities after training, with the running statistics' Gaussians")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    pyplot.close(figure)
+    _save(figure, path)
 
 
 def recall_curves(path: str, history: list[dict]) -> None:
@@ -83,8 +90,7 @@ def recall_curves(path: str, history: list[dict]) -> None:
     axis.set_title("Test recall per epoch")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    pyplot.close(figure)
+    _save(figure, path)
 
 
 def write_run_plots(out: str, heads, test_split: FeatureSplit, history: list[dict], prior_k: float,

@@ -5,15 +5,21 @@ epoch's shuffle from (seed, epoch), the op's Gumbel noise from (seed, global ste
 of each epoch holds everything else that evolves (heads, momentum heads, optimiser, banks, statistics, step
 counter, metrics so far), so ``resume=True`` continues to exactly the numbers of an uninterrupted run.
 
+What a run guarantees (docs/TRAINING.md) is built from small modules this loop calls: ``preflight`` (settings
+checked before any work), ``rundir`` (one run per folder, clean SIGINT / SIGTERM), ``checkpoint`` (verified
+safetensors checkpoints with a previous one kept) and ``fingerprint`` (the data's record, compared on resume).
+
 Under torchrun (``group``: the process group, fne_fast/distributed.py) each step's global batch of W·B pairs
 (``batch_size`` B per process) is split over the ranks in rank order, the banks are sharded, the heads are wrapped
 in DistributedDataParallel and the loss is the global batch's (fne_fast/loss.py), so the run follows the data
-order, the negatives and the losses of one process with batch W·B. Rank 0 evaluates and writes every file; the
-checkpoint holds whole banks, so a run resumes with any number of processes of the same global batch.
+order, the negatives and the losses of one process with batch W·B. Rank 0 holds the folder, evaluates and writes
+every file; the checkpoint holds whole banks, so a run resumes with any number of processes of the same global
+batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,16 +32,22 @@ import torch
 
 from fne_fast import distributed
 from fne_fast.bank import MemoryBank
+from fne_fast.checkpoint import CheckpointError, checkpoint_path, has_checkpoint, load_checkpoint, save_checkpoint
 from fne_fast.data import DATASETS, SPLITS, FeatureSplit
-from fne_fast.evaluate import embed_split, retrieval_metrics
-from fne_fast.io import atomic_save, read_jsonl, write_jsonl
+from fne_fast.evaluate import NonFiniteError, embed_split, retrieval_metrics
+from fne_fast.fingerprint import differences
+from fne_fast.io import write_jsonl
 from fne_fast.loss import DIAGNOSTIC_KEYS, SAMPLERS, FNELoss, sampler_mode
 from fne_fast.models import MatchingHeads
 from fne_fast.options import SamplerOptions
+from fne_fast.preflight import UsageError, check_run_settings, check_splits, flag
+from fne_fast.rundir import RunFolder, RunLockedError
 
 __all__ = ["TrainConfig", "train", "load_splits", "CHECKPOINT_NAME", "METRICS_NAME"]
 
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_NAME = os.path.basename(checkpoint_path("", "checkpoint"))
+# The pickle checkpoint of earlier versions: never opened (unpickling can run code), only recognised.
+_LEGACY_CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 TIMING_NAME = "timing.jsonl"
 _BANK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,33 +89,43 @@ class TrainConfig:
     quiet: bool = False
 
     def __post_init__(self):
+        """Each value on its own (``UsageError`` naming the flag); ``preflight.check_run_settings`` checks what
+        depends on the machine (device, backend, folders, data files) when the run starts."""
         if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+            raise UsageError(f"--dataset: must be one of {DATASETS}, got {self.dataset!r}")
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+            raise UsageError(f"--sampler: must be one of {SAMPLERS}, got {self.sampler!r}")
         if isinstance(self.options, dict):
             self.options = SamplerOptions(**self.options)
         self.options = self.options.replace(mode=sampler_mode(self.sampler))
         if self.bank_dtype not in _BANK_DTYPES:
-            raise ValueError(f"bank_dtype must be one of {tuple(_BANK_DTYPES)}, got {self.bank_dtype!r}")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be None or >= 1, got {self.steps_per_epoch}")
-        for name in ("bank_size", "epochs", "batch_size"):
+            raise UsageError(f"--bank-dtype: must be one of {tuple(_BANK_DTYPES)}, got {self.bank_dtype!r}")
+        for name in ("steps_per_epoch", "limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f"{flag(name)}: must be >= 1, got {getattr(self, name)}")
+        for name in ("bank_size", "epochs", "batch_size", "joint_dim", "hidden_dim", "image_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{flag(name)}: must be >= 1, got {getattr(self, name)}")
         if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+            raise UsageError(f"--warmup-epochs: must be >= 0, got {self.warmup_epochs}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"--lr: must be finite and > 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise UsageError(f"--momentum: must be in [0, 1), got {self.momentum}")
+        if self.stats_momentum is not None and not 0.0 <= self.stats_momentum < 1.0:
+            raise UsageError(f"--stats-momentum: must be in [0, 1), got {self.stats_momentum}")
 
 
 def load_splits(config: TrainConfig) -> dict[str, FeatureSplit]:
     """Features of every split, from the cache (encoding them on a miss)."""
     if config.dataset == "features":
-        from fne_fast.data.features import load_feature_arrays
+        from fne_fast.data.features import default_cache_dir, load_feature_arrays
 
         directory = config.data_options.get("features_dir")
         if not directory:
-            raise ValueError("dataset 'features' needs data_options['features_dir'] (--features-dir)")
-        splits = {split: load_feature_arrays(directory, split) for split in SPLITS}
+            raise UsageError("--features-dir: --dataset features needs it")
+        memo_folder = config.cache_dir or default_cache_dir()  # where the arrays' file digests are remembered
+        splits = {split: load_feature_arrays(directory, split, memo_folder=memo_folder) for split in SPLITS}
     else:
         from fne_fast.data import load_raw_split
         from fne_fast.data.features import cached_feature_split
@@ -146,6 +168,8 @@ class _Run:
         self.next_epoch = 0
         self.step = 0
         self.history: list[dict] = []
+        self.timing: list[dict] = []  # kept in the checkpoint, so timing.jsonl is rewritten like metrics.jsonl
+        self.inputs: dict[str, dict | None] = {}  # each split's record of its source files (fne_fast.fingerprint)
 
     def state_dict(self) -> dict | None:
         """Collective when sharded (the banks' shards are gathered): the state on rank 0, None elsewhere."""
@@ -157,22 +181,15 @@ class _Run:
                 "heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "image_bank": image_bank, "text_bank": text_bank,
                 "stats": self.criterion.stats.state_dict(), "torch_rng": torch.get_rng_state(),
-                "history": self.history}
+                "history": self.history, "timing": self.timing, "inputs": self.inputs}
 
     def load_state_dict(self, state: dict) -> None:
-        skipped = _RESUMABLE_FIELDS + _PER_PROCESS_FIELDS
-        stored = {key: value for key, value in state["config"].items() if key not in skipped}
-        current = {key: value for key, value in dataclasses.asdict(self.config).items() if key not in skipped}
-        changed = [f"{key}={stored.get(key)!r} (now {current[key]!r})" for key in sorted(current)
-                   if stored.get(key) != current[key]]
-        stored_processes = state.get("world_size", 1)
-        stored_batch = state["config"]["batch_size"] * stored_processes
-        if stored_batch != self.config.batch_size * self.world_size:
-            changed.append(f"global batch = batch_size × processes = {state['config']['batch_size']} × "
-                           f"{stored_processes} (now {self.config.batch_size} × {self.world_size})")
+        """The state of a checkpoint whose settings ``_resume_state`` compared before the data was read; its
+        record of the inputs is compared here, with the data's."""
+        changed = differences(state["inputs"], self.inputs)
         if changed:
-            raise ValueError("cannot resume: the checkpoint was trained with different settings: "
-                             + ", ".join(changed))
+            raise UsageError("--resume: the data changed since the checkpoint was written: " + "; ".join(changed)
+                             + ". Train on the new data in another --out")
         self.heads.load_state_dict(state["heads"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.image_bank.load_state_dict(state["image_bank"])
@@ -180,6 +197,23 @@ class _Run:
         self.criterion.stats.load_state_dict(state["stats"])
         torch.set_rng_state(state["torch_rng"])
         self.next_epoch, self.step, self.history = state["next_epoch"], state["step"], list(state["history"])
+        self.timing = list(state["timing"])
+
+
+def _check_same_settings(state: dict, config: TrainConfig, world_size: int) -> None:
+    skipped = _RESUMABLE_FIELDS + _PER_PROCESS_FIELDS
+    stored = {key: value for key, value in state["config"].items() if key not in skipped}
+    current = {key: value for key, value in dataclasses.asdict(config).items() if key not in skipped}
+    changed = [f"{key}={stored.get(key)!r} (now {current[key]!r})" for key in sorted(current)
+               if stored.get(key) != current[key]]
+    # Any number of processes may resume a run, as long as the global batch (hence the data order) is the same.
+    stored_processes = state.get("world_size", 1)
+    if state["config"]["batch_size"] * stored_processes != config.batch_size * world_size:
+        changed.append(f"global batch = batch_size × processes = {state['config']['batch_size']} × "
+                       f"{stored_processes} (now {config.batch_size} × {world_size})")
+    if changed:
+        raise UsageError("--resume: cannot resume: the checkpoint was trained with different settings: "
+                         + ", ".join(changed))
 
 
 def _clock(device: torch.device) -> float:
@@ -198,6 +232,7 @@ def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, f
     order = torch.randperm(split.text_features.shape[0], generator=shuffle)
     group_of_id = split.image_group.to(device) if split.image_group is not None else None
     sums = {key: torch.zeros((), dtype=torch.float64, device=device) for key in DIAGNOSTIC_KEYS}
+    divergence = _DivergenceWatch(device, run.group)
     num_batches = _steps_per_epoch(config, order.numel(), run.world_size)
     from tqdm import tqdm
 
@@ -230,6 +265,7 @@ def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, f
         loss.backward()
         run.optimizer.step()
         run.heads.update_momentum()
+        divergence.record(run.step, loss)
         finished = _clock(device)
 
         timing["heads"] += (heads_forward - started) + (finished - sampled)
@@ -239,12 +275,15 @@ def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, f
         run.step += 1
         for key in DIAGNOSTIC_KEYS:
             sums[key] += diagnostics[key]
+        if device.type == "cpu" or batch_number % 20 == 19 or batch_number == num_batches - 1:
+            divergence.raise_if_diverged(epoch)
         if not bar.disable and batch_number % 20 == 0:
             bar.set_postfix(loss=f"{diagnostics['loss'].item() * run.world_size:.4f}")  # rank 0's share × W
     bar.close()
+    divergence.raise_if_parameters_diverged(epoch, run.step - 1, run.heads)
 
     # One all_reduce adds up the ranks' sums (their shares of the loss, their anchors' diagnostics).
-    summed = distributed.all_reduce_sum(torch.stack([sums[key] for key in DIAGNOSTIC_KEYS]), run.group, "metrics")
+    summed = distributed.all_reduce(torch.stack([sums[key] for key in DIAGNOSTIC_KEYS]), run.group, "metrics")
     totals = dict(zip(DIAGNOSTIC_KEYS, summed.tolist()))
     stats = run.criterion.stats.as_tensor().tolist()
     return {"loss": totals["loss"] / num_batches,
@@ -259,6 +298,42 @@ def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, f
             "stats": dict(zip(("mu_pos", "var_pos", "mu_neg", "var_neg", "n_pos"), stats))}
 
 
+class _DivergenceWatch:
+    """The first step whose loss holds NaN or infinity, recorded on the device each step and read (a host
+    synchronisation) every step on a CPU, where it costs nothing, and every 20 steps on a GPU, so the error still
+    names the exact step. Parameters that turn non-finite make the next step's loss non-finite; those of the
+    epoch's last step are checked once at its end."""
+
+    # "No bad step yet": larger than any step, so that the earliest bad step over the ranks is their minimum.
+    _NONE = 2**62
+
+    def __init__(self, device: torch.device, group=None):
+        self.group = group
+        self.first_bad_step = torch.full((), self._NONE, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def record(self, step: int, loss: torch.Tensor) -> None:
+        bad = (self.first_bad_step == self._NONE) & ~loss.detach().isfinite()
+        self.first_bad_step = torch.where(bad, step, self.first_bad_step)
+
+    def raise_if_diverged(self, epoch: int) -> None:
+        # Every rank reads the earliest bad step of any rank, so all of them raise the same error together.
+        step = int(distributed.all_reduce(self.first_bad_step.clone(), self.group, "divergence", "min"))
+        if step != self._NONE:
+            raise NonFiniteError(f"training diverged at epoch {epoch} step {step}: the loss is not finite "
+                                 f"(NaN or infinity); {_DIVERGED}")
+
+    @torch.no_grad()
+    def raise_if_parameters_diverged(self, epoch: int, step: int, heads: torch.nn.Module) -> None:
+        # NaN and infinity survive a sum, so one sum per tensor tells whether it holds any.
+        if not torch.stack([parameter.sum() for parameter in heads.parameters()]).isfinite().all():
+            raise NonFiniteError(f"training diverged at epoch {epoch} step {step}: the parameters after the "
+                                 f"optimiser step are not finite (NaN or infinity); {_DIVERGED}")
+
+
+_DIVERGED = "nothing of this epoch was saved, the folder keeps the last good checkpoint. Try a lower --lr"
+
+
 def _steps_per_epoch(config: TrainConfig, num_pairs: int, world_size: int) -> int:
     """Global batches in an epoch: all of them, or the first ``steps_per_epoch`` of the epoch's shuffle (short
     runs and timing runs over a large data set)."""
@@ -271,69 +346,119 @@ def _evaluate(run: _Run, split: FeatureSplit) -> dict:
     return retrieval_metrics(image, text, split.caption_image, split.image_group)
 
 
+def _resume_state(config: TrainConfig, world_size: int) -> dict | None:
+    """The checkpoint state to continue from (verified, settings compared), or None for a new run; refuses to
+    overwrite a run without ``resume``. Reads no data, so a wrong setting stops the run before any work."""
+    legacy = os.path.join(config.out, _LEGACY_CHECKPOINT_NAME)
+    if os.path.exists(legacy):
+        raise CheckpointError(legacy, "written by an older fne_fast as a pickle, which is not opened because "
+                                      "unpickling can run arbitrary code", "train again with another --out")
+    if not has_checkpoint(config.out):
+        return None
+    if not config.resume:
+        raise UsageError(f"--out: {config.out} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue "
+                         "it, or choose another --out")
+    state, _ = load_checkpoint(config.out)
+    _check_same_settings(state, config, world_size)
+    return state
+
+
+def _check_features(splits: dict[str, FeatureSplit]) -> None:
+    """Splits given in memory are checked like loaded ones: not empty, finite."""
+    check_splits(splits)
+    for name, split in splits.items():
+        bad = split.first_nonfinite()
+        if bad is not None:
+            raise UsageError(f"--dataset: row {bad[1]} of the {name} split's {bad[0]} is not finite (NaN or infinity)")
+
+
 def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None, group=None) -> list[dict]:
     """Trains (or resumes) a run in ``config.out``; returns the per-epoch metrics (also in metrics.jsonl).
-    ``group``: the process group of a run over several processes (None: this process alone); every rank calls
-    ``train`` with the same config, and rank 0 writes the files."""
-    first = distributed.rank(group) == 0
-    verbose = first and not config.quiet
-    _require_same_config(config, group)
-    # Rank 0 alone may be busy for long (encoding features on a cold cache, evaluating, writing the checkpoint):
-    # the others wait for it in this group, whose timeout is long.
-    patient = distributed.patient_group(group)
-    os.makedirs(config.out, exist_ok=True)
-    if splits is None:
-        with distributed.first_rank_first(patient):  # rank 0 fills the feature cache, the others read it
-            splits = load_splits(config)
-    run = _Run(config, splits["train"], group)
-    checkpoint_path = os.path.join(config.out, CHECKPOINT_NAME)
-    if config.resume and os.path.exists(checkpoint_path):
-        run.load_state_dict(torch.load(checkpoint_path, map_location=config.device, weights_only=False))
-        if verbose:
-            print(f"resuming {config.out} at epoch {run.next_epoch} (step {run.step})")
-    elif os.path.exists(checkpoint_path) and not config.resume:
-        raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue that run, or choose another "
-                              "--out")
-    metrics_path, timing_path = os.path.join(config.out, METRICS_NAME), os.path.join(config.out, TIMING_NAME)
-    if first:
-        write_jsonl(metrics_path, run.history)
-    timings = read_jsonl(timing_path)[:run.next_epoch] if config.resume and first else []
-    for epoch in range(run.next_epoch, config.epochs):
-        started = time.perf_counter()
-        timing = dict.fromkeys(("heads", "sampling_and_loss", "bank_update", "statistics"), 0.0)
-        row = {"epoch": epoch, "sampler": config.sampler, "seed": config.seed}
-        row.update(_train_epoch(run, splits["train"], epoch, timing))
-        if first:  # the heads are the same on every rank: one evaluation
-            row.update(_evaluate(run, splits["test"]))
-            row["val_rsum"] = _evaluate(run, splits["val"])["rsum"]
-        run.history.append(distributed.broadcast_from_first(row, patient, "metrics"))
-        run.next_epoch = epoch + 1
-        state = run.state_dict()
-        with distributed.first_rank_first(patient):
-            if first:
-                atomic_save(state, checkpoint_path)
-                write_jsonl(metrics_path, run.history)
-                timing["epoch_seconds"] = time.perf_counter() - started
-                timing["steps"] = _steps_per_epoch(config, splits["train"].text_features.shape[0], run.world_size)
-                timings.append({"epoch": epoch, **timing})
-                write_jsonl(timing_path, timings)
-        if verbose:
-            print(_epoch_line(run.history[-1]), flush=True)
-    if config.plots and run.history and first:
-        from fne_fast.plots import write_run_plots
 
-        write_run_plots(config.out, run.heads, splits["test"], run.history, config.options.prior_k,
-                        torch.device(config.device))
+    ``group``: the process group of a run over several processes (None: this process alone); every rank calls
+    ``train`` with the same config, and rank 0 holds the folder and writes the files.
+
+    Raises ``UsageError`` for settings or data the run cannot use (before any work where they can be known),
+    ``RunLockedError`` when another run holds ``config.out``, ``CheckpointError`` when no checkpoint verifies,
+    ``NonFiniteError`` when training diverges, ``RunInterrupted`` on SIGINT / SIGTERM."""
+    check_run_settings(config, reads_data=splits is None)
+    first, world_size = distributed.rank(group) == 0, distributed.world_size(group)
+    verbose = first and not config.quiet
+    if config.bank_size % world_size:
+        raise UsageError(f"--bank-size: must divide by the number of processes {world_size}, got {config.bank_size}")
+    with _run_folder(config, group) as folder:
+        resumed = _resume_state(config, world_size)
+        # Rank 0 alone may be busy for long (encoding features on a cold cache, evaluating, writing the
+        # checkpoint): the other ranks wait for it in this group, whose timeout is long.
+        patient = distributed.patient_group(group)
+        if splits is None:
+            with distributed.first_rank_first(patient):  # rank 0 fills the feature cache, the others read it
+                splits = load_splits(config)
+        _check_features(splits)
+        run = _Run(config, splits["train"], group)
+        run.inputs = {name: split.inputs for name, split in splits.items()}
+        if resumed is not None:
+            run.load_state_dict(resumed)
+            if verbose:
+                print(f"resuming {config.out} at epoch {run.next_epoch} (step {run.step})")
+        metrics_path, timing_path = os.path.join(config.out, METRICS_NAME), os.path.join(config.out, TIMING_NAME)
+        if first:
+            folder.position = lambda: f"epoch {run.next_epoch} step {run.step}"
+            write_jsonl(metrics_path, run.history)
+            write_jsonl(timing_path, run.timing)
+        for epoch in range(run.next_epoch, config.epochs):
+            started = time.perf_counter()
+            timing = dict.fromkeys(("heads", "sampling_and_loss", "bank_update", "statistics"), 0.0)
+            row = {"epoch": epoch, "sampler": config.sampler, "seed": config.seed}
+            row.update(_train_epoch(run, splits["train"], epoch, timing))
+            if first:  # the heads are the same on every rank: one evaluation
+                row.update(_evaluate(run, splits["test"]))
+                row["val_rsum"] = _evaluate(run, splits["val"])["rsum"]
+            row = distributed.broadcast_from_first(row, patient, "metrics")
+            timing["epoch_seconds"] = time.perf_counter() - started
+            timing["steps"] = _steps_per_epoch(config, splits["train"].text_features.shape[0], world_size)
+            run.history.append(row)
+            run.timing.append({"epoch": epoch, **timing})
+            run.next_epoch = epoch + 1
+            state = run.state_dict()
+            with distributed.first_rank_first(patient):  # the other ranks wait until the files are written
+                if first:
+                    with folder.critical():  # a signal now takes effect once the epoch's files are all written
+                        save_checkpoint(config.out, state)
+                        write_jsonl(metrics_path, run.history)
+                        write_jsonl(timing_path, run.timing)
+            if verbose:
+                print(_epoch_line(row), flush=True)
+        if config.plots and run.history and first:
+            from fne_fast.plots import write_run_plots
+
+            write_run_plots(config.out, run.heads, splits["test"], run.history, config.options.prior_k,
+                            torch.device(config.device))
     return run.history
 
 
-def _require_same_config(config: TrainConfig, group) -> None:
-    """Every rank must train with the same settings: a clear error instead of collectives that do not match."""
+@contextlib.contextmanager
+def _run_folder(config: TrainConfig, group):
+    """The run's folder (``RunFolder``: its lock, clean SIGINT / SIGTERM), held by rank 0 for all ranks; the other
+    ranks get None. Under several processes the ranks first agree that rank 0 took the folder and that they all
+    run the same settings, so a refusal is the same error on every rank."""
     if distributed.world_size(group) == 1:
+        with RunFolder(config.out) as folder:
+            yield folder
         return
-    fingerprint = zlib.crc32(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str).encode())
-    table = distributed.agree("fne-fast train", [fingerprint], None, group, torch.device(config.device))
-    distributed.require_same("fne-fast train", table, ("settings fingerprint",))
+    with contextlib.ExitStack() as stack:
+        folder, problem = None, None
+        if distributed.rank(group) == 0:
+            try:
+                folder = stack.enter_context(RunFolder(config.out))
+            except (RunLockedError, NotADirectoryError) as error:
+                problem = str(error)
+        settings = zlib.crc32(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str).encode())
+        table = distributed.agree("fne-fast train", [settings], problem, group, torch.device(config.device),
+                                  error=UsageError)
+        distributed.require_same("fne-fast train: the processes were started with different settings", table,
+                                 ("settings fingerprint",), error=UsageError)
+        yield folder
 
 
 def _epoch_line(row: dict) -> str:
