@@ -3,15 +3,21 @@
     fne-fast train --dataset emoji --sampler fne --epochs 5 --out runs/emoji-fne --seed 0 [--resume]
     fne-fast eval --checkpoint runs/emoji-fne [--split test]      (a run folder, or a checkpoint file in one)
     fne-fast compare --dataset emoji --samplers fne hardest uniform inbatch-hardest --seeds 0 1 2 --out runs/cmp
+    torchrun --nproc_per_node 2 -m fne_fast.cli train ...   (W processes; --batch-size is per process)
 
 A user's mistake (a setting, a data file, a checkpoint that does not verify, a folder in use) is one line on
 stderr, ``fne-fast: error: …``, and exit code 2; a diverged run (NaN) or a system error (disk full) exit code 1;
 SIGINT / SIGTERM exit codes 130 / 143 with where to resume. A traceback means a bug in fne_fast.
+
+Under torchrun, train and compare run over the process group torchrun describes in the environment
+(fne_fast/distributed.py); rank 0 prints and writes. A rank that fails makes the others stop with a
+``PeerFailure`` (exit code 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -19,6 +25,7 @@ import warnings
 
 import torch  # noqa: F401  (loaded before fne_fast, whose compiled library links against it)
 
+from fne_fast import distributed
 from fne_fast.checkpoint import CheckpointError
 from fne_fast.data import DATASETS, DatasetFormatError
 from fne_fast.evaluate import NonFiniteError
@@ -34,7 +41,7 @@ __all__ = ["main", "build_parser"]
 
 # Errors that are the user's to fix (exit code 2), and those of the run or the system (exit code 1).
 _USER_ERRORS = (UsageError, DatasetFormatError, CheckpointError, RunLockedError, MissingEncoderError)
-_RUN_ERRORS = (NonFiniteError, OSError)
+_RUN_ERRORS = (NonFiniteError, OSError, distributed.PeerFailure)
 
 # Sampler options that are flags (the op's mode follows --sampler).
 _OPTION_FLAGS = tuple(option for option in option_fields() if option.name != "mode")
@@ -147,13 +154,14 @@ def config_from_args(args, **overrides):
     return TrainConfig(**values)
 
 
-def _train(args) -> int:
+def _train(args, group) -> int:
     from fne_fast.evaluate import final_table
     from fne_fast.train import train
 
     config = config_from_args(args, sampler=args.sampler, seed=args.seed, resume=args.resume)
-    history = train(config)
-    print(final_table(history, title=f"{config.dataset}, sampler {config.sampler}, seed {config.seed}"))
+    history = train(config, group=group)
+    if distributed.rank(group) == 0:
+        print(final_table(history, title=f"{config.dataset}, sampler {config.sampler}, seed {config.seed}"))
     return 0
 
 
@@ -180,25 +188,30 @@ def _evaluate(args) -> int:
     return 0
 
 
-def _compare(args) -> int:
+def _compare(args, group) -> int:
     from fne_fast.evaluate import comparison_table
     from fne_fast.preflight import check_run_settings
     from fne_fast.train import load_splits, train
 
     first = config_from_args(args, sampler=args.samplers[0], seed=args.seeds[0])
     check_run_settings(first)
-    with RunFolder(args.out):  # one comparison per folder; each run below also locks its own
-        splits = load_splits(first)
+    main_rank = distributed.rank(group) == 0
+    # One comparison per folder (rank 0 holds it for all ranks); each run below also locks its own.
+    with RunFolder(args.out) if main_rank else contextlib.nullcontext():
+        with distributed.first_rank_first(distributed.patient_group(group)):  # rank 0 fills the feature cache
+            splits = load_splits(first)
         histories = {}
         for sampler in args.samplers:
             for seed in args.seeds:
                 out = os.path.join(args.out, f"{sampler}-seed{seed}")
                 config = config_from_args(args, sampler=sampler, seed=seed, out=out, resume=True)
-                print(f"== {sampler}, seed {seed} -> {out}", flush=True)
-                histories[(sampler, seed)] = train(config, splits)
-        table = comparison_table(histories, dataset=args.dataset, command=" ".join(["fne-fast", *args.argv]))
-        atomic_write_text(os.path.join(args.out, "results.md"), table)
-    print(table)
+                if main_rank:
+                    print(f"== {sampler}, seed {seed} -> {out}", flush=True)
+                histories[(sampler, seed)] = train(config, splits, group=group)
+        if main_rank:
+            table = comparison_table(histories, dataset=args.dataset, command=" ".join(["fne-fast", *args.argv]))
+            atomic_write_text(os.path.join(args.out, "results.md"), table)
+            print(table)
     return 0
 
 
@@ -210,11 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # the results table quotes the command that produced it
-    command = {"train": _train, "eval": _evaluate, "compare": _compare}[args.command]
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
         try:
-            return command(args)
+            if args.command == "eval":  # one process's work
+                return _evaluate(args)
+            with distributed.process_group_from_environment(args.device) as group:
+                return {"train": _train, "compare": _compare}[args.command](args, group)
         except RunInterrupted as interrupted:
             print(f"fne-fast: {interrupted}", file=sys.stderr, flush=True)
             return interrupted.exit_code

@@ -8,18 +8,29 @@ counter, metrics so far), so ``resume=True`` continues to exactly the numbers of
 What a run guarantees (docs/TRAINING.md) is built from small modules this loop calls: ``preflight`` (settings
 checked before any work), ``rundir`` (one run per folder, clean SIGINT / SIGTERM), ``checkpoint`` (verified
 safetensors checkpoints with a previous one kept) and ``fingerprint`` (the data's record, compared on resume).
+
+Under torchrun (``group``: the process group, fne_fast/distributed.py) each step's global batch of W·B pairs
+(``batch_size`` B per process) is split over the ranks in rank order, the banks are sharded, the heads are wrapped
+in DistributedDataParallel and the loss is the global batch's (fne_fast/loss.py), so the run follows the data
+order, the negatives and the losses of one process with batch W·B. Rank 0 holds the folder, evaluates and writes
+every file; the checkpoint holds whole banks, so a run resumes with any number of processes of the same global
+batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import torch
 
+from fne_fast import distributed
 from fne_fast.bank import MemoryBank
 from fne_fast.checkpoint import CheckpointError, checkpoint_path, has_checkpoint, load_checkpoint, save_checkpoint
 from fne_fast.data import DATASETS, SPLITS, FeatureSplit
@@ -30,7 +41,7 @@ from fne_fast.loss import DIAGNOSTIC_KEYS, SAMPLERS, FNELoss, sampler_mode
 from fne_fast.models import MatchingHeads
 from fne_fast.options import SamplerOptions
 from fne_fast.preflight import UsageError, check_run_settings, check_splits, flag
-from fne_fast.rundir import RunFolder
+from fne_fast.rundir import RunFolder, RunLockedError
 
 __all__ = ["TrainConfig", "train", "load_splits", "CHECKPOINT_NAME", "METRICS_NAME"]
 
@@ -42,6 +53,8 @@ TIMING_NAME = "timing.jsonl"
 _BANK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Settings that may differ between a run and its resumption without changing its numbers.
 _RESUMABLE_FIELDS = ("epochs", "resume", "out", "cache_dir", "plots", "quiet")
+# Not compared directly on resume: the global batch, batch_size × processes, is.
+_PER_PROCESS_FIELDS = ("batch_size",)
 
 
 @dataclass
@@ -131,28 +144,42 @@ def load_splits(config: TrainConfig) -> dict[str, FeatureSplit]:
 class _Run:
     """The evolving state of one training run, and its checkpoint."""
 
-    def __init__(self, config: TrainConfig, train_split: FeatureSplit):
-        self.config = config
+    def __init__(self, config: TrainConfig, train_split: FeatureSplit, group=None):
+        self.config, self.group = config, group
+        self.world_size, self.rank = distributed.world_size(group), distributed.rank(group)
         device = torch.device(config.device)
         torch.manual_seed(config.seed)
         self.heads = MatchingHeads(train_split.image_features.shape[1], train_split.text_features.shape[1],
                                    config.joint_dim, config.hidden_dim, config.momentum).to(device)
+        # DDP averages the ranks' gradients of the trainable heads (the momentum heads have none); the loss is
+        # scaled so that the average is the global batch's gradient (fne_fast/loss.py).
+        self.model = self.heads if group is None else torch.nn.parallel.DistributedDataParallel(
+            self.heads, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None,
+            process_group=group)
         self.optimizer = torch.optim.Adam(self.heads.trainable_parameters(), lr=config.lr)
         bank_dtype = _BANK_DTYPES[config.bank_dtype]
-        self.image_bank = MemoryBank(config.bank_size, config.joint_dim, dtype=bank_dtype, device=device)
-        self.text_bank = MemoryBank(config.bank_size, config.joint_dim, dtype=bank_dtype, device=device)
+        self.image_bank = MemoryBank(config.bank_size, config.joint_dim, dtype=bank_dtype, device=device,
+                                     group=group)
+        self.text_bank = MemoryBank(config.bank_size, config.joint_dim, dtype=bank_dtype, device=device,
+                                    group=group)
         self.criterion = FNELoss(config.sampler, config.options, seed=config.seed,
-                                 stats_momentum=config.stats_momentum, backend=config.backend, device=device)
+                                 stats_momentum=config.stats_momentum, backend=config.backend, device=device,
+                                 group=group)
         self.next_epoch = 0
         self.step = 0
         self.history: list[dict] = []
         self.timing: list[dict] = []  # kept in the checkpoint, so timing.jsonl is rewritten like metrics.jsonl
         self.inputs: dict[str, dict | None] = {}  # each split's record of its source files (fne_fast.fingerprint)
 
-    def state_dict(self) -> dict:
-        return {"config": dataclasses.asdict(self.config), "next_epoch": self.next_epoch, "step": self.step,
+    def state_dict(self) -> dict | None:
+        """Collective when sharded (the banks' shards are gathered): the state on rank 0, None elsewhere."""
+        image_bank, text_bank = self.image_bank.state_dict(), self.text_bank.state_dict()
+        if self.rank != 0:
+            return None
+        return {"config": dataclasses.asdict(self.config), "world_size": self.world_size,
+                "next_epoch": self.next_epoch, "step": self.step,
                 "heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "image_bank": self.image_bank.state_dict(), "text_bank": self.text_bank.state_dict(),
+                "image_bank": image_bank, "text_bank": text_bank,
                 "stats": self.criterion.stats.state_dict(), "torch_rng": torch.get_rng_state(),
                 "history": self.history, "timing": self.timing, "inputs": self.inputs}
 
@@ -173,13 +200,20 @@ class _Run:
         self.timing = list(state["timing"])
 
 
-def _check_same_settings(stored_config: dict, config: TrainConfig) -> None:
-    stored = {key: value for key, value in stored_config.items() if key not in _RESUMABLE_FIELDS}
-    current = {key: value for key, value in dataclasses.asdict(config).items() if key not in _RESUMABLE_FIELDS}
-    changed = sorted(key for key in current if stored.get(key) != current[key])
+def _check_same_settings(state: dict, config: TrainConfig, world_size: int) -> None:
+    skipped = _RESUMABLE_FIELDS + _PER_PROCESS_FIELDS
+    stored = {key: value for key, value in state["config"].items() if key not in skipped}
+    current = {key: value for key, value in dataclasses.asdict(config).items() if key not in skipped}
+    changed = [f"{key}={stored.get(key)!r} (now {current[key]!r})" for key in sorted(current)
+               if stored.get(key) != current[key]]
+    # Any number of processes may resume a run, as long as the global batch (hence the data order) is the same.
+    stored_processes = state.get("world_size", 1)
+    if state["config"]["batch_size"] * stored_processes != config.batch_size * world_size:
+        changed.append(f"global batch = batch_size × processes = {state['config']['batch_size']} × "
+                       f"{stored_processes} (now {config.batch_size} × {world_size})")
     if changed:
         raise UsageError("--resume: cannot resume: the checkpoint was trained with different settings: "
-                         + ", ".join(f"{key}={stored.get(key)!r} (now {current[key]!r})" for key in changed))
+                         + ", ".join(changed))
 
 
 def _clock(device: torch.device) -> float:
@@ -197,29 +231,35 @@ def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, f
     shuffle = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
     order = torch.randperm(split.text_features.shape[0], generator=shuffle)
     group_of_id = split.image_group.to(device) if split.image_group is not None else None
-    sums = {key: torch.zeros((), dtype=torch.float64, device=device) for key in (*DIAGNOSTIC_KEYS, "loss")}
-    divergence = _DivergenceWatch(device)
-    num_batches = _steps_per_epoch(config, order.numel())
+    sums = {key: torch.zeros((), dtype=torch.float64, device=device) for key in DIAGNOSTIC_KEYS}
+    divergence = _DivergenceWatch(device, run.group)
+    num_batches = _steps_per_epoch(config, order.numel(), run.world_size)
     from tqdm import tqdm
 
-    bar = tqdm(order.split(config.batch_size)[:num_batches], total=num_batches, desc=f"epoch {epoch}", unit="step",
-               disable=config.quiet, leave=False)
-    for batch_number, captions in enumerate(bar):
+    # A step's global batch is the next W·B pairs of the shuffle; rank r takes its r-th slice of B (the last
+    # batch of an epoch may leave a rank fewer pairs, or none).
+    global_batch = config.batch_size * run.world_size
+    mine = slice(run.rank * config.batch_size, (run.rank + 1) * config.batch_size)
+    bar = tqdm(order.split(global_batch)[:num_batches], total=num_batches, desc=f"epoch {epoch}", unit="step",
+               disable=config.quiet or run.rank != 0, leave=False)
+    for batch_number, global_captions in enumerate(bar):
+        captions = global_captions[mine]
         ids = split.caption_image[captions].to(device)
         image_features = split.image_features[split.caption_image[captions]].to(device)
         text_features = split.text_features[captions].to(device)
 
         started = _clock(device)
-        image, text, image_key, text_key = run.heads(image_features, text_features)
+        image, text, image_key, text_key = run.model(image_features, text_features)
         heads_forward = _clock(device)
         run.image_bank.enqueue(image_key, ids)
         run.text_bank.enqueue(text_key, ids)
         enqueued = _clock(device)
-        run.criterion.stats.update(image.detach() @ text.detach().T)
+        batch = distributed.gather_batch(image, text, ids, run.group)
+        run.criterion.stats.update(batch.similarity())
         stats_updated = _clock(device)
         loss, diagnostics = run.criterion(image, text, image_key, text_key, ids, image_bank=run.image_bank,
                                           text_bank=run.text_bank, step=run.step, warmup=warmup,
-                                          group_of_id=group_of_id, update_stats=False)
+                                          group_of_id=group_of_id, update_stats=False, batch=batch)
         sampled = _clock(device)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -233,17 +273,18 @@ def _train_epoch(run: _Run, split: FeatureSplit, epoch: int, timing: dict[str, f
         timing["statistics"] += stats_updated - enqueued
         timing["sampling_and_loss"] += sampled - stats_updated
         run.step += 1
-        sums["loss"] += loss.detach()
         for key in DIAGNOSTIC_KEYS:
             sums[key] += diagnostics[key]
         if device.type == "cpu" or batch_number % 20 == 19 or batch_number == num_batches - 1:
             divergence.raise_if_diverged(epoch)
-        if not config.quiet and batch_number % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if not bar.disable and batch_number % 20 == 0:
+            bar.set_postfix(loss=f"{diagnostics['loss'].item() * run.world_size:.4f}")  # rank 0's share × W
     bar.close()
     divergence.raise_if_parameters_diverged(epoch, run.step - 1, run.heads)
 
-    totals = {key: value.item() for key, value in sums.items()}
+    # One all_reduce adds up the ranks' sums (their shares of the loss, their anchors' diagnostics).
+    summed = distributed.all_reduce(torch.stack([sums[key] for key in DIAGNOSTIC_KEYS]), run.group, "metrics")
+    totals = dict(zip(DIAGNOSTIC_KEYS, summed.tolist()))
     stats = run.criterion.stats.as_tensor().tolist()
     return {"loss": totals["loss"] / num_batches,
             "fn_rate": (totals["false_negatives"] / totals["group_slots"]
@@ -263,17 +304,22 @@ class _DivergenceWatch:
     names the exact step. Parameters that turn non-finite make the next step's loss non-finite; those of the
     epoch's last step are checked once at its end."""
 
-    def __init__(self, device: torch.device):
-        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    # "No bad step yet": larger than any step, so that the earliest bad step over the ranks is their minimum.
+    _NONE = 2**62
+
+    def __init__(self, device: torch.device, group=None):
+        self.group = group
+        self.first_bad_step = torch.full((), self._NONE, dtype=torch.int64, device=device)
 
     @torch.no_grad()
     def record(self, step: int, loss: torch.Tensor) -> None:
-        bad = (self.first_bad_step < 0) & ~loss.detach().isfinite()
+        bad = (self.first_bad_step == self._NONE) & ~loss.detach().isfinite()
         self.first_bad_step = torch.where(bad, step, self.first_bad_step)
 
     def raise_if_diverged(self, epoch: int) -> None:
-        step = int(self.first_bad_step)
-        if step >= 0:
+        # Every rank reads the earliest bad step of any rank, so all of them raise the same error together.
+        step = int(distributed.all_reduce(self.first_bad_step.clone(), self.group, "divergence", "min"))
+        if step != self._NONE:
             raise NonFiniteError(f"training diverged at epoch {epoch} step {step}: the loss is not finite "
                                  f"(NaN or infinity); {_DIVERGED}")
 
@@ -288,10 +334,10 @@ class _DivergenceWatch:
 _DIVERGED = "nothing of this epoch was saved, the folder keeps the last good checkpoint. Try a lower --lr"
 
 
-def _steps_per_epoch(config: TrainConfig, num_pairs: int) -> int:
-    """Batches in an epoch: all of them, or the first ``steps_per_epoch`` of the epoch's shuffle (short runs
-    and timing runs over a large data set)."""
-    num_batches = math.ceil(num_pairs / config.batch_size)
+def _steps_per_epoch(config: TrainConfig, num_pairs: int, world_size: int) -> int:
+    """Global batches in an epoch: all of them, or the first ``steps_per_epoch`` of the epoch's shuffle (short
+    runs and timing runs over a large data set)."""
+    num_batches = math.ceil(num_pairs / (config.batch_size * world_size))
     return num_batches if config.steps_per_epoch is None else min(num_batches, config.steps_per_epoch)
 
 
@@ -300,7 +346,7 @@ def _evaluate(run: _Run, split: FeatureSplit) -> dict:
     return retrieval_metrics(image, text, split.caption_image, split.image_group)
 
 
-def _resume_state(config: TrainConfig) -> dict | None:
+def _resume_state(config: TrainConfig, world_size: int) -> dict | None:
     """The checkpoint state to continue from (verified, settings compared), or None for a new run; refuses to
     overwrite a run without ``resume``. Reads no data, so a wrong setting stops the run before any work."""
     legacy = os.path.join(config.out, _LEGACY_CHECKPOINT_NAME)
@@ -313,7 +359,7 @@ def _resume_state(config: TrainConfig) -> dict | None:
         raise UsageError(f"--out: {config.out} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue "
                          "it, or choose another --out")
     state, _ = load_checkpoint(config.out)
-    _check_same_settings(state["config"], config)
+    _check_same_settings(state, config, world_size)
     return state
 
 
@@ -326,51 +372,93 @@ def _check_features(splits: dict[str, FeatureSplit]) -> None:
             raise UsageError(f"--dataset: row {bad[1]} of the {name} split's {bad[0]} is not finite (NaN or infinity)")
 
 
-def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None) -> list[dict]:
+def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None, group=None) -> list[dict]:
     """Trains (or resumes) a run in ``config.out``; returns the per-epoch metrics (also in metrics.jsonl).
+
+    ``group``: the process group of a run over several processes (None: this process alone); every rank calls
+    ``train`` with the same config, and rank 0 holds the folder and writes the files.
 
     Raises ``UsageError`` for settings or data the run cannot use (before any work where they can be known),
     ``RunLockedError`` when another run holds ``config.out``, ``CheckpointError`` when no checkpoint verifies,
     ``NonFiniteError`` when training diverges, ``RunInterrupted`` on SIGINT / SIGTERM."""
     check_run_settings(config, reads_data=splits is None)
-    with RunFolder(config.out) as folder:
-        state = _resume_state(config)
-        splits = splits or load_splits(config)
+    first, world_size = distributed.rank(group) == 0, distributed.world_size(group)
+    verbose = first and not config.quiet
+    if config.bank_size % world_size:
+        raise UsageError(f"--bank-size: must divide by the number of processes {world_size}, got {config.bank_size}")
+    with _run_folder(config, group) as folder:
+        resumed = _resume_state(config, world_size)
+        # Rank 0 alone may be busy for long (encoding features on a cold cache, evaluating, writing the
+        # checkpoint): the other ranks wait for it in this group, whose timeout is long.
+        patient = distributed.patient_group(group)
+        if splits is None:
+            with distributed.first_rank_first(patient):  # rank 0 fills the feature cache, the others read it
+                splits = load_splits(config)
         _check_features(splits)
-        run = _Run(config, splits["train"])
+        run = _Run(config, splits["train"], group)
         run.inputs = {name: split.inputs for name, split in splits.items()}
-        if state is not None:
-            run.load_state_dict(state)
-            if not config.quiet:
+        if resumed is not None:
+            run.load_state_dict(resumed)
+            if verbose:
                 print(f"resuming {config.out} at epoch {run.next_epoch} (step {run.step})")
-        folder.position = lambda: f"epoch {run.next_epoch} step {run.step}"
         metrics_path, timing_path = os.path.join(config.out, METRICS_NAME), os.path.join(config.out, TIMING_NAME)
-        write_jsonl(metrics_path, run.history)
-        write_jsonl(timing_path, run.timing)
+        if first:
+            folder.position = lambda: f"epoch {run.next_epoch} step {run.step}"
+            write_jsonl(metrics_path, run.history)
+            write_jsonl(timing_path, run.timing)
         for epoch in range(run.next_epoch, config.epochs):
             started = time.perf_counter()
             timing = dict.fromkeys(("heads", "sampling_and_loss", "bank_update", "statistics"), 0.0)
             row = {"epoch": epoch, "sampler": config.sampler, "seed": config.seed}
             row.update(_train_epoch(run, splits["train"], epoch, timing))
-            row.update(_evaluate(run, splits["test"]))
-            row["val_rsum"] = _evaluate(run, splits["val"])["rsum"]
+            if first:  # the heads are the same on every rank: one evaluation
+                row.update(_evaluate(run, splits["test"]))
+                row["val_rsum"] = _evaluate(run, splits["val"])["rsum"]
+            row = distributed.broadcast_from_first(row, patient, "metrics")
             timing["epoch_seconds"] = time.perf_counter() - started
-            timing["steps"] = _steps_per_epoch(config, splits["train"].text_features.shape[0])
+            timing["steps"] = _steps_per_epoch(config, splits["train"].text_features.shape[0], world_size)
             run.history.append(row)
             run.timing.append({"epoch": epoch, **timing})
             run.next_epoch = epoch + 1
-            with folder.critical():  # a signal now takes effect once the epoch's files are all written
-                save_checkpoint(config.out, run.state_dict())
-                write_jsonl(metrics_path, run.history)
-                write_jsonl(timing_path, run.timing)
-            if not config.quiet:
+            state = run.state_dict()
+            with distributed.first_rank_first(patient):  # the other ranks wait until the files are written
+                if first:
+                    with folder.critical():  # a signal now takes effect once the epoch's files are all written
+                        save_checkpoint(config.out, state)
+                        write_jsonl(metrics_path, run.history)
+                        write_jsonl(timing_path, run.timing)
+            if verbose:
                 print(_epoch_line(row), flush=True)
-        if config.plots and run.history:
+        if config.plots and run.history and first:
             from fne_fast.plots import write_run_plots
 
             write_run_plots(config.out, run.heads, splits["test"], run.history, config.options.prior_k,
                             torch.device(config.device))
     return run.history
+
+
+@contextlib.contextmanager
+def _run_folder(config: TrainConfig, group):
+    """The run's folder (``RunFolder``: its lock, clean SIGINT / SIGTERM), held by rank 0 for all ranks; the other
+    ranks get None. Under several processes the ranks first agree that rank 0 took the folder and that they all
+    run the same settings, so a refusal is the same error on every rank."""
+    if distributed.world_size(group) == 1:
+        with RunFolder(config.out) as folder:
+            yield folder
+        return
+    with contextlib.ExitStack() as stack:
+        folder, problem = None, None
+        if distributed.rank(group) == 0:
+            try:
+                folder = stack.enter_context(RunFolder(config.out))
+            except (RunLockedError, NotADirectoryError) as error:
+                problem = str(error)
+        settings = zlib.crc32(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str).encode())
+        table = distributed.agree("fne-fast train", [settings], problem, group, torch.device(config.device),
+                                  error=UsageError)
+        distributed.require_same("fne-fast train: the processes were started with different settings", table,
+                                 ("settings fingerprint",), error=UsageError)
+        yield folder
 
 
 def _epoch_line(row: dict) -> str:

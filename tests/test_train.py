@@ -160,3 +160,36 @@ def test_sampler_options_build_the_flags_and_reach_the_loss(tmp_path, splits):
     assert config.options == SamplerOptions(mode="uniform", tau=2.0, cutdown=False, k=3)
     with pytest.raises(ValueError, match="fn_margin"):
         TrainConfig(options=dict(fn_margin=2.0))
+
+
+def test_torchrun_two_processes_follow_one_process_with_the_global_batch(tmp_path, splits, capsys):
+    """`torchrun --nproc_per_node 2 -m fne_fast.cli train --batch-size 8` takes the steps of one process with
+    batch 16: the same per-epoch losses, sampler diagnostics and recalls (to float rounding); its checkpoint
+    resumes in one process of batch 16 and continues that run."""
+    import subprocess
+    import sys
+
+    from fne_fast.cli import main
+
+    features = tmp_path / "features"
+    write_feature_arrays(features, splits)
+    common = ["train", "--dataset", "features", "--features-dir", str(features), "--bank-size", "64",
+              "--min-count", "5", "--seed", "3", "--quiet", "--no-plots"]
+    assert main([*common, "--batch-size", "16", "--epochs", "3", "--out", str(tmp_path / "one")]) == 0
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               "2", "-m", "fne_fast.cli", *common, "--batch-size", "8", "--epochs", "2", "--out",
+                               str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("rsum") == 1  # rank 0 alone prints the table
+    capsys.readouterr()
+    assert main([*common, "--batch-size", "8", "--epochs", "3", "--out", str(tmp_path / "two"), "--resume"]) == 2
+    assert "global batch = batch_size × processes = 8 × 2 (now 8 × 1)" in capsys.readouterr().err
+    assert main([*common, "--batch-size", "16", "--epochs", "3", "--out", str(tmp_path / "two"), "--resume"]) == 0
+
+    one, two = _read(tmp_path / "one" / METRICS_NAME), _read(tmp_path / "two" / METRICS_NAME)
+    assert len(one) == len(two) == 3 and not one[1]["warmup"]
+    for single, sharded in zip(one, two):
+        for key in ("loss", "fallback_rate", "fn_rate", "fn_rate_sampled"):
+            assert sharded[key] == pytest.approx(single[key], rel=1e-5), key
+        assert sharded["stats"]["n_pos"] == single["stats"]["n_pos"]
+        assert sharded["rsum"] == pytest.approx(single["rsum"], abs=2.0)
