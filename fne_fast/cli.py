@@ -1,9 +1,18 @@
 """The ``fne-fast`` command: train, eval and compare.
 
     fne-fast train --dataset emoji --sampler fne --epochs 5 --out runs/emoji-fne --seed 0 [--resume]
-    fne-fast eval --checkpoint runs/emoji-fne/checkpoint.pt [--split test]
+    fne-fast eval --checkpoint runs/emoji-fne [--split test]      (a run folder, or a checkpoint file in one)
     fne-fast compare --dataset emoji --samplers inbatch-hardest hardest uniform fne fne:fn_tau=inf --seeds 0 1 2 \
         --out runs/cmp [--baseline inbatch-hardest [uniform ...]]
+    torchrun --nproc_per_node 2 -m fne_fast.cli train ...   (W processes; --batch-size is per process)
+
+A user's mistake (a setting, a data file, a checkpoint that does not verify, a folder in use) is one line on
+stderr, ``fne-fast: error: …``, and exit code 2; a diverged run (NaN) or a system error (disk full) exit code 1;
+SIGINT / SIGTERM exit codes 130 / 143 with where to resume. A traceback means a bug in fne_fast.
+
+Under torchrun, train and compare run over the process group torchrun describes in the environment
+(fne_fast/distributed.py); rank 0 prints and writes. A rank that fails makes the others stop with a
+``PeerFailure`` (exit code 1).
 """
 
 from __future__ import annotations
@@ -12,14 +21,26 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 import torch  # noqa: F401  (loaded before fne_fast, whose compiled library links against it)
 
-from fne_fast.data import DATASETS
+from fne_fast import distributed
+from fne_fast.checkpoint import CheckpointError
+from fne_fast.data import DATASETS, DatasetFormatError
+from fne_fast.evaluate import NonFiniteError
 from fne_fast.loss import SAMPLERS
+from fne_fast.models import MissingEncoderError
+from fne_fast.ops import BACKENDS
 from fne_fast.options import SamplerOptions, option_fields
+from fne_fast.preflight import UsageError
+from fne_fast.rundir import RunInterrupted, RunLockedError
 
 __all__ = ["main", "build_parser"]
+
+# Errors that are the user's to fix (exit code 2), and those of the run or the system (exit code 1).
+_USER_ERRORS = (UsageError, DatasetFormatError, CheckpointError, RunLockedError, MissingEncoderError)
+_RUN_ERRORS = (NonFiniteError, OSError, distributed.PeerFailure)
 
 # Sampler options that are flags (the op's mode follows --sampler).
 _OPTION_FLAGS = tuple(option for option in option_fields() if option.name != "mode")
@@ -74,8 +95,10 @@ def _add_training_options(parser: argparse.ArgumentParser, *, single_run: bool) 
     parser.add_argument("--stats-momentum", type=float, default=None,
                         help="EMA momentum of the running statistics (default: the authors' running mean)")
     parser.add_argument("--momentum", type=float, default=0.995, help="momentum of the key heads")
+    parser.add_argument("--joint-dim", type=int, default=256, help="width of the joint embedding space")
+    parser.add_argument("--hidden-dim", type=int, default=1024, help="hidden width of the projection heads")
     parser.add_argument("--bank-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    parser.add_argument("--backend", default="auto", help="the op's backend: auto, cpu, cuda, triton, reference")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="the op's backend")
     parser.add_argument("--image-size", type=int, default=128, help="pixels fed to EfficientNet-Lite0")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many items per split")
     parser.add_argument("--eval-limit", type=int, default=None,
@@ -101,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_training_options(commands.add_parser("train", help="train (or resume) one run"), single_run=True)
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint")
-    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--checkpoint", required=True,
+                          help="a run folder (its latest verified checkpoint) or a checkpoint file")
     evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
     evaluate.add_argument("--device", default=None)
     compare = commands.add_parser("compare", help="samplers x seeds, selected by validation, paired against a "
@@ -163,6 +187,7 @@ def config_from_args(args, **overrides):
     values = dict(dataset=args.dataset, options=options, bank_size=args.bank_size, epochs=args.epochs,
                   warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
                   out=args.out, stats_momentum=args.stats_momentum, momentum=args.momentum,
+                  joint_dim=args.joint_dim, hidden_dim=args.hidden_dim,
                   bank_dtype=args.bank_dtype, backend=args.backend, image_size=args.image_size, limit=args.limit,
                   eval_limit=args.eval_limit,
                   steps_per_epoch=args.steps_per_epoch,
@@ -172,42 +197,56 @@ def config_from_args(args, **overrides):
     return TrainConfig(**values)
 
 
-def _train(args) -> int:
+def _train(args, group) -> int:
     from fne_fast.evaluate import final_table
     from fne_fast.train import train
 
     config = config_from_args(args, sampler=args.sampler, seed=args.seed, resume=args.resume)
-    history = train(config)
-    print(final_table(history, title=f"{config.dataset}, sampler {config.sampler}, seed {config.seed}"))
+    history = train(config, group=group)
+    if distributed.rank(group) == 0:
+        print(final_table(history, title=f"{config.dataset}, sampler {config.sampler}, seed {config.seed}"))
     return 0
 
 
 def _evaluate(args) -> int:
+    from fne_fast.checkpoint import load_checkpoint, read_checkpoint
     from fne_fast.evaluate import embed_split, retrieval_metrics
     from fne_fast.models import MatchingHeads
+    from fne_fast.preflight import check_device
     from fne_fast.train import TrainConfig, load_splits
 
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    if os.path.isdir(args.checkpoint):
+        state, path = load_checkpoint(args.checkpoint)  # the latest that verifies
+    else:
+        state, path = read_checkpoint(args.checkpoint), args.checkpoint
     config = TrainConfig(**{**state["config"], "device": args.device or state["config"]["device"]})
+    check_device(config.device)
     split = load_splits(config)[args.split]
     heads = MatchingHeads(split.image_features.shape[1], split.text_features.shape[1], config.joint_dim,
                           config.hidden_dim, config.momentum).to(config.device)
     heads.load_state_dict(state["heads"])
     image, text = embed_split(heads, split, torch.device(config.device))
     metrics = retrieval_metrics(image, text, split.caption_image, split.image_group)
-    print(json.dumps({"checkpoint": args.checkpoint, "split": args.split, **metrics}))
+    print(json.dumps({"checkpoint": path, "split": args.split, **metrics}))
     return 0
 
 
-def _compare(args) -> int:
+def _compare(args, group) -> int:
     from fne_fast.compare import RESULTS_MD, compare
+    from fne_fast.preflight import check_run_settings
 
     base = config_from_args(args, sampler=args.samplers[0].sampler, seed=args.seeds[0])
+    check_run_settings(base)
     compare(base, args.samplers, args.seeds, args.out, baselines=args.baseline,
-            command=" ".join(["fne-fast", *args.argv]), replicates=args.bootstrap)
-    with open(os.path.join(args.out, RESULTS_MD), encoding="utf-8") as table:
-        print(table.read())
+            command=" ".join(["fne-fast", *args.argv]), replicates=args.bootstrap, group=group)
+    if distributed.rank(group) == 0:
+        with open(os.path.join(args.out, RESULTS_MD), encoding="utf-8") as table:
+            print(table.read())
     return 0
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"fne-fast: warning: {message}", file=sys.stderr if file is None else file, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,7 +256,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compare":
         _check_compare_args(parser, args)
     args.argv = argv  # the results table quotes the command that produced it
-    return {"train": _train, "eval": _evaluate, "compare": _compare}[args.command](args)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            if args.command == "eval":  # one process's work
+                return _evaluate(args)
+            with distributed.process_group_from_environment(args.device) as group:
+                return {"train": _train, "compare": _compare}[args.command](args, group)
+        except RunInterrupted as interrupted:
+            print(f"fne-fast: {interrupted}", file=sys.stderr, flush=True)
+            return interrupted.exit_code
+        except KeyboardInterrupt:  # Ctrl-C outside a run folder (eval)
+            print("fne-fast: interrupted", file=sys.stderr, flush=True)
+            return 130
+        except _USER_ERRORS as error:
+            print(f"fne-fast: error: {error}", file=sys.stderr, flush=True)
+            return 2
+        except _RUN_ERRORS as error:
+            print(f"fne-fast: error: {error}", file=sys.stderr, flush=True)
+            return 1
 
 
 if __name__ == "__main__":

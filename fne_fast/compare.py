@@ -13,6 +13,7 @@ checkpoint, so an interrupted comparison redoes only what is missing. Then:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -138,20 +139,44 @@ def pairings(names: list[str], baselines: list[str]) -> list[tuple[str, str]]:
 
 
 def compare(base, arms: list[Arm], seeds: list[int], out: str, *, baselines: tuple = ("inbatch-hardest",),
-            command: str = "", splits=None, replicates: int = 2000) -> dict:
+            command: str = "", splits=None, replicates: int = 2000, group=None) -> dict | None:
     """Trains (or resumes) every arm × seed from the ``base`` TrainConfig into ``out`` (with the run plots when
-    ``base.plots``) and writes the results files; returns the results (what results.json holds)."""
-    from fne_fast.train import load_splits, read_best_test_ranks, train
+    ``base.plots``) and writes the results files; returns the results (what results.json holds). Under a process
+    group every rank trains and rank 0 holds the folder and writes; the other ranks return None."""
+    from fne_fast import distributed
+    from fne_fast.rundir import RunFolder
+    from fne_fast.train import load_splits, train
 
     baselines = list(baselines)
     check_arms(arms, seeds, baselines)
-    splits = splits or load_splits(base)
-    histories = {}
-    for seed in seeds:  # seeds outermost: after each seed, every arm has a paired run
-        for arm in arms:
-            config = _run_config(base, arm, seed, out)
-            print(f"== {arm.name}, seed {seed} -> {config.out}", flush=True)
-            histories[arm.name, seed] = train(config, splits)
+    main_rank = distributed.rank(group) == 0
+    # One comparison per folder (rank 0 holds it for all ranks); each run below also locks its own.
+    with RunFolder(out) if main_rank else contextlib.nullcontext():
+        if splits is None:
+            with distributed.first_rank_first(distributed.patient_group(group)):  # rank 0 fills the feature cache
+                splits = load_splits(base)
+        histories = {}
+        for seed in seeds:  # seeds outermost: after each seed, every arm has a paired run
+            for arm in arms:
+                config = _run_config(base, arm, seed, out)
+                if main_rank:
+                    print(f"== {arm.name}, seed {seed} -> {config.out}", flush=True)
+                histories[arm.name, seed] = train(config, splits, group=group)
+        if not main_rank:
+            return None
+        results = _results(base, arms, seeds, out, baselines, histories, splits["test"], command, replicates)
+        atomic_write_text(os.path.join(out, RESULTS_JSON), json.dumps(results, indent=1) + "\n")
+        atomic_write_text(os.path.join(out, RESULTS_MD), results_markdown(results))
+        from fne_fast.plots import comparison_bars
+
+        comparison_bars(os.path.join(out, COMPARE_PNG), results)
+    return results
+
+
+def _results(base, arms, seeds, out, baselines, histories, test_split, command, replicates) -> dict:
+    """Every run's record, each arm's mean ± std, and the paired tests (what results.json holds)."""
+    from fne_fast.preflight import UsageError
+    from fne_fast.train import read_best_test_ranks
 
     results = {"dataset": base.dataset, "command": command, "seeds": list(seeds), "baseline": baselines[0],
                "baselines": baselines,
@@ -165,28 +190,20 @@ def compare(base, arms: list[Arm], seeds: list[int], out: str, *, baselines: tup
             record = _run_record(histories[arm.name, seed], seed, folder)
             epoch, ranks[arm.name, seed] = read_best_test_ranks(os.path.join(out, folder))
             if epoch != record["best_epoch"]:
-                raise RuntimeError(f"{folder}: its best test ranks are of epoch {epoch}, its metrics select epoch "
-                                   f"{record['best_epoch']}; resume the run to rewrite them")
+                raise UsageError(f"--out: {folder}: its best test ranks are of epoch {epoch}, its metrics select "
+                                 f"epoch {record['best_epoch']}; train it again in a new folder")
             runs.append(record)
         summary = {key: _mean_std([run[key] for run in runs]) for key in runs[0] if key not in ("seed", "folder")}
         results["arms"].append({"name": arm.name, "sampler": arm.sampler,
                                 "options": _run_config(base, arm, seeds[0], out).options.as_kwargs(),
                                 "runs": runs, "summary": summary})
-    caption_image = splits["test"].caption_image
-    has_groups = splits["test"].image_group is not None
     for name, baseline in pairings([arm.name for arm in arms], baselines):
         pairs = {"arm": name, "baseline": baseline}
-        for group in (False, True) if has_groups else (False,):
-            pairs["group_rsum" if group else "rsum"] = paired_comparison(
-                [ranks[name, seed] for seed in seeds], [ranks[baseline, seed] for seed in seeds], caption_image,
-                group=group, replicates=replicates)
+        for by_group in (False, True) if test_split.image_group is not None else (False,):
+            pairs["group_rsum" if by_group else "rsum"] = paired_comparison(
+                [ranks[name, seed] for seed in seeds], [ranks[baseline, seed] for seed in seeds],
+                test_split.caption_image, group=by_group, replicates=replicates)
         results["paired"].append(pairs)
-
-    atomic_write_text(os.path.join(out, RESULTS_JSON), json.dumps(results, indent=1) + "\n")
-    atomic_write_text(os.path.join(out, RESULTS_MD), results_markdown(results))
-    from fne_fast.plots import comparison_bars
-
-    comparison_bars(os.path.join(out, COMPARE_PNG), results)
     return results
 
 

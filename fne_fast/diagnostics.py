@@ -158,11 +158,12 @@ def summarise(sums: dict, *, sampler: str, has_groups: bool) -> dict:
 
 
 @torch.no_grad()
-def epoch_diagnostics(heads, split, image_bank, text_bank, stats: torch.Tensor, options: SamplerOptions, *,
-                      sampler: str, device, anchors: int = 256) -> dict:
+def epoch_diagnostics(heads, split, image_bank: dict, text_bank: dict, stats: torch.Tensor, options: SamplerOptions,
+                      *, sampler: str, device, anchors: int = 256) -> dict:
     """Both directions' diagnostics for a fixed sample of ``anchors`` training pairs (the same pairs in every
     epoch and every run on the split): image anchors against the text bank, text anchors against the image bank.
-    Positives are scored against the momentum keys, as in the loss."""
+    The banks are whole-bank states (``MemoryBank.state_dict()``: features, ids, filled). Positives are scored
+    against the momentum keys, as in the loss."""
     generator = torch.Generator().manual_seed(_SAMPLE_SEED)
     captions = torch.randperm(split.text_features.shape[0], generator=generator)[:anchors]
     ids = split.caption_image[captions].to(device)
@@ -172,6 +173,7 @@ def epoch_diagnostics(heads, split, image_bank, text_bank, stats: torch.Tensor, 
     group_of_id = split.image_group.to(device) if split.image_group is not None else None
     sums = None
     for anchor, positive_key, bank in ((image, text_key, text_bank), (text, image_key, image_bank)):
-        sums = bank_diagnostics(anchor, (anchor * positive_key).sum(dim=1), ids, bank.features, bank.ids,
-                                bank.filled, stats, options, sampler=sampler, group_of_id=group_of_id, sums=sums)
+        sums = bank_diagnostics(anchor, (anchor * positive_key).sum(dim=1), ids, bank["features"].to(device),
+                                bank["ids"].to(device), bank["filled"], stats, options, sampler=sampler,
+                                group_of_id=group_of_id, sums=sums)
     return summarise(sums, sampler=sampler, has_groups=group_of_id is not None)

@@ -3,6 +3,10 @@
 Strict recall counts only an item's own captions (image→text) or its own image (text→image) as hits, so a
 retrieved variant of the same emoji is a miss; group recall counts any item of the anchor's semantic group as a
 hit. Both are reported because strict recall penalises exactly the false negatives FNE is meant to tolerate.
+
+A broken model is never reported as good: recalls of non-finite embeddings are refused (``NonFiniteError``), and
+the ranking itself never counts a non-finite score as a hit (a NaN candidate ranks below every other, and a row
+whose positives score NaN is ranked last), so even NaN scores cannot raise a recall.
 """
 
 from __future__ import annotations
@@ -12,10 +16,24 @@ import torch
 from fne_fast.data import FeatureSplit
 from fne_fast.selection import run_summary
 
-__all__ = ["retrieval_metrics", "retrieval_ranks", "recalls_from_ranks", "embed_split", "final_table", "RECALL_KEYS"]
+__all__ = ["retrieval_metrics", "retrieval_ranks", "recalls_from_ranks", "embed_split", "final_table", "RECALL_KEYS",
+           "NonFiniteError", "raise_if_not_finite_embeddings"]
 
 _KS = (1, 5, 10)
 RECALL_KEYS = tuple(f"{direction}_r{k}" for direction in ("i2t", "t2i") for k in _KS)
+
+
+class NonFiniteError(RuntimeError):
+    """A model, loss or embedding holds NaN or infinity: there is no result to report."""
+
+
+def raise_if_not_finite_embeddings(image: torch.Tensor, text: torch.Tensor) -> None:
+    bad = {name: int((~torch.isfinite(values)).any(dim=1).sum()) for name, values in (("image", image),
+                                                                                      ("text", text))}
+    if any(bad.values()):
+        raise NonFiniteError(f"the model's embeddings are not finite ({bad['image']} of {image.shape[0]} image rows, "
+                             f"{bad['text']} of {text.shape[0]} text rows hold NaN or infinity): no recall is "
+                             "reported for a broken model")
 
 
 @torch.no_grad()
@@ -29,9 +47,12 @@ def embed_split(heads, split: FeatureSplit, device, batch_size: int = 4096) -> t
 
 
 def _ranks_of_best_positive(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """For each row, how many candidates score strictly above the row's best positive (0 = retrieved first)."""
+    """For each row, how many candidates score strictly above the row's best positive (0 = retrieved first). A
+    NaN score ranks below every other; a row whose best positive is not finite ranks last (never a hit)."""
+    scores = scores.masked_fill(scores.isnan(), float("-inf"))
     best = scores.masked_fill(~positive, float("-inf")).max(dim=1, keepdim=True).values
-    return (scores > best).sum(dim=1)
+    ranks = (scores > best).sum(dim=1)
+    return torch.where(torch.isfinite(best.squeeze(1)), ranks, torch.full_like(ranks, scores.shape[1]))
 
 
 @torch.no_grad()
@@ -39,7 +60,9 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image: torc
                     image_group: torch.Tensor | None = None, chunk: int = 1024) -> dict[str, torch.Tensor]:
     """Per-item ranks of the best hit (0 = retrieved first), int64 on the CPU, for unit embeddings ``image``
     [I, D] and ``text`` [T, D]: ``i2t`` [I], ``t2i`` [T], and with groups ``i2t_group``, ``t2i_group``. The
-    recalls are read from them (``recalls_from_ranks``), and so is the paired bootstrap over test items."""
+    recalls are read from them (``recalls_from_ranks``), and so is the paired bootstrap over test items. Raises
+    ``NonFiniteError`` when an embedding is not finite."""
+    raise_if_not_finite_embeddings(image, text)
     caption_image = caption_image.to(image.device)
     # Strict recall labels each image by itself; group recall by its group. A hit shares the anchor's label. Each
     # chunk of scores is computed once and ranked under every labeling.
@@ -80,7 +103,8 @@ def recalls_from_ranks(ranks: dict[str, torch.Tensor]) -> dict[str, float]:
 def retrieval_metrics(image: torch.Tensor, text: torch.Tensor, caption_image: torch.Tensor,
                       image_group: torch.Tensor | None = None, chunk: int = 1024) -> dict[str, float]:
     """Recalls in percent (``i2t_r1`` … ``t2i_r10``, ``rsum``, and with groups ``i2t_group_r1`` …,
-    ``group_rsum``) for unit embeddings ``image`` [I, D] and ``text`` [T, D]."""
+    ``group_rsum``) for unit embeddings ``image`` [I, D] and ``text`` [T, D]. Raises ``NonFiniteError`` when an
+    embedding is not finite."""
     return recalls_from_ranks(retrieval_ranks(image, text, caption_image, image_group, chunk))
 
 

@@ -12,6 +12,7 @@ from fne_fast.data import FeatureSplit
 from fne_fast.diagnostics import LOG10_P_FN_EDGES, SIM_EDGES
 from fne_fast.evaluate import embed_split
 from fne_fast.fne_math import false_negative_probability
+from fne_fast.io import atomic_output
 from fne_fast.options import SamplerOptions
 
 __all__ = ["write_run_plots", "p_fn_by_epoch", "comparison_bars", "RUN_PLOTS"]
@@ -27,6 +28,13 @@ def _pyplot():
     import matplotlib.pyplot as pyplot
 
     return pyplot
+
+
+def _save(figure, path: str, dpi: int = 120) -> None:
+    """The figure as a PNG, written atomically like every file of a run."""
+    with atomic_output(path, "wb", suffix=".png") as stream:
+        figure.savefig(stream, dpi=dpi, format="png")
+    _pyplot().close(figure)
 
 
 def _gaussian(x: torch.Tensor, mean: float, variance: float) -> torch.Tensor:
@@ -69,8 +77,7 @@ def similarity_histogram(path: str, heads, split: FeatureSplit, stats: dict, pri
     axis.legend(loc="upper left", fontsize=8)
     axis.set_title("Similarities after training, with the running statistics' Gaussians")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    pyplot.close(figure)
+    _save(figure, path)
 
 
 def recall_curves(path: str, history: list[dict]) -> None:
@@ -89,8 +96,7 @@ def recall_curves(path: str, history: list[dict]) -> None:
     axis.set_title("Test recall per epoch")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    pyplot.close(figure)
+    _save(figure, path)
 
 
 def _spread(items: list, count: int) -> list:
@@ -161,8 +167,7 @@ def p_fn_by_epoch(path: str, history: list[dict], options: SamplerOptions, max_p
     figure.suptitle("Every bank candidate of the diagnostic anchors: similarity, P_fn, and who is a false negative",
                     fontsize=10)
     figure.tight_layout(rect=(0, 0.08, 1, 1))
-    figure.savefig(path, dpi=100)
-    pyplot.close(figure)
+    _save(figure, path, dpi=100)
     return True
 
 
@@ -189,8 +194,7 @@ def comparison_bars(path: str, results: dict) -> None:
         axis.set_title(title, fontsize=9)
     figure.suptitle(f"{results['dataset']}: mean ± std over seeds (dots: seeds; orange: the baseline)", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    pyplot.close(figure)
+    _save(figure, path, dpi=100)
 
 
 def write_run_plots(out: str, heads, test_split: FeatureSplit, history: list[dict], options: SamplerOptions,

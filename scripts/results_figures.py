@@ -29,7 +29,9 @@ from fne_fast.diagnostics import LOG10_P_FN_EDGES, SIM_EDGES
 from fne_fast.fne_math import log_weights
 from fne_fast.io import read_jsonl
 from fne_fast.options import SamplerOptions
-from fne_fast.train import CHECKPOINT_NAME, TrainConfig, _Run, load_splits
+from fne_fast.checkpoint import load_checkpoint
+from fne_fast.models import MatchingHeads
+from fne_fast.train import TrainConfig, load_splits
 
 THRESHOLDS = torch.linspace(0.3, 1.0, 71, dtype=torch.float64)
 CURVE_ANCHORS = 1024  # training pairs per direction
@@ -100,26 +102,27 @@ def threshold_curve(folder: str, splits=None) -> tuple[torch.Tensor, torch.Tenso
     """(FN rate of FNE's own draws, fallback share) per threshold of THRESHOLDS, for a run's last checkpoint, its
     training anchors against its banks and the authors' weights, when every race candidate with s above the
     threshold is removed; and the cut-down μ⁺ - margin."""
-    state = torch.load(os.path.join(folder, CHECKPOINT_NAME), map_location="cpu", weights_only=False)
-    config = TrainConfig(**{**state["config"], "resume": True})
+    state, _ = load_checkpoint(folder)
+    config = TrainConfig(**state["config"])
     splits = splits or load_splits(config)
-    run = _Run(config, splits["train"])
-    run.load_state_dict(state)
+    split = splits["train"]
+    heads = MatchingHeads(split.image_features.shape[1], split.text_features.shape[1], config.joint_dim,
+                          config.hidden_dim, config.momentum)
+    heads.load_state_dict(state["heads"])
     last = state["history"][-1]["stats"]
     stats = torch.tensor([last[key] for key in ("mu_pos", "var_pos", "mu_neg", "var_neg", "n_pos")])
     options = SamplerOptions(margin=config.options.margin, tau=config.options.tau)  # the weights without removal
-    split = splits["train"]
     captions = torch.randperm(split.text_features.shape[0], generator=torch.Generator().manual_seed(7))[:CURVE_ANCHORS]
     ids = split.caption_image[captions]
-    image, text, image_key, text_key = run.heads(split.image_features[ids], split.text_features[captions])
+    image, text, image_key, text_key = heads(split.image_features[ids], split.text_features[captions])
     same_fn = torch.zeros(len(THRESHOLDS), dtype=torch.float64)
     drawing = torch.zeros(len(THRESHOLDS), dtype=torch.float64)
-    for anchors, keys, bank in ((image, text_key, run.text_bank), (text, image_key, run.image_bank)):
-        sim = (anchors @ bank.features.T).double()
+    for anchors, keys, bank in ((image, text_key, state["text_bank"]), (text, image_key, state["image_bank"])):
+        sim = (anchors @ bank["features"].float().T).double()
         weights = log_weights(sim, (anchors * keys).sum(dim=1).double(), stats.double(), options)
-        race = ((bank.ids[None, :] != ids[:, None]) & (torch.arange(bank.size) < bank.filled)[None, :]
+        race = ((bank["ids"][None, :] != ids[:, None]) & (torch.arange(sim.shape[1]) < bank["filled"])[None, :]
                 & (sim > stats[0].item() - options.margin))
-        same = split.image_group[bank.ids.clamp(min=0)][None, :] == split.image_group[ids][:, None]
+        same = split.image_group[bank["ids"].clamp(min=0)][None, :] == split.image_group[ids][:, None]
         for index, threshold in enumerate(THRESHOLDS):
             kept = race & (sim <= threshold)
             rows = kept.any(dim=1)

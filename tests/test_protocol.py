@@ -9,13 +9,15 @@ import torch
 pytest.importorskip("tqdm", reason="tqdm (the `train` extra) is not installed: scripts/setup_data.sh installs it")
 
 from fne_fast import train as train_module  # noqa: E402
+from fne_fast.checkpoint import checkpoint_path, read_checkpoint  # noqa: E402
 from fne_fast.compare import Arm, pairings, parse_arm  # noqa: E402
 from fne_fast.evaluate import recalls_from_ranks  # noqa: E402
 from fne_fast.paired import (BEYOND_NOISE, WITHIN_NOISE, paired_comparison, rsum_item_scores,  # noqa: E402
                              student_t_two_sided_p)
 from fne_fast.selection import best_epoch_index, run_summary  # noqa: E402
 from fne_fast.train import BEST_NAME, CHECKPOINT_NAME, read_best_test_ranks, train  # noqa: E402
-from test_train import _config, _write_feature_arrays, splits  # noqa: E402,F401  (the synthetic data fixture)
+from runs import write_feature_arrays  # noqa: E402
+from test_train import _config, splits  # noqa: E402,F401  (the synthetic data fixture)
 
 
 # ---- selection ---------------------------------------------------------------------------------------------
@@ -38,8 +40,8 @@ def test_best_epoch_index(val_rsums, warmup, best):
 
 
 def test_a_run_whose_best_validation_epoch_is_not_the_last(tmp_path, splits, monkeypatch):  # noqa: F811
-    """best.pt and the best test ranks hold epoch 1 of 3; the oracle is a 2-epoch run of the same seed, which
-    resumption exactness makes bit-identical to the 3-epoch run after its second epoch."""
+    """The best checkpoint and the best test ranks hold epoch 1 of 3; the oracle is a 2-epoch run of the same
+    seed, which resumption exactness makes bit-identical to the 3-epoch run after its second epoch."""
     scripted = iter([10.0, 30.0, 20.0])  # validation rsum of epochs 0, 1, 2
     monkeypatch.setattr(train_module, "_validation_rsum", lambda run, split: next(scripted))
     history = train(_config(tmp_path / "three", epochs=3), splits)
@@ -48,8 +50,8 @@ def test_a_run_whose_best_validation_epoch_is_not_the_last(tmp_path, splits, mon
 
     summary = run_summary(history)
     assert summary["best_epoch"] == 1 and summary["last"]["epoch"] == 2
-    best = torch.load(tmp_path / "three" / BEST_NAME, weights_only=False)
-    oracle = torch.load(tmp_path / "two" / CHECKPOINT_NAME, weights_only=False)
+    best = read_checkpoint(checkpoint_path(str(tmp_path / "three"), BEST_NAME))
+    oracle = read_checkpoint(str(tmp_path / "two" / CHECKPOINT_NAME))
     assert best["next_epoch"] == 2 and best["step"] == oracle["step"]
     for key, value in oracle["heads"].items():
         assert torch.equal(best["heads"][key], value), key
@@ -171,7 +173,7 @@ def test_an_interrupted_compare_redoes_only_what_is_missing(tmp_path, splits, mo
     from fne_fast.cli import main
 
     features = tmp_path / "features"
-    _write_feature_arrays(features, splits)
+    write_feature_arrays(features, splits)
     assert main(_compare_arguments(features, tmp_path / "whole")) == 0
 
     epochs_trained = []
@@ -185,8 +187,7 @@ def test_an_interrupted_compare_redoes_only_what_is_missing(tmp_path, splits, mo
         return train_epoch(run, split, epoch, timing)
 
     monkeypatch.setattr(train_module, "_train_epoch", counting)
-    with pytest.raises(KeyboardInterrupt):
-        main(_compare_arguments(features, tmp_path / "parts"))
+    assert main(_compare_arguments(features, tmp_path / "parts")) == 130  # Ctrl-C: a one-line interruption
     assert not (tmp_path / "parts" / "results.json").exists()
     epochs_trained.clear()
     interrupt_at[0] = None
@@ -219,11 +220,12 @@ def test_eval_limit_caps_validation_and_test_but_not_training(tmp_path, splits):
     from fne_fast.train import load_splits
 
     features = tmp_path / "features"
-    _write_feature_arrays(features, splits)
-    loaded = load_splits(_config(tmp_path / "run", eval_limit=7, data_options={"features_dir": str(features)}))
+    write_feature_arrays(features, splits)
+    loaded = load_splits(_config(tmp_path / "run", eval_limit=7, data_options={"features_dir": str(features)},
+                                 cache_dir=str(tmp_path / "cache")))
     assert loaded["train"].image_features.shape[0] == splits["train"].image_features.shape[0] == 60
     for name in ("val", "test"):
         assert loaded[name].image_features.shape[0] == 7
         assert torch.equal(loaded[name].text_features, splits[name].first_images(7).text_features)
-    with pytest.raises(ValueError, match="eval_limit"):
+    with pytest.raises(ValueError, match="--eval-limit"):
         _config(tmp_path, eval_limit=0)
