@@ -12,6 +12,7 @@ from fne_fast import train as train_module  # noqa: E402
 from fne_fast.checkpoint import checkpoint_path, read_checkpoint  # noqa: E402
 from fne_fast.compare import Arm, pairings, parse_arm  # noqa: E402
 from fne_fast.evaluate import recalls_from_ranks  # noqa: E402
+from fne_fast.io import read_jsonl  # noqa: E402
 from fne_fast.paired import (BEYOND_NOISE, WITHIN_NOISE, paired_comparison, rsum_item_scores,  # noqa: E402
                              student_t_two_sided_p)
 from fne_fast.selection import best_epoch_index, run_summary  # noqa: E402
@@ -207,7 +208,7 @@ def test_an_interrupted_compare_redoes_only_what_is_missing(tmp_path, splits, mo
     arm = parts["arms"][1]
     assert arm["options"]["fn_tau"] == math.inf and arm["options"]["mode"] == "fne"
     assert [run["best_epoch"] for run in arm["runs"]] == [
-        run_summary(train_module.read_jsonl(str(tmp_path / "parts" / run["folder"] / "metrics.jsonl")))["best_epoch"]
+        run_summary(read_jsonl(str(tmp_path / "parts" / run["folder"] / "metrics.jsonl")))["best_epoch"]
         for run in arm["runs"]]
     assert {"rsum", "group_rsum"} <= parts["paired"][0].keys()
 
