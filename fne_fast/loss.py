@@ -89,10 +89,13 @@ class FNELoss(nn.Module):
     def _bank_direction(self, anchors, positive_keys, ids, bank: MemoryBank, stats, seed, step, group_of_id,
                         diagnostics, batch: GlobalBatch) -> torch.Tensor:
         positive_sim = (anchors * positive_keys.to(anchors.dtype)).sum(dim=1)
-        # Selection runs in float32 whatever the anchors' dtype (float64 in gradient checks): it is not
-        # differentiated, and the hinge below recomputes the chosen similarities in the anchors' dtype.
+        # Selection runs in the bank's storage dtype whatever the anchors' (float64 in gradient checks): it is not
+        # differentiated, and the hinge below recomputes the chosen similarities in the anchors' dtype. With a
+        # bf16 bank the anchors are rounded to bf16 too, so that the op takes its bf16 GEMM (oneDNN's brgemm on
+        # CPU, tensor cores on a GPU) instead of converting every bank tile to float32; the similarities that rank
+        # the candidates then carry bf16's rounding of the anchors (2⁻⁹ relative) as well as the bank's.
         _, chosen_sim, valid, rows, key, chosen_ids = bank.sample(
-            anchors.detach().float(), positive_sim.detach().float(), ids, stats, seed=seed, step=step,
+            anchors.detach().to(bank.dtype), positive_sim.detach().float(), ids, stats, seed=seed, step=step,
             backend=self.backend, return_keys=True, return_ids=True, **self.options.as_kwargs())
         negative_sim = torch.einsum("bd,bkd->bk", anchors, rows.to(anchors.dtype))
         weight = valid.to(anchors.dtype)
