@@ -22,8 +22,9 @@ pickle, so a planted file cannot run code, whatever it contains.
 complete, verified checkpoint; ``load_checkpoint`` takes the latest that verifies and warns when that is the
 previous one (the latest is missing after a kill between the two renames, or damaged).
 
-**Test hook** (tests only): ``FNE_FAST_TEST_HOOK=<point>:<n>:<action>`` makes the n-th save of this process do
-<action> — ``SIGKILL``, ``SIGINT``, ``SIGTERM`` (sent to itself) or ``sleep=<seconds>`` — at <point>:
+**Test hook** (tests only): ``FNE_FAST_TEST_HOOK=<point>:<n>:<action>`` makes the n-th save of the run's
+``checkpoint`` in this process (other names, such as ``best``, are not counted) do <action> — ``SIGKILL``,
+``SIGINT``, ``SIGTERM`` (sent to itself) or ``sleep=<seconds>`` — at <point>:
 ``checkpoint-temp-written`` (the new file is complete in its temporary file), ``checkpoint-rotated`` (the old one
 moved aside, the new one not yet in place) or ``checkpoint-saved``.
 """
@@ -227,10 +228,10 @@ def _verifies(path: str) -> bool:
 _hook_counts: Counter = Counter()
 
 
-def _test_hook(point: str) -> None:
+def _test_hook(point: str, name: str) -> None:
     """The failure injection documented above; nothing happens unless FNE_FAST_TEST_HOOK names this point."""
     setting = os.environ.get("FNE_FAST_TEST_HOOK", "")
-    if not setting.startswith(point + ":"):
+    if name != "checkpoint" or not setting.startswith(point + ":"):
         return
     _hook_counts[point] += 1
     _, occurrence, action = setting.split(":", 2)
@@ -249,17 +250,17 @@ def save_checkpoint(directory: str, state: dict, name: str = "checkpoint", *, ke
     latest, previous = checkpoint_path(directory, name), checkpoint_path(directory, name, previous=True)
 
     def move_latest_aside():
-        _test_hook("checkpoint-temp-written")
+        _test_hook("checkpoint-temp-written", name)
         if keep_previous and os.path.exists(latest) and _verifies(latest):
             os.replace(latest, previous)
             _known_good.pop(latest, None)
-            _test_hook("checkpoint-rotated")
+            _test_hook("checkpoint-rotated", name)
 
     with atomic_output(latest, "wb", suffix=SUFFIX, before_replace=move_latest_aside) as stream:
         for piece in pieces:
             stream.write(piece)
     _known_good[latest] = _signature(latest)
-    _test_hook("checkpoint-saved")
+    _test_hook("checkpoint-saved", name)
     return latest
 
 
