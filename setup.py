@@ -25,11 +25,13 @@ def _extension():
     # Release build: -O3 and no debug info (-g0 overrides a -g from Python's own CFLAGS). OpenMP is compiled in
     # for at::parallel_for but not linked: the symbols resolve to the OpenMP runtime torch already loaded, so
     # the process keeps a single thread pool.
-    cxx_flags = ["-O3", "-g0", "-fopenmp", "-std=c++17", "-Wall", "-Wno-unknown-pragmas"]
+    # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++20 from torch 2.13, whose
+    # headers use C++20 features; C++17 before).
+    cxx_flags = ["-O3", "-g0", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
-        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         return CUDAExtension("fne_fast._C", sources + _sources("csrc/cuda/*.cu"), include_dirs=include_dirs,
                              define_macros=[("FNE_FAST_WITH_CUDA", "1")],
                              extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})

@@ -2,18 +2,32 @@
 
     pytest bench/                                       # pytest-benchmark table
     python bench/bench_sample_negatives.py --write bench/RESULTS.md   # medians, ratios, memory -> markdown
+    python bench/bench_sample_negatives.py --low-precision --write bench/RESULTS_cpu_bf16.md   # bf16 / fp16 banks
 
 Baselines, per shape (B, N, D), float32, 2 threads: the bare matmul ``anchors @ bank.T`` (the floor), the
 eager PyTorch oracle in float32 (fne_fast.reference), and a rewrite of the authors' loss-side selection
 (bench/authors_loss.py). A training step makes two calls (image→text and text→image) of the same shape, so
-per-call ratios are also per-step ratios.
+per-call ratios are also per-step ratios. The implementations of a shape are timed in round-robin order (one call
+of each per round), so a change in the machine's load moves them together.
+
+Two more rows per shape measure what ``fn_tau`` costs: the fused op on the same tensors with statistics under
+which half of the pairs are likely false negatives (P_fn > 1 - fn_margin), with the authors' weight
+(``fn_tau = tau``) and with their removal (``fn_tau = inf``).
+
+``--low-precision``: banks and anchors in bf16 and fp16 beside float32, against torch's own matmul in each dtype
+(a new output, as ``anchors @ bank.T`` makes): the fused op on oneDNN's bf16 kernel, on float32 tiles (oneDNN
+off: the fallback, and the fp16 path), and in float32. Calls are interleaved (one call of each implementation per
+round) so that a machine shared with other work slows them alike; the table gives medians of wall time and of
+the process's CPU time per call, and the load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import pytest
 import torch
@@ -25,6 +39,11 @@ from common import SHAPES, machine_description, median_seconds, peak_extra_bytes
 from fne_fast import reference  # noqa: E402
 
 OPTIONS = dict(k=1, mode="fne", seed=0, step=0)
+# (μ⁺, σ⁺², μ⁻, σ⁻², n⁺): nothing cut down (μ⁺ - margin = -1.2), and P_fn(s) > 0.001 exactly where s > ~0, i.e. for
+# half of the pairs of random unit vectors.
+HALF_LIKELY_FALSE_STATS = (-1.0, 1.0, -0.32, 0.01, 500.0)
+FN_TAU_ROWS = ("fused op, half likely FN, fn_tau = tau", "fused op, half likely FN, fn_tau = inf")
+SLOW_BASELINES = ("eager oracle (fp32)", "authors' loss code")
 
 
 def authors_baseline(inputs):
@@ -43,11 +62,14 @@ def authors_baseline(inputs):
 
 def implementations(inputs):
     args = tuple(inputs.values())
+    half_likely_false = (*args[:-1], torch.tensor(HALF_LIKELY_FALSE_STATS))
     return {
         "fused op": lambda: fne_fast.sample_negatives(*args, **OPTIONS),
         "bare matmul": lambda: inputs["anchors"] @ inputs["bank"].T,
         "eager oracle (fp32)": lambda: reference.sample_negatives_reference(*args, dtype=torch.float32, **OPTIONS),
         "authors' loss code": authors_baseline(inputs),
+        FN_TAU_ROWS[0]: lambda: fne_fast.sample_negatives(*half_likely_false, **OPTIONS),
+        FN_TAU_ROWS[1]: lambda: fne_fast.sample_negatives(*half_likely_false, fn_tau=float("inf"), **OPTIONS),
     }
 
 
@@ -60,22 +82,36 @@ def _two_threads():
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("name", ["fused op", "bare matmul", "eager oracle (fp32)", "authors' loss code"])
+@pytest.mark.parametrize("name", ["fused op", "bare matmul", "eager oracle (fp32)", "authors' loss code",
+                                  *FN_TAU_ROWS])
 def test_sample_negatives_cpu(benchmark, shape, name):
     function = implementations(sample_inputs(*shape, kind="worst_case"))[name]
-    rounds = 1 if name != "fused op" and shape == SHAPES[-1] else 3
+    rounds = 1 if not name.startswith("fused op") and shape == SHAPES[-1] else 3
     benchmark.pedantic(function, rounds=rounds, warmup_rounds=1)
 
 
-def measure(shapes, repeats: int) -> list[dict]:
+def measure(shapes, repeats: int, skip: tuple = ()) -> list[dict]:
+    """Median seconds per call and peak memory of every implementation; the repeated ones in round-robin order,
+    a slow baseline at a large shape once."""
     rows = []
     for shape in shapes:
         inputs = sample_inputs(*shape, kind="worst_case")
-        for name, function in implementations(inputs).items():
-            slow = name != "fused op" and shape[0] * shape[1] > 10**7
-            seconds = median_seconds(function, 1 if slow else repeats)
+        functions = {name: function for name, function in implementations(inputs).items() if name not in skip}
+        once = {name for name in functions if not name.startswith("fused op") and shape[0] * shape[1] > 10**7}
+        times = {name: [median_seconds(functions[name], 1)] for name in once}
+        rounds = {name: [] for name in functions if name not in once}
+        for name in rounds:
+            functions[name]()  # warm-up
+        for _ in range(repeats):
+            for name in rounds:
+                begin = time.perf_counter()
+                functions[name]()
+                rounds[name].append(time.perf_counter() - begin)
+        times.update(rounds)
+        for name, function in functions.items():
+            seconds = statistics.median(times[name])
             rows.append({"shape": shape, "name": name, "seconds": seconds, "peak": peak_extra_bytes(function)})
-            print(f"{shape} {name:<22} {1e3 * seconds:9.1f} ms", flush=True)
+            print(f"{shape} {name:<40} {1e3 * seconds:9.1f} ms", flush=True)
     return rows
 
 
@@ -92,16 +128,101 @@ def markdown(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+LOW_PRECISION_SHAPES = [(128, 65536, 256), (256, 262144, 256)]
+
+
+def low_precision_implementations(shape):
+    """The implementations of the low-precision table for one shape, by name (the worst case of the float32
+    table: nothing cut down, the Bayesian branch on; the same values rounded to bf16 and fp16)."""
+    float32 = sample_inputs(*shape, kind="worst_case")
+    bf16 = dict(float32, anchors=float32["anchors"].bfloat16(), bank=float32["bank"].bfloat16())
+    fp16 = dict(float32, anchors=float32["anchors"].half(), bank=float32["bank"].half())
+
+    def fused(inputs, onednn=True):
+        def run():
+            with torch.backends.mkldnn.flags(enabled=onednn):
+                return fne_fast.sample_negatives(*inputs.values(), **OPTIONS)
+        return run
+
+    return {
+        "fused op, bf16 (oneDNN bf16 kernel)": fused(bf16),
+        "torch bf16 mm": lambda: bf16["anchors"] @ bf16["bank"].T,
+        "fused op, bf16, oneDNN off (float32 tiles)": fused(bf16, onednn=False),
+        "fused op, fp16 (float32 tiles)": fused(fp16),
+        "torch fp16 mm": lambda: fp16["anchors"] @ fp16["bank"].T,
+        "fused op, float32": fused(float32),
+        "torch float32 mm": lambda: float32["anchors"] @ float32["bank"].T,
+    }
+
+
+def load_average() -> str:
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def measure_low_precision(shapes, repeats: int) -> tuple[list[dict], str]:
+    """Interleaved medians (wall and CPU time per call) and peak extra memory per implementation and shape."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # from mkldnn.flags()
+    rows, loads = [], [load_average()]
+    for shape in shapes:
+        functions = low_precision_implementations(shape)
+        wall = {name: [] for name in functions}
+        cpu = {name: [] for name in functions}
+        for function in functions.values():
+            function()  # warm-up: oneDNN kernels, thread pools
+        for _ in range(repeats):
+            for name, function in functions.items():
+                began_wall, began_cpu = time.perf_counter(), time.process_time()
+                function()
+                wall[name].append(time.perf_counter() - began_wall)
+                cpu[name].append(time.process_time() - began_cpu)
+        for name, function in functions.items():
+            rows.append({"shape": shape, "name": name, "seconds": statistics.median(wall[name]),
+                         "cpu_seconds": statistics.median(cpu[name]), "peak": peak_extra_bytes(function)})
+            print(f"{shape} {name:<44} {1e3 * rows[-1]['seconds']:9.1f} ms", flush=True)
+    loads.append(load_average())
+    return rows, f"load average {loads[0]} before, {loads[-1]} after"
+
+
+def low_precision_markdown(rows, load: str) -> str:
+    lines = [f"Machine: {machine_description()}; oneDNN bf16 kernel used: {torch.ops.fne_fast.cpu_bf16_brgemm()}; "
+             f"{load}", "",
+             "| B, N, D | implementation | median ms/call | vs torch bf16 mm | vs torch float32 mm | "
+             "median CPU ms/call | CPU vs bf16 mm | peak extra MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        same = {r["name"]: r for r in rows if r["shape"] == row["shape"]}
+        bf16_mm, float32_mm = same["torch bf16 mm"], same["torch float32 mm"]
+        peak = "n/a" if row["peak"] is None else f"{row['peak'] / 2**20:.1f}"
+        lines.append(f"| {', '.join(map(str, row['shape']))} | {row['name']} | {1e3 * row['seconds']:.1f} | "
+                     f"{row['seconds'] / bf16_mm['seconds']:.2f}x | {row['seconds'] / float32_mm['seconds']:.2f}x | "
+                     f"{1e3 * row['cpu_seconds']:.1f} | {row['cpu_seconds'] / bf16_mm['cpu_seconds']:.2f}x | "
+                     f"{peak} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="CPU benchmark of sample_negatives")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shapes", default=None, help="e.g. 32x8224x768,128x65536x256 (default: all three)")
     parser.add_argument("--write", default=None, help="write the markdown table to this file")
+    parser.add_argument("--low-precision", action="store_true", help="the bf16 / fp16 table (default shapes: "
+                        "128x65536x256,256x262144,256; repeats interleaved)")
+    parser.add_argument("--skip-baselines", action="store_true",
+                        help="leave out the eager oracle and the authors' code (the fn_tau rows in minutes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    shapes = SHAPES if args.shapes is None else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
-    table = markdown(measure(shapes, args.repeats))
+    default_shapes = LOW_PRECISION_SHAPES if args.low_precision else SHAPES
+    shapes = default_shapes if args.shapes is None else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    if args.low_precision:
+        table = low_precision_markdown(*measure_low_precision(shapes, args.repeats))
+    else:
+        table = markdown(measure(shapes, args.repeats, SLOW_BASELINES if args.skip_baselines else ()))
     print(table)
     if args.write:
         temporary = args.write + ".tmp"

@@ -81,4 +81,54 @@ FNE_HOST_DEVICE uint32_t philox_first_word(uint32_t c0, uint32_t c1, uint32_t c2
   return static_cast<uint32_t>(last >> 32) ^ c1 ^ k0;
 }
 
+// The same first word, split for kernels that draw a block of rows against one column at a time. With the
+// counter (column low, column high, row, step), the first round multiplies the column's low word and the row
+// separately, and the second round multiplies a word of the row (and the column's high word) and a word of the
+// column: neither product mixes the two. So the state after two rounds is
+//   (a ^ v1, b, c ^ v2, v3),  (a, b, c) from the column's low word and the step, (v1, v2, v3) from the row and
+// the column's high word,
+// and a block of rows sharing a column needs only the last eight rounds per pair (15 of the 19 products).
+struct PhiloxRowTerms {
+  uint32_t v1, v2, v3;
+};
+struct PhiloxColumnTerms {
+  uint32_t a, b, c;
+};
+
+FNE_HOST_DEVICE PhiloxRowTerms philox_row_terms(uint32_t row, uint32_t column_high, PhiloxKey key) {
+  uint32_t row_hi, round2_hi;
+  const uint32_t row_lo = mul_hi_lo(kPhiloxM1, row, &row_hi);
+  const uint32_t c0 = row_hi ^ column_high ^ key.lo;  // word 0 after round 1
+  const uint32_t round2_lo = mul_hi_lo(kPhiloxM0, c0, &round2_hi);
+  return PhiloxRowTerms{row_lo ^ (key.lo + kPhiloxW0), round2_hi ^ (key.hi + kPhiloxW1), round2_lo};
+}
+
+FNE_HOST_DEVICE PhiloxColumnTerms philox_column_terms(uint32_t column_low, uint32_t step, PhiloxKey key) {
+  uint32_t col_hi, round2_hi;
+  const uint32_t col_lo = mul_hi_lo(kPhiloxM0, column_low, &col_hi);
+  const uint32_t c2 = col_hi ^ step ^ key.hi;  // word 2 after round 1
+  const uint32_t round2_lo = mul_hi_lo(kPhiloxM1, c2, &round2_hi);
+  return PhiloxColumnTerms{round2_hi, round2_lo, col_lo};
+}
+
+// philox_first_word(column low, column high, row, step, key) from the two parts above: rounds 3 to 10.
+FNE_HOST_DEVICE uint32_t philox_first_word_from_terms(PhiloxRowTerms row, PhiloxColumnTerms column, PhiloxKey key) {
+  uint32_t c0 = column.a ^ row.v1, c1 = column.b, c2 = column.c ^ row.v2, c3 = row.v3;
+  uint32_t k0 = key.lo + 2 * kPhiloxW0, k1 = key.hi + 2 * kPhiloxW1;
+  for (int round = 2; round < kPhiloxRounds - 1; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(p1);
+    c3 = static_cast<uint32_t>(p0);
+    c0 = n0;
+    c2 = n2;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  const uint64_t last = static_cast<uint64_t>(kPhiloxM1) * c2;
+  return static_cast<uint32_t>(last >> 32) ^ c1 ^ k0;
+}
+
 }  // namespace fne_fast

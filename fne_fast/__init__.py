@@ -32,11 +32,12 @@ if not any(isinstance(finder, _SourceKernelsFinder) for finder in sys.meta_path)
     sys.meta_path.append(_SourceKernelsFinder())
 
 from fne_fast import _C  # noqa: F401,E402  (registers the fne_fast operators)
+from fne_fast.bank import MemoryBank  # noqa: E402
 from fne_fast.merge import merge_candidates  # noqa: E402
 from fne_fast.ops import sample_negatives  # noqa: E402
 from fne_fast.options import SamplerOptions  # noqa: E402
 from fne_fast.stats import RunningStats  # noqa: E402
 from fne_fast.matcher import load_matcher  # noqa: E402
 
-__all__ = ["sample_negatives", "merge_candidates", "SamplerOptions", "RunningStats", "load_matcher"]
+__all__ = ["sample_negatives", "merge_candidates", "MemoryBank", "SamplerOptions", "RunningStats", "load_matcher"]
 __version__ = "0.1.0"

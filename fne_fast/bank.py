@@ -1,69 +1,282 @@
-"""MemoryBank: a ring buffer of momentum features with identity ids (DESIGN.md §3).
+"""MemoryBank: a ring buffer of momentum features with identity ids, one process's or sharded across a process
+group (DESIGN.md §3, §3.1).
 
-The write pointer lives on the device, so an enqueue never waits for the host. The fill count is kept on the
-device too, and mirrored on the host as a plain int: it is deterministic (min(N, rows enqueued so far)), so the
-host copy costs no synchronisation and can be passed to the op's ``filled`` argument directly.
+The ring is global, so the bank's contents do not depend on the number of processes W: each step's global batch
+(the ranks' local batches in rank order) is written at the global pointer, and rank r stores the rows of the
+ring in ``[r·n, (r+1)·n)``, ``n = size / W``. The pointer and the fill count are plain host integers on every
+rank: they are deterministic (the number of rows enqueued so far), so keeping them costs no synchronisation.
+
+``sample`` runs the fused op on every rank's shard for all the global batch's anchors (with the global anchor row
+as ``row_offset`` and the shard's first row as ``col_offset``), gathers the ranks' candidates, merges them exactly
+with ``merge_candidates`` and fetches the chosen rows from their owners: the same indices as one call over the
+whole bank. ``enqueue`` and ``sample`` are collective when sharded: every rank calls them, in the same order, with
+its own local batch (of any size, 0 included).
 """
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
+from fne_fast import distributed
+from fne_fast.merge import merge_candidates
+from fne_fast.ops import BACKENDS, sample_negatives
+from fne_fast.options import SamplerOptions
+
 __all__ = ["MemoryBank"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_OPTION_NAMES = tuple(SamplerOptions().as_kwargs())
+_CALL_NAMES = ("seed", "step", "backend", "check_finite")
+_SET_BY_THE_BANK = ("row_offset", "col_offset", "filled")
 
 
 class MemoryBank:
     """``size`` rows of ``dim`` features in ``dtype`` with an int64 id per row (-1 where never written).
 
-    Rows are written in ring order starting at row 0, so rows ``[0, filled)`` are the written ones until the
-    first wrap-around, and all rows after it.
+    Rows are written in ring order starting at row 0, so the global rows ``[0, filled)`` are the written ones
+    until the first wrap-around, and all rows after it. With a process ``group`` of W > 1 ranks this process
+    holds ``features`` and ``ids`` of its rows ``[row_begin, row_begin + size / W)`` only; ``size`` must divide by
+    W, and every rank must build the bank with the same size, dim and dtype (checked, collectively).
     """
 
     def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
-        if size < 1 or dim < 1:
-            raise ValueError(f"size and dim must be >= 1, got size={size}, dim={dim}")
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        self.size, self.dim, self.dtype = size, dim, dtype
+                 device: torch.device | str = "cpu", group=None):
+        self.group = group
+        self.world_size, self.rank = distributed.world_size(group), distributed.rank(group)
         self.device = torch.device(device)
-        self.features = torch.zeros(size, dim, dtype=dtype, device=self.device)
-        self.ids = torch.full((size,), -1, dtype=torch.int64, device=self.device)
-        self.pointer = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.fill_count = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.filled = 0  # host mirror of fill_count
+        problem = None
+        if size < 1 or dim < 1:
+            problem = f"size and dim must be >= 1, got size={size}, dim={dim}"
+        elif dtype not in _DTYPES:
+            problem = f"dtype must be float32, bfloat16 or float16, got {dtype}"
+        elif size % self.world_size:
+            problem = f"size must divide by the number of processes {self.world_size}, got size={size}"
+        if self.world_size > 1:
+            table = distributed.agree("MemoryBank", [size, dim, distributed.dtype_code(dtype)], problem, group,
+                                      self.device)
+            distributed.require_same("MemoryBank", table, ("size", "dim", "dtype"),
+                                     lambda line: (line[0], line[1], distributed.dtype_name(line[2])))
+        elif problem is not None:
+            raise ValueError(problem)
+        self.size, self.dim, self.dtype = size, dim, dtype
+        self.shard_size = size // self.world_size
+        self.row_begin = self.rank * self.shard_size
+        self.features = torch.zeros(self.shard_size, dim, dtype=dtype, device=self.device)
+        self.ids = torch.full((self.shard_size,), -1, dtype=torch.int64, device=self.device)
+        self.pointer = 0  # the global ring's next row
+        self.filled = 0  # global rows written so far, at most size
+
+    @property
+    def sharded(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this process holds for the bank (features and ids)."""
+        return self.features.nbytes + self.ids.nbytes
+
+    # --- writing -----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def enqueue(self, features: torch.Tensor, ids: torch.Tensor) -> None:
-        """Writes the rows at the pointer, wrapping around; a batch larger than the bank keeps its last rows."""
+        """Writes the global batch at the pointer, wrapping around; a batch larger than the bank keeps its last
+        rows. Collective when sharded: ``features`` [B, dim] and ``ids`` [B] are this rank's local batch."""
+        problem = None
         if features.dim() != 2 or features.shape[1] != self.dim:
-            raise ValueError(f"features must be [B, {self.dim}], got shape {tuple(features.shape)}")
-        if ids.shape != (features.shape[0],):
-            raise ValueError(f"ids must be [B] = [{features.shape[0]}], got shape {tuple(ids.shape)}")
+            problem = f"features must be [B, {self.dim}], got shape {tuple(features.shape)}"
+        elif ids.shape != (features.shape[0],):
+            problem = f"ids must be [B] = [{features.shape[0]}], got shape {tuple(ids.shape)}"
+        features = features.detach().to(device=self.device, dtype=self.dtype) if problem is None else features
+        ids = ids.to(device=self.device, dtype=torch.int64) if problem is None else ids
+        if self.sharded:
+            table = distributed.agree("MemoryBank.enqueue", [features.shape[0]], problem, self.group, self.device)
+            counts = [line[0] for line in table]
+            features = distributed.all_gather_rows(features, counts, self.group, "ring")
+            ids = distributed.all_gather_rows(ids, counts, self.group, "ring")
+        elif problem is not None:
+            raise ValueError(problem)
+        self._write(features, ids)
+
+    def _write(self, features: torch.Tensor, ids: torch.Tensor) -> None:
+        """Writes the global batch's rows that fall into this process's rows, as at most two slices (the ring
+        segment before and after the wrap-around), each cut to this process's range."""
         rows = features.shape[0]
         if rows > self.size:
-            # Only the last `size` rows survive a write longer than the ring; dropping the others first keeps
-            # every destination row unique (index_copy_ with duplicates is not deterministic).
+            # Only the last `size` rows survive a write longer than the ring.
             skipped = rows - self.size
             self.pointer = (self.pointer + skipped) % self.size
             features, ids, rows = features[skipped:], ids[skipped:], self.size
-        positions = (self.pointer + torch.arange(rows, device=self.device)) % self.size
-        self.features.index_copy_(0, positions, features.detach().to(device=self.device, dtype=self.dtype))
-        self.ids.index_copy_(0, positions, ids.to(device=self.device, dtype=torch.int64))
+        first_part = min(rows, self.size - self.pointer)
+        for ring_begin, batch_begin, length in ((self.pointer, 0, first_part), (0, first_part, rows - first_part)):
+            begin = max(ring_begin, self.row_begin)
+            end = min(ring_begin + length, self.row_begin + self.shard_size)
+            if begin < end:
+                source = slice(batch_begin + begin - ring_begin, batch_begin + end - ring_begin)
+                self.features[begin - self.row_begin:end - self.row_begin] = features[source]
+                self.ids[begin - self.row_begin:end - self.row_begin] = ids[source]
         self.pointer = (self.pointer + rows) % self.size
-        self.fill_count = torch.clamp(self.fill_count + rows, max=self.size)
         self.filled = min(self.size, self.filled + rows)
 
-    def state_dict(self) -> dict:
-        return {"features": self.features.clone(), "ids": self.ids.clone(), "pointer": self.pointer.clone(),
-                "fill_count": self.fill_count.clone(), "filled": self.filled}
+    # --- sampling ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, anchors: torch.Tensor, positive_sim: torch.Tensor, anchor_ids: torch.Tensor,
+               stats: torch.Tensor, *, return_keys: bool = False, return_ids: bool = False, **op_options):
+        """``fne_fast.sample_negatives`` of ``anchors`` [B, D] over the whole bank, plus the chosen rows.
+
+        ``op_options`` are the op's: the ``SamplerOptions`` fields and ``seed``, ``step``, ``backend``,
+        ``check_finite`` (one value on every rank); the bank sets ``filled`` and the offsets. Returns ``(index,
+        sim, valid, rows)``: ``index`` [B, k] global bank indices, ``sim`` and ``valid`` as the op's, ``rows``
+        [B, k, dim] the chosen bank rows in the bank's dtype (zeros where invalid); then ``key`` [B, k] with
+        ``return_keys`` and the chosen rows' ids [B, k] (-1 where invalid) with ``return_ids``.
+
+        Collective when sharded: each rank passes its local anchors (any number, 0 included) and the same
+        ``stats``; the anchors' global rows (ranks in order) are the op's rows, so the result is, index for
+        index, one call over the whole bank with the gathered anchors.
+        """
+        problem = _sample_problem(anchors, positive_sim, anchor_ids, stats, self.dim, op_options)
+        if not self.sharded:
+            if problem is not None:
+                raise ValueError(problem)
+            index, sim, valid, key = sample_negatives(anchors, self.features, positive_sim, anchor_ids, self.ids,
+                                                      stats, filled=self.filled, return_keys=True, **op_options)
+            rows = torch.where(valid.unsqueeze(-1), self.features[index.clamp(min=0)], 0)
+            chosen_ids = torch.where(valid, self.ids[index.clamp(min=0)], -1)
+            return _with_extras((index, sim, valid, rows), key, chosen_ids, return_keys, return_ids)
+
+        metadata = [0] * 7 if problem is not None else [anchors.shape[0], *_fingerprint(op_options, stats)]
+        table = distributed.agree("MemoryBank.sample", metadata, problem, self.group, self.device)
+        distributed.require_same("MemoryBank.sample", [line[1:] for line in table],
+                                 ("k", "mode", "seed", "step", "other options", "stats"))
+        counts = [line[0] for line in table]
+        offset, local_size, total = sum(counts[:self.rank]), counts[self.rank], sum(counts)
+        k = SamplerOptions(**{name: op_options[name] for name in _OPTION_NAMES if name in op_options}).k
+        if total == 0:
+            empty = _empty_result(k, self.dim, self.dtype, self.device)
+            return _with_extras(empty[:4], empty[4], empty[5], return_keys, return_ids)
+
+        # Every rank scores all the global batch's anchors against its shard...
+        packed = distributed.all_gather_rows(
+            torch.cat([anchors.float(), positive_sim.float().unsqueeze(1)], dim=1), counts, self.group, "anchors")
+        all_ids = distributed.all_gather_rows(anchor_ids, counts, self.group, "anchors")
+        local_filled = min(max(self.filled - self.row_begin, 0), self.shard_size)
+        candidates = sample_negatives(packed[:, :-1], self.features, packed[:, -1].contiguous(), all_ids, self.ids,
+                                      stats, row_offset=0, col_offset=self.row_begin, filled=local_filled,
+                                      return_keys=True, **op_options)
+        # ... then every rank merges every anchor's candidates, so each knows which of its rows go where.
+        index, sim, valid, key = merge_candidates(*self._all_candidates(*candidates), k=k)
+        rows, chosen_ids = self._fetch_rows(index, valid, counts, return_ids)
+        mine = slice(offset, offset + local_size)
+        return _with_extras((index[mine], sim[mine], valid[mine], rows), key[mine], chosen_ids, return_keys,
+                            return_ids)
+
+    def _all_candidates(self, index, sim, valid, key):
+        """Every rank's [G, k] candidates side by side, [G, W·k]: 16 bytes a candidate (index, sim, key; an
+        invalid slot is index -1)."""
+        total, k = index.shape
+        packed = torch.cat([index.unsqueeze(-1), torch.stack([sim, key], dim=-1).view(torch.int64)], dim=-1)
+        gathered = distributed.all_gather_rows(packed, [total] * self.world_size, self.group, "candidates")
+        gathered = gathered.view(self.world_size, total, k, 2).permute(1, 0, 2, 3).reshape(total,
+                                                                                           self.world_size * k, 2)
+        all_index = gathered[..., 0]
+        sim_and_key = gathered[..., 1].contiguous().view(torch.float32).view(total, self.world_size * k, 2)
+        return all_index, sim_and_key[..., 0], all_index >= 0, sim_and_key[..., 1]
+
+    def _fetch_rows(self, index, valid, counts, return_ids):
+        """The chosen rows of this rank's anchors [B, k, dim]: each rank writes the rows it owns into a zeroed
+        buffer laid out by the anchors' ranks, and a reduce-scatter sums the buffers (x + 0 is exact), each rank
+        keeping its anchors' part. The ids likewise when asked for."""
+        most = max(counts)
+        layout = torch.cat([torch.arange(count, device=self.device) + other * most
+                            for other, count in enumerate(counts)])
+        local = index - self.row_begin
+        owned = valid & (local >= 0) & (local < self.shard_size)
+        local = local.clamp(0, self.shard_size - 1)
+        buffer = self.features.new_zeros((self.world_size * most, *index.shape[1:], self.dim))
+        buffer[layout] = torch.where(owned.unsqueeze(-1), self.features[local], 0)
+        rows = distributed.reduce_scatter_rows(buffer, self.group, "rows")[:counts[self.rank]]
+        chosen_ids = None
+        if return_ids:
+            id_buffer = index.new_zeros((self.world_size * most, *index.shape[1:]))
+            id_buffer[layout] = torch.where(owned, self.ids[local], 0)
+            chosen_ids = distributed.reduce_scatter_rows(id_buffer, self.group, "ids")[:counts[self.rank]]
+            offset = sum(counts[:self.rank])
+            chosen_ids = torch.where(valid[offset:offset + counts[self.rank]], chosen_ids, -1)
+        return rows, chosen_ids
+
+    # --- state -------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict | None:
+        """The whole bank's state, which does not depend on W (load it with any number of processes).
+        Collective when sharded: the shards are gathered to rank 0, which returns the state; the other ranks
+        return None."""
+        state = {"pointer": self.pointer, "filled": self.filled}
+        if not self.sharded:
+            return {"features": self.features.clone(), "ids": self.ids.clone(), **state}
+        features = distributed.gather_to_first(self.features, self.group, "checkpoint")
+        ids = distributed.gather_to_first(self.ids, self.group, "checkpoint")
+        return None if features is None else {"features": torch.cat(features), "ids": torch.cat(ids), **state}
 
     def load_state_dict(self, state: dict) -> None:
+        """Loads a whole bank's state (from ``state_dict`` with any number of processes): this process's rows."""
         if tuple(state["features"].shape) != (self.size, self.dim):
             raise ValueError(f"bank state has shape {tuple(state['features'].shape)}, this bank is "
                              f"({self.size}, {self.dim})")
-        self.features = state["features"].to(device=self.device, dtype=self.dtype).clone()
-        self.ids = state["ids"].to(self.device).clone()
-        self.pointer = state["pointer"].to(self.device).clone()
-        self.fill_count = state["fill_count"].to(self.device).clone()
-        self.filled = int(state["filled"])
+        rows = slice(self.row_begin, self.row_begin + self.shard_size)
+        self.features = state["features"][rows].to(device=self.device, dtype=self.dtype).clone()
+        self.ids = state["ids"][rows].to(self.device).clone()
+        self.pointer, self.filled = int(state["pointer"]), int(state["filled"])
+
+
+def _sample_problem(anchors, positive_sim, anchor_ids, stats, dim: int, op_options: dict) -> str | None:
+    """What is wrong with ``sample``'s arguments on this rank (None when nothing is), found before any
+    collective; the op checks the rest where it runs."""
+    for name in _SET_BY_THE_BANK:
+        if name in op_options:
+            return f"{name} is set by the bank, not an argument of MemoryBank.sample"
+    unknown = sorted(set(op_options) - set(_OPTION_NAMES) - set(_CALL_NAMES))
+    if unknown:
+        return f"unexpected option(s) {', '.join(unknown)}"
+    try:
+        SamplerOptions(**{name: op_options[name] for name in _OPTION_NAMES if name in op_options})
+    except ValueError as error:
+        return str(error)
+    if op_options.get("backend", "auto") not in BACKENDS:
+        return f"backend must be one of {BACKENDS}, got {op_options['backend']!r}"
+    if not isinstance(op_options.get("seed", 0), int) or not isinstance(op_options.get("step", 0), int):
+        return "seed and step must be integers"
+    if not isinstance(anchors, torch.Tensor) or anchors.dim() != 2 or anchors.shape[1] != dim:
+        return f"anchors must be a [B, {dim}] tensor, got {getattr(anchors, 'shape', type(anchors).__name__)}"
+    if not anchors.is_floating_point():
+        return f"anchors must be floating point, got {anchors.dtype}"
+    rows = anchors.shape[0]
+    for name, tensor, dtype in (("positive_sim", positive_sim, torch.float32), ("anchor_ids", anchor_ids,
+                                                                                torch.int64)):
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != (rows,) or tensor.dtype != dtype:
+            return (f"{name} must be a [{rows}] {str(dtype).replace('torch.', '')} tensor, got "
+                    f"{getattr(tensor, 'shape', type(tensor).__name__)} {getattr(tensor, 'dtype', '')}")
+    if not isinstance(stats, torch.Tensor) or stats.shape != (5,) or stats.dtype != torch.float32:
+        return "stats must be a [5] float32 tensor"
+    return None
+
+
+def _fingerprint(op_options: dict, stats: torch.Tensor) -> list[int]:
+    """Integers that equal on every rank exactly when the ranks pass the same options and statistics."""
+    options = SamplerOptions(**{name: op_options[name] for name in _OPTION_NAMES if name in op_options})
+    seed = op_options.get("seed", 0) % 2**64
+    rest = repr((options.as_kwargs(), op_options.get("backend", "auto"), op_options.get("check_finite", True)))
+    stats_bits = zlib.crc32(stats.detach().float().cpu().numpy().tobytes())
+    return [options.k, zlib.crc32(options.mode.encode()), seed - 2**64 if seed >= 2**63 else seed,
+            op_options.get("step", 0), zlib.crc32(rest.encode()), stats_bits]
+
+
+def _empty_result(k: int, dim: int, dtype, device):
+    return (torch.empty(0, k, dtype=torch.int64, device=device), torch.empty(0, k, device=device),
+            torch.empty(0, k, dtype=torch.bool, device=device), torch.empty(0, k, dim, dtype=dtype, device=device),
+            torch.empty(0, k, device=device), torch.empty(0, k, dtype=torch.int64, device=device))
+
+
+def _with_extras(result: tuple, key, chosen_ids, return_keys: bool, return_ids: bool) -> tuple:
+    return result + ((key,) if return_keys else ()) + ((chosen_ids,) if return_ids else ())

@@ -1,10 +1,20 @@
 """The ``fne-fast`` command: train, eval and compare.
 
     fne-fast train --dataset emoji --sampler fne --epochs 5 --out runs/emoji-fne --seed 0 [--resume]
-    fne-fast eval --checkpoint runs/emoji-fne/checkpoint.pt [--split test]
-    fne-fast compare --dataset emoji --samplers fne hardest uniform inbatch-hardest --seeds 0 1 2 --out runs/cmp
+    fne-fast eval --checkpoint runs/emoji-fne [--split test]      (a run folder, or a checkpoint file in one)
+    fne-fast compare --dataset emoji --samplers inbatch-hardest hardest uniform fne fne:fn_tau=inf --seeds 0 1 2 \
+        --out runs/cmp [--baseline inbatch-hardest [uniform ...]]
+    torchrun --nproc_per_node 2 -m fne_fast.cli train ...   (W processes; --batch-size is per process)
     fne-fast train --tags                     (TAGS-DC synthetic negatives beside the sampler)
-    fne-fast search --checkpoint runs/emoji-fne/checkpoint.pt --text "a red heart"   (or --image PATH)
+    fne-fast search --checkpoint runs/emoji-fne --text "a red heart"   (or --image PATH)
+
+A user's mistake (a setting, a data file, a checkpoint that does not verify, a folder in use) is one line on
+stderr, ``fne-fast: error: …``, and exit code 2; a diverged run (NaN) or a system error (disk full) exit code 1;
+SIGINT / SIGTERM exit codes 130 / 143 with where to resume. A traceback means a bug in fne_fast.
+
+Under torchrun, train and compare run over the process group torchrun describes in the environment
+(fne_fast/distributed.py); rank 0 prints and writes. A rank that fails makes the others stop with a
+``PeerFailure`` (exit code 1).
 """
 
 from __future__ import annotations
@@ -13,15 +23,26 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 import torch  # noqa: F401  (loaded before fne_fast, whose compiled library links against it)
 
-from fne_fast.data import DATASETS
-from fne_fast.io import atomic_write_text
+from fne_fast import distributed
+from fne_fast.checkpoint import CheckpointError
+from fne_fast.data import DATASETS, DatasetFormatError
+from fne_fast.evaluate import NonFiniteError
 from fne_fast.loss import SAMPLERS
+from fne_fast.models import MissingEncoderError
+from fne_fast.ops import BACKENDS
 from fne_fast.options import SamplerOptions, option_fields
+from fne_fast.preflight import UsageError
+from fne_fast.rundir import RunInterrupted, RunLockedError
 
 __all__ = ["main", "build_parser"]
+
+# Errors that are the user's to fix (exit code 2), and those of the run or the system (exit code 1).
+_USER_ERRORS = (UsageError, DatasetFormatError, CheckpointError, RunLockedError, MissingEncoderError)
+_RUN_ERRORS = (NonFiniteError, OSError, distributed.PeerFailure)
 
 # Sampler options that are flags (the op's mode follows --sampler).
 _OPTION_FLAGS = tuple(option for option in option_fields() if option.name != "mode")
@@ -76,10 +97,15 @@ def _add_training_options(parser: argparse.ArgumentParser, *, single_run: bool) 
     parser.add_argument("--stats-momentum", type=float, default=None,
                         help="EMA momentum of the running statistics (default: the authors' running mean)")
     parser.add_argument("--momentum", type=float, default=0.995, help="momentum of the key heads")
+    parser.add_argument("--joint-dim", type=int, default=256, help="width of the joint embedding space")
+    parser.add_argument("--hidden-dim", type=int, default=1024, help="hidden width of the projection heads")
     parser.add_argument("--bank-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    parser.add_argument("--backend", default="auto", help="the op's backend: auto, cpu, cuda, triton, reference")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="the op's backend")
     parser.add_argument("--image-size", type=int, default=128, help="pixels fed to EfficientNet-Lite0")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many items per split")
+    parser.add_argument("--eval-limit", type=int, default=None,
+                        help="use at most this many items of the validation and test splits (the training split "
+                             "stays whole)")
     parser.add_argument("--steps-per-epoch", type=int, default=None,
                         help="cap on the batches of each epoch (default: one pass over the training pairs)")
     parser.add_argument("--cache-dir", default=None, help="feature cache (default: $FNE_FAST_CACHE or "
@@ -90,7 +116,8 @@ def _add_training_options(parser: argparse.ArgumentParser, *, single_run: bool) 
     parser.add_argument("--test-json", default=None, help="albef-json: test file")
     parser.add_argument("--image-root", default=None, help="albef-json: directory the image paths are under")
     parser.add_argument("--features-dir", default=None, help="features: directory of {split}_*.npy arrays")
-    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-plots", action="store_true", help="no plots of each run (compare still draws "
+                                                                "compare.png)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_tags_options(parser, single_run=single_run)
 
@@ -120,24 +147,66 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_training_options(commands.add_parser("train", help="train (or resume) one run"), single_run=True)
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint")
-    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--checkpoint", required=True,
+                          help="a run folder (its latest verified checkpoint) or a checkpoint file")
     evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
     evaluate.add_argument("--device", default=None)
-    compare = commands.add_parser("compare", help="samplers x seeds -> a results table")
+    compare = commands.add_parser("compare", help="samplers x seeds, selected by validation, paired against a "
+                                                  "baseline -> results.md, results.json, compare.png")
     _add_training_options(compare, single_run=False)
-    compare.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
+    compare.add_argument("--samplers", nargs="+", type=_arm, default=[_arm(name) for name in SAMPLERS],
+                         metavar="SAMPLER[:FIELD=VALUE,...]",
+                         help=f"the arms: a sampler ({', '.join(SAMPLERS)}), optionally with sampler options of its "
+                              "own, e.g. fne:fn_tau=inf or fne:fn_tau=inf,prior_k=100 (default: every sampler)")
     compare.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    compare.add_argument("--baseline", nargs="+", default=["inbatch-hardest"], metavar="ARM",
+                         help="the arm every other is paired with (default inbatch-hardest); further arms add "
+                              "further paired tables")
+    compare.add_argument("--bootstrap", type=_positive_int, default=2000,
+                         help="bootstrap resamples of the test items for the paired intervals (default 2000)")
     search = commands.add_parser("search", help="query a trained matcher over a split: the top images of a text, "
                                                 "or the top captions of an image")
-    search.add_argument("--checkpoint", required=True)
+    search.add_argument("--checkpoint", required=True,
+                        help="a run folder (its latest verified checkpoint) or a checkpoint file")
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="find the images of the split that match this text")
     query.add_argument("--image", help="find the captions of the split that match this image file")
     search.add_argument("--split", choices=("train", "val", "test"), default="test")
-    search.add_argument("--top", type=int, default=5, help="how many results")
+    search.add_argument("--top", type=_positive_int, default=5, help="how many results")
     search.add_argument("--device", default=None)
     search.add_argument("--cache-dir", default=None, help="feature cache (default: the run's)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _check_compare_args(parser: argparse.ArgumentParser, args) -> None:
+    """What argparse cannot check alone (a baseline among the arms, no repeats), as a usage error before any data
+    is read."""
+    from fne_fast.compare import check_arms, with_tags_arms
+
+    args.samplers = with_tags_arms(args.samplers, args.tags)
+    try:
+        check_arms(args.samplers, args.seeds, args.baseline)
+    except ValueError as error:
+        parser.error(f"argument {error}")
+
+
+def _arm(text: str):
+    from fne_fast.compare import parse_arm
+
+    try:
+        return parse_arm(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _data_options(args) -> dict:
@@ -161,7 +230,9 @@ def config_from_args(args, **overrides):
     values = dict(dataset=args.dataset, options=options, bank_size=args.bank_size, epochs=args.epochs,
                   warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
                   out=args.out, stats_momentum=args.stats_momentum, momentum=args.momentum,
+                  joint_dim=args.joint_dim, hidden_dim=args.hidden_dim,
                   bank_dtype=args.bank_dtype, backend=args.backend, image_size=args.image_size, limit=args.limit,
+                  eval_limit=args.eval_limit,
                   steps_per_epoch=args.steps_per_epoch,
                   data_options=_data_options(args), cache_dir=args.cache_dir, plots=not args.no_plots,
                   quiet=args.quiet)
@@ -170,25 +241,28 @@ def config_from_args(args, **overrides):
     return TrainConfig(**values)
 
 
-def _train(args) -> int:
+def _train(args, group) -> int:
     from fne_fast.evaluate import final_table
     from fne_fast.train import train
 
     config = config_from_args(args, sampler=args.sampler, seed=args.seed, resume=args.resume, tags=args.tags)
-    history = train(config)
-    arm = f"{config.sampler}{'+tags' if config.tags else ''}"
-    print(final_table(history, title=f"{config.dataset}, sampler {arm}, seed {config.seed}"))
+    history = train(config, group=group)
+    if distributed.rank(group) == 0:
+        arm = f"{config.sampler}{'+tags' if config.tags else ''}"
+        print(final_table(history, title=f"{config.dataset}, sampler {arm}, seed {config.seed}"))
     return 0
 
 
 def _evaluate(args) -> int:
+    from fne_fast.checkpoint import open_checkpoint
     from fne_fast.evaluate import embed_split, retrieval_metrics
-    from fne_fast.matcher import read_checkpoint
     from fne_fast.models import MatchingHeads
+    from fne_fast.preflight import check_device
     from fne_fast.train import TrainConfig, load_splits
 
-    state = read_checkpoint(args.checkpoint)
+    state, path = open_checkpoint(args.checkpoint)
     config = TrainConfig(**{**state["config"], "device": args.device or state["config"]["device"]})
+    check_device(config.device)
     split = load_splits(config)[args.split]
     heads = MatchingHeads(split.image_features.shape[1], split.text_features.shape[1], config.joint_dim,
                           config.hidden_dim, config.momentum).to(config.device)
@@ -200,56 +274,51 @@ def _evaluate(args) -> int:
         from fne_fast.tags.run import SwapEvaluation, text_corpus
 
         cache_dir = config.cache_dir or default_cache_dir()
-        texts = text_corpus(config.dataset, config.data_options, cache_dir, config.limit, progress=False)
+        texts = text_corpus(config.dataset, config.data_options, cache_dir, config.limit, progress=False,
+                            eval_limit=config.eval_limit)
         metrics.update(SwapEvaluation(texts, cache_dir, config.device, progress=False).metrics(
             heads, image, text, split.caption_image))
-    print(json.dumps({"checkpoint": args.checkpoint, "split": args.split, **metrics}))
+    print(json.dumps({"checkpoint": path, "split": args.split, **metrics}))
     return 0
 
 
-def _compare(args) -> int:
-    from fne_fast.evaluate import comparison_table
-    from fne_fast.train import load_splits, train
+def _compare(args, group) -> int:
+    from fne_fast.compare import RESULTS_MD, compare
+    from fne_fast.preflight import check_run_settings
 
-    first = config_from_args(args, sampler=args.samplers[0], seed=args.seeds[0])
-    splits = load_splits(first)
-    histories = {}
-    tags_arms = {"off": (False,), "on": (True,), "both": (False, True)}[args.tags]
-    for sampler in args.samplers:
-        for tags in tags_arms:
-            arm = f"{sampler}+tags" if tags else sampler
-            for seed in args.seeds:
-                out = os.path.join(args.out, f"{arm}-seed{seed}")
-                config = config_from_args(args, sampler=sampler, seed=seed, out=out, resume=True, tags=tags)
-                print(f"== {arm}, seed {seed} -> {out}", flush=True)
-                histories[(arm, seed)] = train(config, splits)
-    table = comparison_table(histories, dataset=args.dataset, command=" ".join(["fne-fast", *args.argv]))
-    atomic_write_text(os.path.join(args.out, "results.md"), table)
-    print(table)
+    base = config_from_args(args, sampler=args.samplers[0].sampler, seed=args.seeds[0],
+                            tags=any(arm.tags for arm in args.samplers))
+    check_run_settings(base)
+    compare(base, args.samplers, args.seeds, args.out, baselines=args.baseline,
+            command=" ".join(["fne-fast", *args.argv]), replicates=args.bootstrap, group=group)
+    if distributed.rank(group) == 0:
+        with open(os.path.join(args.out, RESULTS_MD), encoding="utf-8") as table:
+            print(table.read())
     return 0
 
 
 def _search(args) -> int:
     from fne_fast.data import load_raw_split
-    from fne_fast.matcher import matcher_from_state, read_checkpoint, top_matches
+    from fne_fast.checkpoint import open_checkpoint
+    from fne_fast.matcher import matcher_from_state, top_matches
+    from fne_fast.preflight import check_device
     from fne_fast.train import TrainConfig, load_splits
 
-    if args.top < 1:
-        raise SystemExit(f"fne-fast search: --top must be >= 1, got {args.top}")
+    state, _ = open_checkpoint(args.checkpoint)
+    overrides = {"device": args.device or state["config"]["device"], "quiet": True}
+    if args.cache_dir:
+        overrides["cache_dir"] = args.cache_dir
+    config = TrainConfig(**{**state["config"], **overrides})
+    check_device(config.device)
+    matcher = matcher_from_state(state, config.device)
+    split = load_splits(config)[args.split]
     try:
-        state = read_checkpoint(args.checkpoint)
-        overrides = {"device": args.device or state["config"]["device"], "quiet": True}
-        if args.cache_dir:
-            overrides["cache_dir"] = args.cache_dir
-        config = TrainConfig(**{**state["config"], **overrides})
-        matcher = matcher_from_state(state, config.device)
-        split = load_splits(config)[args.split]
         if args.text is not None:
             query, candidates = matcher.encode_texts([args.text])[0], matcher.embed_image_features(split.image_features)
         else:
             query, candidates = matcher.encode_images([args.image])[0], matcher.embed_text_features(split.text_features)
     except (FileNotFoundError, ValueError, TypeError) as error:
-        raise SystemExit(f"fne-fast search: {error}") from None
+        raise UsageError(f"--{'text' if args.text is not None else 'image'}: {error}") from None
     names = captions = None
     if config.dataset != "features":
         raw = load_raw_split(config.dataset, args.split, **config.data_options)
@@ -280,11 +349,36 @@ def _search(args) -> int:
     return 0
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"fne-fast: warning: {message}", file=sys.stderr if file is None else file, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "compare":
+        _check_compare_args(parser, args)
     args.argv = argv  # the results table quotes the command that produced it
-    return {"train": _train, "eval": _evaluate, "compare": _compare, "search": _search}[args.command](args)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            if args.command in ("eval", "search"):  # one process's work
+                return {"eval": _evaluate, "search": _search}[args.command](args)
+            with distributed.process_group_from_environment(args.device) as group:
+                return {"train": _train, "compare": _compare}[args.command](args, group)
+        except RunInterrupted as interrupted:
+            print(f"fne-fast: {interrupted}", file=sys.stderr, flush=True)
+            return interrupted.exit_code
+        except KeyboardInterrupt:  # Ctrl-C outside a run folder (eval)
+            print("fne-fast: interrupted", file=sys.stderr, flush=True)
+            return 130
+        except _USER_ERRORS as error:
+            print(f"fne-fast: error: {error}", file=sys.stderr, flush=True)
+            return 2
+        except _RUN_ERRORS as error:
+            print(f"fne-fast: error: {error}", file=sys.stderr, flush=True)
+            return 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 Strict recall counts only an item's own captions (image→text) or its own image (text→image) as hits, so a
 retrieved variant of the same emoji is a miss; group recall counts any item of the anchor's semantic group as a
 hit. Both are reported because strict recall penalises exactly the false negatives FNE is meant to tolerate.
+
+A broken model is never reported as good: recalls of non-finite embeddings are refused (``NonFiniteError``), and
+the ranking itself never counts a non-finite score as a hit (a NaN candidate ranks below every other, and a row
+whose positives score NaN is ranked last), so even NaN scores cannot raise a recall.
 """
 
 from __future__ import annotations
@@ -10,11 +14,26 @@ from __future__ import annotations
 import torch
 
 from fne_fast.data import FeatureSplit
+from fne_fast.selection import run_summary
 
-__all__ = ["retrieval_metrics", "embed_split", "final_table", "comparison_table", "RECALL_KEYS"]
+__all__ = ["retrieval_metrics", "retrieval_ranks", "recalls_from_ranks", "embed_split", "final_table", "RECALL_KEYS",
+           "NonFiniteError", "raise_if_not_finite_embeddings"]
 
 _KS = (1, 5, 10)
 RECALL_KEYS = tuple(f"{direction}_r{k}" for direction in ("i2t", "t2i") for k in _KS)
+
+
+class NonFiniteError(RuntimeError):
+    """A model, loss or embedding holds NaN or infinity: there is no result to report."""
+
+
+def raise_if_not_finite_embeddings(image: torch.Tensor, text: torch.Tensor) -> None:
+    bad = {name: int((~torch.isfinite(values)).any(dim=1).sum()) for name, values in (("image", image),
+                                                                                      ("text", text))}
+    if any(bad.values()):
+        raise NonFiniteError(f"the model's embeddings are not finite ({bad['image']} of {image.shape[0]} image rows, "
+                             f"{bad['text']} of {text.shape[0]} text rows hold NaN or infinity): no recall is "
+                             "reported for a broken model")
 
 
 @torch.no_grad()
@@ -28,91 +47,98 @@ def embed_split(heads, split: FeatureSplit, device, batch_size: int = 4096) -> t
 
 
 def _ranks_of_best_positive(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """For each row, how many candidates score strictly above the row's best positive (0 = retrieved first)."""
+    """For each row, how many candidates score strictly above the row's best positive (0 = retrieved first). A
+    NaN score ranks below every other; a row whose best positive is not finite ranks last (never a hit)."""
+    scores = scores.masked_fill(scores.isnan(), float("-inf"))
     best = scores.masked_fill(~positive, float("-inf")).max(dim=1, keepdim=True).values
-    return (scores > best).sum(dim=1)
+    ranks = (scores > best).sum(dim=1)
+    return torch.where(torch.isfinite(best.squeeze(1)), ranks, torch.full_like(ranks, scores.shape[1]))
 
 
 @torch.no_grad()
-def retrieval_metrics(image: torch.Tensor, text: torch.Tensor, caption_image: torch.Tensor,
-                      image_group: torch.Tensor | None = None, chunk: int = 1024) -> dict[str, float]:
-    """Recalls in percent (``i2t_r1`` … ``t2i_r10``, ``rsum``, and with groups ``i2t_group_r1`` …,
-    ``group_rsum``) for unit embeddings ``image`` [I, D] and ``text`` [T, D]."""
+def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image: torch.Tensor,
+                    image_group: torch.Tensor | None = None, chunk: int = 1024) -> dict[str, torch.Tensor]:
+    """Per-item ranks of the best hit (0 = retrieved first), int64 on the CPU, for unit embeddings ``image``
+    [I, D] and ``text`` [T, D]: ``i2t`` [I], ``t2i`` [T], and with groups ``i2t_group``, ``t2i_group``. The
+    recalls are read from them (``recalls_from_ranks``), and so is the paired bootstrap over test items. Raises
+    ``NonFiniteError`` when an embedding is not finite."""
+    raise_if_not_finite_embeddings(image, text)
     caption_image = caption_image.to(image.device)
-    # Strict recall labels each image by itself; group recall by its group. A hit shares the anchor's label.
+    # Strict recall labels each image by itself; group recall by its group. A hit shares the anchor's label. Each
+    # chunk of scores is computed once and ranked under every labeling.
     labelings = {"": torch.arange(image.shape[0], device=image.device)}
     if image_group is not None:
-        labelings["group_"] = image_group.to(image.device)
+        labelings["_group"] = image_group.to(image.device)
+    caption_labels = {suffix: labels[caption_image] for suffix, labels in labelings.items()}
+    chunks: dict[str, list[torch.Tensor]] = {f"{direction}{suffix}": [] for direction in ("i2t", "t2i")
+                                             for suffix in labelings}
+    for start in range(0, image.shape[0], chunk):
+        scores = image[start:start + chunk] @ text.T
+        for suffix, labels in labelings.items():
+            positive = labels[start:start + chunk, None] == caption_labels[suffix][None, :]
+            chunks[f"i2t{suffix}"].append(_ranks_of_best_positive(scores, positive).cpu())
+    for start in range(0, text.shape[0], chunk):
+        scores = text[start:start + chunk] @ image.T
+        for suffix, labels in labelings.items():
+            positive = caption_labels[suffix][start:start + chunk, None] == labels[None, :]
+            chunks[f"t2i{suffix}"].append(_ranks_of_best_positive(scores, positive).cpu())
+    return {name: torch.cat(parts) for name, parts in chunks.items()}
+
+
+def recalls_from_ranks(ranks: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Recalls in percent (``i2t_r1`` … ``t2i_r10``, ``rsum``, and with group ranks ``i2t_group_r1`` …,
+    ``group_rsum``)."""
     metrics: dict[str, float] = {}
-    for prefix, label_of_image in labelings.items():
-        caption_label = label_of_image[caption_image]
-        i2t_ranks = torch.cat([
-            _ranks_of_best_positive(image[start:start + chunk] @ text.T,
-                                    label_of_image[start:start + chunk, None] == caption_label[None, :])
-            for start in range(0, image.shape[0], chunk)])
-        t2i_ranks = torch.cat([
-            _ranks_of_best_positive(text[start:start + chunk] @ image.T,
-                                    caption_label[start:start + chunk, None] == label_of_image[None, :])
-            for start in range(0, text.shape[0], chunk)])
-        for direction, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
+    for prefix, suffix in (("", ""), ("group_", "_group")):
+        if f"i2t{suffix}" not in ranks:
+            continue
+        for direction in ("i2t", "t2i"):
             for k in _KS:
-                metrics[f"{direction}_{prefix}r{k}"] = 100.0 * (ranks < k).double().mean().item()
+                metrics[f"{direction}_{prefix}r{k}"] = 100.0 * (ranks[direction + suffix] < k).double().mean().item()
         metrics[f"{prefix}rsum"] = sum(metrics[f"{direction}_{prefix}r{k}"] for direction in ("i2t", "t2i")
                                        for k in _KS)
     return metrics
+
+
+def retrieval_metrics(image: torch.Tensor, text: torch.Tensor, caption_image: torch.Tensor,
+                      image_group: torch.Tensor | None = None, chunk: int = 1024) -> dict[str, float]:
+    """Recalls in percent (``i2t_r1`` … ``t2i_r10``, ``rsum``, and with groups ``i2t_group_r1`` …,
+    ``group_rsum``) for unit embeddings ``image`` [I, D] and ``text`` [T, D]. Raises ``NonFiniteError`` when an
+    embedding is not finite."""
+    return recalls_from_ranks(retrieval_ranks(image, text, caption_image, image_group, chunk))
 
 
 def _percent(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _recall_rows(row: dict, label: str) -> list[str]:
+    lines = []
+    for view, prefix in (("strict", ""), ("group", "group_")):
+        if f"{prefix}rsum" in row:
+            cells = [f"{row[f'{direction}_{prefix}r{k}']:.1f}" for direction in ("i2t", "t2i") for k in _KS]
+            lines.append(f"| {label} | {view} | " + " | ".join(cells) + f" | {row[f'{prefix}rsum']:.1f} |")
+    return lines
+
+
 def final_table(history: list[dict], title: str) -> str:
-    """The last epoch's recalls as a small Markdown table (what `fne-fast train` prints at the end)."""
+    """Test recalls of the best-validation epoch and of the last epoch as a small Markdown table (what
+    `fne-fast train` prints at the end)."""
     if not history:
         return f"{title}: no epoch trained"
-    last = history[-1]
-    lines = [f"### {title}: epoch {last['epoch']}", "",
-             "| view | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum |",
-             "|---|---|---|---|---|---|---|---|"]
-    for label, prefix in (("strict", ""), ("group", "group_")):
-        if f"{prefix}rsum" in last:
-            cells = [f"{last[f'{direction}_{prefix}r{k}']:.1f}" for direction in ("i2t", "t2i") for k in _KS]
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {last[f'{prefix}rsum']:.1f} |")
-    lines += ["", f"FN rate of chosen negatives {_percent(last['fn_rate'])}, fallback "
-                  f"{_percent(last['fallback_rate'])}, mean P_fn {_percent(last['mean_p_fn'])}"]
-    if last.get("swap_acc") is not None:
-        kinds = ", ".join(f"{kind} {last[f'swap_acc_{kind}']:.1f}%" for kind in ("object", "attribute", "relation")
-                          if last.get(f"swap_acc_{kind}") is not None)
-        lines.append(f"One-word-swap accuracy {last['swap_acc']:.1f}% ({kinds})")
+    summary = run_summary(history)
+    best, last = summary["best"], summary["last"]
+    lines = [f"### {title}", "",
+             "| epoch | view | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += _recall_rows(best, f"{best['epoch']} (best val rsum {best['val_rsum']:.1f})")
+    if last is not best:
+        lines += _recall_rows(last, f"{last['epoch']} (last)")
+    lines += ["", f"last epoch: FN rate of chosen negatives {_percent(last['fn_rate'])}, of sampled ones "
+                  f"{_percent(last.get('fn_rate_sampled'))}, fallback {_percent(last['fallback_rate'])}, mean P_fn "
+                  f"{_percent(last['mean_p_fn'])}"]
+    if best.get("swap_acc") is not None:
+        kinds = ", ".join(f"{kind} {best[f'swap_acc_{kind}']:.1f}%" for kind in ("object", "attribute", "relation")
+                          if best.get(f"swap_acc_{kind}") is not None)
+        lines.append(f"best epoch: one-word-swap accuracy {best['swap_acc']:.1f}% ({kinds})")
     return "\n".join(lines)
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    tensor = torch.tensor(values, dtype=torch.float64)
-    std = tensor.std().item() if len(values) > 1 else 0.0
-    return f"{tensor.mean().item():.1f} ± {std:.1f}"
-
-
-def comparison_table(histories: dict[tuple[str, int], list[dict]], *, dataset: str, command: str) -> str:
-    """Samplers × seeds -> Markdown: mean ± std over seeds of the last epoch's R@1, rsum, group rsum, the
-    false-negative rate (all chosen negatives; those the sampler drew itself, without the fallbacks), the
-    fallback rate of the last epoch's chosen negatives (in percent) and the one-word-swap accuracy (overall and
-    per swapped word kind). A sampler name may carry "+tags" (the TAGS-DC arm)."""
-    samplers = list(dict.fromkeys(sampler for sampler, _ in histories))
-    lines = [f"#### {dataset}", "", f"`{command}`", "",
-             "| sampler | seeds | R@1 i2t | R@1 t2i | rsum | group rsum | FN rate % | FN rate sampled % | "
-             "fallback % | swap acc % | swap object / attribute / relation % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for sampler in samplers:
-        lasts = [history[-1] for (name, _), history in histories.items() if name == sampler and history]
-
-        def column(key, scale=1.0):
-            return _mean_std([row[key] * scale for row in lasts if row.get(key) is not None])
-
-        kinds = " / ".join(column(f"swap_acc_{kind}") for kind in ("object", "attribute", "relation"))
-        lines.append(f"| {sampler} | {len(lasts)} | {column('i2t_r1')} | {column('t2i_r1')} | {column('rsum')} | "
-                     f"{column('group_rsum')} | {column('fn_rate', 100)} | {column('fn_rate_sampled', 100)} | "
-                     f"{column('fallback_rate', 100)} | {column('swap_acc')} | {kinds} |")
-    return "\n".join(lines) + "\n"

@@ -5,6 +5,12 @@ the negatives without gradients; the loss then gathers the chosen bank rows and 
 with autograd, so only the gather and the hinge are differentiated. Positives are scored against the momentum
 keys (``s⁺ = <anchor, key>``), as in the authors' code. In the warm-up epoch, and throughout in mode
 ``inbatch-hardest``, the loss is VSE++'s in-batch max violation between online embeddings instead.
+
+With a process group (DESIGN.md §3.1) the loss is that of the global batch (every rank's pairs, in rank order):
+the running statistics and the in-batch loss use the gathered batch, the banks are sharded and sample for the
+global anchor rows. Each rank returns ``world_size`` times the part of the global loss its own embeddings'
+gradients come from, so that DDP's averaging of the ranks' gradients gives the global loss's gradient: a run
+with W processes of batch B takes the steps of one process with batch W·B.
 """
 
 from __future__ import annotations
@@ -13,16 +19,17 @@ import torch
 from torch import nn
 
 from fne_fast.bank import MemoryBank
+from fne_fast.distributed import GlobalBatch, gather_batch
 from fne_fast.fne_math import bayes_active, false_negative_probability
-from fne_fast.ops import sample_negatives
 from fne_fast.options import SamplerOptions
 from fne_fast.stats import RunningStats
 
 __all__ = ["FNELoss", "SAMPLERS", "DIAGNOSTIC_KEYS", "sampler_mode"]
 
 SAMPLERS = ("fne", "hardest", "uniform", "inbatch-hardest")
-# Per-step sums, kept on the device; a trainer adds them up and divides once per epoch (no sync per step).
-DIAGNOSTIC_KEYS = ("slots", "fallback", "p_fn_sum", "p_fn_slots", "false_negatives", "group_slots",
+# Per-step sums, kept on the device; a trainer adds them up (and over the ranks) and divides once per epoch (no
+# sync per step). "loss" is this rank's share of the global batch's loss: the ranks' shares add up to it.
+DIAGNOSTIC_KEYS = ("loss", "slots", "fallback", "p_fn_sum", "p_fn_slots", "false_negatives", "group_slots",
                    "sampled_false_negatives", "sampled_group_slots")
 # Decorrelates the two directions' Gumbel noise, which would otherwise share (row, column, step) counters.
 _TEXT_TO_IMAGE_SEED_OFFSET = 0x9E3779B97F4A7C15
@@ -39,77 +46,91 @@ def sampler_mode(sampler: str) -> str:
 class FNELoss(nn.Module):
     """Loss and diagnostics of one batch; owns the running similarity statistics (reset each epoch).
 
-    ``options`` are the op's (its ``mode`` is set from ``sampler``); ``margin`` is also the hinge's."""
+    ``options`` are the op's (its ``mode`` is set from ``sampler``); ``margin`` is also the hinge's. ``group``:
+    the process group the batch is split over (None: this process's batch is the whole batch)."""
 
     def __init__(self, sampler: str = "fne", options: SamplerOptions = SamplerOptions(), *, seed: int = 0,
-                 stats_momentum: float | None = None, backend: str = "auto", device: torch.device | str = "cpu"):
+                 stats_momentum: float | None = None, backend: str = "auto", device: torch.device | str = "cpu",
+                 group=None):
         super().__init__()
         self.sampler = sampler
         self.options = options.replace(mode=sampler_mode(sampler))
-        self.backend, self.seed = backend, seed
+        self.backend, self.seed, self.group = backend, seed, group
         self.stats = RunningStats(device, stats_momentum)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, image_key: torch.Tensor, text_key: torch.Tensor,
                 ids: torch.Tensor, *, image_bank: MemoryBank | None = None, text_bank: MemoryBank | None = None,
                 step: int = 0, warmup: bool = False, group_of_id: torch.Tensor | None = None,
-                update_stats: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``image``, ``text``: online embeddings [B, D] of the batch's pairs; ``image_key``, ``text_key``: their
+                update_stats: bool = True, batch: GlobalBatch | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``image``, ``text``: online embeddings [B, D] of this rank's pairs; ``image_key``, ``text_key``: their
         momentum keys; ``ids`` [B]: the image identity of each pair (pairs with one id are positives of each
-        other). The banks must already hold this batch's keys (enqueue first). ``group_of_id`` maps an identity
-        to its semantic group, for the false-negative rate. Returns (loss, per-step diagnostic sums)."""
+        other). The banks must already hold this step's keys (enqueue first). ``group_of_id`` maps an identity
+        to its semantic group, for the false-negative rate. ``batch``: the global batch of these embeddings
+        (``fne_fast.distributed.gather_batch``), gathered here when not given. Returns (the loss to
+        differentiate, per-step diagnostic sums)."""
+        if batch is None:
+            batch = gather_batch(image, text, ids, self.group)
         if update_stats:
-            self.stats.update(image.detach() @ text.detach().T)
+            self.stats.update(batch.similarity())
         stats = self.stats.as_tensor()
         if warmup or self.sampler == "inbatch-hardest":
-            return self._in_batch(image, text, ids, stats, group_of_id)
+            return self._in_batch(batch, stats, group_of_id)
         if image_bank is None or text_bank is None:
             raise ValueError(f"sampler {self.sampler!r} needs image_bank and text_bank outside the warm-up")
         diagnostics = _zero_diagnostics(image.device)
         loss_image_to_text = self._bank_direction(image, text_key, ids, text_bank, stats, self.seed, step,
-                                                  group_of_id, diagnostics)
+                                                  group_of_id, diagnostics, batch)
         loss_text_to_image = self._bank_direction(text, image_key, ids, image_bank, stats,
                                                   self.seed + _TEXT_TO_IMAGE_SEED_OFFSET, step, group_of_id,
-                                                  diagnostics)
+                                                  diagnostics, batch)
         return loss_image_to_text + loss_text_to_image, diagnostics
 
     def _bank_direction(self, anchors, positive_keys, ids, bank: MemoryBank, stats, seed, step, group_of_id,
-                        diagnostics) -> torch.Tensor:
+                        diagnostics, batch: GlobalBatch) -> torch.Tensor:
         positive_sim = (anchors * positive_keys.to(anchors.dtype)).sum(dim=1)
-        # Selection runs in float32 whatever the anchors' dtype (float64 in gradient checks): it is not
-        # differentiated, and the gather below recomputes the chosen similarities in the anchors' dtype.
-        index, chosen_sim, valid, key = sample_negatives(
-            anchors.detach().float(), bank.features, positive_sim.detach().float(), ids, bank.ids, stats,
-            seed=seed, step=step, filled=bank.filled, backend=self.backend, return_keys=True,
-            **self.options.as_kwargs())
-        negatives = bank.features[index.clamp(min=0)].to(anchors.dtype)  # [B, k, D]
-        negative_sim = torch.einsum("bd,bkd->bk", anchors, negatives)
+        # Selection runs in the bank's storage dtype whatever the anchors' (float64 in gradient checks): it is not
+        # differentiated, and the hinge below recomputes the chosen similarities in the anchors' dtype. With a
+        # bf16 bank the anchors are rounded to bf16 too, so that the op takes its bf16 GEMM (oneDNN's brgemm on
+        # CPU, tensor cores on a GPU) instead of converting every bank tile to float32; the similarities that rank
+        # the candidates then carry bf16's rounding of the anchors (2⁻⁹ relative) as well as the bank's.
+        _, chosen_sim, valid, rows, key, chosen_ids = bank.sample(
+            anchors.detach().to(bank.dtype), positive_sim.detach().float(), ids, stats, seed=seed, step=step,
+            backend=self.backend, return_keys=True, return_ids=True, **self.options.as_kwargs())
+        negative_sim = torch.einsum("bd,bkd->bk", anchors, rows.to(anchors.dtype))
         weight = valid.to(anchors.dtype)
         hinge = (self.options.margin + negative_sim - positive_sim.unsqueeze(1)).clamp(min=0) * weight
-        loss = (hinge.sum(dim=1) / weight.sum(dim=1).clamp(min=1)).mean()
+        # This rank's anchors' part of the mean over the global batch's anchors.
+        share = (hinge.sum(dim=1) / weight.sum(dim=1).clamp(min=1)).sum() / max(batch.size, 1)
+        diagnostics["loss"] += share.detach()
 
         # A fallback slot (no candidate left in the race: all cut down or of weight 0) has key -inf.
         fell_back = valid & ~torch.isfinite(key) if self.sampler != "hardest" else torch.zeros_like(valid)
         diagnostics["fallback"] += fell_back.sum()
-        chosen_ids = bank.ids[index.clamp(min=0)]
-        _add_choice_diagnostics(diagnostics, chosen_sim, valid, ids, chosen_ids, stats, self.options, group_of_id,
-                                sampled=valid & ~fell_back)
-        return loss
+        _add_choice_diagnostics(diagnostics, chosen_sim, valid, ids, chosen_ids, stats,
+                                self.options, group_of_id, sampled=valid & ~fell_back)
+        return share * batch.world_size
 
-    def _in_batch(self, image, text, ids, stats, group_of_id):
-        """VSE++ max violation within the batch, both directions; other pairs of the same image are masked."""
-        diagnostics = _zero_diagnostics(image.device)
-        sim = image @ text.T
+    def _in_batch(self, batch: GlobalBatch, stats, group_of_id):
+        """VSE++ max violation within the global batch, both directions; other pairs of the same image are
+        masked. Diagnostics count this rank's anchors only."""
+        diagnostics = _zero_diagnostics(batch.ids.device)
+        sim = batch.image @ batch.text.T
         positive = sim.diagonal()
-        same_identity = ids.unsqueeze(0) == ids.unsqueeze(1)
+        same_identity = batch.ids.unsqueeze(0) == batch.ids.unsqueeze(1)
         masked = sim.masked_fill(same_identity, float("-inf"))
         total = sim.new_zeros(())
+        local = batch.local
         for negative_sim, chosen in (masked.max(dim=1), masked.max(dim=0)):
             valid = torch.isfinite(negative_sim)
             hinge = (self.options.margin + negative_sim - positive).clamp(min=0)
             total = total + torch.where(valid, hinge, torch.zeros_like(hinge)).mean()
-            _add_choice_diagnostics(diagnostics, negative_sim.detach().float().unsqueeze(1), valid.unsqueeze(1),
-                                    ids, ids[chosen].unsqueeze(1), stats, self.options, group_of_id)
-        return total, diagnostics
+            _add_choice_diagnostics(diagnostics, negative_sim[local].detach().float().unsqueeze(1),
+                                    valid[local].unsqueeze(1), batch.ids[local],
+                                    batch.ids[chosen[local]].unsqueeze(1), stats, self.options, group_of_id)
+        # Every rank computes the whole global loss, but only its own rows carry gradients (GlobalBatch).
+        diagnostics["loss"] += total.detach() / batch.world_size
+        return total * batch.world_size, diagnostics
 
 
 def _zero_diagnostics(device) -> dict[str, torch.Tensor]:

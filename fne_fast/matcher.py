@@ -1,10 +1,10 @@
 """Use a trained matcher: embed images and texts with the frozen backbones and a run's heads, score them, and
 search a data set's split.
 
-    matcher = fne_fast.load_matcher("runs/emoji-fne/checkpoint.pt")
+    matcher = fne_fast.load_matcher("runs/emoji-fne")          # a run folder, or one of its checkpoint files
     matcher.score(["cat.png"], ["a cat face", "a red heart"])   # [1, 2] cosine similarities
 
-``read_checkpoint`` is the one function that reads checkpoint files.
+Checkpoints are read by ``fne_fast.checkpoint`` (verified safetensors, never unpickled).
 """
 
 from __future__ import annotations
@@ -16,19 +16,11 @@ import torch
 
 from fne_fast.models import MatchingHeads
 
-__all__ = ["Matcher", "load_matcher", "matcher_from_state", "read_checkpoint", "top_matches",
+__all__ = ["Matcher", "load_matcher", "matcher_from_state", "top_matches",
            "backbone_text_encoder"]
 
 # Data sets whose "images" are texts (both sides go through the text backbone).
 _TEXT_IMAGE_DATASETS = ("wordnet",)
-
-
-def read_checkpoint(path, map_location="cpu") -> dict:
-    """The state a training run saved (``train.py``): config, heads, optimiser, banks, metrics, … The one
-    function that reads checkpoint files (resume, eval, search, load_matcher)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--checkpoint {path}: no such file (a run writes checkpoint.pt into its --out)")
-    return torch.load(path, map_location=map_location, weights_only=False)
 
 
 @lru_cache(maxsize=2)
@@ -127,15 +119,18 @@ class Matcher:
 
 
 def matcher_from_state(state: dict, device=None) -> Matcher:
-    """The matcher of a checkpoint's state (``read_checkpoint``)."""
+    """The matcher of a checkpoint's state (``fne_fast.checkpoint.open_checkpoint``)."""
     config = state["config"]
     return Matcher(_heads_from_state(state["heads"]), dataset=config["dataset"], image_size=config["image_size"],
                    device=device or config["device"])
 
 
 def load_matcher(checkpoint, device=None) -> Matcher:
-    """The matcher a training run saved in ``checkpoint`` (its ``checkpoint.pt``)."""
-    return matcher_from_state(read_checkpoint(checkpoint), device)
+    """The matcher a training run saved: ``checkpoint`` is its run folder (the latest checkpoint that verifies;
+    ``best.safetensors`` is the best-validation epoch's) or one checkpoint file."""
+    from fne_fast.checkpoint import open_checkpoint
+
+    return matcher_from_state(open_checkpoint(os.fspath(checkpoint))[0], device)
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ import torch
 from fne_fast.checks import TENSOR_ARGUMENTS, check_counters, check_python_types, check_tensor_arguments
 from fne_fast.options import SamplerOptions
 
-__all__ = ["sample_negatives", "BACKENDS", "COMPILED_CUDA_KERNEL", "TRITON_SERVES_CUDA"]
+__all__ = ["sample_negatives", "check_backend", "BACKENDS", "COMPILED_CUDA_KERNEL", "TRITON_SERVES_CUDA"]
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 _OPERATOR = "fne_fast::sample_negatives"
@@ -81,7 +81,8 @@ _TRITON_REGISTRATION = _register_triton_for_cuda()
 TRITON_SERVES_CUDA = _TRITON_REGISTRATION is not None
 
 
-def _check_backend(backend: str, device: torch.device) -> None:
+def check_backend(backend: str, device: torch.device) -> None:
+    """Whether ``backend`` can serve tensors on ``device`` (a ValueError naming the problem if not)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend in ("cpu", "cuda") and device.type != backend:
@@ -123,7 +124,7 @@ def sample_negatives(anchors: torch.Tensor, bank: torch.Tensor, positive_sim: to
                                      filled=0 if filled is None else filled), seed)
     filled = bank.shape[0] if filled is None else filled
     seed %= _UINT64
-    _check_backend(backend, anchors.device)
+    check_backend(backend, anchors.device)
     if backend in ("reference", "triton"):
         result = _run_python_kernel(backend, *tensors.values(), options, seed=seed, step=step,
                                     row_offset=row_offset, col_offset=col_offset, filled=filled,

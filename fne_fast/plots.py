@@ -1,4 +1,5 @@
-"""PNG plots of a run: similarity histograms with the fitted Gaussians and P_fn(s), and recall per epoch."""
+"""PNG plots: of a run (similarity histograms with the fitted Gaussians and P_fn(s), recall per epoch, P_fn over
+the bank per epoch) and of a comparison (bars with error bars)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,16 @@ import os
 import torch
 
 from fne_fast.data import FeatureSplit
+from fne_fast.diagnostics import LOG10_P_FN_EDGES, SIM_EDGES
 from fne_fast.evaluate import embed_split
 from fne_fast.fne_math import false_negative_probability
+from fne_fast.io import atomic_output
+from fne_fast.options import SamplerOptions
 
-__all__ = ["write_run_plots"]
+__all__ = ["write_run_plots", "p_fn_by_epoch", "comparison_bars", "RUN_PLOTS"]
+
+RUN_PLOTS = ("similarity_histogram.png", "recall.png", "p_fn_by_epoch.png")
+_STATS_KEYS = ("mu_pos", "var_pos", "mu_neg", "var_neg")
 
 
 def _pyplot():
@@ -21,6 +28,13 @@ def _pyplot():
     import matplotlib.pyplot as pyplot
 
     return pyplot
+
+
+def _save(figure, path: str, dpi: int = 120) -> None:
+    """The figure as a PNG, written atomically like every file of a run."""
+    with atomic_output(path, "wb", suffix=".png") as stream:
+        figure.savefig(stream, dpi=dpi, format="png")
+    _pyplot().close(figure)
 
 
 def _gaussian(x: torch.Tensor, mean: float, variance: float) -> torch.Tensor:
@@ -63,8 +77,7 @@ def similarity_histogram(path: str, heads, split: FeatureSplit, stats: dict, pri
     axis.legend(loc="upper left", fontsize=8)
     axis.set_title("Similarities after training, with the running statistics' Gaussians")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    pyplot.close(figure)
+    _save(figure, path)
 
 
 def recall_curves(path: str, history: list[dict]) -> None:
@@ -83,15 +96,114 @@ def recall_curves(path: str, history: list[dict]) -> None:
     axis.set_title("Test recall per epoch")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    pyplot.close(figure)
+    _save(figure, path)
 
 
-def write_run_plots(out: str, heads, test_split: FeatureSplit, history: list[dict], prior_k: float,
+def _spread(items: list, count: int) -> list:
+    """At most ``count`` items, evenly spread, always with the last."""
+    if len(items) <= count:
+        return items
+    step = (len(items) - 1) / (count - 1)
+    return [items[round(i * step)] for i in range(count)]
+
+
+def p_fn_by_epoch(path: str, history: list[dict], options: SamplerOptions, max_panels: int = 5) -> bool:
+    """Per epoch (up to ``max_panels``, spread over the run): top, the similarities of the diagnostic anchors to
+    every bank candidate, in their semantic group or not, with the running statistics' two Gaussians, the cut-down
+    and P_fn(s) at the run's prior (log scale, with the threshold above which the Bayesian weight applies);
+    bottom, the distribution of log10 P_fn for the two kinds of candidates. Returns False (and writes nothing)
+    when no epoch has diagnostics."""
+    rows = [row for row in history if row.get("diagnostics") and row.get("stats")]
+    if not rows:
+        return False
+    rows = _spread(rows, max_panels)
+    extra_handles, extra_labels = [], []
+    pyplot = _pyplot()
+    figure, axes = pyplot.subplots(2, len(rows), figsize=(3.6 * len(rows), 6.4), squeeze=False)
+    sim_edges = torch.tensor(SIM_EDGES, dtype=torch.float64)
+    sim_centres, sim_width = (sim_edges[1:] + sim_edges[:-1]) / 2, sim_edges[1] - sim_edges[0]
+    p_edges = torch.tensor(LOG10_P_FN_EDGES, dtype=torch.float64)
+    grid = torch.linspace(-1, 1, 401, dtype=torch.float64)
+    for column, row in enumerate(rows):
+        diagnostics, stats = row["diagnostics"], row["stats"]
+        top, bottom = axes[0][column], axes[1][column]
+        for key, colour, label in (("sim_hist_other", "C0", "other candidates"),
+                                   ("sim_hist_same_group", "C3", "same group (false negatives)")):
+            counts = diagnostics.get(key)
+            if counts and sum(counts):
+                density = torch.tensor(counts, dtype=torch.float64) / (sum(counts) * sim_width)
+                top.step(sim_centres, density, where="mid", color=colour, label=label)
+        if stats["var_pos"] > 0 and stats["var_neg"] > 0:
+            top.plot(grid, _gaussian(grid, stats["mu_pos"], stats["var_pos"]), "C1--", label="N(μ⁺, σ⁺²)")
+            top.plot(grid, _gaussian(grid, stats["mu_neg"], stats["var_neg"]), "C2--", label="N(μ⁻, σ⁻²)")
+            stats_tensor = torch.tensor([stats[key] for key in _STATS_KEYS] + [0.0], dtype=torch.float64)
+            p_fn_axis = top.twinx()
+            p_fn_axis.semilogy(grid, false_negative_probability(grid, stats_tensor, options.prior_k).clamp(min=1e-12),
+                               "k-", linewidth=1, label=f"P_fn(s), K = {options.prior_k:g}")
+            p_fn_axis.axhline(1 - options.fn_margin, color="k", linestyle=":", linewidth=1,
+                              label=f"1 − fn_margin = {1 - options.fn_margin:g}")
+            p_fn_axis.set_ylim(1e-12, 2)
+            if column == len(rows) - 1:
+                p_fn_axis.set_ylabel("P_fn(s)")
+            if column == 0:
+                extra_handles, extra_labels = p_fn_axis.get_legend_handles_labels()
+        if options.cutdown:
+            top.axvline(stats["mu_pos"] - options.margin, color="gray", linewidth=1, label="cut-down μ⁺ − margin")
+        top.set_title(f"epoch {row['epoch']}{' (warm-up)' if row.get('warmup') else ''}", fontsize=9)
+        top.set_xlabel("similarity to the anchor", fontsize=8)
+        for key, colour, label in (("p_fn_hist_other", "C0", "other"), ("p_fn_hist_same_group", "C3", "same group")):
+            counts = diagnostics.get(key)
+            if counts and sum(counts):
+                share = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+                bottom.stairs(share, p_edges, color=colour, label=label)
+        bottom.axvline(math.log10(max(1 - options.fn_margin, 1e-12)), color="k", linestyle=":", linewidth=1)
+        bottom.set_yscale("log")
+        bottom.set_xlabel("log10 P_fn (first bin: ≤ −12)", fontsize=8)
+        if column == 0:
+            top.set_ylabel("density")
+            bottom.set_ylabel("share of candidates")
+            handles, labels = top.get_legend_handles_labels()
+    figure.legend(handles + extra_handles, labels + extra_labels, loc="lower center", ncol=4, fontsize=7)
+    figure.suptitle("Every bank candidate of the diagnostic anchors: similarity, P_fn, and who is a false negative",
+                    fontsize=10)
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    _save(figure, path, dpi=100)
+    return True
+
+
+def comparison_bars(path: str, results: dict) -> None:
+    """compare.png: per arm, the test rsum and group rsum of the best-validation epoch and the FN rate of the
+    sampler's own draws (last epoch), mean ± standard deviation over seeds, each seed a dot."""
+    panels = [("rsum", "rsum (best val epoch)", 1.0), ("group_rsum", "group rsum (best val epoch)", 1.0),
+              ("fn_rate_sampled", "FN rate of own draws % (last epoch)", 100.0)]
+    arms = results["arms"]
+    pyplot = _pyplot()
+    figure, axes = pyplot.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
+    for axis, (key, title, scale) in zip(axes, panels):
+        for position, arm in enumerate(arms):
+            values = [scale * run[key] for run in arm["runs"] if run.get(key) is not None]
+            if not values:
+                continue
+            mean = sum(values) / len(values)
+            spread = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+            highlight = "C1" if arm["name"] == results["baseline"] else "C0"
+            axis.bar(position, mean, yerr=spread, color=highlight, alpha=0.6, capsize=4)
+            axis.plot([position] * len(values), values, "k.", markersize=4)
+        axis.set_xticks(range(len(arms)))
+        axis.set_xticklabels([arm["name"] for arm in arms], rotation=30, ha="right", fontsize=8)
+        axis.set_title(title, fontsize=9)
+    figure.suptitle(f"{results['dataset']}: mean ± std over seeds (dots: seeds; orange: the baseline)", fontsize=10)
+    figure.tight_layout()
+    _save(figure, path, dpi=100)
+
+
+def write_run_plots(out: str, heads, test_split: FeatureSplit, history: list[dict], options: SamplerOptions,
                     device) -> list[str]:
-    """Writes similarity_histogram.png and recall.png into ``out``; returns their paths."""
-    histogram_path = os.path.join(out, "similarity_histogram.png")
-    recall_path = os.path.join(out, "recall.png")
-    similarity_histogram(histogram_path, heads, test_split, history[-1]["stats"], prior_k, device)
+    """Writes the run's plots (``RUN_PLOTS``) into ``out``; returns their paths."""
+    histogram_path, recall_path, p_fn_path = (os.path.join(out, name) for name in RUN_PLOTS)
+    similarity_histogram(histogram_path, heads, test_split, history[-1]["stats"], options.prior_k, device)
     recall_curves(recall_path, history)
-    return [histogram_path, recall_path]
+    written = [histogram_path, recall_path]
+    if p_fn_by_epoch(p_fn_path, history, options):
+        written.append(p_fn_path)
+    return written

@@ -29,6 +29,15 @@ cores natively. Float32 (or mixed) inputs are converted to float32 and use ``inp
 follows torch's TF32 setting like the cuBLAS GEMM of the CUDA backend: "ieee" (exact float32 products) unless
 ``torch.backends.cuda.matmul.allow_tf32`` is on, then "tf32" (inputs rounded to 10-bit mantissas, faster).
 Under ``TRITON_INTERPRET=1`` everything runs in float32 with "ieee" (the interpreter's bf16 arithmetic is wrong).
+Compiled, ``tl.log`` / ``tl.exp`` and the division are the GPU's approximate instructions (about 2 ulp each) and
+multiply-adds are fused, so a key ℓ + G (G up to ~23, where a float32 ulp is 1.9e-6) may differ from the CPU's by
+a few ulps even on exactly representable inputs: two logarithms in G and one exp in the weight put it within
+5 ulps, 1e-5. Candidates whose float64 keys are closer than that are near-ties that may go either way; the tests
+allow exactly that much on a GPU (``Backend.key_tolerance`` in tests/inputs.py), and identical draws elsewhere.
+
+Tiles. ``default_config`` picks 8 warps and tiles whose epilogue fits the registers without spilling on sm_90
+(ROW_BLOCK_LIMITS below); scripts/triton_resources.py compiles every shipped configuration without a GPU and
+reports its registers, stack (spills) and shared memory, and the test suite fails on any spill.
 
 Dispatch. fne_fast/ops.py calls :func:`sample_negatives_triton` for ``backend="triton"``, and registers it for
 the CUDA key of ``fne_fast::sample_negatives`` when no compiled CUDA kernel was built, so ``backend="auto"`` on
@@ -51,7 +60,8 @@ from fne_fast.checks import raise_if_not_finite
 from fne_fast.fne_math import fn_logit_threshold
 from fne_fast.options import SamplerOptions
 
-__all__ = ["TritonConfig", "default_config", "sample_negatives_triton", "is_interpreted"]
+__all__ = ["TritonConfig", "MergeConfig", "default_config", "merge_config", "num_splits", "sample_negatives_triton",
+           "is_interpreted"]
 
 # Philox4x32-10 constants (csrc/philox.h).
 PHILOX_M0 = tl.constexpr(0xD2511F53)
@@ -396,13 +406,19 @@ class TritonConfig:
     block_m: int = 64
     block_n: int = 64
     block_k: int = 32
-    num_warps: int = 4
+    num_warps: int = 4  # default_config takes 8 (see ROW_BLOCK_LIMITS); 4 suits the small tiles tests build
     num_stages: int = 3
     num_splits: int | None = None
     input_precision: str | None = None  # None: "tf32" where torch.backends.cuda.matmul.allow_tf32, else "ieee"
-    # Register cap per thread (ptxas otherwise takes up to 255 for the epilogue, one or two programs per SM);
-    # 168 lets three 4-warp programs share an SM without spilling at 64x64 tiles (ptxas -v, sm_90).
-    maxnreg: int | None = None
+    maxnreg: int | None = None  # register cap per thread (benchmark sweeps); None leaves it to ptxas
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeConfig:
+    """Launch parameters of the merge kernel for rows of ``width`` partial entries."""
+    block_r: int
+    block_w: int
+    num_warps: int
 
 
 def is_interpreted() -> bool:
@@ -410,21 +426,42 @@ def is_interpreted() -> bool:
     return isinstance(_sample_negatives_kernel, InterpretedFunction)
 
 
+# Register budget of the main kernel's defaults, from ptxas for sm_90 (scripts/triton_resources.py reports every
+# shipped configuration; a spill goes to the stack frame, i.e. local memory). Each of the program's threads holds
+# its share of the [BLOCK_M, BLOCK_N] tiles of the epilogue (similarities, Philox state, keys) and of the two
+# [BLOCK_M, KP] lists (int32 key, int64 index, float32 similarity). With 8 warps and BLOCK_M x BLOCK_N = 4096, the
+# largest row block that did not spill, per list length KP (the float32 product needs more registers):
+#   bf16 / fp16: 128 rows up to KP = 8 (216 registers at D = 256), 64 up to KP = 16 (249), else 32 (<= 191);
+#   float32:     64 rows at KP = 1 (176-194), else 32 (<= 175; 64 rows at KP = 4 spilled 24 bytes).
+# The previous defaults (4 warps at 64 x 64; 128 x 64 one-step tiles at D = 256; 64 rows at k = 64) used all 255
+# registers and spilled 32 to 1656 bytes.
+ROW_BLOCK_LIMITS = {True: ((8, 128), (16, 64), (64, 32)), False: ((1, 64), (64, 32))}
+TILE_ELEMENTS = 4096
+
+
 def default_config(num_rows: int, dim: int, k: int, low_precision: bool, device: torch.device) -> TritonConfig:
-    """Untuned defaults (bench/bench_sample_negatives_gpu.py sweeps alternatives). Under the interpreter: large tiles, since
-    its cost is per operation, not per element, and exact "ieee" products."""
+    """The shipped tiles (bench/bench_sample_negatives_gpu.py sweeps alternatives). Under the interpreter: large
+    tiles, since its cost is per operation, not per element, and exact "ieee" products."""
     kp = triton.next_power_of_2(k)
     whole_dim = max(16, triton.next_power_of_2(dim))
     if device.type != "cuda":
         return TritonConfig(block_m=64, block_n=128, block_k=min(whole_dim, 64), input_precision="ieee")
-    block_m = min(128, max(16, triton.next_power_of_2(num_rows)))
-    block_m = max(16, min(block_m, 4096 // kp))  # the two lists hold 2 · block_m · kp entries in registers
-    # One k-step when the bank tile's rows are at most 512 bytes (bf16 D <= 256, float32 D <= 128).
+    largest = next(rows for longest, rows in ROW_BLOCK_LIMITS[low_precision] if kp <= longest)
+    block_m = min(largest, max(32, triton.next_power_of_2(num_rows)))
+    block_n = max(32, min(64, TILE_ELEMENTS // block_m))
+    # One k-step when the bank tile's rows are at most 512 bytes (bf16 D <= 256, float32 D <= 128): the anchor tile
+    # then stays on chip for the whole split.
     one_step = whole_dim * (2 if low_precision else 4) <= 512
     block_k = whole_dim if one_step else (64 if low_precision else 32)
-    block_n = 64
-    num_warps = 8 if block_m * block_n >= 8192 else 4
-    return TritonConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=3)
+    return TritonConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=8, num_stages=3)
+
+
+def merge_config(width: int) -> MergeConfig:
+    """Rows of the merge kernel per program: six [BLOCK_R, BLOCK_W] arrays (two of int64) stay in registers up to
+    1024 entries per program with 4 warps (4096 spilled 96-168 bytes, sm_90), and a 2048-wide row takes 8 warps."""
+    block_w = triton.next_power_of_2(width)
+    block_r = max(1, min(16, 1024 // block_w))
+    return MergeConfig(block_r=block_r, block_w=block_w, num_warps=8 if block_r * block_w > 1024 else 4)
 
 
 def _input_precision(config: TritonConfig) -> str:
@@ -433,13 +470,13 @@ def _input_precision(config: TritonConfig) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _num_splits(config: TritonConfig, row_blocks: int, tiles: int, k: int, device: torch.device) -> int:
-    """Enough programs to fill the device, at most one per tile, and few enough that the merge kernel's row of
-    splits · k partial entries stays a register-sized block."""
+def num_splits(config: TritonConfig, row_blocks: int, tiles: int, k: int, multiprocessors: int | None) -> int:
+    """Enough programs to fill a device of ``multiprocessors`` SMs (None: the interpreter, a few), at most one per
+    tile, and few enough that the merge kernel's row of splits · k partial entries stays a register-sized block."""
     if config.num_splits is not None:
         wanted = config.num_splits
-    elif device.type == "cuda":
-        wanted = -(-4 * torch.cuda.get_device_properties(device).multi_processor_count // row_blocks)
+    elif multiprocessors is not None:
+        wanted = -(-4 * multiprocessors // row_blocks)
     else:
         wanted = 3
     return max(1, min(wanted, tiles, MAX_MERGE_WIDTH // triton.next_power_of_2(k)))
@@ -476,7 +513,8 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
     kp = triton.next_power_of_2(k)
     row_blocks = triton.cdiv(num_rows, config.block_m)
     tiles = triton.cdiv(filled, config.block_n)
-    splits = _num_splits(config, row_blocks, tiles, k, device)
+    multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count if not interpreted else None
+    splits = num_splits(config, row_blocks, tiles, k, multiprocessors)
     cols_per_split = triton.cdiv(tiles, splits) * config.block_n
     splits = triton.cdiv(filled, cols_per_split)  # no split without columns
     width = splits * k
@@ -513,11 +551,10 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
     sim = torch.empty((num_rows, k), dtype=torch.float32, device=device)
     valid = torch.empty((num_rows, k), dtype=torch.bool, device=device)
     key = torch.empty((num_rows, k), dtype=torch.float32, device=device)
-    block_w = triton.next_power_of_2(width)
-    block_r = max(1, min(16, 4096 // block_w))
-    _merge_kernel[(triton.cdiv(num_rows, block_r),)](
+    merge = merge_config(width)
+    _merge_kernel[(triton.cdiv(num_rows, merge.block_r),)](
         race_key, race_idx, race_sim, hard_key, hard_idx, hard_sim, index, sim, valid, key, num_rows, width,
-        K=k, BLOCK_R=block_r, BLOCK_W=block_w, HAS_RACE=has_race, num_warps=4)
+        K=k, BLOCK_R=merge.block_r, BLOCK_W=merge.block_w, HAS_RACE=has_race, num_warps=merge.num_warps)
     if check_finite and bool(flags.any()):
         # Which input it was is worked out on the host, only on this error path.
         raise_if_not_finite(anchors, positive_sim, stats, similarities_finite=False)

@@ -6,10 +6,12 @@ Run from the repository root on a machine with a GPU, a CUDA build of torch and 
     python3 scripts/check_cuda.py --skip-build    # reuse the extension already built in place
 
 Steps: (1) build fne_fast with its CUDA kernel (setup.py, in place), (2) check that the CUDA kernel is registered,
-(3) pytest tests/test_sample_negatives_cuda.py, (4) compute-sanitizer memcheck over a small case that crosses
-chunk and split boundaries in every mode (then racecheck and synccheck on fne_fast's own kernels), (5) time
-backend="cuda" on the two acceptance shapes beside the measured copy bandwidth and bf16 matmul rate.
-Each step prints the command it runs, so any one can be rerun alone. `--case` is the sanitizers' workload.
+(3) pytest tests/test_sample_negatives_cuda.py, (4) compute-sanitizer memcheck, with PyTorch's caching allocator
+off (so that an access beyond a tensor is beyond its allocation), over a small case that crosses chunk and split
+boundaries and the multi-split merge in every mode (then racecheck and synccheck on fne_fast's own kernels),
+(5) time backend="cuda" on the two acceptance shapes beside the measured copy bandwidth and bf16 matmul rate.
+Each step prints the command it runs, so any one can be rerun alone. `--case` is the sanitizers' workload
+(`--case --dry-run`: its logic on the CPU). scripts/gpu_check.sh runs the whole GPU check, this case included.
 """
 
 from __future__ import annotations
@@ -31,33 +33,61 @@ def run_step(name: str, command: list[str], env: dict | None = None) -> bool:
     return ok
 
 
-def sanitizer_case() -> None:
-    """Small inputs through every code path: 3 chunks of 1000 columns (the last partial), several splits for
-    few rows, k = 1 and 64, float32 / bf16 / float32-with-bf16 banks, partly filled, NaN beyond `filled`."""
+# The sanitizers' workload: bank columns per chunk (FNE_FAST_CUDA_CHUNK_COLS) and the bank's length. The CUDA
+# kernel cuts a chunk into min(ceil(4 · SMs / B), ceil(chunk / 1024)) column splits and merges their lists
+# (sample_negatives_cuda.cu, chunk_columns and split_cols); with 5000-column chunks of 12000 columns, B <= 105 on a
+# 132-SM GPU gets 5, 5 and 2 splits: every chunk crosses the multi-split merge, and the chunks the running lists.
+CASE_CHUNK_COLS, CASE_COLUMNS, CASE_FILLED = 5000, 12000, 11500
+
+
+def expected_splits(num_rows: int, chunk_cols: int, multiprocessors: int) -> list[int]:
+    """Splits per chunk of the case (the .cu file's arithmetic, mirrored here to check the case's coverage)."""
+    ceil = lambda a, b: -(-a // b)  # noqa: E731
+    chunk = min(chunk_cols, CASE_FILLED)
+    split_cols = ceil(chunk, max(1, min(ceil(4 * multiprocessors, num_rows), ceil(chunk, 1024))))
+    return [ceil(min(chunk, CASE_FILLED - begin), split_cols) for begin in range(0, CASE_FILLED, chunk)]
+
+
+def sanitizer_case(device: str = "cuda") -> None:
+    """Every code path on small inputs: chunks of 5000 columns cut into several splits (see expected_splits), k = 1
+    and 64, float32 / bf16 / float32-with-bf16 banks, partly filled with NaN beyond `filled`, global columns above
+    2³², every mode; the compiled CUDA kernel and the Triton kernels (whose merge kernel folds one list per split).
+    On a CPU (--dry-run) the same calls run on the C++ kernel: the case's logic, without the GPU kernels."""
     import torch
 
     import fne_fast
+    from fne_fast import ops
 
-    os.environ["FNE_FAST_CUDA_CHUNK_COLS"] = "1000"
+    os.environ["FNE_FAST_CUDA_CHUNK_COLS"] = str(CASE_CHUNK_COLS)
+    backends = ((["cuda"] if ops.COMPILED_CUDA_KERNEL else []) + ["triton"]) if device == "cuda" else ["cpu"]
+    if device == "cuda":
+        splits = expected_splits(70, CASE_CHUNK_COLS, torch.cuda.get_device_properties(0).multi_processor_count)
+        print(f"CUDA kernel, B = 70: splits per chunk {splits}")
+        assert max(splits) > 1, "the case no longer crosses the multi-split merge"
     generator = torch.Generator().manual_seed(0)
     for num_rows, anchor_dtype, bank_dtype in ((3, torch.float32, torch.float32),
                                               (70, torch.bfloat16, torch.bfloat16),
                                               (5, torch.float32, torch.bfloat16)):
-        num_cols, dim = 2600, 24
-        anchors = torch.randn(num_rows, dim, generator=generator).to(anchor_dtype).cuda()
-        bank = torch.randn(num_cols, dim, generator=generator).to(bank_dtype).cuda()
-        bank[2500:] = float("nan")
-        args = (anchors, bank, torch.rand(num_rows).cuda(), torch.randint(0, 50, (num_rows,)).cuda(),
-                torch.randint(0, 50, (num_cols,)).cuda(), torch.tensor([0.1, 0.04, 0.0, 0.04, 500.0]).cuda())
-        for mode in ("fne", "hardest", "uniform"):
-            for k in (1, 64):
-                index, _, valid = fne_fast.sample_negatives(*args, k=k, mode=mode, filled=2500, col_offset=2**33,
-                                                            backend="cuda")
-                assert bool(((index[valid] >= 2**33) & (index[valid] < 2**33 + 2500)).all())
-    empty = fne_fast.sample_negatives(anchors, bank[:0], *args[2:4], args[4][:0], args[5], k=2, backend="cuda")
-    assert not bool(empty[2].any())
-    torch.cuda.synchronize()
-    print("sanitizer case done")
+        dim = 24
+        anchors = torch.randn(num_rows, dim, generator=generator).to(anchor_dtype).to(device)
+        bank = torch.randn(CASE_COLUMNS, dim, generator=generator).to(bank_dtype).to(device)
+        bank[CASE_FILLED:] = float("nan")
+        args = (anchors, bank, torch.rand(num_rows).to(device), torch.randint(0, 50, (num_rows,)).to(device),
+                torch.randint(0, 50, (CASE_COLUMNS,)).to(device),
+                torch.tensor([0.1, 0.04, 0.0, 0.04, 500.0]).to(device))
+        for backend in backends:
+            for mode in ("fne", "hardest", "uniform"):
+                for k in (1, 64):
+                    index, _, valid = fne_fast.sample_negatives(*args, k=k, mode=mode, filled=CASE_FILLED,
+                                                                col_offset=2**33, backend=backend)
+                    chosen = index[valid]
+                    assert bool(((chosen >= 2**33) & (chosen < 2**33 + CASE_FILLED)).all()), (backend, mode, k)
+    for backend in backends:
+        empty = fne_fast.sample_negatives(anchors, bank[:0], *args[2:4], args[4][:0], args[5], k=2, backend=backend)
+        assert not bool(empty[2].any())
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print(f"sanitizer case done ({', '.join(backends)})")
 
 
 def timing() -> None:
@@ -101,10 +131,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--case", action="store_true", help="run the sanitizers' workload and exit")
+    parser.add_argument("--dry-run", action="store_true", help="with --case: on the CPU (checks the case's logic)")
     parser.add_argument("--time-only", action="store_true", help="only the timing step")
     options = parser.parse_args()
     if options.case:
-        sanitizer_case()
+        sanitizer_case("cpu" if options.dry_run else "cuda")
         return 0
     if options.time_only:
         timing()
@@ -124,10 +155,13 @@ def main() -> int:
     sanitizer = shutil.which("compute-sanitizer") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
                                                                    "bin", "compute-sanitizer")
     case = [python, os.path.join("scripts", "check_cuda.py"), "--case"]
-    results["memcheck"] = run_step("memcheck", [sanitizer, "--tool", "memcheck", "--error-exitcode", "1", *case])
+    no_cache = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+    # API errors are not counted: torch and Triton probe the driver with calls that may fail by design.
+    quiet_api = ["--report-api-errors", "no", "--error-exitcode", "1"]
+    results["memcheck"] = run_step("memcheck", [sanitizer, "--tool", "memcheck", *quiet_api, *case], env=no_cache)
     for tool in ("racecheck", "synccheck"):
-        results[tool] = run_step(tool, [sanitizer, "--tool", tool, "--kernel-name", "kns=fne_fast",
-                                        "--error-exitcode", "1", *case])
+        results[tool] = run_step(tool, [sanitizer, "--tool", tool, "--kernel-name", "kns=fne_fast", *quiet_api,
+                                        *case], env=no_cache)
     results["timing"] = run_step("timing", [python, os.path.join("scripts", "check_cuda.py"), "--time-only"])
     print("\n" + "\n".join(f"{name}: {'ok' if ok else 'FAILED'}" for name, ok in results.items()))
     return 0 if all(results.values()) else 1

@@ -44,6 +44,18 @@ def backend(request) -> Backend:
     return request.param
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_feature_cache(tmp_path_factory):
+    """Tests (and the runs they start in subprocesses) keep their cache files out of the user's cache."""
+    previous = os.environ.get("FNE_FAST_CACHE")
+    os.environ["FNE_FAST_CACHE"] = str(tmp_path_factory.mktemp("fne_fast_cache"))
+    yield
+    if previous is None:
+        del os.environ["FNE_FAST_CACHE"]
+    else:
+        os.environ["FNE_FAST_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _restore_threads():
     """Tests may change the intra-op thread count; put it back so the next test sees the default."""

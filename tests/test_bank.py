@@ -32,8 +32,7 @@ def test_enqueue_matches_a_row_by_row_ring(size, batch_sizes, dtype):
         next_id += rows
         bank.enqueue(features, ids)
         oracle.enqueue(features, ids)
-        assert bank.filled == oracle.count == int(bank.fill_count)
-        assert int(bank.pointer) == oracle.next
+        assert bank.filled == oracle.count and bank.pointer == oracle.next
         assert bank.ids.tolist() == oracle.ids
         for slot, row in enumerate(oracle.rows):
             expected = torch.zeros(4) if row is None else row
@@ -48,7 +47,7 @@ def test_state_dict_round_trip_continues_identically():
     first.enqueue(batch, ids)
     second.enqueue(batch, ids)
     assert torch.equal(first.features, second.features) and torch.equal(first.ids, second.ids)
-    assert first.filled == second.filled == 6 and int(first.pointer) == int(second.pointer) == 3
+    assert first.filled == second.filled == 6 and first.pointer == second.pointer == 3
 
 
 def test_rejects_wrong_shapes_with_named_arguments():
@@ -61,3 +60,40 @@ def test_rejects_wrong_shapes_with_named_arguments():
         MemoryBank(0, 3)
     with pytest.raises(ValueError, match="bank state has shape"):
         MemoryBank(5, 3).load_state_dict(bank.state_dict())
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_unsharded_sample_is_the_op_over_the_filled_rows_plus_their_features(k):
+    from fne_fast import sample_negatives
+    from fne_fast.testing import sample_inputs
+
+    inputs = sample_inputs(5, 9, 4, kind="exact", seed=k, num_ids=3)
+    bank = MemoryBank(12, 4)
+    bank.enqueue(inputs["bank"], inputs["bank_ids"])  # 9 of 12 rows filled
+    arguments = (inputs["anchors"], inputs["positive_sim"], inputs["anchor_ids"], inputs["stats"])
+    index, sim, valid, rows, key, ids = bank.sample(*arguments, k=k, seed=4, step=2, return_keys=True,
+                                                    return_ids=True)
+    wanted = sample_negatives(inputs["anchors"], bank.features, *arguments[1:3], bank.ids, inputs["stats"], k=k,
+                              seed=4, step=2, filled=9, return_keys=True)
+    for actual, expected in zip((index, sim, valid, key), wanted):
+        assert torch.equal(actual, expected)
+    assert (index < 9).all()
+    assert torch.equal(rows, torch.where(valid.unsqueeze(-1), bank.features[index.clamp(min=0)], 0))
+    assert torch.equal(ids, torch.where(valid, bank.ids[index.clamp(min=0)], -1))
+    assert len(bank.sample(*arguments, k=k)) == 4
+
+
+def test_sample_rejects_options_the_bank_sets_and_bad_arguments():
+    bank = MemoryBank(4, 3)
+    anchors, positive_sim, ids, stats = torch.zeros(2, 3), torch.zeros(2), torch.zeros(2, dtype=torch.int64), \
+        torch.zeros(5)
+    with pytest.raises(ValueError, match="filled is set by the bank"):
+        bank.sample(anchors, positive_sim, ids, stats, filled=2)
+    with pytest.raises(ValueError, match="unexpected option"):
+        bank.sample(anchors, positive_sim, ids, stats, temperature=2)
+    with pytest.raises(ValueError, match="k must be"):
+        bank.sample(anchors, positive_sim, ids, stats, k=0)
+    with pytest.raises(ValueError, match=r"anchors must be a \[B, 3\] tensor"):
+        bank.sample(torch.zeros(2, 4), positive_sim, ids, stats)
+    with pytest.raises(ValueError, match="anchor_ids must be a \\[2\\] int64 tensor"):
+        bank.sample(anchors, positive_sim, ids.int(), stats)

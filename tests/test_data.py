@@ -242,19 +242,63 @@ class _CountingEncoders:
 
 
 def test_feature_cache_encodes_once_and_keys_on_content(tmp_path):
+    source = tmp_path / "words.txt"
+    source.write_text("lemma other")
+    cache = tmp_path / "cache"
     raw = RawSplit("toy", "test", ["lemma", "other"], ["gloss a", "gloss b", "gloss a"], [0, 1, 1],
-                   ["g", "h"], fingerprint="abc", image_modality="text")
+                   ["g", "h"], fingerprint="abc", image_modality="text", sources={"words": [str(source)]})
     encoders = _CountingEncoders()
-    first = cached_feature_split(raw, cache_dir=str(tmp_path), encoders=encoders)
+    first = cached_feature_split(raw, cache_dir=str(cache), encoders=encoders)
     calls = encoders.text.calls
-    second = cached_feature_split(raw, cache_dir=str(tmp_path), encoders=encoders)
+    second = cached_feature_split(raw, cache_dir=str(cache), encoders=encoders)
     assert encoders.text.calls == calls  # served from the cache
     assert isinstance(second, FeatureSplit) and torch.equal(first.text_features, second.text_features)
     assert first.text_features[0].tolist() == [7.0, 1.0, 2.0] and first.image_group.tolist() == [0, 1]
-    assert os.listdir(tmp_path) == ["toy-test-fake-1+fake-2-abc.pt"]
-    raw.fingerprint = "changed"
+    assert first.inputs == second.inputs and first.inputs["sources"]["words"]["bytes"] == 11
+    entries = [name for name in os.listdir(cache) if name.endswith(".pt")]
+    assert len(entries) == 1 and entries[0].startswith("toy-test-fake-1+fake-2-")
+    source.write_text("lemma OTHER")  # same path and size, new content: encoded again
+    third = cached_feature_split(raw, cache_dir=str(cache), encoders=encoders)
+    assert encoders.text.calls > calls and third.inputs != first.inputs
+    calls = encoders.text.calls
+    raw.fingerprint = "changed"  # other items
+    cached_feature_split(raw, cache_dir=str(cache), encoders=encoders)
+    assert encoders.text.calls > calls and len([name for name in os.listdir(cache) if name.endswith(".pt")]) == 3
+
+
+def test_feature_cache_refuses_non_finite_features_and_repairs_damaged_entries(tmp_path):
+    raw = RawSplit("toy", "test", ["lemma", "other"], ["gloss a", "gloss b"], [0, 1], None, fingerprint="abc",
+                   image_modality="text", image_names=["lemma", "other"])
+    encoders = _CountingEncoders()
     cached_feature_split(raw, cache_dir=str(tmp_path), encoders=encoders)
-    assert encoders.text.calls > calls and len(os.listdir(tmp_path)) == 2
+    (entry,) = [name for name in os.listdir(tmp_path) if name.endswith(".pt")]
+    (tmp_path / entry).write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match="unreadable feature cache entry"):
+        repaired = cached_feature_split(raw, cache_dir=str(tmp_path), encoders=encoders)
+    assert repaired.text_features[0].tolist() == [7.0, 1.0, 2.0]
+    stored = torch.load(tmp_path / entry, weights_only=True)
+    stored["text_features"][1, 2] = float("nan")
+    torch.save(stored, tmp_path / entry)
+    with pytest.raises(DatasetFormatError, match=r"\.pt: row 1 of the cached text_features is not finite"):
+        cached_feature_split(raw, cache_dir=str(tmp_path), encoders=encoders)
+    # An item the encoder turns into infinity is named, and nothing is cached for it.
+    encoders.text.encode = lambda items: torch.tensor([[float("inf") if item == "other" else 0.0, 1.0, 2.0]
+                                                       for item in items])
+    raw.fingerprint = "other items"
+    with pytest.raises(DatasetFormatError, match=r"toy/test: 'other' \(row 1\) encodes to non-finite image"):
+        cached_feature_split(raw, cache_dir=str(tmp_path), encoders=encoders)
+    assert len([name for name in os.listdir(tmp_path) if name.endswith(".pt")]) == 1
+
+
+def test_feature_arrays_with_nan_name_the_file_and_row(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((4, 3)).astype(np.float32)
+    image[2, 1] = np.nan
+    np.save(tmp_path / "test_image_features.npy", image)
+    np.save(tmp_path / "test_text_features.npy", rng.standard_normal((4, 2)).astype(np.float32))
+    np.save(tmp_path / "test_caption_image.npy", np.arange(4))
+    with pytest.raises(DatasetFormatError, match=r"test_image_features.npy: row 2 is not finite"):
+        load_feature_arrays(str(tmp_path), "test")
 
 
 def test_pretrained_encoders_when_installed():

@@ -26,12 +26,12 @@ def _set_stats(loss, mu_pos=0.3, var_pos=0.04, mu_neg=-0.1, var_neg=0.09, count=
     loss.stats.load_state_dict(state)
 
 
-def _case(seed=0):
+def _case(seed=0, bank_dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
     ids = torch.tensor([0, 1, 2, 3, 3, 4])  # two pairs share image 3
     banks = []
     for _ in range(2):
-        bank = MemoryBank(BANK, DIM)
+        bank = MemoryBank(BANK, DIM, dtype=bank_dtype)
         bank.enqueue(_unit(BANK - 4, generator).float(), torch.randint(0, 8, (BANK - 4,), generator=generator))
         banks.append(bank)
     image, text = _unit(BATCH, generator), _unit(BATCH, generator)
@@ -40,10 +40,12 @@ def _case(seed=0):
 
 
 def _oracle_direction(anchors, positive_keys, ids, bank, stats, seed, step, mode, margin, k):
-    """Triplet hinge over the reference sampler's choice, computed from the full float64 similarity matrix."""
+    """Triplet hinge over the reference sampler's choice, computed from the full float64 similarity matrix. The
+    choice is made with the anchors in the bank's dtype, as FNELoss selects."""
     positive = (anchors * positive_keys).sum(dim=1)
+    selecting = anchors.detach().to(bank.dtype).double()
     index, _, valid = sample_negatives_reference(
-        anchors.detach(), bank.features.double(), positive.detach().float(), ids, bank.ids, stats, k=k, mode=mode,
+        selecting, bank.features.double(), positive.detach().float(), ids, bank.ids, stats, k=k, mode=mode,
         margin=margin, seed=seed, step=step, filled=bank.filled)
     sim = anchors @ bank.features.double().T
     chosen = torch.gather(sim, 1, index.clamp(min=0))
@@ -53,8 +55,9 @@ def _oracle_direction(anchors, positive_keys, ids, bank, stats, seed, step, mode
 
 @pytest.mark.parametrize("mode", ["fne", "hardest", "uniform"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_bank_loss_and_gradients_match_the_oracle(mode, k):
-    ids, image_bank, text_bank, image, text, image_key, text_key = _case()
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16])
+def test_bank_loss_and_gradients_match_the_oracle(mode, k, bank_dtype):
+    ids, image_bank, text_bank, image, text, image_key, text_key = _case(bank_dtype=bank_dtype)
     loss_module = FNELoss(mode, SamplerOptions(k=k), seed=11)
     _set_stats(loss_module)
     stats = loss_module.stats.as_tensor()

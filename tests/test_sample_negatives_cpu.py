@@ -1,19 +1,21 @@
-"""What only the C++ CPU kernel has: its tiles and threads (FNE_FAST_CPU_TILE_*, intra-op threads) and its two
-Philox loops (AVX-512 in 32-bit lanes, and the portable loop). The behaviour tests are in
-test_sample_negatives.py."""
+"""What only the C++ CPU kernel has: its tiles and threads (FNE_FAST_CPU_TILE_*, intra-op threads), its two
+epilogues (AVX-512, and the portable loops) and its two GEMM paths for bf16 (oneDNN's bf16 brgemm, and float32
+tiles when oneDNN is off). The behaviour tests are in test_sample_negatives.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 import fne_fast
 from fne_fast.testing import sample_inputs
-from inputs import STEEP, assert_same_draws, run_oracle
+from inputs import MODES, STEEP, Backend, assert_matches_oracle, assert_same_draws, run_oracle
 
 
 def run_op(inputs, **options):
@@ -56,3 +58,89 @@ def test_portable_philox_path_gives_the_same_draws(tmp_path):
                    env=env, check=True)
     assert_same_draws(torch.load(tmp_path / "out.pt"), run_op(inputs, **options))
     assert_same_draws(run_op(inputs, **options), run_oracle(inputs, **options))
+
+
+# --- the bf16 brgemm tiles (csrc/cpu/similarity_tiles.cpp) ---------------------------------------------------------
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in cpuinfo)
+    except OSError:
+        return False
+
+
+BRGEMM = cpu_has_avx512_bf16() and torch.backends.mkldnn.is_available()
+needs_brgemm = pytest.mark.skipif(not BRGEMM, reason="needs a CPU with avx512_bf16 and torch with oneDNN")
+
+
+@contextlib.contextmanager
+def mkldnn_off():
+    """torch.backends.mkldnn off for the block (its flags() also warns about an Intel-GPU TF32 setting)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+
+
+def bf16_inputs(*args, **kwargs):
+    return sample_inputs(*args, bank_dtype=torch.bfloat16, anchor_dtype=torch.bfloat16, **kwargs)
+
+
+def test_brgemm_path_follows_the_cpu_and_the_mkldnn_switch():
+    # The kernel takes oneDNN's bf16 kernel exactly where the CPU has avx512_bf16 and oneDNN is enabled, and asks
+    # again on every call (torch.backends.mkldnn may be switched off between calls).
+    assert torch.ops.fne_fast.cpu_bf16_brgemm() == BRGEMM
+    with mkldnn_off():
+        assert not torch.ops.fne_fast.cpu_bf16_brgemm()
+    assert torch.ops.fne_fast.cpu_bf16_brgemm() == BRGEMM
+
+
+@needs_brgemm
+@pytest.mark.parametrize("dim", [2, 33, 64, 129])
+@pytest.mark.parametrize("num_rows,num_cols,tile_cols", [(37, 1100, None), (70, 700, "33"), (5, 20, None),
+                                                         (129, 1500, "256")])
+def test_brgemm_tiles_match_the_oracle_exactly(monkeypatch, dim, num_rows, num_cols, tile_cols):
+    # Exact inputs: bf16 products and their float32 sums are exact, so the draws equal the float64 oracle's bit for
+    # bit. The sizes cross every edge of the tiling: odd D (the last column added apart), anchor blocks that are
+    # not a multiple of 32 (zero-padded), full tiles and shorter ones cut into 32-row blocks with a staged
+    # remainder (1100 = 2 x 512 + 2 x 32 + 12; 20 < 32; 33-column tiles).
+    if tile_cols is not None:
+        monkeypatch.setenv("FNE_FAST_CPU_TILE_COLS", tile_cols)
+    inputs = bf16_inputs(num_rows, num_cols, dim, kind="exact", seed=dim, num_ids=max(num_cols // 5, 1))
+    for mode in MODES:
+        options = dict(k=4, mode=mode, seed=5, step=2, col_offset=2**32 - 500, **STEEP)
+        assert_same_draws(run_op(inputs, return_keys=True, **options), run_oracle(inputs, **options))
+
+
+@needs_brgemm
+@pytest.mark.parametrize("threads", [1, 2])
+def test_brgemm_and_float32_tiles_pick_the_same_negatives_up_to_near_ties(threads):
+    # Random unit vectors in bf16: the two paths sum the same exact products in different orders, so their
+    # similarities differ by float32 rounding and a few rows may swap near-tied candidates. Both must match the
+    # float64 oracle up to near-ties (the float32 path's own tolerance), and each other wherever keys are apart.
+    torch.set_num_threads(threads)
+    inputs = bf16_inputs(300, 5000, 256, seed=9)
+    options = dict(k=3, seed=4, **STEEP)
+    brgemm = run_op(inputs, return_keys=True, **options)
+    with mkldnn_off():
+        float32 = run_op(inputs, return_keys=True, **options)
+    backend = Backend("cpu", "cpu")
+    for result in (brgemm, float32):
+        assert_matches_oracle(backend, result, inputs, max_differ=1e-2, **options)
+    differ = (brgemm[0] != float32[0]).any(dim=1)
+    assert differ.float().mean() <= 1e-2
+    # Not the same computation: the similarities themselves differ in their last bits somewhere.
+    assert not torch.equal(brgemm[1], float32[1])
+    torch.testing.assert_close(brgemm[1][~differ], float32[1][~differ], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_fallback_tiles_match_the_oracle(dtype):
+    # oneDNN off (and fp16 always, there being no fp16 brgemm path): the bank tile and the anchors are converted
+    # to float32, and exact inputs still give the oracle's draws.
+    inputs = sample_inputs(37, 1100, 33, kind="exact", bank_dtype=dtype, anchor_dtype=dtype, seed=3)
+    options = dict(k=4, seed=8, **STEEP)
+    with mkldnn_off():
+        assert not torch.ops.fne_fast.cpu_bf16_brgemm()
+        assert_same_draws(run_op(inputs, return_keys=True, **options), run_oracle(inputs, **options))

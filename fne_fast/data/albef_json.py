@@ -83,9 +83,7 @@ def load_albef_json(split: str, *, train_json: str | None = None, val_json: str 
             caption_image.append(image_index[image])
     if not image_paths:
         raise DatasetFormatError(path, "no entries")
-    stat = os.stat(path)
-    fingerprint = content_fingerprint("albef-json", os.path.abspath(path), stat.st_size, stat.st_mtime_ns, limit,
-                                      os.path.abspath(image_root))
+    fingerprint = content_fingerprint("albef-json", limit, list(image_index), captions)
     loaders = [lambda full_path=full_path: _open_image(full_path) for full_path in image_paths]
     return RawSplit("albef-json", split, loaders, captions, caption_image, None, fingerprint,
-                    image_names=list(image_index))
+                    image_names=list(image_index), sources={"json": [path], "images": image_paths})

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["DatasetFormatError", "RawSplit", "FeatureSplit", "SPLITS", "DATASETS", "group_ids", "hash_split",
-           "content_fingerprint"]
+           "content_fingerprint", "first_nonfinite_row"]
 
 SPLITS = ("train", "val", "test")
 DATASETS = ("emoji", "tuxpaint", "wordnet", "albef-json", "features")
@@ -32,7 +32,9 @@ class RawSplit:
     image when ``image_modality == "image"``, a string when it is ``"text"`` (WordNet pairs lemmas with glosses).
     ``caption_image[t]`` is the item caption t describes; ``image_group[i]`` names item i's semantic group (items
     of one group are natural false negatives of each other), or the list is None where the data has none.
-    ``fingerprint`` identifies the content for the feature cache (it changes when the source files do).
+    ``fingerprint`` hashes the split's items (names, captions); ``sources`` names the files they were read from,
+    in groups (``{"font": [path], "annotations": [path, path]}``), which ``fne_fast.fingerprint`` hashes by
+    content: together they key the feature cache.
     """
 
     dataset: str
@@ -44,6 +46,7 @@ class RawSplit:
     fingerprint: str
     image_modality: str = "image"
     image_names: list[str] = field(default_factory=list)
+    sources: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self):
         if len(self.captions) != len(self.caption_image):
@@ -58,13 +61,16 @@ class RawSplit:
 class FeatureSplit:
     """Frozen-backbone features of one split: what the heads are trained and evaluated on.
 
-    ``image_group`` holds integer group ids (one per image) or is None where the data has no groups.
+    ``image_group`` holds integer group ids (one per image) or is None where the data has no groups. ``inputs``
+    is the record of what the features were made from (``fne_fast.fingerprint``), or None for features built in
+    memory.
     """
 
     image_features: torch.Tensor  # [I, D_image] float32
     text_features: torch.Tensor  # [T, D_text] float32
     caption_image: torch.Tensor  # [T] int64, in [0, I)
     image_group: torch.Tensor | None  # [I] int64
+    inputs: dict | None = None
 
     def __post_init__(self):
         num_images = self.image_features.shape[0]
@@ -77,12 +83,30 @@ class FeatureSplit:
         if self.image_group is not None and self.image_group.shape[0] != num_images:
             raise ValueError(f"image_group has {self.image_group.shape[0]} entries for {num_images} images")
 
+    def first_nonfinite(self) -> tuple[str, int] | None:
+        """``("image_features" | "text_features", row)`` of the first row holding a NaN or an infinity, or None."""
+        for name in ("image_features", "text_features"):
+            row = first_nonfinite_row(getattr(self, name))
+            if row is not None:
+                return name, row
+        return None
+
     def first_images(self, limit: int) -> "FeatureSplit":
         """The first ``limit`` images and their captions: what a loader's ``limit`` would have encoded (loaders
         keep items in order), taken from the full split's cached features instead of encoding a new subset."""
         keep = self.caption_image < limit
         return FeatureSplit(self.image_features[:limit], self.text_features[keep], self.caption_image[keep],
-                            None if self.image_group is None else self.image_group[:limit])
+                            None if self.image_group is None else self.image_group[:limit], self.inputs)
+
+
+def first_nonfinite_row(features) -> int | None:
+    """The first row of a 2-D tensor or array that holds a NaN or an infinity, or None."""
+    import numpy as np
+
+    finite = np.isfinite(features).all(axis=1) if isinstance(features, np.ndarray) else (
+        torch.isfinite(features).all(dim=1).cpu().numpy())
+    bad = np.flatnonzero(~finite)
+    return int(bad[0]) if bad.size else None
 
 
 def group_ids(names: list[str] | None) -> torch.Tensor | None:

@@ -18,6 +18,7 @@ __all__ = ["load_emoji", "base_emoji", "read_annotations", "DEFAULT_FONT", "DEFA
 
 DEFAULT_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 DEFAULT_CLDR = "/usr/share/unicode/cldr/common"
+_ANNOTATION_FILES = ("annotations/en.xml", "annotationsDerived/en.xml")
 # The colour bitmaps of Noto Color Emoji exist at this one size; other sizes fail to load.
 _BITMAP_FONT_SIZE = 109
 
@@ -70,7 +71,7 @@ def read_annotations(cldr_root: str = DEFAULT_CLDR) -> dict[str, tuple[str, str 
     """``{sequence: (name, keywords or None)}`` from annotations/en.xml and annotationsDerived/en.xml."""
     names: dict[str, str] = {}
     keywords: dict[str, str] = {}
-    for relative in ("annotations/en.xml", "annotationsDerived/en.xml"):
+    for relative in _ANNOTATION_FILES:
         file_names, file_keywords = _parse_annotation_file(os.path.join(cldr_root, relative))
         names.update(file_names)
         keywords.update(file_keywords)
@@ -142,5 +143,8 @@ def load_emoji(split: str, *, cldr_root: str = DEFAULT_CLDR, font_path: str = DE
                 caption_image.append(item)
     if not images:
         raise DatasetFormatError(cldr_root, f"no emoji of split {split!r} both annotated and drawn by {font_path}")
-    fingerprint = content_fingerprint("emoji", names, captions, os.path.getsize(font_path))
-    return RawSplit("emoji", split, images, captions, caption_image, groups, fingerprint, image_names=names)
+    fingerprint = content_fingerprint("emoji", names, captions)
+    sources = {"font": [font_path],
+               "annotations": [os.path.join(cldr_root, relative) for relative in _ANNOTATION_FILES]}
+    return RawSplit("emoji", split, images, captions, caption_image, groups, fingerprint, image_names=names,
+                    sources=sources)

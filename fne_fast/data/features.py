@@ -1,7 +1,9 @@
 """Encoding splits with the frozen backbones, the on-disk feature cache, and precomputed feature arrays.
 
-The cache file of a split is keyed by data set, split, both encoders' versions and the split's content
-fingerprint, so a changed source file or encoder never serves stale features. Files are written atomically.
+The cache file of a split is keyed by data set, split, both encoders' versions (which carry the image size) and
+the hash of its ``inputs`` record (``fne_fast.fingerprint``: the split's items and the content of its source
+files), so a changed source file or encoder never serves stale features. Files are written atomically; features
+are checked for NaN and infinity when encoded, read from the cache and loaded from arrays.
 
 The encoders are passed in (``fne_fast.models.LazyEncoders`` or anything with ``image``, ``text`` and
 ``versions(image_modality)``): this module does not import the models.
@@ -10,12 +12,14 @@ The encoders are passed in (``fne_fast.models.LazyEncoders`` or anything with ``
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
 
-from fne_fast.data.core import DatasetFormatError, FeatureSplit, RawSplit, group_ids
-from fne_fast.io import atomic_save
+from fne_fast.data.core import DatasetFormatError, FeatureSplit, RawSplit, first_nonfinite_row, group_ids
+from fne_fast.fingerprint import describe_sources, inputs_record, record_digest
+from fne_fast.io import atomic_save, remove_stale_temporaries
 
 __all__ = ["default_cache_dir", "encode_split", "cached_feature_split", "load_feature_arrays"]
 
@@ -68,14 +72,34 @@ def encode_split(raw: RawSplit, encoders, batch_size: int = 64) -> FeatureSplit:
 def cached_feature_split(raw: RawSplit, encoders, *, cache_dir: str | None = None) -> FeatureSplit:
     """The split's features from the cache, encoding and caching them with ``encoders`` on a miss."""
     cache_dir = cache_dir or default_cache_dir()
-    name = f"{raw.dataset}-{raw.split}-{encoders.versions(raw.image_modality)}-{raw.fingerprint}.pt"
-    path = os.path.join(cache_dir, name)
+    remove_stale_temporaries(cache_dir, exclusive=False)  # other processes may be writing here: dead ones only
+    versions = encoders.versions(raw.image_modality)
+    inputs = inputs_record(sources=describe_sources(raw.sources, cache_dir), encoders=versions,
+                           items=raw.fingerprint)
+    path = os.path.join(cache_dir, f"{raw.dataset}-{raw.split}-{versions}-{record_digest(inputs)}.pt")
     if os.path.exists(path):
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        return FeatureSplit(**stored)
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            cached = FeatureSplit(**stored, inputs=inputs)
+        except Exception as error:  # noqa: BLE001  (any damage to a cache entry is repaired the same way)
+            warnings.warn(f"{path}: unreadable feature cache entry ({error}); encoding the split again")
+        else:
+            bad = cached.first_nonfinite()
+            if bad is not None:
+                raise DatasetFormatError(path, f"row {bad[1]} of the cached {bad[0]} is not finite (NaN or "
+                                               "infinity); delete this file to encode the split again")
+            return cached
     features = encode_split(raw, encoders)
+    bad = features.first_nonfinite()
+    if bad is not None:
+        kind, row = bad
+        item = (raw.image_names[row] if kind == "image_features" and row < len(raw.image_names)
+                else raw.captions[row] if kind == "text_features" else f"item {row}")
+        raise DatasetFormatError(f"{raw.dataset}/{raw.split}", f"{item!r} (row {row}) encodes to non-finite "
+                                                               f"{kind.replace('_', ' ')}")
     atomic_save({"image_features": features.image_features, "text_features": features.text_features,
                  "caption_image": features.caption_image, "image_group": features.image_group}, path)
+    features.inputs = inputs
     return features
 
 
@@ -92,13 +116,22 @@ def _read_array(path: str, *, ndim: int, kind: str) -> np.ndarray:
     return array
 
 
-def load_feature_arrays(directory: str, split: str) -> FeatureSplit:
+def _read_features(path: str) -> np.ndarray:
+    array = _read_array(path, ndim=2, kind="f")
+    row = first_nonfinite_row(array)
+    if row is not None:
+        raise DatasetFormatError(path, f"row {row} is not finite (NaN or infinity)")
+    return array
+
+
+def load_feature_arrays(directory: str, split: str, *, memo_folder: str | None = None) -> FeatureSplit:
     """Precomputed features: ``{split}_image_features.npy`` [I, Di] float, ``{split}_text_features.npy``
     [T, Dt] float, ``{split}_caption_image.npy`` [T] int (the image of each caption) and optionally
-    ``{split}_image_group.npy`` [I] int (semantic groups)."""
+    ``{split}_image_group.npy`` [I] int (semantic groups). The split's ``inputs`` record hashes the arrays' files
+    (with the digests remembered in ``memo_folder``, the feature cache's folder, when given)."""
     prefix = os.path.join(directory, split)
-    image = _read_array(f"{prefix}_image_features.npy", ndim=2, kind="f")
-    text = _read_array(f"{prefix}_text_features.npy", ndim=2, kind="f")
+    image = _read_features(f"{prefix}_image_features.npy")
+    text = _read_features(f"{prefix}_text_features.npy")
     caption_image = _read_array(f"{prefix}_caption_image.npy", ndim=1, kind="iu")
     if caption_image.shape[0] != text.shape[0]:
         raise DatasetFormatError(f"{prefix}_caption_image.npy", f"{caption_image.shape[0]} entries but "
@@ -112,5 +145,8 @@ def load_feature_arrays(directory: str, split: str) -> FeatureSplit:
             raise DatasetFormatError(f"{prefix}_image_group.npy", f"{group.shape[0]} entries for "
                                      f"{image.shape[0]} images")
         group = torch.from_numpy(group.astype(np.int64))
+    arrays = ("image_features", "text_features", "caption_image") + (("image_group",) if group is not None else ())
+    inputs = inputs_record(sources=describe_sources({name: [f"{prefix}_{name}.npy"] for name in arrays},
+                                                    memo_folder), encoders=None, items=None)
     return FeatureSplit(torch.from_numpy(image.astype(np.float32)), torch.from_numpy(text.astype(np.float32)),
-                        torch.from_numpy(caption_image.astype(np.int64)), group)
+                        torch.from_numpy(caption_image.astype(np.int64)), group, inputs)

@@ -62,7 +62,7 @@ def load_tuxpaint(split: str, *, root: str = DEFAULT_ROOT, limit: int | None = N
     if not os.path.isdir(root):
         raise DatasetFormatError(root, "stamps directory not found (install Debian's tuxpaint-stamps-default, e.g. "
                                        "with scripts/setup_data.sh, or pass --data-root)")
-    images, captions, caption_image, groups, names = [], [], [], [], []
+    images, captions, caption_image, groups, names, stamp_files = [], [], [], [], [], []
     for directory, subdirectories, files in os.walk(root):
         subdirectories.sort()
         for name in sorted(files):
@@ -82,8 +82,10 @@ def load_tuxpaint(split: str, *, root: str = DEFAULT_ROOT, limit: int | None = N
             caption_image.append(len(images))
             groups.append(group)
             names.append(os.path.relpath(image_path, root))
+            stamp_files += [image_path, stem + ".txt"]
             images.append(lambda image_path=image_path: load_stamp_image(image_path))
     if not images:
         raise DatasetFormatError(root, f"no stamp with a caption and an image in split {split!r}")
     fingerprint = content_fingerprint("tuxpaint", names, captions)
-    return RawSplit("tuxpaint", split, images, captions, caption_image, groups, fingerprint, image_names=names)
+    return RawSplit("tuxpaint", split, images, captions, caption_image, groups, fingerprint, image_names=names,
+                    sources={"stamps": stamp_files})

@@ -59,7 +59,7 @@ def load_wordnet(split: str, *, root: str = DEFAULT_ROOT, limit: int | None = No
             break
     if limit is not None:
         lemmas_out, captions, groups = lemmas_out[:limit], captions[:limit], groups[:limit]
-    fingerprint = content_fingerprint("wordnet", limit, [os.path.getsize(os.path.join(root, name))
-                                                         for name in _DATA_FILES], len(lemmas_out))
+    fingerprint = content_fingerprint("wordnet", limit, len(lemmas_out))
     return RawSplit("wordnet", split, lemmas_out, captions, list(range(len(lemmas_out))), groups, fingerprint,
-                    image_modality="text", image_names=lemmas_out)
+                    image_modality="text", image_names=lemmas_out,
+                    sources={"data_files": [os.path.join(root, name) for name in _DATA_FILES]})

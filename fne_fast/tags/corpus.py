@@ -31,13 +31,16 @@ def _group_numbers(names: list[str] | None) -> list[int] | None:
 
 
 class Corpus:
-    """``Corpus(dataset, data_options, cache_dir, limit)[split]`` -> SplitTexts, parsed on first use."""
+    """``Corpus(dataset, data_options, cache_dir, limit, eval_limit)[split]`` -> SplitTexts, parsed on first use;
+    the limits keep the first images of each split as ``fne_fast.train.load_splits`` does (``eval_limit``: of the
+    validation and test splits only)."""
 
     def __init__(self, dataset: str, data_options: dict, cache_dir: str, limit: int | None = None,
-                 progress: bool = True):
+                 progress: bool = True, eval_limit: int | None = None):
         if dataset == "features":
             raise ValueError("the 'features' data set has no caption texts to parse")
-        self.dataset, self.data_options, self.cache_dir, self.limit = dataset, data_options, cache_dir, limit
+        self.dataset, self.data_options, self.cache_dir = dataset, data_options, cache_dir
+        self.limit, self.eval_limit = limit, eval_limit
         self.progress = progress
         self._splits: dict[str, SplitTexts] = {}
         self._vocabularies: dict[int | None, Vocabulary] = {}
@@ -48,9 +51,10 @@ class Corpus:
     def __getitem__(self, split: str) -> SplitTexts:
         if split not in self._splits:
             raw = self._raw(split)
-            keep = [row for row, image in enumerate(raw.caption_image) if self.limit is None or image < self.limit]
+            limits = [self.limit, self.eval_limit if split != "train" else None]
+            images = min([len(raw.images), *(limit for limit in limits if limit is not None)])
+            keep = [row for row, image in enumerate(raw.caption_image) if image < images]
             captions = [raw.captions[row] for row in keep]
-            images = len(raw.images) if self.limit is None else min(self.limit, len(raw.images))
             groups = None if raw.image_group is None else raw.image_group[:images]
             names = (raw.image_names or [str(image) for image in range(len(raw.images))])[:images]
             parsed = cached_parse(captions, self.cache_dir, f"{self.dataset}-{split}", progress=self.progress)

@@ -31,11 +31,11 @@ def shared_text_encoder(device="cpu"):
 
 
 def text_corpus(dataset: str, data_options: dict, cache_dir: str, limit: int | None,
-                progress: bool) -> Corpus | None:
+                progress: bool, eval_limit: int | None = None) -> Corpus | None:
     """The caption texts of a data set, or None for precomputed features (no texts)."""
     if dataset == "features":
         return None
-    return Corpus(dataset, data_options, cache_dir, limit, progress=progress)
+    return Corpus(dataset, data_options, cache_dir, limit, progress=progress, eval_limit=eval_limit)
 
 
 class SwapEvaluation:

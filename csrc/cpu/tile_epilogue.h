@@ -1,0 +1,43 @@
+// The CPU kernel's fused epilogue (DESIGN.md §1-2) over one column-major similarity tile: identity / fill / cut-down
+// masks, the hardest non-positive candidates, Philox, Gumbel keys and the race, updating the rows' ranked lists.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "../fne_math.h"
+#include "row_lists.h"
+
+namespace fne_fast {
+
+// What every pair of a call shares.
+struct CallContext {
+  SamplerConfig config;
+  WeightParams weights;
+  PhiloxKey philox_key;
+  float cut_threshold;  // s <= cut_threshold is cut down (-inf when the cut-down is off)
+  const int64_t* anchor_ids;
+  const float* positive_sim;
+};
+
+// One tile: similarity of anchor row row_begin + r to the tile's bank column j at sims[j * ld + r].
+struct SimilarityTile {
+  const float* sims;
+  int64_t ld;
+  int64_t row_begin, rows;
+  int64_t cols;
+  int64_t global_col_begin;  // col_offset + the tile's first bank row
+  const int64_t* bank_ids;   // ids of the tile's columns
+};
+
+// Per-thread buffers: for one block of rows, the columns where some row has a race candidate, and which rows.
+struct EpilogueScratch {
+  std::vector<int32_t> columns;
+  std::vector<uint16_t> survivors;
+};
+
+// Runs the epilogue over every row of the tile; returns whether a similarity of a live pair was not finite.
+// FNE_FAST_CPU_PORTABLE=1 (read once per process) takes the portable loops where AVX-512 would be used.
+bool tile_epilogue(const SimilarityTile& tile, const CallContext& call, RowLists& lists, EpilogueScratch& scratch);
+
+}  // namespace fne_fast

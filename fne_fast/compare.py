@@ -1,0 +1,291 @@
+"""``fne-fast compare``: arms × seeds, each run selected by validation, paired against a baseline (issue 12).
+
+An *arm* is a sampler with optional changes to the sampler's options, written ``SAMPLER[:FIELD=VALUE,...]``
+(``fne``, ``fne:fn_tau=inf``, ``fne:fn_tau=inf,prior_k=100``), and ``+tags`` at the end for TAGS-DC beside the
+sampler (``fne+tags``; ``--tags on|both`` adds it to every arm). Every arm is trained with every seed into
+``OUT/<arm>-seed<seed>``; a run that is finished is not trained again and an interrupted one resumes from its last
+checkpoint, so an interrupted comparison redoes only what is missing. Then:
+
+* each run is reported at its best-validation epoch (``fne_fast.selection``), beside its last epoch;
+* each arm is paired with the baseline (and any further baselines) seed by seed (``fne_fast.paired``) on rsum
+  and group rsum;
+* ``results.json`` holds every number, ``results.md`` the tables, ``compare.png`` the bars.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from fne_fast.io import atomic_write_text
+from fne_fast.loss import SAMPLERS
+from fne_fast.options import option_fields
+from fne_fast.paired import paired_comparison
+from fne_fast.selection import run_summary
+
+__all__ = ["Arm", "parse_arm", "with_tags_arms", "check_arms", "pairings", "compare", "results_markdown", "RESULTS_JSON", "RESULTS_MD", "COMPARE_PNG"]
+
+RESULTS_JSON, RESULTS_MD, COMPARE_PNG = "results.json", "results.md", "compare.png"
+# The best-validation epoch's test recalls, and what the sampler did in the last epoch (training-time rates and
+# the bank diagnostics of fne_fast.diagnostics).
+_BEST_KEYS = ("rsum", "group_rsum", "i2t_r1", "t2i_r1", "val_rsum", "swap_acc", "swap_acc_object",
+              "swap_acc_attribute", "swap_acc_relation")
+_LAST_KEYS = ("fn_rate", "fn_rate_sampled", "fallback_rate", "mean_p_fn", "tags_positive_share",
+              "tags_positive_share_kept")
+_TAGS_SUFFIX = "+tags"
+_DIAGNOSTIC_KEYS = ("top1pct_fn_rate", "race_per_anchor", "bayes_share_race", "entropy", "expected_fn_rate")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One compared setting: a sampler, the sampler options it changes, and whether TAGS-DC trains beside it."""
+
+    sampler: str
+    options: dict = field(default_factory=dict)
+    tags: bool = False
+
+    @property
+    def name(self) -> str:
+        changes = ",".join(f"{key}={_format_value(value)}" for key, value in self.options.items())
+        return (f"{self.sampler}:{changes}" if changes else self.sampler) + (_TAGS_SUFFIX if self.tags else "")
+
+    @property
+    def folder(self) -> str:
+        """The name as a portable folder name (no ':' or ',')."""
+        return self.name.replace(":", "_").replace(",", "_").replace("=", "-")
+
+
+def _format_value(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def parse_arm(text: str) -> Arm:
+    """``SAMPLER[:FIELD=VALUE,...][+tags]`` -> Arm; FIELD is a ``SamplerOptions`` field (``fn_tau`` or ``fn-tau``)
+    other than ``mode``. Raises ValueError naming what is wrong."""
+    tags = text.endswith(_TAGS_SUFFIX)
+    sampler, _, changes = text[:len(text) - len(_TAGS_SUFFIX)].partition(":") if tags else text.partition(":")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"{text!r}: the sampler must be one of {SAMPLERS}, got {sampler!r}")
+    fields = {option.name: option for option in option_fields() if option.name != "mode"}
+    options = {}
+    for change in filter(None, changes.split(",")):
+        name, equals, value = change.partition("=")
+        name = name.strip().replace("-", "_")
+        if not equals or name not in fields:
+            raise ValueError(f"{text!r}: expected FIELD=VALUE with FIELD one of {tuple(fields)}, got {change!r}")
+        options[name] = _parse_option_value(fields[name], value.strip(), text)
+    return Arm(sampler, options, tags)
+
+
+def with_tags_arms(arms: list[Arm], tags: str) -> list[Arm]:
+    """The arms of ``--tags``: ``off`` as given, ``on`` each with TAGS-DC, ``both`` each without and with it."""
+    if tags not in ("off", "on", "both"):
+        raise ValueError(f"--tags: expected off, on or both, got {tags!r}")
+    variants = {"off": (None,), "on": (True,), "both": (False, True)}[tags]
+    return [arm if variant is None else dataclasses.replace(arm, tags=variant) for arm in arms for variant in variants]
+
+
+def _parse_option_value(option, text: str, arm: str):
+    try:
+        if option.type == "bool":
+            value = {"true": True, "false": False}[text.lower()]
+        else:
+            value = (int if option.type == "int" else float)(text)
+    except (KeyError, ValueError):
+        raise ValueError(f"{arm!r}: {option.name} expects {option.type}, got {text!r}") from None
+    problem = option.metadata["check"](value)
+    if problem is not None:
+        raise ValueError(f"{arm!r}: {option.name} {problem}, got {text}")
+    return value
+
+
+def _run_config(base, arm: Arm, seed: int, out: str):
+    if arm.tags and base.tags is None:
+        raise ValueError(f"{arm.name}: the base configuration has no TAGS-DC options (build it with tags=True)")
+    return dataclasses.replace(base, sampler=arm.sampler, seed=seed, out=os.path.join(out, f"{arm.folder}-seed{seed}"),
+                               options=base.options.replace(**arm.options), resume=True,
+                               tags=base.tags if arm.tags else None)
+
+
+def _run_record(history: list[dict], seed: int, folder: str) -> dict:
+    summary = run_summary(history)
+    best, last = summary["best"], summary["last"]
+    record = {"seed": seed, "folder": folder, "best_epoch": summary["best_epoch"], "epochs": summary["epochs"]}
+    record.update({key: best.get(key) for key in _BEST_KEYS})
+    record.update({f"last_{key}": last.get(key) for key in ("rsum", "group_rsum")})
+    record.update({key: last.get(key) for key in _LAST_KEYS})
+    diagnostics = last.get("diagnostics") or {}
+    record.update({key: diagnostics.get(key) for key in _DIAGNOSTIC_KEYS})
+    return record
+
+
+def _mean_std(values: list) -> dict | None:
+    values = [value for value in values if value is not None]
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(values)}
+
+
+def check_arms(arms: list[Arm], seeds: list[int], baselines: list[str]) -> None:
+    """Raises ValueError (starting with the flag's name) unless the arms, seeds and baselines are distinct and each
+    baseline is one of the arms."""
+    names = [arm.name for arm in arms]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"--samplers: need distinct arms, got {' '.join(names) or 'none'}")
+    if not baselines or len(set(baselines)) != len(baselines):
+        raise ValueError(f"--baseline: need distinct baselines, got {baselines}")
+    for baseline in baselines:
+        if baseline not in names:
+            raise ValueError(f"--baseline: {baseline!r} is not one of the compared arms ({' '.join(names)}); add it "
+                             "to --samplers or choose another --baseline")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: need distinct seeds, got {seeds}")
+
+
+def pairings(names: list[str], baselines: list[str]) -> list[tuple[str, str]]:
+    """(arm, baseline) pairs to test: every arm against each baseline in turn, leaving out an arm against itself
+    and the mirror of a pair already listed (an earlier baseline against a later one)."""
+    return [(name, baseline) for index, baseline in enumerate(baselines) for name in names
+            if name != baseline and name not in baselines[:index]]
+
+
+def compare(base, arms: list[Arm], seeds: list[int], out: str, *, baselines: tuple = ("inbatch-hardest",),
+            command: str = "", splits=None, replicates: int = 2000, group=None) -> dict | None:
+    """Trains (or resumes) every arm × seed from the ``base`` TrainConfig into ``out`` (with the run plots when
+    ``base.plots``) and writes the results files; returns the results (what results.json holds). Under a process
+    group every rank trains and rank 0 holds the folder and writes; the other ranks return None."""
+    from fne_fast import distributed
+    from fne_fast.rundir import RunFolder
+    from fne_fast.train import load_splits, train
+
+    baselines = list(baselines)
+    check_arms(arms, seeds, baselines)
+    main_rank = distributed.rank(group) == 0
+    # One comparison per folder (rank 0 holds it for all ranks); each run below also locks its own.
+    with RunFolder(out) if main_rank else contextlib.nullcontext():
+        if splits is None:
+            with distributed.first_rank_first(distributed.patient_group(group)):  # rank 0 fills the feature cache
+                splits = load_splits(base)
+        histories = {}
+        for seed in seeds:  # seeds outermost: after each seed, every arm has a paired run
+            for arm in arms:
+                config = _run_config(base, arm, seed, out)
+                if main_rank:
+                    print(f"== {arm.name}, seed {seed} -> {config.out}", flush=True)
+                histories[arm.name, seed] = train(config, splits, group=group)
+        if not main_rank:
+            return None
+        results = _results(base, arms, seeds, out, baselines, histories, splits["test"], command, replicates)
+        atomic_write_text(os.path.join(out, RESULTS_JSON), json.dumps(results, indent=1) + "\n")
+        atomic_write_text(os.path.join(out, RESULTS_MD), results_markdown(results))
+        from fne_fast.plots import comparison_bars
+
+        comparison_bars(os.path.join(out, COMPARE_PNG), results)
+    return results
+
+
+def _results(base, arms, seeds, out, baselines, histories, test_split, command, replicates) -> dict:
+    """Every run's record, each arm's mean ± std, and the paired tests (what results.json holds)."""
+    from fne_fast.preflight import UsageError
+    from fne_fast.train import read_best_test_ranks
+
+    results = {"dataset": base.dataset, "command": command, "seeds": list(seeds), "baseline": baselines[0],
+               "baselines": baselines,
+               "selection": "test recalls of the best-validation epoch (val rsum; epochs after the warm-up)",
+               "arms": [], "paired": []}
+    ranks = {}
+    for arm in arms:
+        runs = []
+        for seed in seeds:
+            folder = f"{arm.folder}-seed{seed}"
+            record = _run_record(histories[arm.name, seed], seed, folder)
+            epoch, ranks[arm.name, seed] = read_best_test_ranks(os.path.join(out, folder))
+            if epoch != record["best_epoch"]:
+                raise UsageError(f"--out: {folder}: its best test ranks are of epoch {epoch}, its metrics select "
+                                 f"epoch {record['best_epoch']}; train it again in a new folder")
+            runs.append(record)
+        summary = {key: _mean_std([run[key] for run in runs]) for key in runs[0] if key not in ("seed", "folder")}
+        results["arms"].append({"name": arm.name, "sampler": arm.sampler, "tags": arm.tags,
+                                "options": _run_config(base, arm, seeds[0], out).options.as_kwargs(),
+                                "runs": runs, "summary": summary})
+    for name, baseline in pairings([arm.name for arm in arms], baselines):
+        pairs = {"arm": name, "baseline": baseline}
+        for by_group in (False, True) if test_split.image_group is not None else (False,):
+            pairs["group_rsum" if by_group else "rsum"] = paired_comparison(
+                [ranks[name, seed] for seed in seeds], [ranks[baseline, seed] for seed in seeds],
+                test_split.caption_image, group=by_group, replicates=replicates)
+        results["paired"].append(pairs)
+    return results
+
+
+def _cell(summary: dict | None, key: str, scale: float = 1.0, digits: int = 1) -> str:
+    entry = (summary or {}).get(key)
+    if entry is None:
+        return "n/a"
+    return f"{scale * entry['mean']:.{digits}f} ± {scale * entry['std']:.{digits}f}"
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.1f}"
+
+
+def results_markdown(results: dict) -> str:
+    """The tables of ``results.md``."""
+    lines = [f"#### {results['dataset']}", "", f"`{results['command']}`", "",
+             f"Recalls: {results['selection']}, mean ± std over seeds {results['seeds']}; \"last\": the last "
+             "epoch's. Sampler behaviour: the last epoch (FN rate = share of chosen negatives in the anchor's "
+             "semantic group; own draws = without the hardest-negative fallbacks; the bank diagnostics are over a "
+             "fixed sample of 256 training anchors per direction).", "",
+             "| arm | seeds | best epoch | R@1 i2t | R@1 t2i | rsum | group rsum | rsum (last) | group rsum (last) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for arm in results["arms"]:
+        s = arm["summary"]
+        lines.append(f"| {arm['name']} | {len(arm['runs'])} | {_cell(s, 'best_epoch')} | {_cell(s, 'i2t_r1')} | "
+                     f"{_cell(s, 't2i_r1')} | {_cell(s, 'rsum')} | {_cell(s, 'group_rsum')} | "
+                     f"{_cell(s, 'last_rsum')} | {_cell(s, 'last_group_rsum')} |")
+    lines += ["", "| arm | FN rate % | FN rate own draws % | fallback % | mean P_fn of chosen | FN rate in top 1 % | "
+                  "race per anchor | Bayesian share of race % | entropy (nats) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for arm in results["arms"]:
+        s = arm["summary"]
+        lines.append(f"| {arm['name']} | {_cell(s, 'fn_rate', 100)} | {_cell(s, 'fn_rate_sampled', 100)} | "
+                     f"{_cell(s, 'fallback_rate', 100)} | {_cell(s, 'mean_p_fn', 1, 4)} | "
+                     f"{_cell(s, 'top1pct_fn_rate', 100)} | {_cell(s, 'race_per_anchor')} | "
+                     f"{_cell(s, 'bayes_share_race', 100)} | "
+                     f"{_cell(s, 'entropy', 1, 2)} |")
+    if any((arm["summary"].get("swap_acc") or arm["summary"].get("tags_positive_share")) for arm in results["arms"]):
+        lines += ["", "One-word swaps (test split, best-validation epoch: percent of swapped captions scored below "
+                      "the true one) and TAGS-DC's synthetic negatives that may be positives (last epoch, upper "
+                      "bound: of those the steps used / of every kept one).", "",
+                  "| arm | swap acc % | object % | attribute % | relation % | possible positives used % | "
+                  "possible positives kept % |",
+                  "|---|---|---|---|---|---|---|"]
+        for arm in results["arms"]:
+            s = arm["summary"]
+            lines.append(f"| {arm['name']} | {_cell(s, 'swap_acc')} | {_cell(s, 'swap_acc_object')} | "
+                         f"{_cell(s, 'swap_acc_attribute')} | {_cell(s, 'swap_acc_relation')} | "
+                         f"{_cell(s, 'tags_positive_share', 1, 2)} | {_cell(s, 'tags_positive_share_kept', 1, 2)} |")
+    if results["paired"]:
+        baselines = ", ".join(f"`{name}`" for name in results["baselines"])
+        lines += ["", f"Paired differences against {baselines} (same seed = same initialisation and "
+                      "batches): per seed, mean, paired t-test over seeds, 95 % bootstrap interval over test items; "
+                      "\"beyond noise\" only when both exclude 0.", "",
+                  "| arm − baseline | metric | per seed | mean | t-test p | bootstrap 95 % | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for pair in results["paired"]:
+            for metric in ("rsum", "group_rsum"):
+                if metric not in pair:
+                    continue
+                test = pair[metric]
+                p_value = "n/a" if test["t_test_p"] is None else f"{test['t_test_p']:.3f}"
+                low, high = test["bootstrap_interval"]
+                lines.append(f"| {pair['arm']} − {pair['baseline']} | {metric.replace('_', ' ')} | "
+                             f"{', '.join(map(_signed, test['per_seed']))} | {_signed(test['mean'])} | {p_value} | "
+                             f"[{low:+.1f}, {high:+.1f}] | {test['verdict']} |")
+    return "\n".join(lines) + "\n"

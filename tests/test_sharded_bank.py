@@ -1,0 +1,156 @@
+"""The sharded MemoryBank in real processes (gloo, CPU): against one unsharded bank fed the global batches and one
+``sample_negatives`` call over the whole bank with the gathered anchors (DESIGN.md §3.1), and its faults.
+
+Each test spawns its processes once and runs all its cases inside them (a spawn costs seconds). Embeddings are
+"exact" (every dot product exact in float32), so the oracle's indices must be met exactly.
+"""
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fne_fast
+from fne_fast.bank import MemoryBank
+from fne_fast.distributed import PeerFailure
+from fne_fast.launch import results_of, run_in_processes
+from fne_fast.testing import EXACT_STATS
+
+SIZE, DIM = 12, 8  # 12 rows divide by 2 and 3 ranks
+# Local batch sizes per step and rank: a partly filled bank whose last shard is still empty, a step with no rows
+# at all, uneven and empty local batches, a wrap-around, and a global batch longer than the bank.
+SCHEDULE = ([3, 0, 2], [0, 0, 0], [5, 4, 1], [1, 0, 0], [9, 6, 1])
+# Sampler options tried at every step: every mode, k > 1, steep weights, fn_tau = inf (more fallbacks).
+SAMPLINGS = (dict(mode="fne", k=1), dict(mode="fne", k=4, tau=4.0), dict(mode="hardest", k=4),
+             dict(mode="uniform", k=3), dict(mode="fne", k=2, fn_tau=float("inf"), min_count=0))
+
+
+def _exact(rows, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(-4, 5, (rows, DIM), generator=generator) / 8.0
+
+
+def _global_step(step, counts):
+    """The global batch of a step: bank keys and ids, then anchors, positive similarities and anchor ids. Ids
+    repeat every 3 rows, so an anchor's non-positive candidates can run out (invalid slots) in a small bank."""
+    total = sum(counts)
+    ids = (torch.arange(total) + step) % 3
+    return (_exact(total, 2 * step), ids, _exact(total, 2 * step + 1), torch.full((total,), 0.5),
+            (torch.arange(total) + 1) % 3)
+
+
+def _compare_with_one_bank(rank, world_size):
+    group = dist.group.WORLD
+    stats = torch.tensor(EXACT_STATS)
+    seen = {"fallback": 0, "invalid": 0, "checks": 0}
+    for dtype in (torch.float32, torch.bfloat16):
+        sharded = MemoryBank(SIZE, DIM, dtype=dtype, group=group)
+        whole = MemoryBank(SIZE, DIM, dtype=dtype)
+        for step, counts in enumerate(SCHEDULE):
+            counts = counts[:world_size]
+            keys, ids, anchors, positive_sim, anchor_ids = _global_step(step, counts)
+            mine = slice(sum(counts[:rank]), sum(counts[:rank + 1]))
+            sharded.enqueue(keys[mine], ids[mine])
+            whole.enqueue(keys, ids)
+            rows = slice(sharded.row_begin, sharded.row_begin + sharded.shard_size)
+            assert torch.equal(sharded.features, whole.features[rows]) and torch.equal(sharded.ids, whole.ids[rows])
+            assert (sharded.pointer, sharded.filled) == (whole.pointer, whole.filled)
+            for options in SAMPLINGS:
+                got = sharded.sample(anchors[mine], positive_sim[mine], anchor_ids[mine], stats, seed=7, step=step,
+                                     return_keys=True, return_ids=True, **options)
+                index, sim, valid, key = fne_fast.sample_negatives(
+                    anchors, whole.features, positive_sim, anchor_ids, whole.ids, stats, seed=7, step=step,
+                    filled=whole.filled, return_keys=True, **options)
+                wanted_rows = torch.where(valid.unsqueeze(-1), whole.features[index.clamp(min=0)], 0)
+                wanted_ids = torch.where(valid, whole.ids[index.clamp(min=0)], -1)
+                for name, actual, wanted in zip(("index", "sim", "valid", "rows", "key", "ids"), got,
+                                                (index, sim, valid, wanted_rows, key, wanted_ids)):
+                    assert torch.equal(actual, wanted[mine]), (name, step, options, actual, wanted[mine])
+                seen["fallback"] += int((valid & ~torch.isfinite(key)).sum())
+                seen["invalid"] += int((~valid).sum())
+                seen["checks"] += 1
+        state = sharded.state_dict()
+        if rank == 0:
+            assert torch.equal(state["features"], whole.features) and torch.equal(state["ids"], whole.ids)
+            assert (state["pointer"], state["filled"]) == (whole.pointer, whole.filled)
+        else:
+            assert state is None
+    return seen
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_sample_equals_one_call_over_the_whole_bank(world_size):
+    seen = results_of(run_in_processes(_compare_with_one_bank, world_size))
+    assert all(counts == seen[0] for counts in seen)  # every rank checked the same global results
+    assert seen[0]["checks"] == 2 * len(SCHEDULE) * len(SAMPLINGS)
+    assert seen[0]["fallback"] > 0 and seen[0]["invalid"] > 0  # the cases reach fallbacks and invalid slots
+
+
+def _argument_errors(rank, world_size):
+    group = dist.group.WORLD
+    with pytest.raises(ValueError, match="size must divide by the number of processes 2"):
+        MemoryBank(7, DIM, group=group)
+    with pytest.raises(ValueError, match=r"disagree on size, dim, dtype: rank 0 has size=12, dim=8, "
+                                         r"dtype=float32; rank 1 has size=12, dim=4"):
+        MemoryBank(SIZE, DIM if rank == 0 else 4, group=group)
+    with pytest.raises(ValueError, match="dtype=bfloat16"):
+        MemoryBank(SIZE, DIM, dtype=torch.float32 if rank == 0 else torch.bfloat16, group=group)
+    bank = MemoryBank(SIZE, DIM, group=group)
+    with pytest.raises(ValueError, match=r"MemoryBank.enqueue: rank 1: features must be \[B, 8\], got shape \(3, 5\)"):
+        bank.enqueue(torch.zeros(3, DIM if rank == 0 else 5), torch.zeros(3, dtype=torch.int64))
+    keys, ids, anchors, positive_sim, anchor_ids = _global_step(0, [4, 4])
+    mine = slice(4 * rank, 4 * rank + 4)
+    bank.enqueue(keys[mine], ids[mine])
+    stats = torch.tensor(EXACT_STATS)
+    arguments = (anchors[mine], positive_sim[mine], anchor_ids[mine])
+    with pytest.raises(ValueError, match="disagree on k"):
+        bank.sample(*arguments, stats, k=1 + rank)
+    with pytest.raises(ValueError, match="rank 1: filled is set by the bank"):
+        bank.sample(*arguments, stats, **({"filled": 3} if rank == 1 else {}))
+    with pytest.raises(ValueError, match="rank 0: tau must be finite and >= 0"):
+        bank.sample(*arguments, stats, tau=-1.0 if rank == 0 else 0.5)
+    with pytest.raises(ValueError, match="disagree on .*stats"):
+        bank.sample(*arguments, stats + rank)
+    with pytest.raises(ValueError, match=r"rank 1: anchors must be a \[B, 8\] tensor"):
+        bank.sample(anchors[mine, :DIM - rank], positive_sim[mine], anchor_ids[mine], stats)
+    # No collective was left half done: the bank still works.
+    index = bank.sample(*arguments, stats, k=2)[0]
+    return index.tolist()
+
+
+def test_bad_arguments_are_the_same_clear_error_on_every_rank():
+    results_of(run_in_processes(_argument_errors, 2))
+
+
+def _sample_once(bank, rank):
+    keys, ids, anchors, positive_sim, anchor_ids = _global_step(0, [2, 2])
+    mine = slice(2 * rank, 2 * rank + 2)
+    bank.enqueue(keys[mine], ids[mine])
+    return bank.sample(anchors[mine], positive_sim[mine], anchor_ids[mine], torch.tensor(EXACT_STATS))
+
+
+def _one_rank_fails(rank, world_size, how, timeout):
+    bank = MemoryBank(SIZE, DIM, group=dist.group.WORLD)
+    if rank == 1:
+        if how == "dies":
+            import os
+
+            os._exit(3)
+        time.sleep(timeout + 1.0)  # raised and is still cleaning up: it does not reach the collective in time
+        return None
+    started = time.time()
+    with pytest.raises(PeerFailure, match="MemoryBank.enqueue failed on rank 0 of 2: another rank raised, exited"):
+        _sample_once(bank, rank)
+    return time.time() - started
+
+
+@pytest.mark.parametrize("how,timeout", [("dies", 30.0), ("lingers", 2.0)])
+def test_a_failed_rank_stops_the_others_with_a_clear_error(how, timeout):
+    outcomes = run_in_processes(_one_rank_fails, 2, how, timeout, timeout=timeout, deadline=60.0)
+    waited = results_of(outcomes[:1])[0]
+    # A rank that died closed its connections: the others stop at once, long before the timeout; one that is
+    # alive but stalled is given up on after the timeout.
+    assert waited < (10.0 if how == "dies" else timeout + 3.0)
+    if how == "lingers":
+        assert waited >= timeout - 0.5
