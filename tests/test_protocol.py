@@ -10,7 +10,7 @@ pytest.importorskip("tqdm", reason="tqdm (the `train` extra) is not installed: s
 
 from fne_fast import train as train_module  # noqa: E402
 from fne_fast.checkpoint import checkpoint_path, read_checkpoint  # noqa: E402
-from fne_fast.compare import Arm, pairings, parse_arm  # noqa: E402
+from fne_fast.compare import Arm, pairings, parse_arm, with_tags_arms  # noqa: E402
 from fne_fast.evaluate import recalls_from_ranks  # noqa: E402
 from fne_fast.io import read_jsonl  # noqa: E402
 from fne_fast.paired import (BEYOND_NOISE, WITHIN_NOISE, paired_comparison, rsum_item_scores,  # noqa: E402
@@ -135,6 +135,19 @@ def test_arms_parse_and_name_themselves():
     assert arm.options == {"fn_tau": math.inf, "prior_k": 100.0}
     assert arm.name == "fne:fn_tau=inf,prior_k=100" and "," not in arm.folder and ":" not in arm.folder
     assert parse_arm("uniform:cutdown=false").options == {"cutdown": False}
+    tagged = parse_arm("fne:fn_tau=inf+tags")
+    assert tagged == Arm("fne", {"fn_tau": math.inf}, tags=True) and parse_arm(tagged.name) == tagged
+    assert tagged.folder == "fne_fn_tau-inf+tags"
+
+
+def test_tags_arms_follow_the_tags_flag():
+    arms = [parse_arm("hardest"), parse_arm("fne:fn_tau=inf")]
+    assert with_tags_arms(arms, "off") == arms
+    assert [arm.name for arm in with_tags_arms(arms, "on")] == ["hardest+tags", "fne:fn_tau=inf+tags"]
+    assert [arm.name for arm in with_tags_arms(arms, "both")] == ["hardest", "hardest+tags", "fne:fn_tau=inf",
+                                                                  "fne:fn_tau=inf+tags"]
+    with pytest.raises(ValueError, match="--tags"):
+        with_tags_arms(arms, "yes")
 
 
 @pytest.mark.parametrize("text,message", [("bogus", "sampler must be one of"), ("fne:tau", "FIELD=VALUE"),
