@@ -159,9 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"the arms: a sampler ({', '.join(SAMPLERS)}), optionally with sampler options of its "
                               "own, e.g. fne:fn_tau=inf or fne:fn_tau=inf,prior_k=100 (default: every sampler)")
     compare.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    compare.add_argument("--baseline", nargs="+", default=["inbatch-hardest"], metavar="ARM",
-                         help="the arm every other is paired with (default inbatch-hardest); further arms add "
-                              "further paired tables")
+    compare.add_argument("--baseline", nargs="+", default=None, metavar="ARM",
+                         help="the arm every other is paired with (default inbatch-hardest when it is compared, "
+                              "else the first arm); further arms add further paired tables")
     compare.add_argument("--bootstrap", type=_positive_int, default=2000,
                          help="bootstrap resamples of the test items for the paired intervals (default 2000)")
     search = commands.add_parser("search", help="query a trained matcher over a split: the top images of a text, "
@@ -194,6 +194,9 @@ def _check_compare_args(parser: argparse.ArgumentParser, args) -> None:
     from fne_fast.compare import check_arms, with_tags_arms
 
     args.samplers = with_tags_arms(args.samplers, args.tags)
+    if args.baseline is None:
+        names = [arm.name for arm in args.samplers]
+        args.baseline = ["inbatch-hardest" if "inbatch-hardest" in names else names[0]]
     try:
         check_arms(args.samplers, args.seeds, args.baseline)
     except ValueError as error:

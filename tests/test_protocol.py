@@ -176,6 +176,18 @@ def test_compare_usage_errors_come_before_any_data(monkeypatch, capsys, extra, m
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("arms,tags,baseline", [(["fne", "inbatch-hardest"], "off", ["inbatch-hardest"]),
+                                                (["fne"], "both", ["fne"]),
+                                                (["uniform", "fne"], "on", ["uniform+tags"])])
+def test_the_default_baseline_is_inbatch_hardest_or_the_first_arm(monkeypatch, arms, tags, baseline):
+    from fne_fast import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_compare", lambda args, group: seen.setdefault("baseline", args.baseline) and 0)
+    assert cli.main(["compare", "--out", "unused", "--samplers", *arms, "--tags", tags]) == 0
+    assert seen["baseline"] == baseline
+
+
 def _compare_arguments(features, out):
     return ["compare", "--dataset", "features", "--features-dir", str(features), "--samplers", "inbatch-hardest",
             "fne:fn_tau=inf,min_count=5", "--seeds", "0", "1", "--epochs", "3", "--batch-size", "16",
