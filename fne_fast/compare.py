@@ -235,42 +235,45 @@ def _signed(value: float) -> str:
     return f"{value:+.1f}"
 
 
+def _column(key: str, scale: float = 1.0, digits: int = 1):
+    """A table column showing the arm's mean ± std of ``key``."""
+    return lambda arm: _cell(arm["summary"], key, scale, digits)
+
+
+def _arm_table(results: dict, columns: list) -> list[str]:
+    """A Markdown table with one row per arm; ``columns``: (header, arm -> cell text)."""
+    lines = ["| arm | " + " | ".join(header for header, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for arm in results["arms"]:
+        lines.append(f"| {arm['name']} | " + " | ".join(cell(arm) for _, cell in columns) + " |")
+    return lines
+
+
 def results_markdown(results: dict) -> str:
     """The tables of ``results.md``."""
     lines = [f"#### {results['dataset']}", "", f"`{results['command']}`", "",
              f"Recalls: {results['selection']}, mean ± std over seeds {results['seeds']}; \"last\": the last "
              "epoch's. Sampler behaviour: the last epoch (FN rate = share of chosen negatives in the anchor's "
              "semantic group; own draws = without the hardest-negative fallbacks; the bank diagnostics are over a "
-             "fixed sample of 256 training anchors per direction).", "",
-             "| arm | seeds | best epoch | R@1 i2t | R@1 t2i | rsum | group rsum | rsum (last) | group rsum (last) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for arm in results["arms"]:
-        s = arm["summary"]
-        lines.append(f"| {arm['name']} | {len(arm['runs'])} | {_cell(s, 'best_epoch')} | {_cell(s, 'i2t_r1')} | "
-                     f"{_cell(s, 't2i_r1')} | {_cell(s, 'rsum')} | {_cell(s, 'group_rsum')} | "
-                     f"{_cell(s, 'last_rsum')} | {_cell(s, 'last_group_rsum')} |")
-    lines += ["", "| arm | FN rate % | FN rate own draws % | fallback % | mean P_fn of chosen | FN rate in top 1 % | "
-                  "race per anchor | Bayesian share of race % | entropy (nats) |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for arm in results["arms"]:
-        s = arm["summary"]
-        lines.append(f"| {arm['name']} | {_cell(s, 'fn_rate', 100)} | {_cell(s, 'fn_rate_sampled', 100)} | "
-                     f"{_cell(s, 'fallback_rate', 100)} | {_cell(s, 'mean_p_fn', 1, 4)} | "
-                     f"{_cell(s, 'top1pct_fn_rate', 100)} | {_cell(s, 'race_per_anchor')} | "
-                     f"{_cell(s, 'bayes_share_race', 100)} | "
-                     f"{_cell(s, 'entropy', 1, 2)} |")
-    if any((arm["summary"].get("swap_acc") or arm["summary"].get("tags_positive_share")) for arm in results["arms"]):
+             "fixed sample of 256 training anchors per direction).", ""]
+    lines += _arm_table(results, [("seeds", lambda arm: str(len(arm["runs"]))), ("best epoch", _column("best_epoch")),
+                                  ("R@1 i2t", _column("i2t_r1")), ("R@1 t2i", _column("t2i_r1")),
+                                  ("rsum", _column("rsum")), ("group rsum", _column("group_rsum")),
+                                  ("rsum (last)", _column("last_rsum")),
+                                  ("group rsum (last)", _column("last_group_rsum"))])
+    lines += [""] + _arm_table(results, [
+        ("FN rate %", _column("fn_rate", 100)), ("FN rate own draws %", _column("fn_rate_sampled", 100)),
+        ("fallback %", _column("fallback_rate", 100)), ("mean P_fn of chosen", _column("mean_p_fn", 1, 4)),
+        ("FN rate in top 1 %", _column("top1pct_fn_rate", 100)), ("race per anchor", _column("race_per_anchor")),
+        ("Bayesian share of race %", _column("bayes_share_race", 100)), ("entropy (nats)", _column("entropy", 1, 2))])
+    if any(arm["summary"].get("swap_acc") or arm["summary"].get("tags_positive_share") for arm in results["arms"]):
         lines += ["", "One-word swaps (test split, best-validation epoch: percent of swapped captions scored below "
                       "the true one) and TAGS-DC's synthetic negatives that may be positives (last epoch, upper "
-                      "bound: of those the steps used / of every kept one).", "",
-                  "| arm | swap acc % | object % | attribute % | relation % | possible positives used % | "
-                  "possible positives kept % |",
-                  "|---|---|---|---|---|---|---|"]
-        for arm in results["arms"]:
-            s = arm["summary"]
-            lines.append(f"| {arm['name']} | {_cell(s, 'swap_acc')} | {_cell(s, 'swap_acc_object')} | "
-                         f"{_cell(s, 'swap_acc_attribute')} | {_cell(s, 'swap_acc_relation')} | "
-                         f"{_cell(s, 'tags_positive_share', 1, 2)} | {_cell(s, 'tags_positive_share_kept', 1, 2)} |")
+                      "bound: of those the steps used / of every kept one).", ""]
+        lines += _arm_table(results, [
+            ("swap acc %", _column("swap_acc")), ("object %", _column("swap_acc_object")),
+            ("attribute %", _column("swap_acc_attribute")), ("relation %", _column("swap_acc_relation")),
+            ("possible positives used %", _column("tags_positive_share", 1, 2)),
+            ("possible positives kept %", _column("tags_positive_share_kept", 1, 2))])
     if results["paired"]:
         baselines = ", ".join(f"`{name}`" for name in results["baselines"])
         lines += ["", f"Paired differences against {baselines} (same seed = same initialisation and "

@@ -8,10 +8,10 @@ import os
 
 from fne_fast.data.core import DatasetFormatError, RawSplit, content_fingerprint, hash_split
 
-__all__ = ["load_wordnet", "parse_data_line", "DEFAULT_ROOT"]
+__all__ = ["load_wordnet", "parse_data_line", "data_entries", "DEFAULT_ROOT", "DATA_FILES"]
 
 DEFAULT_ROOT = "/usr/share/wordnet"
-_DATA_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
+DATA_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 
 
 def parse_data_line(line: str, path: str, line_number: int) -> tuple[str, list[str], str]:
@@ -36,25 +36,30 @@ def parse_data_line(line: str, path: str, line_number: int) -> tuple[str, list[s
     return f"{synset_type}{offset}", lemmas, definition
 
 
-def load_wordnet(split: str, *, root: str = DEFAULT_ROOT, limit: int | None = None) -> RawSplit:
-    """All (lemma, definition) pairs of the synsets in one split; ``limit`` keeps the first pairs."""
-    lemmas_out, captions, groups = [], [], []
-    for file_name in _DATA_FILES:
+def data_entries(root: str, missing_hint: str):
+    """(file number, synset key, lemmas, definition) of every synset line of the four data files, in file order;
+    a missing file is a DatasetFormatError naming it, with ``missing_hint`` as the advice."""
+    for file_number, file_name in enumerate(DATA_FILES):
         path = os.path.join(root, file_name)
         if not os.path.isfile(path):
-            raise DatasetFormatError(path, "WordNet data file not found (install Debian's wordnet-base, e.g. with "
-                                           "scripts/setup_data.sh, or pass --data-root)")
+            raise DatasetFormatError(path, f"WordNet data file not found ({missing_hint})")
         with open(path, encoding="utf-8", errors="replace") as stream:
             for line_number, line in enumerate(stream, start=1):
                 if line.startswith("  ") or not line.strip():
                     continue  # the licence header is indented by two spaces
-                synset, lemmas, definition = parse_data_line(line.rstrip("\n"), path, line_number)
-                if hash_split(synset) != split:
-                    continue
-                for lemma in lemmas:
-                    lemmas_out.append(lemma)
-                    captions.append(definition)
-                    groups.append(synset)
+                yield (file_number, *parse_data_line(line.rstrip("\n"), path, line_number))
+
+
+def load_wordnet(split: str, *, root: str = DEFAULT_ROOT, limit: int | None = None) -> RawSplit:
+    """All (lemma, definition) pairs of the synsets in one split; ``limit`` keeps the first pairs."""
+    lemmas_out, captions, groups = [], [], []
+    hint = "install Debian's wordnet-base, e.g. with scripts/setup_data.sh, or pass --data-root"
+    for _, synset, lemmas, definition in data_entries(root, hint):
+        if hash_split(synset) != split:
+            continue
+        lemmas_out.extend(lemmas)
+        captions.extend([definition] * len(lemmas))
+        groups.extend([synset] * len(lemmas))
         if limit is not None and len(lemmas_out) >= limit:
             break
     if limit is not None:
@@ -62,4 +67,4 @@ def load_wordnet(split: str, *, root: str = DEFAULT_ROOT, limit: int | None = No
     fingerprint = content_fingerprint("wordnet", limit, len(lemmas_out))
     return RawSplit("wordnet", split, lemmas_out, captions, list(range(len(lemmas_out))), groups, fingerprint,
                     image_modality="text", image_names=lemmas_out,
-                    sources={"data_files": [os.path.join(root, name) for name in _DATA_FILES]})
+                    sources={"data_files": [os.path.join(root, name) for name in DATA_FILES]})

@@ -5,16 +5,11 @@ lemma (WordNet lists base forms)."""
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
-from fne_fast.data import DatasetFormatError
-from fne_fast.data.wordnet import DEFAULT_ROOT, parse_data_line
+from fne_fast.data.wordnet import DATA_FILES, DEFAULT_ROOT, data_entries
 
 __all__ = ["Synonyms", "load_synonyms"]
-
-_DATA_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
-
 
 class Synonyms:
     """``synsets[lemma]``: the synsets (as small integers) a lower-cased lemma belongs to."""
@@ -38,18 +33,10 @@ class Synonyms:
 def load_synonyms(root: str = DEFAULT_ROOT) -> Synonyms:
     """The lemma -> synsets map of every WordNet data file (about 2 s; cached per process)."""
     synsets: dict[str, set[int]] = {}
-    for file_number, file_name in enumerate(_DATA_FILES):
-        path = os.path.join(root, file_name)
-        if not os.path.isfile(path):
-            raise DatasetFormatError(path, "WordNet data file not found (install Debian's wordnet-base, e.g. with "
-                                           "scripts/setup_data.sh): TAGS-DC filters synonym swaps with it")
-        with open(path, encoding="utf-8", errors="replace") as stream:
-            for line_number, line in enumerate(stream, start=1):
-                if line.startswith("  ") or not line.strip():
-                    continue  # the licence header
-                synset, lemmas, _ = parse_data_line(line.rstrip("\n"), path, line_number)
-                # The byte offset is unique within a file; the file number makes it unique across the four.
-                synset_id = int(synset[1:]) * len(_DATA_FILES) + file_number
-                for lemma in lemmas:
-                    synsets.setdefault(lemma.lower(), set()).add(synset_id)
+    hint = "install Debian's wordnet-base, e.g. with scripts/setup_data.sh: TAGS-DC filters synonym swaps with it"
+    for file_number, synset, lemmas, _ in data_entries(root, hint):
+        # The byte offset is unique within a file; the file number makes it unique across the four.
+        synset_id = int(synset[1:]) * len(DATA_FILES) + file_number
+        for lemma in lemmas:
+            synsets.setdefault(lemma.lower(), set()).add(synset_id)
     return Synonyms({lemma: frozenset(ids) for lemma, ids in synsets.items()})
