@@ -461,7 +461,8 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None, gr
             with distributed.first_rank_first(patient):  # rank 0 fills the feature cache, the others read it
                 splits = load_splits(config)
         _check_features(splits)
-        texts, swap_test = _caption_texts(config, first)
+        with distributed.first_rank_first(patient):  # rank 0 may parse and encode the swap test on a cold cache
+            texts, swap_test = _caption_texts(config, first)
         run = _Run(config, splits["train"], texts, group)
         run.inputs = {name: split.inputs for name, split in splits.items()}
         if resumed is not None:
