@@ -161,14 +161,15 @@ def compare(base, arms: list[Arm], seeds: list[int], out: str, *, baselines: tup
     ``base.plots``) and writes the results files; returns the results (what results.json holds). Under a process
     group every rank trains and rank 0 holds the folder and writes; the other ranks return None."""
     from fne_fast import distributed
-    from fne_fast.rundir import RunFolder
+    from fne_fast.rundir import RunFolder, RunInterrupted
     from fne_fast.train import load_splits, train
 
     baselines = list(baselines)
     check_arms(arms, seeds, baselines)
     main_rank = distributed.rank(group) == 0
     # One comparison per folder (rank 0 holds it for all ranks); each run below also locks its own.
-    with RunFolder(out) if main_rank else contextlib.nullcontext():
+    advice = "run the same compare command again: it trains only what is missing"
+    with RunFolder(out, advice) if main_rank else contextlib.nullcontext():
         if splits is None:
             with distributed.first_rank_first(distributed.patient_group(group)):  # rank 0 fills the feature cache
                 splits = load_splits(base)
@@ -178,7 +179,11 @@ def compare(base, arms: list[Arm], seeds: list[int], out: str, *, baselines: tup
                 config = _run_config(base, arm, seed, out)
                 if main_rank:
                     print(f"== {arm.name}, seed {seed} -> {config.out}", flush=True)
-                histories[arm.name, seed] = train(config, splits, group=group)
+                try:
+                    histories[arm.name, seed] = train(config, splits, group=group)
+                except RunInterrupted as interrupted:  # compare has no --resume: the same command continues
+                    where = f"{arm.name} seed {seed}" + (f", {interrupted.position}" if interrupted.position else "")
+                    raise RunInterrupted(interrupted.signal_number, where, advice) from None
         if not main_rank:
             return None
         results = _results(base, arms, seeds, out, baselines, histories, splits["test"], command, replicates)

@@ -37,10 +37,10 @@ class RunInterrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped the run; ``exit_code`` is 128 + the signal number (130, 143). A
     KeyboardInterrupt, so that ``except Exception`` blocks let it through."""
 
-    def __init__(self, signal_number: int, position: str = "before the first epoch"):
-        super().__init__(f"interrupted ({signal.Signals(signal_number).name}) at {position}; continue with "
-                         "--resume")
-        self.signal_number, self.exit_code = signal_number, 128 + signal_number
+    def __init__(self, signal_number: int, position: str | None = None, advice: str = "continue with --resume"):
+        where = f"at {position}" if position else "before the first epoch"
+        super().__init__(f"interrupted ({signal.Signals(signal_number).name}) {where}; {advice}")
+        self.signal_number, self.exit_code, self.position = signal_number, 128 + signal_number, position
 
 
 class RunFolder:
@@ -48,9 +48,9 @@ class RunFolder:
     main thread; elsewhere signals keep their handlers). ``position`` is a callable naming where the run is, for
     the interruption message. ``removed_temporaries`` lists the stale temporary files entering deleted."""
 
-    def __init__(self, path: str):
-        self.path = path
-        self.position = lambda: "before the first epoch"
+    def __init__(self, path: str, advice: str = "continue with --resume"):
+        self.path, self.advice = path, advice  # the advice ends the interruption message
+        self.position = lambda: None  # before the first epoch
         self.removed_temporaries: list[str] = []
         self._lock_file = None
         self._previous_handlers: dict = {}
@@ -96,7 +96,7 @@ class RunFolder:
         if self._pending is not None and not self._critical_depth:
             return  # already stopping: a second signal during the clean-up changes nothing
         self._pending = number  # outside a write, or a second signal during one: stop now (a write is abandoned)
-        raise RunInterrupted(number, self.position())
+        raise RunInterrupted(number, self.position(), self.advice)
 
     @contextmanager
     def critical(self):
@@ -108,4 +108,4 @@ class RunFolder:
         finally:
             self._critical_depth -= 1
         if not self._critical_depth and self._pending is not None:
-            raise RunInterrupted(self._pending, self.position())
+            raise RunInterrupted(self._pending, self.position(), self.advice)

@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import re
+import signal
 
 import pytest
 import torch
@@ -194,7 +197,7 @@ def _compare_arguments(features, out):
             "--bank-size", "64", "--min-count", "5", "--out", str(out), "--quiet", "--no-plots", "--bootstrap", "100"]
 
 
-def test_an_interrupted_compare_redoes_only_what_is_missing(tmp_path, splits, monkeypatch):  # noqa: F811
+def test_an_interrupted_compare_redoes_only_what_is_missing(tmp_path, splits, monkeypatch, capsys):  # noqa: F811
     pytest.importorskip("matplotlib", reason="matplotlib (the `train` extra) draws compare.png")
     from fne_fast.cli import main
 
@@ -209,11 +212,15 @@ def test_an_interrupted_compare_redoes_only_what_is_missing(tmp_path, splits, mo
     def counting(run, split, epoch, timing):
         epochs_trained.append((run.config.out.rsplit("/", 1)[-1], epoch))
         if len(epochs_trained) == interrupt_at[0]:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the run folder turns it into RunInterrupted
         return train_epoch(run, split, epoch, timing)
 
     monkeypatch.setattr(train_module, "_train_epoch", counting)
+    capsys.readouterr()
     assert main(_compare_arguments(features, tmp_path / "parts")) == 130  # Ctrl-C: a one-line interruption
+    assert re.fullmatch(r"fne-fast: interrupted \(SIGINT\) at fne:fn_tau=inf,min_count=5 seed 0, epoch 1 step \d+; "
+                        r"run the same compare command again: it trains only what is missing\n",
+                        capsys.readouterr().err)
     assert not (tmp_path / "parts" / "results.json").exists()
     epochs_trained.clear()
     interrupt_at[0] = None
