@@ -212,7 +212,7 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", default=None, help="e.g. 32x8224x768,128x65536x256 (default: all three)")
     parser.add_argument("--write", default=None, help="write the markdown table to this file")
     parser.add_argument("--low-precision", action="store_true", help="the bf16 / fp16 table (default shapes: "
-                        "128x65536x256,256x262144,256; repeats interleaved)")
+                        "128x65536x256,256x262144x256; repeats interleaved)")
     parser.add_argument("--skip-baselines", action="store_true",
                         help="leave out the eager oracle and the authors' code (the fn_tau rows in minutes)")
     args = parser.parse_args(argv)

@@ -57,15 +57,16 @@ FNE_HOST_DEVICE void philox4x32_10(const uint32_t counter[4], PhiloxKey key, uin
   out[3] = c3;
 }
 
-// Only the first output word, which is all the sampler uses. The last round needs just one of its two
-// products, so this is the same arithmetic as philox4x32_10()[0] with 5% less work; written branch-free over
-// plain uint32 so that compilers vectorise a loop of it over columns (vpmuludq on x86).
-FNE_HOST_DEVICE uint32_t philox_first_word(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, PhiloxKey key) {
-  uint32_t k0 = key.lo, k1 = key.hi;
+// Rounds first_round..9 of philox4x32_10 from the state (c0, c1, c2, c3) and the round key (k0, k1) of
+// first_round, returning only the first output word, which is all the sampler uses: the last round needs just one
+// of its two products (5% less work than philox4x32_10()[0] from round 0). Written branch-free over plain uint32
+// so that compilers vectorise a loop of it over columns (vpmuludq on x86).
+FNE_HOST_DEVICE uint32_t philox_first_word_rounds(int first_round, uint32_t c0, uint32_t c1, uint32_t c2,
+                                                  uint32_t c3, uint32_t k0, uint32_t k1) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int round = 0; round < kPhiloxRounds - 1; ++round) {
+  for (int round = first_round; round < kPhiloxRounds - 1; ++round) {
     const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
     const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
     const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
@@ -79,6 +80,10 @@ FNE_HOST_DEVICE uint32_t philox_first_word(uint32_t c0, uint32_t c1, uint32_t c2
   }
   const uint64_t last = static_cast<uint64_t>(kPhiloxM1) * c2;
   return static_cast<uint32_t>(last >> 32) ^ c1 ^ k0;
+}
+
+FNE_HOST_DEVICE uint32_t philox_first_word(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, PhiloxKey key) {
+  return philox_first_word_rounds(0, c0, c1, c2, c3, key.lo, key.hi);
 }
 
 // The same first word, split for kernels that draw a block of rows against one column at a time. With the
@@ -113,22 +118,8 @@ FNE_HOST_DEVICE PhiloxColumnTerms philox_column_terms(uint32_t column_low, uint3
 
 // philox_first_word(column low, column high, row, step, key) from the two parts above: rounds 3 to 10.
 FNE_HOST_DEVICE uint32_t philox_first_word_from_terms(PhiloxRowTerms row, PhiloxColumnTerms column, PhiloxKey key) {
-  uint32_t c0 = column.a ^ row.v1, c1 = column.b, c2 = column.c ^ row.v2, c3 = row.v3;
-  uint32_t k0 = key.lo + 2 * kPhiloxW0, k1 = key.hi + 2 * kPhiloxW1;
-  for (int round = 2; round < kPhiloxRounds - 1; ++round) {
-    const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
-    const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
-    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
-    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(p1);
-    c3 = static_cast<uint32_t>(p0);
-    c0 = n0;
-    c2 = n2;
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
-  }
-  const uint64_t last = static_cast<uint64_t>(kPhiloxM1) * c2;
-  return static_cast<uint32_t>(last >> 32) ^ c1 ^ k0;
+  return philox_first_word_rounds(2, column.a ^ row.v1, column.b, column.c ^ row.v2, row.v3, key.lo + 2 * kPhiloxW0,
+                                  key.hi + 2 * kPhiloxW1);
 }
 
 }  // namespace fne_fast
