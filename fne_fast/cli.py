@@ -49,7 +49,7 @@ _OPTION_FLAGS = tuple(option for option in option_fields() if option.name != "mo
 
 
 def _option_value(option):
-    """argparse type of a SamplerOptions field: converts the text, then applies the field's own check, so a bad
+    """argparse type of an options field (SamplerOptions, TagsOptions): converts the text, then applies the field's own check, so a bad
     value is a one-line usage error naming the flag, before any data is read."""
     convert = int if option.type == "int" else float  # float("inf") reads "inf"
 
@@ -66,17 +66,18 @@ def _option_value(option):
     return parse
 
 
-def _add_sampler_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per SamplerOptions field, its default and help text taken from the field."""
-    for option in _OPTION_FLAGS:
-        flag = "--" + option.name.replace("_", "-")
-        if option.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=option.default,
-                                help=option.metadata["help"])
+def _add_option_flags(parser, fields, prefix: str = "") -> None:
+    """One flag ``--<prefix><field>`` (dest ``<prefix><field>``, dashes for underscores) per field of a validated
+    options record (fne_fast.options.option), its default, help text and check taken from the field."""
+    for item in fields:
+        flag, dest, help_text = "--" + (prefix + item.name).replace("_", "-"), prefix + item.name, item.metadata["help"]
+        if item.type == "bool":
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=item.default,
+                                help=help_text)
         else:
-            default = "" if option.default is None else f" (default {option.default})"
-            parser.add_argument(flag, type=_option_value(option), default=option.default,
-                                help=option.metadata["help"] + default)
+            default = "" if item.default is None else f" (default {item.default})"
+            parser.add_argument(flag, dest=dest, type=_option_value(item), default=item.default,
+                                help=help_text + default)
 
 
 def _add_training_options(parser: argparse.ArgumentParser, *, single_run: bool) -> None:
@@ -87,7 +88,7 @@ def _add_training_options(parser: argparse.ArgumentParser, *, single_run: bool) 
         parser.add_argument("--resume", action="store_true",
                             help="continue the run in --out from its last checkpoint (same numbers as one run)")
     parser.add_argument("--bank-size", type=int, default=8224)
-    _add_sampler_options(parser)
+    _add_option_flags(parser, _OPTION_FLAGS)
     parser.add_argument("--epochs", type=int, default=5, help="including the warm-up epoch(s)")
     parser.add_argument("--warmup-epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -132,14 +133,7 @@ def _add_tags_options(parser: argparse.ArgumentParser, *, single_run: bool) -> N
     else:
         group.add_argument("--tags", choices=("off", "on", "both"), default="off",
                            help="runs without TAGS-DC, with it, or both (one more arm per sampler)")
-    for option in TagsOptions.fields():
-        flag, help_text = f"--tags-{option.name.replace('_', '-')}", option.metadata["help"]
-        if option.type == "bool":
-            group.add_argument(flag, dest=f"tags_{option.name}", action=argparse.BooleanOptionalAction,
-                               default=option.default, help=help_text)
-        else:
-            group.add_argument(flag, dest=f"tags_{option.name}", type=_option_value(option), default=option.default,
-                               help=f"{help_text} (default {option.default})")
+    _add_option_flags(group, TagsOptions.fields(), prefix="tags_")
 
 
 def build_parser() -> argparse.ArgumentParser:

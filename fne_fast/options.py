@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["SamplerOptions", "MODES", "option_fields"]
+__all__ = ["SamplerOptions", "MODES", "option_fields", "option", "check_bool", "validate_fields"]
 
 MODES = ("fne", "hardest", "uniform")
 
@@ -55,40 +55,48 @@ def _check_min_count(value) -> str | None:
     return None if ok else "must be an integer >= 0"
 
 
-def _check_cutdown(value) -> str | None:
+def check_bool(value) -> str | None:
     return None if isinstance(value, bool) else "must be True or False"
 
 
-def _option(default, check, help_text: str):
+def option(default, check, help_text: str):
+    """A field of a validated options record: its default, its check (value -> problem or None) and its help text,
+    from which the command line builds its flag."""
     return field(default=default, metadata={"check": check, "help": help_text})
+
+
+def validate_fields(record, label: str = "") -> None:
+    """Applies each field's check to a frozen options record (ValueError naming ``label`` + the field) and stores
+    float fields as floats (ints are welcome)."""
+    for item in dataclasses.fields(record):
+        value = getattr(record, item.name)
+        problem = item.metadata["check"](value)
+        if problem is not None:
+            raise ValueError(f"{label}{item.name} {problem}, got {value!r}")
+        if item.type.startswith("float") and value is not None:
+            object.__setattr__(record, item.name, float(value))
 
 
 @dataclass(frozen=True)
 class SamplerOptions:
     """How ``sample_negatives`` weights and draws negatives (DESIGN.md §1-2); defaults are the authors'."""
 
-    mode: str = _option("fne", _check_mode, "fne: the paper's weighted sampler; hardest: VSE++ max violation over "
+    mode: str = option("fne", _check_mode, "fne: the paper's weighted sampler; hardest: VSE++ max violation over "
                                             "the bank; uniform: a random non-positive, non-cut-down negative")
-    k: int = _option(1, _check_k, "negatives sampled per anchor")
-    margin: float = _option(0.2, _check_margin, "triplet margin; candidates with s <= mu+ - margin are cut down")
-    tau: float = _option(0.5, _check_tau, "temperature of the log-weight -tau (s - s+)^2")
-    fn_tau: float | None = _option(None, _check_fn_tau, "log-weight -fn_tau P_fn of a likely false negative "
+    k: int = option(1, _check_k, "negatives sampled per anchor")
+    margin: float = option(0.2, _check_margin, "triplet margin; candidates with s <= mu+ - margin are cut down")
+    tau: float = option(0.5, _check_tau, "temperature of the log-weight -tau (s - s+)^2")
+    fn_tau: float | None = option(None, _check_fn_tau, "log-weight -fn_tau P_fn of a likely false negative "
                                                         "(default: tau, the authors' rule; inf removes them)")
-    prior_k: float = _option(10000.0, _check_prior_k, "prior odds negatives:positives = K-1 in P_fn")
-    fn_margin: float = _option(0.999, _check_fn_margin,
+    prior_k: float = option(10000.0, _check_prior_k, "prior odds negatives:positives = K-1 in P_fn")
+    fn_margin: float = option(0.999, _check_fn_margin,
                                "the Bayesian weight applies where P_fn > 1 - fn_margin")
-    min_count: int = _option(200, _check_min_count, "positives the running statistics need before the Bayesian "
+    min_count: int = option(200, _check_min_count, "positives the running statistics need before the Bayesian "
                                                     "branch switches on")
-    cutdown: bool = _option(True, _check_cutdown, "cut down easy negatives (s <= mu+ - margin)")
+    cutdown: bool = option(True, check_bool, "cut down easy negatives (s <= mu+ - margin)")
 
     def __post_init__(self):
-        for option in dataclasses.fields(self):
-            value = getattr(self, option.name)
-            problem = option.metadata["check"](value)
-            if problem is not None:
-                raise ValueError(f"{option.name} {problem}, got {value!r}")
-            if option.type.startswith("float") and value is not None:
-                object.__setattr__(self, option.name, float(value))  # ints are welcome; store one type
+        validate_fields(self)
 
     @property
     def effective_fn_tau(self) -> float:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from fne_fast.options import check_bool, option, validate_fields
 
 __all__ = ["TagsOptions"]
 
@@ -40,47 +42,33 @@ def _probability(value) -> str | None:
     return None if ok else "must be in (0, 1]"
 
 
-def _flag(value) -> str | None:
-    return None if isinstance(value, bool) else "must be True or False"
-
-
-def _option(default, check, help_text: str):
-    return field(default=default, metadata={"check": check, "help": help_text})
-
-
 @dataclass(frozen=True)
 class TagsOptions:
-    pool_captions: int = _option(128, _count(1), "training captions that get synthetic negatives each epoch")
-    masked_versions: int = _option(2, _count(1), "masked versions of each pool caption (authors: 20)")
-    samples: int = _option(6, _count(1), "refills sampled per masked version (authors: 20)")
-    keep: int = _option(3, _count(1), "hardest synthetic sentences kept per caption and step (authors: 31 of 401)")
-    captions_per_step: int = _option(8, _count(1), "pool captions whose synthetic negatives each step uses")
-    mask_probability: float = _option(0.15, _probability, "probability that a span is masked")
-    temperature: float = _option(1.5, _positive, "sampling temperature of the generator")
-    margin: float = _option(0.2, _weight, "margin of the synthetic ranking hinge")
-    rank_weight: float = _option(1.0, _weight, "weight of the synthetic ranking loss (authors: 5e-5 to 1e-3 "
+    pool_captions: int = option(128, _count(1), "training captions that get synthetic negatives each epoch")
+    masked_versions: int = option(2, _count(1), "masked versions of each pool caption (authors: 20)")
+    samples: int = option(6, _count(1), "refills sampled per masked version (authors: 20)")
+    keep: int = option(3, _count(1), "hardest synthetic sentences kept per caption and step (authors: 31 of 401)")
+    captions_per_step: int = option(8, _count(1), "pool captions whose synthetic negatives each step uses")
+    mask_probability: float = option(0.15, _probability, "probability that a span is masked")
+    temperature: float = option(1.5, _positive, "sampling temperature of the generator")
+    margin: float = option(0.2, _weight, "margin of the synthetic ranking hinge")
+    rank_weight: float = option(1.0, _weight, "weight of the synthetic ranking loss (authors: 5e-5 to 1e-3 "
                                                "of a cross-encoder's loss; see docs/TRAINING.md)")
-    mlm_weight: float = _option(0.1, _weight, "weight of the generator's masked-word loss (authors: 0.01-0.1)")
-    discrimination_weight: float = _option(5e-4, _weight, "weight of the word discrimination loss (authors)")
-    correction_weight: float = _option(5e-4, _weight, "weight of the word correction loss (authors)")
-    train_image_head: bool = _option(True, _flag, "TAGS-DC's losses also train the matcher's image head (as the "
+    mlm_weight: float = option(0.1, _weight, "weight of the generator's masked-word loss (authors: 0.01-0.1)")
+    discrimination_weight: float = option(5e-4, _weight, "weight of the word discrimination loss (authors)")
+    correction_weight: float = option(5e-4, _weight, "weight of the word correction loss (authors)")
+    train_image_head: bool = option(True, check_bool, "TAGS-DC's losses also train the matcher's image head (as the "
                                                   "authors' heads share UNITER); off: only the text head and "
                                                   "TAGS-DC's own heads learn from them")
-    hidden_dim: int = _option(128, _count(2), "hidden width of the generator and corrector (discriminator: half); "
+    hidden_dim: int = option(128, _count(2), "hidden width of the generator and corrector (discriminator: half); "
                                               "their Adam step is a tenth of an epoch's TAGS cost at 256")
-    vocabulary_size: int = _option(8192, _count(2), "most frequent training-caption words the generator can write")
-    heldout_captions: int = _option(32, _count(0), "validation captions whose synthetic sentences measure the "
+    vocabulary_size: int = option(8192, _count(2), "most frequent training-caption words the generator can write")
+    heldout_captions: int = option(32, _count(0), "validation captions whose synthetic sentences measure the "
                                                    "word-level heads each epoch")
-    examples: int = _option(6, _count(0), "captions shown per epoch in examples.md")
+    examples: int = option(6, _count(0), "captions shown per epoch in examples.md")
 
     def __post_init__(self):
-        for option in dataclasses.fields(self):
-            value = getattr(self, option.name)
-            problem = option.metadata["check"](value)
-            if problem is not None:
-                raise ValueError(f"tags {option.name} {problem}, got {value!r}")
-            if option.type.startswith("float"):
-                object.__setattr__(self, option.name, float(value))  # ints are welcome; store one type
+        validate_fields(self, "tags ")
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field, ...]:
