@@ -267,14 +267,10 @@ def _evaluate(args) -> int:
     image, text = embed_split(heads, split, torch.device(config.device))
     metrics = retrieval_metrics(image, text, split.caption_image, split.image_group)
     if args.split == "test":  # the one-word-swap test exists for the test split
-        from fne_fast.data.features import default_cache_dir
-        from fne_fast.tags.run import SwapEvaluation, text_corpus
+        from fne_fast.tags.run import run_texts
 
-        cache_dir = config.cache_dir or default_cache_dir()
-        texts = text_corpus(config.dataset, config.data_options, cache_dir, config.limit, progress=False,
-                            eval_limit=config.eval_limit)
-        metrics.update(SwapEvaluation(texts, cache_dir, config.device, progress=False).metrics(
-            heads, image, text, split.caption_image))
+        _, swap_test = run_texts(config, progress=False)
+        metrics.update(swap_test.metrics(heads, image, text, split.caption_image))
     print(json.dumps({"checkpoint": path, "split": args.split, **metrics}))
     return 0
 

@@ -461,8 +461,12 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None, gr
             with distributed.first_rank_first(patient):  # rank 0 fills the feature cache, the others read it
                 splits = load_splits(config)
         _check_features(splits)
+        texts, swap_test = None, None  # rank 0 evaluates; TAGS-DC runs in one process
         with distributed.first_rank_first(patient):  # rank 0 may parse and encode the swap test on a cold cache
-            texts, swap_test = _caption_texts(config, first)
+            if first:
+                from fne_fast.tags.run import run_texts
+
+                texts, swap_test = run_texts(config, progress=not config.quiet)
         run = _Run(config, splits["train"], texts, group)
         run.inputs = {name: split.inputs for name, split in splits.items()}
         if resumed is not None:
@@ -524,20 +528,6 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None, gr
             write_run_plots(config.out, run.heads, splits["test"], run.history, config.options,
                             torch.device(config.device))
     return run.history
-
-
-def _caption_texts(config: TrainConfig, first: bool):
-    """The data set's caption texts (None for precomputed features) and the one-word-swap test every run reports
-    (on rank 0, which evaluates)."""
-    from fne_fast.data.features import default_cache_dir
-    from fne_fast.tags.run import SwapEvaluation, text_corpus
-
-    cache_dir = config.cache_dir or default_cache_dir()
-    texts = None
-    if first or config.tags is not None:
-        texts = text_corpus(config.dataset, config.data_options, cache_dir, config.limit, progress=not config.quiet,
-                            eval_limit=config.eval_limit)
-    return texts, SwapEvaluation(texts if first else None, cache_dir, config.device, progress=not config.quiet)
 
 
 @contextlib.contextmanager

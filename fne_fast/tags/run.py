@@ -18,7 +18,7 @@ from fne_fast.tags.swap import SWAP_KEYS, SwapSet, cached_swap_set, swap_accurac
 from fne_fast.tags.synonyms import load_synonyms
 from fne_fast.tags.trainer import TagsTrainer
 
-__all__ = ["text_corpus", "SwapEvaluation", "make_trainer", "write_examples", "shared_text_encoder"]
+__all__ = ["text_corpus", "run_texts", "SwapEvaluation", "make_trainer", "write_examples", "shared_text_encoder"]
 
 _TEXT_DIM = 384  # MiniLM's width: the word states' width
 
@@ -60,6 +60,17 @@ class SwapEvaluation:
         with torch.no_grad():
             swapped = heads.text_head(self.swap_set.features.to(text.device))
         return swap_accuracy(image, text, swapped, self.swap_set, caption_image)
+
+
+def run_texts(config, *, progress: bool) -> tuple[Corpus | None, SwapEvaluation]:
+    """A run's caption texts (None for precomputed features), limited like its splits, and its one-word-swap
+    test; ``config`` is the run's ``fne_fast.train.TrainConfig``."""
+    from fne_fast.data.features import default_cache_dir
+
+    cache_dir = config.cache_dir or default_cache_dir()
+    texts = text_corpus(config.dataset, config.data_options, cache_dir, config.limit, progress=progress,
+                        eval_limit=config.eval_limit)
+    return texts, SwapEvaluation(texts, cache_dir, config.device, progress=progress)
 
 
 def _source(texts, synonyms) -> CaptionSource:
