@@ -34,7 +34,7 @@ from fne_fast.evaluate import NonFiniteError
 from fne_fast.loss import SAMPLERS
 from fne_fast.models import MissingEncoderError
 from fne_fast.ops import BACKENDS
-from fne_fast.options import SamplerOptions, option_fields
+from fne_fast.options import SamplerOptions, parse_option_text, sampler_flag_fields
 from fne_fast.preflight import UsageError
 from fne_fast.rundir import RunInterrupted, RunLockedError
 
@@ -44,24 +44,16 @@ __all__ = ["main", "build_parser"]
 _USER_ERRORS = (UsageError, DatasetFormatError, CheckpointError, RunLockedError, MissingEncoderError)
 _RUN_ERRORS = (NonFiniteError, OSError, distributed.PeerFailure)
 
-# Sampler options that are flags (the op's mode follows --sampler).
-_OPTION_FLAGS = tuple(option for option in option_fields() if option.name != "mode")
-
 
 def _option_value(option):
-    """argparse type of an options field (SamplerOptions, TagsOptions): converts the text, then applies the field's own check, so a bad
+    """argparse type of an options field (SamplerOptions, TagsOptions): the field's parse and check, so a bad
     value is a one-line usage error naming the flag, before any data is read."""
-    convert = int if option.type == "int" else float  # float("inf") reads "inf"
 
     def parse(text: str):
         try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {option.type}, got {text!r}") from None
-        problem = option.metadata["check"](value)
-        if problem is not None:
-            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
-        return value
+            return parse_option_text(option, text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
     return parse
 
@@ -88,7 +80,7 @@ def _add_training_options(parser: argparse.ArgumentParser, *, single_run: bool) 
         parser.add_argument("--resume", action="store_true",
                             help="continue the run in --out from its last checkpoint (same numbers as one run)")
     parser.add_argument("--bank-size", type=int, default=8224)
-    _add_option_flags(parser, _OPTION_FLAGS)
+    _add_option_flags(parser, sampler_flag_fields())
     parser.add_argument("--epochs", type=int, default=5, help="including the warm-up epoch(s)")
     parser.add_argument("--warmup-epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -223,7 +215,7 @@ def config_from_args(args, **overrides):
     not)."""
     from fne_fast.train import TrainConfig
 
-    options = SamplerOptions(**{option.name: getattr(args, option.name) for option in _OPTION_FLAGS})
+    options = SamplerOptions(**{option.name: getattr(args, option.name) for option in sampler_flag_fields()})
     values = dict(dataset=args.dataset, options=options, bank_size=args.bank_size, epochs=args.epochs,
                   warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
                   out=args.out, stats_momentum=args.stats_momentum, momentum=args.momentum,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from fne_fast.io import atomic_write_text
 from fne_fast.loss import SAMPLERS
-from fne_fast.options import option_fields
+from fne_fast.options import parse_option_text, sampler_flag_fields
 from fne_fast.paired import paired_comparison
 from fne_fast.selection import run_summary
 
@@ -70,14 +70,17 @@ def parse_arm(text: str) -> Arm:
     sampler, _, changes = text[:len(text) - len(_TAGS_SUFFIX)].partition(":") if tags else text.partition(":")
     if sampler not in SAMPLERS:
         raise ValueError(f"{text!r}: the sampler must be one of {SAMPLERS}, got {sampler!r}")
-    fields = {option.name: option for option in option_fields() if option.name != "mode"}
+    fields = {option.name: option for option in sampler_flag_fields()}
     options = {}
     for change in filter(None, changes.split(",")):
         name, equals, value = change.partition("=")
         name = name.strip().replace("-", "_")
         if not equals or name not in fields:
             raise ValueError(f"{text!r}: expected FIELD=VALUE with FIELD one of {tuple(fields)}, got {change!r}")
-        options[name] = _parse_option_value(fields[name], value.strip(), text)
+        try:
+            options[name] = parse_option_text(fields[name], value.strip())
+        except ValueError as error:
+            raise ValueError(f"{text!r}: {name} {error}") from None
     return Arm(sampler, options, tags)
 
 
@@ -87,20 +90,6 @@ def with_tags_arms(arms: list[Arm], tags: str) -> list[Arm]:
         raise ValueError(f"--tags: expected off, on or both, got {tags!r}")
     variants = {"off": (None,), "on": (True,), "both": (False, True)}[tags]
     return [arm if variant is None else dataclasses.replace(arm, tags=variant) for arm in arms for variant in variants]
-
-
-def _parse_option_value(option, text: str, arm: str):
-    try:
-        if option.type == "bool":
-            value = {"true": True, "false": False}[text.lower()]
-        else:
-            value = (int if option.type == "int" else float)(text)
-    except (KeyError, ValueError):
-        raise ValueError(f"{arm!r}: {option.name} expects {option.type}, got {text!r}") from None
-    problem = option.metadata["check"](value)
-    if problem is not None:
-        raise ValueError(f"{arm!r}: {option.name} {problem}, got {text}")
-    return value
 
 
 def _run_config(base, arm: Arm, seed: int, out: str):

@@ -12,7 +12,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["SamplerOptions", "MODES", "option_fields", "option", "check_bool", "validate_fields"]
+__all__ = ["SamplerOptions", "MODES", "option_fields", "sampler_flag_fields", "option", "check_bool", "validate_fields",
+           "parse_option_text"]
 
 MODES = ("fne", "hardest", "uniform")
 
@@ -115,3 +116,24 @@ class SamplerOptions:
 def option_fields():
     """The fields with their default, validator and help text (for building command-line flags)."""
     return dataclasses.fields(SamplerOptions)
+
+
+def sampler_flag_fields():
+    """The fields a user sets by flag or in a compare arm: all but ``mode``, which follows the sampler."""
+    return tuple(item for item in option_fields() if item.name != "mode")
+
+
+def parse_option_text(item, text: str):
+    """The value of an options field (SamplerOptions, TagsOptions) written as text, checked by the field's own
+    check; raises ValueError ("expects float, got 'x'" or "<problem>, got <text>") for the caller to prefix."""
+    try:
+        if item.type == "bool":
+            value = {"true": True, "false": False}[text.lower()]
+        else:
+            value = (int if item.type == "int" else float)(text)  # float("inf") reads "inf"
+    except (KeyError, ValueError):
+        raise ValueError(f"expects {item.type}, got {text!r}") from None
+    problem = item.metadata["check"](value)
+    if problem is not None:
+        raise ValueError(f"{problem}, got {text}")
+    return value
