@@ -191,9 +191,10 @@ class _Run:
         self.timing: list[dict] = []  # kept in the checkpoint, so timing.jsonl is rewritten like metrics.jsonl
         self.inputs: dict[str, dict | None] = {}  # each split's record of its source files (fne_fast.fingerprint)
 
-    def state_dict(self) -> dict | None:
-        """Collective when sharded (the banks' shards are gathered): the state on rank 0, None elsewhere."""
-        image_bank, text_bank = self.image_bank.state_dict(), self.text_bank.state_dict()
+    def state_dict(self, banks: tuple | None = None) -> dict | None:
+        """Collective when sharded (the banks' shards are gathered): the state on rank 0, None elsewhere.
+        ``banks``: the (image, text) banks' states, where the caller has gathered them since the last step."""
+        image_bank, text_bank = banks or (self.image_bank.state_dict(), self.text_bank.state_dict())
         if self.rank != 0:
             return None
         return {"config": dataclasses.asdict(self.config), "world_size": self.world_size,
@@ -499,14 +500,14 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None, gr
                 row.update(recalls_from_ranks(ranks))
                 row.update(swap_metrics)
                 row["val_rsum"] = _validation_rsum(run, splits["val"])
-            del banks
             row = distributed.broadcast_from_first(row, patient, "metrics")
             timing["epoch_seconds"] = time.perf_counter() - started
             timing["steps"] = _steps_per_epoch(config, splits["train"].text_features.shape[0], world_size)
             run.history.append(row)
             run.timing.append({"epoch": epoch, **timing})
             run.next_epoch = epoch + 1
-            state = run.state_dict()
+            state = run.state_dict(banks)  # the banks have not changed since the diagnostics gathered them
+            del banks
             with distributed.first_rank_first(patient):  # the other ranks wait until the files are written
                 if first:
                     with folder.critical():  # a signal now takes effect once the epoch's files are all written
