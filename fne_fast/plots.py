@@ -181,13 +181,13 @@ def comparison_bars(path: str, results: dict) -> None:
     figure, axes = pyplot.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
     for axis, (key, title, scale) in zip(axes, panels):
         for position, arm in enumerate(arms):
-            values = [scale * run[key] for run in arm["runs"] if run.get(key) is not None]
-            if not values:
+            entry = arm["summary"].get(key)  # mean and std over the seeds, as results.md reports them
+            if entry is None:
                 continue
-            mean = sum(values) / len(values)
-            spread = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+            values = [scale * run[key] for run in arm["runs"] if run.get(key) is not None]
             highlight = "C1" if arm["name"] == results["baseline"] else "C0"
-            axis.bar(position, mean, yerr=spread, color=highlight, alpha=0.6, capsize=4)
+            axis.bar(position, scale * entry["mean"], yerr=scale * entry["std"], color=highlight, alpha=0.6,
+                     capsize=4)
             axis.plot([position] * len(values), values, "k.", markersize=4)
         axis.set_xticks(range(len(arms)))
         axis.set_xticklabels([arm["name"] for arm in arms], rotation=30, ha="right", fontsize=8)
