@@ -68,7 +68,7 @@ def bank_diagnostics(anchors: torch.Tensor, positive_sim: torch.Tensor, anchor_i
     active = bayes_active(stats, options.min_count)
     has_model = (stats[1] > 0) & (stats[3] > 0) & torch.isfinite(stats[:4]).all()
     safe_stats = torch.where(has_model, stats, torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0], device=device))
-    z_threshold = 1.0 - options.fn_margin
+    p_fn_threshold = 1.0 - options.fn_margin
     sim_edges = torch.tensor(SIM_EDGES, dtype=torch.float64, device=device)
     p_fn_edges = torch.tensor(LOG10_P_FN_EDGES, dtype=torch.float64, device=device)
     for start in range(0, anchors.shape[0], chunk):
@@ -76,8 +76,9 @@ def bank_diagnostics(anchors: torch.Tensor, positive_sim: torch.Tensor, anchor_i
         sim = anchors[rows].to(torch.float32) @ bank.T
         weights, non_positive = _race_log_weights(sim, positive_sim[rows].to(torch.float32), anchor_ids[rows],
                                                   bank_ids, filled, stats, options, sampler)
-        p_fn = false_negative_probability(sim.double(), safe_stats.double(), options.prior_k)
-        likely_false = active & (p_fn > z_threshold)
+        sim64 = sim.double()
+        p_fn = false_negative_probability(sim64, safe_stats.double(), options.prior_k)
+        likely_false = active & (p_fn > p_fn_threshold)
         sums["anchors"] += sim.shape[0]
         sums["candidates"] += non_positive.sum()
         sums["candidates_bayes"] += (likely_false & non_positive).sum()
@@ -86,7 +87,7 @@ def bank_diagnostics(anchors: torch.Tensor, positive_sim: torch.Tensor, anchor_i
         else:
             same_group = torch.zeros_like(non_positive)
         for name, members in (("same_group", non_positive & same_group), ("other", non_positive & ~same_group)):
-            sums[f"sim_hist_{name}"] += _histogram(sim.double()[members], sim_edges)
+            sums[f"sim_hist_{name}"] += _histogram(sim64[members], sim_edges)
             log_p = torch.log10(p_fn[members].clamp(min=1e-300)).clamp(min=LOG10_P_FN_EDGES[0])
             sums[f"p_fn_hist_{name}"] += torch.where(has_model, _histogram(log_p, p_fn_edges), 0.0)
         if weights is not None:
@@ -129,7 +130,11 @@ def _zero_sums(device) -> dict:
 
 def summarise(sums: dict, *, sampler: str, has_groups: bool) -> dict:
     """The sums as plain numbers (one host synchronisation); rates in [0, 1], None where undefined."""
-    values = {name: value.tolist() for name, value in sums.items()}
+    flat = torch.cat([value.reshape(-1) for value in sums.values()]).tolist()  # all float64 on one device
+    values, offset = {}, 0
+    for name, value in sums.items():
+        values[name] = flat[offset] if value.dim() == 0 else flat[offset:offset + value.numel()]
+        offset += value.numel()
 
     def ratio(numerator, denominator):
         return values[numerator] / values[denominator] if values[denominator] else None
