@@ -60,7 +60,7 @@ FNE_HOST_DEVICE void philox4x32_10(const uint32_t counter[4], PhiloxKey key, uin
 // Rounds first_round..9 of philox4x32_10 from the state (c0, c1, c2, c3) and the round key (k0, k1) of
 // first_round, returning only the first output word, which is all the sampler uses: the last round needs just one
 // of its two products (5% less work than philox4x32_10()[0] from round 0). Written branch-free over plain uint32
-// so that compilers vectorise a loop of it over columns (vpmuludq on x86).
+// so that compilers vectorise a loop of it over rows or columns (vpmuludq on x86).
 FNE_HOST_DEVICE uint32_t philox_first_word_rounds(int first_round, uint32_t c0, uint32_t c1, uint32_t c2,
                                                   uint32_t c3, uint32_t k0, uint32_t k1) {
 #if defined(__CUDA_ARCH__)

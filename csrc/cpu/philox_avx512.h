@@ -12,7 +12,8 @@
 //    multipliers busy.
 // Measured (AMD EPYC Zen 5, gcc 12, 512 columns x 16 rows, best of 3000): 0.41 ns/word, against 0.86 for the
 // previous kernel's AVX-512 loop over columns (from-scratch rounds, vpmulld, no interleaving) and 0.66 for this
-// loop without the interleaving. Same arithmetic as philox.h; tests compare every word (ctest) and every draw.
+// loop without the interleaving. Same arithmetic as philox.h: ctest checks the scalar row/column split, and the op's
+// tests compare every draw of this path with the oracle and with the portable one (FNE_FAST_CPU_PORTABLE=1).
 #pragma once
 
 #if defined(__x86_64__) || defined(_M_X64)

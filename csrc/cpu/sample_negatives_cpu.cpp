@@ -156,21 +156,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
   float* key_ptr = key.data_ptr<float>();
   at::parallel_for(0, num_rows, kMergeRowsPerChunk, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      RankedList race = merged.race(row), hard = merged.hard(row);
       for (RowLists& lists : thread_lists) {
         if (lists.k == 0) continue;
         RankedList thread_race = lists.race(row), thread_hard = lists.hard(row);
         for (int64_t t = 0; t < *thread_race.count; ++t) {
-          if (race.accepts(thread_race.key[t], thread_race.index[t])) {
-            race.insert(thread_race.key[t], thread_race.sim[t], thread_race.index[t]);
-          }
+          merged.insert_race(row, thread_race.key[t], thread_race.sim[t], thread_race.index[t]);
         }
         for (int64_t t = 0; t < *thread_hard.count; ++t) {
-          if (hard.accepts(thread_hard.key[t], thread_hard.index[t])) {
-            hard.insert(thread_hard.key[t], thread_hard.sim[t], thread_hard.index[t]);
-          }
+          merged.insert_hard(row, thread_hard.sim[t], thread_hard.index[t]);  // a hard entry's key is its sim
         }
       }
+      RankedList race = merged.race(row), hard = merged.hard(row);
       write_output_row(hardest ? hard : race, hard, k, index_ptr + row * k, sim_ptr + row * k,
                        valid_ptr + row * k, key_ptr + row * k);
     }

@@ -34,11 +34,16 @@ bool bf16_brgemm_supported() {
 #endif
 }
 
+namespace {
+
+// Whether a call with these inputs takes the bf16 brgemm path.
 bool uses_bf16_brgemm(const at::Tensor& anchors, const at::Tensor& bank) {
   // The kernel's K is D rounded down to even (VNNI pairs); an odd last column is added apart, so D >= 2.
   return anchors.scalar_type() == at::kBFloat16 && bank.scalar_type() == at::kBFloat16 && anchors.size(1) >= 2 &&
          bf16_brgemm_supported();
 }
+
+}  // namespace
 
 SimilarityTiles::SimilarityTiles(const at::Tensor& anchors, const at::Tensor& bank, int64_t max_rows,
                                  int64_t max_cols, int64_t full_cols)

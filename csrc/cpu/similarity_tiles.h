@@ -19,8 +19,8 @@
 
 namespace fne_fast {
 
-// Whether a call with these inputs takes the bf16 brgemm path (also the op fne_fast::cpu_bf16_brgemm, for tests).
-bool uses_bf16_brgemm(const at::Tensor& anchors, const at::Tensor& bank);
+// Whether this CPU and torch's settings allow oneDNN's bf16 brgemm kernel (also the op fne_fast::cpu_bf16_brgemm,
+// for tests); calls with bf16 anchors and bank and D >= 2 take it where it is allowed.
 bool bf16_brgemm_supported();
 
 class SimilarityTiles {
@@ -29,7 +29,6 @@ class SimilarityTiles {
   // (on the brgemm path shorter ones are cut into fixed blocks).
   SimilarityTiles(const at::Tensor& anchors, const at::Tensor& bank, int64_t max_rows, int64_t max_cols,
                   int64_t full_cols);
-  bool brgemm() const { return brgemm_; }
 
   // Per-thread working memory (at most (max_cols + 32) x (max_rows + 32) floats and one bank tile), and on the
   // brgemm path the kernel's hardware context, released when the worker ends.

@@ -178,8 +178,10 @@ FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int la
   // A tile spans fewer than 2³² columns, so its listed columns have the first one's high word or the next.
   const uint32_t high = column_high(tile, columns[0]);
   const PhiloxRowTerms16 terms = philox_row_terms16(row_words, high, call.philox_key);
-  PhiloxRowTerms16 next_terms = terms;
-  bool have_next_terms = false;
+  // Listed columns ascend, so the last one says whether the high word changes inside the tile.
+  const PhiloxRowTerms16 next_terms = column_high(tile, columns[listed - 1]) != high
+                                          ? philox_row_terms16(row_words, high + 1, call.philox_key)
+                                          : terms;
   __m512i limits = _mm512_load_si512(limit);
   for (int64_t group = 0; group < listed; group += 4) {
     const int count = static_cast<int>(std::min<int64_t>(4, listed - group));
@@ -188,10 +190,6 @@ FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int la
     for (int u = 0; u < 4; ++u) {
       const int64_t j = columns[group + std::min(u, count - 1)];  // a short last group repeats its last column
       column[u] = column_terms(tile, call, j);
-      if (column_high(tile, j) != high && !have_next_terms) {
-        next_terms = philox_row_terms16(row_words, high + 1, call.philox_key);
-        have_next_terms = true;
-      }
       row_terms[u] = column_high(tile, j) == high ? &terms : &next_terms;
     }
     __m512i words[4];
