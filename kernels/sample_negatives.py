@@ -60,7 +60,7 @@ from fne_fast.checks import raise_if_not_finite
 from fne_fast.fne_math import fn_logit_threshold
 from fne_fast.options import SamplerOptions
 
-__all__ = ["TritonConfig", "MergeConfig", "default_config", "merge_config", "num_splits", "sample_negatives_triton",
+__all__ = ["TritonConfig", "MergeConfig", "default_config", "merge_config", "sample_negatives_triton",
            "is_interpreted"]
 
 # Philox4x32-10 constants (csrc/philox.h).
@@ -410,7 +410,6 @@ class TritonConfig:
     num_stages: int = 3
     num_splits: int | None = None
     input_precision: str | None = None  # None: "tf32" where torch.backends.cuda.matmul.allow_tf32, else "ieee"
-    maxnreg: int | None = None  # register cap per thread (benchmark sweeps); None leaves it to ptxas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -470,7 +469,7 @@ def _input_precision(config: TritonConfig) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def num_splits(config: TritonConfig, row_blocks: int, tiles: int, k: int, multiprocessors: int | None) -> int:
+def _num_splits(config: TritonConfig, row_blocks: int, tiles: int, k: int, multiprocessors: int | None) -> int:
     """Enough programs to fill a device of ``multiprocessors`` SMs (None: the interpreter, a few), at most one per
     tile, and few enough that the merge kernel's row of splits · k partial entries stays a register-sized block."""
     if config.num_splits is not None:
@@ -514,7 +513,7 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
     row_blocks = triton.cdiv(num_rows, config.block_m)
     tiles = triton.cdiv(filled, config.block_n)
     multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count if not interpreted else None
-    splits = num_splits(config, row_blocks, tiles, k, multiprocessors)
+    splits = _num_splits(config, row_blocks, tiles, k, multiprocessors)
     cols_per_split = triton.cdiv(tiles, splits) * config.block_n
     splits = triton.cdiv(filled, cols_per_split)  # no split without columns
     width = splits * k
@@ -544,8 +543,7 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
         CHECK_FINITE=bool(check_finite), FN_EXCLUDES=math.isinf(options.effective_fn_tau), DOT_FP32=dot_fp32,
         INPUT_PRECISION="ieee" if interpreted else _input_precision(config),
         ONE_K_STEP=config.block_k >= anchors.shape[1],
-        num_warps=config.num_warps, num_stages=config.num_stages,
-        **({} if interpreted or config.maxnreg is None else {"maxnreg": config.maxnreg}))
+        num_warps=config.num_warps, num_stages=config.num_stages)
     # Every slot is written by the merge kernel.
     index = torch.empty((num_rows, k), dtype=torch.int64, device=device)
     sim = torch.empty((num_rows, k), dtype=torch.float32, device=device)
