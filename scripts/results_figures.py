@@ -51,9 +51,7 @@ def _pyplot():
 def _prior_of(arm: dict) -> float | None:
     """K of an arm that removes likely false negatives and changes nothing but the prior, else None."""
     name = arm["name"]
-    if name == REMOVING:
-        return arm["options"]["prior_k"]
-    if name.startswith(REMOVING + ",prior_k=") and name.count(",") == 1:
+    if name == REMOVING or (name.startswith(REMOVING + ",prior_k=") and name.count(",") == 1):
         return arm["options"]["prior_k"]
     return None
 
@@ -93,7 +91,7 @@ def prior_sweep(results: dict, path: str) -> bool:
     return True
 
 
-def _last_diagnostics(folder: str) -> dict:
+def _last_metrics(folder: str) -> dict:
     return read_jsonl(os.path.join(folder, "metrics.jsonl"))[-1]
 
 
@@ -167,7 +165,7 @@ def separability(results: dict, runs: str, path: str) -> bool:
     left.set_title(f"{REMOVING}, K = {arm['options']['prior_k']:g}, last checkpoint: any removal threshold",
                    fontsize=9)
     left.legend(fontsize=7)
-    rows = [read_jsonl(os.path.join(runs, run["folder"], "metrics.jsonl"))[-1]["diagnostics"] for run in arm["runs"]]
+    rows = [_last_metrics(os.path.join(runs, run["folder"]))["diagnostics"] for run in arm["runs"]]
     same = sum(torch.tensor(row["sim_hist_same_group"], dtype=torch.float64) for row in rows)
     other = sum(torch.tensor(row["sim_hist_other"], dtype=torch.float64) for row in rows)
     race = torch.tensor(SIM_EDGES[:-1], dtype=torch.float64) >= sum(cuts) / len(cuts)
@@ -184,7 +182,7 @@ def separability(results: dict, runs: str, path: str) -> bool:
     right.set_yscale("log")
     right.set_xlabel(f"log10 P_fn at K = {arm['options']['prior_k']:g} (first bin: ≤ −12)")
     right.set_ylabel("share of all non-positive candidates")
-    right.set_title("P_fn over the whole bank, last epoch, 3 seeds pooled", fontsize=9)
+    right.set_title(f"P_fn over the whole bank, last epoch, {len(rows)} seeds pooled", fontsize=9)
     right.legend(fontsize=7)
     figure.suptitle(f"{results['dataset']}: can the similarity statistics tell the false negatives apart?",
                     fontsize=10)
