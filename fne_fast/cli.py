@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 
@@ -242,16 +241,25 @@ def _train(args, group) -> int:
     return 0
 
 
-def _evaluate(args) -> int:
+def _checkpoint_config(args, **overrides):
+    """(state, path, TrainConfig) of ``--checkpoint``: its run's settings with ``--device`` (else its own) and
+    ``overrides``, the device checked."""
     from fne_fast.checkpoint import open_checkpoint
-    from fne_fast.evaluate import embed_split, retrieval_metrics
-    from fne_fast.models import MatchingHeads
     from fne_fast.preflight import check_device
-    from fne_fast.train import TrainConfig, load_splits
+    from fne_fast.train import TrainConfig
 
     state, path = open_checkpoint(args.checkpoint)
-    config = TrainConfig(**{**state["config"], "device": args.device or state["config"]["device"]})
+    config = TrainConfig(**{**state["config"], "device": args.device or state["config"]["device"], **overrides})
     check_device(config.device)
+    return state, path, config
+
+
+def _evaluate(args) -> int:
+    from fne_fast.evaluate import embed_split, retrieval_metrics
+    from fne_fast.models import MatchingHeads
+    from fne_fast.train import load_splits
+
+    state, path, config = _checkpoint_config(args)
     split = load_splits(config)[args.split]
     heads = MatchingHeads(split.image_features.shape[1], split.text_features.shape[1], config.joint_dim,
                           config.hidden_dim, config.momentum).to(config.device)
@@ -268,33 +276,25 @@ def _evaluate(args) -> int:
 
 
 def _compare(args, group) -> int:
-    from fne_fast.compare import RESULTS_MD, compare
+    from fne_fast.compare import compare, results_markdown
     from fne_fast.preflight import check_run_settings
 
     base = config_from_args(args, sampler=args.samplers[0].sampler, seed=args.seeds[0],
                             tags=any(arm.tags for arm in args.samplers))
     check_run_settings(base)
-    compare(base, args.samplers, args.seeds, args.out, baselines=args.baseline,
-            command=" ".join(["fne-fast", *args.argv]), replicates=args.bootstrap, group=group)
-    if distributed.rank(group) == 0:
-        with open(os.path.join(args.out, RESULTS_MD), encoding="utf-8") as table:
-            print(table.read())
+    results = compare(base, args.samplers, args.seeds, args.out, baselines=args.baseline,
+                      command=" ".join(["fne-fast", *args.argv]), replicates=args.bootstrap, group=group)
+    if results is not None:  # rank 0: the text it wrote to results.md
+        print(results_markdown(results))
     return 0
 
 
 def _search(args) -> int:
     from fne_fast.data import load_raw_split
-    from fne_fast.checkpoint import open_checkpoint
     from fne_fast.matcher import matcher_from_state, top_matches
-    from fne_fast.preflight import check_device
-    from fne_fast.train import TrainConfig, load_splits
+    from fne_fast.train import load_splits
 
-    state, _ = open_checkpoint(args.checkpoint)
-    overrides = {"device": args.device or state["config"]["device"], "quiet": True}
-    if args.cache_dir:
-        overrides["cache_dir"] = args.cache_dir
-    config = TrainConfig(**{**state["config"], **overrides})
-    check_device(config.device)
+    state, _, config = _checkpoint_config(args, quiet=True, **({"cache_dir": args.cache_dir} if args.cache_dir else {}))
     matcher = matcher_from_state(state, config.device)
     split = load_splits(config)[args.split]
     try:
