@@ -152,7 +152,7 @@ class MemoryBank:
                                  ("k", "mode", "seed", "step", "other options", "stats"))
         counts = [line[0] for line in table]
         offset, local_size, total = sum(counts[:self.rank]), counts[self.rank], sum(counts)
-        k = SamplerOptions(**{name: op_options[name] for name in _OPTION_NAMES if name in op_options}).k
+        k = _sampler_options(op_options).k
         if total == 0:
             empty = _empty_result(k, self.dim, self.dtype, self.device)
             return _with_extras(empty[:4], empty[4], empty[5], return_keys, return_ids)
@@ -166,13 +166,14 @@ class MemoryBank:
                                       stats, row_offset=0, col_offset=self.row_begin, filled=local_filled,
                                       return_keys=True, **op_options)
         # ... then every rank merges every anchor's candidates, so each knows which of its rows go where.
-        index, sim, valid, key = merge_candidates(*self._all_candidates(*candidates), k=k)
-        rows, chosen_ids = self._fetch_rows(index, valid, counts, return_ids)
+        shard_index, shard_sim, _, shard_key = candidates
+        index, sim, valid, key = merge_candidates(*self._all_candidates(shard_index, shard_sim, shard_key), k=k)
         mine = slice(offset, offset + local_size)
+        rows, chosen_ids = self._fetch_rows(index, valid, counts, mine, return_ids)
         return _with_extras((index[mine], sim[mine], valid[mine], rows), key[mine], chosen_ids, return_keys,
                             return_ids)
 
-    def _all_candidates(self, index, sim, valid, key):
+    def _all_candidates(self, index, sim, key):
         """Every rank's [G, k] candidates side by side, [G, W·k]: 16 bytes a candidate (index, sim, key; an
         invalid slot is index -1)."""
         total, k = index.shape
@@ -184,10 +185,10 @@ class MemoryBank:
         sim_and_key = gathered[..., 1].contiguous().view(torch.float32).view(total, self.world_size * k, 2)
         return all_index, sim_and_key[..., 0], all_index >= 0, sim_and_key[..., 1]
 
-    def _fetch_rows(self, index, valid, counts, return_ids):
-        """The chosen rows of this rank's anchors [B, k, dim]: each rank writes the rows it owns into a zeroed
-        buffer laid out by the anchors' ranks, and a reduce-scatter sums the buffers (x + 0 is exact), each rank
-        keeping its anchors' part. The ids likewise when asked for."""
+    def _fetch_rows(self, index, valid, counts, mine: slice, return_ids):
+        """The chosen rows of this rank's anchors (``mine`` of the global batch) [B, k, dim]: each rank writes the
+        rows it owns into a zeroed buffer laid out by the anchors' ranks, and a reduce-scatter sums the buffers
+        (x + 0 is exact), each rank keeping its anchors' part. The ids likewise when asked for."""
         most = max(counts)
         layout = torch.cat([torch.arange(count, device=self.device) + other * most
                             for other, count in enumerate(counts)])
@@ -202,8 +203,7 @@ class MemoryBank:
             id_buffer = index.new_zeros((self.world_size * most, *index.shape[1:]))
             id_buffer[layout] = torch.where(owned, self.ids[local], 0)
             chosen_ids = distributed.reduce_scatter_rows(id_buffer, self.group, "ids")[:counts[self.rank]]
-            offset = sum(counts[:self.rank])
-            chosen_ids = torch.where(valid[offset:offset + counts[self.rank]], chosen_ids, -1)
+            chosen_ids = torch.where(valid[mine], chosen_ids, -1)
         return rows, chosen_ids
 
     # --- state -------------------------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def _sample_problem(anchors, positive_sim, anchor_ids, stats, dim: int, op_optio
     if unknown:
         return f"unexpected option(s) {', '.join(unknown)}"
     try:
-        SamplerOptions(**{name: op_options[name] for name in _OPTION_NAMES if name in op_options})
+        _sampler_options(op_options)
     except ValueError as error:
         return str(error)
     if op_options.get("backend", "auto") not in BACKENDS:
@@ -262,9 +262,14 @@ def _sample_problem(anchors, positive_sim, anchor_ids, stats, dim: int, op_optio
     return None
 
 
+def _sampler_options(op_options: dict) -> SamplerOptions:
+    """The SamplerOptions fields among a sample call's keyword options (validated)."""
+    return SamplerOptions(**{name: op_options[name] for name in _OPTION_NAMES if name in op_options})
+
+
 def _fingerprint(op_options: dict, stats: torch.Tensor) -> list[int]:
     """Integers that equal on every rank exactly when the ranks pass the same options and statistics."""
-    options = SamplerOptions(**{name: op_options[name] for name in _OPTION_NAMES if name in op_options})
+    options = _sampler_options(op_options)
     seed = op_options.get("seed", 0) % 2**64
     rest = repr((options.as_kwargs(), op_options.get("backend", "auto"), op_options.get("check_finite", True)))
     stats_bits = zlib.crc32(stats.detach().float().cpu().numpy().tobytes())

@@ -93,7 +93,9 @@ class FNELoss(nn.Module):
         # differentiated, and the hinge below recomputes the chosen similarities in the anchors' dtype. With a
         # bf16 bank the anchors are rounded to bf16 too, so that the op takes its bf16 GEMM (oneDNN's brgemm on
         # CPU, tensor cores on a GPU) instead of converting every bank tile to float32; the similarities that rank
-        # the candidates then carry bf16's rounding of the anchors (2⁻⁹ relative) as well as the bank's.
+        # the candidates then carry bf16's rounding of the anchors (2⁻⁹ relative) as well as the bank's. (A sharded
+        # bank sends the anchors to the other ranks as float32: the same rounded values, but every rank's call then
+        # takes the float32 path, which sums the products in another order.)
         _, chosen_sim, valid, rows, key, chosen_ids = bank.sample(
             anchors.detach().to(bank.dtype), positive_sim.detach().float(), ids, stats, seed=seed, step=step,
             backend=self.backend, return_keys=True, return_ids=True, **self.options.as_kwargs())
