@@ -17,6 +17,8 @@ from datetime import timedelta
 
 import torch.multiprocessing as multiprocessing
 
+from fne_fast.io import atomic_output
+
 __all__ = ["Outcome", "run_in_processes", "results_of"]
 
 
@@ -51,9 +53,8 @@ def _process_main(function, rank: int, world_size: int, store: str, threads: int
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001  (reported to the parent, which raises or inspects it)
         outcome.error = traceback.format_exc()
-    with open(report + ".tmp", "wb") as stream:
+    with atomic_output(report, "wb") as stream:
         pickle.dump(outcome, stream)
-    os.replace(report + ".tmp", report)
 
 
 def run_in_processes(function, world_size: int, *args, threads: int = 1, timeout: float = 60.0,
