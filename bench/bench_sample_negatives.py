@@ -16,9 +16,8 @@ which half of the pairs are likely false negatives (P_fn > 1 - fn_margin), with 
 
 ``--low-precision``: banks and anchors in bf16 and fp16 beside float32, against torch's own matmul in each dtype
 (a new output, as ``anchors @ bank.T`` makes): the fused op on oneDNN's bf16 kernel, on float32 tiles (oneDNN
-off: the fallback, and the fp16 path), and in float32. Calls are interleaved (one call of each implementation per
-round) so that a machine shared with other work slows them alike; the table gives medians of wall time and of
-the process's CPU time per call, and the load average before and after.
+off: the fallback, and the fp16 path), and in float32, interleaved as above; the table gives medians of wall time
+and of the process's CPU time per call, and the load average before and after.
 """
 
 from __future__ import annotations
@@ -90,6 +89,22 @@ def test_sample_negatives_cpu(benchmark, shape, name):
     benchmark.pedantic(function, rounds=rounds, warmup_rounds=1)
 
 
+def _interleaved(functions: dict, repeats: int) -> tuple[dict, dict]:
+    """Wall and CPU seconds of ``repeats`` calls of each function, one call of each per round (after one warm-up
+    call each: oneDNN kernels, thread pools), so that a change in the machine's load moves them together."""
+    wall = {name: [] for name in functions}
+    cpu = {name: [] for name in functions}
+    for function in functions.values():
+        function()
+    for _ in range(repeats):
+        for name, function in functions.items():
+            began_wall, began_cpu = time.perf_counter(), time.process_time()
+            function()
+            wall[name].append(time.perf_counter() - began_wall)
+            cpu[name].append(time.process_time() - began_cpu)
+    return wall, cpu
+
+
 def measure(shapes, repeats: int, skip: tuple = ()) -> list[dict]:
     """Median seconds per call and peak memory of every implementation; the repeated ones in round-robin order,
     a slow baseline at a large shape once."""
@@ -99,15 +114,7 @@ def measure(shapes, repeats: int, skip: tuple = ()) -> list[dict]:
         functions = {name: function for name, function in implementations(inputs).items() if name not in skip}
         once = {name for name in functions if not name.startswith("fused op") and shape[0] * shape[1] > 10**7}
         times = {name: [median_seconds(functions[name], 1)] for name in once}
-        rounds = {name: [] for name in functions if name not in once}
-        for name in rounds:
-            functions[name]()  # warm-up
-        for _ in range(repeats):
-            for name in rounds:
-                begin = time.perf_counter()
-                functions[name]()
-                rounds[name].append(time.perf_counter() - begin)
-        times.update(rounds)
+        times.update(_interleaved({name: functions[name] for name in functions if name not in once}, repeats)[0])
         for name, function in functions.items():
             seconds = statistics.median(times[name])
             rows.append({"shape": shape, "name": name, "seconds": seconds, "peak": peak_extra_bytes(function)})
@@ -157,7 +164,7 @@ def low_precision_implementations(shape):
 
 def load_average() -> str:
     try:
-        return " ".join(open("/proc/loadavg").read().split()[:3])
+        return " ".join(f"{load:.2f}" for load in os.getloadavg())
     except OSError:
         return "n/a"
 
@@ -170,16 +177,7 @@ def measure_low_precision(shapes, repeats: int) -> tuple[list[dict], str]:
     rows, loads = [], [load_average()]
     for shape in shapes:
         functions = low_precision_implementations(shape)
-        wall = {name: [] for name in functions}
-        cpu = {name: [] for name in functions}
-        for function in functions.values():
-            function()  # warm-up: oneDNN kernels, thread pools
-        for _ in range(repeats):
-            for name, function in functions.items():
-                began_wall, began_cpu = time.perf_counter(), time.process_time()
-                function()
-                wall[name].append(time.perf_counter() - began_wall)
-                cpu[name].append(time.process_time() - began_cpu)
+        wall, cpu = _interleaved(functions, repeats)
         for name, function in functions.items():
             rows.append({"shape": shape, "name": name, "seconds": statistics.median(wall[name]),
                          "cpu_seconds": statistics.median(cpu[name]), "peak": peak_extra_bytes(function)})
