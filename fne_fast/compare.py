@@ -30,13 +30,13 @@ from fne_fast.selection import run_summary
 __all__ = ["Arm", "parse_arm", "with_tags_arms", "check_arms", "pairings", "compare", "results_markdown", "RESULTS_JSON", "RESULTS_MD", "COMPARE_PNG"]
 
 RESULTS_JSON, RESULTS_MD, COMPARE_PNG = "results.json", "results.md", "compare.png"
+_TAGS_SUFFIX = "+tags"
 # The best-validation epoch's test recalls, and what the sampler did in the last epoch (training-time rates and
 # the bank diagnostics of fne_fast.diagnostics).
 _BEST_KEYS = ("rsum", "group_rsum", "i2t_r1", "t2i_r1", "val_rsum", "swap_acc", "swap_acc_object",
               "swap_acc_attribute", "swap_acc_relation")
 _LAST_KEYS = ("fn_rate", "fn_rate_sampled", "fallback_rate", "mean_p_fn", "tags_positive_share",
               "tags_positive_share_kept")
-_TAGS_SUFFIX = "+tags"
 _DIAGNOSTIC_KEYS = ("top1pct_fn_rate", "race_per_anchor", "bayes_share_race", "entropy", "expected_fn_rate")
 
 
@@ -248,7 +248,7 @@ def results_markdown(results: dict) -> str:
              f"Recalls: {results['selection']}, mean ± std over seeds {results['seeds']}; \"last\": the last "
              "epoch's. Sampler behaviour: the last epoch (FN rate = share of chosen negatives in the anchor's "
              "semantic group; own draws = without the hardest-negative fallbacks; the bank diagnostics are over a "
-             "fixed sample of 256 training anchors per direction).", ""]
+             "fixed sample of up to 256 training anchors per direction).", ""]
     lines += _arm_table(results, [("seeds", lambda arm: str(len(arm["runs"]))), ("best epoch", _column("best_epoch")),
                                   ("R@1 i2t", _column("i2t_r1")), ("R@1 t2i", _column("t2i_r1")),
                                   ("rsum", _column("rsum")), ("group rsum", _column("group_rsum")),

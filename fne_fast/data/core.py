@@ -32,7 +32,8 @@ class RawSplit:
     image when ``image_modality == "image"``, a string when it is ``"text"`` (WordNet pairs lemmas with glosses).
     ``caption_image[t]`` is the item caption t describes; ``image_group[i]`` names item i's semantic group (items
     of one group are natural false negatives of each other), or the list is None where the data has none.
-    ``fingerprint`` hashes the split's items (names, captions); ``sources`` names the files they were read from,
+    ``fingerprint`` hashes what selects the split's items (their names and captions, or, where the files fix them,
+    the loader's settings: WordNet's limit and count); ``sources`` names the files they were read from,
     in groups (``{"font": [path], "annotations": [path, path]}``), which ``fne_fast.fingerprint`` hashes by
     content: together they key the feature cache.
     """
