@@ -5,7 +5,7 @@
     python bench/bench_sample_negatives.py --low-precision --write bench/RESULTS_cpu_bf16.md   # bf16 / fp16 banks
 
 Baselines, per shape (B, N, D), float32, 2 threads: the bare matmul ``anchors @ bank.T`` (the floor), the
-eager PyTorch oracle in float32 (fne_fast.reference), and a rewrite of the authors' loss-side selection
+eager PyTorch oracle in float32 (fne_fast.ops.reference), and a rewrite of the authors' loss-side selection
 (bench/authors_loss.py). A training step makes two calls (image→text and text→image) of the same shape, so
 per-call ratios are also per-step ratios. The implementations of a shape are timed in round-robin order (one call
 of each per round), so a change in the machine's load moves them together.
@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import fne_fast  # noqa: E402
 from authors_loss import AuthorsStyleSampler  # noqa: E402
 from common import SHAPES, machine_description, median_seconds, peak_extra_bytes, sample_inputs  # noqa: E402
-from fne_fast import reference  # noqa: E402
+from fne_fast.ops import reference  # noqa: E402
 
 OPTIONS = dict(k=1, mode="fne", seed=0, step=0)
 # (μ⁺, σ⁺², μ⁻, σ⁻², n⁺): nothing cut down (μ⁺ - margin = -1.2), and P_fn(s) > 0.001 exactly where s > ~0, i.e. for

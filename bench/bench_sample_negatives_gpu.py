@@ -6,7 +6,7 @@
 
 Steps: (1) the device's ceilings: a large device-to-device copy (bytes read + written) and a large bf16 matmul;
 (2) every GPU backend against the float64 oracle at a small size (exact inputs must give identical draws);
-(3) for each (B, N, D, bank dtype) of issue 3: the Triton kernel (default tiles, plus a small sweep), the compiled
+(3) for each (B, N, D, bank dtype) of the GPU targets: the Triton kernel (default tiles, plus a small sweep), the compiled
 CUDA kernel when it was built, the eager oracle in float32 and the bare matmul ``anchors @ bank.T``; with
 ``--compile`` also torch.compile of the oracle (its first call compiles for minutes, which no budget bounds: off by
 default). Times are medians of CUDA-event timings; "extra MB" is the peak allocation above the inputs. GB/s counts
@@ -67,7 +67,8 @@ def load_modules(args) -> None:
     import triton as triton_module
 
     import fne_fast as package
-    from fne_fast import ops as ops_module, reference as reference_module
+    from fne_fast import ops as ops_module
+    from fne_fast.ops import reference as reference_module
     from fne_fast.kernels import sample_negatives as kernels_module
 
     torch, triton, fne_fast, ops, reference, triton_kernels = (torch_module, triton_module, package, ops_module,
@@ -88,7 +89,7 @@ def synchronize():
 def time_call(fn, target_s=1.0, min_reps=3, max_reps=25) -> float:
     """Median milliseconds of fn() after one warm-up call (which also compiles). A dry run times one call: it
     checks the path, not the numbers."""
-    from fne_fast.testing import median_seconds
+    from fne_fast.ops.testing import median_seconds
 
     if ARGS.dry_run:
         return 1e3 * median_seconds(fn, 1, device=DEVICE)
@@ -130,7 +131,7 @@ def measure_ceilings(results):
 def make_inputs(num_rows, num_cols, dim, bank_dtype, *, exact=False, seed=0):
     """Unit-norm random embeddings (or exact small-integer ones), generated on the device; statistics put the
     cut-down threshold ~1.3σ above 0, so ~10% of the pairs survive it."""
-    from fne_fast.testing import sample_inputs
+    from fne_fast.ops.testing import sample_inputs
 
     cut = 1.28 / math.sqrt(dim)
     return sample_inputs(num_rows, num_cols, dim, kind="exact" if exact else "random", bank_dtype=bank_dtype,
@@ -144,7 +145,7 @@ COUNTERS = dict(seed=1234, step=3)
 
 
 def triton_options():
-    from fne_fast.options import SamplerOptions
+    from fne_fast.ops.options import SamplerOptions
 
     return SamplerOptions(k=OPTIONS["k"], mode=OPTIONS["mode"])
 
@@ -306,7 +307,7 @@ def add_speedups(results):
 
 
 def acceptance(results):
-    """Issue 3's acceptance figures from the best Triton row of each shape."""
+    """The GPU targets' figures (fractions of the ceilings) from the best Triton row of each shape."""
     verdict = {}
     for entry in results["shapes"]:
         triton_rows = [row for name, row in entry["methods"].items() if name.startswith("triton") and "ms" in row]

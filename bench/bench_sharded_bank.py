@@ -1,9 +1,9 @@
-"""Benchmark of the sharded MemoryBank (DESIGN.md §3.1, issue 10): traffic, memory and time of a sampling step.
+"""Benchmark of the sharded MemoryBank (docs/DESIGN.md §3.1): traffic, memory and time of a sampling step.
 
     python bench/bench_sharded_bank.py --write bench/RESULTS_sharded.md
 
 1. Traffic: the bytes each rank sends for one enqueue and one sample of a global batch, counted from the
-   collectives' tensor sizes (``fne_fast.distributed.count_traffic``), beside DESIGN.md §3.1's formula and a
+   collectives' tensor sizes (``fne_fast.sampling.distributed.count_traffic``), beside docs/DESIGN.md §3.1's formula and a
    replicated bank's, for W = 2 and 3, float32 and bfloat16, k = 1 and 4.
 2. Time: one ``bank.sample`` of the same global problem, (G, N, D) = (256, 262146, 256), float32, the worst case
    of the CPU benchmark (nothing cut down), k = 1, with 1 process × 2 threads (unsharded), 2 processes × 1
@@ -25,25 +25,27 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine_description, median_seconds, sample_inputs  # noqa: E402
-from fne_fast import distributed  # noqa: E402
-from fne_fast.bank import MemoryBank  # noqa: E402
+from fne_fast.sampling import distributed  # noqa: E402
+from fne_fast.sampling.bank import MemoryBank  # noqa: E402
 from fne_fast.io import atomic_write_text  # noqa: E402
-from fne_fast.launch import results_of, run_in_processes  # noqa: E402
+from fne_fast.ops import SamplerOptions  # noqa: E402
+from fne_fast.sampling.launch import results_of, run_in_processes  # noqa: E402
 
-TERMS = ("anchors", "candidates", "rows", "ring")
-# Issue 10's (256, 262144, 256) with two more bank rows: 262144 does not divide by 3, 262146 = 6 · 43691 does, so
+TERMS = ("anchors", "candidates", "rows", "ids", "ring")
+# The large benchmark shape (256, 262144, 256) with two more bank rows: 262144 does not divide by 3, 262146 = 6 · 43691 does, so
 # all three configurations solve the same problem.
 TIMED_SHAPE = (256, 262146, 256)
 
 
 def formula(world_size: int, batch: int, k: int, dim: int, element_bytes: int,
             total: int | None = None) -> dict[str, int]:
-    """DESIGN.md §3.1: bytes one rank sends per step and direction, by term; ``batch`` is the local batch (the
+    """docs/DESIGN.md §3.1: bytes one rank sends per step and direction, by term; ``batch`` is the local batch (the
     largest one when they differ: the collectives pad to it), ``total`` the global batch (default W·batch: the
     candidates of every global anchor are gathered unpadded)."""
     others, total = world_size - 1, world_size * batch if total is None else total
     return {"anchors": others * batch * (4 * dim + 12), "candidates": 16 * others * total * k,
-            "rows": others * batch * k * dim * element_bytes, "ring": others * batch * (dim * element_bytes + 8)}
+            "rows": others * batch * k * dim * element_bytes, "ids": others * batch * k * 8,
+            "ring": others * batch * (dim * element_bytes + 8)}
 
 
 def _local_rows(total: int, world_size: int, rank: int) -> slice:
@@ -64,7 +66,7 @@ def _one_step(rank, world_size, shape, dtype, k, group):
     with distributed.count_traffic() as sent:
         bank.enqueue(inputs["anchors"][mine].to(dtype), inputs["anchor_ids"][mine])
         bank.sample(inputs["anchors"][mine], inputs["positive_sim"][mine], inputs["anchor_ids"][mine],
-                    inputs["stats"], k=k)
+                    inputs["stats"], SamplerOptions(k=k))
     return dict(sent), bank.nbytes, mine.stop - mine.start
 
 
@@ -82,8 +84,8 @@ def _timing_worker(rank, world_size, shape, repeats):
     arguments = (inputs["anchors"][mine], inputs["positive_sim"][mine], inputs["anchor_ids"][mine], inputs["stats"])
     del inputs
     with distributed.count_traffic() as sent:
-        index = bank.sample(*arguments, k=1)[0]
-    seconds = median_seconds(lambda: bank.sample(*arguments, k=1), repeats)
+        index = bank.sample(*arguments).index
+    seconds = median_seconds(lambda: bank.sample(*arguments), repeats)
     return {"seconds": seconds, "index": index, "sent": dict(sent), "bank_bytes": bank.nbytes}
 
 
@@ -122,9 +124,9 @@ def _mb(nbytes: float) -> str:
 def markdown(traffic: list[dict], runs: dict, rounds: int, repeats: int) -> str:
     lines = [f"Machine: {machine_description()}", "",
              "### Bytes each rank sends per step and direction (one enqueue + one sample), measured vs formula", "",
-             "| W | rank | bank dtype | k | B | D | anchors | candidates | rows | ring | total | formula | "
+             "| W | rank | bank dtype | k | B | D | anchors | candidates | rows | ids | ring | total | formula | "
              "= formula | replicated bank sends | control (agreement rows) |",
-             "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+             "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for row in traffic:
         measured = sum(row["sent"].get(term, 0) for term in TERMS)
         expected = sum(row["formula"].values())

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks beside fne_fast.testing (inputs, the timer): the CPU shapes, peak memory and
+"""Shared pieces of the benchmarks beside fne_fast.ops.testing (inputs, the timer): the CPU shapes, peak memory and
 the machine description."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import subprocess
 import torch
 
 import fne_fast
-from fne_fast.testing import median_seconds, sample_inputs  # noqa: F401  (the benchmarks' inputs and timer)
+from fne_fast.ops.testing import median_seconds, sample_inputs  # noqa: F401  (the benchmarks' inputs and timer)
 
-# DESIGN.md / issue 2 shapes: the authors' setting, their comment's bank, and a large bank.
+# The benchmark shapes (docs/DESIGN.md §1): the authors' setting, their comment's bank, and a large bank.
 SHAPES = [(32, 8224, 768), (128, 65536, 256), (256, 262144, 256)]
 
 

@@ -12,7 +12,7 @@ import argparse
 import torch
 
 import fne_fast
-from fne_fast.testing import median_seconds
+from fne_fast.ops.testing import median_seconds
 
 
 def planted_bank(num_anchors: int, bank_size: int, dim: int, group_size: int, seed: int):

@@ -70,7 +70,7 @@ def sync_directory(directory: str) -> None:
 
 def atomic_save(obj, path: str) -> None:
     """``torch.save`` of ``obj`` to ``path``, atomically (the feature cache; run checkpoints use
-    ``fne_fast.checkpoint``, which never pickles)."""
+    ``fne_fast.runs.checkpoint``, which never pickles)."""
     import torch
 
     with atomic_output(path, "wb", suffix=".pt") as stream:

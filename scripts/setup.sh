@@ -9,7 +9,7 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install --quiet "torch==${FNE_FAST_TORCH_VERSION:-2.13.0}"
 fi
 # --no-build-isolation: compile against the torch installed above, not a fresh one in an isolated environment.
-python -m pip install --quiet "setuptools>=64" wheel ninja
+python -m pip install --quiet "setuptools>=77" wheel ninja
 python -m pip install --quiet --no-build-isolation -e ".[test]"
 if [ -f scripts/setup_data.sh ]; then
   bash scripts/setup_data.sh

@@ -4,7 +4,7 @@
 
 The weight exp(ℓ(s)) of a bank candidate of similarity s to an anchor whose positive scores s⁺, under running
 statistics measured on emoji (the hardest sampler's epoch 4, seed 0: μ⁺ 0.69, σ⁺² 0.0068, μ⁻ 0.47, σ⁻² 0.0148),
-with the cut-down region (s ≤ μ⁺ − margin, weight 0) shaded. Computed by fne_fast.fne_math, the functions the
+with the cut-down region (s ≤ μ⁺ − margin, weight 0) shaded. Computed by fne_fast.ops.fne_math, the functions the
 diagnostics use and the kernels mirror.
 """
 
@@ -16,8 +16,8 @@ import os
 
 import torch
 
-from fne_fast.fne_math import false_negative_probability, log_weights
-from fne_fast.options import SamplerOptions
+from fne_fast.ops.fne_math import false_negative_probability, log_weights
+from fne_fast.ops import SamplerOptions
 
 STATS = torch.tensor([0.69, 0.0068, 0.466, 0.0148, 5000.0], dtype=torch.float64)
 POSITIVE_SIM = 0.69

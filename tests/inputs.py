@@ -1,5 +1,5 @@
 """What every sample_negatives test shares: the backends under test, the float64 oracle and the comparisons
-against it, and the statistical checks. Inputs come from fne_fast.testing.sample_inputs."""
+against it, and the statistical checks. Inputs come from fne_fast.ops.testing.sample_inputs."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import dataclasses
 import torch
 
 import fne_fast
-from fne_fast import reference
-from fne_fast.options import MODES  # noqa: F401  (re-exported for the tests)
-from fne_fast.testing import sample_inputs
+from fne_fast.ops import reference
+from fne_fast.ops.options import MODES, SamplerOptions  # noqa: F401  (MODES: re-exported for the tests)
+from fne_fast.ops.testing import sample_inputs
 
 # A tau large enough that the weights are far from flat (0.5 gives nearly uniform weights).
 STEEP = dict(tau=4.0)
+# The op's counter arguments (the rest of a call's keyword arguments are SamplerOptions fields).
+_COUNTERS = ("seed", "step", "row_offset", "col_offset", "filled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +82,11 @@ def assert_same_draws(actual, expected) -> None:
 def oracle_values(inputs: dict, index: torch.Tensor, sampled: torch.Tensor, **options) -> torch.Tensor:
     """The float64 value each chosen column is ranked by: its oracle key where the slot was sampled, else its
     similarity (the fallback's order); for explaining disagreements as near-ties."""
-    options = {key: value for key, value in options.items() if key not in ("backend", "check_finite", "k")}
+    counters = {key: options[key] for key in _COUNTERS if key in options}
+    sampler = SamplerOptions(**{key: value for key, value in options.items()
+                                if key not in (*_COUNTERS, "backend", "check_finite")})
     cpu_inputs = {name: tensor.cpu() for name, tensor in inputs.items()}
-    keys, _, _, sim = reference.candidate_keys(*cpu_inputs.values(), **options)
+    keys, _, _, sim = reference.candidate_keys(*cpu_inputs.values(), sampler, **counters)
     column = index.clamp(min=0)
     return torch.where(sampled, torch.gather(keys, 1, column), torch.gather(sim, 1, column))
 
@@ -136,8 +140,7 @@ def distribution_inputs(sims=DISTRIBUTION_SIMS, copies: int = 20000) -> dict:
 
 def expected_probabilities(inputs: dict, tau: float, mode: str = "fne", fn_tau: float | None = None) -> torch.Tensor:
     """Normalised exp(ℓ) over the survivors of distribution_inputs, in float64 on the CPU."""
-    from fne_fast.fne_math import log_weights
-    from fne_fast.options import SamplerOptions
+    from fne_fast.ops.fne_math import log_weights
 
     sim = inputs["anchors"][:1].cpu().double() @ inputs["bank"].cpu().double().T  # [1, N]
     stats = inputs["stats"].cpu()

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fne_fast.bank import MemoryBank
+from fne_fast.ops import SamplerOptions
+from fne_fast.sampling.bank import MemoryBank
 
 
 class _ListRing:
@@ -65,14 +66,13 @@ def test_rejects_wrong_shapes_with_named_arguments():
 @pytest.mark.parametrize("k", [1, 3])
 def test_unsharded_sample_is_the_op_over_the_filled_rows_plus_their_features(k):
     from fne_fast import sample_negatives
-    from fne_fast.testing import sample_inputs
+    from fne_fast.ops.testing import sample_inputs
 
     inputs = sample_inputs(5, 9, 4, kind="exact", seed=k, num_ids=3)
     bank = MemoryBank(12, 4)
     bank.enqueue(inputs["bank"], inputs["bank_ids"])  # 9 of 12 rows filled
     arguments = (inputs["anchors"], inputs["positive_sim"], inputs["anchor_ids"], inputs["stats"])
-    index, sim, valid, rows, key, ids = bank.sample(*arguments, k=k, seed=4, step=2, return_keys=True,
-                                                    return_ids=True)
+    index, sim, valid, key, rows, ids = bank.sample(*arguments, SamplerOptions(k=k), seed=4, step=2)
     wanted = sample_negatives(inputs["anchors"], bank.features, *arguments[1:3], bank.ids, inputs["stats"], k=k,
                               seed=4, step=2, filled=9, return_keys=True)
     for actual, expected in zip((index, sim, valid, key), wanted):
@@ -80,19 +80,34 @@ def test_unsharded_sample_is_the_op_over_the_filled_rows_plus_their_features(k):
     assert (index < 9).all()
     assert torch.equal(rows, torch.where(valid.unsqueeze(-1), bank.features[index.clamp(min=0)], 0))
     assert torch.equal(ids, torch.where(valid, bank.ids[index.clamp(min=0)], -1))
-    assert len(bank.sample(*arguments, k=k)) == 4
 
 
-def test_sample_rejects_options_the_bank_sets_and_bad_arguments():
+def test_sample_draws_in_the_banks_dtype():
+    from fne_fast import sample_negatives
+    from fne_fast.ops.testing import sample_inputs
+
+    inputs = sample_inputs(5, 9, 4, kind="random", seed=3, num_ids=3)
+    bank = MemoryBank(9, 4, dtype=torch.bfloat16)
+    bank.enqueue(inputs["bank"], inputs["bank_ids"])
+    anchors = inputs["anchors"].double()  # as a float64 gradient check passes them
+    draw = bank.sample(anchors, inputs["positive_sim"], inputs["anchor_ids"], inputs["stats"])
+    wanted = sample_negatives(anchors.to(torch.bfloat16), bank.features, inputs["positive_sim"],
+                              inputs["anchor_ids"], bank.ids, inputs["stats"], return_keys=True)
+    for actual, expected in zip(draw[:4], wanted):
+        assert torch.equal(actual, expected)
+    assert draw.rows.dtype == torch.bfloat16
+
+
+def test_sample_rejects_bad_arguments_naming_them():
     bank = MemoryBank(4, 3)
     anchors, positive_sim, ids, stats = torch.zeros(2, 3), torch.zeros(2), torch.zeros(2, dtype=torch.int64), \
         torch.zeros(5)
-    with pytest.raises(ValueError, match="filled is set by the bank"):
+    with pytest.raises(TypeError, match="filled"):  # the bank sets it
         bank.sample(anchors, positive_sim, ids, stats, filled=2)
-    with pytest.raises(ValueError, match="unexpected option"):
-        bank.sample(anchors, positive_sim, ids, stats, temperature=2)
-    with pytest.raises(ValueError, match="k must be"):
-        bank.sample(anchors, positive_sim, ids, stats, k=0)
+    with pytest.raises(ValueError, match="^options must be a SamplerOptions, got dict"):
+        bank.sample(anchors, positive_sim, ids, stats, {"k": 2})
+    with pytest.raises(ValueError, match="^backend must be one of"):
+        bank.sample(anchors, positive_sim, ids, stats, backend="gpu")
     with pytest.raises(ValueError, match=r"anchors must be a \[B, 3\] tensor"):
         bank.sample(torch.zeros(2, 4), positive_sim, ids, stats)
     with pytest.raises(ValueError, match="anchor_ids must be a \\[2\\] int64 tensor"):

@@ -13,7 +13,8 @@ from fne_fast.data import DatasetFormatError, FeatureSplit, RawSplit, hash_split
 from fne_fast.data.albef_json import load_albef_json
 from fne_fast.data.emoji import DEFAULT_CLDR, DEFAULT_FONT, base_emoji, load_emoji, read_annotations
 from fne_fast.data.features import cached_feature_split, load_feature_arrays
-from fne_fast.data.tuxpaint import load_stamp_image, load_tuxpaint
+from fne_fast.data.images import load_image_file
+from fne_fast.data.tuxpaint import load_tuxpaint
 from fne_fast.data.wordnet import load_wordnet
 
 PIL = pytest.importorskip("PIL", reason="Pillow is needed for the image loaders (scripts/setup_data.sh)")
@@ -131,7 +132,7 @@ def test_tuxpaint_svg_is_rasterised_on_white(tmp_path):
     path = tmp_path / "dot.svg"
     path.write_text('<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
                     '<rect x="4" y="4" width="2" height="2" fill="#0000ff"/></svg>')
-    image = load_stamp_image(str(path), size=40)
+    image = load_image_file(str(path), size=40)
     assert image.size == (40, 40) and image.getpixel((0, 0)) == (255, 255, 255)
     assert image.getpixel((20, 20)) == (0, 0, 255)
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from fne_fast import sample_negatives
-from fne_fast.diagnostics import bank_diagnostics, summarise
-from fne_fast.fne_math import log_weights
-from fne_fast.options import SamplerOptions
-from fne_fast.reference import candidate_keys
+from fne_fast.ops import SamplerOptions
+from fne_fast.ops.fne_math import log_weights
+from fne_fast.ops.reference import candidate_keys
+from fne_fast.training.diagnostics import bank_diagnostics, summarise
 
 ROWS, BANK, DIM, GROUPS = 6, 40, 8, 5
 STATS = torch.tensor([0.3, 0.04, 0.1, 0.05, 500.0])
@@ -40,9 +40,8 @@ def _diagnose(case, options, *, sampler=None, filled=BANK, groups=True):
 def _oracle(options, filled, case):
     """Race size, expected FN rate of a draw and mean entropy from the reference's masks, in float64."""
     anchors, bank, positive_sim, anchor_ids, bank_ids, group_of_id = case
-    _, survives, non_positive, sim = candidate_keys(anchors, bank, positive_sim, anchor_ids, bank_ids, STATS,
-                                                    filled=filled,
-                                                    **{k: v for k, v in options.as_kwargs().items() if k != "k"})
+    _, survives, non_positive, sim = candidate_keys(anchors, bank, positive_sim, anchor_ids, bank_ids, STATS, options,
+                                                    filled=filled)
     same = group_of_id[bank_ids][None, :] == group_of_id[anchor_ids][:, None]
     if options.mode == "hardest":
         return {"non_positive": non_positive, "sim": sim, "same": same}

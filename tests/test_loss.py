@@ -4,10 +4,10 @@ same loss, same gradients (autograd through the oracle), and float64 gradcheck o
 import pytest
 import torch
 
-from fne_fast.bank import MemoryBank
-from fne_fast.loss import _TEXT_TO_IMAGE_SEED_OFFSET, FNELoss
-from fne_fast.options import SamplerOptions
-from fne_fast.reference import sample_negatives_reference
+from fne_fast.ops import SamplerOptions
+from fne_fast.ops.reference import sample_negatives_reference
+from fne_fast.sampling.bank import MemoryBank
+from fne_fast.sampling.loss import _TEXT_TO_IMAGE_SEED_OFFSET, FNELoss
 
 DIM, BATCH, BANK = 8, 6, 20
 

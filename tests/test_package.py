@@ -1,5 +1,6 @@
-"""The package's structure: no import cycles, the Triton kernels import nothing private, the oracle is not a
-run-time dependency, ``import fne_fast`` does not import Triton, and the wheel check catches a missing module."""
+"""The package's structure: its wings in order (no import runs back to a later wing), no import cycles, small
+files, the Triton kernels import nothing private, the oracle is not a run-time dependency, ``import fne_fast`` does
+not import Triton, and the wheel check catches a missing module."""
 
 from __future__ import annotations
 
@@ -47,10 +48,66 @@ def _imports(name: str, path: str, modules: dict) -> list[tuple[str, bool, list[
     return found
 
 
-def test_no_import_cycles():
+def _import_graph() -> dict[str, set[str]]:
     modules = _module_files()
-    graph = {name: {target for target, _, _ in _imports(name, path, modules) if target in modules and target != name}
-             for name, path in modules.items()}
+    return {name: {target for target, _, _ in _imports(name, path, modules) if target in modules and target != name}
+            for name, path in modules.items()}
+
+
+# The wings of the package, lowest first (docs/ARCHITECTURE.md): a module imports only from its own wing or an
+# earlier one. A wing is named by its modules' prefixes; the package's face is fne_fast/__init__.py and demo.py.
+WINGS = (("ground", ("fne_fast.errors", "fne_fast.fields", "fne_fast.io")),
+         ("ops", ("fne_fast.ops", "fne_fast.kernels")),
+         ("sampling", ("fne_fast.sampling",)),
+         ("runs", ("fne_fast.runs",)),
+         ("data", ("fne_fast.data",)),
+         ("models", ("fne_fast.models",)),
+         ("tags", ("fne_fast.tags",)),
+         ("training", ("fne_fast.training",)),
+         ("experiments", ("fne_fast.experiments",)),
+         ("matcher", ("fne_fast.matcher",)),
+         ("cli", ("fne_fast.cli",)),
+         ("face", ("fne_fast", "fne_fast.demo")))
+
+
+def _wing(module: str) -> int | None:
+    for level, (_, prefixes) in enumerate(WINGS):
+        if any(module == prefix or (prefix != "fne_fast" and module.startswith(prefix + ".")) for prefix in prefixes):
+            return level
+    return None
+
+
+def _wing_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every module outside the wings, and every import from a module to a later wing."""
+    problems = [f"{name} belongs to no wing" for name in sorted(graph) if _wing(name) is None]
+    for name in sorted(graph):
+        for target in sorted(graph[name]):
+            if None not in (_wing(name), _wing(target)) and _wing(target) > _wing(name):
+                problems.append(f"{name} ({WINGS[_wing(name)][0]}) imports {target} ({WINGS[_wing(target)][0]})")
+    return problems
+
+
+def test_every_module_imports_only_from_its_own_or_an_earlier_wing():
+    graph = _import_graph()
+    assert _wing_violations(graph) == []
+    # The check sees an import that runs back up, and a module outside the picture.
+    wrong = {**graph, "fne_fast.ops.options": graph["fne_fast.ops.options"] | {"fne_fast.training.config"},
+             "fne_fast.stray": set()}
+    assert _wing_violations(wrong) == ["fne_fast.stray belongs to no wing",
+                                       "fne_fast.ops.options (ops) imports fne_fast.training.config (training)"]
+
+
+def test_the_package_stays_small_in_its_parts():
+    top = [name for name in os.listdir(os.path.join(ROOT, "fne_fast")) if name.endswith(".py")]
+    assert len(top) <= 12, sorted(top)
+    long_files = {name: lines for name, path in _module_files().items() if name.startswith("fne_fast.")
+                  and not name.startswith("fne_fast.kernels")
+                  and (lines := len(open(path, encoding="utf-8").read().splitlines())) > 400}
+    assert long_files == {}
+
+
+def test_no_import_cycles():
+    graph = _import_graph()
     # A submodule importing its own package's __init__ (`import fne_fast`) is how packages work, not a cycle
     # through the code, unless __init__ imports it back: keep those edges.
     state: dict[str, int] = {}
@@ -77,24 +134,25 @@ def test_kernels_import_nothing_private_and_not_the_wrapper():
         for target, _, names in _imports(name, path, modules):
             assert not any(part.startswith("_") for part in target.split(".")), f"{name} imports {target}"
             assert not any(alias.startswith("_") for alias in names), f"{name} imports {names} from {target}"
-            assert target not in ("fne_fast", "fne_fast.ops"), f"{name} imports {target}: a cycle through the wrapper"
+            assert target not in ("fne_fast", "fne_fast.ops", "fne_fast.ops.dispatch"), \
+                f"{name} imports {target}: a cycle through the wrapper"
 
 
 def test_the_oracle_is_not_a_run_time_dependency():
     modules = _module_files()
     for name, path in modules.items():
         for target, top_level, _ in _imports(name, path, modules):
-            if target == "fne_fast.reference" and name != "fne_fast.reference":
+            if target == "fne_fast.ops.reference" and name != "fne_fast.ops.reference":
                 # Only the wrapper's backend="reference" branch may load it, inside the function.
-                assert name == "fne_fast.ops" and not top_level, f"{name} imports the oracle"
+                assert name == "fne_fast.ops.dispatch" and not top_level, f"{name} imports the oracle"
 
 
 def test_import_loads_neither_triton_nor_the_oracle():
     script = ("import sys, time; start = time.perf_counter(); import torch; after_torch = time.perf_counter(); "
-              "import fne_fast, fne_fast.train, fne_fast.cli, fne_fast.loss, fne_fast.evaluate, fne_fast.demo; "
+              "import fne_fast, fne_fast.training, fne_fast.cli, fne_fast.experiments.compare, fne_fast.demo; "
               "print(time.perf_counter() - after_torch); "
               "assert 'triton' not in sys.modules, 'triton imported'; "
-              "assert 'fne_fast.reference' not in sys.modules, 'the oracle imported'")
+              "assert 'fne_fast.ops.reference' not in sys.modules, 'the oracle imported'")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
 

@@ -11,15 +11,16 @@ import torch
 
 pytest.importorskip("tqdm", reason="tqdm (the `train` extra) is not installed: scripts/setup_data.sh installs it")
 
-from fne_fast import train as train_module  # noqa: E402
-from fne_fast.checkpoint import checkpoint_path, read_checkpoint  # noqa: E402
-from fne_fast.compare import Arm, pairings, parse_arm, with_tags_arms  # noqa: E402
-from fne_fast.evaluate import recalls_from_ranks  # noqa: E402
+from fne_fast.training import loop  # noqa: E402
+from fne_fast.runs.checkpoint import checkpoint_path, read_checkpoint  # noqa: E402
+from fne_fast.experiments.compare import Arm, pairings, parse_arm, with_tags_arms  # noqa: E402
+from fne_fast.training.evaluate import recalls_from_ranks  # noqa: E402
 from fne_fast.io import read_jsonl  # noqa: E402
-from fne_fast.paired import (BEYOND_NOISE, WITHIN_NOISE, paired_comparison, rsum_item_scores,  # noqa: E402
+from fne_fast.experiments.paired import (BEYOND_NOISE, WITHIN_NOISE, paired_comparison, rsum_item_scores,  # noqa: E402
                              student_t_two_sided_p)
-from fne_fast.selection import best_epoch_index, run_summary  # noqa: E402
-from fne_fast.train import BEST_NAME, CHECKPOINT_NAME, read_best_test_ranks, train  # noqa: E402
+from fne_fast.training.model_selection import best_epoch_index, run_summary  # noqa: E402
+from fne_fast.runs.artifacts import BEST_NAME, CHECKPOINT_NAME, read_best_test_ranks  # noqa: E402
+from fne_fast.training import train  # noqa: E402
 from runs import write_feature_arrays  # noqa: E402
 from test_train import _config, splits  # noqa: E402,F401  (the synthetic data fixture)
 
@@ -47,7 +48,7 @@ def test_a_run_whose_best_validation_epoch_is_not_the_last(tmp_path, splits, mon
     """The best checkpoint and the best test ranks hold epoch 1 of 3; the oracle is a 2-epoch run of the same
     seed, which resumption exactness makes bit-identical to the 3-epoch run after its second epoch."""
     scripted = iter([10.0, 30.0, 20.0])  # validation rsum of epochs 0, 1, 2
-    monkeypatch.setattr(train_module, "_validation_rsum", lambda run, split: next(scripted))
+    monkeypatch.setattr(loop, "_validation_rsum", lambda run, split: next(scripted))
     history = train(_config(tmp_path / "three", epochs=3), splits)
     monkeypatch.undo()
     two_epochs = train(_config(tmp_path / "two", epochs=2), splits)
@@ -173,7 +174,9 @@ def test_each_baseline_is_paired_with_every_other_arm_once():
 def test_compare_usage_errors_come_before_any_data(monkeypatch, capsys, extra, message):
     from fne_fast.cli import main
 
-    monkeypatch.setattr(train_module, "load_splits", lambda config: pytest.fail("data was read"))
+    from fne_fast.experiments import compare
+
+    monkeypatch.setattr(compare, "load_splits", lambda config: pytest.fail("data was read"))
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", "--out", "unused", "--samplers", "fne", "inbatch-hardest", *extra])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
@@ -186,7 +189,7 @@ def test_the_default_baseline_is_inbatch_hardest_or_the_first_arm(monkeypatch, a
     from fne_fast import cli
 
     seen = {}
-    monkeypatch.setattr(cli, "_compare", lambda args, group: seen.setdefault("baseline", args.baseline) and 0)
+    monkeypatch.setattr(cli, "run_compare", lambda args, group: seen.setdefault("baseline", args.baseline) and 0)
     assert cli.main(["compare", "--out", "unused", "--samplers", *arms, "--tags", tags]) == 0
     assert seen["baseline"] == baseline
 
@@ -207,7 +210,7 @@ def test_an_interrupted_compare_redoes_only_what_is_missing(tmp_path, splits, mo
 
     epochs_trained = []
     interrupt_at = [5]  # seed 0 of both arms is 6 epochs: stop in the fne arm's second epoch
-    train_epoch = train_module._train_epoch
+    train_epoch = loop.train_one_epoch
 
     def counting(run, split, epoch, timing):
         epochs_trained.append((run.config.out.rsplit("/", 1)[-1], epoch))
@@ -215,7 +218,7 @@ def test_an_interrupted_compare_redoes_only_what_is_missing(tmp_path, splits, mo
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the run folder turns it into RunInterrupted
         return train_epoch(run, split, epoch, timing)
 
-    monkeypatch.setattr(train_module, "_train_epoch", counting)
+    monkeypatch.setattr(loop, "train_one_epoch", counting)
     capsys.readouterr()
     assert main(_compare_arguments(features, tmp_path / "parts")) == 130  # Ctrl-C: a one-line interruption
     assert re.fullmatch(r"fne-fast: interrupted \(SIGINT\) at fne:fn_tau=inf,min_count=5 seed 0, epoch 1 step \d+; "
@@ -250,7 +253,7 @@ def test_an_interrupted_compare_redoes_only_what_is_missing(tmp_path, splits, mo
 
 
 def test_eval_limit_caps_validation_and_test_but_not_training(tmp_path, splits):  # noqa: F811
-    from fne_fast.train import load_splits
+    from fne_fast.training.data import load_splits
 
     features = tmp_path / "features"
     write_feature_arrays(features, splits)

@@ -1,11 +1,11 @@
-"""The oracle's own random numbers (fne_fast.reference): Philox4x32-10 against Random123's known answers, and
-Gumbel noise that keeps its far tail in float32 (DESIGN.md §2). The kernels are checked against this oracle."""
+"""The oracle's own random numbers (fne_fast.ops.reference): Philox4x32-10 against Random123's known answers, and
+Gumbel noise that keeps its far tail in float32 (docs/DESIGN.md §2). The kernels are checked against this oracle."""
 
 from __future__ import annotations
 
 import torch
 
-from fne_fast import reference
+from fne_fast.ops import reference
 
 # Random123's known-answer vectors for Philox4x32-10: (key (lo, hi), counter, output words).
 PHILOX_VECTORS = [
@@ -25,7 +25,7 @@ def test_philox_known_answer_vectors():
 
 
 def test_gumbel_float32_keeps_the_far_tail():
-    # x = 0 is v = 2⁻³³: G ≈ 22.87, where a float32 -log(-log u) would cap near 16.6 (DESIGN.md §2).
+    # x = 0 is v = 2⁻³³: G ≈ 22.87, where a float32 -log(-log u) would cap near 16.6 (docs/DESIGN.md §2).
     words = torch.tensor([0, 1, 2**20, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1])
     in_float32 = reference.gumbel_from_bits(words, torch.float32).double()
     in_float64 = reference.gumbel_from_bits(words, torch.float64)

@@ -17,14 +17,16 @@ import torch
 pytest.importorskip("tqdm", reason="tqdm (the `train` extra) is not installed: scripts/setup_data.sh installs it")
 pytest.importorskip("safetensors", reason="safetensors (the `train` extra) is not installed")
 
-from fne_fast.checkpoint import (CheckpointError, CheckpointWarning, checkpoint_path, load_checkpoint,  # noqa: E402
+from fne_fast.runs.artifacts import CHECKPOINT_NAME, METRICS_NAME, TIMING_NAME  # noqa: E402
+from fne_fast.runs.checkpoint import (CheckpointError, CheckpointWarning, checkpoint_path, load_checkpoint,  # noqa: E402
                                  read_checkpoint, save_checkpoint)
 from fne_fast.cli import main  # noqa: E402
-from fne_fast.evaluate import NonFiniteError, _ranks_of_best_positive, retrieval_metrics  # noqa: E402
+from fne_fast.errors import NonFiniteError  # noqa: E402
+from fne_fast.training.evaluate import _ranks_of_best_positive, retrieval_metrics  # noqa: E402
 from fne_fast.io import remove_stale_temporaries, temporary_prefix  # noqa: E402
-from fne_fast.options import SamplerOptions  # noqa: E402
-from fne_fast.rundir import RunFolder, RunInterrupted  # noqa: E402
-from fne_fast.train import CHECKPOINT_NAME, METRICS_NAME, TIMING_NAME, TrainConfig, train  # noqa: E402
+from fne_fast.ops import SamplerOptions  # noqa: E402
+from fne_fast.runs.folder import RunFolder, RunInterrupted  # noqa: E402
+from fne_fast.training import TrainConfig, train  # noqa: E402
 from runs import features_run_arguments, synthetic_splits, write_feature_arrays  # noqa: E402
 
 PREVIOUS_NAME = os.path.basename(checkpoint_path("", previous=True))
@@ -263,7 +265,7 @@ def test_changed_inputs_make_resume_refuse_with_the_differences(features, tmp_pa
 
 
 def test_file_digests_are_remembered_until_a_file_changes_even_with_its_old_size_and_times(tmp_path, monkeypatch):
-    from fne_fast import fingerprint
+    from fne_fast.runs import fingerprint
 
     monkeypatch.setattr(fingerprint, "_SETTLED_NS", -1)  # remember files however recently they changed
     source = tmp_path / "data.bin"
@@ -298,9 +300,9 @@ def test_file_digests_are_remembered_until_a_file_changes_even_with_its_old_size
 ])
 def test_a_user_mistake_is_one_line_and_exit_code_2_before_any_work(tmp_path, capsys, monkeypatch, arguments,
                                                                      message):
-    from fne_fast import train as train_module
+    from fne_fast.training import loop
 
-    monkeypatch.setattr(train_module, "load_splits", lambda config: pytest.fail("data was read"))
+    monkeypatch.setattr(loop, "load_splits", lambda config: pytest.fail("data was read"))
     file = tmp_path / "a-file"
     file.write_text("")
     arguments = [argument.format(file=file, tmp=tmp_path) for argument in arguments]
@@ -341,7 +343,7 @@ def test_nan_is_never_counted_as_a_hit():
 
 def test_a_diverging_run_stops_at_the_first_non_finite_step_and_keeps_the_last_good_checkpoint(tmp_path,
                                                                                                 monkeypatch):
-    from fne_fast.loss import FNELoss
+    from fne_fast.sampling.loss import FNELoss
 
     splits = synthetic_splits()
     config = dict(dataset="features", out=str(tmp_path), batch_size=16, bank_size=50,

@@ -1,6 +1,6 @@
 """The conformance suite of fne_fast.sample_negatives: every behaviour, once, against every available backend
 (the `backend` fixture of conftest.py: reference, cpu, triton — through its interpreter without a GPU — and
-cuda), with the float64 oracle fne_fast.reference as the expected result and errors that name the argument.
+cuda), with the float64 oracle fne_fast.ops.reference as the expected result and errors that name the argument.
 
 Backend-specific tests live beside it: test_sample_negatives_cpu.py (tiles, threads, the Philox loops),
 test_sample_negatives_cuda.py (chunks, streams, CUDA graphs, int64 columns), test_sample_negatives_triton.py
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import fne_fast
-from fne_fast import reference
-from fne_fast.testing import sample_inputs
+from fne_fast.ops import SamplerOptions, reference
+from fne_fast.ops.testing import sample_inputs
 from inputs import (MODES, STEEP, assert_matches_oracle, assert_same_draws, chi_square_p_value,
                     distribution_inputs, expected_probabilities, pair_p_values, run_oracle, strided_copy)
 
@@ -57,7 +57,7 @@ def test_float32_rows_match_oracle_up_to_near_ties(backend, mode):
     result = backend.run(inputs, **options)
     assert_matches_oracle(backend, result, inputs, max_differ=1e-3, **options)
     # The reported similarity is the float32 similarity of the reported column.
-    _, _, _, full_sim = reference.candidate_keys(*inputs.values(), mode="hardest")
+    _, _, _, full_sim = reference.candidate_keys(*inputs.values(), SamplerOptions(mode="hardest"))
     torch.testing.assert_close(result[1].double(), torch.gather(full_sim, 1, result[0]), rtol=0, atol=1e-5)
 
 
@@ -247,7 +247,7 @@ def test_everything_cut_down_takes_the_hardest_negative(backend):
     inputs = backend.inputs(8, 200, 8, kind="exact")
     inputs["stats"][0] = 100.0  # cut-down threshold above every similarity
     _, sim, valid, _ = check(backend, inputs, k=3)
-    _, _, _, full_sim = reference.candidate_keys(*inputs.values(), mode="hardest")
+    _, _, _, full_sim = reference.candidate_keys(*inputs.values(), SamplerOptions(mode="hardest"))
     hardest = torch.where(inputs["bank_ids"] != inputs["anchor_ids"].reshape(-1, 1), full_sim, -math.inf)
     assert valid.all()
     torch.testing.assert_close(sim[:, 0].double(), hardest.max(dim=1).values)

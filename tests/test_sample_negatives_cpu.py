@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fne_fast
-from fne_fast.testing import sample_inputs
+from fne_fast.ops.testing import sample_inputs
 from inputs import MODES, STEEP, Backend, assert_matches_oracle, assert_same_draws, run_oracle
 
 

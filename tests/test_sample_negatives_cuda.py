@@ -14,7 +14,7 @@ import torch
 
 import fne_fast
 from fne_fast import ops
-from fne_fast.testing import sample_inputs
+from fne_fast.ops.testing import sample_inputs
 from inputs import STEEP, assert_same_draws, run_oracle
 
 MAX_K = 64  # the CUDA kernel's limit (csrc/cuda/sample_negatives_cuda.cu)

@@ -22,11 +22,13 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from fne_fast import ops, reference  # noqa: E402
+from fne_fast import ops  # noqa: E402
+from fne_fast.ops import dispatch  # noqa: E402
+from fne_fast.ops import reference  # noqa: E402
 from fne_fast.kernels import sample_negatives as triton_kernels  # noqa: E402
 from fne_fast.kernels.sample_negatives import TritonConfig, sample_negatives_triton  # noqa: E402
-from fne_fast.options import MODES, SamplerOptions  # noqa: E402
-from fne_fast.testing import sample_inputs  # noqa: E402
+from fne_fast.ops.options import MODES, SamplerOptions  # noqa: E402
+from fne_fast.ops.testing import sample_inputs  # noqa: E402
 from inputs import STEEP, assert_same_draws, run_oracle  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,7 +80,7 @@ def philox_first_words(c0, c1, c2, c3, key, scalar_high_word):
 
 
 def test_philox_known_answer_vectors():
-    # Random123's vectors (DESIGN.md §2); the kernel keeps the first output word only.
+    # Random123's vectors (docs/DESIGN.md §2); the kernel keeps the first output word only.
     vectors = [((0, 0), (0, 0, 0, 0), 0x6627E8D5),
                ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF,) * 4, 0x408F276D),
                ((0xA4093822, 0x299F31D0), (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), 0xD16CFE09)]
@@ -135,9 +137,9 @@ def test_registered_for_the_cuda_dispatch_key():
     inputs = inputs_on_device(10, 120, 8, kind="exact", seed=3)
     schema_args = (2, "fne", 0.2, 4.0, 4.0, 10000.0, 0.999, 200, True, -1, 5, 3, 7, 100, True)
     expected = run_oracle(inputs, k=2, tau=4.0, seed=(1 << 64) - 1, step=5, row_offset=3, col_offset=7, filled=100)
-    assert_same_draws(ops._sample_negatives_triton_op(*inputs.values(), *schema_args), expected)
+    assert_same_draws(dispatch._sample_negatives_triton_op(*inputs.values(), *schema_args), expected)
     with pytest.raises(ValueError, match="filled"):  # and checks its arguments, as the C++ kernels do
-        ops._sample_negatives_triton_op(*inputs.values(), *schema_args[:-2], 121, True)
+        dispatch._sample_negatives_triton_op(*inputs.values(), *schema_args[:-2], 121, True)
 
 
 def test_default_precision_follows_torch_tf32_setting():

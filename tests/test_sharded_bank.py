@@ -1,5 +1,5 @@
 """The sharded MemoryBank in real processes (gloo, CPU): against one unsharded bank fed the global batches and one
-``sample_negatives`` call over the whole bank with the gathered anchors (DESIGN.md §3.1), and its faults.
+``sample_negatives`` call over the whole bank with the gathered anchors (docs/DESIGN.md §3.1), and its faults.
 
 Each test spawns its processes once and runs all its cases inside them (a spawn costs seconds). Embeddings are
 "exact" (every dot product exact in float32), so the oracle's indices must be met exactly.
@@ -12,10 +12,11 @@ import torch
 import torch.distributed as dist
 
 import fne_fast
-from fne_fast.bank import MemoryBank
-from fne_fast.distributed import PeerFailure
-from fne_fast.launch import results_of, run_in_processes
-from fne_fast.testing import EXACT_STATS
+from fne_fast.ops import SamplerOptions
+from fne_fast.sampling.bank import MemoryBank
+from fne_fast.sampling.distributed import PeerFailure
+from fne_fast.sampling.launch import results_of, run_in_processes
+from fne_fast.ops.testing import EXACT_STATS
 
 SIZE, DIM = 12, 8  # 12 rows divide by 2 and 3 ranks
 # Local batch sizes per step and rank: a partly filled bank whose last shard is still empty, a step with no rows
@@ -57,15 +58,16 @@ def _compare_with_one_bank(rank, world_size):
             assert torch.equal(sharded.features, whole.features[rows]) and torch.equal(sharded.ids, whole.ids[rows])
             assert (sharded.pointer, sharded.filled) == (whole.pointer, whole.filled)
             for options in SAMPLINGS:
-                got = sharded.sample(anchors[mine], positive_sim[mine], anchor_ids[mine], stats, seed=7, step=step,
-                                     return_keys=True, return_ids=True, **options)
+                got = sharded.sample(anchors[mine], positive_sim[mine], anchor_ids[mine], stats,
+                                     SamplerOptions(**options), seed=7, step=step)
+                # The bank draws in its own dtype: the anchors are rounded to it first.
                 index, sim, valid, key = fne_fast.sample_negatives(
-                    anchors, whole.features, positive_sim, anchor_ids, whole.ids, stats, seed=7, step=step,
+                    anchors.to(dtype), whole.features, positive_sim, anchor_ids, whole.ids, stats, seed=7, step=step,
                     filled=whole.filled, return_keys=True, **options)
                 wanted_rows = torch.where(valid.unsqueeze(-1), whole.features[index.clamp(min=0)], 0)
                 wanted_ids = torch.where(valid, whole.ids[index.clamp(min=0)], -1)
-                for name, actual, wanted in zip(("index", "sim", "valid", "rows", "key", "ids"), got,
-                                                (index, sim, valid, wanted_rows, key, wanted_ids)):
+                for name, actual, wanted in zip(("index", "sim", "valid", "key", "rows", "ids"), got,
+                                                (index, sim, valid, key, wanted_rows, wanted_ids)):
                     assert torch.equal(actual, wanted[mine]), (name, step, options, actual, wanted[mine])
                 seen["fallback"] += int((valid & ~torch.isfinite(key)).sum())
                 seen["invalid"] += int((~valid).sum())
@@ -105,17 +107,17 @@ def _argument_errors(rank, world_size):
     stats = torch.tensor(EXACT_STATS)
     arguments = (anchors[mine], positive_sim[mine], anchor_ids[mine])
     with pytest.raises(ValueError, match="disagree on k"):
-        bank.sample(*arguments, stats, k=1 + rank)
-    with pytest.raises(ValueError, match="rank 1: filled is set by the bank"):
-        bank.sample(*arguments, stats, **({"filled": 3} if rank == 1 else {}))
-    with pytest.raises(ValueError, match="rank 0: tau must be finite and >= 0"):
-        bank.sample(*arguments, stats, tau=-1.0 if rank == 0 else 0.5)
+        bank.sample(*arguments, stats, SamplerOptions(k=1 + rank))
+    with pytest.raises(ValueError, match="rank 1: backend must be one of"):
+        bank.sample(*arguments, stats, backend="cpu" if rank == 0 else "gpu")
+    with pytest.raises(ValueError, match="disagree on .*other options"):
+        bank.sample(*arguments, stats, SamplerOptions(tau=1.0 + rank))
     with pytest.raises(ValueError, match="disagree on .*stats"):
         bank.sample(*arguments, stats + rank)
     with pytest.raises(ValueError, match=r"rank 1: anchors must be a \[B, 8\] tensor"):
         bank.sample(anchors[mine, :DIM - rank], positive_sim[mine], anchor_ids[mine], stats)
     # No collective was left half done: the bank still works.
-    index = bank.sample(*arguments, stats, k=2)[0]
+    index = bank.sample(*arguments, stats, SamplerOptions(k=2)).index
     return index.tolist()
 
 

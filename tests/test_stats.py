@@ -1,4 +1,4 @@
-"""RunningStats against a plain per-row loop over the authors' definition (DESIGN.md §1)."""
+"""RunningStats against a plain per-row loop over the authors' definition (docs/DESIGN.md §1)."""
 
 from __future__ import annotations
 

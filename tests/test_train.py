@@ -8,11 +8,12 @@ import torch
 
 pytest.importorskip("tqdm", reason="tqdm (the `train` extra) is not installed: scripts/setup_data.sh installs it")
 
-from fne_fast.checkpoint import read_checkpoint  # noqa: E402
-from fne_fast.evaluate import retrieval_metrics  # noqa: E402
-from fne_fast.options import SamplerOptions  # noqa: E402
-from fne_fast.preflight import UsageError  # noqa: E402
-from fne_fast.train import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, train  # noqa: E402
+from fne_fast.errors import UsageError  # noqa: E402
+from fne_fast.ops import SamplerOptions  # noqa: E402
+from fne_fast.runs.artifacts import CHECKPOINT_NAME, METRICS_NAME  # noqa: E402
+from fne_fast.runs.checkpoint import read_checkpoint  # noqa: E402
+from fne_fast.training import TrainConfig, train  # noqa: E402
+from fne_fast.training.evaluate import retrieval_metrics  # noqa: E402
 from runs import synthetic_splits, write_feature_arrays  # noqa: E402
 
 REQUIRED_KEYS = {"epoch", "loss", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "fn_rate",
@@ -139,13 +140,13 @@ def test_cli_compare_writes_a_table_and_resumes_finished_runs(tmp_path, splits, 
 
 @pytest.mark.parametrize("flag,value", [("--fn-margin", "2"), ("--tau", "-1"), ("--k", "0"), ("--prior-k", "x")])
 def test_bad_sampler_option_fails_before_any_data_is_read(monkeypatch, capsys, flag, value):
-    from fne_fast import train as train_module
     from fne_fast.cli import main
+    from fne_fast.training import loop
 
     def must_not_load(config):
         raise AssertionError("data was read")
 
-    monkeypatch.setattr(train_module, "load_splits", must_not_load)
+    monkeypatch.setattr(loop, "load_splits", must_not_load)
     with pytest.raises(SystemExit) as exit_info:
         main(["train", flag, value])
     assert exit_info.value.code == 2

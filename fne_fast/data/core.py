@@ -34,7 +34,7 @@ class RawSplit:
     of one group are natural false negatives of each other), or the list is None where the data has none.
     ``fingerprint`` hashes what selects the split's items (their names and captions, or, where the files fix them,
     the loader's settings: WordNet's limit and count); ``sources`` names the files they were read from,
-    in groups (``{"font": [path], "annotations": [path, path]}``), which ``fne_fast.fingerprint`` hashes by
+    in groups (``{"font": [path], "annotations": [path, path]}``), which ``fne_fast.runs.fingerprint`` hashes by
     content: together they key the feature cache.
     """
 
@@ -63,7 +63,7 @@ class FeatureSplit:
     """Frozen-backbone features of one split: what the heads are trained and evaluated on.
 
     ``image_group`` holds integer group ids (one per image) or is None where the data has no groups. ``inputs``
-    is the record of what the features were made from (``fne_fast.fingerprint``), or None for features built in
+    is the record of what the features were made from (``fne_fast.runs.fingerprint``), or None for features built in
     memory.
     """
 

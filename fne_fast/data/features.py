@@ -1,7 +1,7 @@
 """Encoding splits with the frozen backbones, the on-disk feature cache, and precomputed feature arrays.
 
 The cache file of a split is keyed by data set, split, both encoders' versions (which carry the image size) and
-the hash of its ``inputs`` record (``fne_fast.fingerprint``: the split's items and the content of its source
+the hash of its ``inputs`` record (``fne_fast.runs.fingerprint``: the split's items and the content of its source
 files), so a changed source file or encoder never serves stale features. Files are written atomically; features
 are checked for NaN and infinity when encoded, read from the cache and loaded from arrays.
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fne_fast.data.core import DatasetFormatError, FeatureSplit, RawSplit, first_nonfinite_row, group_ids
-from fne_fast.fingerprint import describe_sources, inputs_record, record_digest
+from fne_fast.runs.fingerprint import describe_sources, inputs_record, record_digest
 from fne_fast.io import atomic_save, remove_stale_temporaries
 
 __all__ = ["default_cache_dir", "encode_split", "cached_feature_split", "load_feature_arrays"]

@@ -1,18 +1,18 @@
 """Tux Paint stamps (Debian tuxpaint-stamps-default): each stamp's image with the English line of its .txt file.
 
-Transparent PNGs are composited onto white and SVGs are rasterised with cairosvg. Stamps with the same caption
-(e.g. two frogs, both "A frog.") form a semantic group; splits are drawn by group.
+Transparent PNGs are composited onto white and SVGs are rasterised with cairosvg (``fne_fast.data.images``). Stamps
+with the same caption (e.g. two frogs, both "A frog.") form a semantic group; splits are drawn by group.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import re
 
 from fne_fast.data.core import DatasetFormatError, RawSplit, content_fingerprint, hash_split
+from fne_fast.data.images import load_image_file
 
-__all__ = ["load_tuxpaint", "read_caption", "load_stamp_image", "DEFAULT_ROOT"]
+__all__ = ["load_tuxpaint", "read_caption", "DEFAULT_ROOT"]
 
 DEFAULT_ROOT = "/usr/share/tuxpaint/stamps"
 
@@ -29,28 +29,6 @@ def read_caption(path: str) -> str:
         raise DatasetFormatError(path, "the first line must be the English caption, got "
                                        f"{first.strip()[:60]!r}", 1)
     return caption
-
-
-def load_stamp_image(path: str, size: int = 256):
-    """An RGB PIL image: PNG (alpha composited onto white) or SVG (rasterised at ``size`` pixels)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        if path.endswith(".svg"):
-            import cairosvg
-
-            # Some stamps (Inkscape exports) declare XML entities, which cairosvg refuses unless `unsafe`; the
-            # stamps are local files from a Debian package, not untrusted input.
-            png = cairosvg.svg2png(url=path, output_width=size, output_height=size, unsafe=True)
-            image = Image.open(io.BytesIO(png))
-        else:
-            image = Image.open(path)
-            image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise DatasetFormatError(path, f"unreadable image ({error})") from error
-    image = image.convert("RGBA")
-    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, image).convert("RGB")
 
 
 def _group(caption: str) -> str:
@@ -83,7 +61,7 @@ def load_tuxpaint(split: str, *, root: str = DEFAULT_ROOT, limit: int | None = N
             groups.append(group)
             names.append(os.path.relpath(image_path, root))
             stamp_files += [image_path, stem + ".txt"]
-            images.append(lambda image_path=image_path: load_stamp_image(image_path))
+            images.append(lambda image_path=image_path: load_image_file(image_path))
     if not images:
         raise DatasetFormatError(root, f"no stamp with a caption and an image in split {split!r}")
     fingerprint = content_fingerprint("tuxpaint", names, captions)

@@ -23,7 +23,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from fne_fast.options import check_bool, option, validate_fields
+from fne_fast.fields import check_bool, flag_fields, option, validate_fields
 
 __all__ = ["TagsOptions"]
 
@@ -81,4 +81,4 @@ class TagsOptions:
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field, ...]:
-        return dataclasses.fields(cls)
+        return flag_fields(cls)

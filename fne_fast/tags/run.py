@@ -8,7 +8,9 @@ import warnings
 
 import torch
 
+from fne_fast.data.features import default_cache_dir
 from fne_fast.io import atomic_write_text
+from fne_fast.models import shared_text_encoder
 from fne_fast.tags.corpus import Corpus
 from fne_fast.tags.filtering import CandidateFilter
 from fne_fast.tags.pool import CaptionSource
@@ -18,16 +20,9 @@ from fne_fast.tags.swap import SWAP_KEYS, SwapSet, cached_swap_set, swap_accurac
 from fne_fast.tags.synonyms import load_synonyms
 from fne_fast.tags.trainer import TagsTrainer
 
-__all__ = ["text_corpus", "run_texts", "SwapEvaluation", "make_trainer", "write_examples", "shared_text_encoder"]
+__all__ = ["text_corpus", "run_texts", "SwapEvaluation", "make_trainer", "write_examples"]
 
 _TEXT_DIM = 384  # MiniLM's width: the word states' width
-
-
-def shared_text_encoder(device="cpu"):
-    """The frozen text backbone, loaded once per process (a comparison's runs share it)."""
-    from fne_fast.matcher import backbone_text_encoder
-
-    return backbone_text_encoder(str(device))
 
 
 def text_corpus(dataset: str, data_options: dict, cache_dir: str, limit: int | None,
@@ -48,7 +43,7 @@ class SwapEvaluation:
             return
         try:
             self.swap_set = cached_swap_set(f"{corpus.dataset}-test", corpus["test"], corpus.vocabulary(),
-                                            load_synonyms, lambda: shared_text_encoder(device), cache_dir,
+                                            load_synonyms, lambda: shared_text_encoder(str(device)), cache_dir,
                                             progress=progress)
         except MissingSpacyError as error:
             warnings.warn(f"no one-word-swap test (swap_acc is null): {error}", stacklevel=2)
@@ -64,9 +59,7 @@ class SwapEvaluation:
 
 def run_texts(config, *, progress: bool) -> tuple[Corpus | None, SwapEvaluation]:
     """A run's caption texts (None for precomputed features), limited like its splits, and its one-word-swap
-    test; ``config`` is the run's ``fne_fast.train.TrainConfig``."""
-    from fne_fast.data.features import default_cache_dir
-
+    test; ``config`` is the run's ``fne_fast.training.TrainConfig``."""
     cache_dir = config.cache_dir or default_cache_dir()
     texts = text_corpus(config.dataset, config.data_options, cache_dir, config.limit, progress=progress,
                         eval_limit=config.eval_limit)
@@ -90,7 +83,8 @@ def make_trainer(options, corpus: Corpus | None, train_split, *, seed: int, devi
     synonyms = load_synonyms()
     return TagsTrainer(options, seed=seed, device=device, joint_dim=joint_dim, word_dim=_TEXT_DIM, lr=lr,
                        vocabulary=corpus.vocabulary(options.vocabulary_size), train=_source(train, synonyms),
-                       heldout=_source(corpus["val"], synonyms), text_encoder=lambda: shared_text_encoder(device),
+                       heldout=_source(corpus["val"], synonyms),
+                       text_encoder=lambda: shared_text_encoder(str(device)),
                        captions=train.captions, image_names=train.image_names, caption_image=train.caption_image,
                        progress=progress)
 

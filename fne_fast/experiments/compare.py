@@ -1,4 +1,4 @@
-"""``fne-fast compare``: arms × seeds, each run selected by validation, paired against a baseline (issue 12).
+"""``fne-fast compare``: arms × seeds, each run selected by validation, paired against a baseline.
 
 An *arm* is a sampler with optional changes to the sampler's options, written ``SAMPLER[:FIELD=VALUE,...]``
 (``fne``, ``fne:fn_tau=inf``, ``fne:fn_tau=inf,prior_k=100``), and ``+tags`` at the end for TAGS-DC beside the
@@ -6,9 +6,10 @@ sampler (``fne+tags``; ``--tags on|both`` adds it to every arm). Every arm is tr
 ``OUT/<arm>-seed<seed>``; a run that is finished is not trained again and an interrupted one resumes from its last
 checkpoint, so an interrupted comparison redoes only what is missing. Then:
 
-* each run is reported at its best-validation epoch (``fne_fast.selection``), beside its last epoch;
-* each arm is paired with the baseline (and any further baselines) seed by seed (``fne_fast.paired``) on rsum
-  and group rsum;
+* each run is reported at its best-validation epoch (``fne_fast.training.model_selection``), beside its last
+  epoch;
+* each arm is paired with the baseline (and any further baselines) seed by seed (``fne_fast.experiments.paired``)
+  on rsum and group rsum;
 * ``results.json`` holds every number, ``results.md`` the tables, ``compare.png`` the bars.
 """
 
@@ -21,23 +22,35 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from fne_fast.errors import UsageError
+from fne_fast.experiments.paired import paired_comparison
+from fne_fast.experiments.plots import comparison_bars
+from fne_fast.fields import parse_option_text
 from fne_fast.io import atomic_write_text
-from fne_fast.loss import SAMPLERS
-from fne_fast.options import parse_option_text, sampler_flag_fields
-from fne_fast.paired import paired_comparison
-from fne_fast.selection import run_summary
+from fne_fast.ops.options import sampler_flag_fields
+from fne_fast.runs.artifacts import read_best_test_ranks
+from fne_fast.runs.folder import RunFolder, RunInterrupted
+from fne_fast.sampling import distributed
+from fne_fast.sampling.loss import SAMPLERS
+from fne_fast.training.data import load_splits
+from fne_fast.training.loop import train
+from fne_fast.training.model_selection import run_summary
 
-__all__ = ["Arm", "parse_arm", "with_tags_arms", "check_arms", "pairings", "compare", "results_markdown", "RESULTS_JSON", "RESULTS_MD", "COMPARE_PNG"]
+__all__ = ["Arm", "parse_arm", "with_tags_arms", "check_arms", "pairings", "compare", "results_markdown",
+           "PER_RUN_FIELDS", "RESULTS_JSON", "RESULTS_MD", "COMPARE_PNG"]
 
 RESULTS_JSON, RESULTS_MD, COMPARE_PNG = "results.json", "results.md", "compare.png"
+# The TrainConfig fields a comparison sets for each of its runs (the arm's sampler, the seed, the run's folder
+# inside the comparison's, always resumable): they are not settings of the comparison itself.
+PER_RUN_FIELDS = ("sampler", "seed", "out", "resume")
 _TAGS_SUFFIX = "+tags"
 # The best-validation epoch's test recalls, and what the sampler did in the last epoch (training-time rates and
-# the bank diagnostics of fne_fast.diagnostics).
+# the bank diagnostics of fne_fast.training.diagnostics).
 _BEST_KEYS = ("rsum", "group_rsum", "i2t_r1", "t2i_r1", "val_rsum", "swap_acc", "swap_acc_object",
               "swap_acc_attribute", "swap_acc_relation")
 _LAST_KEYS = ("fn_rate", "fn_rate_sampled", "fallback_rate", "mean_p_fn", "tags_positive_share",
               "tags_positive_share_kept")
-_DIAGNOSTIC_KEYS = ("top1pct_fn_rate", "race_per_anchor", "bayes_share_race", "entropy", "expected_fn_rate")
+_BANK_DIAGNOSTIC_KEYS = ("top1pct_fn_rate", "race_per_anchor", "bayes_share_race", "entropy", "expected_fn_rate")
 
 
 @dataclass(frozen=True)
@@ -93,10 +106,11 @@ def with_tags_arms(arms: list[Arm], tags: str) -> list[Arm]:
 
 
 def _run_config(base, arm: Arm, seed: int, out: str):
+    """The TrainConfig of one run: ``base`` with the ``PER_RUN_FIELDS`` of the arm and seed, and its options."""
     if arm.tags and base.tags is None:
         raise ValueError(f"{arm.name}: the base configuration has no TAGS-DC options (build it with tags=True)")
     return dataclasses.replace(base, sampler=arm.sampler, seed=seed, out=os.path.join(out, f"{arm.folder}-seed{seed}"),
-                               options=base.options.replace(**arm.options), resume=True,
+                               resume=True, options=base.options.replace(**arm.options),
                                tags=base.tags if arm.tags else None)
 
 
@@ -108,7 +122,7 @@ def _run_record(history: list[dict], seed: int, folder: str) -> dict:
     record.update({f"last_{key}": last.get(key) for key in ("rsum", "group_rsum")})
     record.update({key: last.get(key) for key in _LAST_KEYS})
     diagnostics = last.get("diagnostics") or {}
-    record.update({key: diagnostics.get(key) for key in _DIAGNOSTIC_KEYS})
+    record.update({key: diagnostics.get(key) for key in _BANK_DIAGNOSTIC_KEYS})
     return record
 
 
@@ -149,16 +163,12 @@ def compare(base, arms: list[Arm], seeds: list[int], out: str, *, baselines: tup
     """Trains (or resumes) every arm × seed from the ``base`` TrainConfig into ``out`` (with the run plots when
     ``base.plots``) and writes the results files; returns the results (what results.json holds). Under a process
     group every rank trains and rank 0 holds the folder and writes; the other ranks return None."""
-    from fne_fast import distributed
-    from fne_fast.rundir import RunFolder, RunInterrupted
-    from fne_fast.train import load_splits, train
-
     baselines = list(baselines)
     check_arms(arms, seeds, baselines)
-    main_rank = distributed.rank(group) == 0
+    first = distributed.rank(group) == 0
     # One comparison per folder (rank 0 holds it for all ranks); each run below also locks its own.
     advice = "run the same compare command again: it trains only what is missing"
-    with RunFolder(out, advice) if main_rank else contextlib.nullcontext():
+    with RunFolder(out, advice) if first else contextlib.nullcontext():
         if splits is None:
             with distributed.first_rank_first(distributed.patient_group(group)):  # rank 0 fills the feature cache
                 splits = load_splits(base)
@@ -166,29 +176,24 @@ def compare(base, arms: list[Arm], seeds: list[int], out: str, *, baselines: tup
         for seed in seeds:  # seeds outermost: after each seed, every arm has a paired run
             for arm in arms:
                 config = _run_config(base, arm, seed, out)
-                if main_rank:
+                if first:
                     print(f"== {arm.name}, seed {seed} -> {config.out}", flush=True)
                 try:
                     histories[arm.name, seed] = train(config, splits, group=group)
                 except RunInterrupted as interrupted:  # compare has no --resume: the same command continues
                     where = f"{arm.name} seed {seed}" + (f", {interrupted.position}" if interrupted.position else "")
                     raise RunInterrupted(interrupted.signal_number, where, advice) from None
-        if not main_rank:
+        if not first:
             return None
         results = _results(base, arms, seeds, out, baselines, histories, splits["test"], command, replicates)
         atomic_write_text(os.path.join(out, RESULTS_JSON), json.dumps(results, indent=1) + "\n")
         atomic_write_text(os.path.join(out, RESULTS_MD), results_markdown(results))
-        from fne_fast.plots import comparison_bars
-
         comparison_bars(os.path.join(out, COMPARE_PNG), results)
     return results
 
 
 def _results(base, arms, seeds, out, baselines, histories, test_split, command, replicates) -> dict:
     """Every run's record, each arm's mean ± std, and the paired tests (what results.json holds)."""
-    from fne_fast.preflight import UsageError
-    from fne_fast.train import read_best_test_ranks
-
     results = {"dataset": base.dataset, "command": command, "seeds": list(seeds), "baseline": baselines[0],
                "baselines": baselines,
                "selection": "test recalls of the best-validation epoch (val rsum; epochs after the warm-up)",

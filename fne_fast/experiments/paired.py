@@ -19,11 +19,12 @@ import math
 
 import torch
 
+from fne_fast.training.evaluate import RECALL_KS
+
 __all__ = ["rsum_item_scores", "paired_comparison", "student_t_two_sided_p", "WITHIN_NOISE", "BEYOND_NOISE"]
 
 WITHIN_NOISE = "within noise"
 BEYOND_NOISE = "beyond noise"
-_KS = (1, 5, 10)
 
 
 def student_t_two_sided_p(t: float, df: int) -> float:
@@ -56,8 +57,8 @@ def rsum_item_scores(ranks: dict[str, torch.Tensor], caption_image: torch.Tensor
     ``100 (Σ w·a / Σ w + Σ w·b / Σ w·c)``."""
     suffix = "_group" if group else ""
     image_ranks, caption_ranks = ranks["i2t" + suffix], ranks["t2i" + suffix]
-    image_hits = sum((image_ranks < k).double() for k in _KS)
-    caption_hits = sum((caption_ranks < k).double() for k in _KS)
+    image_hits = sum((image_ranks < k).double() for k in RECALL_KS)
+    caption_hits = sum((caption_ranks < k).double() for k in RECALL_KS)
     num_images = image_ranks.shape[0]
     per_image = torch.zeros(num_images, dtype=torch.float64).index_add_(0, caption_image, caption_hits)
     captions = torch.bincount(caption_image, minlength=num_images).double()
@@ -73,7 +74,7 @@ def _weighted_rsum(weights: torch.Tensor, scores) -> torch.Tensor:
 def paired_comparison(arm: list[dict], baseline: list[dict], caption_image: torch.Tensor, *, group: bool = False,
                       replicates: int = 2000, level: float = 0.95, seed: int = 0, chunk: int = 100) -> dict:
     """Compares one arm's test ranks with the baseline's, seed by seed (``arm[s]`` and ``baseline[s]`` are the
-    ranks of the same seed, as ``fne_fast.evaluate.retrieval_ranks`` returns them). Returns the per-seed
+    ranks of the same seed, as ``fne_fast.training.evaluate.retrieval_ranks`` returns them). Returns the per-seed
     differences of rsum (``group``: group rsum), their mean, the t-test's p, the bootstrap interval of the mean
     difference and the verdict."""
     if len(arm) != len(baseline) or not arm:

@@ -1,5 +1,5 @@
 """MemoryBank: a ring buffer of momentum features with identity ids, one process's or sharded across a process
-group (DESIGN.md §3, §3.1).
+group (docs/DESIGN.md §3, §3.1).
 
 The ring is global, so the bank's contents do not depend on the number of processes W: each step's global batch
 (the ranks' local batches in rank order) is written at the global pointer, and rank r stores the rows of the
@@ -16,20 +16,28 @@ its own local batch (of any size, 0 included).
 from __future__ import annotations
 
 import zlib
+from typing import NamedTuple
 
 import torch
 
-from fne_fast import distributed
-from fne_fast.merge import merge_candidates
-from fne_fast.ops import BACKENDS, sample_negatives
-from fne_fast.options import SamplerOptions
+from fne_fast.ops import BACKENDS, SamplerOptions, merge_candidates, sample_negatives_with_options
+from fne_fast.ops.checks import EMBEDDING_DTYPES, dtype_name
+from fne_fast.sampling import distributed
 
-__all__ = ["MemoryBank"]
+__all__ = ["MemoryBank", "BankSample"]
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_OPTION_NAMES = tuple(SamplerOptions().as_kwargs())
-_CALL_NAMES = ("seed", "step", "backend", "check_finite")
-_SET_BY_THE_BANK = ("row_offset", "col_offset", "filled")
+_DEFAULTS = SamplerOptions()
+
+
+class BankSample(NamedTuple):
+    """What ``MemoryBank.sample`` returns: the op's four outputs for the anchors, then the chosen rows and ids."""
+
+    index: torch.Tensor  # [B, k] int64 global bank indices, -1 where invalid
+    sim: torch.Tensor  # [B, k] float32 similarity of each chosen row
+    valid: torch.Tensor  # [B, k] bool
+    key: torch.Tensor  # [B, k] float32 race key (-inf for fallbacks and invalid slots)
+    rows: torch.Tensor  # [B, k, dim] the chosen rows in the bank's dtype, zeros where invalid
+    ids: torch.Tensor  # [B, k] int64 identities of the chosen rows, -1 where invalid
 
 
 class MemoryBank:
@@ -49,15 +57,15 @@ class MemoryBank:
         problem = None
         if size < 1 or dim < 1:
             problem = f"size and dim must be >= 1, got size={size}, dim={dim}"
-        elif dtype not in _DTYPES:
-            problem = f"dtype must be float32, bfloat16 or float16, got {dtype}"
+        elif dtype not in EMBEDDING_DTYPES:
+            problem = f"dtype must be one of {', '.join(dtype_name(d) for d in EMBEDDING_DTYPES)}, got {dtype}"
         elif size % self.world_size:
             problem = f"size must divide by the number of processes {self.world_size}, got size={size}"
         if self.world_size > 1:
             table = distributed.agree("MemoryBank", [size, dim, distributed.dtype_code(dtype)], problem, group,
                                       self.device)
             distributed.require_same("MemoryBank", table, ("size", "dim", "dtype"),
-                                     lambda line: (line[0], line[1], distributed.dtype_name(line[2])))
+                                     lambda line: (line[0], line[1], distributed.dtype_code_name(line[2])))
         elif problem is not None:
             raise ValueError(problem)
         self.size, self.dim, self.dtype = size, dim, dtype
@@ -123,55 +131,63 @@ class MemoryBank:
 
     @torch.no_grad()
     def sample(self, anchors: torch.Tensor, positive_sim: torch.Tensor, anchor_ids: torch.Tensor,
-               stats: torch.Tensor, *, return_keys: bool = False, return_ids: bool = False, **op_options):
-        """``fne_fast.sample_negatives`` of ``anchors`` [B, D] over the whole bank, plus the chosen rows.
+               stats: torch.Tensor, options: SamplerOptions = _DEFAULTS, *, seed: int = 0, step: int = 0,
+               backend: str = "auto", check_finite: bool = True) -> BankSample:
+        """``fne_fast.sample_negatives`` of ``anchors`` [B, D] over the whole bank, with the chosen rows.
 
-        ``op_options`` are the op's: the ``SamplerOptions`` fields and ``seed``, ``step``, ``backend``,
-        ``check_finite`` (one value on every rank); the bank sets ``filled`` and the offsets. Returns ``(index,
-        sim, valid, rows)``: ``index`` [B, k] global bank indices, ``sim`` and ``valid`` as the op's, ``rows``
-        [B, k, dim] the chosen bank rows in the bank's dtype (zeros where invalid); then ``key`` [B, k] with
-        ``return_keys`` and the chosen rows' ids [B, k] (-1 where invalid) with ``return_ids``.
+        Args:
+            anchors: [B, dim] floating point, cast to the bank's dtype for the draw (it is not differentiated).
+            positive_sim: [B] float32; anchor_ids: [B] int64; stats: the op's [5] float32 statistics.
+            options: the sampler's options; seed, step, backend, check_finite: the op's (the bank sets ``filled``
+                and the offsets).
 
-        Collective when sharded: each rank passes its local anchors (any number, 0 included) and the same
-        ``stats``; the anchors' global rows (ranks in order) are the op's rows, so the result is, index for
-        index, one call over the whole bank with the gathered anchors.
+        Returns:
+            A ``BankSample``: ``index`` [B, k] global bank indices, ``sim``, ``valid`` and ``key`` as the op's, and
+            ``rows`` [B, k, dim] (the chosen rows in the bank's dtype, zeros where invalid) and ``ids`` [B, k] (their
+            identities, -1 where invalid).
+
+        Collective when sharded: each rank passes its local anchors (any number, 0 included) and the same options,
+        counters and ``stats``; the anchors' global rows (ranks in order) are the op's rows, so the result is, index
+        for index, one call over the whole bank with the gathered anchors.
         """
-        problem = _sample_problem(anchors, positive_sim, anchor_ids, stats, self.dim, op_options)
+        problem = _sample_problem(anchors, positive_sim, anchor_ids, stats, self.dim, options, seed, step, backend)
+        call = dict(seed=seed, step=step, backend=backend, check_finite=check_finite)
         if not self.sharded:
             if problem is not None:
                 raise ValueError(problem)
-            index, sim, valid, key = sample_negatives(anchors, self.features, positive_sim, anchor_ids, self.ids,
-                                                      stats, filled=self.filled, return_keys=True, **op_options)
+            index, sim, valid, key = sample_negatives_with_options(
+                anchors.to(self.dtype), self.features, positive_sim, anchor_ids, self.ids, stats, options,
+                filled=self.filled, **call)
             rows = torch.where(valid.unsqueeze(-1), self.features[index.clamp(min=0)], 0)
             chosen_ids = torch.where(valid, self.ids[index.clamp(min=0)], -1)
-            return _with_extras((index, sim, valid, rows), key, chosen_ids, return_keys, return_ids)
+            return BankSample(index, sim, valid, key, rows, chosen_ids)
 
-        metadata = [0] * 7 if problem is not None else [anchors.shape[0], *_fingerprint(op_options, stats)]
+        metadata = [0] * 7 if problem is not None else [anchors.shape[0], *_fingerprint(options, stats, call)]
         table = distributed.agree("MemoryBank.sample", metadata, problem, self.group, self.device)
         distributed.require_same("MemoryBank.sample", [line[1:] for line in table],
                                  ("k", "mode", "seed", "step", "other options", "stats"))
         counts = [line[0] for line in table]
         offset, local_size, total = sum(counts[:self.rank]), counts[self.rank], sum(counts)
-        k = _sampler_options(op_options).k
         if total == 0:
-            empty = _empty_result(k, self.dim, self.dtype, self.device)
-            return _with_extras(empty[:4], empty[4], empty[5], return_keys, return_ids)
+            return _empty_sample(options.k, self.dim, self.dtype, self.device)
 
-        # Every rank scores all the global batch's anchors against its shard...
+        # Every rank scores all the global batch's anchors against its shard. The anchors travel as float32 (a bf16
+        # bank's anchors rounded to bf16 first), so every rank's call takes the op's float32-anchor path, which sums
+        # the products in another order than one process's bf16 GEMM.
         packed = distributed.all_gather_rows(
-            torch.cat([anchors.float(), positive_sim.float().unsqueeze(1)], dim=1), counts, self.group, "anchors")
+            torch.cat([anchors.to(self.dtype).float(), positive_sim.float().unsqueeze(1)], dim=1), counts,
+            self.group, "anchors")
         all_ids = distributed.all_gather_rows(anchor_ids, counts, self.group, "anchors")
         local_filled = min(max(self.filled - self.row_begin, 0), self.shard_size)
-        candidates = sample_negatives(packed[:, :-1], self.features, packed[:, -1].contiguous(), all_ids, self.ids,
-                                      stats, row_offset=0, col_offset=self.row_begin, filled=local_filled,
-                                      return_keys=True, **op_options)
+        shard_index, shard_sim, _, shard_key = sample_negatives_with_options(
+            packed[:, :-1], self.features, packed[:, -1].contiguous(), all_ids, self.ids, stats, options,
+            row_offset=0, col_offset=self.row_begin, filled=local_filled, **call)
         # ... then every rank merges every anchor's candidates, so each knows which of its rows go where.
-        shard_index, shard_sim, _, shard_key = candidates
-        index, sim, valid, key = merge_candidates(*self._all_candidates(shard_index, shard_sim, shard_key), k=k)
+        index, sim, valid, key = merge_candidates(*self._all_candidates(shard_index, shard_sim, shard_key),
+                                                  k=options.k)
         mine = slice(offset, offset + local_size)
-        rows, chosen_ids = self._fetch_rows(index, valid, counts, mine, return_ids)
-        return _with_extras((index[mine], sim[mine], valid[mine], rows), key[mine], chosen_ids, return_keys,
-                            return_ids)
+        rows, chosen_ids = self._fetch_rows(index, valid, counts, mine)
+        return BankSample(index[mine], sim[mine], valid[mine], key[mine], rows, chosen_ids)
 
     def _all_candidates(self, index, sim, key):
         """Every rank's [G, k] candidates side by side, [G, W·k]: 16 bytes a candidate (index, sim, key; an
@@ -185,10 +201,10 @@ class MemoryBank:
         sim_and_key = gathered[..., 1].contiguous().view(torch.float32).view(total, self.world_size * k, 2)
         return all_index, sim_and_key[..., 0], all_index >= 0, sim_and_key[..., 1]
 
-    def _fetch_rows(self, index, valid, counts, mine: slice, return_ids):
-        """The chosen rows of this rank's anchors (``mine`` of the global batch) [B, k, dim]: each rank writes the
-        rows it owns into a zeroed buffer laid out by the anchors' ranks, and a reduce-scatter sums the buffers
-        (x + 0 is exact), each rank keeping its anchors' part. The ids likewise when asked for."""
+    def _fetch_rows(self, index, valid, counts, mine: slice):
+        """The chosen rows [B, k, dim] and their ids [B, k] of this rank's anchors (``mine`` of the global batch):
+        each rank writes the rows it owns into a zeroed buffer laid out by the anchors' ranks, and a
+        reduce-scatter sums the buffers (x + 0 is exact), each rank keeping its anchors' part; the ids likewise."""
         most = max(counts)
         layout = torch.cat([torch.arange(count, device=self.device) + other * most
                             for other, count in enumerate(counts)])
@@ -198,13 +214,10 @@ class MemoryBank:
         buffer = self.features.new_zeros((self.world_size * most, *index.shape[1:], self.dim))
         buffer[layout] = torch.where(owned.unsqueeze(-1), self.features[local], 0)
         rows = distributed.reduce_scatter_rows(buffer, self.group, "rows")[:counts[self.rank]]
-        chosen_ids = None
-        if return_ids:
-            id_buffer = index.new_zeros((self.world_size * most, *index.shape[1:]))
-            id_buffer[layout] = torch.where(owned, self.ids[local], 0)
-            chosen_ids = distributed.reduce_scatter_rows(id_buffer, self.group, "ids")[:counts[self.rank]]
-            chosen_ids = torch.where(valid[mine], chosen_ids, -1)
-        return rows, chosen_ids
+        id_buffer = index.new_zeros((self.world_size * most, *index.shape[1:]))
+        id_buffer[layout] = torch.where(owned, self.ids[local], 0)
+        chosen_ids = distributed.reduce_scatter_rows(id_buffer, self.group, "ids")[:counts[self.rank]]
+        return rows, torch.where(valid[mine], chosen_ids, -1)
 
     # --- state -------------------------------------------------------------------------------------------------
 
@@ -230,22 +243,15 @@ class MemoryBank:
         self.pointer, self.filled = int(state["pointer"]), int(state["filled"])
 
 
-def _sample_problem(anchors, positive_sim, anchor_ids, stats, dim: int, op_options: dict) -> str | None:
+def _sample_problem(anchors, positive_sim, anchor_ids, stats, dim: int, options, seed, step,
+                    backend) -> str | None:
     """What is wrong with ``sample``'s arguments on this rank (None when nothing is), found before any
     collective; the op checks the rest where it runs."""
-    for name in _SET_BY_THE_BANK:
-        if name in op_options:
-            return f"{name} is set by the bank, not an argument of MemoryBank.sample"
-    unknown = sorted(set(op_options) - set(_OPTION_NAMES) - set(_CALL_NAMES))
-    if unknown:
-        return f"unexpected option(s) {', '.join(unknown)}"
-    try:
-        _sampler_options(op_options)
-    except ValueError as error:
-        return str(error)
-    if op_options.get("backend", "auto") not in BACKENDS:
-        return f"backend must be one of {BACKENDS}, got {op_options['backend']!r}"
-    if not isinstance(op_options.get("seed", 0), int) or not isinstance(op_options.get("step", 0), int):
+    if not isinstance(options, SamplerOptions):
+        return f"options must be a SamplerOptions, got {type(options).__name__}"
+    if backend not in BACKENDS:
+        return f"backend must be one of {BACKENDS}, got {backend!r}"
+    if not isinstance(seed, int) or not isinstance(step, int):
         return "seed and step must be integers"
     if not isinstance(anchors, torch.Tensor) or anchors.dim() != 2 or anchors.shape[1] != dim:
         return f"anchors must be a [B, {dim}] tensor, got {getattr(anchors, 'shape', type(anchors).__name__)}"
@@ -262,26 +268,17 @@ def _sample_problem(anchors, positive_sim, anchor_ids, stats, dim: int, op_optio
     return None
 
 
-def _sampler_options(op_options: dict) -> SamplerOptions:
-    """The SamplerOptions fields among a sample call's keyword options (validated)."""
-    return SamplerOptions(**{name: op_options[name] for name in _OPTION_NAMES if name in op_options})
-
-
-def _fingerprint(op_options: dict, stats: torch.Tensor) -> list[int]:
-    """Integers that equal on every rank exactly when the ranks pass the same options and statistics."""
-    options = _sampler_options(op_options)
-    seed = op_options.get("seed", 0) % 2**64
-    rest = repr((options.as_kwargs(), op_options.get("backend", "auto"), op_options.get("check_finite", True)))
+def _fingerprint(options: SamplerOptions, stats: torch.Tensor, call: dict) -> list[int]:
+    """Integers that equal on every rank exactly when the ranks pass the same options, counters and statistics."""
+    seed = call["seed"] % 2**64
+    rest = repr((options.as_kwargs(), call["backend"], call["check_finite"]))
     stats_bits = zlib.crc32(stats.detach().float().cpu().numpy().tobytes())
     return [options.k, zlib.crc32(options.mode.encode()), seed - 2**64 if seed >= 2**63 else seed,
-            op_options.get("step", 0), zlib.crc32(rest.encode()), stats_bits]
+            call["step"], zlib.crc32(rest.encode()), stats_bits]
 
 
-def _empty_result(k: int, dim: int, dtype, device):
-    return (torch.empty(0, k, dtype=torch.int64, device=device), torch.empty(0, k, device=device),
-            torch.empty(0, k, dtype=torch.bool, device=device), torch.empty(0, k, dim, dtype=dtype, device=device),
-            torch.empty(0, k, device=device), torch.empty(0, k, dtype=torch.int64, device=device))
-
-
-def _with_extras(result: tuple, key, chosen_ids, return_keys: bool, return_ids: bool) -> tuple:
-    return result + ((key,) if return_keys else ()) + ((chosen_ids,) if return_ids else ())
+def _empty_sample(k: int, dim: int, dtype, device) -> BankSample:
+    return BankSample(torch.empty(0, k, dtype=torch.int64, device=device), torch.empty(0, k, device=device),
+                      torch.empty(0, k, dtype=torch.bool, device=device), torch.empty(0, k, device=device),
+                      torch.empty(0, k, dim, dtype=dtype, device=device),
+                      torch.empty(0, k, dtype=torch.int64, device=device))

@@ -1,5 +1,5 @@
 """Exact merge of the candidates that several calls of ``sample_negatives`` over disjoint column ranges of one
-bank returned with ``return_keys=True`` (DESIGN.md §3.1): the result equals one call over the whole bank.
+bank returned with ``return_keys=True`` (docs/DESIGN.md §3.1): the result equals one call over the whole bank.
 
 Per anchor: sampled candidates (finite key) by key descending, ties to the lower global index; then fallback
 candidates (valid, key -inf) by similarity descending, ties to the lower index; then invalid slots; the first k.

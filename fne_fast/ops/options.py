@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-__all__ = ["SamplerOptions", "MODES", "option_fields", "sampler_flag_fields", "option", "check_bool", "validate_fields",
-           "parse_option_text"]
+from fne_fast.fields import check_bool, check_choice, flag_fields, option, validate_fields
+
+__all__ = ["SamplerOptions", "MODES", "SCHEMA_FIELDS", "sampler_flag_fields"]
 
 MODES = ("fne", "hardest", "uniform")
+# The options in the order of the operator's schema (csrc/fne_fast.cpp), where fn_tau is already resolved.
+SCHEMA_FIELDS = ("k", "mode", "margin", "tau", "fn_tau", "prior_k", "fn_margin", "min_count", "cutdown")
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_mode(value) -> str | None:
-    return None if value in MODES else f"must be one of {MODES}"
 
 
 def _check_k(value) -> str | None:
@@ -56,33 +55,11 @@ def _check_min_count(value) -> str | None:
     return None if ok else "must be an integer >= 0"
 
 
-def check_bool(value) -> str | None:
-    return None if isinstance(value, bool) else "must be True or False"
-
-
-def option(default, check, help_text: str):
-    """A field of a validated options record: its default, its check (value -> problem or None) and its help text,
-    from which the command line builds its flag."""
-    return field(default=default, metadata={"check": check, "help": help_text})
-
-
-def validate_fields(record, label: str = "") -> None:
-    """Applies each field's check to a frozen options record (ValueError naming ``label`` + the field) and stores
-    float fields as floats (ints are welcome)."""
-    for item in dataclasses.fields(record):
-        value = getattr(record, item.name)
-        problem = item.metadata["check"](value)
-        if problem is not None:
-            raise ValueError(f"{label}{item.name} {problem}, got {value!r}")
-        if item.type.startswith("float") and value is not None:
-            object.__setattr__(record, item.name, float(value))
-
-
 @dataclass(frozen=True)
 class SamplerOptions:
-    """How ``sample_negatives`` weights and draws negatives (DESIGN.md §1-2); defaults are the authors'."""
+    """How ``sample_negatives`` weights and draws negatives (docs/DESIGN.md §1-2); defaults are the authors'."""
 
-    mode: str = option("fne", _check_mode, "fne: the paper's weighted sampler; hardest: VSE++ max violation over "
+    mode: str = option("fne", check_choice(MODES), "fne: the paper's weighted sampler; hardest: VSE++ max violation over "
                                             "the bank; uniform: a random non-positive, non-cut-down negative")
     k: int = option(1, _check_k, "negatives sampled per anchor")
     margin: float = option(0.2, _check_margin, "triplet margin; candidates with s <= mu+ - margin are cut down")
@@ -112,28 +89,18 @@ class SamplerOptions:
         """The fields as keyword arguments of ``sample_negatives``."""
         return dataclasses.asdict(self)
 
+    def schema_values(self) -> tuple:
+        """The options as the operator's positional arguments (``SCHEMA_FIELDS``), fn_tau resolved."""
+        values = dataclasses.asdict(self)
+        values["fn_tau"] = self.effective_fn_tau
+        return tuple(values[name] for name in SCHEMA_FIELDS)
 
-def option_fields():
-    """The fields with their default, validator and help text (for building command-line flags)."""
-    return dataclasses.fields(SamplerOptions)
+    @classmethod
+    def from_schema(cls, *values) -> "SamplerOptions":
+        """The options of the operator's positional arguments (``SCHEMA_FIELDS``), validated."""
+        return cls(**dict(zip(SCHEMA_FIELDS, values, strict=True)))
 
 
 def sampler_flag_fields():
     """The fields a user sets by flag or in a compare arm: all but ``mode``, which follows the sampler."""
-    return tuple(item for item in option_fields() if item.name != "mode")
-
-
-def parse_option_text(item, text: str):
-    """The value of an options field (SamplerOptions, TagsOptions) written as text, checked by the field's own
-    check; raises ValueError ("expects float, got 'x'" or "<problem>, got <text>") for the caller to prefix."""
-    try:
-        if item.type == "bool":
-            value = {"true": True, "false": False}[text.lower()]
-        else:
-            value = (int if item.type == "int" else float)(text)  # float("inf") reads "inf"
-    except (KeyError, ValueError):
-        raise ValueError(f"expects {item.type}, got {text!r}") from None
-    problem = item.metadata["check"](value)
-    if problem is not None:
-        raise ValueError(f"{problem}, got {text}")
-    return value
+    return tuple(item for item in flag_fields(SamplerOptions) if item.name != "mode")

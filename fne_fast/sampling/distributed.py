@@ -1,4 +1,4 @@
-"""torch.distributed for the sharded bank and for training under torchrun (DESIGN.md §3.1).
+"""torch.distributed for the sharded bank and for training under torchrun (docs/DESIGN.md §3.1).
 
 * Process groups: ``process_group_from_environment`` initialises the default group from torchrun's environment
   (gloo on CPU, NCCL on CUDA: the code is the same, only the backend name and the tensors' device differ) with a
@@ -28,7 +28,7 @@ import torch.distributed as dist
 __all__ = ["TIMEOUT", "PATIENT_TIMEOUT", "PeerFailure", "world_size", "rank", "process_group_from_environment",
            "patient_group", "count_traffic", "agree", "require_same", "all_gather_rows", "reduce_scatter_rows",
            "gather_to_first", "all_reduce", "broadcast_from_first", "first_rank_first", "GlobalBatch",
-           "gather_batch", "dtype_code", "dtype_name"]
+           "gather_batch", "dtype_code", "dtype_code_name"]
 
 # A collective that waits longer than this for a peer raises (torchrun runs: the default group's timeout).
 TIMEOUT = timedelta(seconds=60)
@@ -286,13 +286,17 @@ def gather_batch(image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor, gro
                        all_ids, offset, local_size, len(counts))
 
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# The floating dtypes an agreement row can name: the banks' and float64 (a gradient check's embeddings).
+_FLOATING_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def dtype_code(dtype: torch.dtype) -> int:
     """A small integer for a floating dtype (for the agreement rows); -1 for any other."""
-    return _DTYPES.index(dtype) if dtype in _DTYPES else -1
+    return _FLOATING_DTYPES.index(dtype) if dtype in _FLOATING_DTYPES else -1
 
 
-def dtype_name(code: int) -> str:
-    return str(_DTYPES[code]).replace("torch.", "") if 0 <= code < len(_DTYPES) else "unsupported"
+def dtype_code_name(code: int) -> str:
+    """The name of the dtype ``dtype_code`` gave ``code``."""
+    if not 0 <= code < len(_FLOATING_DTYPES):
+        return "unsupported"
+    return str(_FLOATING_DTYPES[code]).replace("torch.", "")

@@ -1,4 +1,4 @@
-"""Pure-PyTorch oracle of ``sample_negatives`` (DESIGN.md §1-2).
+"""Pure-PyTorch oracle of ``sample_negatives`` (docs/DESIGN.md §1-2).
 
 It materialises the B×N similarity and key matrices on purpose: it is the test oracle for every backend and the
 "eager" baseline of the benchmarks. It draws the same Philox4x32-10 stream as the kernels, in torch integer
@@ -12,11 +12,12 @@ import math
 
 import torch
 
-from fne_fast.checks import raise_if_not_finite
-from fne_fast.fne_math import log_weights
-from fne_fast.options import SamplerOptions
+from fne_fast.ops.checks import raise_if_not_finite
+from fne_fast.ops.fne_math import fallback_candidates, race_log_weights
+from fne_fast.ops.options import SamplerOptions
 
-__all__ = ["philox4x32_10", "gumbel_noise", "gumbel_from_bits", "sample_negatives_reference", "candidate_keys"]
+__all__ = ["philox4x32_10", "gumbel_noise", "gumbel_from_bits", "sample_negatives_reference", "reference_draws",
+           "candidate_keys"]
 
 _DEFAULTS = SamplerOptions()
 
@@ -72,38 +73,24 @@ def gumbel_from_bits(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> tor
     return -torch.log(exponential)
 
 
-def candidate_keys(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, *, mode: str = _DEFAULTS.mode,
-                   margin: float = _DEFAULTS.margin, tau: float = _DEFAULTS.tau,
-                   fn_tau: float | None = _DEFAULTS.fn_tau, prior_k: float = _DEFAULTS.prior_k,
-                   fn_margin: float = _DEFAULTS.fn_margin,
-                   min_count: int = _DEFAULTS.min_count, cutdown: bool = _DEFAULTS.cutdown, seed: int = 0,
-                   step: int = 0, row_offset: int = 0, col_offset: int = 0, filled: int | None = None,
-                   dtype: torch.dtype = torch.float64):
-    """The full B×N race of DESIGN.md §1-2: ``(keys, survives, non_positive, sim)``, each [B, N].
+def candidate_keys(anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
+                   options: SamplerOptions = _DEFAULTS, *, seed: int = 0, step: int = 0, row_offset: int = 0,
+                   col_offset: int = 0, filled: int | None = None, dtype: torch.dtype = torch.float64):
+    """The full B×N race of docs/DESIGN.md §1-2: ``(keys, survives, non_positive, sim)``, each [B, N].
 
     ``keys`` is ℓ + G (the similarity in mode "hardest") for every pair, masked or not; ``survives`` marks the
     candidates of the race and ``non_positive`` those eligible for the hardest-negative fallback.
     """
-    options = SamplerOptions(mode=mode, margin=margin, tau=tau, fn_tau=fn_tau, prior_k=prior_k,
-                             fn_margin=fn_margin, min_count=min_count, cutdown=cutdown)
     device = anchors.device
     num_rows, num_cols = anchors.shape[0], bank.shape[0]
     filled = num_cols if filled is None else int(filled)
     sim = anchors.to(dtype) @ bank.to(dtype).T
+    non_positive = fallback_candidates(sim, anchor_ids, bank_ids, filled)
+    if options.mode == "hardest":
+        return sim, non_positive, non_positive, sim
+    weights, survives = race_log_weights(sim, positive_sim, stats, options, non_positive)
     columns = torch.arange(num_cols, device=device, dtype=torch.int64)
     rows = torch.arange(num_rows, device=device, dtype=torch.int64)
-    # A non-finite similarity (non-finite inputs with check_finite off) is never a candidate.
-    non_positive = ((bank_ids.reshape(1, -1) != anchor_ids.reshape(-1, 1)) & (columns < filled).reshape(1, -1)
-                    & torch.isfinite(sim))
-    if mode == "hardest":
-        return sim, non_positive, non_positive, sim
-    survives = non_positive
-    if cutdown:
-        # The threshold is formed in float32, as the kernels do, so that it is the same number everywhere.
-        cut = (stats[0].to(torch.float32) - torch.tensor(margin, dtype=torch.float32)).to(dtype)
-        survives = survives & (sim > cut)
-    weights = log_weights(sim, positive_sim, stats, options)
-    survives = survives & (weights > -math.inf)  # weight 0 (fn_tau = inf): out of the race, like a cut-down one
     keys = weights + gumbel_noise(seed, step, rows + row_offset, columns + col_offset, dtype)
     return keys, survives, non_positive, sim
 
@@ -124,10 +111,22 @@ def sample_negatives_reference(anchors, bank, positive_sim, anchor_ids, bank_ids
     With ``return_keys=True`` it also returns the key of every chosen slot (``-inf`` for fallback and invalid
     slots, the similarity in mode "hardest"), which the tests use to explain near-ties.
     """
-    keys, survives, non_positive, sim = candidate_keys(
-        anchors, bank, positive_sim, anchor_ids, bank_ids, stats, mode=mode, margin=margin, tau=tau, fn_tau=fn_tau,
-        prior_k=prior_k, fn_margin=fn_margin, min_count=min_count, cutdown=cutdown, seed=seed, step=step,
-        row_offset=row_offset, col_offset=col_offset, filled=filled, dtype=dtype)
+    options = SamplerOptions(mode=mode, k=k, margin=margin, tau=tau, fn_tau=fn_tau, prior_k=prior_k,
+                             fn_margin=fn_margin, min_count=min_count, cutdown=cutdown)
+    result = reference_draws(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, options, seed=seed, step=step,
+                             row_offset=row_offset, col_offset=col_offset, filled=filled, dtype=dtype,
+                             check_finite=check_finite)
+    return result if return_keys else result[:3]
+
+
+def reference_draws(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, options: SamplerOptions, *,
+                    seed: int = 0, step: int = 0, row_offset: int = 0, col_offset: int = 0,
+                    filled: int | None = None, dtype: torch.dtype = torch.float64, check_finite: bool = False):
+    """The oracle's ``(index, sim, valid, key)`` for options given as one ``SamplerOptions``."""
+    keys, survives, non_positive, sim = candidate_keys(anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
+                                                       options, seed=seed, step=step, row_offset=row_offset,
+                                                       col_offset=col_offset, filled=filled, dtype=dtype)
+    k = options.k
     device = anchors.device
     num_rows, num_cols = sim.shape
     if check_finite:
@@ -170,6 +169,4 @@ def sample_negatives_reference(anchors, bank, positive_sim, anchor_ids, bank_ids
         chosen_sim = torch.zeros(num_rows, k, dtype=dtype, device=device)
     chosen_sim = torch.where(valid, chosen_sim, torch.zeros_like(chosen_sim)).to(torch.float32)
     slot_keys = torch.where(valid, slot_keys, neg_inf)
-    if return_keys:
-        return index, chosen_sim, valid, slot_keys
-    return index, chosen_sim, valid
+    return index, chosen_sim, valid, slot_keys

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_python_types", "check_tensor_arguments", "check_counters", "raise_if_not_finite", "EMBEDDING_DTYPES",
-           "TENSOR_ARGUMENTS"]
+__all__ = ["check_python_types", "check_tensor_arguments", "check_counters", "raise_if_not_finite", "dtype_name",
+           "EMBEDDING_DTYPES", "TENSOR_ARGUMENTS"]
 
 EMBEDDING_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TENSOR_ARGUMENTS = ("anchors", "bank", "positive_sim", "anchor_ids", "bank_ids", "stats")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as users write it (``bfloat16``)."""
     return str(dtype).replace("torch.", "")
 
 
@@ -26,8 +27,8 @@ def _check_tensor(name: str, value, *, ndim: int, dtypes: tuple, device: torch.d
     if value.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
     if value.dtype not in dtypes:
-        allowed = ", ".join(_dtype_name(d) for d in dtypes)
-        raise TypeError(f"{name} must have dtype {allowed}, got {_dtype_name(value.dtype)}")
+        allowed = ", ".join(dtype_name(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype {allowed}, got {dtype_name(value.dtype)}")
     if device is not None and value.device != device:
         raise ValueError(f"{name} must be on the anchors' device {device}, got {value.device}")
 
@@ -42,7 +43,7 @@ def check_tensor_arguments(anchors, bank, positive_sim, anchor_ids, bank_ids, st
                          f"and {bank.shape[1]}")
     if anchors.dtype != bank.dtype and anchors.dtype != torch.float32:
         raise TypeError(f"anchors must have the bank's dtype or be float32, got anchors "
-                        f"{_dtype_name(anchors.dtype)} and bank {_dtype_name(bank.dtype)}")
+                        f"{dtype_name(anchors.dtype)} and bank {dtype_name(bank.dtype)}")
     _check_tensor("positive_sim", positive_sim, ndim=1, dtypes=(torch.float32,), device=device)
     _check_tensor("anchor_ids", anchor_ids, ndim=1, dtypes=(torch.int64,), device=device)
     _check_tensor("bank_ids", bank_ids, ndim=1, dtypes=(torch.int64,), device=device)
@@ -56,7 +57,7 @@ def check_tensor_arguments(anchors, bank, positive_sim, anchor_ids, bank_ids, st
 
 def check_counters(num_rows: int, num_cols: int, *, step: int, row_offset: int, col_offset: int,
                    filled: int) -> None:
-    """The Philox counter words and the fill count (DESIGN.md §2): rows and steps are 32-bit words."""
+    """The Philox counter words and the fill count (docs/DESIGN.md §2): rows and steps are 32-bit words."""
     if not 0 <= step < 2**32:
         raise ValueError(f"step must be in [0, 2**32), got {step}")
     if not (0 <= row_offset and row_offset + num_rows <= 2**32):

@@ -1,4 +1,4 @@
-"""Running statistics of positive and negative similarities (DESIGN.md §1, "Running statistics").
+"""Running statistics of positive and negative similarities (docs/DESIGN.md §1, "Running statistics").
 
 Everything stays on the device: no ``.item()``, no loop over rows, no host synchronisation per step.
 """

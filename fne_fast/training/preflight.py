@@ -1,7 +1,8 @@
 """Checks of a run's settings made before any work: before data is read, encoders are loaded or files written.
 
-A user's mistake raises ``UsageError`` (a ValueError) whose message names the command-line flag; the command
-line prints it as one line, ``fne-fast: error: …``, and exits with code 2. Tracebacks are left for bugs.
+A user's mistake raises ``fne_fast.errors.UsageError`` (a ValueError) whose message names the command-line flag;
+the command line prints it as one line, ``fne-fast: error: …``, and exits with code 2. Tracebacks are left for
+bugs. The settings' own values are checked when the ``TrainConfig`` is built; these checks need the machine.
 """
 
 from __future__ import annotations
@@ -11,21 +12,11 @@ import os
 
 import torch
 
-__all__ = ["UsageError", "flag", "check_device", "check_run_settings", "check_splits", "DATA_OPTIONS"]
+from fne_fast.data import DATA_OPTIONS, data_option_flag
+from fne_fast.errors import UsageError
+from fne_fast.ops import check_backend
 
-# The data options (``TrainConfig.data_options``) each data set's loader takes, and their flags.
-DATA_OPTIONS = {"emoji": ("cldr_root", "font_path"), "tuxpaint": ("root",), "wordnet": ("root",),
-                "albef-json": ("train_json", "val_json", "test_json", "image_root"), "features": ("features_dir",)}
-_DATA_FLAGS = {"root": "--data-root"}
-
-
-class UsageError(ValueError):
-    """A setting the run cannot use; the message starts with the flag that sets it."""
-
-
-def flag(name: str) -> str:
-    """The command-line flag of a TrainConfig field or data option."""
-    return _DATA_FLAGS.get(name, "--" + name.replace("_", "-"))
+__all__ = ["check_device", "check_run_settings", "check_splits"]
 
 
 def check_device(name: str) -> torch.device:
@@ -49,10 +40,8 @@ def check_device(name: str) -> torch.device:
 
 
 def _check_backend(backend: str, device: torch.device) -> None:
-    from fne_fast import ops
-
     try:
-        ops.check_backend(backend, device)  # the op's own rule, so the two cannot disagree
+        check_backend(backend, device)  # the op's own rule, so the two cannot disagree
     except ValueError as error:
         raise UsageError(f"--backend: {error}") from None
     if backend == "triton" and importlib.util.find_spec("triton") is None:
@@ -76,17 +65,17 @@ def _check_data_options(dataset: str, options: dict) -> None:
     allowed = DATA_OPTIONS[dataset]
     for name in options:
         if name not in allowed:
-            raise UsageError(f"{flag(name)}: not used by --dataset {dataset}")
+            raise UsageError(f"{data_option_flag(name)}: not used by --dataset {dataset}")
     required = {"albef-json": allowed, "features": allowed}.get(dataset, ())
     for name in required:
         if not options.get(name):
-            raise UsageError(f"{flag(name)}: --dataset {dataset} needs it")
+            raise UsageError(f"{data_option_flag(name)}: --dataset {dataset} needs it")
     for name, value in options.items():
         is_file = name.endswith("_json") or name == "font_path"
         if is_file and not os.path.isfile(value):
-            raise UsageError(f"{flag(name)}: {value} is not a file")
+            raise UsageError(f"{data_option_flag(name)}: {value} is not a file")
         if not is_file and not os.path.isdir(value):
-            raise UsageError(f"{flag(name)}: {value} is not a folder")
+            raise UsageError(f"{data_option_flag(name)}: {value} is not a folder")
 
 
 def check_run_settings(config, *, reads_data: bool = True) -> None:

@@ -1,4 +1,4 @@
-"""FNELoss: the bidirectional triplet loss with negatives sampled from momentum memory banks (DESIGN.md §1, §3).
+"""FNELoss: the bidirectional triplet loss with negatives sampled from momentum memory banks (docs/DESIGN.md §1, §3).
 
 Image anchors are matched against the text bank and text anchors against the image bank. The fused op selects
 the negatives without gradients; the loss then gathers the chosen bank rows and recomputes their similarities
@@ -6,7 +6,7 @@ with autograd, so only the gather and the hinge are differentiated. Positives ar
 keys (``s⁺ = <anchor, key>``), as in the authors' code. In the warm-up epoch, and throughout in mode
 ``inbatch-hardest``, the loss is VSE++'s in-batch max violation between online embeddings instead.
 
-With a process group (DESIGN.md §3.1) the loss is that of the global batch (every rank's pairs, in rank order):
+With a process group (docs/DESIGN.md §3.1) the loss is that of the global batch (every rank's pairs, in rank order):
 the running statistics and the in-batch loss use the gathered batch, the banks are sharded and sample for the
 global anchor rows. Each rank returns ``world_size`` times the part of the global loss its own embeddings'
 gradients come from, so that DDP's averaging of the ranks' gradients gives the global loss's gradient: a run
@@ -18,19 +18,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fne_fast.bank import MemoryBank
-from fne_fast.distributed import GlobalBatch, gather_batch
-from fne_fast.fne_math import bayes_active, false_negative_probability
-from fne_fast.options import SamplerOptions
-from fne_fast.stats import RunningStats
+from fne_fast.ops import SamplerOptions
+from fne_fast.ops.fne_math import bayes_active, false_negative_probability, safe_stats
+from fne_fast.sampling.bank import MemoryBank
+from fne_fast.sampling.distributed import GlobalBatch, gather_batch
+from fne_fast.sampling.stats import RunningStats
 
-__all__ = ["FNELoss", "SAMPLERS", "DIAGNOSTIC_KEYS", "sampler_mode"]
+__all__ = ["FNELoss", "SAMPLERS", "STEP_SUMS", "sampler_mode"]
 
 SAMPLERS = ("fne", "hardest", "uniform", "inbatch-hardest")
 # Per-step sums, kept on the device; a trainer adds them up (and over the ranks) and divides once per epoch (no
 # sync per step). "loss" is this rank's share of the global batch's loss: the ranks' shares add up to it.
-DIAGNOSTIC_KEYS = ("loss", "slots", "fallback", "p_fn_sum", "p_fn_slots", "false_negatives", "group_slots",
-                   "sampled_false_negatives", "sampled_group_slots")
+STEP_SUMS = ("loss", "slots", "fallback", "p_fn_sum", "p_fn_slots", "false_negatives", "group_slots",
+             "sampled_false_negatives", "sampled_group_slots")
 # Decorrelates the two directions' Gumbel noise, which would otherwise share (row, column, step) counters.
 _TEXT_TO_IMAGE_SEED_OFFSET = 0x9E3779B97F4A7C15
 
@@ -67,7 +67,7 @@ class FNELoss(nn.Module):
         momentum keys; ``ids`` [B]: the image identity of each pair (pairs with one id are positives of each
         other). The banks must already hold this step's keys (enqueue first). ``group_of_id`` maps an identity
         to its semantic group, for the false-negative rate. ``batch``: the global batch of these embeddings
-        (``fne_fast.distributed.gather_batch``), gathered here when not given. Returns (the loss to
+        (``fne_fast.sampling.distributed.gather_batch``), gathered here when not given. Returns (the loss to
         differentiate, per-step diagnostic sums)."""
         if batch is None:
             batch = gather_batch(image, text, ids, self.group)
@@ -91,15 +91,11 @@ class FNELoss(nn.Module):
         positive_sim = (anchors * positive_keys.to(anchors.dtype)).sum(dim=1)
         # Selection runs in the bank's storage dtype whatever the anchors' (float64 in gradient checks): it is not
         # differentiated, and the hinge below recomputes the chosen similarities in the anchors' dtype. With a
-        # bf16 bank the anchors are rounded to bf16 too, so that the op takes its bf16 GEMM (oneDNN's brgemm on
-        # CPU, tensor cores on a GPU) instead of converting every bank tile to float32; the similarities that rank
-        # the candidates then carry bf16's rounding of the anchors (2⁻⁹ relative) as well as the bank's. (A sharded
-        # bank sends the anchors to the other ranks as float32: the same rounded values, but every rank's call then
-        # takes the float32 path, which sums the products in another order.)
-        _, chosen_sim, valid, rows, key, chosen_ids = bank.sample(
-            anchors.detach().to(bank.dtype), positive_sim.detach().float(), ids, stats, seed=seed, step=step,
-            backend=self.backend, return_keys=True, return_ids=True, **self.options.as_kwargs())
-        negative_sim = torch.einsum("bd,bkd->bk", anchors, rows.to(anchors.dtype))
+        # bf16 bank the bank rounds the anchors to bf16 too (MemoryBank.sample), so that the op takes its bf16 GEMM.
+        draw = bank.sample(anchors.detach(), positive_sim.detach().float(), ids, stats, self.options, seed=seed,
+                           step=step, backend=self.backend)
+        valid = draw.valid
+        negative_sim = torch.einsum("bd,bkd->bk", anchors, draw.rows.to(anchors.dtype))
         weight = valid.to(anchors.dtype)
         hinge = (self.options.margin + negative_sim - positive_sim.unsqueeze(1)).clamp(min=0) * weight
         # This rank's anchors' part of the mean over the global batch's anchors.
@@ -107,10 +103,10 @@ class FNELoss(nn.Module):
         diagnostics["loss"] += share.detach()
 
         # A fallback slot (no candidate left in the race: all cut down or of weight 0) has key -inf.
-        fell_back = valid & ~torch.isfinite(key) if self.sampler != "hardest" else torch.zeros_like(valid)
+        fell_back = valid & ~torch.isfinite(draw.key) if self.sampler != "hardest" else torch.zeros_like(valid)
         diagnostics["fallback"] += fell_back.sum()
-        _add_choice_diagnostics(diagnostics, chosen_sim, valid, ids, chosen_ids, stats,
-                                self.options, group_of_id, sampled=valid & ~fell_back)
+        _add_choice_diagnostics(diagnostics, draw.sim, valid, ids, draw.ids, stats, self.options, group_of_id,
+                                sampled=valid & ~fell_back)
         return share * batch.world_size
 
     def _in_batch(self, batch: GlobalBatch, stats, group_of_id):
@@ -136,7 +132,7 @@ class FNELoss(nn.Module):
 
 
 def _zero_diagnostics(device) -> dict[str, torch.Tensor]:
-    return {key: torch.zeros((), dtype=torch.float64, device=device) for key in DIAGNOSTIC_KEYS}
+    return {key: torch.zeros((), dtype=torch.float64, device=device) for key in STEP_SUMS}
 
 
 @torch.no_grad()
@@ -146,8 +142,7 @@ def _add_choice_diagnostics(diagnostics, chosen_sim, valid, anchor_ids, chosen_i
     ``sampled`` marks the slots the sampler chose itself (not fallbacks), for the FN rate of those alone."""
     diagnostics["slots"] += valid.sum()
     active = bayes_active(stats, options.min_count)
-    safe_stats = torch.where(active, stats, torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0], device=stats.device))
-    p_fn = false_negative_probability(chosen_sim.double(), safe_stats.double(), options.prior_k)
+    p_fn = false_negative_probability(chosen_sim.double(), safe_stats(stats, active).double(), options.prior_k)
     diagnostics["p_fn_sum"] += torch.where(active, (p_fn * valid).sum(), 0.0)
     diagnostics["p_fn_slots"] += torch.where(active, valid.sum().double(), 0.0)
     if group_of_id is not None:

@@ -1,4 +1,4 @@
-"""Model selection by validation rsum (issue 12, item 1).
+"""Model selection by validation rsum.
 
 A run is reported at its best-validation epoch, chosen among the epochs trained with its own sampler: the warm-up
 epochs (in-batch max violation, the same for every sampler of a seed) are eligible only when a run has nothing

@@ -11,7 +11,7 @@ of three kinds:
 
 In "exact" and "random", ids repeat, so each anchor has a few positives in the bank, and the statistics switch
 the Bayesian branch on (n⁺ = 500) with a cut-down threshold inside the range of the similarities, so every
-branch of DESIGN.md §1 runs.
+branch of docs/DESIGN.md §1 runs.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""PNG plots: of a run (similarity histograms with the fitted Gaussians and P_fn(s), recall per epoch, P_fn over
-the bank per epoch) and of a comparison (bars with error bars)."""
+"""The PNG plots of a run: similarity histograms with the fitted Gaussians and P_fn(s), recall per epoch, and P_fn
+over the bank per epoch; and the two helpers every plot of the package uses (matplotlib without a display, atomic
+PNG files)."""
 
 from __future__ import annotations
 
@@ -9,32 +10,33 @@ import os
 import torch
 
 from fne_fast.data import FeatureSplit
-from fne_fast.diagnostics import LOG10_P_FN_EDGES, SIM_EDGES
-from fne_fast.evaluate import embed_split
-from fne_fast.fne_math import false_negative_probability
+from fne_fast.training.diagnostics import LOG10_P_FN_EDGES, SIM_EDGES
+from fne_fast.training.evaluate import embed_split
+from fne_fast.ops.fne_math import false_negative_probability
 from fne_fast.io import atomic_output
-from fne_fast.options import SamplerOptions
+from fne_fast.ops.options import SamplerOptions
 
-__all__ = ["write_run_plots", "p_fn_by_epoch", "comparison_bars", "RUN_PLOTS"]
+__all__ = ["write_run_plots", "p_fn_by_epoch", "pyplot", "save_figure", "RUN_PLOTS"]
 
 RUN_PLOTS = ("similarity_histogram.png", "recall.png", "p_fn_by_epoch.png")
 _STATS_KEYS = ("mu_pos", "var_pos", "mu_neg", "var_neg")
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only: no display on a server), imported on first use."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only: no display on a server
-    import matplotlib.pyplot as pyplot
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
 
-    return pyplot
+    return matplotlib.pyplot
 
 
-def _save(figure, path: str, dpi: int = 120) -> None:
+def save_figure(figure, path: str, dpi: int = 120) -> None:
     """The figure as a PNG, written atomically like every file of a run."""
     with atomic_output(path, "wb", suffix=".png") as stream:
         figure.savefig(stream, dpi=dpi, format="png")
-    _pyplot().close(figure)
+    pyplot().close(figure)
 
 
 def _gaussian(x: torch.Tensor, mean: float, variance: float) -> torch.Tensor:
@@ -54,8 +56,8 @@ def similarity_histogram(path: str, heads, split: FeatureSplit, stats: dict, pri
     keep = caption_image[columns] != rows
     negative = (image[rows[keep]] * text[columns[keep]]).sum(dim=1).cpu()
 
-    pyplot = _pyplot()
-    figure, axis = pyplot.subplots(figsize=(8, 4.5))
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(8, 4.5))
     bins = torch.linspace(-1, 1, 121)
     axis.hist(negative.numpy(), bins=bins.numpy(), density=True, alpha=0.5, label="other pairs (test)")
     axis.hist(positive.numpy(), bins=bins.numpy(), density=True, alpha=0.5, label="true pairs (test)")
@@ -77,12 +79,12 @@ def similarity_histogram(path: str, heads, split: FeatureSplit, stats: dict, pri
     axis.legend(loc="upper left", fontsize=8)
     axis.set_title("Similarities after training, with the running statistics' Gaussians")
     figure.tight_layout()
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def recall_curves(path: str, history: list[dict]) -> None:
-    pyplot = _pyplot()
-    figure, axis = pyplot.subplots(figsize=(7, 4.5))
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4.5))
     epochs = [row["epoch"] for row in history]
     for key, style in (("i2t_r1", "C0-"), ("i2t_r10", "C0:"), ("t2i_r1", "C1-"), ("t2i_r10", "C1:"),
                        ("i2t_group_r1", "C2-"), ("t2i_group_r1", "C3-")):
@@ -96,7 +98,7 @@ def recall_curves(path: str, history: list[dict]) -> None:
     axis.set_title("Test recall per epoch")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def _spread(items: list, count: int) -> list:
@@ -118,8 +120,8 @@ def p_fn_by_epoch(path: str, history: list[dict], options: SamplerOptions, max_p
         return False
     rows = _spread(rows, max_panels)
     extra_handles, extra_labels = [], []
-    pyplot = _pyplot()
-    figure, axes = pyplot.subplots(2, len(rows), figsize=(3.6 * len(rows), 6.4), squeeze=False)
+    plt = pyplot()
+    figure, axes = plt.subplots(2, len(rows), figsize=(3.6 * len(rows), 6.4), squeeze=False)
     sim_edges = torch.tensor(SIM_EDGES, dtype=torch.float64)
     sim_centres, sim_width = (sim_edges[1:] + sim_edges[:-1]) / 2, sim_edges[1] - sim_edges[0]
     p_edges = torch.tensor(LOG10_P_FN_EDGES, dtype=torch.float64)
@@ -167,34 +169,8 @@ def p_fn_by_epoch(path: str, history: list[dict], options: SamplerOptions, max_p
     figure.suptitle("Every bank candidate of the diagnostic anchors: similarity, P_fn, and who is a false negative",
                     fontsize=10)
     figure.tight_layout(rect=(0, 0.08, 1, 1))
-    _save(figure, path, dpi=100)
+    save_figure(figure, path, dpi=100)
     return True
-
-
-def comparison_bars(path: str, results: dict) -> None:
-    """compare.png: per arm, the test rsum and group rsum of the best-validation epoch and the FN rate of the
-    sampler's own draws (last epoch), mean ± standard deviation over seeds, each seed a dot."""
-    panels = [("rsum", "rsum (best val epoch)", 1.0), ("group_rsum", "group rsum (best val epoch)", 1.0),
-              ("fn_rate_sampled", "FN rate of own draws % (last epoch)", 100.0)]
-    arms = results["arms"]
-    pyplot = _pyplot()
-    figure, axes = pyplot.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
-    for axis, (key, title, scale) in zip(axes, panels):
-        for position, arm in enumerate(arms):
-            entry = arm["summary"].get(key)  # mean and std over the seeds, as results.md reports them
-            if entry is None:
-                continue
-            values = [scale * run[key] for run in arm["runs"] if run.get(key) is not None]
-            highlight = "C1" if arm["name"] == results["baseline"] else "C0"
-            axis.bar(position, scale * entry["mean"], yerr=scale * entry["std"], color=highlight, alpha=0.6,
-                     capsize=4)
-            axis.plot([position] * len(values), values, "k.", markersize=4)
-        axis.set_xticks(range(len(arms)))
-        axis.set_xticklabels([arm["name"] for arm in arms], rotation=30, ha="right", fontsize=8)
-        axis.set_title(title, fontsize=9)
-    figure.suptitle(f"{results['dataset']}: mean ± std over seeds (dots: seeds; orange: the baseline)", fontsize=10)
-    figure.tight_layout()
-    _save(figure, path, dpi=100)
 
 
 def write_run_plots(out: str, heads, test_split: FeatureSplit, history: list[dict], options: SamplerOptions,

@@ -14,18 +14,14 @@ from __future__ import annotations
 import torch
 
 from fne_fast.data import FeatureSplit
-from fne_fast.selection import run_summary
+from fne_fast.errors import NonFiniteError
+from fne_fast.training.model_selection import run_summary
 
-__all__ = ["retrieval_metrics", "retrieval_ranks", "recalls_from_ranks", "embed_split", "final_table", "RECALL_KEYS",
-           "NonFiniteError", "raise_if_not_finite_embeddings"]
+__all__ = ["retrieval_metrics", "retrieval_ranks", "recalls_from_ranks", "embed_split", "final_table",
+           "RECALL_KS", "RECALL_KEYS", "raise_if_not_finite_embeddings"]
 
-_KS = (1, 5, 10)
-RECALL_KEYS = tuple(f"{direction}_r{k}" for direction in ("i2t", "t2i") for k in _KS)
-
-
-class NonFiniteError(RuntimeError):
-    """A model, loss or embedding holds NaN or infinity: there is no result to report."""
-
+RECALL_KS = (1, 5, 10)  # Recall@K cut-offs; rsum adds both directions' recalls at these
+RECALL_KEYS = tuple(f"{direction}_r{k}" for direction in ("i2t", "t2i") for k in RECALL_KS)
 
 def raise_if_not_finite_embeddings(image: torch.Tensor, text: torch.Tensor) -> None:
     bad = {name: int((~torch.isfinite(values)).any(dim=1).sum()) for name, values in (("image", image),
@@ -93,10 +89,10 @@ def recalls_from_ranks(ranks: dict[str, torch.Tensor]) -> dict[str, float]:
         if f"i2t{suffix}" not in ranks:
             continue
         for direction in ("i2t", "t2i"):
-            for k in _KS:
+            for k in RECALL_KS:
                 metrics[f"{direction}_{prefix}r{k}"] = 100.0 * (ranks[direction + suffix] < k).double().mean().item()
         metrics[f"{prefix}rsum"] = sum(metrics[f"{direction}_{prefix}r{k}"] for direction in ("i2t", "t2i")
-                                       for k in _KS)
+                                       for k in RECALL_KS)
     return metrics
 
 
@@ -116,7 +112,8 @@ def _recall_rows(row: dict, label: str) -> list[str]:
     lines = []
     for view, prefix in (("strict", ""), ("group", "group_")):
         if f"{prefix}rsum" in row:
-            cells = [f"{row[f'{direction}_{prefix}r{k}']:.1f}" for direction in ("i2t", "t2i") for k in _KS]
+            cells = [f"{row[f'{direction}_{prefix}r{k}']:.1f}" for direction in ("i2t", "t2i")
+                     for k in RECALL_KS]
             lines.append(f"| {label} | {view} | " + " | ".join(cells) + f" | {row[f'{prefix}rsum']:.1f} |")
     return lines
 

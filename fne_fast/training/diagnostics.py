@@ -1,4 +1,4 @@
-"""What the sampler sees in the whole bank, once per epoch, for a fixed sample of anchors (issue 12, item 2).
+"""What the sampler sees in the whole bank, once per epoch, for a fixed sample of anchors.
 
 The per-step diagnostics of ``FNELoss`` describe only the negatives that were chosen. These describe every
 candidate of the bank for a sample of training anchors, with the epoch's final running statistics:
@@ -14,8 +14,8 @@ candidate of the bank for a sample of training anchors, with the epoch's final r
 * similarity histograms of same-group and other candidates, for the per-epoch P_fn plot.
 
 It runs on the device in chunks of anchors and reads the results to the host once, at the end of an epoch, so
-training steps never wait for it. The race's masks mirror DESIGN.md §1 (the reference oracle is checked against
-them in tests/test_diagnostics.py); the weights come from ``fne_fast.fne_math``.
+training steps never wait for it. The race's masks and weights are the reference oracle's
+(``fne_fast.ops.fne_math.race_log_weights``, docs/DESIGN.md §1).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import math
 
 import torch
 
-from fne_fast.fne_math import bayes_active, false_negative_probability, log_weights
-from fne_fast.options import SamplerOptions
+from fne_fast.ops.fne_math import (bayes_active, fallback_candidates, false_negative_probability, gaussians_defined,
+                                   race_log_weights, safe_stats)
+from fne_fast.ops.options import SamplerOptions
 
 __all__ = ["bank_diagnostics", "epoch_diagnostics", "SIM_EDGES", "LOG10_P_FN_EDGES", "TOP_SHARE"]
 
@@ -41,16 +42,10 @@ _SUMS = ("anchors", "candidates", "race", "race_bayes", "candidates_bayes", "ent
 def _race_log_weights(sim, positive_sim, anchor_ids, bank_ids, filled, stats, options: SamplerOptions, sampler):
     """(log-weights of the sampler's race, -inf outside it; non-positive mask). Mode "hardest" (and the in-batch
     sampler, which draws nothing from the bank) has no race: None."""
-    columns = torch.arange(sim.shape[1], device=sim.device)
-    non_positive = ((bank_ids[None, :] != anchor_ids[:, None]) & (columns < filled)[None, :]
-                    & torch.isfinite(sim))
+    non_positive = fallback_candidates(sim, anchor_ids, bank_ids, filled)
     if sampler == "inbatch-hardest" or options.mode == "hardest":
         return None, non_positive
-    race = non_positive
-    if options.cutdown:
-        race = race & (sim > (stats[0] - torch.tensor(options.margin, dtype=torch.float32)).to(sim.dtype))
-    weights = log_weights(sim, positive_sim, stats, options)
-    race = race & (weights > -math.inf)
+    weights, race = race_log_weights(sim, positive_sim, stats, options, non_positive)
     return torch.where(race, weights, torch.full_like(weights, -math.inf)), non_positive
 
 
@@ -66,8 +61,8 @@ def bank_diagnostics(anchors: torch.Tensor, positive_sim: torch.Tensor, anchor_i
     bank = bank_features.to(torch.float32)
     stats = stats.to(device=device, dtype=torch.float32)
     active = bayes_active(stats, options.min_count)
-    has_model = (stats[1] > 0) & (stats[3] > 0) & torch.isfinite(stats[:4]).all()
-    safe_stats = torch.where(has_model, stats, torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0], device=device))
+    has_model = gaussians_defined(stats)
+    model_stats = safe_stats(stats, has_model).double()
     p_fn_threshold = 1.0 - options.fn_margin
     sim_edges = torch.tensor(SIM_EDGES, dtype=torch.float64, device=device)
     p_fn_edges = torch.tensor(LOG10_P_FN_EDGES, dtype=torch.float64, device=device)
@@ -77,7 +72,7 @@ def bank_diagnostics(anchors: torch.Tensor, positive_sim: torch.Tensor, anchor_i
         weights, non_positive = _race_log_weights(sim, positive_sim[rows].to(torch.float32), anchor_ids[rows],
                                                   bank_ids, filled, stats, options, sampler)
         sim64 = sim.double()
-        p_fn = false_negative_probability(sim64, safe_stats.double(), options.prior_k)
+        p_fn = false_negative_probability(sim64, model_stats, options.prior_k)
         likely_false = active & (p_fn > p_fn_threshold)
         sums["anchors"] += sim.shape[0]
         sums["candidates"] += non_positive.sum()

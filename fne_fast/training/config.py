@@ -1,0 +1,116 @@
+"""``TrainConfig``: everything that defines a training run, each setting's default, check and help text written once.
+
+Every field made with ``fne_fast.fields.option`` is a flag of ``fne-fast train`` (``--bank-size`` for
+``bank_size``; ``fne_fast.cli.parser`` builds them from these fields), and a bad value raises ``UsageError`` naming
+that flag as soon as the config is built, before any data is read. The nested records bring their own flags: the
+sampler's options (``SamplerOptions``: ``--k``, ``--fn-tau``, …), TAGS-DC's (``TagsOptions``: ``--tags-…``) and the
+data set's files (``data_options``: ``fne_fast.data.DATA_FLAGS``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from fne_fast.data import DATASETS
+from fne_fast.errors import UsageError
+from fne_fast.fields import (check_bool, check_choice, check_count, check_text, field_problems, flag_name, option,
+                             store_floats)
+from fne_fast.ops import BACKENDS, SamplerOptions
+from fne_fast.ops.checks import EMBEDDING_DTYPES, dtype_name
+from fne_fast.sampling.loss import SAMPLERS, sampler_mode
+from fne_fast.tags import TagsOptions
+
+__all__ = ["TrainConfig", "BANK_DTYPES", "RESUMABLE_FIELDS", "PER_PROCESS_FIELDS"]
+
+# The banks store what the op reads: its embedding dtypes, by name.
+BANK_DTYPES = {dtype_name(dtype): dtype for dtype in EMBEDDING_DTYPES}
+# Settings that may differ between a run and its resumption without changing its numbers.
+RESUMABLE_FIELDS = ("epochs", "resume", "out", "cache_dir", "plots", "quiet")
+# Not compared directly on resume: the global batch, batch_size × processes, is.
+PER_PROCESS_FIELDS = ("batch_size",)
+
+
+def _check_integer(value) -> str | None:
+    return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_learning_rate(value) -> str | None:
+    return None if _is_number(value) and math.isfinite(value) and value > 0 else "must be finite and > 0"
+
+
+def _check_momentum(value) -> str | None:
+    return None if _is_number(value) and 0.0 <= value < 1.0 else "must be in [0, 1)"
+
+
+def _check_stats_momentum(value) -> str | None:
+    # An EMA needs a momentum strictly inside (0, 1) (fne_fast.RunningStats); None is the authors' running mean.
+    return None if value is None or (_is_number(value) and 0.0 < value < 1.0) else "must be in (0, 1)"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. ``options`` are the sampler's (their ``mode`` follows ``sampler``); a dict is
+    accepted for them and for ``tags``, as a checkpoint stores them. Raises ``UsageError`` naming the flag of the
+    first bad field; ``fne_fast.training.preflight.check_run_settings`` checks what depends on the machine
+    (device, backend, folders, data files) when the run starts."""
+
+    dataset: str = option("emoji", check_choice(DATASETS), "the data set (features: precomputed arrays in "
+                                                           "--features-dir)", choices=DATASETS)
+    sampler: str = option("fne", check_choice(SAMPLERS), "the negative sampler: fne, hardest and uniform draw from "
+                                                         "the bank; inbatch-hardest is VSE++'s in-batch max "
+                                                         "violation", choices=SAMPLERS)
+    options: SamplerOptions = field(default_factory=SamplerOptions)
+    bank_size: int = option(8224, check_count(1), "rows of each memory bank (the authors' 8224); divides by the "
+                                                  "number of processes")
+    epochs: int = option(5, check_count(1), "including the warm-up epoch(s)")
+    warmup_epochs: int = option(1, check_count(0), "first epochs trained with in-batch max violation (no bank)")
+    batch_size: int = option(32, check_count(1), "pairs per step and process")
+    lr: float = option(5e-4, _check_learning_rate, "Adam's learning rate of the heads")
+    device: str = option("cpu", check_text(), "cpu or cuda")
+    seed: int = option(0, _check_integer, "seed of the heads' initialisation, the shuffle and the op's noise")
+    out: str = option("runs/emoji-fne", check_text(), "the run's folder (checkpoints, metrics.jsonl, plots)")
+    resume: bool = option(False, check_bool, "continue the run in --out from its last checkpoint (same numbers as "
+                                             "one run)")
+    stats_momentum: float | None = option(None, _check_stats_momentum, "EMA momentum of the running statistics "
+                                                                       "(default: the authors' running mean)")
+    momentum: float = option(0.995, _check_momentum, "momentum of the key heads")
+    joint_dim: int = option(256, check_count(1), "width of the joint embedding space")
+    hidden_dim: int = option(1024, check_count(1), "hidden width of the projection heads")
+    bank_dtype: str = option("float32", check_choice(tuple(BANK_DTYPES)), "storage dtype of the banks",
+                             choices=tuple(BANK_DTYPES))
+    backend: str = option("auto", check_choice(BACKENDS), "the op's backend", choices=BACKENDS)
+    image_size: int = option(128, check_count(1), "pixels fed to EfficientNet-Lite0")
+    limit: int | None = option(None, check_count(1, optional=True), "use at most this many items per split")
+    eval_limit: int | None = option(None, check_count(1, optional=True),
+                                    "use at most this many items of the validation and test splits (the training "
+                                    "split stays whole)")
+    steps_per_epoch: int | None = option(None, check_count(1, optional=True),
+                                         "cap on the batches of each epoch (default: one pass over the training "
+                                         "pairs)")
+    data_options: dict = field(default_factory=dict)  # the data set's files: fne_fast.data.DATA_FLAGS
+    tags: TagsOptions | None = None  # TAGS-DC beside the sampler (None: off)
+    cache_dir: str | None = option(None, check_text(optional=True), "feature cache (default: $FNE_FAST_CACHE or "
+                                                                    "~/.cache/fne_fast)")
+    plots: bool = option(True, check_bool, "plots of each run (compare draws compare.png either way)")
+    quiet: bool = option(False, check_bool, "no progress bars")
+
+    def __post_init__(self):
+        for item, value, problem in field_problems(self):
+            raise UsageError(f"{flag_name(item.name)}: {problem}, got {value!r}")
+        store_floats(self)
+        if isinstance(self.options, dict):
+            self.options = SamplerOptions(**self.options)
+        self.options = self.options.replace(mode=sampler_mode(self.sampler))
+        if isinstance(self.tags, dict):
+            self.tags = TagsOptions(**self.tags)
+
+    @property
+    def bank_torch_dtype(self) -> torch.dtype:
+        return BANK_DTYPES[self.bank_dtype]

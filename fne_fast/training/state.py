@@ -1,0 +1,127 @@
+"""``RunState``: the evolving state of one training run (heads, optimiser, banks, loss and its statistics,
+TAGS-DC, counters, metrics so far) and its checkpoint; and the checks a resumption makes before any data is read.
+
+A checkpoint at the end of each epoch holds everything that evolves, and every source of randomness is a function
+of the seed and a counter, so a resumed run continues to exactly the numbers of an uninterrupted one. The
+checkpoint holds whole banks: a run resumes with any number of processes of the same global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from fne_fast.data import FeatureSplit
+from fne_fast.errors import UsageError
+from fne_fast.models import MatchingHeads
+from fne_fast.runs.artifacts import CHECKPOINT_NAME, refuse_legacy_checkpoint
+from fne_fast.runs.checkpoint import has_checkpoint, load_checkpoint
+from fne_fast.runs.fingerprint import differences
+from fne_fast.sampling import distributed
+from fne_fast.sampling.bank import MemoryBank
+from fne_fast.sampling.loss import FNELoss
+from fne_fast.tags.run import make_trainer
+from fne_fast.training.config import PER_PROCESS_FIELDS, RESUMABLE_FIELDS, TrainConfig
+
+__all__ = ["RunState", "resume_state"]
+
+
+class RunState:
+    """The evolving state of one training run over ``group`` (None: one process), and its checkpoint."""
+
+    def __init__(self, config: TrainConfig, train_split: FeatureSplit, texts=None, group=None):
+        self.config, self.group = config, group
+        self.world_size, self.rank = distributed.world_size(group), distributed.rank(group)
+        self.device = torch.device(config.device)
+        torch.manual_seed(config.seed)
+        self.heads = MatchingHeads(train_split.image_features.shape[1], train_split.text_features.shape[1],
+                                   config.joint_dim, config.hidden_dim, config.momentum).to(self.device)
+        # DDP averages the ranks' gradients of the trainable heads (the momentum heads have none); the loss is
+        # scaled so that the average is the global batch's gradient (fne_fast/sampling/loss.py).
+        self.model = self.heads if group is None else torch.nn.parallel.DistributedDataParallel(
+            self.heads, device_ids=[torch.cuda.current_device()] if self.device.type == "cuda" else None,
+            process_group=group)
+        self.optimizer = torch.optim.Adam(self.heads.trainable_parameters(), lr=config.lr)
+        self.image_bank, self.text_bank = (MemoryBank(config.bank_size, config.joint_dim,
+                                                      dtype=config.bank_torch_dtype, device=self.device, group=group)
+                                           for _ in range(2))
+        self.criterion = FNELoss(config.sampler, config.options, seed=config.seed,
+                                 stats_momentum=config.stats_momentum, backend=config.backend, device=self.device,
+                                 group=group)
+        self.tags = None
+        if config.tags is not None:
+            self.tags = make_trainer(config.tags, texts, train_split, seed=config.seed, device=self.device,
+                                     joint_dim=config.joint_dim, lr=config.lr, progress=not config.quiet)
+        self.next_epoch = 0
+        self.step = 0
+        self.history: list[dict] = []
+        self.timing: list[dict] = []  # kept in the checkpoint, so timing.jsonl is rewritten like metrics.jsonl
+        self.inputs: dict[str, dict | None] = {}  # each split's record of its source files (runs.fingerprint)
+
+    @property
+    def first(self) -> bool:
+        """Whether this process is rank 0, which holds the folder, evaluates and writes the files."""
+        return self.rank == 0
+
+    def state_dict(self, banks: tuple | None = None) -> dict | None:
+        """Collective when sharded (the banks' shards are gathered): the state on rank 0, None elsewhere.
+        ``banks``: the (image, text) banks' states, where the caller has gathered them since the last step."""
+        image_bank, text_bank = banks or (self.image_bank.state_dict(), self.text_bank.state_dict())
+        if not self.first:
+            return None
+        return {"config": dataclasses.asdict(self.config), "world_size": self.world_size,
+                "next_epoch": self.next_epoch, "step": self.step,
+                "heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "image_bank": image_bank, "text_bank": text_bank,
+                "stats": self.criterion.stats.state_dict(), "torch_rng": torch.get_rng_state(),
+                "history": self.history, "timing": self.timing, "inputs": self.inputs,
+                "tags": self.tags.state_dict() if self.tags else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The state of a checkpoint whose settings ``resume_state`` compared before the data was read; its
+        record of the inputs is compared here, with the data's."""
+        changed = differences(state["inputs"], self.inputs)
+        if changed:
+            raise UsageError("--resume: the data changed since the checkpoint was written: " + "; ".join(changed)
+                             + ". Train on the new data in another --out")
+        self.heads.load_state_dict(state["heads"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.image_bank.load_state_dict(state["image_bank"])
+        self.text_bank.load_state_dict(state["text_bank"])
+        self.criterion.stats.load_state_dict(state["stats"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.tags:
+            self.tags.load_state_dict(state["tags"])
+        self.next_epoch, self.step, self.history = state["next_epoch"], state["step"], list(state["history"])
+        self.timing = list(state["timing"])
+
+
+def _check_same_settings(state: dict, config: TrainConfig, world_size: int) -> None:
+    skipped = RESUMABLE_FIELDS + PER_PROCESS_FIELDS
+    stored = {key: value for key, value in state["config"].items() if key not in skipped}
+    current = {key: value for key, value in dataclasses.asdict(config).items() if key not in skipped}
+    changed = [f"{key}={stored.get(key)!r} (now {current[key]!r})" for key in sorted(current)
+               if stored.get(key) != current[key]]
+    # Any number of processes may resume a run, as long as the global batch (hence the data order) is the same.
+    stored_processes = state.get("world_size", 1)
+    if state["config"]["batch_size"] * stored_processes != config.batch_size * world_size:
+        changed.append(f"global batch = batch_size × processes = {state['config']['batch_size']} × "
+                       f"{stored_processes} (now {config.batch_size} × {world_size})")
+    if changed:
+        raise UsageError("--resume: cannot resume: the checkpoint was trained with different settings: "
+                         + ", ".join(changed))
+
+
+def resume_state(config: TrainConfig, world_size: int) -> dict | None:
+    """The checkpoint state to continue from (verified, settings compared), or None for a new run; refuses to
+    overwrite a run without ``resume``. Reads no data, so a wrong setting stops the run before any work."""
+    refuse_legacy_checkpoint(config.out)
+    if not has_checkpoint(config.out):
+        return None
+    if not config.resume:
+        raise UsageError(f"--out: {config.out} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue "
+                         "it, or choose another --out")
+    state, _ = load_checkpoint(config.out)
+    _check_same_settings(state, config, world_size)
+    return state
