@@ -6,8 +6,8 @@
 
 Steps: (1) the device's ceilings: a large device-to-device copy (bytes read + written) and a large bf16 matmul;
 (2) every GPU backend against the float64 oracle at a small size (exact inputs must give identical draws);
-(3) for each (B, N, D, bank dtype) of the GPU targets: the Triton kernel (default tiles, plus a small sweep), the compiled
-CUDA kernel when it was built, the eager oracle in float32 and the bare matmul ``anchors @ bank.T``; with
+(3) for each (B, N, D, bank dtype) of the GPU targets: the Triton kernel (default tiles, plus a small sweep), the
+compiled CUDA kernel when it was built, the eager oracle in float32 and the bare matmul ``anchors @ bank.T``; with
 ``--compile`` also torch.compile of the oracle (its first call compiles for minutes, which no budget bounds: off by
 default). Times are medians of CUDA-event timings; "extra MB" is the peak allocation above the inputs. GB/s counts
 reading the bank once; TFLOP/s counts 2·B·N·D. The table is printed as markdown (for bench/RESULTS.md) and

@@ -3,8 +3,8 @@
     python bench/bench_sharded_bank.py --write bench/RESULTS_sharded.md
 
 1. Traffic: the bytes each rank sends for one enqueue and one sample of a global batch, counted from the
-   collectives' tensor sizes (``fne_fast.sampling.distributed.count_traffic``), beside docs/DESIGN.md §3.1's formula and a
-   replicated bank's, for W = 2 and 3, float32 and bfloat16, k = 1 and 4.
+   collectives' tensor sizes (``fne_fast.sampling.distributed.count_traffic``), beside docs/DESIGN.md §3.1's
+   formula and a replicated bank's, for W = 2 and 3, float32 and bfloat16, k = 1 and 4.
 2. Time: one ``bank.sample`` of the same global problem, (G, N, D) = (256, 262146, 256), float32, the worst case
    of the CPU benchmark (nothing cut down), k = 1, with 1 process × 2 threads (unsharded), 2 processes × 1
    thread and 3 processes × 1 thread (gloo). The configurations are launched in turn, ``--rounds`` times, so that
@@ -32,8 +32,8 @@ from fne_fast.ops import SamplerOptions  # noqa: E402
 from fne_fast.sampling.launch import results_of, run_in_processes  # noqa: E402
 
 TERMS = ("anchors", "candidates", "rows", "ids", "ring")
-# The large benchmark shape (256, 262144, 256) with two more bank rows: 262144 does not divide by 3, 262146 = 6 · 43691 does, so
-# all three configurations solve the same problem.
+# The large benchmark shape (256, 262144, 256) with two more bank rows: 262144 does not divide by 3,
+# 262146 = 6 · 43691 does, so all three configurations solve the same problem.
 TIMED_SHAPE = (256, 262146, 256)
 
 

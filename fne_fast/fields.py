@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import MISSING, field
 
-__all__ = ["option", "flag_fields", "field_problems", "validate_fields", "store_floats", "parse_option_text", "flag_name",
-           "check_bool", "check_count", "check_choice", "check_text"]
+__all__ = ["option", "flag_fields", "field_problems", "validate_fields", "store_floats", "parse_option_text",
+           "flag_name", "check_bool", "check_count", "check_choice", "check_text"]
 
 
 def option(default=MISSING, check=None, help_text: str = "", *, default_factory=MISSING, choices: tuple = ()):

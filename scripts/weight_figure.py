@@ -4,8 +4,8 @@
 
 The weight exp(ℓ(s)) of a bank candidate of similarity s to an anchor whose positive scores s⁺, under running
 statistics measured on emoji (the hardest sampler's epoch 4, seed 0: μ⁺ 0.69, σ⁺² 0.0068, μ⁻ 0.47, σ⁻² 0.0148),
-with the cut-down region (s ≤ μ⁺ − margin, weight 0) shaded. Computed by fne_fast.ops.fne_math, the functions the
-diagnostics use and the kernels mirror.
+with the cut-down region (s ≤ μ⁺ − margin, weight 0) shaded. Computed by fne_fast.ops.fne_math, the functions
+the diagnostics use and the kernels mirror.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from fne_fast.data import DatasetFormatError, FeatureSplit, RawSplit, hash_split
 from fne_fast.data.albef_json import load_albef_json
 from fne_fast.data.emoji import DEFAULT_CLDR, DEFAULT_FONT, base_emoji, load_emoji, read_annotations
 from fne_fast.data.features import cached_feature_split, load_feature_arrays
-from fne_fast.data.images import load_image_file
+from fne_fast.data.images import load_image, load_image_file
 from fne_fast.data.tuxpaint import load_tuxpaint
 from fne_fast.data.wordnet import load_wordnet
 
@@ -135,6 +135,29 @@ def test_tuxpaint_svg_is_rasterised_on_white(tmp_path):
     image = load_image_file(str(path), size=40)
     assert image.size == (40, 40) and image.getpixel((0, 0)) == (255, 255, 255)
     assert image.getpixel((20, 20)) == (0, 0, 255)
+
+
+def test_load_image_takes_paths_pil_images_and_a_splits_loaders(tmp_path):
+    path = tmp_path / "half.png"
+    transparent = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    transparent.paste((0, 0, 255, 255), (0, 0, 2, 4))
+    transparent.save(path)
+    from_file = load_image(str(path))
+    assert from_file.mode == "RGB" and from_file.getpixel((0, 0)) == (0, 0, 255)
+    assert from_file.getpixel((3, 0)) == (255, 255, 255)  # transparency on white, as the training images
+    assert load_image(Image.open(path).convert("RGB")).getpixel((0, 0)) == (0, 0, 255)
+    assert list(load_image(lambda: from_file).getdata()) == list(from_file.getdata())
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_image(str(tmp_path / "missing.png"))
+    with pytest.raises(TypeError, match="images must be paths, PIL images or a split's image loaders, got int"):
+        load_image(3)
+
+
+@needs_font
+@needs_cldr
+def test_an_emoji_splits_images_load_as_rgb():
+    images = load_emoji("test", limit=2).images
+    assert all(load_image(item).mode == "RGB" for item in images)
 
 
 _WORDNET_HEADER = "  1 This software and database is being provided to you, the LICENSEE, by\n"

@@ -18,8 +18,8 @@ pytest.importorskip("tqdm", reason="tqdm (the `train` extra) is not installed: s
 pytest.importorskip("safetensors", reason="safetensors (the `train` extra) is not installed")
 
 from fne_fast.runs.artifacts import CHECKPOINT_NAME, METRICS_NAME, TIMING_NAME  # noqa: E402
-from fne_fast.runs.checkpoint import (CheckpointError, CheckpointWarning, checkpoint_path, load_checkpoint,  # noqa: E402
-                                 read_checkpoint, save_checkpoint)
+from fne_fast.runs.checkpoint import (CheckpointError, CheckpointWarning, checkpoint_path,  # noqa: E402
+                                      load_checkpoint, read_checkpoint, save_checkpoint)
 from fne_fast.cli import main  # noqa: E402
 from fne_fast.errors import NonFiniteError  # noqa: E402
 from fne_fast.training.evaluate import _ranks_of_best_positive, retrieval_metrics  # noqa: E402

@@ -157,6 +157,8 @@ def test_load_matcher_embeds_like_the_run(dataset, whole_run):
     from PIL import Image
 
     assert torch.allclose(matcher.encode_images([Image.open(paths[0])]), image[:1], atol=1e-6)
+    # What a data split holds (its lazy image loaders) embeds like the files they read.
+    assert torch.allclose(matcher.encode_images(raw.images), image, atol=1e-6)
     scores = matcher.score(paths[:2], raw.captions[:3])
     assert scores.shape == (2, 3) and torch.allclose(scores, image[:2] @ text[:3].T, atol=1e-5)
     with pytest.raises(TypeError, match="texts must be a list"):

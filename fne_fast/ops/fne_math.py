@@ -65,8 +65,8 @@ def safe_stats(stats: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
 
 def log_weights(sim: torch.Tensor, positive_sim: torch.Tensor, stats: torch.Tensor,
                 options: SamplerOptions = SamplerOptions()) -> torch.Tensor:
-    """ℓ[i, j] of docs/DESIGN.md §1 for similarities sim [B, N] (no masking), in sim's dtype: ``-τ (s - s⁺)²``, or
-    ``-fn_tau P_fn(s)`` where the Bayesian branch applies (-inf with fn_tau = inf: weight 0); zero in mode
+    """ℓ[i, j] of docs/DESIGN.md §1 for similarities sim [B, N] (no masking), in sim's dtype: ``-τ (s - s⁺)²``,
+    or ``-fn_tau P_fn(s)`` where the Bayesian branch applies (-inf with fn_tau = inf: weight 0); zero in mode
     "uniform". Mode "hardest" has no weights (its key is the similarity) and is refused."""
     if options.mode == "hardest":
         raise ValueError("mode 'hardest' has no log-weights: its key is the similarity")

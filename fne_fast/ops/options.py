@@ -59,8 +59,8 @@ def _check_min_count(value) -> str | None:
 class SamplerOptions:
     """How ``sample_negatives`` weights and draws negatives (docs/DESIGN.md §1-2); defaults are the authors'."""
 
-    mode: str = option("fne", check_choice(MODES), "fne: the paper's weighted sampler; hardest: VSE++ max violation over "
-                                            "the bank; uniform: a random non-positive, non-cut-down negative")
+    mode: str = option("fne", check_choice(MODES), "fne: the paper's weighted sampler; hardest: VSE++ max violation "
+                                                   "over the bank; uniform: a random non-positive, non-cut-down negative")
     k: int = option(1, _check_k, "negatives sampled per anchor")
     margin: float = option(0.2, _check_margin, "triplet margin; candidates with s <= mu+ - margin are cut down")
     tau: float = option(0.5, _check_tau, "temperature of the log-weight -tau (s - s+)^2")

@@ -43,8 +43,8 @@ import torch
 
 from fne_fast.io import atomic_output
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "open_checkpoint", "checkpoint_path", "has_checkpoint",
-           "CheckpointError", "CheckpointWarning", "FORMAT", "SUFFIX"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "open_checkpoint", "checkpoint_path",
+           "has_checkpoint", "CheckpointError", "CheckpointWarning", "FORMAT", "SUFFIX"]
 
 FORMAT = "fne_fast.checkpoint/1"
 SUFFIX = ".safetensors"

@@ -32,8 +32,8 @@ def _group_numbers(names: list[str] | None) -> list[int] | None:
 
 class Corpus:
     """``Corpus(dataset, data_options, cache_dir, limit, eval_limit)[split]`` -> SplitTexts, parsed on first use;
-    the limits keep the first images of each split as ``fne_fast.training.data.load_splits`` does (``eval_limit``: of the
-    validation and test splits only)."""
+    the limits keep the first images of each split as ``fne_fast.training.data.load_splits`` does (``eval_limit``:
+    of the validation and test splits only)."""
 
     def __init__(self, dataset: str, data_options: dict, cache_dir: str, limit: int | None = None,
                  progress: bool = True, eval_limit: int | None = None):
