@@ -6,6 +6,7 @@ import json
 
 import torch
 
+from fne_fast.cli.parser import config_from_args
 from fne_fast.data import load_raw_split
 from fne_fast.errors import UsageError
 from fne_fast.experiments.compare import check_arms, compare, results_markdown, with_tags_arms
@@ -19,7 +20,6 @@ from fne_fast.training.data import load_splits
 from fne_fast.training.evaluate import embed_split, final_table, retrieval_metrics
 from fne_fast.training.loop import train
 from fne_fast.training.preflight import check_device, check_run_settings
-from fne_fast.cli.parser import config_from_args
 
 __all__ = ["run_train", "run_eval", "run_compare", "run_search", "check_compare_args"]
 

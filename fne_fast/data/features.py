@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from fne_fast.data.core import DatasetFormatError, FeatureSplit, RawSplit, first_nonfinite_row, group_ids
-from fne_fast.runs.fingerprint import describe_sources, inputs_record, record_digest
 from fne_fast.io import atomic_save, remove_stale_temporaries
+from fne_fast.runs.fingerprint import describe_sources, inputs_record, record_digest
 
 __all__ = ["default_cache_dir", "encode_split", "cached_feature_split", "load_feature_arrays"]
 
