@@ -17,7 +17,7 @@ from fne_fast import ops
 from fne_fast.ops.testing import sample_inputs
 from inputs import STEEP, assert_same_draws, run_oracle
 
-MAX_K = 64  # the CUDA kernel's limit (csrc/cuda/sample_negatives_cuda.cu)
+MAX_K = 64  # the CUDA kernel's limit (kMaxK in csrc/cuda/ranked_lists.cuh)
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),

@@ -29,11 +29,8 @@
 // bank row (sized to stay in an H100's 50 MB L2, but written back eventually), so the fused kernel should win
 // the bandwidth-bound shapes.
 //
-// Selection: each shared-memory list is updated in rounds of kThreads · kItemsPerThread columns. Threads append
-// the candidates that beat the list's current k-th entry to a pool; after a barrier the pool and the list are
-// ranked together (rank = number of entries ordered before, a strict total order on (key, global index) since
-// indices are distinct), and the entries with rank < k form the new list. This is exact for any split of the
-// columns, which is what makes the result independent of the chunk and split sizes.
+// Selection: the shared-memory ranked lists of ranked_lists.cuh, exact for any split of the columns, which is what
+// makes the result independent of the chunk and split sizes.
 //
 // Non-finite similarities (NaN/Inf anchors or bank rows, or float32 overflow) are never chosen, as by every
 // backend. A key of -inf (weight 0 with fn_tau = inf) or NaN (non-finite positive_sim or stats) is not a race
@@ -62,101 +59,14 @@
 #include "../fne_math.h"
 #include "../philox.h"
 #include "../sample_negatives.h"
+#include "ranked_lists.cuh"
 
 namespace fne_fast {
 namespace {
 
-constexpr int kMaxK = 64;
-constexpr int kThreads = 256;
-constexpr int kItemsPerThread = 4;
-constexpr int kRoundCols = kThreads * kItemsPerThread;  // columns one block scans between two list updates
 constexpr int64_t kSimBufferBytes = int64_t{32} << 20;  // target size of the [B, chunk] float32 buffer
 constexpr int kBlocksPerSm = 4;                         // epilogue blocks per SM the split count aims for
 constexpr int kOutputThreads = 128;
-
-// One candidate: its key (the Gumbel key, or the similarity in the hardest list), its similarity and its global
-// column. 16 bytes.
-struct Entry {
-  float key;
-  float sim;
-  int64_t index;
-};
-
-__device__ __forceinline__ bool entry_before(const Entry& a, const Entry& b) {
-  return ranks_before(a.key, a.index, b.key, b.index);
-}
-
-// Lists of capacity k in global memory: entries [slots, k] best first, and their lengths [slots].
-struct ListSet {
-  Entry* entries;
-  int* counts;
-};
-
-// A ranked list under construction in shared memory.
-struct SharedList {
-  Entry pool[kMaxK + kRoundCols];  // [0, count): the list, best first; [k, k + pending): this round's candidates
-  Entry merged[kMaxK];
-  Entry floor;    // with has_floor: candidates must rank before it (the row's k-th entry from earlier chunks)
-  int has_floor;
-  int count;
-  int pending;
-  uint32_t gumbel_limit;  // Philox words above it give noise too small to enter (race list; see below)
-};
-
-// The key a candidate must exceed to be admitted: the larger of the floor and, once full, the list's k-th key.
-__device__ float admission_key(const SharedList& list, const Entry* kth) {
-  const float floor_key = list.has_floor ? list.floor.key : -INFINITY;
-  return kth != nullptr ? fmaxf(floor_key, kth->key) : floor_key;
-}
-
-// Thread 0 only; the caller synchronises before the list is used.
-__device__ void init_list(SharedList& list, const Entry* floor) {
-  list.count = 0;
-  list.pending = 0;
-  list.has_floor = floor != nullptr;
-  if (floor != nullptr) list.floor = *floor;
-  list.gumbel_limit = gumbel_bits_limit(admission_key(list, nullptr));
-}
-
-// Offers one candidate during a round; returns whether it was appended to the pool. The list itself does not
-// change during a round, so the threshold tests read stable shared memory.
-__device__ __forceinline__ bool offer(SharedList& list, int k, const Entry& candidate) {
-  if (list.has_floor && !entry_before(candidate, list.floor)) return false;
-  if (list.count == k && !entry_before(candidate, list.pool[k - 1])) return false;
-  list.pool[k + atomicAdd(&list.pending, 1)] = candidate;
-  return true;
-}
-
-// Collective (every thread of the block, after the barrier that ends a round): folds the pool into the list.
-// Every thread reads the same count/pending here, so the early return is uniform.
-__device__ void flush(SharedList& list, int k) {
-  const int listed = list.count, pending = list.pending;
-  if (pending == 0) return;
-  const int total = listed + pending;
-  for (int e = threadIdx.x; e < total; e += blockDim.x) {
-    const Entry mine = list.pool[e < listed ? e : k + (e - listed)];
-    int rank = 0;
-    for (int f = 0; f < listed && rank < k; ++f) rank += entry_before(list.pool[f], mine);
-    for (int f = 0; f < pending && rank < k; ++f) rank += entry_before(list.pool[k + f], mine);
-    if (rank < k) list.merged[rank] = mine;
-  }
-  __syncthreads();
-  const int kept = min(total, k);
-  for (int e = threadIdx.x; e < kept; e += blockDim.x) list.pool[e] = list.merged[e];
-  if (threadIdx.x == 0) {
-    list.count = kept;
-    list.pending = 0;
-    list.gumbel_limit = gumbel_bits_limit(admission_key(list, kept == k ? &list.merged[k - 1] : nullptr));
-  }
-  __syncthreads();
-}
-
-// Collective: writes a finished list to slot `slot` of a ListSet. The caller's last barrier precedes it.
-__device__ void store_list(const SharedList& list, int k, ListSet out, int64_t slot) {
-  const int count = list.count;
-  for (int e = threadIdx.x; e < count; e += blockDim.x) out.entries[slot * k + e] = list.pool[e];
-  if (threadIdx.x == 0) out.counts[slot] = count;
-}
 
 struct EpilogueArgs {
   const float* sims;        // [B, chunk_cols] of this chunk
@@ -250,12 +160,6 @@ struct MergeArgs {
   ListSet partial_race, partial_hard;
 };
 
-// Offers entry `position` of list `slot` if the list has one.
-__device__ __forceinline__ bool offer_listed(SharedList& list, int k, const ListSet& from, int64_t slot,
-                                             int position) {
-  return position < from.counts[slot] && offer(list, k, from.entries[slot * k + position]);
-}
-
 __global__ void __launch_bounds__(kThreads) merge_kernel(MergeArgs args) {
   __shared__ SharedList race, hard;
   const int k = args.k;
@@ -304,16 +208,6 @@ struct OutputArgs {
   float* sim;
   bool* valid;
   float* key;
-};
-
-// A finished list of global memory in the list interface of write_output_row (fne_math.h).
-struct EntryList {
-  const Entry* entries;
-  int count;
-  __device__ int64_t size() const { return count; }
-  __device__ int64_t index_at(int64_t i) const { return entries[i].index; }
-  __device__ float sim_at(int64_t i) const { return entries[i].sim; }
-  __device__ float key_at(int64_t i) const { return entries[i].key; }
 };
 
 // One thread per row writes its k output slots (in mode "hardest" the race list is the hardest list).
