@@ -23,11 +23,12 @@
 // Why this design: cuBLAS reaches the GEMM's peak rate for every dtype, stride and architecture, so the
 // hand-written part is only the epilogue, whose selection semantics must match the CPU kernel exactly, and it can
 // be kept small enough to check by reading. The fully fused tensor-core design (no S round trip) is the Triton
-// backend's; the two GPU backends are measured against each other and backend="auto" takes the faster one per
-// shape. Expected trade-off: for compute-bound shapes (large B) this design runs at the cuBLAS rate plus an
-// epilogue of a few dozen integer operations per pair; for small B the S buffer adds 4·B bytes of traffic per
-// bank row (sized to stay in an H100's 50 MB L2, but written back eventually), so the fused kernel should win
-// the bandwidth-bound shapes.
+// backend's. No measurement chooses between the two: wherever this kernel is built it serves the CUDA dispatch
+// key (backend="auto" or "cuda"), the Triton kernel serves that key only in builds without it (fne_fast/ops.py),
+// and backend="triton" calls the Triton kernel explicitly. The expected trade-off, a prediction not measured: for
+// compute-bound shapes (large B) this design runs at the cuBLAS rate plus an epilogue of a few dozen integer
+// operations per pair; for small B the S buffer adds 4·B bytes of traffic per bank row (sized to stay in an
+// H100's 50 MB L2, but written back eventually), so the fused kernel should win the bandwidth-bound shapes.
 //
 // Selection: the shared-memory ranked lists of ranked_lists.cuh, exact for any split of the columns, which is what
 // makes the result independent of the chunk and split sizes.
