@@ -2,8 +2,6 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include "cpu/similarity_tiles.h"
-
 extern "C" {
 // `import fne_fast._C` loads this library, which runs the static registrations below; the module itself is empty.
 PyObject* PyInit__C(void) {
@@ -20,5 +18,5 @@ TORCH_LIBRARY(fne_fast, m) {
       "bool check_finite) -> (Tensor index, Tensor sim, Tensor valid, Tensor key)");
   // Whether a CPU call with bf16 anchors and bank would take oneDNN's bf16 kernel now (the CPU has avx512_bf16
   // and torch.backends.mkldnn is enabled); tests and benchmarks ask it which path they measure.
-  m.def("cpu_bf16_brgemm() -> bool", &fne_fast::bf16_brgemm_supported);
+  m.def("cpu_bf16_brgemm() -> bool");
 }
