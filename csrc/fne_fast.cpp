@@ -19,4 +19,7 @@ TORCH_LIBRARY(fne_fast, m) {
   // Whether a CPU call with bf16 anchors and bank would take oneDNN's bf16 kernel now (the CPU has avx512_bf16
   // and torch.backends.mkldnn is enabled); tests and benchmarks ask it which path they measure.
   m.def("cpu_bf16_brgemm() -> bool");
+  // Which loops the CPU kernel's epilogue runs in this process: "avx512", or "portable" (a CPU without AVX-512F,
+  // or FNE_FAST_CPU_PORTABLE set); tests ask it whether the variable took effect.
+  m.def("cpu_epilogue() -> str");
 }

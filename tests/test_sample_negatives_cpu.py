@@ -47,11 +47,16 @@ def test_tile_sizes_from_the_environment_are_checked(monkeypatch, value):
 
 def test_portable_philox_path_gives_the_same_draws(tmp_path):
     # The kernel picks its AVX-512 Philox loop once per process; a fresh process with FNE_FAST_CPU_PORTABLE=1
-    # runs the portable loop on the same inputs, including columns whose global index crosses 2³².
+    # runs the portable loop on the same inputs, including columns whose global index crosses 2³². The child
+    # checks that it runs the portable loop, so a variable the kernel does not read fails here.
+    if torch.ops.fne_fast.cpu_epilogue() == "portable":
+        pytest.skip("this process runs the portable epilogue already (no AVX-512F, or FNE_FAST_CPU_PORTABLE set): "
+                    "the comparison would be portable against portable")
     inputs = sample_inputs(9, 700, 8, kind="exact", seed=21)
     options = dict(k=3, col_offset=2**32 - 350, **STEEP)
     torch.save(inputs, tmp_path / "inputs.pt")
     script = ("import sys, torch, fne_fast; inputs = torch.load(sys.argv[1]); "
+              "assert torch.ops.fne_fast.cpu_epilogue() == 'portable', torch.ops.fne_fast.cpu_epilogue(); "
               f"torch.save(fne_fast.sample_negatives(*inputs.values(), **{options!r}), sys.argv[2])")
     env = dict(os.environ, FNE_FAST_CPU_PORTABLE="1")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
@@ -60,17 +65,25 @@ def test_portable_philox_path_gives_the_same_draws(tmp_path):
     assert_same_draws(run_op(inputs, **options), run_oracle(inputs, **options))
 
 
-# --- the bf16 brgemm tiles (csrc/cpu/similarity_tiles.cpp) ---------------------------------------------------------
-
-def cpu_has_avx512_bf16() -> bool:
+def cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists the CPU feature `flag` (False where there is no such file)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in cpuinfo)
+            return any(line.startswith("flags") and flag in line.split() for line in cpuinfo)
     except OSError:
         return False
 
 
-BRGEMM = cpu_has_avx512_bf16() and torch.backends.mkldnn.is_available()
+def test_diagnostic_ops_say_which_paths_this_process_takes():
+    # Both ops have no tensor arguments (csrc/cpu/diagnostic_ops.cpp); the epilogue follows the CPU and the variable.
+    portable = not cpu_has("avx512f") or "FNE_FAST_CPU_PORTABLE" in os.environ
+    assert torch.ops.fne_fast.cpu_epilogue() == ("portable" if portable else "avx512")
+    assert isinstance(torch.ops.fne_fast.cpu_bf16_brgemm(), bool)
+
+
+# --- the bf16 brgemm tiles (csrc/cpu/similarity_tiles.cpp) ---------------------------------------------------------
+
+BRGEMM = cpu_has("avx512_bf16") and torch.backends.mkldnn.is_available()
 needs_brgemm = pytest.mark.skipif(not BRGEMM, reason="needs a CPU with avx512_bf16 and torch with oneDNN")
 
 

@@ -3,10 +3,21 @@
 // an op without tensors through its CompositeExplicitAutograd kernel (a CPU kernel would never be found).
 #include <torch/library.h>
 
+#include <string>
+
 #include "similarity_tiles.h"
+#include "tile_epilogue.h"
 
 namespace fne_fast {
+namespace {
 
-TORCH_LIBRARY_IMPL(fne_fast, CompositeExplicitAutograd, m) { m.impl("cpu_bf16_brgemm", &bf16_brgemm_supported); }
+std::string epilogue_name() { return avx512_epilogue() ? "avx512" : "portable"; }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fne_fast, CompositeExplicitAutograd, m) {
+  m.impl("cpu_bf16_brgemm", &bf16_brgemm_supported);
+  m.impl("cpu_epilogue", &epilogue_name);
+}
 
 }  // namespace fne_fast

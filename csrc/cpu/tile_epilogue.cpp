@@ -212,15 +212,22 @@ FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int la
 
 }  // namespace
 
+bool avx512_epilogue() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && std::getenv("FNE_FAST_CPU_PORTABLE") == nullptr;
+  return avx512;
+#else
+  return false;
+#endif
+}
+
 bool tile_epilogue(const SimilarityTile& tile, const CallContext& call, RowLists& lists, EpilogueScratch& scratch) {
   if (static_cast<int64_t>(scratch.columns.size()) < tile.cols) {
     scratch.columns.resize(tile.cols);
     scratch.survivors.resize(tile.cols);
   }
 #if defined(__x86_64__) || defined(_M_X64)
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && std::getenv("FNE_FAST_CPU_PORTABLE") == nullptr;
-#else
-  constexpr bool avx512 = false;
+  const bool avx512 = avx512_epilogue();
 #endif
   bool non_finite = false;
   for (int64_t r0 = 0; r0 < tile.rows; r0 += kLanes) {

@@ -36,8 +36,12 @@ struct EpilogueScratch {
   std::vector<uint16_t> survivors;
 };
 
+// Whether tile_epilogue takes its AVX-512 loops, decided on the first call of the process: on an x86 CPU with
+// AVX-512F unless FNE_FAST_CPU_PORTABLE is set (to any value); the portable loops otherwise. The op
+// fne_fast::cpu_epilogue reports the same decision.
+bool avx512_epilogue();
+
 // Runs the epilogue over every row of the tile; returns whether a similarity of a live pair was not finite.
-// FNE_FAST_CPU_PORTABLE=1 (read once per process) takes the portable loops where AVX-512 would be used.
 bool tile_epilogue(const SimilarityTile& tile, const CallContext& call, RowLists& lists, EpilogueScratch& scratch);
 
 }  // namespace fne_fast
