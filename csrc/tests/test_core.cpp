@@ -107,10 +107,11 @@ void test_gumbel_bits_limit() {
 
 void test_log_weight() {
   const float stats[5] = {0.3f, 0.04f, 0.0f, 0.05f, 500.0f};
-  const double tau = 2.0, prior_k = 10000.0, fn_margin = 0.999;
+  // fn_tau differs from tau, so that each branch of the weight is seen to use its own temperature.
+  const double tau = 2.0, fn_tau = 3.0, prior_k = 10000.0, fn_margin = 0.999;
   fne_fast::SamplerConfig config{};
   config.tau = 2.0f;
-  config.fn_tau = 2.0f;  // the authors' rule: fn_tau = tau
+  config.fn_tau = 3.0f;
   config.prior_k = prior_k;
   config.fn_margin = fn_margin;
   config.min_count = 200;
@@ -123,7 +124,7 @@ void test_log_weight() {
     const double p_fn = 1.0 / (1.0 + std::exp(-(log_pos - log_neg - std::log(prior_k - 1.0))));
     const double positive_sim = 0.7;
     const bool bayes = p_fn > 1.0 - fn_margin;
-    const double expected = bayes ? -tau * p_fn : -tau * (s - positive_sim) * (s - positive_sim);
+    const double expected = bayes ? -fn_tau * p_fn : -tau * (s - positive_sim) * (s - positive_sim);
     (bayes ? bayes_pairs : base_pairs) += 1;
     const float got = fne_fast::fne_log_weight(static_cast<float>(s), static_cast<float>(positive_sim), params);
     expect(std::fabs(got - expected) <= 1e-5 * std::fmax(1.0, std::fabs(expected)), "fne_log_weight");
