@@ -1,4 +1,4 @@
-// The per-pair epilogue of DESIGN.md §1-2 in float32, shared by the CPU and CUDA kernels and the C++ unit
+// The per-pair epilogue of docs/DESIGN.md §1-2 in float32, shared by the CPU and CUDA kernels and the C++ unit
 // tests: Gumbel noise from a Philox word, the FNE log-weight, and the order of (key, global index) pairs.
 #pragma once
 
@@ -118,12 +118,12 @@ FNE_HOST_DEVICE uint32_t gumbel_bits_limit(float threshold) {
   return bound >= 4294967295.0 ? kAllWords : static_cast<uint32_t>(bound);
 }
 
-// Total order of candidates: larger key first, ties to the lower global index (DESIGN.md §2).
+// Total order of candidates: larger key first, ties to the lower global index (docs/DESIGN.md §2).
 FNE_HOST_DEVICE bool ranks_before(float key_a, int64_t index_a, float key_b, int64_t index_b) {
   return key_a > key_b || (key_a == key_b && index_a < index_b);
 }
 
-// Writes the k output slots of one row (DESIGN.md §2), shared by the CPU and CUDA kernels: the race winners in
+// Writes the k output slots of one row (docs/DESIGN.md §2), shared by the CPU and CUDA kernels: the race winners in
 // key order with their keys, then the hardest non-positive candidates not chosen yet (key -inf), then invalid
 // slots (index -1, sim 0, key -inf). The lists are ranked best first and offer size(), index_at(i), sim_at(i) and
 // key_at(i); in mode "hardest" the race list is the hardest list, whose key is the similarity. The top-k hardest

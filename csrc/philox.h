@@ -1,6 +1,6 @@
 // Counter-based Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11),
 // shared by the CPU kernel, the CUDA kernel and the C++ unit tests so that every backend draws the same
-// number for the same (seed, step, row, global column). DESIGN.md §2 fixes the counter layout:
+// number for the same (seed, step, row, global column). docs/DESIGN.md §2 fixes the counter layout:
 //   key     = (seed low 32 bits, seed high 32 bits)
 //   counter = (global column low 32 bits, global column high 32 bits, global row, step)
 #pragma once

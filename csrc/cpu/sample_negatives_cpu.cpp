@@ -1,4 +1,4 @@
-// CPU kernel of fne_fast::sample_negatives (DESIGN.md §2).
+// CPU kernel of fne_fast::sample_negatives (docs/DESIGN.md §2).
 //
 // Work items are (anchor block × bank tile) pairs split over at::parallel_for threads. For each item, one GEMM
 // computes the float32 similarity tile into a per-thread buffer that stays in L2 (similarity_tiles.h: oneDNN's

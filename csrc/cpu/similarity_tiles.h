@@ -1,5 +1,5 @@
 // Similarity tiles of the CPU kernel, column-major: tile[j * ld + r] = <anchors[row_begin + r], bank[col_begin + j]>
-// in float32 (DESIGN.md §2: products and sums in float32 whatever the storage dtype). The bank tile is the left
+// in float32 (docs/DESIGN.md §2: products and sums in float32 whatever the storage dtype). The bank tile is the left
 // operand of the product, so each tile is one GEMM with the bank rows as its M dimension.
 //
 // Two paths, the same values up to the order of the float32 sums:

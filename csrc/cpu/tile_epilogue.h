@@ -1,5 +1,6 @@
-// The CPU kernel's fused epilogue (DESIGN.md §1-2) over one column-major similarity tile: identity / fill / cut-down
-// masks, the hardest non-positive candidates, Philox, Gumbel keys and the race, updating the rows' ranked lists.
+// The CPU kernel's fused epilogue (docs/DESIGN.md §1-2) over one column-major similarity tile: identity / fill /
+// cut-down masks, the hardest non-positive candidates, Philox, Gumbel keys and the race, updating the rows' ranked
+// lists.
 #pragma once
 
 #include <cstdint>

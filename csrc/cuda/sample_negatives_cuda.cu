@@ -1,4 +1,4 @@
-// CUDA kernel of fne_fast::sample_negatives (DESIGN.md §2).
+// CUDA kernel of fne_fast::sample_negatives (docs/DESIGN.md §2).
 //
 // Design: "bank chunks through cuBLAS, then a fused epilogue". The live bank rows [0, filled) are processed in
 // column chunks, all on the current stream:

@@ -24,7 +24,7 @@ void test_philox_known_answers() {
     uint32_t counter[4];
     uint32_t expected[4];
   };
-  // Random123's known-answer vectors for Philox4x32-10 (DESIGN.md §2).
+  // Random123's known-answer vectors for Philox4x32-10 (docs/DESIGN.md §2).
   const Vector vectors[] = {
       {0, 0, {0, 0, 0, 0}, {0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8}},
       {0xffffffff, 0xffffffff, {0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff},
