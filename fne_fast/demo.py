@@ -13,6 +13,7 @@ import torch
 
 import fne_fast
 from fne_fast.ops.testing import median_seconds
+from fne_fast.training import TrainConfig
 
 
 def planted_bank(num_anchors: int, bank_size: int, dim: int, group_size: int, seed: int):
@@ -35,8 +36,9 @@ def planted_bank(num_anchors: int, bank_size: int, dim: int, group_size: int, se
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--bank-size", type=int, default=8224)
+    training = TrainConfig()  # the demo's batch and bank are a training run's
+    parser.add_argument("--batch", type=int, default=training.batch_size)
+    parser.add_argument("--bank-size", type=int, default=training.bank_size)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)

