@@ -50,14 +50,14 @@ def parse_args(argv=None):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Set by main() (after the optional in-place build), read by the functions below.
 ARGS = START = DEVICE = None
-torch = triton = fne_fast = ops = reference = triton_kernels = None
+torch = triton = fne_fast = ops = reference = triton_kernels = triton_configs = None
 DTYPES = {}
 
 
 def load_modules(args) -> None:
     """Imports torch, Triton and fne_fast after the optional in-place build (whose result must win over an
     installed copy), with TRITON_INTERPRET set first for a dry run."""
-    global torch, triton, fne_fast, ops, reference, triton_kernels, DEVICE, DTYPES
+    global torch, triton, fne_fast, ops, reference, triton_kernels, triton_configs, DEVICE, DTYPES
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before fne_fast.kernels is imported
     if args.build:
@@ -69,10 +69,11 @@ def load_modules(args) -> None:
     import fne_fast as package
     from fne_fast import ops as ops_module
     from fne_fast.ops import reference as reference_module
+    from fne_fast.kernels import configs as configs_module
     from fne_fast.kernels import sample_negatives as kernels_module
 
-    torch, triton, fne_fast, ops, reference, triton_kernels = (torch_module, triton_module, package, ops_module,
-                                                                reference_module, kernels_module)
+    torch, triton, fne_fast, ops, reference = torch_module, triton_module, package, ops_module, reference_module
+    triton_kernels, triton_configs = kernels_module, configs_module
     DEVICE = torch.device("cpu" if args.dry_run else "cuda")
     DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -151,13 +152,13 @@ def triton_options():
 
 
 def sweep_configs(num_rows, dim, bank_dtype):
-    """A few alternatives to the default tiles (kernels/sample_negatives.py default_config: 8 warps, no spills on
+    """A few alternatives to the default tiles (kernels/configs.py default_config: 8 warps, no spills on
     sm_90): larger epilogue tiles that spill a little, 4 warps, deeper pipelining. The dry run tries one, to check
     the path. Each is one row of the table; one the device cannot run is recorded with its error."""
     if ARGS.no_sweep:
         return {}
     low = bank_dtype != torch.float32
-    default = triton_kernels.default_config(num_rows, dim, OPTIONS["k"], low, DEVICE)
+    default = triton_configs.default_config(num_rows, dim, OPTIONS["k"], low, DEVICE)
     shapes = (((64, 32, 4, 3),) if DEVICE.type != "cuda" else
               ((128, 64, 8, 3), (64, 64, 8, 4), (64, 64, 4, 3), (128, 128, 8, 3)))
     configs = {}

@@ -35,13 +35,14 @@ a few ulps even on exactly representable inputs: two logarithms in G and one exp
 5 ulps, 1e-5. Candidates whose float64 keys are closer than that are near-ties that may go either way; the tests
 allow exactly that much on a GPU (``Backend.key_tolerance`` in tests/inputs.py), and identical draws elsewhere.
 
-Tiles. ``default_config`` picks 8 warps and tiles whose epilogue fits the registers without spilling on sm_90
-(ROW_BLOCK_LIMITS below); scripts/triton_resources.py compiles every shipped configuration without a GPU and
-reports its registers, stack (spills) and shared memory, and the test suite fails on any spill.
+Tiles. ``default_config`` (kernels/configs.py) picks 8 warps and tiles whose epilogue fits the registers without
+spilling on sm_90; scripts/triton_resources.py compiles every shipped configuration without a GPU and reports its
+registers, stack (spills) and shared memory, and the test suite fails on any spill. The device helpers (Philox,
+Gumbel noise, the top-k lists in registers) are kernels/jit_helpers.py.
 
 Dispatch. fne_fast/ops/dispatch.py calls :func:`sample_negatives_triton` for ``backend="triton"``, and registers
-it for the CUDA key of ``fne_fast::sample_negatives`` when no compiled CUDA kernel was built, so ``backend="auto"`` on
-CUDA tensors runs the compiled CUDA C++ kernel when it exists and this kernel otherwise. That rule stands until
+it for the CUDA key of ``fne_fast::sample_negatives`` when no compiled CUDA kernel was built, so ``backend="auto"``
+on CUDA tensors runs the compiled CUDA C++ kernel when it exists and this kernel otherwise. That rule stands until
 both are measured on a GPU (bench/bench_sample_negatives_gpu.py times both side by side). This module imports
 only public modules of fne_fast.ops (options, checks, fne_math): never the wrapper (dispatch), so there is no
 cycle.
@@ -49,7 +50,6 @@ cycle.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -57,136 +57,14 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from fne_fast.kernels.configs import TritonConfig, default_config, input_precision, merge_config, num_splits
+from fne_fast.kernels.jit_helpers import (EMPTY_KEY, FLOAT_MAX, PAD_KEY, best_of, from_ordered, gumbel_from_bits,
+                                          insert_tile, pack, philox_first_word, store_list)
 from fne_fast.ops.checks import raise_if_not_finite
 from fne_fast.ops.fne_math import fn_logit_threshold
 from fne_fast.ops.options import SamplerOptions
 
-__all__ = ["TritonConfig", "MergeConfig", "default_config", "merge_config", "sample_negatives_triton",
-           "is_interpreted"]
-
-# Philox4x32-10 constants (csrc/philox.h).
-PHILOX_M0 = tl.constexpr(0xD2511F53)
-PHILOX_M1 = tl.constexpr(0xCD9E8D57)
-PHILOX_W0 = tl.constexpr(0x9E3779B9)
-PHILOX_W1 = tl.constexpr(0xBB67AE85)
-# Sentinels: an empty list slot (below every ordered float key) and a packed tile entry that is not a candidate.
-EMPTY_KEY = tl.constexpr(-(2**31))
-PAD_KEY = tl.constexpr(2**31 - 1)  # list slots >= k: never the worst entry, never written
-NO_CANDIDATE = tl.constexpr(-(2**63))
-FLOAT_MAX = tl.constexpr(3.4028234663852886e38)
-
-MAX_MERGE_WIDTH = 2048  # partial entries per row that the merge kernel holds at once
-
-
-@triton.jit
-def _philox_first_word(c0, c1, c2, c3, k0, k1):
-    """First output word of Philox4x32-10 (csrc/philox.h philox_first_word); uint32 operands that broadcast."""
-    # Wrapping uint32 arithmetic is the algorithm, so the overflow sanitizer (on in debug and interpreter runs)
-    # must not check it.
-    for _ in tl.static_range(9):
-        n0 = tl.umulhi(c2, PHILOX_M1) ^ c1 ^ k0
-        n2 = tl.umulhi(c0, PHILOX_M0) ^ c3 ^ k1
-        c1 = tl.mul(c2, PHILOX_M1, sanitize_overflow=False)
-        c3 = tl.mul(c0, PHILOX_M0, sanitize_overflow=False)
-        c0 = n0
-        c2 = n2
-        k0 = tl.add(k0, PHILOX_W0, sanitize_overflow=False)
-        k1 = tl.add(k1, PHILOX_W1, sanitize_overflow=False)
-    return tl.umulhi(c2, PHILOX_M1) ^ c1 ^ k0
-
-
-@triton.jit
-def _gumbel_from_bits(x):
-    """G = -log(E), E = -log(1 - v), v = (x + ½) 2⁻³² (csrc/fne_math.h gumbel_from_bits) for uint32 words x."""
-    low = x < 0x80000000
-    # f is v for low words and the exactly formed 1 - v for high ones, as in the C++ kernel.
-    # x ^ 0xFFFFFFFF is ~x (which the interpreter of Triton 3.6 rejects for uint32).
-    f = (tl.where(low, x, x ^ 0xFFFFFFFF).to(tl.float32) + 0.5) * 2.3283064365386963e-10
-    # -log(1 - v) = v + v²/2 + ... ; seven terms are exact to float32 for v < 2⁻⁴ (the rest is below v⁸).
-    series = f * (1.0 + f * (0.5 + f * (0.33333334 + f * (0.25 + f * (0.2 + f * (0.16666667 + f * 0.14285715))))))
-    exponential = tl.where(x < 0x10000000, series, -tl.log(tl.where(low, 1.0 - f, f)))
-    return -tl.log(exponential)
-
-
-@triton.jit
-def _to_ordered(key):
-    """int32 whose signed order is the float order of key (for non-NaN keys)."""
-    bits = key.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-@triton.jit
-def _from_ordered(ordered):
-    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _pack(key, mask, BLOCK_N: tl.constexpr):
-    """One int64 per pair whose row maximum is the best key, ties to the lower column (the tile's order)."""
-    rank = (BLOCK_N - 1 - tl.arange(0, BLOCK_N)).to(tl.int64)
-    return tl.where(mask, (_to_ordered(key).to(tl.int64) << 32) | rank[None, :], NO_CANDIDATE)
-
-
-@triton.jit
-def _move_best(packed, sims, list_key, list_idx, list_sim, best, worst, take, col_base, BLOCK_N: tl.constexpr,
-               KEY_IS_SIM: tl.constexpr):
-    """One round of _insert_tile: each row that takes moves its best tile entry into its worst list slot."""
-    best_key = (best >> 32).to(tl.int32)
-    column = (BLOCK_N - 1) - (best & 0xFFFFFFFF).to(tl.int32)
-    hit = tl.arange(0, BLOCK_N)[None, :] == column[:, None]
-    if KEY_IS_SIM:
-        chosen_sim = _from_ordered(best_key)
-    else:
-        chosen_sim = tl.sum(tl.where(hit, sims, 0.0), axis=1)
-    # Evict the worst entry; among equal keys the one with the larger index ranks last.
-    is_worst = list_key == worst[:, None]
-    evicted = tl.max(tl.where(is_worst, list_idx, NO_CANDIDATE), axis=1)
-    slot = is_worst & (list_idx == evicted[:, None]) & take[:, None]
-    list_key = tl.where(slot, best_key[:, None], list_key)
-    list_idx = tl.where(slot, (col_base + column)[:, None], list_idx)
-    list_sim = tl.where(slot, chosen_sim[:, None], list_sim)
-    packed = tl.where(hit & take[:, None], NO_CANDIDATE, packed)
-    best = tl.max(packed, axis=1)
-    worst = tl.min(list_key, axis=1)
-    take = (best != NO_CANDIDATE) & ((best >> 32).to(tl.int32) > worst)
-    return packed, list_key, list_idx, list_sim, best, worst, take
-
-
-@triton.jit
-def _insert_tile(packed, sims, list_key, list_idx, list_sim, col_base, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                 KEY_IS_SIM: tl.constexpr):
-    """Moves the tile's candidates that beat each row's worst list entry into the list, best first.
-
-    Tiles arrive in increasing column order, so a tile entry can only displace a list entry by a strictly larger
-    key, and at most k entries per row move: at most k rounds, usually zero or one. For small k the rounds are
-    unrolled, which keeps the tile loop free of nested loops: the compiler only software-pipelines innermost
-    loops, and the tile loop is the one whose bank loads should run ahead.
-    """
-    best = tl.max(packed, axis=1)
-    worst = tl.min(list_key, axis=1)
-    take = (best != NO_CANDIDATE) & ((best >> 32).to(tl.int32) > worst)
-    if K <= 4:
-        for _ in tl.static_range(K):
-            if tl.max(take.to(tl.int32), axis=0) > 0:
-                packed, list_key, list_idx, list_sim, best, worst, take = _move_best(
-                    packed, sims, list_key, list_idx, list_sim, best, worst, take, col_base, BLOCK_N, KEY_IS_SIM)
-    else:
-        while tl.max(take.to(tl.int32), axis=0) > 0:
-            packed, list_key, list_idx, list_sim, best, worst, take = _move_best(
-                packed, sims, list_key, list_idx, list_sim, best, worst, take, col_base, BLOCK_N, KEY_IS_SIM)
-    return list_key, list_idx, list_sim
-
-
-@triton.jit
-def _store_list(key_ptr, idx_ptr, sim_ptr, list_key, list_idx, list_sim, rows, row_ok, split, width,
-                K: tl.constexpr, KP: tl.constexpr):
-    slots = tl.arange(0, KP)
-    offsets = rows[:, None] * width + split * K + slots[None, :]
-    mask = row_ok[:, None] & (slots < K)[None, :]
-    tl.store(key_ptr + offsets, list_key, mask=mask)
-    tl.store(idx_ptr + offsets, list_idx, mask=mask)
-    tl.store(sim_ptr + offsets, list_sim, mask=mask)
+__all__ = ["sample_negatives_triton", "is_interpreted"]
 
 
 @triton.jit(do_not_specialize=["num_rows", "live_cols", "cols_per_split", "col_offset", "row_offset",
@@ -296,10 +174,10 @@ def _sample_negatives_kernel(
 
         # Hardest non-positive candidates (the fallback; the answer in mode "hardest").
         hard_worst = tl.min(hard_key, axis=1)
-        hard_floor = tl.where(hard_worst == EMPTY_KEY, -float("inf"), _from_ordered(hard_worst))
+        hard_floor = tl.where(hard_worst == EMPTY_KEY, -float("inf"), from_ordered(hard_worst))
         row_hardest = tl.max(tl.where(non_positive, s, -float("inf")), axis=1)
         if tl.max((row_hardest > hard_floor).to(tl.int32), axis=0) > 0:
-            hard_key, hard_idx, hard_sim = _insert_tile(_pack(s, non_positive, BLOCK_N), s, hard_key, hard_idx,
+            hard_key, hard_idx, hard_sim = insert_tile(pack(s, non_positive, BLOCK_N), s, hard_key, hard_idx,
                                                         hard_sim, global_base, K, BLOCK_N, True)
 
         if HAS_RACE:
@@ -310,21 +188,21 @@ def _sample_negatives_kernel(
             # v < 1 - exp(-e^-T) <= e^-T. The slack (factor 1.001: 2³² · 1.001 = 4299262263, plus 64 words)
             # covers float32 rounding of G, of the key and of the bound.
             race_worst = tl.min(race_key, axis=1)
-            threshold = tl.where(race_worst == EMPTY_KEY, -float("inf"), _from_ordered(race_worst))
+            threshold = tl.where(race_worst == EMPTY_KEY, -float("inf"), from_ordered(race_worst))
             bound = tl.minimum(tl.exp(-threshold) * 4299262263.0 + 64.0, 4294967295.0)
             limit = tl.minimum(bound.to(tl.int64), 4294967295).to(tl.uint32)
             column = global_base + offs_n
             hi_first = global_base >> 32
             if hi_first == (global_base + BLOCK_N - 1) >> 32:
                 # The usual case: one high word for the whole tile keeps the first rounds' products 1-D.
-                words = _philox_first_word(column.to(tl.uint32)[None, :], hi_first.to(tl.uint32), counter_row,
+                words = philox_first_word(column.to(tl.uint32)[None, :], hi_first.to(tl.uint32), counter_row,
                                            counter_step, key_lo, key_hi)
             else:
-                words = _philox_first_word(column.to(tl.uint32)[None, :], (column >> 32).to(tl.uint32)[None, :],
+                words = philox_first_word(column.to(tl.uint32)[None, :], (column >> 32).to(tl.uint32)[None, :],
                                            counter_row, counter_step, key_lo, key_hi)
             candidates = survives & (words <= limit[:, None])
             if tl.max(tl.max(candidates.to(tl.int32), axis=1), axis=0) > 0:
-                key = _gumbel_from_bits(words)
+                key = gumbel_from_bits(words)
                 if HAS_WEIGHTS:
                     dp = s - mu_pos
                     dn = s - mu_neg
@@ -338,26 +216,16 @@ def _sample_negatives_kernel(
                     key = weight + key
                     # A key of -inf (weight 0) or NaN (non-finite positive_sim or stats) is not a race candidate.
                     candidates = candidates & (key > -float("inf"))
-                race_key, race_idx, race_sim = _insert_tile(_pack(key, candidates, BLOCK_N), s, race_key, race_idx,
+                race_key, race_idx, race_sim = insert_tile(pack(key, candidates, BLOCK_N), s, race_key, race_idx,
                                                             race_sim, global_base, K, BLOCK_N, False)
 
-    _store_list(hard_key_ptr, hard_idx_ptr, hard_sim_ptr, hard_key, hard_idx, hard_sim, rows, row_ok, split, width,
+    store_list(hard_key_ptr, hard_idx_ptr, hard_sim_ptr, hard_key, hard_idx, hard_sim, rows, row_ok, split, width,
                 K, KP)
     if HAS_RACE:
-        _store_list(race_key_ptr, race_idx_ptr, race_sim_ptr, race_key, race_idx, race_sim, rows, row_ok, split,
+        store_list(race_key_ptr, race_idx_ptr, race_sim_ptr, race_key, race_idx, race_sim, rows, row_ok, split,
                     width, K, KP)
     if CHECK_FINITE:
         tl.store(flag_ptr + pid_m * tl.num_programs(1) + split, tl.max(saw_non_finite, axis=0))
-
-
-@triton.jit
-def _best_of(key, idx, sim):
-    """Per row: the best (key, index, sim) of the merged partial lists, ties to the lower index."""
-    best = tl.max(key, axis=1)
-    best_idx = tl.min(tl.where(key == best[:, None], idx, 2**63 - 1), axis=1)
-    hit = (key == best[:, None]) & (idx == best_idx[:, None])
-    best_sim = tl.sum(tl.where(hit, sim, 0.0), axis=1)
-    return best, best_idx, best_sim
 
 
 @triton.jit(do_not_specialize=["num_rows", "width"])
@@ -380,18 +248,18 @@ def _merge_kernel(race_key_ptr, race_idx_ptr, race_sim_ptr, hard_key_ptr, hard_i
         race_idx = tl.load(race_idx_ptr + partial, mask=mask, other=-1)
         race_sim = tl.load(race_sim_ptr + partial, mask=mask, other=0.0)
     for t in range(K):
-        hard_best, hard_best_idx, hard_best_sim = _best_of(hard_key, hard_idx, hard_sim)
+        hard_best, hard_best_idx, hard_best_sim = best_of(hard_key, hard_idx, hard_sim)
         out_idx = tl.where(hard_best != EMPTY_KEY, hard_best_idx, -1)
         out_sim = tl.where(hard_best != EMPTY_KEY, hard_best_sim, 0.0)
         if HAS_RACE:
-            race_best, race_best_idx, race_best_sim = _best_of(race_key, race_idx, race_sim)
+            race_best, race_best_idx, race_best_sim = best_of(race_key, race_idx, race_sim)
             from_race = race_best != EMPTY_KEY
             out_idx = tl.where(from_race, race_best_idx, out_idx)
             out_sim = tl.where(from_race, race_best_sim, out_sim)
-            out_key = tl.where(from_race, _from_ordered(race_best), -float("inf"))
+            out_key = tl.where(from_race, from_ordered(race_best), -float("inf"))
             race_key = tl.where(from_race[:, None] & (race_idx == race_best_idx[:, None]), EMPTY_KEY, race_key)
         else:
-            out_key = tl.where(hard_best != EMPTY_KEY, _from_ordered(hard_best), -float("inf"))
+            out_key = tl.where(hard_best != EMPTY_KEY, from_ordered(hard_best), -float("inf"))
         valid = out_idx >= 0
         # A chosen column leaves the fallback list whichever list it came from.
         hard_key = tl.where(valid[:, None] & (hard_idx == out_idx[:, None]), EMPTY_KEY, hard_key)
@@ -401,85 +269,9 @@ def _merge_kernel(race_key_ptr, race_idx_ptr, race_sim_ptr, hard_key_ptr, hard_i
         tl.store(key_ptr + rows * K + t, out_key, mask=row_ok)
 
 
-@dataclasses.dataclass(frozen=True)
-class TritonConfig:
-    """Tile sizes and launch parameters; ``num_splits=None`` picks enough splits to fill the device."""
-    block_m: int = 64
-    block_n: int = 64
-    block_k: int = 32
-    num_warps: int = 4  # default_config takes 8 (see ROW_BLOCK_LIMITS); 4 suits the small tiles tests build
-    num_stages: int = 3
-    num_splits: int | None = None
-    input_precision: str | None = None  # None: "tf32" where torch.backends.cuda.matmul.allow_tf32, else "ieee"
-
-
-@dataclasses.dataclass(frozen=True)
-class MergeConfig:
-    """Launch parameters of the merge kernel for rows of ``width`` partial entries."""
-    block_r: int
-    block_w: int
-    num_warps: int
-
-
 def is_interpreted() -> bool:
     """Whether this module's kernels were created under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
     return isinstance(_sample_negatives_kernel, InterpretedFunction)
-
-
-# Register budget of the main kernel's defaults, from ptxas for sm_90 (scripts/triton_resources.py reports every
-# shipped configuration; a spill goes to the stack frame, i.e. local memory). Each of the program's threads holds
-# its share of the [BLOCK_M, BLOCK_N] tiles of the epilogue (similarities, Philox state, keys) and of the two
-# [BLOCK_M, KP] lists (int32 key, int64 index, float32 similarity). With 8 warps and BLOCK_M x BLOCK_N = 4096, the
-# largest row block that did not spill, per list length KP (the float32 product needs more registers):
-#   bf16 / fp16: 128 rows up to KP = 8 (216 registers at D = 256), 64 up to KP = 16 (249), else 32 (<= 191);
-#   float32:     64 rows at KP = 1 (176-194), else 32 (<= 175; 64 rows at KP = 4 spilled 24 bytes).
-# The previous defaults (4 warps at 64 x 64; 128 x 64 one-step tiles at D = 256; 64 rows at k = 64) used all 255
-# registers and spilled 32 to 1656 bytes.
-ROW_BLOCK_LIMITS = {True: ((8, 128), (16, 64), (64, 32)), False: ((1, 64), (64, 32))}
-TILE_ELEMENTS = 4096
-
-
-def default_config(num_rows: int, dim: int, k: int, low_precision: bool, device: torch.device) -> TritonConfig:
-    """The shipped tiles (bench/bench_sample_negatives_gpu.py sweeps alternatives). Under the interpreter: large
-    tiles, since its cost is per operation, not per element, and exact "ieee" products."""
-    kp = triton.next_power_of_2(k)
-    whole_dim = max(16, triton.next_power_of_2(dim))
-    if device.type != "cuda":
-        return TritonConfig(block_m=64, block_n=128, block_k=min(whole_dim, 64), input_precision="ieee")
-    largest = next(rows for longest, rows in ROW_BLOCK_LIMITS[low_precision] if kp <= longest)
-    block_m = min(largest, max(32, triton.next_power_of_2(num_rows)))
-    block_n = max(32, min(64, TILE_ELEMENTS // block_m))
-    # One k-step when the bank tile's rows are at most 512 bytes (bf16 D <= 256, float32 D <= 128): the anchor tile
-    # then stays on chip for the whole split.
-    one_step = whole_dim * (2 if low_precision else 4) <= 512
-    block_k = whole_dim if one_step else (64 if low_precision else 32)
-    return TritonConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=8, num_stages=3)
-
-
-def merge_config(width: int) -> MergeConfig:
-    """Rows of the merge kernel per program: six [BLOCK_R, BLOCK_W] arrays (two of int64) stay in registers up to
-    1024 entries per program with 4 warps (4096 spilled 96-168 bytes, sm_90), and a 2048-wide row takes 8 warps."""
-    block_w = triton.next_power_of_2(width)
-    block_r = max(1, min(16, 1024 // block_w))
-    return MergeConfig(block_r=block_r, block_w=block_w, num_warps=8 if block_r * block_w > 1024 else 4)
-
-
-def _input_precision(config: TritonConfig) -> str:
-    if config.input_precision is not None:
-        return config.input_precision
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-def _num_splits(config: TritonConfig, row_blocks: int, tiles: int, k: int, multiprocessors: int | None) -> int:
-    """Enough programs to fill a device of ``multiprocessors`` SMs (None: the interpreter, a few), at most one per
-    tile, and few enough that the merge kernel's row of splits · k partial entries stays a register-sized block."""
-    if config.num_splits is not None:
-        wanted = config.num_splits
-    elif multiprocessors is not None:
-        wanted = -(-4 * multiprocessors // row_blocks)
-    else:
-        wanted = 3
-    return max(1, min(wanted, tiles, MAX_MERGE_WIDTH // triton.next_power_of_2(k)))
 
 
 def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
@@ -514,7 +306,7 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
     row_blocks = triton.cdiv(num_rows, config.block_m)
     tiles = triton.cdiv(filled, config.block_n)
     multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count if not interpreted else None
-    splits = _num_splits(config, row_blocks, tiles, k, multiprocessors)
+    splits = num_splits(config, row_blocks, tiles, k, multiprocessors)
     cols_per_split = triton.cdiv(tiles, splits) * config.block_n
     splits = triton.cdiv(filled, cols_per_split)  # no split without columns
     width = splits * k
@@ -542,7 +334,7 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
         K=k, KP=kp, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         HAS_RACE=has_race, HAS_WEIGHTS=mode == "fne", HAS_CUTDOWN=has_race and options.cutdown,
         CHECK_FINITE=bool(check_finite), FN_EXCLUDES=math.isinf(options.effective_fn_tau), DOT_FP32=dot_fp32,
-        INPUT_PRECISION="ieee" if interpreted else _input_precision(config),
+        INPUT_PRECISION="ieee" if interpreted else input_precision(config),
         ONE_K_STEP=config.block_k >= anchors.shape[1],
         num_warps=config.num_warps, num_stages=config.num_stages)
     # Every slot is written by the merge kernel.

@@ -7,7 +7,7 @@
 Triton compiles each kernel with its bundled ptxas (no driver, no GPU: TRITON_INTERPRET must be unset), and the
 bundled cuobjdump reads the cubin's resource usage: REG (registers per thread), STACK (stack frame bytes per
 thread: where ptxas puts spilled registers, so 0 means no spill) and the shared memory Triton reserves. The
-configurations are kernels/sample_negatives.py's own (default_config, merge_config) for a cover of the inputs that
+configurations are the launcher's own (kernels/configs.py default_config, merge_config) for a cover of the inputs that
 select them: each block_k class (one k-step at D = 128 and 256, k-loops at D = 768), each row block at the longest
 list it takes (ROW_BLOCK_LIMITS), the dtypes and the modes, and the merge kernel at row widths the launcher makes.
 The numbers belong to the Triton installed (3.9 in CI; scripts/gpu_check.sh runs this under the GPU image's).
@@ -57,6 +57,7 @@ def _source(case):
     import triton
     from triton.compiler import ASTSource
 
+    import fne_fast.kernels.configs as configs
     import fne_fast.kernels.sample_negatives as kernels
 
     def signature(fn, pointers, floats, ints64, constants):
@@ -74,7 +75,7 @@ def _source(case):
         return ASTSource(fn, types, constexprs=constants, attrs=attrs)
 
     if case["kernel"] == "merge":
-        config = kernels.merge_config(case["width"])
+        config = configs.merge_config(case["width"])
         pointers = dict(race_key_ptr="i32", race_idx_ptr="i64", race_sim_ptr="fp32", hard_key_ptr="i32",
                         hard_idx_ptr="i64", hard_sim_ptr="fp32", index_ptr="i64", sim_ptr="fp32", valid_ptr="i1",
                         key_ptr="fp32")
@@ -83,7 +84,7 @@ def _source(case):
         return (signature(kernels._merge_kernel, pointers, (), (), constants), {"num_warps": config.num_warps},
                 described)
     low = case["anchors"] == case["bank"] and case["bank"] != "fp32"
-    config = kernels.default_config(case["num_rows"], case["dim"], case["k"], low, torch.device("cuda"))
+    config = configs.default_config(case["num_rows"], case["dim"], case["k"], low, torch.device("cuda"))
     pointers = dict(anchors_ptr=case["anchors"], bank_ptr=case["bank"], positive_ptr="fp32", anchor_ids_ptr="i64",
                     bank_ids_ptr="i64", stats_ptr="fp32", race_key_ptr="i32", race_idx_ptr="i64",
                     race_sim_ptr="fp32", hard_key_ptr="i32", hard_idx_ptr="i64", hard_sim_ptr="fp32", flag_ptr="i32")

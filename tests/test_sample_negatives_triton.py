@@ -23,10 +23,11 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from fne_fast import ops  # noqa: E402
-from fne_fast.ops import dispatch  # noqa: E402
-from fne_fast.ops import reference  # noqa: E402
+from fne_fast.kernels import configs, jit_helpers  # noqa: E402
 from fne_fast.kernels import sample_negatives as triton_kernels  # noqa: E402
-from fne_fast.kernels.sample_negatives import TritonConfig, sample_negatives_triton  # noqa: E402
+from fne_fast.kernels.configs import TritonConfig  # noqa: E402
+from fne_fast.kernels.sample_negatives import sample_negatives_triton  # noqa: E402
+from fne_fast.ops import dispatch, reference  # noqa: E402
 from fne_fast.ops.options import MODES, SamplerOptions  # noqa: E402
 from fne_fast.ops.testing import sample_inputs  # noqa: E402
 from inputs import STEEP, assert_same_draws, run_oracle  # noqa: E402
@@ -61,14 +62,14 @@ def _philox_words_kernel(c0_ptr, c1_ptr, c2_ptr, out_ptr, c3, k0, k1, ROWS: tl.c
         c1 = tl.load(c1_ptr).to(tl.uint32)
     else:
         c1 = tl.load(c1_ptr + cols).to(tl.uint32)[None, :]
-    words = triton_kernels._philox_first_word(c0, c1, c2, c3.to(tl.uint32), k0.to(tl.uint32), k1.to(tl.uint32))
+    words = jit_helpers.philox_first_word(c0, c1, c2, c3.to(tl.uint32), k0.to(tl.uint32), k1.to(tl.uint32))
     tl.store(out_ptr + rows[:, None] * COLS + cols[None, :], words.to(tl.int64))
 
 
 @triton.jit
 def _gumbel_kernel(words_ptr, out_ptr, N: tl.constexpr):
     offs = tl.arange(0, N)
-    tl.store(out_ptr + offs, triton_kernels._gumbel_from_bits(tl.load(words_ptr + offs).to(tl.uint32)))
+    tl.store(out_ptr + offs, jit_helpers.gumbel_from_bits(tl.load(words_ptr + offs).to(tl.uint32)))
 
 
 def philox_first_words(c0, c1, c2, c3, key, scalar_high_word):
@@ -147,10 +148,10 @@ def test_default_precision_follows_torch_tf32_setting():
     before = torch.backends.cuda.matmul.allow_tf32  # a torch setting, not an attribute monkeypatch can restore
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
-        assert triton_kernels._input_precision(config) == "ieee"
+        assert configs.input_precision(config) == "ieee"
         torch.backends.cuda.matmul.allow_tf32 = True
-        assert triton_kernels._input_precision(config) == "tf32"
-        assert triton_kernels._input_precision(TritonConfig(input_precision="ieee")) == "ieee"
+        assert configs.input_precision(config) == "tf32"
+        assert configs.input_precision(TritonConfig(input_precision="ieee")) == "ieee"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
 
@@ -194,12 +195,12 @@ def test_default_configs_respect_the_register_table():
     # default_config follows ROW_BLOCK_LIMITS for every list length, and keeps the tile at 4096 elements.
     for low_precision in (True, False):
         for k in (1, 2, 3, 8, 9, 16, 17, 33, 64):
-            config = triton_kernels.default_config(4096, 256, k, low_precision, torch.device("cuda"))
-            limit = next(rows for longest, rows in triton_kernels.ROW_BLOCK_LIMITS[low_precision]
+            config = configs.default_config(4096, 256, k, low_precision, torch.device("cuda"))
+            limit = next(rows for longest, rows in configs.ROW_BLOCK_LIMITS[low_precision]
                          if triton.next_power_of_2(k) <= longest)
-            assert config.block_m == limit and config.block_m * config.block_n <= triton_kernels.TILE_ELEMENTS
+            assert config.block_m == limit and config.block_m * config.block_n <= configs.TILE_ELEMENTS
             assert config.num_warps == 8
-    assert triton_kernels.default_config(5, 256, 1, True, torch.device("cuda")).block_m == 32
+    assert configs.default_config(5, 256, 1, True, torch.device("cuda")).block_m == 32
 
 
 # --- large sizes on a GPU -----------------------------------------------------------------------------------------
