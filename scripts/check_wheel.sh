@@ -19,6 +19,7 @@ torch_version=$(python -c "import torch; print(torch.__version__.split('+')[0])"
 "$venv_python" -m pip install --quiet "torch==$torch_version" "$wheel"
 # Outside the source tree, so that only the installed copy can be imported.
 (cd "$work" && venv/bin/fne-fast --help >/dev/null && echo "fne-fast --help: ok")
+(cd "$work" && venv/bin/python -m fne_fast.cli --help >/dev/null && echo "python -m fne_fast.cli --help: ok")
 (cd "$work" && venv/bin/fne-fast-demo --bank-size 2000 --dim 64 --repeats 1 >/dev/null && echo "fne-fast-demo: ok")
 (cd "$work" && "$OLDPWD/$venv_python" - "$OLDPWD/$wheel" <<'PY'
 import importlib
@@ -29,11 +30,13 @@ import fne_fast
 
 names = sorted({name[:-len(".py")].replace("/", ".").removesuffix(".__init__")
                 for name in zipfile.ZipFile(sys.argv[1]).namelist() if name.endswith(".py")})
-triton_kernels = [name for name in names if name.startswith("fne_fast.kernels.")]  # need Triton, not installed here
+# Not imported: the Triton kernels (Triton is not installed here) and `python -m` entry points (importing one runs
+# the program; the console scripts above ran it).
+skipped = [name for name in names if name.startswith("fne_fast.kernels.") or name.endswith(".__main__")]
 for name in names:
-    if name not in triton_kernels:
+    if name not in skipped:
         importlib.import_module(name)
 assert fne_fast.__file__.startswith(sys.prefix), f"imported {fne_fast.__file__}, not the installed wheel"
-print(f"imported {len(names) - len(triton_kernels)} modules from the installed wheel")
+print(f"imported {len(names) - len(skipped)} modules from the installed wheel")
 PY
 )
