@@ -1,6 +1,10 @@
 """The ``@triton.jit`` device helpers of the sampler's kernels (kernels/sample_negatives.py): the first Philox word,
 the Gumbel noise of a word, order-preserving int32 keys, and the running top-k lists a program keeps in registers.
 
+Philox. The rounds are written out (not ``tl.philox``) because the counter is (column, column >> 32, row, step):
+the first two rounds' products then depend on the row or on the column only, and broadcasting computes them once
+per row or column.
+
 The lists. Each row holds ``KP`` slots of (ordered int32 key, int64 global index, float32 similarity); ``pack``
 turns a tile into one int64 per pair whose row maximum is the best candidate (ties to the lower column), and
 ``insert_tile`` moves the tile's candidates that beat a row's worst slot into it, best first. Slots ``>= K`` hold
@@ -25,6 +29,7 @@ EMPTY_KEY = tl.constexpr(-(2**31))
 PAD_KEY = tl.constexpr(2**31 - 1)  # list slots >= k: never the worst entry, never written
 NO_CANDIDATE = tl.constexpr(-(2**63))
 FLOAT_MAX = tl.constexpr(3.4028234663852886e38)
+
 
 @triton.jit
 def philox_first_word(c0, c1, c2, c3, k0, k1):
@@ -103,7 +108,7 @@ def _move_best(packed, sims, list_key, list_idx, list_sim, best, worst, take, co
 
 @triton.jit
 def insert_tile(packed, sims, list_key, list_idx, list_sim, col_base, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                 KEY_IS_SIM: tl.constexpr):
+                KEY_IS_SIM: tl.constexpr):
     """Moves the tile's candidates that beat each row's worst list entry into the list, best first.
 
     Tiles arrive in increasing column order, so a tile entry can only displace a list entry by a strictly larger
@@ -128,7 +133,7 @@ def insert_tile(packed, sims, list_key, list_idx, list_sim, col_base, K: tl.cons
 
 @triton.jit
 def store_list(key_ptr, idx_ptr, sim_ptr, list_key, list_idx, list_sim, rows, row_ok, split, width,
-                K: tl.constexpr, KP: tl.constexpr):
+               K: tl.constexpr, KP: tl.constexpr):
     slots = tl.arange(0, KP)
     offsets = rows[:, None] * width + split * K + slots[None, :]
     mask = row_ok[:, None] & (slots < K)[None, :]

@@ -13,10 +13,8 @@ Why it is cheap after the first few tiles. Log-weights are <= 0, so a pair can e
 Gumbel noise alone beats the list's k-th key T; G decreases in the Philox word, which turns that into an integer
 bound per row. Tiles where no pair passes the bound (most of them, once each row has seen many times more
 candidates than a tile holds) skip the logarithms, the weights and the top-k update; the hardest list is skipped
-the same way with one float max per row. Only the Philox words are computed for every pair. The Philox rounds
-are written out here (not ``tl.philox``) because the counter is (column, column >> 32, row, step): the first two
-rounds' products then depend on the row or on the column only, and broadcasting computes them once per row or
-column.
+the same way with one float max per row. Only the Philox words are computed for every pair, and broadcasting
+computes the products of the first rounds once per row or column (kernels/jit_helpers.py).
 
 Random numbers follow docs/DESIGN.md §2 bit for bit (counter = (global column lo, hi, row_offset + i, step), key =
 seed). The epilogue float math mirrors csrc/fne_math.h with two deliberate substitutes, both within a few float32
@@ -178,7 +176,7 @@ def _sample_negatives_kernel(
         row_hardest = tl.max(tl.where(non_positive, s, -float("inf")), axis=1)
         if tl.max((row_hardest > hard_floor).to(tl.int32), axis=0) > 0:
             hard_key, hard_idx, hard_sim = insert_tile(pack(s, non_positive, BLOCK_N), s, hard_key, hard_idx,
-                                                        hard_sim, global_base, K, BLOCK_N, True)
+                                                       hard_sim, global_base, K, BLOCK_N, True)
 
         if HAS_RACE:
             survives = non_positive
@@ -217,13 +215,13 @@ def _sample_negatives_kernel(
                     # A key of -inf (weight 0) or NaN (non-finite positive_sim or stats) is not a race candidate.
                     candidates = candidates & (key > -float("inf"))
                 race_key, race_idx, race_sim = insert_tile(pack(key, candidates, BLOCK_N), s, race_key, race_idx,
-                                                            race_sim, global_base, K, BLOCK_N, False)
+                                                           race_sim, global_base, K, BLOCK_N, False)
 
     store_list(hard_key_ptr, hard_idx_ptr, hard_sim_ptr, hard_key, hard_idx, hard_sim, rows, row_ok, split, width,
-                K, KP)
+               K, KP)
     if HAS_RACE:
         store_list(race_key_ptr, race_idx_ptr, race_sim_ptr, race_key, race_idx, race_sim, rows, row_ok, split,
-                    width, K, KP)
+                   width, K, KP)
     if CHECK_FINITE:
         tl.store(flag_ptr + pid_m * tl.num_programs(1) + split, tl.max(saw_non_finite, axis=0))
 

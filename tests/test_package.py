@@ -174,7 +174,8 @@ def test_wheel_check_reports_a_missing_module(tmp_path):
     assert missing.returncode == 1 and "missing from the wheel: fne_fast/data/__init__.py" in missing.stdout
 
 
-@pytest.mark.parametrize("module", ["fne_fast.kernels", "fne_fast.kernels.sample_negatives"])
+@pytest.mark.parametrize("module", ["fne_fast.kernels", "fne_fast.kernels.sample_negatives",
+                                    "fne_fast.kernels.configs", "fne_fast.kernels.jit_helpers"])
 def test_kernels_resolve_in_a_source_checkout(module):
     # After `setup.py build_ext --inplace` the package is used from the tree, where the kernels sit in the
     # top-level kernels/ folder; fne_fast.kernels must resolve there too.
