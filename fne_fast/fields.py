@@ -18,7 +18,8 @@ import dataclasses
 from dataclasses import MISSING, field
 
 __all__ = ["option", "flag_fields", "field_problems", "validate_fields", "store_floats", "parse_option_text",
-           "flag_name", "check_bool", "check_count", "check_choice", "check_text"]
+           "flag_name", "base_type", "is_number", "is_integer", "check_bool", "check_count", "check_choice",
+           "check_text"]
 
 
 def option(default=MISSING, check=None, help_text: str = "", *, default_factory=MISSING, choices: tuple = ()):
@@ -54,11 +55,11 @@ def store_floats(record) -> None:
     """Stores the float fields of a checked record as floats (ints are welcome), frozen records included."""
     for item in flag_fields(record):
         value = getattr(record, item.name)
-        if _base_type(item) == "float" and value is not None:
+        if base_type(item) == "float" and value is not None:
             object.__setattr__(record, item.name, float(value))
 
 
-def _base_type(item) -> str:
+def base_type(item) -> str:
     """A field's type without its ``| None`` ("int", "float", "bool", "str"); the annotations are strings."""
     return str(item.type).replace(" | None", "")
 
@@ -67,7 +68,7 @@ def parse_option_text(item, text: str, *, check: bool = True):
     """The value of a record's field written as text (a flag's argument, a compare arm's ``field=value``), checked
     by the field's own check unless ``check`` is False; raises ValueError ("expects float, got 'x'" or
     "<problem>, got <text>") for the caller to prefix with the flag."""
-    kind = _base_type(item)
+    kind = base_type(item)
     try:
         if kind == "bool":
             value = {"true": True, "false": False}[text.lower()]
@@ -90,6 +91,15 @@ def flag_name(name: str, prefix: str = "") -> str:
 
 # --- checks shared by the records --------------------------------------------------------------------------------
 
+def is_number(value) -> bool:
+    """An int or float, not a bool (which Python counts as an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_bool(value) -> str | None:
     return None if isinstance(value, bool) else "must be True or False"
 
@@ -100,7 +110,7 @@ def check_count(minimum: int, *, optional: bool = False):
     def check(value) -> str | None:
         if optional and value is None:
             return None
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not is_integer(value):
             return f"must be an integer >= {minimum}"
         return None if value >= minimum else f"must be >= {minimum}"
 

@@ -12,7 +12,7 @@ import argparse
 
 from fne_fast.data import DATA_FLAGS
 from fne_fast.experiments.compare import PER_RUN_FIELDS, parse_arm
-from fne_fast.fields import flag_fields, flag_name, parse_option_text
+from fne_fast.fields import base_type, check_count, flag_fields, flag_name, parse_option_text
 from fne_fast.ops.options import sampler_flag_fields
 from fne_fast.sampling.loss import SAMPLERS
 from fne_fast.tags import TagsOptions
@@ -43,7 +43,7 @@ def _add_field_flags(parser, fields, *, prefix: str = "", check: bool = True) ->
     for item in fields:
         flag, dest, help_text = flag_name(item.name, prefix), prefix + item.name, item.metadata["help"]
         default = item.default_factory() if callable(item.default_factory) else item.default
-        if str(item.type) == "bool":
+        if base_type(item) == "bool":
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
         elif item.metadata["choices"]:
@@ -81,8 +81,9 @@ def _positive_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    problem = check_count(1)(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{problem}, got {value}")
     return value
 
 

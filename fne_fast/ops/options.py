@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from fne_fast.fields import check_bool, check_choice, flag_fields, option, validate_fields
+from fne_fast.fields import check_bool, check_choice, flag_fields, is_integer, is_number, option, validate_fields
 
 __all__ = ["SamplerOptions", "MODES", "SCHEMA_FIELDS", "sampler_flag_fields"]
 
@@ -21,37 +21,33 @@ MODES = ("fne", "hardest", "uniform")
 SCHEMA_FIELDS = ("k", "mode", "margin", "tau", "fn_tau", "prior_k", "fn_margin", "min_count", "cutdown")
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_k(value) -> str | None:
-    return None if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else "must be an integer >= 1"
+    return None if is_integer(value) and value >= 1 else "must be an integer >= 1"
 
 
 def _check_margin(value) -> str | None:
-    return None if _is_number(value) and math.isfinite(value) else "must be a finite number"
+    return None if is_number(value) and math.isfinite(value) else "must be a finite number"
 
 
 def _check_tau(value) -> str | None:
-    return None if _is_number(value) and math.isfinite(value) and value >= 0 else "must be finite and >= 0"
+    return None if is_number(value) and math.isfinite(value) and value >= 0 else "must be finite and >= 0"
 
 
 def _check_fn_tau(value) -> str | None:
-    ok = value is None or (_is_number(value) and value >= 0)  # NaN fails >= 0; inf is allowed
+    ok = value is None or (is_number(value) and value >= 0)  # NaN fails >= 0; inf is allowed
     return None if ok else "must be None (= tau), a number >= 0, or inf"
 
 
 def _check_prior_k(value) -> str | None:
-    return None if _is_number(value) and math.isfinite(value) and value > 1 else "must be finite and > 1"
+    return None if is_number(value) and math.isfinite(value) and value > 1 else "must be finite and > 1"
 
 
 def _check_fn_margin(value) -> str | None:
-    return None if _is_number(value) and 0 <= value <= 1 else "must be in [0, 1]"
+    return None if is_number(value) and 0 <= value <= 1 else "must be in [0, 1]"
 
 
 def _check_min_count(value) -> str | None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    ok = is_integer(value) and value >= 0
     return None if ok else "must be an integer >= 0"
 
 
@@ -59,8 +55,9 @@ def _check_min_count(value) -> str | None:
 class SamplerOptions:
     """How ``sample_negatives`` weights and draws negatives (docs/DESIGN.md §1-2); defaults are the authors'."""
 
-    mode: str = option("fne", check_choice(MODES), "fne: the paper's weighted sampler; hardest: VSE++ max violation "
-                                                   "over the bank; uniform: a random non-positive, non-cut-down negative")
+    mode: str = option("fne", check_choice(MODES), "fne: the paper's weighted sampler; hardest: VSE++ max "
+                                                   "violation over the bank; uniform: a random non-positive, "
+                                                   "non-cut-down negative")
     k: int = option(1, _check_k, "negatives sampled per anchor")
     margin: float = option(0.2, _check_margin, "triplet margin; candidates with s <= mu+ - margin are cut down")
     tau: float = option(0.5, _check_tau, "temperature of the log-weight -tau (s - s+)^2")

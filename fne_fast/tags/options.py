@@ -23,30 +23,30 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from fne_fast.fields import check_bool, flag_fields, option, validate_fields
+from fne_fast.fields import check_bool, flag_fields, is_integer, is_number, option, validate_fields
 
 __all__ = ["TagsOptions"]
 
 
 def _count(minimum: int):
     def check(value) -> str | None:
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+        ok = is_integer(value) and value >= minimum
         return None if ok else f"must be an integer >= {minimum}"
     return check
 
 
 def _weight(value) -> str | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    ok = is_number(value) and math.isfinite(value) and value >= 0
     return None if ok else "must be a finite number >= 0"
 
 
 def _positive(value) -> str | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    ok = is_number(value) and math.isfinite(value) and value > 0
     return None if ok else "must be a finite number > 0"
 
 
 def _probability(value) -> str | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
+    ok = is_number(value) and 0 < value <= 1
     return None if ok else "must be in (0, 1]"
 
 

@@ -16,8 +16,8 @@ import torch
 
 from fne_fast.data import DATASETS
 from fne_fast.errors import UsageError
-from fne_fast.fields import (check_bool, check_choice, check_count, check_text, field_problems, flag_name, option,
-                             store_floats)
+from fne_fast.fields import (check_bool, check_choice, check_count, check_text, field_problems, flag_name,
+                             is_integer, is_number, option, store_floats)
 from fne_fast.ops import BACKENDS, SamplerOptions
 from fne_fast.ops.checks import EMBEDDING_DTYPES, dtype_name
 from fne_fast.sampling.loss import SAMPLERS, sampler_mode
@@ -34,24 +34,20 @@ PER_PROCESS_FIELDS = ("batch_size",)
 
 
 def _check_integer(value) -> str | None:
-    return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return None if is_integer(value) else "must be an integer"
 
 
 def _check_learning_rate(value) -> str | None:
-    return None if _is_number(value) and math.isfinite(value) and value > 0 else "must be finite and > 0"
+    return None if is_number(value) and math.isfinite(value) and value > 0 else "must be finite and > 0"
 
 
 def _check_momentum(value) -> str | None:
-    return None if _is_number(value) and 0.0 <= value < 1.0 else "must be in [0, 1)"
+    return None if is_number(value) and 0.0 <= value < 1.0 else "must be in [0, 1)"
 
 
 def _check_stats_momentum(value) -> str | None:
     # An EMA needs a momentum strictly inside (0, 1) (fne_fast.RunningStats); None is the authors' running mean.
-    return None if value is None or (_is_number(value) and 0.0 < value < 1.0) else "must be in (0, 1)"
+    return None if value is None or (is_number(value) and 0.0 < value < 1.0) else "must be in (0, 1)"
 
 
 @dataclass
