@@ -1,5 +1,5 @@
-"""Use a trained matcher: embed images and texts with the frozen backbones and a run's heads, score them, and
-search a data set's split.
+"""Use a trained matcher: embed images and texts with the frozen backbones and a run's heads (and the backbone
+layers a ``--finetune`` run trained), score them, and search a data set's split.
 
     matcher = fne_fast.load_matcher("runs/emoji-fne")          # a run folder, or one of its checkpoint files
     matcher.score(["cat.png"], ["a cat face", "a red heart"])   # [1, 2] cosine similarities
@@ -15,13 +15,10 @@ import torch
 
 from fne_fast.data import FeatureSplit, RawSplit
 from fne_fast.data.images import load_image
-from fne_fast.models import MatchingHeads, shared_image_encoder, shared_text_encoder
+from fne_fast.models import LazyEncoders, MatchingHeads, backbone_tops, image_side_modality
 from fne_fast.runs.checkpoint import open_checkpoint
 
-__all__ = ["Matcher", "load_matcher", "matcher_from_state", "top_matches", "search"]
-
-# Data sets whose "images" are texts (both sides go through the text backbone).
-_TEXT_IMAGE_DATASETS = ("wordnet",)
+__all__ = ["Matcher", "load_matcher", "matcher_from_state", "heads_from_state", "top_matches", "search"]
 
 
 def _as_list(items, name: str) -> list:
@@ -31,23 +28,28 @@ def _as_list(items, name: str) -> list:
 
 
 class Matcher:
-    """The heads of a run over the frozen backbones. Embeddings are unit vectors; ``score`` is their dot product,
-    the similarity training and evaluation use."""
+    """The heads of a run over the frozen backbones (over their trunks, below the trained tops, for a
+    ``--finetune`` run). Embeddings are unit vectors; ``score`` is their dot product, the similarity training and
+    evaluation use."""
 
-    def __init__(self, heads: MatchingHeads, *, dataset: str, image_size: int, device="cpu"):
+    def __init__(self, heads: MatchingHeads, *, dataset: str, image_size: int, device="cpu", finetune: int = 0):
         self.device = torch.device(device)
         self.heads = heads.to(self.device).eval()
-        self.dataset, self.image_size = dataset, image_size
+        self.dataset, self.image_size, self.finetune = dataset, image_size, finetune
 
     @torch.no_grad()
     def embed_image_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Image-side backbone features [N, D_image] -> joint embeddings [N, D]."""
+        """Image-side backbone features [N, D_image] (trunk outputs for a ``--finetune`` run) -> joint embeddings
+        [N, D]."""
         return self.heads.image_head(features.to(self.device, torch.float32))
 
     @torch.no_grad()
     def embed_text_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Text backbone features [N, 384] -> joint embeddings [N, D]."""
+        """Text backbone features [N, 384] (trunk outputs for a ``--finetune`` run) -> joint embeddings [N, D]."""
         return self.heads.text_head(features.to(self.device, torch.float32))
+
+    def _encoders(self) -> LazyEncoders:
+        return LazyEncoders(self.image_size, str(self.device), finetune=self.finetune)
 
     def _require_backbones(self) -> None:
         if self.dataset == "features":
@@ -61,8 +63,8 @@ class Matcher:
         if not all(isinstance(text, str) for text in texts):
             raise TypeError("texts must be a list of strings")
         if not texts:
-            return torch.empty(0, self.heads.text_head.layers[-1].out_features, device=self.device)
-        return self.embed_text_features(shared_text_encoder(str(self.device)).encode(texts))
+            return torch.empty(0, self.heads.joint_dim, device=self.device)
+        return self.embed_text_features(self._encoders().text.encode(texts))
 
     def encode_images(self, images) -> torch.Tensor:
         """Joint embeddings [N, D] of a list (or sequence) of images: paths (PNG, JPEG, SVG), PIL images, or what a
@@ -71,22 +73,33 @@ class Matcher:
         images = _as_list(images, "images")
         self._require_backbones()
         if not images:
-            return torch.empty(0, self.heads.image_head.layers[-1].out_features, device=self.device)
-        if self.dataset in _TEXT_IMAGE_DATASETS:
-            return self.embed_image_features(shared_text_encoder(str(self.device)).encode(images))
-        pixels = [load_image(item) for item in images]
-        return self.embed_image_features(shared_image_encoder(self.image_size, str(self.device)).encode(pixels))
+            return torch.empty(0, self.heads.joint_dim, device=self.device)
+        encoders = self._encoders()
+        if image_side_modality(self.dataset) == "text":
+            return self.embed_image_features(encoders.text.encode(images))
+        return self.embed_image_features(encoders.image.encode([load_image(item) for item in images]))
 
     def score(self, images, texts) -> torch.Tensor:
         """[len(images), len(texts)] similarities."""
         return self.encode_images(images) @ self.encode_texts(texts).T
 
 
+def heads_from_state(state: dict, device="cpu") -> MatchingHeads:
+    """The trained heads of a checkpoint's state, with the backbone tops of a ``--finetune`` run, on ``device``."""
+    config = state["config"]
+    tops = {}
+    if config.get("finetune"):
+        tops = dict(zip(("image_top", "text_top"), backbone_tops(config["finetune"], config["dataset"],
+                                                                 config["image_size"], device)))
+    return MatchingHeads.from_state_dict(state["heads"], **tops).to(device)
+
+
 def matcher_from_state(state: dict, device=None) -> Matcher:
     """The matcher of a checkpoint's state (``fne_fast.runs.checkpoint.open_checkpoint``)."""
     config = state["config"]
-    return Matcher(MatchingHeads.from_state_dict(state["heads"]), dataset=config["dataset"],
-                   image_size=config["image_size"], device=device or config["device"])
+    device = device or config["device"]
+    return Matcher(heads_from_state(state, device), dataset=config["dataset"], image_size=config["image_size"],
+                   device=device, finetune=config.get("finetune", 0))
 
 
 def load_matcher(checkpoint, device=None) -> Matcher:

@@ -1,7 +1,10 @@
 """What the training tests share: small synthetic feature splits, written as the `features` data set's arrays,
-and the command line of a short run over them."""
+the command line of a short run over them, and a tiny image-caption data set (coloured shapes) for the runs that
+go through the real backbones."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import torch
@@ -41,3 +44,44 @@ def features_run_arguments(features_dir, out, epochs) -> list[str]:
     return ["train", "--dataset", "features", "--features-dir", str(features_dir), "--epochs", str(epochs),
             "--batch-size", "16", "--bank-size", "64", "--min-count", "5", "--joint-dim", "16", "--hidden-dim", "32",
             "--out", str(out), "--quiet", "--no-plots"]
+
+
+SHAPE_COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (230, 210, 20)}
+
+
+def _draw_shape(path, colour, shape, other_colour, relation):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (64, 64), "white")
+    draw = ImageDraw.Draw(image)
+    box = (8, 4, 32, 28)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=SHAPE_COLOURS[colour])
+    other = (8, 36, 56, 44) if relation == "above" else (40, 8, 48, 56)
+    draw.rectangle(other, fill=SHAPE_COLOURS[other_colour])
+    image.save(path)
+
+
+def write_shapes_dataset(root, cache) -> dict:
+    """24 images in ``root``: a coloured shape above or beside a coloured bar; two captions each; 16 train, 4 val,
+    4 test, in the albef-json layout. Returns the data options, the root, the cache folder and the items."""
+    items = []
+    for colour in SHAPE_COLOURS:
+        for shape in ("circle", "square"):
+            for relation, other in zip(("above", "beside"),
+                                       ("green", "yellow") if colour in ("red", "blue") else ("red", "blue")):
+                name = f"{colour}-{shape}-{relation}.png"
+                _draw_shape(root / name, colour, shape, other, relation)
+                items.append((name, [f"a {colour} {shape} {relation} a {other} bar",
+                                     f"{shape}, {colour}, {relation} {other} bar"]))
+    splits = {"train": items[:8] + items[12:], "val": items[8:10], "test": items[10:12]}
+    options = {"image_root": str(root)}
+    for split, entries in splits.items():
+        path = root / f"{split}.json"
+        if split == "train":
+            rows = [{"image": name, "caption": caption, "image_id": name} for name, captions in entries
+                    for caption in captions]
+        else:
+            rows = [{"image": name, "caption": captions} for name, captions in entries]
+        path.write_text(json.dumps(rows))
+        options[f"{split}_json"] = str(path)
+    return {"options": options, "root": root, "cache": str(cache), "items": items}

@@ -129,7 +129,9 @@ def test_bit_flips_in_the_latest_checkpoint_fall_back_to_the_previous_one(featur
     assert main(features_run_arguments(features, out, epochs=2)) == 0
     latest = out / CHECKPOINT_NAME
     damaged = bytearray(latest.read_bytes())
-    for offset in (len(damaged) // 3, len(damaged) // 2, len(damaged) - 7):
+    # Flips in the tensors' bytes, past the header (its length: safetensors' first 8 bytes, little-endian).
+    data_begin = 8 + int.from_bytes(damaged[:8], "little")
+    for offset in (data_begin + (len(damaged) - data_begin) // 3, (data_begin + len(damaged)) // 2, len(damaged) - 7):
         damaged[offset] ^= 0x10
     latest.write_bytes(bytes(damaged))
     with pytest.raises(CheckpointError, match="does not match its SHA-256"):

@@ -17,48 +17,11 @@ from fne_fast.ops import SamplerOptions  # noqa: E402
 from fne_fast.runs.artifacts import CHECKPOINT_NAME, METRICS_NAME  # noqa: E402
 from fne_fast.runs.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
 from fne_fast.training import TrainConfig, train  # noqa: E402
-
-COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (230, 210, 20)}
-SHAPES = ("circle", "square")
-RELATIONS = ("above", "beside")
-
-
-def _draw(path, colour, shape, other_colour, relation):
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (64, 64), "white")
-    draw = ImageDraw.Draw(image)
-    box = (8, 4, 32, 28)
-    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
-    other = (8, 36, 56, 44) if relation == "above" else (40, 8, 48, 56)
-    draw.rectangle(other, fill=COLOURS[other_colour])
-    image.save(path)
-
+from runs import write_shapes_dataset  # noqa: E402
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """24 images: a coloured shape above or beside a coloured bar; two captions each; 16 train, 4 val, 4 test."""
-    root = tmp_path_factory.mktemp("shapes")
-    items = []
-    for colour in COLOURS:
-        for shape in SHAPES:
-            for relation, other in zip(RELATIONS, ("green", "yellow") if colour in ("red", "blue") else ("red", "blue")):
-                name = f"{colour}-{shape}-{relation}.png"
-                _draw(root / name, colour, shape, other, relation)
-                items.append((name, [f"a {colour} {shape} {relation} a {other} bar",
-                                     f"{shape}, {colour}, {relation} {other} bar"]))
-    splits = {"train": items[:8] + items[12:], "val": items[8:10], "test": items[10:12]}
-    options = {"image_root": str(root)}
-    for split, entries in splits.items():
-        path = root / f"{split}.json"
-        if split == "train":
-            rows = [{"image": name, "caption": caption, "image_id": name} for name, captions in entries
-                    for caption in captions]
-        else:
-            rows = [{"image": name, "caption": captions} for name, captions in entries]
-        path.write_text(json.dumps(rows))
-        options[f"{split}_json"] = str(path)
-    return {"options": options, "root": root, "cache": str(tmp_path_factory.mktemp("cache")), "items": items}
+    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), tmp_path_factory.mktemp("cache"))
 
 
 def _config(dataset, out, **overrides):

@@ -10,8 +10,7 @@ from fne_fast.cli.parser import config_from_args
 from fne_fast.data import load_raw_split
 from fne_fast.errors import UsageError
 from fne_fast.experiments.compare import check_arms, compare, results_markdown, with_tags_arms
-from fne_fast.matcher import matcher_from_state, search
-from fne_fast.models import MatchingHeads
+from fne_fast.matcher import heads_from_state, matcher_from_state, search
 from fne_fast.runs.checkpoint import open_checkpoint
 from fne_fast.sampling import distributed
 from fne_fast.tags.run import run_texts
@@ -45,7 +44,7 @@ def _checkpoint_config(args, **overrides):
 def run_eval(args) -> int:
     state, path, config = _checkpoint_config(args)
     split = load_splits(config)[args.split]
-    heads = MatchingHeads.from_state_dict(state["heads"]).to(config.device)
+    heads = heads_from_state(state, config.device)
     image, text = embed_split(heads, split, torch.device(config.device))
     metrics = retrieval_metrics(image, text, split.caption_image, split.image_group)
     if args.split == "test":  # the one-word-swap test exists for the test split

@@ -67,8 +67,8 @@ class FeatureSplit:
     memory.
     """
 
-    image_features: torch.Tensor  # [I, D_image] float32
-    text_features: torch.Tensor  # [T, D_text] float32
+    image_features: torch.Tensor  # [I, D_image] float32 (a trunk's outputs when the tops train: [I, C, h, w])
+    text_features: torch.Tensor  # [T, D_text] float32 (a trunk's: [T, L, 385], token states and mask)
     caption_image: torch.Tensor  # [T] int64, in [0, I)
     image_group: torch.Tensor | None  # [I] int64
     inputs: dict | None = None
@@ -101,11 +101,15 @@ class FeatureSplit:
 
 
 def first_nonfinite_row(features) -> int | None:
-    """The first row of a 2-D tensor or array that holds a NaN or an infinity, or None."""
+    """The first row of a tensor or array (2-D, or more: a trunk's outputs) that holds a NaN or an infinity, or
+    None."""
     import numpy as np
 
-    finite = np.isfinite(features).all(axis=1) if isinstance(features, np.ndarray) else (
-        torch.isfinite(features).all(dim=1).cpu().numpy())
+    if features.shape[0] == 0:
+        return None
+    rows = features.reshape(features.shape[0], -1)
+    finite = np.isfinite(rows).all(axis=1) if isinstance(features, np.ndarray) else (
+        torch.isfinite(rows).all(dim=1).cpu().numpy())
     bad = np.flatnonzero(~finite)
     return int(bad[0]) if bad.size else None
 

@@ -1,8 +1,10 @@
 """Encoding splits with the frozen backbones, the on-disk feature cache, and precomputed feature arrays.
 
-The cache file of a split is keyed by data set, split, both encoders' versions (which carry the image size) and
-the hash of its ``inputs`` record (``fne_fast.runs.fingerprint``: the split's items and the content of its source
-files), so a changed source file or encoder never serves stale features. Files are written atomically; features
+What is cached is the backbones' features, or, for a run that trains the backbones' top layers, the outputs of
+the frozen trunks below them (feature maps, token states with their attention mask: ``fne_fast.models``). The
+cache file of a split is keyed by data set, split, both encoders' versions (which carry the image size and the cut
+point) and the hash of its ``inputs`` record (``fne_fast.runs.fingerprint``: the split's items and the content of
+its source files), so a changed source file or encoder never serves stale features. Files are written atomically; features
 are checked for NaN and infinity when encoded, read from the cache and loaded from arrays.
 
 The encoders are passed in (``fne_fast.models.LazyEncoders`` or anything with ``image``, ``text`` and
@@ -16,12 +18,13 @@ import warnings
 
 import numpy as np
 import torch
+from torch.nn import functional as nn_functional
 
 from fne_fast.data.core import DatasetFormatError, FeatureSplit, RawSplit, first_nonfinite_row, group_ids
 from fne_fast.io import atomic_save, remove_stale_temporaries
 from fne_fast.runs.fingerprint import describe_sources, inputs_record, record_digest
 
-__all__ = ["default_cache_dir", "encode_split", "cached_feature_split", "load_feature_arrays"]
+__all__ = ["default_cache_dir", "encode_texts", "encode_split", "cached_feature_split", "load_feature_arrays"]
 
 
 def default_cache_dir() -> str:
@@ -40,31 +43,40 @@ def _in_batches(items, batch_size: int, description: str):
             bar.update(len(batch))
 
 
-def _encode_texts(encoder, texts: list[str], batch_size: int, description: str) -> torch.Tensor:
-    """Each distinct text encoded once, in batches of similar length (less padding)."""
+def _stacked(chunks: list[torch.Tensor], width: int) -> torch.Tensor:
+    """The batches' outputs as one tensor. Token states (a text trunk's [n, L, 385]) of batches of different
+    lengths are padded to the longest with zeros, whose mask channel marks them as padding."""
+    if not chunks:
+        return torch.empty(0, width)
+    if chunks[0].dim() == 3:
+        length = max(chunk.shape[1] for chunk in chunks)
+        chunks = [nn_functional.pad(chunk, (0, 0, 0, length - chunk.shape[1])) for chunk in chunks]
+    return torch.cat(chunks)
+
+
+def encode_texts(encoder, texts: list[str], batch_size: int, description: str) -> torch.Tensor:
+    """``encoder.encode`` of each text, each distinct text encoded once, in batches of similar length (less
+    padding), under a progress bar."""
     distinct = sorted(set(texts), key=lambda text: (len(text), text))
-    output = torch.empty(len(distinct), encoder.dim)
-    for start, batch in _in_batches(distinct, batch_size, description):
-        output[start:start + len(batch)] = encoder.encode(batch)
+    output = _stacked([encoder.encode(batch) for _, batch in _in_batches(distinct, batch_size, description)],
+                      encoder.dim)
     position = {text: row for row, text in enumerate(distinct)}
     return output[torch.tensor([position[text] for text in texts], dtype=torch.int64)]
 
 
 def _encode_images(encoder, loaders, batch_size: int, description: str) -> torch.Tensor:
-    output = torch.empty(len(loaders), encoder.dim)
-    for start, batch in _in_batches(list(loaders), batch_size, description):
-        output[start:start + len(batch)] = encoder.encode([load() for load in batch])
-    return output
+    return _stacked([encoder.encode([load() for load in batch])
+                     for _, batch in _in_batches(list(loaders), batch_size, description)], encoder.dim)
 
 
 def encode_split(raw: RawSplit, encoders, batch_size: int = 64) -> FeatureSplit:
-    """Features of a raw split from the frozen backbones."""
+    """Features of a raw split from the frozen backbones (or their trunks' outputs: ``LazyEncoders``)."""
     if raw.image_modality == "text":
-        image_features = _encode_texts(encoders.text, list(raw.images), 4 * batch_size,
+        image_features = encode_texts(encoders.text, list(raw.images), 4 * batch_size,
                                        f"{raw.dataset}/{raw.split} image-side texts")
     else:
         image_features = _encode_images(encoders.image, raw.images, batch_size, f"{raw.dataset}/{raw.split} images")
-    text_features = _encode_texts(encoders.text, raw.captions, 4 * batch_size, f"{raw.dataset}/{raw.split} captions")
+    text_features = encode_texts(encoders.text, raw.captions, 4 * batch_size, f"{raw.dataset}/{raw.split} captions")
     return FeatureSplit(image_features, text_features, torch.tensor(raw.caption_image, dtype=torch.int64),
                         group_ids(raw.image_group))
 

@@ -8,9 +8,9 @@ import warnings
 
 import torch
 
-from fne_fast.data.features import default_cache_dir
+from fne_fast.data.features import default_cache_dir, encode_texts
 from fne_fast.io import atomic_write_text
-from fne_fast.models import shared_text_encoder
+from fne_fast.models import shared_text_encoder, text_trunk
 from fne_fast.tags.corpus import Corpus
 from fne_fast.tags.filtering import CandidateFilter
 from fne_fast.tags.pool import CaptionSource
@@ -35,10 +35,12 @@ def text_corpus(dataset: str, data_options: dict, cache_dir: str, limit: int | N
 
 class SwapEvaluation:
     """The one-word-swap test on the test split; its metrics are None where the data has no texts (or spaCy is
-    missing, with a warning naming the fix)."""
+    missing, with a warning naming the fix). With ``finetune`` > 0 the swapped captions go through the text
+    trunk below the trained layers, as the run's captions do."""
 
-    def __init__(self, corpus: Corpus | None, cache_dir: str, device, progress: bool):
+    def __init__(self, corpus: Corpus | None, cache_dir: str, device, progress: bool, finetune: int = 0):
         self.swap_set: SwapSet | None = None
+        self.inputs: torch.Tensor | None = None  # what the text head reads of each swapped caption
         if corpus is None:
             return
         try:
@@ -47,13 +49,18 @@ class SwapEvaluation:
                                             progress=progress)
         except MissingSpacyError as error:
             warnings.warn(f"no one-word-swap test (swap_acc is null): {error}", stacklevel=2)
+            return
+        self.inputs = self.swap_set.features
+        if finetune:
+            # A few thousand short sentences through the trunk: seconds, so they are not cached.
+            self.inputs = encode_texts(text_trunk(finetune, str(device)), self.swap_set.texts, 256, f"{corpus.dataset}/test swapped captions")
 
     def metrics(self, heads, image: torch.Tensor, text: torch.Tensor, caption_image: torch.Tensor) -> dict:
         """``image``, ``text``: the test split's online embeddings (as evaluation computed them)."""
         if self.swap_set is None:
             return dict.fromkeys(SWAP_KEYS)
         with torch.no_grad():
-            swapped = heads.text_head(self.swap_set.features.to(text.device))
+            swapped = heads.text_head(self.inputs.to(text.device))
         return swap_accuracy(image, text, swapped, self.swap_set, caption_image)
 
 
@@ -63,7 +70,7 @@ def run_texts(config, *, progress: bool) -> tuple[Corpus | None, SwapEvaluation]
     cache_dir = config.cache_dir or default_cache_dir()
     texts = text_corpus(config.dataset, config.data_options, cache_dir, config.limit, progress=progress,
                         eval_limit=config.eval_limit)
-    return texts, SwapEvaluation(texts, cache_dir, config.device, progress=progress)
+    return texts, SwapEvaluation(texts, cache_dir, config.device, progress=progress, finetune=config.finetune)
 
 
 def _source(texts, synonyms) -> CaptionSource:

@@ -18,6 +18,7 @@ from fne_fast.data import DATASETS
 from fne_fast.errors import UsageError
 from fne_fast.fields import (check_bool, check_choice, check_count, check_text, field_problems, flag_name,
                              is_integer, is_number, option, store_floats)
+from fne_fast.models import IMAGE_DEPTH, TEXT_DEPTH
 from fne_fast.ops import BACKENDS, SamplerOptions
 from fne_fast.ops.checks import EMBEDDING_DTYPES, dtype_name
 from fne_fast.sampling.loss import SAMPLERS, sampler_mode
@@ -45,6 +46,14 @@ def _check_momentum(value) -> str | None:
     return None if is_number(value) and 0.0 <= value < 1.0 else "must be in [0, 1)"
 
 
+def _check_finetune(value) -> str | None:
+    # The same number of top layers trains in both backbones: at most the shallower one's depth.
+    deepest = min(TEXT_DEPTH, IMAGE_DEPTH)
+    return None if is_integer(value) and 0 <= value <= deepest else (
+        f"must be an integer in [0, {deepest}] (MiniLM has {TEXT_DEPTH} layers, EfficientNet-Lite0 {IMAGE_DEPTH} "
+        "blocks)")
+
+
 def _check_stats_momentum(value) -> str | None:
     # An EMA needs a momentum strictly inside (0, 1) (fne_fast.RunningStats); None is the authors' running mean.
     return None if value is None or (is_number(value) and 0.0 < value < 1.0) else "must be in (0, 1)"
@@ -69,6 +78,11 @@ class TrainConfig:
     warmup_epochs: int = option(1, check_count(0), "first epochs trained with in-batch max violation (no bank)")
     batch_size: int = option(32, check_count(1), "pairs per step and process")
     lr: float = option(5e-4, _check_learning_rate, "Adam's learning rate of the heads")
+    finetune: int = option(0, _check_finetune, "train the top N layers of both backbones (MiniLM's transformer "
+                                               "layers, EfficientNet-Lite0's blocks) with the heads; 0: the heads "
+                                               "alone, over frozen features")
+    backbone_lr: float = option(5e-5, _check_learning_rate, "Adam's learning rate of the backbone layers "
+                                                            "--finetune trains")
     device: str = option("cpu", check_text(), "cpu or cuda")
     seed: int = option(0, _check_integer, "seed of the heads' initialisation, the shuffle and the op's noise")
     out: str = option("runs/emoji-fne", check_text(), "the run's folder (checkpoints, metrics.jsonl, plots)")
@@ -100,6 +114,11 @@ class TrainConfig:
     def __post_init__(self):
         for item, value, problem in field_problems(self):
             raise UsageError(f"{flag_name(item.name)}: {problem}, got {value!r}")
+        if self.finetune and self.dataset == "features":
+            raise UsageError("--finetune: --dataset features holds precomputed features, with no backbone to train")
+        if self.finetune and self.tags is not None:
+            raise UsageError("--finetune: TAGS-DC (--tags) trains over the frozen backbones' features; run it with "
+                             "--finetune 0")
         store_floats(self)
         if isinstance(self.options, dict):
             self.options = SamplerOptions(**self.options)

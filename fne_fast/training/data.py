@@ -1,5 +1,6 @@
-"""A run's data: the features of every split, from the cache (encoding them with the frozen backbones on a miss)
-or from precomputed arrays, limited as the config asks and checked before training starts."""
+"""A run's data: the features of every split (the trunks' outputs when the tops train), from the cache (encoding
+them with the frozen backbones on a miss) or from precomputed arrays, limited as the config asks and checked before
+training starts."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def load_splits(config: TrainConfig) -> dict[str, FeatureSplit]:
         memo_folder = config.cache_dir or default_cache_dir()  # where the arrays' file digests are remembered
         splits = {split: load_feature_arrays(directory, split, memo_folder=memo_folder) for split in SPLITS}
     else:
-        encoders = LazyEncoders(config.image_size, config.device)
+        encoders = LazyEncoders(config.image_size, config.device, finetune=config.finetune)
         splits = {split: cached_feature_split(load_raw_split(config.dataset, split, **config.data_options),
                                               encoders, cache_dir=config.cache_dir)
                   for split in SPLITS}

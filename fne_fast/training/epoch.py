@@ -67,6 +67,8 @@ def train_one_epoch(run: RunState, split: FeatureSplit, epoch: int, timing: dict
         started = _clock(device)
         image, text, image_key, text_key = run.model(image_features, text_features)
         heads_forward = _clock(device)
+        if run.ledger:
+            run.ledger.record(run.image_bank.pointer, global_captions, run.step)
         run.image_bank.enqueue(image_key, ids)
         run.text_bank.enqueue(text_key, ids)
         enqueued = _clock(device)

@@ -41,6 +41,7 @@ from fne_fast.training.evaluate import embed_split, recalls_from_ranks, retrieva
 from fne_fast.training.model_selection import is_best_so_far
 from fne_fast.training.plots import RUN_PLOTS, write_run_plots
 from fne_fast.training.preflight import check_run_settings
+from fne_fast.training.staleness import bank_staleness
 from fne_fast.training.state import RunState, resume_state
 
 __all__ = ["train"]
@@ -132,6 +133,8 @@ def _train_and_evaluate(run: RunState, splits: dict[str, FeatureSplit], swap_tes
     if run.first:  # the heads are the same on every rank: one evaluation
         row["diagnostics"] = epoch_diagnostics(run.heads, splits["train"], *banks, run.criterion.stats.as_tensor(),
                                                run.criterion.options, sampler=config.sampler, device=run.device)
+        if run.ledger:
+            row["staleness"] = bank_staleness(run.heads, splits["train"], *banks, run.ledger, run.step, run.device)
         ranks, swap_metrics = _test_ranks(run, splits["test"], swap_test)
         row.update(recalls_from_ranks(ranks))
         row.update(swap_metrics)

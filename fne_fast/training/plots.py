@@ -16,9 +16,11 @@ from fne_fast.ops.fne_math import false_negative_probability
 from fne_fast.io import atomic_output
 from fne_fast.ops.options import SamplerOptions
 
-__all__ = ["write_run_plots", "p_fn_by_epoch", "pyplot", "save_figure", "RUN_PLOTS"]
+__all__ = ["write_run_plots", "p_fn_by_epoch", "bank_staleness_plot", "pyplot", "save_figure", "RUN_PLOTS",
+           "STALENESS_PLOT"]
 
 RUN_PLOTS = ("similarity_histogram.png", "recall.png", "p_fn_by_epoch.png")
+STALENESS_PLOT = "bank_staleness.png"  # runs whose backbone tops train
 _STATS_KEYS = ("mu_pos", "var_pos", "mu_neg", "var_neg")
 
 
@@ -173,13 +175,44 @@ def p_fn_by_epoch(path: str, history: list[dict], options: SamplerOptions, max_p
     return True
 
 
+def bank_staleness_plot(path: str, history: list[dict]) -> bool:
+    """Per epoch, the mean cosine between the banks' stored keys and the momentum encoder's keys of the same pairs
+    now, and the rows' age in steps (``fne_fast.training.staleness``). Returns False (and writes nothing) when no
+    epoch measured it (the backbones' tops did not train)."""
+    rows = [row for row in history if row.get("staleness")]
+    if not rows:
+        return False
+    plt = pyplot()
+    figure, cosine_axis = plt.subplots(figsize=(7, 4.5))
+    epochs = [row["epoch"] for row in rows]
+    for key, style, label in (("image_cosine", "C0-", "image bank"), ("text_cosine", "C1-", "text bank")):
+        cosine_axis.plot(epochs, [row["staleness"][key] for row in rows], style, marker="o", label=label)
+    cosine_axis.set_xlabel("epoch")
+    cosine_axis.set_ylabel("cosine(stored key, current momentum key)")
+    age_axis = cosine_axis.twinx()
+    for key, style, label in (("mean_age_steps", "k--", "mean age"), ("max_age_steps", "k:", "max age")):
+        age_axis.plot(epochs, [row["staleness"][key] for row in rows], style, label=label)
+    age_axis.set_ylabel("age of the rows (steps)")
+    handles, labels = cosine_axis.get_legend_handles_labels()
+    more_handles, more_labels = age_axis.get_legend_handles_labels()
+    cosine_axis.legend(handles + more_handles, labels + more_labels, fontsize=8, loc="lower left")
+    cosine_axis.set_title("Bank staleness: stored keys against the momentum encoder's keys now")
+    figure.tight_layout()
+    save_figure(figure, path)
+    return True
+
+
 def write_run_plots(out: str, heads, test_split: FeatureSplit, history: list[dict], options: SamplerOptions,
                     device) -> list[str]:
-    """Writes the run's plots (``RUN_PLOTS``) into ``out``; returns their paths."""
+    """Writes the run's plots (``RUN_PLOTS``, and ``bank_staleness.png`` when the tops trained) into ``out``;
+    returns their paths."""
     histogram_path, recall_path, p_fn_path = (os.path.join(out, name) for name in RUN_PLOTS)
     similarity_histogram(histogram_path, heads, test_split, history[-1]["stats"], options.prior_k, device)
     recall_curves(recall_path, history)
     written = [histogram_path, recall_path]
     if p_fn_by_epoch(p_fn_path, history, options):
         written.append(p_fn_path)
+    staleness_path = os.path.join(out, STALENESS_PLOT)
+    if bank_staleness_plot(staleness_path, history):
+        written.append(staleness_path)
     return written

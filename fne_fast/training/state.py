@@ -14,7 +14,7 @@ import torch
 
 from fne_fast.data import FeatureSplit
 from fne_fast.errors import UsageError
-from fne_fast.models import MatchingHeads
+from fne_fast.models import MatchingHeads, backbone_tops
 from fne_fast.runs.artifacts import CHECKPOINT_NAME, refuse_legacy_checkpoint
 from fne_fast.runs.checkpoint import has_checkpoint, load_checkpoint
 from fne_fast.runs.fingerprint import differences
@@ -23,6 +23,7 @@ from fne_fast.sampling.bank import MemoryBank
 from fne_fast.sampling.loss import FNELoss
 from fne_fast.tags.run import make_trainer
 from fne_fast.training.config import PER_PROCESS_FIELDS, RESUMABLE_FIELDS, TrainConfig
+from fne_fast.training.staleness import BankLedger
 
 __all__ = ["RunState", "resume_state"]
 
@@ -34,15 +35,26 @@ class RunState:
         self.config, self.group = config, group
         self.world_size, self.rank = distributed.world_size(group), distributed.rank(group)
         self.device = torch.device(config.device)
+        # The trained tops are copies of the pretrained layers (loading them draws no random numbers after the
+        # seed); their input is the trunks' outputs, their output the backbones' features.
+        image_top, text_top = (backbone_tops(config.finetune, config.dataset, config.image_size, self.device)
+                               if config.finetune else (None, None))
         torch.manual_seed(config.seed)
-        self.heads = MatchingHeads(train_split.image_features.shape[1], train_split.text_features.shape[1],
-                                   config.joint_dim, config.hidden_dim, config.momentum).to(self.device)
-        # DDP averages the ranks' gradients of the trainable heads (the momentum heads have none); the loss is
-        # scaled so that the average is the global batch's gradient (fne_fast/sampling/loss.py).
+        self.heads = MatchingHeads(image_top.dim if image_top else train_split.image_features.shape[1],
+                                   text_top.dim if text_top else train_split.text_features.shape[1],
+                                   config.joint_dim, config.hidden_dim, config.momentum, image_top=image_top,
+                                   text_top=text_top).to(self.device)
+        # DDP averages the ranks' gradients of every trained parameter, the tops' included (the momentum copies
+        # have none); the loss is scaled so that the average is the global batch's gradient
+        # (fne_fast/sampling/loss.py).
         self.model = self.heads if group is None else torch.nn.parallel.DistributedDataParallel(
             self.heads, device_ids=[torch.cuda.current_device()] if self.device.type == "cuda" else None,
             process_group=group)
-        self.optimizer = torch.optim.Adam(self.heads.trainable_parameters(), lr=config.lr)
+        self.optimizer = torch.optim.Adam(self.heads.head_parameters(), lr=config.lr)
+        if config.finetune:
+            self.optimizer.add_param_group({"params": self.heads.top_parameters(), "lr": config.backbone_lr})
+        # Which pair and step each bank row came from, for the staleness of the rows (tops that train only).
+        self.ledger = BankLedger(config.bank_size) if config.finetune else None
         self.image_bank, self.text_bank = (MemoryBank(config.bank_size, config.joint_dim,
                                                       dtype=config.bank_torch_dtype, device=self.device, group=group)
                                            for _ in range(2))
@@ -76,7 +88,8 @@ class RunState:
                 "image_bank": image_bank, "text_bank": text_bank,
                 "stats": self.criterion.stats.state_dict(), "torch_rng": torch.get_rng_state(),
                 "history": self.history, "timing": self.timing, "inputs": self.inputs,
-                "tags": self.tags.state_dict() if self.tags else None}
+                "tags": self.tags.state_dict() if self.tags else None,
+                "ledger": self.ledger.state_dict() if self.ledger else None}
 
     def load_state_dict(self, state: dict) -> None:
         """The state of a checkpoint whose settings ``resume_state`` compared before the data was read; its
@@ -93,6 +106,8 @@ class RunState:
         torch.set_rng_state(state["torch_rng"])
         if self.tags:
             self.tags.load_state_dict(state["tags"])
+        if self.ledger:
+            self.ledger.load_state_dict(state["ledger"])
         self.next_epoch, self.step, self.history = state["next_epoch"], state["step"], list(state["history"])
         self.timing = list(state["timing"])
 

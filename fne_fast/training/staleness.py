@@ -1,0 +1,70 @@
+"""How stale the banks' rows are, once per epoch, for a run whose backbone tops train (``--finetune``).
+
+A bank row is the key the momentum encoder gave a pair when the pair was enqueued; while the encoders train, the
+key the momentum encoder would give the same pair now drifts away from it. ``BankLedger`` keeps, beside the ring,
+the caption (the pair) and the step of every row: the image bank's rows are named by their image ids already, the
+text bank's need the caption, and the age needs the step. ``bank_staleness`` compares a fixed sample of rows with
+their current momentum keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fne_fast.data import FeatureSplit
+
+__all__ = ["BankLedger", "bank_staleness", "STALENESS_SAMPLE"]
+
+STALENESS_SAMPLE = 256  # rows compared per bank and epoch, evenly spaced over the ring
+
+
+class BankLedger:
+    """The caption and the step of every row of the global ring (the banks' rows are written at the same
+    positions, so one ledger serves both), on every process: 16 bytes per row."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.caption = torch.full((size,), -1, dtype=torch.int64)
+        self.step = torch.full((size,), -1, dtype=torch.int64)
+
+    def record(self, pointer: int, captions: torch.Tensor, step: int) -> None:
+        """The global batch's ``captions`` written at the ring's ``pointer`` (before the banks advance it), as
+        ``MemoryBank.enqueue`` writes its rows: wrapping around, a batch longer than the ring keeping its last
+        rows."""
+        skipped = max(0, captions.numel() - self.size)
+        captions = captions[skipped:]
+        positions = (pointer + skipped + torch.arange(captions.numel())) % self.size
+        self.caption[positions] = captions.cpu()
+        self.step[positions] = step
+
+    def state_dict(self) -> dict:
+        return {"caption": self.caption.clone(), "step": self.step.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["caption"].shape != (self.size,):
+            raise ValueError(f"the ledger holds {state['caption'].shape[0]} rows, the banks {self.size}")
+        self.caption, self.step = state["caption"].clone(), state["step"].clone()
+
+
+def _mean_cosine(stored: torch.Tensor, current: torch.Tensor) -> float:
+    stored = torch.nn.functional.normalize(stored.float(), dim=-1)
+    return float((stored * torch.nn.functional.normalize(current.float(), dim=-1)).sum(dim=-1).mean())
+
+
+@torch.no_grad()
+def bank_staleness(heads, split: FeatureSplit, image_bank: dict, text_bank: dict, ledger: BankLedger, step: int,
+                   device) -> dict | None:
+    """The mean cosine between the stored keys of a fixed sample of written rows and the keys the momentum
+    copies give the same pairs now (image bank, text bank), and the rows' age in steps (mean, max) after
+    ``step`` steps; None before any row is written. ``image_bank``, ``text_bank``: the whole banks' states."""
+    written = torch.nonzero(ledger.step >= 0).squeeze(1)
+    if written.numel() == 0:
+        return None
+    rows = written[torch.linspace(0, written.numel() - 1, min(STALENESS_SAMPLE, written.numel())).long()]
+    captions = ledger.caption[rows]
+    image_keys = heads.image_head_momentum(split.image_features[split.caption_image[captions]].to(device))
+    text_keys = heads.text_head_momentum(split.text_features[captions].to(device))
+    age = (step - ledger.step[written]).double()
+    return {"image_cosine": _mean_cosine(image_bank["features"][rows].to(device), image_keys),
+            "text_cosine": _mean_cosine(text_bank["features"][rows].to(device), text_keys),
+            "mean_age_steps": float(age.mean()), "max_age_steps": int(age.max())}
