@@ -26,7 +26,7 @@ import shutil
 import torch
 
 from fne_fast.io import read_jsonl
-from fne_fast.models import MatchingHeads
+from fne_fast.matcher import heads_from_state
 from fne_fast.ops import SamplerOptions
 from fne_fast.ops.fne_math import log_weights
 from fne_fast.runs.artifacts import METRICS_NAME
@@ -106,7 +106,7 @@ def threshold_curve(folder: str, splits=None) -> tuple[torch.Tensor, torch.Tenso
     config = TrainConfig(**state["config"])
     splits = splits or load_splits(config)
     split = splits["train"]
-    heads = MatchingHeads.from_state_dict(state["heads"])
+    heads = heads_from_state(state)
     last = state["history"][-1]["stats"]
     stats = torch.tensor([last[key] for key in ("mu_pos", "var_pos", "mu_neg", "var_neg", "n_pos")])
     options = SamplerOptions(margin=config.options.margin, tau=config.options.tau)  # the weights without removal

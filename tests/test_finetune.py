@@ -2,6 +2,7 @@
 against the moving-average formula, the trunk cache, and a fine-tuned run's guarantees (resume, checkpoint,
 serving, torchrun) on the coloured-shapes data set through the real backbones."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -67,6 +68,27 @@ def test_the_heads_without_tops_keep_their_initialisation_and_state_names():
     assert MatchingHeads.from_state_dict(heads.state_dict()).joint_dim == 4
     with pytest.raises(ValueError, match="give both or neither"):
         MatchingHeads(6, 5, 4, 8, 0.99, image_top=torch.nn.Identity())
+
+
+def test_heads_saved_before_the_momentum_copies_were_averaged_models_still_load():
+    torch.manual_seed(0)
+    heads = MatchingHeads(6, 5, 4, 8, 0.9)
+    legacy = {name.replace("_momentum.module.", "_momentum."): value for name, value in heads.state_dict().items()
+              if not name.endswith("n_averaged")}
+    assert "image_head_momentum.layers.0.weight" in legacy
+    loaded = MatchingHeads.from_state_dict(legacy).state_dict()
+    assert all(torch.equal(value, loaded[name]) for name, value in heads.state_dict().items())
+
+
+def test_a_checkpoint_from_before_finetune_existed_resumes_with_its_defaults():
+    from fne_fast.errors import UsageError
+    from fne_fast.training.state import _check_same_settings
+
+    stored = dataclasses.asdict(TrainConfig())
+    del stored["finetune"], stored["backbone_lr"]
+    _check_same_settings({"config": stored}, TrainConfig(), 1)
+    with pytest.raises(UsageError, match=r"finetune=0 \(now 1\)"):
+        _check_same_settings({"config": stored}, TrainConfig(finetune=1), 1)
 
 
 def test_the_ledger_names_each_ring_rows_pair_and_step_as_the_bank_writes_them():
@@ -194,11 +216,16 @@ def whole_run(dataset, tmp_path_factory):
     return out, train(_config(dataset, out))
 
 
-def test_a_resumed_finetuned_run_is_the_uninterrupted_one(dataset, whole_run, tmp_path):
+def test_a_resumed_finetuned_run_is_the_uninterrupted_one(dataset, whole_run, tmp_path, monkeypatch):
+    from fne_fast.models import ImageEncoder, TextEncoder
+
     whole, history = whole_run
+    cached = sorted(os.listdir(dataset["cache"]))
+    for encoder in (ImageEncoder, TextEncoder):  # the trunks' outputs (and the swap test's) come from the cache
+        monkeypatch.setattr(encoder, "encode_trunk", lambda *args: pytest.fail("encoded again"))
     for epochs in (1, 3):
         resumed = train(_config(dataset, tmp_path, epochs=epochs, resume=epochs > 1))
-    assert resumed == history
+    assert resumed == history and sorted(os.listdir(dataset["cache"])) == cached
     assert _read(tmp_path / "metrics.jsonl") == _read(whole / "metrics.jsonl")
     from fne_fast.runs.checkpoint import read_checkpoint
 

@@ -4,8 +4,8 @@ What is cached is the backbones' features, or, for a run that trains the backbon
 the frozen trunks below them (feature maps, token states with their attention mask: ``fne_fast.models``). The
 cache file of a split is keyed by data set, split, both encoders' versions (which carry the image size and the cut
 point) and the hash of its ``inputs`` record (``fne_fast.runs.fingerprint``: the split's items and the content of
-its source files), so a changed source file or encoder never serves stale features. Files are written atomically; features
-are checked for NaN and infinity when encoded, read from the cache and loaded from arrays.
+its source files), so a changed source file or encoder never serves stale features. Files are written atomically;
+features are checked for NaN and infinity when encoded, read from the cache and loaded from arrays.
 
 The encoders are passed in (``fne_fast.models.LazyEncoders`` or anything with ``image``, ``text`` and
 ``versions(image_modality)``): this module does not import the models.
@@ -24,7 +24,7 @@ from fne_fast.data.core import DatasetFormatError, FeatureSplit, RawSplit, first
 from fne_fast.io import atomic_save, remove_stale_temporaries
 from fne_fast.runs.fingerprint import describe_sources, inputs_record, record_digest
 
-__all__ = ["default_cache_dir", "encode_texts", "encode_split", "cached_feature_split", "load_feature_arrays"]
+__all__ = ["default_cache_dir", "stack_batches", "encode_texts", "encode_split", "cached_feature_split", "load_feature_arrays"]
 
 
 def default_cache_dir() -> str:
@@ -43,7 +43,7 @@ def _in_batches(items, batch_size: int, description: str):
             bar.update(len(batch))
 
 
-def _stacked(chunks: list[torch.Tensor], width: int) -> torch.Tensor:
+def stack_batches(chunks: list[torch.Tensor], width: int) -> torch.Tensor:
     """The batches' outputs as one tensor. Token states (a text trunk's [n, L, 385]) of batches of different
     lengths are padded to the longest with zeros, whose mask channel marks them as padding."""
     if not chunks:
@@ -58,14 +58,14 @@ def encode_texts(encoder, texts: list[str], batch_size: int, description: str) -
     """``encoder.encode`` of each text, each distinct text encoded once, in batches of similar length (less
     padding), under a progress bar."""
     distinct = sorted(set(texts), key=lambda text: (len(text), text))
-    output = _stacked([encoder.encode(batch) for _, batch in _in_batches(distinct, batch_size, description)],
+    output = stack_batches([encoder.encode(batch) for _, batch in _in_batches(distinct, batch_size, description)],
                       encoder.dim)
     position = {text: row for row, text in enumerate(distinct)}
     return output[torch.tensor([position[text] for text in texts], dtype=torch.int64)]
 
 
 def _encode_images(encoder, loaders, batch_size: int, description: str) -> torch.Tensor:
-    return _stacked([encoder.encode([load() for load in batch])
+    return stack_batches([encoder.encode([load() for load in batch])
                      for _, batch in _in_batches(list(loaders), batch_size, description)], encoder.dim)
 
 

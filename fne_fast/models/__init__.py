@@ -10,5 +10,5 @@ from fne_fast.models.tops import ImageTop, TextTop, backbone_tops, image_side_mo
 
 __all__ = ["ImageEncoder", "TextEncoder", "LazyEncoders", "MissingEncoderError", "image_encoder_version",
            "text_encoder_version", "shared_text_encoder", "shared_image_encoder", "backbone_depth", "trunk_version",
-           "text_trunk", "IMAGE_DEPTH", "TEXT_DEPTH", "ProjectionHead", "Tower", "MatchingHeads", "momentum_copy", "TextTop",
-           "ImageTop", "backbone_tops", "image_side_modality"]
+           "text_trunk", "IMAGE_DEPTH", "TEXT_DEPTH", "ProjectionHead", "Tower", "MatchingHeads", "momentum_copy",
+           "TextTop", "ImageTop", "backbone_tops", "image_side_modality"]

@@ -156,7 +156,8 @@ def backbone_depth(modality: str) -> int:
 
 def trunk_version(version: str, modality: str, trained: int) -> str:
     """An encoder's version with the cut point below its ``trained`` top layers (unchanged for 0: whole)."""
-    return version if not trained else f"{version}-trunk{backbone_depth(modality) - trained}of{backbone_depth(modality)}"
+    depth = backbone_depth(modality)
+    return version if not trained else f"{version}-trunk{depth - trained}of{depth}"
 
 
 class _Trunk:
@@ -176,8 +177,9 @@ def text_trunk(trained: int, device: str = "cpu") -> _Trunk:
 
 class LazyEncoders:
     """Both backbones (the shared ones), each loaded on first use only (a fully cached run never imports
-    transformers): what ``fne_fast.data.features`` encodes splits with and a served matcher encodes inputs with. With ``finetune`` > 0 they encode the trunks below the
-    ``finetune`` trained top layers (``ImageEncoder.encode_trunk``, ``TextEncoder.encode_trunk``)."""
+    transformers): what ``fne_fast.data.features`` encodes splits with and a served matcher encodes inputs with.
+    With ``finetune`` > 0 they encode the trunks below the ``finetune`` trained top layers
+    (``ImageEncoder.encode_trunk``, ``TextEncoder.encode_trunk``)."""
 
     def __init__(self, image_size: int, device: str | torch.device = "cpu", finetune: int = 0):
         self.image_size, self.device, self.finetune = image_size, device, finetune

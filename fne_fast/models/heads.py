@@ -9,6 +9,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 __all__ = ["ProjectionHead", "Tower", "MatchingHeads", "momentum_copy"]
 
+_MOMENTUM_COPIES = ("image_head_momentum", "text_head_momentum")
+
 
 class ProjectionHead(nn.Module):
     """Backbone features -> unit vectors in the joint space: LayerNorm (the two backbones' feature scales differ
@@ -67,6 +69,19 @@ class MatchingHeads(nn.Module):
             self.image_head, self.text_head = Tower(image_top, self.image_head), Tower(text_top, self.text_head)
         self.image_head_momentum = momentum_copy(self.image_head, momentum)
         self.text_head_momentum = momentum_copy(self.text_head, momentum)
+
+    def load_state_dict(self, state: dict, strict: bool = True, assign: bool = False):
+        """Also loads the state of heads saved before the momentum copies were ``AveragedModel``s (their
+        parameters were the copies' own: ``image_head_momentum.layers.0.weight``)."""
+        state = dict(state)
+        for copy in _MOMENTUM_COPIES:
+            legacy = {name: value for name, value in state.items() if name.startswith(f"{copy}.")
+                      and not name.startswith((f"{copy}.module.", f"{copy}.n_averaged"))}
+            for name, value in legacy.items():
+                state[f"{copy}.module.{name[len(copy) + 1:]}"] = state.pop(name)
+            if legacy:
+                state[f"{copy}.n_averaged"] = torch.tensor(1, dtype=torch.long)
+        return super().load_state_dict(state, strict=strict, assign=assign)
 
     @property
     def has_tops(self) -> bool:

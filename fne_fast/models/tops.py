@@ -16,7 +16,8 @@ import copy
 import torch
 from torch import nn
 
-from fne_fast.models.backbones import ImageEncoder, TextEncoder, backbone_depth, shared_image_encoder, shared_text_encoder
+from fne_fast.models.backbones import (ImageEncoder, TextEncoder, backbone_depth, shared_image_encoder,
+                                       shared_text_encoder)
 
 __all__ = ["TextTop", "ImageTop", "backbone_tops", "image_side_modality"]
 

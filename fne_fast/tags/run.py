@@ -8,9 +8,9 @@ import warnings
 
 import torch
 
-from fne_fast.data.features import default_cache_dir, encode_texts
+from fne_fast.data.features import default_cache_dir
 from fne_fast.io import atomic_write_text
-from fne_fast.models import shared_text_encoder, text_trunk
+from fne_fast.models import shared_text_encoder, text_encoder_version, text_trunk, trunk_version
 from fne_fast.tags.corpus import Corpus
 from fne_fast.tags.filtering import CandidateFilter
 from fne_fast.tags.pool import CaptionSource
@@ -40,27 +40,24 @@ class SwapEvaluation:
 
     def __init__(self, corpus: Corpus | None, cache_dir: str, device, progress: bool, finetune: int = 0):
         self.swap_set: SwapSet | None = None
-        self.inputs: torch.Tensor | None = None  # what the text head reads of each swapped caption
         if corpus is None:
             return
+        # What the text head reads: the sentence embeddings, or the trunk's token states below the trained layers.
+        encoder = (lambda: text_trunk(finetune, str(device))) if finetune else (
+            lambda: shared_text_encoder(str(device)))
         try:
             self.swap_set = cached_swap_set(f"{corpus.dataset}-test", corpus["test"], corpus.vocabulary(),
-                                            load_synonyms, lambda: shared_text_encoder(str(device)), cache_dir,
-                                            progress=progress)
+                                            load_synonyms, encoder, cache_dir, progress=progress,
+                                            encoder_version=trunk_version(text_encoder_version(), "text", finetune))
         except MissingSpacyError as error:
             warnings.warn(f"no one-word-swap test (swap_acc is null): {error}", stacklevel=2)
-            return
-        self.inputs = self.swap_set.features
-        if finetune:
-            # A few thousand short sentences through the trunk: seconds, so they are not cached.
-            self.inputs = encode_texts(text_trunk(finetune, str(device)), self.swap_set.texts, 256, f"{corpus.dataset}/test swapped captions")
 
     def metrics(self, heads, image: torch.Tensor, text: torch.Tensor, caption_image: torch.Tensor) -> dict:
         """``image``, ``text``: the test split's online embeddings (as evaluation computed them)."""
         if self.swap_set is None:
             return dict.fromkeys(SWAP_KEYS)
         with torch.no_grad():
-            swapped = heads.text_head(self.inputs.to(text.device))
+            swapped = heads.text_head(self.swap_set.features.to(text.device))
         return swap_accuracy(image, text, swapped, self.swap_set, caption_image)
 
 

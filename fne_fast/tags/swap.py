@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from fne_fast.data.core import content_fingerprint
+from fne_fast.data.features import stack_batches
 from fne_fast.io import atomic_save
 from fne_fast.models import text_encoder_version
 from fne_fast.tags.filtering import CandidateFilter
@@ -38,7 +39,7 @@ class SwapSet:
     caption: torch.Tensor  # [S] row of the swapped caption in its split
     kind: torch.Tensor  # [S] index into SPAN_KINDS
     texts: list[str]  # [S] the swapped captions
-    features: torch.Tensor  # [S, D] their text-backbone features
+    features: torch.Tensor  # [S, D] their text-backbone features ([S, L, 385] trunk states under --finetune)
 
     def state_dict(self) -> dict:
         return {"caption": self.caption, "kind": self.kind, "texts": self.texts, "features": self.features}
@@ -74,13 +75,14 @@ def build_swaps(parsed, captions, caption_image, image_group, vocabulary: Vocabu
 
 
 def cached_swap_set(name: str, texts, vocabulary: Vocabulary, synonyms_loader, text_encoder_loader,
-                    cache_dir: str, progress: bool = True) -> SwapSet:
+                    cache_dir: str, progress: bool = True, encoder_version: str | None = None) -> SwapSet:
     """The swap set of one split (``texts``: its ``SplitTexts``), from the cache or built and encoded with the
-    frozen text backbone (``text_encoder_loader()``, loaded on a miss only)."""
+    frozen text backbone (``text_encoder_loader()``, loaded on a miss only; ``encoder_version`` names what it
+    encodes, by default the whole backbone's sentence embeddings, e.g. the trunk below ``--finetune``'s layers)."""
     key = content_fingerprint(texts.captions, texts.caption_image, texts.image_group, vocabulary.words,
                               [counts.tolist() for counts in vocabulary.kind_counts.values()], SWAP_SEED,
                               _SWAP_RULES_VERSION, [caption.to_state() for caption in texts.parsed],
-                              text_encoder_version())
+                              encoder_version or text_encoder_version())
     path = os.path.join(cache_dir, "tags", f"swaps-{name}-{key}.pt")
     if os.path.exists(path):
         state = torch.load(path, weights_only=True)
@@ -100,7 +102,7 @@ def _encode(encoder, texts: list[str], progress: bool, batch_size: int = 256) ->
     chunks = [encoder.encode(texts[start:start + batch_size])
               for start in tqdm(range(0, len(texts), batch_size), desc="encoding swapped captions", unit="batch",
                                 disable=not progress, leave=False)]
-    return torch.cat(chunks) if chunks else torch.empty(0, encoder.dim)
+    return stack_batches(chunks, encoder.dim)
 
 
 @torch.no_grad()

@@ -114,7 +114,9 @@ class RunState:
 
 def _check_same_settings(state: dict, config: TrainConfig, world_size: int) -> None:
     skipped = RESUMABLE_FIELDS + PER_PROCESS_FIELDS
-    stored = {key: value for key, value in state["config"].items() if key not in skipped}
+    # A setting added after the checkpoint was written had its default then.
+    stored = {**dataclasses.asdict(TrainConfig()), **state["config"]}
+    stored = {key: value for key, value in stored.items() if key not in skipped}
     current = {key: value for key, value in dataclasses.asdict(config).items() if key not in skipped}
     changed = [f"{key}={stored.get(key)!r} (now {current[key]!r})" for key in sorted(current)
                if stored.get(key) != current[key]]
