@@ -43,7 +43,7 @@ def formula(world_size: int, batch: int, k: int, dim: int, element_bytes: int,
     largest one when they differ: the collectives pad to it), ``total`` the global batch (default W·batch: the
     candidates of every global anchor are gathered unpadded)."""
     others, total = world_size - 1, world_size * batch if total is None else total
-    return {"anchors": others * batch * (4 * dim + 12), "candidates": 16 * others * total * k,
+    return {"anchors": others * batch * (dim * element_bytes + 16), "candidates": 16 * others * total * k,
             "rows": others * batch * k * dim * element_bytes, "ids": others * batch * k * 8,
             "ring": others * batch * (dim * element_bytes + 8)}
 

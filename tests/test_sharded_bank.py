@@ -14,7 +14,7 @@ import torch.distributed as dist
 import fne_fast
 from fne_fast.ops import SamplerOptions
 from fne_fast.sampling.bank import MemoryBank
-from fne_fast.sampling.distributed import PeerFailure
+from fne_fast.sampling.distributed import PeerFailure, count_traffic
 from fne_fast.sampling.launch import results_of, run_in_processes
 from fne_fast.ops.testing import EXACT_STATS
 
@@ -87,6 +87,50 @@ def test_sharded_sample_equals_one_call_over_the_whole_bank(world_size):
     assert all(counts == seen[0] for counts in seen)  # every rank checked the same global results
     assert seen[0]["checks"] == 2 * len(SCHEDULE) * len(SAMPLINGS)
     assert seen[0]["fallback"] > 0 and seen[0]["invalid"] > 0  # the cases reach fallbacks and invalid slots
+
+
+def _bf16_on_unit_vectors(rank, world_size):
+    """A bf16 bank of realistic unit vectors, whose dot products round: the sharded bank must take one process's
+    GEMM (anchors in the bank's dtype), or last-bit differences flip candidates at the cut-down and at ties. The
+    cut-downs are placed exactly on similarities one process computes."""
+    group = dist.group.WORLD
+    generator = torch.Generator().manual_seed(11)
+    size, dim, anchors_per_rank = 48, 64, (5, 3, 4)
+    keys = torch.nn.functional.normalize(torch.randn(size, dim, generator=generator), dim=1)
+    ids = torch.arange(size) % 7
+    total = sum(anchors_per_rank[:world_size])
+    anchors = torch.nn.functional.normalize(torch.randn(total, dim, generator=generator), dim=1)
+    anchor_ids, positive_sim = torch.arange(total) % 5, torch.full((total,), 0.4)
+    whole, sharded = MemoryBank(size, dim, dtype=torch.bfloat16), MemoryBank(size, dim, dtype=torch.bfloat16,
+                                                                             group=group)
+    whole.enqueue(keys, ids)
+    rows = slice(rank * size // world_size, (rank + 1) * size // world_size)  # the global batch, split by rank
+    sharded.enqueue(keys[rows], ids[rows])
+    mine = slice(sum(anchors_per_rank[:rank]), sum(anchors_per_rank[:rank + 1]))
+    hardest = whole.sample(anchors, positive_sim, anchor_ids, torch.tensor(EXACT_STATS), SamplerOptions(
+        mode="hardest", k=4))
+    with count_traffic() as sent:  # the anchors travel in the bank's dtype, with their ids and s⁺ as 16 bytes
+        sharded.sample(anchors[mine], positive_sim[mine], anchor_ids[mine], torch.tensor(EXACT_STATS))
+    assert sent["anchors"] == (world_size - 1) * max(anchors_per_rank[:world_size]) * (2 * dim + 16)
+    checks = 0
+    for threshold in hardest.sim[:, 1:].flatten()[:6].tolist():
+        margin = SamplerOptions().margin
+        stats = torch.tensor([threshold + margin, 0.01, 0.0, 0.02, 100.0])
+        for options in (dict(mode="fne", k=1), dict(mode="uniform", k=2), dict(mode="hardest", k=4)):
+            got = sharded.sample(anchors[mine], positive_sim[mine], anchor_ids[mine], stats,
+                                 SamplerOptions(**options), seed=3, step=checks)
+            wanted = whole.sample(anchors, positive_sim, anchor_ids, stats, SamplerOptions(**options), seed=3,
+                                  step=checks)
+            for name, actual, expected in zip(got._fields, got, wanted):
+                assert torch.equal(actual, expected[mine]), (name, threshold, options)
+            checks += 1
+    return checks
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_bf16_bank_of_unit_vectors_samples_the_negatives_of_one_process(world_size):
+    checks = results_of(run_in_processes(_bf16_on_unit_vectors, world_size))
+    assert checks == [18] * world_size
 
 
 def _argument_errors(rank, world_size):

@@ -171,16 +171,18 @@ class MemoryBank:
         if total == 0:
             return _empty_sample(options.k, self.dim, self.dtype, self.device)
 
-        # Every rank scores all the global batch's anchors against its shard. The anchors travel as float32 (a bf16
-        # bank's anchors rounded to bf16 first), so every rank's call takes the op's float32-anchor path, which sums
-        # the products in another order than one process's bf16 GEMM.
-        packed = distributed.all_gather_rows(
-            torch.cat([anchors.to(self.dtype).float(), positive_sim.float().unsqueeze(1)], dim=1), counts,
-            self.group, "anchors")
-        all_ids = distributed.all_gather_rows(anchor_ids, counts, self.group, "anchors")
+        # Every rank scores all the global batch's anchors against its shard, the anchors in the bank's dtype as one
+        # process passes them, so that every rank's call runs one process's GEMM: a bf16 bank's anchors sent as
+        # float32 took the op's float32-anchor path, whose sums round otherwise, and flipped candidates at the
+        # cut-down and at ties. The ids and the positive similarities' float32 bits travel as one int64 pair.
+        all_anchors = distributed.all_gather_rows(anchors.to(self.dtype), counts, self.group, "anchors")
+        scalars = torch.stack([anchor_ids.to(torch.int64),
+                               positive_sim.float().contiguous().view(torch.int32).to(torch.int64)], dim=1)
+        all_scalars = distributed.all_gather_rows(scalars, counts, self.group, "anchors")
+        all_ids, all_positive_sim = all_scalars[:, 0], all_scalars[:, 1].to(torch.int32).view(torch.float32)
         local_filled = min(max(self.filled - self.row_begin, 0), self.shard_size)
         shard_index, shard_sim, _, shard_key = sample_negatives_with_options(
-            packed[:, :-1], self.features, packed[:, -1].contiguous(), all_ids, self.ids, stats, options,
+            all_anchors, self.features, all_positive_sim, all_ids.contiguous(), self.ids, stats, options,
             row_offset=0, col_offset=self.row_begin, filled=local_filled, **call)
         # ... then every rank merges every anchor's candidates, so each knows which of its rows go where.
         index, sim, valid, key = merge_candidates(*self._all_candidates(shard_index, shard_sim, shard_key),
