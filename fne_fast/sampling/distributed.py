@@ -60,13 +60,27 @@ def process_group_from_environment(device: str):
         yield None
         return
     on_cuda = torch.device(device).type == "cuda"
+    device_id = None
     if on_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if on_cuda else "gloo", timeout=TIMEOUT)
+        device_id = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device_id)
+    # device_id binds NCCL to the process's GPU and connects it now, not at the first collective.
+    dist.init_process_group("nccl" if on_cuda else "gloo", timeout=TIMEOUT, device_id=device_id)
     try:
+        _connect(dist.group.WORLD)
         yield dist.group.WORLD
     finally:
         dist.destroy_process_group()
+
+
+def _connect(group) -> None:
+    """One small collective right after a group is made, while every rank is at the same point. Gloo connects
+    when a group is made; NCCL connects at its first collective, and a first collective that comes late (rank 0
+    encoding a cold feature cache while the others wait) would wait for rank 0's connection details past the
+    store's timeout: connecting at once keeps both backends on one code path."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    with _collective("connecting the process group", group):
+        dist.all_reduce(torch.zeros(1, device=device), group=group)
 
 
 _patient_groups: dict = {}
@@ -78,7 +92,9 @@ def patient_group(group):
     if world_size(group) == 1:
         return None
     if group not in _patient_groups:
-        _patient_groups[group] = dist.new_group(ranks=dist.get_process_group_ranks(group), timeout=PATIENT_TIMEOUT)
+        patient = dist.new_group(ranks=dist.get_process_group_ranks(group), timeout=PATIENT_TIMEOUT)
+        _connect(patient)
+        _patient_groups[group] = patient
     return _patient_groups[group]
 
 
