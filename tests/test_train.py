@@ -251,3 +251,31 @@ def test_torchrun_two_processes_follow_one_process_with_the_global_batch(tmp_pat
             assert sharded[key] == pytest.approx(single[key], rel=1e-5), key
         assert sharded["stats"]["n_pos"] == single["stats"]["n_pos"]
         assert sharded["rsum"] == pytest.approx(single["rsum"], abs=2.0)
+
+
+def _start_from(rank, world_size):
+    """Each rank's RunState over the same data; rank 1 then claims one step more, as if it had resumed from
+    another checkpoint."""
+    import torch.distributed as dist
+
+    from fne_fast.training.loop import _agree_on_start
+
+    config = TrainConfig(dataset="features", bank_size=64, joint_dim=8, hidden_dim=16, out="unused")
+    run = RunState(config, synthetic_splits()["train"], group=dist.group.WORLD)
+    run.inputs = {"train": {"digest": "same"}}
+    _agree_on_start(run, dist.group.WORLD)  # the same state: nothing to say
+    run.step += rank
+    with pytest.raises(UsageError, match=r"start from different states: the ranks disagree on epoch, step, .*"
+                                         r"rank 0 has epoch=0, step=0, .*rank 1 has epoch=0, step=1"):
+        _agree_on_start(run, dist.group.WORLD)
+    run.step -= rank
+    run.inputs = {"train": {"digest": f"rank {rank}"}}
+    with pytest.raises(UsageError, match="data fingerprint"):
+        _agree_on_start(run, dist.group.WORLD)
+    return True
+
+
+def test_ranks_that_start_from_different_states_stop_with_one_error():
+    from fne_fast.sampling.launch import results_of, run_in_processes
+
+    assert results_of(run_in_processes(_start_from, 2)) == [True, True]

@@ -95,6 +95,7 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None, gr
             run.load_state_dict(resumed)
             if run.first and not config.quiet:
                 print(f"resuming {config.out} at epoch {run.next_epoch} (step {run.step})")
+        _agree_on_start(run, group)
         files = _RunFiles(config.out, folder, run)
         first_epoch = run.next_epoch
         for epoch in range(run.next_epoch, config.epochs):
@@ -194,6 +195,22 @@ def _run_folder(config: TrainConfig, group, world_size: int, first: bool):
         distributed.require_same("fne-fast train: the processes were started with different settings", table,
                                  ("settings fingerprint",), error=UsageError)
         yield folder
+
+
+def _agree_on_start(run: RunState, group) -> None:
+    """Under several processes, before the first step: the ranks read the same data and start from the same
+    point (epoch, step, the parameters they loaded), or every rank stops with the same error naming what
+    differs. DistributedDataParallel synchronised the parameters when it was built, before the resumption."""
+    if run.world_size == 1:
+        return
+    parameters = 0
+    for tensor in run.heads.state_dict().values():
+        parameters = zlib.crc32(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy(), parameters)
+    data = zlib.crc32(json.dumps(run.inputs, sort_keys=True, default=str).encode())
+    table = distributed.agree("fne-fast train", [run.next_epoch, run.step, parameters, data], None, group,
+                              run.device, error=UsageError)
+    distributed.require_same("fne-fast train: the processes start from different states", table,
+                             ("epoch", "step", "parameters' CRC-32", "data fingerprint's CRC-32"), error=UsageError)
 
 
 def _has_plots(out: str) -> bool:
