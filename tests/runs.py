@@ -85,3 +85,13 @@ def write_shapes_dataset(root, cache) -> dict:
         path.write_text(json.dumps(rows))
         options[f"{split}_json"] = str(path)
     return {"options": options, "root": root, "cache": str(cache), "items": items}
+
+
+def shapes_config(dataset: dict, out, **overrides):
+    """A short run on the coloured shapes (``write_shapes_dataset``'s record) through the real backbones."""
+    from fne_fast.training import TrainConfig
+
+    values = dict(dataset="albef-json", data_options=dataset["options"], cache_dir=dataset["cache"], out=str(out),
+                  epochs=3, batch_size=8, bank_size=32, joint_dim=16, hidden_dim=32, lr=1e-3, plots=False,
+                  quiet=True, image_size=64)
+    return TrainConfig(**{**values, **overrides})

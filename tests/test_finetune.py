@@ -11,10 +11,11 @@ import sys
 import pytest
 import torch
 
+from fne_fast.io import read_jsonl
 from fne_fast.models import MatchingHeads, backbone_depth, momentum_copy, trunk_version
 from fne_fast.training import TrainConfig, train
 from fne_fast.training.staleness import BankLedger
-from runs import write_shapes_dataset
+from runs import shapes_config, write_shapes_dataset
 
 
 def _needs_backbones():
@@ -129,7 +130,7 @@ def test_token_states_of_batches_of_other_lengths_are_padded_as_padding():
     assert states[0, :, 0].tolist() == [2.0, 2.0, 0.0, 0.0]
 
 
-def test_finetune_beyond_the_backbones_is_a_usage_error_before_any_data_is_read(monkeypatch, capsys):
+def test_finetune_beyond_the_backbones_is_a_usage_error_before_any_data_isread_jsonl(monkeypatch, capsys):
     from fne_fast.cli import main
     from fne_fast.training import data
 
@@ -198,16 +199,7 @@ def dataset(tmp_path_factory):
 
 
 def _config(dataset, out, **overrides):
-    values = dict(dataset="albef-json", data_options=dataset["options"], cache_dir=dataset["cache"], out=str(out),
-                  epochs=3, batch_size=8, bank_size=32, joint_dim=16, hidden_dim=32, lr=1e-3, backbone_lr=1e-4,
-                  seed=1, plots=False, quiet=True, image_size=64, finetune=1)
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def _read(path):
-    with open(path) as stream:
-        return [json.loads(line) for line in stream]
+    return shapes_config(dataset, out, **{"backbone_lr": 1e-4, "seed": 1, "finetune": 1, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +218,7 @@ def test_a_resumed_finetuned_run_is_the_uninterrupted_one(dataset, whole_run, tm
     for epochs in (1, 3):
         resumed = train(_config(dataset, tmp_path, epochs=epochs, resume=epochs > 1))
     assert resumed == history and sorted(os.listdir(dataset["cache"])) == cached
-    assert _read(tmp_path / "metrics.jsonl") == _read(whole / "metrics.jsonl")
+    assert read_jsonl(tmp_path / "metrics.jsonl") == read_jsonl(whole / "metrics.jsonl")
     from fne_fast.runs.checkpoint import read_checkpoint
 
     first, second = (read_checkpoint(str(folder / "checkpoint.safetensors")) for folder in (whole, tmp_path))
@@ -302,7 +294,7 @@ def test_torchrun_two_processes_follow_one_with_the_global_batch(dataset, tmp_pa
                                    "--nproc_per_node", str(processes), "-m", "fne_fast.cli", *common, "--batch-size",
                                    batch, "--out", str(tmp_path / name)], capture_output=True, text=True, timeout=600)
         assert launched.returncode == 0, launched.stderr[-3000:]
-    one, two = _read(tmp_path / "one" / "metrics.jsonl"), _read(tmp_path / "two" / "metrics.jsonl")
+    one, two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
     assert len(one) == len(two) == 2 and not one[1]["warmup"]
     for single, sharded in zip(one, two):
         assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5)

