@@ -50,11 +50,7 @@ class RunState:
         self.model = self.heads if group is None else torch.nn.parallel.DistributedDataParallel(
             self.heads, device_ids=[torch.cuda.current_device()] if self.device.type == "cuda" else None,
             process_group=group)
-        # With the tops (5 M parameters for --finetune 1) the fused Adam takes a tenth of the time of the loop over
-        # tensors (9.9 against 101 ms a step, 2 busy CPU cores); a run of the heads alone keeps the loop, and its
-        # numbers.
-        self.optimizer = torch.optim.Adam(self.heads.head_parameters(), lr=config.lr,
-                                          fused=True if config.finetune else None)
+        self.optimizer = torch.optim.Adam(self.heads.head_parameters(), lr=config.lr)
         if config.finetune:
             self.optimizer.add_param_group({"params": self.heads.top_parameters(), "lr": config.backbone_lr})
         # Which pair and step each bank row came from, for the staleness of the rows (tops that train only).
