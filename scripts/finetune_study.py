@@ -5,10 +5,11 @@ data set and --finetune level (each with the same arms and seeds):
 
 Per level and arm: the best-validation epoch's strict and group rsum (mean ± std over the seeds, from the
 comparison's results.json), the last epoch's FN rate of the sampler's own draws, fallback share and race size,
-the bank staleness (last epoch; measured only when the tops train) and the training time per step (the step's
-sections in timing.jsonl, epochs after the warm-up, mean over seeds); then each arm at N > 0 against the same arm
-at N = 0, paired seed by seed (same initialisation of the heads and same batches), with the comparison's t-test and
-bootstrap over test items.
+the bank staleness at the end (the image bank's, from each run's last checkpoint at every level: its stored keys
+against the keys its momentum copies give the same images; the text bank's from metrics.jsonl, measured only when
+the tops train) and the training time per step (the step's sections in timing.jsonl, epochs after the warm-up,
+mean over seeds); then each arm at N > 0 against the same arm at N = 0, paired seed by seed (same initialisation of
+the heads and same batches), with the comparison's t-test and bootstrap over test items.
 """
 
 from __future__ import annotations
@@ -23,8 +24,15 @@ import torch
 from fne_fast.data import load_raw_split
 from fne_fast.experiments.paired import paired_comparison
 from fne_fast.io import read_jsonl
+from fne_fast.matcher import heads_from_state
 from fne_fast.runs.artifacts import METRICS_NAME, TIMING_NAME, read_best_test_ranks
+from fne_fast.runs.checkpoint import load_checkpoint
+from fne_fast.training import TrainConfig
+from fne_fast.training.data import load_splits
 from fne_fast.training.epoch import TIMING_SECTIONS
+from fne_fast.training.staleness import STALENESS_SAMPLE
+
+_splits: dict = {}
 
 
 def _mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
@@ -43,6 +51,21 @@ def _cell(summary: dict, key: str, scale: float = 1.0, digits: int = 1) -> str:
 def _ms_per_step(folder: str) -> float:
     rows = [row for row in read_jsonl(os.path.join(folder, TIMING_NAME)) if row["epoch"] >= 1]
     return 1e3 * sum(sum(row[key] for key in TIMING_SECTIONS) for row in rows) / sum(row["steps"] for row in rows)
+
+
+@torch.no_grad()
+def _image_bank_cosine(folder: str) -> float:
+    """The mean cosine between the image bank's stored keys (rows spread over the bank) and the keys the run's
+    momentum copy gives the same images, at its last checkpoint."""
+    state, _ = load_checkpoint(folder)
+    config = TrainConfig(**state["config"])
+    if config.finetune not in _splits:
+        _splits[config.finetune] = load_splits(config)["train"]
+    split, bank = _splits[config.finetune], state["image_bank"]
+    rows = torch.linspace(0, bank["filled"] - 1, min(STALENESS_SAMPLE, bank["filled"])).long()
+    keys = heads_from_state(state).image_head_momentum(split.image_features[bank["ids"][rows]])
+    stored = torch.nn.functional.normalize(bank["features"][rows].float(), dim=1)
+    return float((stored * torch.nn.functional.normalize(keys, dim=1)).sum(dim=1).mean())
 
 
 def _level(folder: str) -> tuple[int, dict]:
@@ -64,19 +87,19 @@ def main() -> None:
         levels[finetune] = (folder, results)
 
     lines = [f"| --finetune | arm | rsum | group rsum | FN rate of own draws % | fallback % | race per anchor | "
-             "staleness: image / text cosine | ms per step |", "|---|---|---|---|---|---|---|---|---|"]
+             "image bank cosine | text bank cosine | ms per step |", "|---|---|---|---|---|---|---|---|---|---|"]
     for finetune, (folder, results) in sorted(levels.items()):
         for arm in results["arms"]:
             summary, runs = arm["summary"], arm["runs"]
             lasts = [read_jsonl(os.path.join(folder, run["folder"], METRICS_NAME))[-1] for run in runs]
             staleness = [last.get("staleness") for last in lasts]
-            cosines = ("n/a" if None in staleness else
-                       f"{_mean_std([s['image_cosine'] for s in staleness], digits=3)} / "
-                       f"{_mean_std([s['text_cosine'] for s in staleness], digits=3)}")
+            image_cosine = _mean_std([_image_bank_cosine(os.path.join(folder, run["folder"])) for run in runs],
+                                     digits=3)
+            text_cosine = "n/a" if None in staleness else _mean_std([s["text_cosine"] for s in staleness], digits=3)
             step = statistics.mean(_ms_per_step(os.path.join(folder, run["folder"])) for run in runs)
             lines.append(f"| {finetune} | {arm['name']} | {_cell(summary, 'rsum')} | {_cell(summary, 'group_rsum')} | "
                          f"{_cell(summary, 'fn_rate_sampled', 100)} | {_cell(summary, 'fallback_rate', 100)} | "
-                         f"{_cell(summary, 'race_per_anchor')} | {cosines} | {step:.0f} |")
+                         f"{_cell(summary, 'race_per_anchor')} | {image_cosine} | {text_cosine} | {step:.0f} |")
 
     caption_image = torch.tensor(load_raw_split(args.dataset, "test").caption_image)
     lines += ["", "| arm | --finetune N − 0 | metric | per seed | mean | t-test p | bootstrap 95 % | verdict |",
