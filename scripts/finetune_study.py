@@ -86,8 +86,8 @@ def main() -> None:
         finetune, results = _level(folder)
         levels[finetune] = (folder, results)
 
-    lines = [f"| --finetune | arm | rsum | group rsum | FN rate of own draws % | fallback % | race per anchor | "
-             "image bank cosine | text bank cosine | ms per step |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| --finetune | arm | seeds | rsum | group rsum | FN rate of own draws % | fallback % | race per anchor | "
+             "image bank cosine | text bank cosine | ms per step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for finetune, (folder, results) in sorted(levels.items()):
         for arm in results["arms"]:
             summary, runs = arm["summary"], arm["runs"]
@@ -97,32 +97,36 @@ def main() -> None:
                                      digits=3)
             text_cosine = "n/a" if None in staleness else _mean_std([s["text_cosine"] for s in staleness], digits=3)
             step = statistics.mean(_ms_per_step(os.path.join(folder, run["folder"])) for run in runs)
-            lines.append(f"| {finetune} | {arm['name']} | {_cell(summary, 'rsum')} | {_cell(summary, 'group_rsum')} | "
-                         f"{_cell(summary, 'fn_rate_sampled', 100)} | {_cell(summary, 'fallback_rate', 100)} | "
+            lines.append(f"| {finetune} | {arm['name']} | {len(runs)} | {_cell(summary, 'rsum')} | "
+                         f"{_cell(summary, 'group_rsum')} | {_cell(summary, 'fn_rate_sampled', 100)} | {_cell(summary, 'fallback_rate', 100)} | "
                          f"{_cell(summary, 'race_per_anchor')} | {image_cosine} | {text_cosine} | {step:.0f} |")
 
     caption_image = torch.tensor(load_raw_split(args.dataset, "test").caption_image)
-    lines += ["", "| arm | --finetune N − 0 | metric | per seed | mean | t-test p | bootstrap 95 % | verdict |",
+    lines += ["", "| arm | --finetune N − 0 | metric | per seed (seeds) | mean | t-test p | bootstrap 95 % | verdict |",
               "|---|---|---|---|---|---|---|---|"]
     frozen_folder, frozen = levels[0]
     for finetune, (folder, results) in sorted(levels.items()):
         if finetune == 0:
             continue
         for arm in results["arms"]:
-            base_arm = next(item for item in frozen["arms"] if item["name"] == arm["name"])
-            seeds = [run["seed"] for run in arm["runs"]]
-            if seeds != [run["seed"] for run in base_arm["runs"]]:
-                raise SystemExit(f"{folder}: {arm['name']} has seeds {seeds}, {frozen_folder} others")
+            # Paired on the seeds this level ran (a level may have run fewer than the frozen one).
+            base_runs = {run["seed"]: run for run in next(item for item in frozen["arms"]
+                                                          if item["name"] == arm["name"])["runs"]}
+            missing = [run["seed"] for run in arm["runs"] if run["seed"] not in base_runs]
+            if missing:
+                raise SystemExit(f"{frozen_folder}: {arm['name']} has no run of seeds {missing}")
             ranks = [read_best_test_ranks(os.path.join(folder, run["folder"]))[1] for run in arm["runs"]]
-            base_ranks = [read_best_test_ranks(os.path.join(frozen_folder, run["folder"]))[1]
-                          for run in base_arm["runs"]]
+            base_ranks = [read_best_test_ranks(os.path.join(frozen_folder, base_runs[run["seed"]]["folder"]))[1]
+                          for run in arm["runs"]]
             for metric in ("rsum", "group_rsum"):
                 test = paired_comparison(ranks, base_ranks, caption_image, group=metric == "group_rsum",
                                          replicates=args.bootstrap)
                 low, high = test["bootstrap_interval"]
                 p_value = "n/a" if test["t_test_p"] is None else f"{test['t_test_p']:.3f}"
+                seeds = ", ".join(str(run["seed"]) for run in arm["runs"])
                 lines.append(f"| {arm['name']} | {finetune} − 0 | {metric.replace('_', ' ')} | "
-                             f"{', '.join(f'{value:+.1f}' for value in test['per_seed'])} | {test['mean']:+.1f} | "
+                             f"{', '.join(f'{value:+.1f}' for value in test['per_seed'])} ({seeds}) | "
+                             f"{test['mean']:+.1f} | "
                              f"{p_value} | [{low:+.1f}, {high:+.1f}] | {test['verdict']} |")
     print("\n".join(lines))
 
