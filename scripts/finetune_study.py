@@ -86,8 +86,9 @@ def main() -> None:
         finetune, results = _level(folder)
         levels[finetune] = (folder, results)
 
-    lines = [f"| --finetune | arm | seeds | rsum | group rsum | FN rate of own draws % | fallback % | race per anchor | "
-             "image bank cosine | text bank cosine | ms per step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| --finetune | arm | seeds | rsum | group rsum | FN rate of own draws % | fallback % | "
+             "race per anchor | image bank cosine | text bank cosine | ms per step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for finetune, (folder, results) in sorted(levels.items()):
         for arm in results["arms"]:
             summary, runs = arm["summary"], arm["runs"]
@@ -98,11 +99,13 @@ def main() -> None:
             text_cosine = "n/a" if None in staleness else _mean_std([s["text_cosine"] for s in staleness], digits=3)
             step = statistics.mean(_ms_per_step(os.path.join(folder, run["folder"])) for run in runs)
             lines.append(f"| {finetune} | {arm['name']} | {len(runs)} | {_cell(summary, 'rsum')} | "
-                         f"{_cell(summary, 'group_rsum')} | {_cell(summary, 'fn_rate_sampled', 100)} | {_cell(summary, 'fallback_rate', 100)} | "
-                         f"{_cell(summary, 'race_per_anchor')} | {image_cosine} | {text_cosine} | {step:.0f} |")
+                         f"{_cell(summary, 'group_rsum')} | {_cell(summary, 'fn_rate_sampled', 100)} | "
+                         f"{_cell(summary, 'fallback_rate', 100)} | {_cell(summary, 'race_per_anchor')} | "
+                         f"{image_cosine} | {text_cosine} | {step:.0f} |")
 
     caption_image = torch.tensor(load_raw_split(args.dataset, "test").caption_image)
-    lines += ["", "| arm | --finetune N − 0 | metric | per seed (seeds) | mean | t-test p | bootstrap 95 % | verdict |",
+    lines += ["", "| arm | --finetune N − 0 | metric | per seed (seeds) | mean | t-test p | bootstrap 95 % | "
+              "verdict |",
               "|---|---|---|---|---|---|---|---|"]
     frozen_folder, frozen = levels[0]
     for finetune, (folder, results) in sorted(levels.items()):
