@@ -98,7 +98,7 @@ def test_the_ledger_names_each_ring_rows_pair_and_step_as_the_bank_writes_them()
     bank, ledger = MemoryBank(5, 1), BankLedger(5)
     for step, captions in enumerate(([0, 1, 2], [3, 4, 5], [6, 7, 8, 9, 10, 11, 12])):
         captions = torch.tensor(captions)
-        ledger.record(bank.pointer, captions, step)
+        ledger.record(bank.next_positions(captions.numel()), captions, step)
         bank.enqueue(captions.unsqueeze(1).float(), captions)
     assert ledger.caption.tolist() == bank.features.squeeze(1).long().tolist()
     assert ledger.step.tolist() == [2] * 5

@@ -24,7 +24,8 @@ from fne_fast.data.core import DatasetFormatError, FeatureSplit, RawSplit, first
 from fne_fast.io import atomic_save, remove_stale_temporaries
 from fne_fast.runs.fingerprint import describe_sources, inputs_record, record_digest
 
-__all__ = ["default_cache_dir", "stack_batches", "encode_texts", "encode_split", "cached_feature_split", "load_feature_arrays"]
+__all__ = ["default_cache_dir", "stack_batches", "encode_texts", "encode_split", "cached_feature_split",
+           "load_feature_arrays"]
 
 
 def default_cache_dir() -> str:
@@ -59,14 +60,14 @@ def encode_texts(encoder, texts: list[str], batch_size: int, description: str) -
     padding), under a progress bar."""
     distinct = sorted(set(texts), key=lambda text: (len(text), text))
     output = stack_batches([encoder.encode(batch) for _, batch in _in_batches(distinct, batch_size, description)],
-                      encoder.dim)
+                           encoder.dim)
     position = {text: row for row, text in enumerate(distinct)}
     return output[torch.tensor([position[text] for text in texts], dtype=torch.int64)]
 
 
 def _encode_images(encoder, loaders, batch_size: int, description: str) -> torch.Tensor:
     return stack_batches([encoder.encode([load() for load in batch])
-                     for _, batch in _in_batches(list(loaders), batch_size, description)], encoder.dim)
+                          for _, batch in _in_batches(list(loaders), batch_size, description)], encoder.dim)
 
 
 def encode_split(raw: RawSplit, encoders, batch_size: int = 64) -> FeatureSplit:

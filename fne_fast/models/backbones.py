@@ -183,19 +183,16 @@ class LazyEncoders:
 
     def __init__(self, image_size: int, device: str | torch.device = "cpu", finetune: int = 0):
         self.image_size, self.device, self.finetune = image_size, device, finetune
-        self._image = self._text = None
 
     @property
     def image(self):
-        if self._image is None:
-            self._image = shared_image_encoder(self.image_size, str(self.device))
-        return _Trunk(self._image, self.finetune) if self.finetune else self._image
+        encoder = shared_image_encoder(self.image_size, str(self.device))
+        return _Trunk(encoder, self.finetune) if self.finetune else encoder
 
     @property
     def text(self):
-        if self._text is None:
-            self._text = shared_text_encoder(str(self.device))
-        return _Trunk(self._text, self.finetune) if self.finetune else self._text
+        device = str(self.device)
+        return text_trunk(self.finetune, device) if self.finetune else shared_text_encoder(device)
 
     def versions(self, image_modality: str) -> str:
         """Both encoders' versions (with the cut point when the tops train), from package metadata: computing

@@ -102,22 +102,22 @@ class MatchingHeads(nn.Module):
         heads.load_state_dict(state)
         return heads
 
+    def _projections(self) -> tuple[ProjectionHead, ProjectionHead]:
+        heads = (self.image_head, self.text_head)
+        return tuple(head.projection for head in heads) if self.has_tops else heads
+
     @property
     def joint_dim(self) -> int:
-        projection = self.image_head.projection if self.has_tops else self.image_head
-        return projection.layers[-1].out_features
+        return self._projections()[0].layers[-1].out_features
 
     def head_parameters(self) -> list[nn.Parameter]:
         """The projection heads' parameters (the tops' excluded)."""
-        if not self.has_tops:
-            return list(self.image_head.parameters()) + list(self.text_head.parameters())
-        return list(self.image_head.projection.parameters()) + list(self.text_head.projection.parameters())
+        return [parameter for head in self._projections() for parameter in head.parameters()]
 
     def top_parameters(self) -> list[nn.Parameter]:
         """The trained backbone layers' parameters (none without tops)."""
-        if not self.has_tops:
-            return []
-        return list(self.image_head.top.parameters()) + list(self.text_head.top.parameters())
+        tops = (self.image_head.top, self.text_head.top) if self.has_tops else ()
+        return [parameter for top in tops for parameter in top.parameters()]
 
     @torch.no_grad()
     def update_momentum(self) -> None:

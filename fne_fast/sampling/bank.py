@@ -107,6 +107,12 @@ class MemoryBank:
             raise ValueError(problem)
         self._write(features, ids)
 
+    def next_positions(self, rows: int) -> tuple[int, torch.Tensor]:
+        """Where the next ``enqueue`` of a global batch of ``rows`` rows writes them: the first row it keeps (a
+        batch longer than the ring keeps its last ``size``) and the global ring positions of the rows from there."""
+        skipped = max(0, rows - self.size)
+        return skipped, (self.pointer + skipped + torch.arange(rows - skipped)) % self.size
+
     def _write(self, features: torch.Tensor, ids: torch.Tensor) -> None:
         """Writes the global batch's rows that fall into this process's rows, as at most two slices (the ring
         segment before and after the wrap-around), each cut to this process's range."""

@@ -68,7 +68,7 @@ def train_one_epoch(run: RunState, split: FeatureSplit, epoch: int, timing: dict
         image, text, image_key, text_key = run.model(image_features, text_features)
         heads_forward = _clock(device)
         if run.ledger:
-            run.ledger.record(run.image_bank.pointer, global_captions, run.step)
+            run.ledger.record(run.image_bank.next_positions(global_captions.numel()), global_captions, run.step)
         run.image_bank.enqueue(image_key, ids)
         run.text_bank.enqueue(text_key, ids)
         enqueued = _clock(device)

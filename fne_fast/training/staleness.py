@@ -27,14 +27,11 @@ class BankLedger:
         self.caption = torch.full((size,), -1, dtype=torch.int64)
         self.step = torch.full((size,), -1, dtype=torch.int64)
 
-    def record(self, pointer: int, captions: torch.Tensor, step: int) -> None:
-        """The global batch's ``captions`` written at the ring's ``pointer`` (before the banks advance it), as
-        ``MemoryBank.enqueue`` writes its rows: wrapping around, a batch longer than the ring keeping its last
-        rows."""
-        skipped = max(0, captions.numel() - self.size)
-        captions = captions[skipped:]
-        positions = (pointer + skipped + torch.arange(captions.numel())) % self.size
-        self.caption[positions] = captions.cpu()
+    def record(self, placement: tuple[int, torch.Tensor], captions: torch.Tensor, step: int) -> None:
+        """The global batch's ``captions`` at the ring positions the banks' next enqueue writes them to
+        (``MemoryBank.next_positions``: the first caption kept, and the positions from there)."""
+        skipped, positions = placement
+        self.caption[positions] = captions[skipped:].cpu()
         self.step[positions] = step
 
     def state_dict(self) -> dict:
