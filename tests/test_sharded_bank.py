@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 import fne_fast
 from fne_fast.ops import SamplerOptions
-from fne_fast.sampling.bank import MemoryBank
+from fne_fast.sampling.bank import MemoryBank, sharded_traffic
 from fne_fast.sampling.distributed import PeerFailure, count_traffic
 from fne_fast.sampling.launch import results_of, run_in_processes
 from fne_fast.ops.testing import EXACT_STATS
@@ -41,6 +41,18 @@ def _global_step(step, counts):
             (torch.arange(total) + 1) % 3)
 
 
+def _check_traffic(sent, counts, rank, k, dtype, index, valid, mine):
+    """The bytes this rank sent for a step's enqueue and sample are docs/DESIGN.md's formula, its data-dependent
+    terms (rows fetched from and served to other ranks) counted from the oracle's chosen rows."""
+    owner = torch.where(valid, index, 0) // (SIZE // len(counts))
+    anchor_rank = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))[:, None].expand_as(index)
+    remote = valid & (owner != anchor_rank)
+    expected = sharded_traffic(counts, rank, k, DIM, torch.finfo(dtype).bits // 8,
+                               rows_fetched=int(remote[mine].sum()), rows_served=int((remote & (owner == rank)).sum()))
+    measured = {kind: sent.get(kind, 0) for kind in expected}
+    assert measured == expected, (counts, rank, k, dtype, measured, expected)
+
+
 def _compare_with_one_bank(rank, world_size):
     group = dist.group.WORLD
     stats = torch.tensor(EXACT_STATS)
@@ -52,14 +64,16 @@ def _compare_with_one_bank(rank, world_size):
             counts = counts[:world_size]
             keys, ids, anchors, positive_sim, anchor_ids = _global_step(step, counts)
             mine = slice(sum(counts[:rank]), sum(counts[:rank + 1]))
-            sharded.enqueue(keys[mine], ids[mine])
+            with count_traffic() as ring_sent:
+                sharded.enqueue(keys[mine], ids[mine])
             whole.enqueue(keys, ids)
             rows = slice(sharded.row_begin, sharded.row_begin + sharded.shard_size)
             assert torch.equal(sharded.features, whole.features[rows]) and torch.equal(sharded.ids, whole.ids[rows])
             assert (sharded.pointer, sharded.filled) == (whole.pointer, whole.filled)
             for options in SAMPLINGS:
-                got = sharded.sample(anchors[mine], positive_sim[mine], anchor_ids[mine], stats,
-                                     SamplerOptions(**options), seed=7, step=step)
+                with count_traffic() as sent:
+                    got = sharded.sample(anchors[mine], positive_sim[mine], anchor_ids[mine], stats,
+                                         SamplerOptions(**options), seed=7, step=step)
                 # The bank draws in its own dtype: the anchors are rounded to it first.
                 index, sim, valid, key = fne_fast.sample_negatives(
                     anchors.to(dtype), whole.features, positive_sim, anchor_ids, whole.ids, stats, seed=7, step=step,
@@ -69,6 +83,7 @@ def _compare_with_one_bank(rank, world_size):
                 for name, actual, wanted in zip(("index", "sim", "valid", "key", "rows", "ids"), got,
                                                 (index, sim, valid, key, wanted_rows, wanted_ids)):
                     assert torch.equal(actual, wanted[mine]), (name, step, options, actual, wanted[mine])
+                _check_traffic(dict(sent, **ring_sent), counts, rank, options["k"], dtype, index, valid, mine)
                 seen["fallback"] += int((valid & ~torch.isfinite(key)).sum())
                 seen["invalid"] += int((~valid).sum())
                 seen["checks"] += 1

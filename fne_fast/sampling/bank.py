@@ -24,7 +24,7 @@ from fne_fast.ops import BACKENDS, SamplerOptions, merge_candidates, sample_nega
 from fne_fast.ops.checks import EMBEDDING_DTYPES, dtype_name
 from fne_fast.sampling import distributed
 
-__all__ = ["MemoryBank", "BankSample"]
+__all__ = ["MemoryBank", "BankSample", "sharded_traffic"]
 
 _DEFAULTS = SamplerOptions()
 
@@ -173,8 +173,7 @@ class MemoryBank:
         distributed.require_same("MemoryBank.sample", [line[1:] for line in table],
                                  ("k", "mode", "seed", "step", "other options", "stats"))
         counts = [line[0] for line in table]
-        offset, local_size, total = sum(counts[:self.rank]), counts[self.rank], sum(counts)
-        if total == 0:
+        if sum(counts) == 0:
             return _empty_sample(options.k, self.dim, self.dtype, self.device)
 
         # Every rank scores all the global batch's anchors against its shard, the anchors in the bank's dtype as one
@@ -190,42 +189,51 @@ class MemoryBank:
         shard_index, shard_sim, _, shard_key = sample_negatives_with_options(
             all_anchors, self.features, all_positive_sim, all_ids.contiguous(), self.ids, stats, options,
             row_offset=0, col_offset=self.row_begin, filled=local_filled, **call)
-        # ... then every rank merges every anchor's candidates, so each knows which of its rows go where.
-        index, sim, valid, key = merge_candidates(*self._all_candidates(shard_index, shard_sim, shard_key),
-                                                  k=options.k)
-        mine = slice(offset, offset + local_size)
-        rows, chosen_ids = self._fetch_rows(index, valid, counts, mine)
-        return BankSample(index[mine], sim[mine], valid[mine], key[mine], rows, chosen_ids)
+        # ... then each anchor's candidates go to the rank that owns the anchor only, which merges them and fetches
+        # the winning rows from the ranks that hold them.
+        index, sim, valid, key = merge_candidates(*self._candidates_of_my_anchors(shard_index, shard_sim, shard_key,
+                                                                                  counts), k=options.k)
+        rows, chosen_ids = self._fetch_rows(index, valid)
+        return BankSample(index, sim, valid, key, rows, chosen_ids)
 
-    def _all_candidates(self, index, sim, key):
-        """Every rank's [G, k] candidates side by side, [G, W·k]: 16 bytes a candidate (index, sim, key; an
-        invalid slot is index -1)."""
-        total, k = index.shape
+    def _candidates_of_my_anchors(self, index, sim, key, counts: list[int]):
+        """This rank's anchors' candidates from every rank's shard, side by side [B, W·k] in rank order: each rank
+        sends the candidates of each anchor (16 bytes: index, sim, key; an invalid slot is index -1) to the
+        anchor's rank only, so a rank sends (G − B)·k candidates however large W is."""
+        k, mine = index.shape[1], counts[self.rank]
         packed = torch.cat([index.unsqueeze(-1), torch.stack([sim, key], dim=-1).view(torch.int64)], dim=-1)
-        gathered = distributed.all_gather_rows(packed, [total] * self.world_size, self.group, "candidates")
-        gathered = gathered.view(self.world_size, total, k, 2).permute(1, 0, 2, 3).reshape(total,
-                                                                                           self.world_size * k, 2)
-        all_index = gathered[..., 0]
-        sim_and_key = gathered[..., 1].contiguous().view(torch.float32).view(total, self.world_size * k, 2)
+        received = distributed.all_to_all_rows(packed, counts, [mine] * self.world_size, self.group, "candidates")
+        received = received.view(self.world_size, mine, k, 2).transpose(0, 1).reshape(mine, self.world_size * k, 2)
+        all_index = received[..., 0]
+        # (cloned to fresh strides: an empty slice keeps its parent's, which a dtype view refuses)
+        sim_and_key = received[..., 1].clone(memory_format=torch.contiguous_format).view(torch.float32)
+        sim_and_key = sim_and_key.view(mine, self.world_size * k, 2)
         return all_index, sim_and_key[..., 0], all_index >= 0, sim_and_key[..., 1]
 
-    def _fetch_rows(self, index, valid, counts, mine: slice):
-        """The chosen rows [B, k, dim] and their ids [B, k] of this rank's anchors (``mine`` of the global batch):
-        each rank writes the rows it owns into a zeroed buffer laid out by the anchors' ranks, and a
-        reduce-scatter sums the buffers (x + 0 is exact), each rank keeping its anchors' part; the ids likewise."""
-        most = max(counts)
-        layout = torch.cat([torch.arange(count, device=self.device) + other * most
-                            for other, count in enumerate(counts)])
-        local = index - self.row_begin
-        owned = valid & (local >= 0) & (local < self.shard_size)
-        local = local.clamp(0, self.shard_size - 1)
-        buffer = self.features.new_zeros((self.world_size * most, *index.shape[1:], self.dim))
-        buffer[layout] = torch.where(owned.unsqueeze(-1), self.features[local], 0)
-        rows = distributed.reduce_scatter_rows(buffer, self.group, "rows")[:counts[self.rank]]
-        id_buffer = index.new_zeros((self.world_size * most, *index.shape[1:]))
-        id_buffer[layout] = torch.where(owned, self.ids[local], 0)
-        chosen_ids = distributed.reduce_scatter_rows(id_buffer, self.group, "ids")[:counts[self.rank]]
-        return rows, torch.where(valid[mine], chosen_ids, -1)
+    def _fetch_rows(self, index, valid):
+        """The chosen rows [B, k, dim] and ids [B, k] of this rank's anchors: each chosen global row is asked of the
+        rank whose shard holds it (8 bytes a request), which answers with the row and its id packed as bytes;
+        both exchanges are all_to_alls sized by one exchange of counts."""
+        wanted = index[valid]
+        owner = torch.div(wanted, self.shard_size, rounding_mode="floor")
+        order = torch.argsort(owner, stable=True)
+        send_counts, receive_counts = distributed.exchange_counts(
+            torch.bincount(owner, minlength=self.world_size), self.group)
+        asked = distributed.all_to_all_rows(wanted[order], send_counts, receive_counts, self.group, "requests")
+        asked -= self.row_begin
+        answer = torch.cat([self.features[asked].view(torch.uint8), self.ids[asked].unsqueeze(1).view(torch.uint8)],
+                           dim=1)
+        answered = distributed.all_to_all_rows(answer, receive_counts, send_counts, self.group, "rows")
+        row_bytes = self.dim * self.features.element_size()
+        features = self.features.new_empty((wanted.shape[0], self.dim))
+        features[order] = answered[:, :row_bytes].contiguous().view(self.dtype)
+        ids = torch.empty_like(wanted)
+        ids[order] = answered[:, row_bytes:].contiguous().view(torch.int64).squeeze(1)
+        rows = self.features.new_zeros((*index.shape, self.dim))
+        rows[valid] = features
+        chosen_ids = torch.full_like(index, -1)
+        chosen_ids[valid] = ids
+        return rows, chosen_ids
 
     # --- state -------------------------------------------------------------------------------------------------
 
@@ -249,6 +257,20 @@ class MemoryBank:
         self.features = state["features"][rows].to(device=self.device, dtype=self.dtype).clone()
         self.ids = state["ids"][rows].to(self.device).clone()
         self.pointer, self.filled = int(state["pointer"]), int(state["filled"])
+
+
+def sharded_traffic(counts: list[int], rank: int, k: int, dim: int, element_bytes: int, *, rows_fetched: int,
+                    rows_served: int) -> dict[str, int]:
+    """The bytes rank ``rank`` of a sharded bank sends for one ``enqueue`` and one ``sample`` of a step, by kind
+    (docs/DESIGN.md §3.1; the small agreement rows and row counts aside). ``counts``: every rank's local batch (the
+    anchors and the ring are padded to the largest); ``k``: negatives per anchor; ``element_bytes``: the bank's
+    dtype's; ``rows_fetched``: chosen rows of this rank's anchors that other ranks hold; ``rows_served``: rows of
+    this rank's shard chosen for other ranks' anchors (each about B·k·(W − 1)/W when the chosen rows spread
+    evenly over the shards)."""
+    others, largest, row_bytes = len(counts) - 1, max(counts), dim * element_bytes
+    return {"anchors": others * largest * (row_bytes + 16), "candidates": 16 * k * (sum(counts) - counts[rank]),
+            "requests": 8 * rows_fetched, "rows": (row_bytes + 8) * rows_served,
+            "ring": others * largest * (row_bytes + 8)}
 
 
 def _sample_problem(anchors, positive_sim, anchor_ids, stats, dim: int, options, seed, step,

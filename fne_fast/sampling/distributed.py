@@ -3,7 +3,7 @@
 * Process groups: ``process_group_from_environment`` initialises the default group from torchrun's environment
   (gloo on CPU, NCCL on CUDA: the code is the same, only the backend name and the tensors' device differ) with a
   60 s timeout, and ``patient_group`` makes the one group whose waits may be long (rank 0 evaluating, loading).
-* Collectives: every exchange is one of torch.distributed's (``all_gather_single``, ``reduce_scatter_single``,
+* Collectives: every exchange is one of torch.distributed's (``all_gather_single``, ``all_to_all_single``,
   ``gather``, ``all_reduce``, ``broadcast_object_list``). Each records the bytes this rank sends, computed from the
   tensors' sizes, while ``count_traffic()`` is active, and turns a failure into a ``PeerFailure`` that says what
   failed and why that usually happens (another rank raised, exited or stalled past the timeout).
@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["TIMEOUT", "PATIENT_TIMEOUT", "PeerFailure", "world_size", "rank", "process_group_from_environment",
-           "patient_group", "count_traffic", "agree", "require_same", "all_gather_rows", "reduce_scatter_rows",
+           "patient_group", "count_traffic", "agree", "require_same", "all_gather_rows", "all_to_all_rows",
+           "exchange_counts",
            "gather_to_first", "all_reduce", "broadcast_from_first", "first_rank_first", "GlobalBatch",
            "gather_batch", "dtype_code", "dtype_code_name"]
 
@@ -190,16 +191,28 @@ def all_gather_rows(tensor: torch.Tensor, counts: list[int], group, label: str) 
     return torch.cat([gathered[other * most:other * most + count] for other, count in enumerate(counts)])
 
 
-def reduce_scatter_rows(chunks: torch.Tensor, group, label: str) -> torch.Tensor:
-    """``chunks`` [W · M, ...] holds one chunk of M rows per rank; returns this rank's chunk summed over ranks."""
-    size = world_size(group)
-    output = chunks.new_empty((chunks.shape[0] // size, *chunks.shape[1:]))
-    if output.numel() == 0:
-        return output
-    with _collective(f"reduce_scatter of {label}", group):
-        dist.reduce_scatter_single(output, chunks, group=group)
-    _sent(label, (size - 1) * output.nbytes)
+def all_to_all_rows(tensor: torch.Tensor, send_counts: list[int], receive_counts: list[int], group,
+                    label: str) -> torch.Tensor:
+    """Sends the first ``send_counts[0]`` rows of ``tensor`` to rank 0, the next ``send_counts[1]`` to rank 1, and
+    so on; returns the rows received, ``receive_counts[r]`` from rank r, in rank order (no padding: every rank's
+    counts must be the other ranks' view of the same exchange, as ``exchange_counts`` gives them)."""
+    output = tensor.new_empty((sum(receive_counts), *tensor.shape[1:]))
+    with _collective(f"all_to_all of {label}", group):
+        dist.all_to_all_single(output, tensor.contiguous(), receive_counts, send_counts, group=group)
+    row_bytes = tensor[:1].nbytes if tensor.shape[0] else 0
+    _sent(label, (sum(send_counts) - send_counts[rank(group)]) * row_bytes)
     return output
+
+
+def exchange_counts(send_counts: torch.Tensor, group) -> tuple[list[int], list[int]]:
+    """``send_counts`` [W] (how many rows this rank will send each rank) -> (those counts, how many each rank will
+    send this one), both on the host: one small all_to_all and one host synchronisation."""
+    receive_counts = torch.empty_like(send_counts)
+    with _collective("all_to_all of the row counts", group):
+        dist.all_to_all_single(receive_counts, send_counts.contiguous(), group=group)
+    _sent("control", (world_size(group) - 1) * send_counts[:1].nbytes)
+    send, receive = torch.stack([send_counts, receive_counts]).tolist()
+    return send, receive
 
 
 def gather_to_first(tensor: torch.Tensor, group, label: str) -> list[torch.Tensor] | None:
