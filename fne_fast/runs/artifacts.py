@@ -9,10 +9,11 @@ import torch
 
 from fne_fast.errors import UsageError
 from fne_fast.io import atomic_output
-from fne_fast.runs.checkpoint import CheckpointError, checkpoint_path, save_checkpoint
+from fne_fast.runs.checkpoint import CheckpointError, checkpoint_path, read_checkpoint, save_checkpoint
+from fne_fast.runs.shards import SHARDS_DIRECTORY, remove_unreferenced
 
 __all__ = ["CHECKPOINT_NAME", "BEST_NAME", "BEST_RANKS_NAME", "METRICS_NAME", "TIMING_NAME", "keep_best",
-           "read_best_test_ranks", "refuse_legacy_checkpoint"]
+           "remove_unneeded_bank_files", "read_best_test_ranks", "refuse_legacy_checkpoint"]
 
 CHECKPOINT_NAME = os.path.basename(checkpoint_path("", "checkpoint"))
 BEST_NAME = "best"  # the checkpoint of the best-validation epoch (fne_fast.training.model_selection)
@@ -33,6 +34,20 @@ def keep_best(out: str, state: dict, ranks: dict[str, torch.Tensor], epoch: int)
     with atomic_output(os.path.join(out, BEST_RANKS_NAME)) as stream:
         stream.write(save({name: values.contiguous() for name, values in ranks.items()}, metadata=metadata))
     save_checkpoint(out, state, BEST_NAME, keep_previous=False)
+
+
+def remove_unneeded_bank_files(out: str, latest: dict) -> None:
+    """After a save under several processes: removes the banks' shard files (``fne_fast.runs.shards``) that
+    neither the latest checkpoint (``latest``, its state), the previous one nor the best-validation one names."""
+    if not os.path.isdir(os.path.join(out, SHARDS_DIRECTORY)):
+        return
+    kept = [latest]
+    for path in (checkpoint_path(out, "checkpoint", previous=True), checkpoint_path(out, BEST_NAME)):
+        try:
+            kept.append(read_checkpoint(path))
+        except CheckpointError:  # missing or unusable: the files it names are not needed
+            pass
+    remove_unreferenced(out, kept)
 
 
 def read_best_test_ranks(out: str) -> tuple[int, dict[str, torch.Tensor]]:

@@ -43,8 +43,8 @@ import torch
 
 from fne_fast.io import atomic_output
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "open_checkpoint", "checkpoint_path",
-           "has_checkpoint", "CheckpointError", "CheckpointWarning", "FORMAT", "SUFFIX"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "open_checkpoint", "write_checkpoint_file",
+           "checkpoint_path", "has_checkpoint", "CheckpointError", "CheckpointWarning", "FORMAT", "SUFFIX"]
 
 FORMAT = "fne_fast.checkpoint/1"
 SUFFIX = ".safetensors"
@@ -163,9 +163,10 @@ def _safetensors():
     return safetensors.torch
 
 
-def read_checkpoint(path: str) -> dict:
-    """The state saved in the checkpoint file ``path``, after verifying its SHA-256; tensors are on the CPU.
-    Raises ``CheckpointError`` naming the file for a missing, truncated, damaged or foreign file."""
+def read_checkpoint(path: str, expected_sha256: str | None = None) -> dict:
+    """The state saved in the checkpoint file ``path``, after verifying its SHA-256 (and that it is
+    ``expected_sha256``, when given: the file another checkpoint names); tensors are on the CPU. Raises
+    ``CheckpointError`` naming the file for a missing, truncated, damaged or foreign file."""
     load = _safetensors().load
     if not os.path.isfile(path):
         raise CheckpointError(path, "no such checkpoint file",
@@ -196,6 +197,9 @@ def read_checkpoint(path: str) -> dict:
     position = _digest_position(blob, header_end, digest.encode())
     if len(digest) != _DIGEST_LENGTH or position < 0 or _file_digest(blob, position) != digest:
         raise CheckpointError(path, "its content does not match its SHA-256: the file is damaged")
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise CheckpointError(path, f"not the file the checkpoint names (SHA-256 {digest[:12]}…, expected "
+                                    f"{expected_sha256[:12]}…): replaced by another run's or another save's file")
     try:
         return _decode(json.loads(metadata["state"]), load(blob))
     except (KeyError, ValueError, TypeError) as error:  # only a digest-consistent file from a buggy writer
@@ -244,6 +248,16 @@ def _test_hook(point: str, name: str) -> None:
         os.kill(os.getpid(), getattr(signal, action))
 
 
+def write_checkpoint_file(path: str, state: dict) -> str:
+    """Writes ``state`` as the checkpoint file ``path`` atomically (no rotation); returns its SHA-256."""
+    pieces = _serialize(state)
+    with atomic_output(path, "wb", suffix=SUFFIX) as stream:
+        for piece in pieces:
+            stream.write(piece)
+    _known_good[path] = _signature(path)
+    return bytes(pieces[1]).decode()
+
+
 def save_checkpoint(directory: str, state: dict, name: str = "checkpoint", *, keep_previous: bool = True) -> str:
     """Writes ``state`` as ``directory/<name>.safetensors`` atomically; with ``keep_previous`` the checkpoint it
     replaces (if it verifies) becomes ``<name>.previous.safetensors``. Returns the path written."""
@@ -265,10 +279,11 @@ def save_checkpoint(directory: str, state: dict, name: str = "checkpoint", *, ke
     return latest
 
 
-def load_checkpoint(directory: str, name: str = "checkpoint") -> tuple[dict, str]:
+def load_checkpoint(directory: str, name: str = "checkpoint", accept=None) -> tuple[dict, str]:
     """``(state, path)`` of the latest checkpoint of that name that verifies: ``<name>.safetensors``, else
-    ``<name>.previous.safetensors`` with a ``CheckpointWarning`` saying why. Raises ``CheckpointError`` when
-    neither exists or verifies."""
+    ``<name>.previous.safetensors`` with a ``CheckpointWarning`` saying why. ``accept(state)``, when given, may
+    refuse a verified state too (the files it names do not verify): it returns the problem, or None. Raises
+    ``CheckpointError`` when neither exists or is accepted."""
     latest, previous = checkpoint_path(directory, name), checkpoint_path(directory, name, previous=True)
     problems = []
     for path in (latest, previous):
@@ -281,6 +296,10 @@ def load_checkpoint(directory: str, name: str = "checkpoint") -> tuple[dict, str
             problems.append(f"{error.path}: {error.problem}")
             continue
         _known_good[path] = _signature(path)
+        refused = accept(state) if accept is not None else None
+        if refused is not None:
+            problems.append(f"{path}: {refused}")
+            continue
         if path == previous:
             warnings.warn(f"{problems[0]}; using the previous checkpoint {previous} instead", CheckpointWarning,
                           stacklevel=2)

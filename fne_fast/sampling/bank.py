@@ -248,12 +248,25 @@ class MemoryBank:
         ids = distributed.gather_to_first(self.ids, self.group, "checkpoint")
         return None if features is None else {"features": torch.cat(features), "ids": torch.cat(ids), **state}
 
+    def shard_state(self) -> dict:
+        """This process's rows (``rows``: their global range) without the ring counters: what a rank writes into
+        its own checkpoint file (``fne_fast.runs.shards``). Not collective."""
+        return {"features": self.features, "ids": self.ids, "rows": [self.row_begin, self.row_begin + self.shard_size]}
+
     def load_state_dict(self, state: dict) -> None:
-        """Loads a whole bank's state (from ``state_dict`` with any number of processes): this process's rows."""
-        if tuple(state["features"].shape) != (self.size, self.dim):
-            raise ValueError(f"bank state has shape {tuple(state['features'].shape)}, this bank is "
-                             f"({self.size}, {self.dim})")
+        """Loads a whole bank's state (from ``state_dict`` with any number of processes), of which this process
+        keeps its rows, or this process's rows alone (``row_begin`` given, as ``fne_fast.runs.shards`` reads
+        them)."""
         rows = slice(self.row_begin, self.row_begin + self.shard_size)
+        expected = (self.size, self.dim) if "row_begin" not in state else (self.shard_size, self.dim)
+        if tuple(state["features"].shape) != expected:
+            raise ValueError(f"bank state has shape {tuple(state['features'].shape)}, this bank's "
+                             f"{'rows are' if 'row_begin' in state else 'is'} {expected}")
+        if "row_begin" in state:
+            if int(state["row_begin"]) != self.row_begin:
+                raise ValueError(f"bank state holds rows from {int(state['row_begin'])}, this process's start at "
+                                 f"{self.row_begin}")
+            rows = slice(0, self.shard_size)
         self.features = state["features"][rows].to(device=self.device, dtype=self.dtype).clone()
         self.ids = state["ids"][rows].to(self.device).clone()
         self.pointer, self.filled = int(state["pointer"]), int(state["filled"])

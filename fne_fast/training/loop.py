@@ -28,7 +28,7 @@ import torch
 from fne_fast.data import FeatureSplit
 from fne_fast.errors import UsageError
 from fne_fast.io import write_jsonl
-from fne_fast.runs.artifacts import METRICS_NAME, TIMING_NAME, keep_best
+from fne_fast.runs.artifacts import METRICS_NAME, TIMING_NAME, keep_best, remove_unneeded_bank_files
 from fne_fast.runs.checkpoint import save_checkpoint
 from fne_fast.runs.folder import RunFolder, RunLockedError
 from fne_fast.sampling import distributed
@@ -77,7 +77,7 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None, gr
     if config.bank_size % world_size:
         raise UsageError(f"--bank-size: must divide by the number of processes {world_size}, got {config.bank_size}")
     with _run_folder(config, group, world_size, first) as folder:
-        resumed = resume_state(config, world_size)
+        resumed = resume_state(config, world_size, group)
         # Rank 0 alone may be busy for long (encoding features on a cold cache, evaluating, writing the
         # checkpoint): the other ranks wait for it in this group, whose timeout is long.
         patient = distributed.patient_group(group)
@@ -168,6 +168,7 @@ class _RunFiles:
             if is_best_so_far(self.run.history):
                 keep_best(self.out, state, ranks, epoch)
             save_checkpoint(self.out, state)
+            remove_unneeded_bank_files(self.out, state)
             self._write_logs()
             if self.run.tags:
                 write_examples(self.out, self.run.tags)

@@ -2,8 +2,10 @@
 TAGS-DC, counters, metrics so far) and its checkpoint; and the checks a resumption makes before any data is read.
 
 A checkpoint at the end of each epoch holds everything that evolves, and every source of randomness is a function
-of the seed and a counter, so a resumed run continues to exactly the numbers of an uninterrupted one. The
-checkpoint holds whole banks: a run resumes with any number of processes of the same global batch.
+of the seed and a counter, so a resumed run continues to exactly the numbers of an uninterrupted one. One process's
+checkpoint holds its whole banks; under several processes each rank writes its banks' rows into its own file
+(``fne_fast.runs.shards``), which the checkpoint names. Either resumes with any number of processes of the same
+global batch, each rank reading only the rows it holds.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from fne_fast.data import FeatureSplit
 from fne_fast.errors import UsageError
 from fne_fast.models import MatchingHeads, backbone_tops
 from fne_fast.runs.artifacts import CHECKPOINT_NAME, refuse_legacy_checkpoint
-from fne_fast.runs.checkpoint import has_checkpoint, load_checkpoint
+from fne_fast.runs.checkpoint import CheckpointError, has_checkpoint, load_checkpoint
 from fne_fast.runs.fingerprint import differences
+from fne_fast.runs.shards import bank_reference, is_sharded, read_bank_rows, write_shard
 from fne_fast.sampling import distributed
 from fne_fast.sampling.bank import MemoryBank
 from fne_fast.sampling.loss import FNELoss
@@ -77,9 +80,13 @@ class RunState:
         return self.rank == 0
 
     def state_dict(self, banks: tuple | None = None) -> dict | None:
-        """Collective when sharded (the banks' shards are gathered): the state on rank 0, None elsewhere.
-        ``banks``: the (image, text) banks' states, where the caller has gathered them since the last step."""
-        image_bank, text_bank = banks or (self.image_bank.state_dict(), self.text_bank.state_dict())
+        """The state on rank 0, None elsewhere. Collective when sharded: every rank first writes its banks' rows
+        into its own file, which the state names. ``banks``: one process's (image, text) banks' states, where the
+        caller has them since the last step."""
+        if self.world_size > 1:
+            image_bank, text_bank = self._write_bank_shards()
+        else:
+            image_bank, text_bank = banks or (self.image_bank.state_dict(), self.text_bank.state_dict())
         if not self.first:
             return None
         return {"config": dataclasses.asdict(self.config), "world_size": self.world_size,
@@ -90,6 +97,25 @@ class RunState:
                 "history": self.history, "timing": self.timing, "inputs": self.inputs,
                 "tags": self.tags.state_dict() if self.tags else None,
                 "ledger": self.ledger.state_dict() if self.ledger else None}
+
+    def _write_bank_shards(self) -> tuple[dict, dict] | tuple[None, None]:
+        """Every rank writes its rows of both banks into its own checkpoint file; rank 0 gets the banks'
+        references (files, digests, rows), the others None. A rank that cannot write stops every rank with the
+        same error, before anything names the new files."""
+        problem, digest = None, "0" * 64
+        try:
+            digest = write_shard(self.config.out, self.step, self.rank, self.world_size,
+                                 {"image_bank": self.image_bank.shard_state(),
+                                  "text_bank": self.text_bank.shard_state()})
+        except OSError as error:
+            problem = f"cannot write its checkpoint file: {error}"
+        table = distributed.agree("writing the checkpoint's bank files", _digest_numbers(digest), problem,
+                                  self.group, self.device, error=OSError)
+        if not self.first:
+            return None, None
+        digests = [_digest_text(line) for line in table]
+        return (bank_reference(self.image_bank, self.step, digests),
+                bank_reference(self.text_bank, self.step, digests))
 
     def load_state_dict(self, state: dict) -> None:
         """The state of a checkpoint whose settings ``resume_state`` compared before the data was read; its
@@ -130,15 +156,50 @@ def _check_same_settings(state: dict, config: TrainConfig, world_size: int) -> N
                          + ", ".join(changed))
 
 
-def resume_state(config: TrainConfig, world_size: int) -> dict | None:
-    """The checkpoint state to continue from (verified, settings compared), or None for a new run; refuses to
-    overwrite a run without ``resume``. Reads no data, so a wrong setting stops the run before any work."""
+def _digest_numbers(digest: str) -> list[int]:
+    """A SHA-256's 64 hex digits as four signed 64-bit integers (an agreement row's values)."""
+    return [int(digest[i:i + 16], 16) - (1 << 64 if int(digest[i], 16) >= 8 else 0) for i in range(0, 64, 16)]
+
+
+def _digest_text(numbers: list[int]) -> str:
+    return "".join(f"{number % (1 << 64):016x}" for number in numbers)
+
+
+def _bank_rows_reader(config: TrainConfig, world_size: int, group):
+    """``load_checkpoint``'s ``accept``: replaces a checkpoint's sharded banks by this rank's rows, read from
+    their files; when any rank's files do not verify, every rank refuses the checkpoint (and falls back to the
+    previous one together)."""
+    rank, rows = distributed.rank(group), config.bank_size // world_size
+
+    def accept(state: dict) -> str | None:
+        _check_same_settings(state, config, world_size)  # a changed bank size is a usage error, not damage
+        problem = None
+        try:
+            for name in ("image_bank", "text_bank"):
+                if is_sharded(state[name]):
+                    state[name] = read_bank_rows(config.out, name, state[name], rank * rows, (rank + 1) * rows)
+        except CheckpointError as error:
+            problem = str(error)
+        if world_size > 1:
+            try:
+                distributed.agree("--resume: reading the checkpoint's bank files", [], problem, group,
+                                  torch.device(config.device))
+            except ValueError as error:
+                return str(error)
+        return problem
+
+    return accept
+
+
+def resume_state(config: TrainConfig, world_size: int, group=None) -> dict | None:
+    """The checkpoint state to continue from (verified, settings compared, this rank's bank rows read), or None
+    for a new run; refuses to overwrite a run without ``resume``. Reads no data, so a wrong setting stops the run
+    before any work. Collective when ``group`` has several ranks."""
     refuse_legacy_checkpoint(config.out)
     if not has_checkpoint(config.out):
         return None
     if not config.resume:
         raise UsageError(f"--out: {config.out} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue "
                          "it, or choose another --out")
-    state, _ = load_checkpoint(config.out)
-    _check_same_settings(state, config, world_size)
+    state, _ = load_checkpoint(config.out, accept=_bank_rows_reader(config, world_size, group))
     return state
