@@ -215,3 +215,42 @@ def test_a_failed_rank_stops_the_others_with_a_clear_error(how, timeout):
     assert waited < (10.0 if how == "dies" else timeout + 3.0)
     if how == "lingers":
         assert waited >= timeout - 0.5
+
+
+def _fails_inside_a_sample(rank, world_size, where):
+    """Rank 1 raises inside the op, or is SIGKILLed between the candidate exchange and the row fetch; rank 0 must
+    stop at its next collective with a PeerFailure naming it, at once (the dead rank closed its connections)."""
+    import os
+    import signal
+
+    from fne_fast.sampling import bank as bank_module
+    from fne_fast.sampling import distributed
+
+    bank = MemoryBank(SIZE, DIM, group=dist.group.WORLD)
+    if rank == 1 and where == "op":
+        def broken_op(*arguments, **options):
+            raise RuntimeError("the op failed on this rank")
+        bank_module.sample_negatives_with_options = broken_op
+    if rank == 1 and where == "between exchanges":
+        def killed(*arguments, **options):
+            os.kill(os.getpid(), signal.SIGKILL)
+        distributed.exchange_counts = killed
+    if rank == 1:
+        _sample_once(bank, rank)
+        return None
+    started = time.time()
+    collective = "all_to_all of candidates" if where == "op" else "all_to_all of the row counts"
+    with pytest.raises(PeerFailure, match=f"{collective} failed on rank 0 of 2: another rank raised, exited"):
+        _sample_once(bank, rank)
+    return time.time() - started
+
+
+@pytest.mark.parametrize("where", ["op", "between exchanges"])
+def test_a_rank_that_fails_inside_a_sample_stops_the_other_with_a_clear_error(where):
+    outcomes = run_in_processes(_fails_inside_a_sample, 2, where, timeout=30.0, deadline=60.0)
+    assert results_of(outcomes[:1])[0] < 10.0  # long before the 30 s timeout
+    assert not outcomes[1].ok
+    if where == "op":
+        assert "the op failed on this rank" in outcomes[1].error
+    else:
+        assert outcomes[1].exit_code == -9

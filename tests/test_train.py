@@ -279,3 +279,21 @@ def test_ranks_that_start_from_different_states_stop_with_one_error():
     from fne_fast.sampling.launch import results_of, run_in_processes
 
     assert results_of(run_in_processes(_start_from, 2)) == [True, True]
+
+
+def test_a_rank_that_starts_later_than_the_collective_timeout_is_waited_for(tmp_path, splits):
+    """Rank 0 starts 8 s late under a 5 s collective timeout: the first contact waits for it (the default group's
+    long timeout), and the run then trains as usual."""
+    import subprocess
+    import sys
+
+    features = tmp_path / "features"
+    write_feature_arrays(features, splits)
+    environment = dict(os.environ, FNE_FAST_COLLECTIVE_TIMEOUT="5", FNE_FAST_TEST_HOOK="first-contact:0:sleep=8")
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "fne_fast.cli", "train", "--dataset", "features", "--features-dir", str(features),
+                               "--bank-size", "64", "--batch-size", "8", "--epochs", "1", "--quiet", "--no-plots",
+                               "--out", str(tmp_path / "late")], capture_output=True, text=True, timeout=300,
+                              env=environment)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert len(_read(tmp_path / "late" / METRICS_NAME)) == 1

@@ -1,8 +1,10 @@
 """torch.distributed for the sharded bank and for training under torchrun (docs/DESIGN.md §3.1).
 
 * Process groups: ``process_group_from_environment`` initialises the default group from torchrun's environment
-  (gloo on CPU, NCCL on CUDA: the code is the same, only the backend name and the tensors' device differ) with a
-  60 s timeout, and ``patient_group`` makes the one group whose waits may be long (rank 0 evaluating, loading).
+  (gloo on CPU, NCCL on CUDA: the code is the same, only the backend name and the tensors' device differ). The
+  default group waits long (``PATIENT_TIMEOUT``): it makes the first contact, when a rank may still be starting,
+  and serves as ``patient_group`` for rank 0's long work (evaluating, loading); the group it yields for the steps
+  gives up on a stalled peer after ``TIMEOUT`` (60 s, or ``FNE_FAST_COLLECTIVE_TIMEOUT`` seconds).
 * Collectives: every exchange is one of torch.distributed's (``all_gather_single``, ``all_to_all_single``,
   ``gather``, ``all_reduce``, ``broadcast_object_list``). Each records the bytes this rank sends, computed from the
   tensors' sizes, while ``count_traffic()`` is active, and turns a failure into a ``PeerFailure`` that says what
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,8 +34,8 @@ __all__ = ["TIMEOUT", "PATIENT_TIMEOUT", "PeerFailure", "world_size", "rank", "p
            "gather_to_first", "all_reduce", "broadcast_from_first", "first_rank_first", "GlobalBatch",
            "gather_batch", "dtype_code", "dtype_code_name"]
 
-# A collective that waits longer than this for a peer raises (torchrun runs: the default group's timeout).
-TIMEOUT = timedelta(seconds=60)
+# A collective of the training steps that waits longer than this for a peer raises.
+TIMEOUT = timedelta(seconds=float(os.environ.get("FNE_FAST_COLLECTIVE_TIMEOUT", "60")))
 # Waits on rank 0 alone (evaluation, writing the checkpoint, encoding the features on a cold cache) can be long;
 # a rank that dies instead closes its connections, which ends these waits at once.
 PATIENT_TIMEOUT = timedelta(minutes=30)
@@ -66,12 +69,26 @@ def process_group_from_environment(device: str):
         device_id = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device_id)
     # device_id binds NCCL to the process's GPU and connects it now, not at the first collective.
-    dist.init_process_group("nccl" if on_cuda else "gloo", timeout=TIMEOUT, device_id=device_id)
+    dist.init_process_group("nccl" if on_cuda else "gloo", timeout=PATIENT_TIMEOUT, device_id=device_id)
     try:
-        _connect(dist.group.WORLD)
-        yield dist.group.WORLD
+        _test_hook_first_contact()
+        _connect(dist.group.WORLD)  # the first contact: waits for every rank, however late one starts
+        steps = dist.new_group(timeout=TIMEOUT)
+        _connect(steps)
+        _patient_groups[steps] = dist.group.WORLD
+        yield steps
     finally:
+        _patient_groups.clear()
         dist.destroy_process_group()
+
+
+def _test_hook_first_contact() -> None:
+    """Tests only: ``FNE_FAST_TEST_HOOK=first-contact:<rank>:sleep=<seconds>`` makes that rank start late."""
+    point, _, rest = os.environ.get("FNE_FAST_TEST_HOOK", "").partition(":")
+    if point == "first-contact":
+        late_rank, _, action = rest.partition(":")
+        if int(late_rank) == dist.get_rank() and action.startswith("sleep="):
+            time.sleep(float(action[len("sleep="):]))
 
 
 def _connect(group) -> None:
