@@ -99,7 +99,7 @@ def _one_step(rank, world_size, shape, dtype, k, group, repeats=0):
         with tempfile.TemporaryDirectory() as out:  # a checkpoint: this rank writes its own rows' file
             result["checkpoint_peak_bytes"] = peak_extra_bytes(
                 lambda: write_shard(out, 0, rank, world_size, {"bank": bank.shard_state()}))
-        result["gather_peak_bytes"] = peak_extra_bytes(bank.state_dict)  # the whole bank on rank 0
+        result["gather_peak_bytes"] = peak_extra_bytes(bank.state_dict)  # the whole bank gathered on rank 0
     return result
 
 
@@ -193,8 +193,9 @@ def _traffic_table(rows: list[dict]) -> list[str]:
 
 def _scale_table(rows: list[dict]) -> list[str]:
     lines = ["| W | candidates bytes per rank (max) | vs W = 2 | all bytes per rank (max) | bank MB per rank | "
-             "ms per step (slowest rank) | rank 0's peak MB writing its checkpoint file | rank 0's peak MB "
-             "gathering the whole bank (the epoch's diagnostics) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "ms per step (slowest rank) | rank 0's peak MB writing its checkpoint file | rank 0's peak MB in "
+             "`bank.state_dict()` (the whole bank gathered; training no longer calls it with W > 1) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     by_world = {}
     for row in rows:
         by_world.setdefault(row["W"], []).append(row)
@@ -246,8 +247,8 @@ PAPER_WORLDS, PAPER_SIZES = (1, 2, 3, 4, 8, 64, 512), (64_000_000, 1_000_000_000
 
 def paper_rows(batch: int = 256, dim: int = 256, k: int = 1) -> list[dict]:
     """The formula for W up to 512: bfloat16 (s = 2), ``batch`` anchors per rank, the chosen rows spread evenly;
-    writing a checkpoint, a rank holds its own rows' file (N/W rows); gathering the whole bank for the epoch's
-    diagnostics, rank 0 holds the shards and their concatenation (2 · N rows)."""
+    writing a checkpoint, a rank holds its own rows' file (N/W rows); ``bank.state_dict()`` would gather on rank 0
+    the shards and their concatenation (2 · N rows)."""
     row_bytes = dim * 2 + 8
     return [{"W": world_size, "N": size, "B": batch, "D": dim, "k": k, "dtype": "bfloat16",
              "sent": expected_traffic(world_size, batch, k, dim, 2), "bank_bytes": size * row_bytes // world_size,
@@ -262,8 +263,8 @@ def paper_table(rows: list[dict]) -> str:
     lines = [f"### On paper: bfloat16, D = {first['D']}, B = {first['B']} anchors per rank, k = {first['k']} (per "
              "step and direction, the chosen rows spread evenly over the shards)", "",
              "| W | N | sharded bank MB per rank | replicated bank MB per rank | sharded sends MB per rank "
-             f"({' + '.join(TERMS)}) | replicated sends MB per rank | checkpoint file MB per rank | rank 0's MB "
-             "gathering the whole bank |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"({' + '.join(TERMS)}) | replicated sends MB per rank | checkpoint file MB per rank | rank 0's MB in "
+             "`bank.state_dict()` |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         if row["W"] < 8:
             continue

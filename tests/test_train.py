@@ -282,14 +282,15 @@ def test_ranks_that_start_from_different_states_stop_with_one_error():
 
 
 def test_a_rank_that_starts_later_than_the_collective_timeout_is_waited_for(tmp_path, splits):
-    """Rank 0 starts 8 s late under a 5 s collective timeout: the first contact waits for it (the default group's
-    long timeout), and the run then trains as usual."""
+    """Rank 0 starts 90 s late, beyond the 60 s collective timeout: the first contact waits for it (the default
+    group's long timeout), and the run then trains as usual."""
     import subprocess
     import sys
 
     features = tmp_path / "features"
     write_feature_arrays(features, splits)
-    environment = dict(os.environ, FNE_FAST_COLLECTIVE_TIMEOUT="5", FNE_FAST_TEST_HOOK="first-contact:0:sleep=8")
+    environment = dict(os.environ, FNE_FAST_TEST_HOOK="first-contact:0:sleep=90")
+    environment.pop("FNE_FAST_COLLECTIVE_TIMEOUT", None)
     launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                "-m", "fne_fast.cli", "train", "--dataset", "features", "--features-dir", str(features),
                                "--bank-size", "64", "--batch-size", "8", "--epochs", "1", "--quiet", "--no-plots",

@@ -27,8 +27,9 @@ import torch
 from fne_fast.ops.fne_math import (bayes_active, fallback_candidates, false_negative_probability, gaussians_defined,
                                    race_log_weights, safe_stats)
 from fne_fast.ops.options import SamplerOptions
+from fne_fast.sampling import distributed
 
-__all__ = ["bank_diagnostics", "epoch_diagnostics", "SIM_EDGES", "LOG10_P_FN_EDGES", "TOP_SHARE"]
+__all__ = ["bank_diagnostics", "reduce_sums", "epoch_diagnostics", "SIM_EDGES", "LOG10_P_FN_EDGES", "TOP_SHARE"]
 
 SIM_EDGES = [round(-1.0 + 0.025 * i, 3) for i in range(81)]  # similarity histogram bins over [-1, 1]
 # log10 P_fn bins: the first bin also holds everything below -12 (P_fn underflows to 0 for easy candidates).
@@ -53,12 +54,19 @@ def _race_log_weights(sim, positive_sim, anchor_ids, bank_ids, filled, stats, op
 def bank_diagnostics(anchors: torch.Tensor, positive_sim: torch.Tensor, anchor_ids: torch.Tensor,
                      bank_features: torch.Tensor, bank_ids: torch.Tensor, filled: int, stats: torch.Tensor,
                      options: SamplerOptions, *, sampler: str = "fne", group_of_id: torch.Tensor | None = None,
-                     sums: dict | None = None, chunk: int = 64) -> dict:
+                     sums: dict | None = None, chunk: int = 64, col_offset: int = 0, group=None) -> dict:
     """Adds one direction's sums (device tensors) into ``sums`` and returns it; ``summarise`` turns them into
-    numbers. ``anchors`` [A, D] against ``bank_features`` [N, D]; ``positive_sim`` [A]; ids as for the op."""
+    numbers. ``anchors`` [A, D] against ``bank_features`` [N, D]; ``positive_sim`` [A]; ids as for the op.
+
+    Sharded (``group`` of W > 1 ranks, each passing the same anchors, its shard of the bank, the shard's first row
+    as ``col_offset`` and the whole bank's ``filled``): each rank adds its shard's part of the sums, and what
+    depends on the whole bank — a draw's normalisation, the hardest candidate, the top 1 % — is combined across
+    the ranks per chunk of anchors; ``reduce_sums`` then adds the ranks' sums."""
     device = anchors.device
     sums = sums if sums is not None else _zero_sums(device)
+    once = 1.0 if distributed.rank(group) == 0 else 0.0  # whole-bank quantities: counted on one rank
     bank = bank_features.to(torch.float32)
+    local_filled = min(max(filled - col_offset, 0), bank.shape[0])
     stats = stats.to(device=device, dtype=torch.float32)
     active = bayes_active(stats, options.min_count)
     has_model = gaussians_defined(stats)
@@ -66,15 +74,16 @@ def bank_diagnostics(anchors: torch.Tensor, positive_sim: torch.Tensor, anchor_i
     p_fn_threshold = 1.0 - options.fn_margin
     sim_edges = torch.tensor(SIM_EDGES, dtype=torch.float64, device=device)
     p_fn_edges = torch.tensor(LOG10_P_FN_EDGES, dtype=torch.float64, device=device)
+    top = max(1, math.ceil(TOP_SHARE * filled))
     for start in range(0, anchors.shape[0], chunk):
         rows = slice(start, start + chunk)
         sim = anchors[rows].to(torch.float32) @ bank.T
         weights, non_positive = _race_log_weights(sim, positive_sim[rows].to(torch.float32), anchor_ids[rows],
-                                                  bank_ids, filled, stats, options, sampler)
+                                                  bank_ids, local_filled, stats, options, sampler)
         sim64 = sim.double()
         p_fn = false_negative_probability(sim64, model_stats, options.prior_k)
         likely_false = active & (p_fn > p_fn_threshold)
-        sums["anchors"] += sim.shape[0]
+        sums["anchors"] += once * sim.shape[0]
         sums["candidates"] += non_positive.sum()
         sums["candidates_bayes"] += (likely_false & non_positive).sum()
         if group_of_id is not None:
@@ -85,28 +94,78 @@ def bank_diagnostics(anchors: torch.Tensor, positive_sim: torch.Tensor, anchor_i
             sums[f"sim_hist_{name}"] += _histogram(sim64[members], sim_edges)
             log_p = torch.log10(p_fn[members].clamp(min=1e-300)).clamp(min=LOG10_P_FN_EDGES[0])
             sums[f"p_fn_hist_{name}"] += torch.where(has_model, _histogram(log_p, p_fn_edges), 0.0)
+        candidates = sim.masked_fill(~non_positive, -math.inf)
         if weights is not None:
             race = weights > -math.inf
             sums["race"] += race.sum()
             sums["race_bayes"] += (likely_false & race).sum()
-            drawing = race.any(dim=1)
-            probability = torch.softmax(weights.double().masked_fill(~drawing[:, None], 0.0), dim=1)
-            probability = torch.where(race, probability, torch.zeros_like(probability))
-            entropy = -(probability * torch.log(probability.clamp(min=1e-300))).sum(dim=1)
-            sums["entropy"] += torch.where(drawing, entropy, torch.zeros_like(entropy)).sum()
-            sums["drawing_anchors"] += drawing.sum()
+            probability, log_total = _draw_probabilities(weights.double(), race, group)
+            drawing = log_total > -math.inf
+            # -Σ p log p with log p = ℓ - log Σ exp ℓ: each shard adds its members' terms.
+            entropy = torch.where(race, probability * (log_total[:, None] - weights.double()), 0.0).sum(dim=1)
+            sums["entropy"] += entropy.sum()
+            sums["drawing_anchors"] += once * drawing.sum()
             sums["expected_fn"] += (probability * same_group).sum()
         elif sampler != "inbatch-hardest":  # mode "hardest": a point mass on the most similar non-positive
-            hardest = sim.masked_fill(~non_positive, -math.inf).argmax(dim=1, keepdim=True)
-            drawing = non_positive.any(dim=1)
-            sums["drawing_anchors"] += drawing.sum()
-            sums["expected_fn"] += (torch.gather(same_group, 1, hardest).squeeze(1) & drawing).sum()
-        top = max(1, math.ceil(TOP_SHARE * filled))
-        top_sim, top_index = sim.masked_fill(~non_positive, -math.inf).topk(min(top, sim.shape[1]), dim=1)
+            hardest, index = candidates.max(dim=1)
+            hardest_same = torch.gather(same_group, 1, index[:, None]).squeeze(1)
+            hardest, hardest_same = _across_shards(torch.stack([hardest.double(), hardest_same.double()], dim=1),
+                                                   group).unbind(-1)
+            first = hardest.argmax(dim=0)  # ties: the lowest rank's, i.e. the lowest global column
+            drawing = torch.isfinite(hardest.max(dim=0).values)
+            sums["drawing_anchors"] += once * drawing.sum()
+            sums["expected_fn"] += once * ((hardest_same.gather(0, first[None]).squeeze(0) > 0) & drawing).sum()
+        top_sim, top_index = candidates.topk(min(top, sim.shape[1]), dim=1)
+        top_same = torch.gather(same_group, 1, top_index).double()
+        if group is not None:  # the shards' top lists side by side, then the top of those
+            padding = top - top_sim.shape[1]
+            top_sim = _pad_columns(top_sim.double(), padding, -math.inf)
+            top_same = _pad_columns(top_same, padding, 0.0)
+            gathered = _across_shards(torch.stack([top_sim, top_same], dim=-1), group)
+            merged = gathered.permute(1, 0, 2, 3).reshape(top_sim.shape[0], -1, 2)
+            top_sim, order = merged[..., 0].topk(top, dim=1)
+            top_same = torch.gather(merged[..., 1], 1, order)
         top_valid = torch.isfinite(top_sim)
-        sums["top_fn"] += (torch.gather(same_group, 1, top_index) & top_valid).sum()
-        sums["top_slots"] += top_valid.sum()
+        sums["top_fn"] += once * ((top_same > 0) & top_valid).sum()
+        sums["top_slots"] += once * top_valid.sum()
     return sums
+
+
+def _pad_columns(values: torch.Tensor, columns: int, fill: float) -> torch.Tensor:
+    """``values`` [A, k] with ``columns`` more columns of ``fill``."""
+    return torch.cat([values, values.new_full((values.shape[0], columns), fill)], dim=1)
+
+
+def _across_shards(values: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's ``values`` (one shape on every rank) stacked in rank order, [W, ...]."""
+    if distributed.world_size(group) == 1:
+        return values[None]
+    size = distributed.world_size(group)
+    gathered = distributed.all_gather_rows(values, [values.shape[0]] * size, group, "diagnostics")
+    return gathered.view(size, *values.shape)
+
+
+def _draw_probabilities(weights: torch.Tensor, race: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p [A, N] of this shard's race members under the whole bank's normalisation, log Σ exp ℓ [A] over the whole
+    bank's race, -inf for an anchor with no race anywhere)."""
+    peak = -distributed.all_reduce(-weights.max(dim=1).values, group, "diagnostics", "min")
+    centre = torch.where(torch.isfinite(peak), peak, 0.0)
+    total = torch.where(race, torch.exp(weights - centre[:, None]), 0.0).sum(dim=1)
+    log_total = centre + torch.log(distributed.all_reduce(total, group, "diagnostics"))
+    probability = torch.where(race, torch.exp(weights - log_total[:, None]), 0.0)
+    return probability, log_total
+
+
+def reduce_sums(sums: dict, group) -> dict:
+    """The ranks' sums added up (one all_reduce; the sums are unchanged for one process)."""
+    if distributed.world_size(group) == 1:
+        return sums
+    flat = distributed.all_reduce(torch.cat([value.reshape(-1) for value in sums.values()]), group, "diagnostics")
+    reduced, offset = {}, 0
+    for name, value in sums.items():
+        reduced[name] = flat[offset:offset + value.numel()].view(value.shape)
+        offset += value.numel()
+    return reduced
 
 
 def _histogram(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
@@ -158,12 +217,12 @@ def summarise(sums: dict, *, sampler: str, has_groups: bool) -> dict:
 
 
 @torch.no_grad()
-def epoch_diagnostics(heads, split, image_bank: dict, text_bank: dict, stats: torch.Tensor, options: SamplerOptions,
+def epoch_diagnostics(heads, split, image_bank, text_bank, stats: torch.Tensor, options: SamplerOptions,
                       *, sampler: str, device, anchors: int = 256) -> dict:
     """Both directions' diagnostics for a fixed sample of ``anchors`` training pairs (the same pairs in every
-    epoch and every run on the split): image anchors against the text bank, text anchors against the image bank.
-    The banks are whole-bank states (``MemoryBank.state_dict()``: features, ids, filled). Positives are scored
-    against the momentum keys, as in the loss."""
+    epoch and every run on the split): image anchors against the text bank, text anchors against the image bank
+    (``MemoryBank``s; collective when they are sharded: every rank scores its own rows and gets the result).
+    Positives are scored against the momentum keys, as in the loss."""
     generator = torch.Generator().manual_seed(_SAMPLE_SEED)
     captions = torch.randperm(split.text_features.shape[0], generator=generator)[:anchors]
     ids = split.caption_image[captions].to(device)
@@ -173,7 +232,7 @@ def epoch_diagnostics(heads, split, image_bank: dict, text_bank: dict, stats: to
     group_of_id = split.image_group.to(device) if split.image_group is not None else None
     sums = None
     for anchor, positive_key, bank in ((image, text_key, text_bank), (text, image_key, image_bank)):
-        sums = bank_diagnostics(anchor, (anchor * positive_key).sum(dim=1), ids, bank["features"].to(device),
-                                bank["ids"].to(device), bank["filled"], stats, options, sampler=sampler,
-                                group_of_id=group_of_id, sums=sums)
-    return summarise(sums, sampler=sampler, has_groups=group_of_id is not None)
+        sums = bank_diagnostics(anchor, (anchor * positive_key).sum(dim=1), ids, bank.features.to(device),
+                                bank.ids.to(device), bank.filled, stats, options, sampler=sampler,
+                                group_of_id=group_of_id, sums=sums, col_offset=bank.row_begin, group=bank.group)
+    return summarise(reduce_sums(sums, image_bank.group), sampler=sampler, has_groups=group_of_id is not None)

@@ -99,10 +99,9 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None, gr
         files = _RunFiles(config.out, folder, run)
         first_epoch = run.next_epoch
         for epoch in range(run.next_epoch, config.epochs):
-            ranks, banks = _train_and_evaluate(run, splits, swap_test, epoch, patient)
+            ranks = _train_and_evaluate(run, splits, swap_test, epoch, patient)
             run.next_epoch = epoch + 1
-            state = run.state_dict(banks)  # the banks have not changed since the diagnostics gathered them
-            del banks
+            state = run.state_dict()
             with distributed.first_rank_first(patient):  # the other ranks wait until the files are written
                 if run.first:
                     files.write_epoch(state, ranks, epoch)
@@ -116,9 +115,8 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None, gr
 
 
 def _train_and_evaluate(run: RunState, splits: dict[str, FeatureSplit], swap_test, epoch: int, patient):
-    """One epoch's training, then (on rank 0) its bank diagnostics and evaluation; appends the epoch's metrics row
-    and timing to the run's. Returns the test ranks (on rank 0, else None) and the whole banks' states the
-    diagnostics gathered (collective when sharded; on rank 0), which the epoch's checkpoint reuses."""
+    """One epoch's training, then its bank diagnostics (every rank, over its own rows) and evaluation (rank 0);
+    appends the epoch's metrics row and timing to the run's. Returns the test ranks (on rank 0, else None)."""
     config = run.config
     started = time.perf_counter()
     timing = dict.fromkeys(TIMING_SECTIONS, 0.0)
@@ -128,14 +126,15 @@ def _train_and_evaluate(run: RunState, splits: dict[str, FeatureSplit], swap_tes
         tags_metrics, tags_timing = run.tags.finish_epoch(epoch, run.heads, splits["train"], splits["val"])
         row.update(tags_metrics)
         timing.update(tags_timing)
-    # Collective when sharded: the whole banks on rank 0, for the diagnostics over every bank row.
-    banks = run.image_bank.state_dict(), run.text_bank.state_dict()
+    # Every bank row's diagnostics: collective when sharded, each rank scoring its own rows.
+    row["diagnostics"] = epoch_diagnostics(run.heads, splits["train"], run.image_bank, run.text_bank,
+                                           run.criterion.stats.as_tensor(), run.criterion.options,
+                                           sampler=config.sampler, device=run.device)
+    if run.ledger:
+        row["staleness"] = bank_staleness(run.heads, splits["train"], run.image_bank, run.text_bank, run.ledger,
+                                          run.step, run.device)
     ranks = None
     if run.first:  # the heads are the same on every rank: one evaluation
-        row["diagnostics"] = epoch_diagnostics(run.heads, splits["train"], *banks, run.criterion.stats.as_tensor(),
-                                               run.criterion.options, sampler=config.sampler, device=run.device)
-        if run.ledger:
-            row["staleness"] = bank_staleness(run.heads, splits["train"], *banks, run.ledger, run.step, run.device)
         ranks, swap_metrics = _test_ranks(run, splits["test"], swap_test)
         row.update(recalls_from_ranks(ranks))
         row.update(swap_metrics)
@@ -145,7 +144,7 @@ def _train_and_evaluate(run: RunState, splits: dict[str, FeatureSplit], swap_tes
     timing["steps"] = steps_per_epoch(config, splits["train"].text_features.shape[0], run.world_size)
     run.history.append(row)
     run.timing.append({"epoch": epoch, **timing})
-    return ranks, banks
+    return ranks
 
 
 class _RunFiles:

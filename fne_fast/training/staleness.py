@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from fne_fast.data import FeatureSplit
+from fne_fast.sampling import distributed
 
 __all__ = ["BankLedger", "bank_staleness", "STALENESS_SAMPLE"]
 
@@ -49,11 +50,20 @@ def _mean_cosine(stored: torch.Tensor, current: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def bank_staleness(heads, split: FeatureSplit, image_bank: dict, text_bank: dict, ledger: BankLedger, step: int,
+def _stored_rows(bank, rows: torch.Tensor, device) -> torch.Tensor:
+    """The bank's stored keys at the global ``rows``: each rank adds the rows it holds into zeros, and one
+    all_reduce sums them (adding zeros is exact), so no rank needs the whole bank."""
+    local = rows - bank.row_begin
+    mine = (local >= 0) & (local < bank.features.shape[0])
+    stored = torch.where(mine[:, None], bank.features[local.clamp(0, bank.features.shape[0] - 1)].float(), 0.0)
+    return distributed.all_reduce(stored.to(device), bank.group, "staleness")
+
+
+def bank_staleness(heads, split: FeatureSplit, image_bank, text_bank, ledger: BankLedger, step: int,
                    device) -> dict | None:
     """The mean cosine between the stored keys of a fixed sample of written rows and the keys the momentum
-    copies give the same pairs now (image bank, text bank), and the rows' age in steps (mean, max) after
-    ``step`` steps; None before any row is written. ``image_bank``, ``text_bank``: the whole banks' states."""
+    copies give the same pairs now (image bank, text bank: ``MemoryBank``s, collective when sharded), and the
+    rows' age in steps (mean, max) after ``step`` steps; None before any row is written."""
     written = torch.nonzero(ledger.step >= 0).squeeze(1)
     if written.numel() == 0:
         return None
@@ -62,6 +72,6 @@ def bank_staleness(heads, split: FeatureSplit, image_bank: dict, text_bank: dict
     image_keys = heads.image_head_momentum(split.image_features[split.caption_image[captions]].to(device))
     text_keys = heads.text_head_momentum(split.text_features[captions].to(device))
     age = (step - ledger.step[written]).double()
-    return {"image_cosine": _mean_cosine(image_bank["features"][rows].to(device), image_keys),
-            "text_cosine": _mean_cosine(text_bank["features"][rows].to(device), text_keys),
+    return {"image_cosine": _mean_cosine(_stored_rows(image_bank, rows, device), image_keys),
+            "text_cosine": _mean_cosine(_stored_rows(text_bank, rows, device), text_keys),
             "mean_age_steps": float(age.mean()), "max_age_steps": int(age.max())}

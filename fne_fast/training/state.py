@@ -79,14 +79,13 @@ class RunState:
         """Whether this process is rank 0, which holds the folder, evaluates and writes the files."""
         return self.rank == 0
 
-    def state_dict(self, banks: tuple | None = None) -> dict | None:
+    def state_dict(self) -> dict | None:
         """The state on rank 0, None elsewhere. Collective when sharded: every rank first writes its banks' rows
-        into its own file, which the state names. ``banks``: one process's (image, text) banks' states, where the
-        caller has them since the last step."""
+        into its own file, which the state names."""
         if self.world_size > 1:
             image_bank, text_bank = self._write_bank_shards()
         else:
-            image_bank, text_bank = banks or (self.image_bank.state_dict(), self.text_bank.state_dict())
+            image_bank, text_bank = self.image_bank.state_dict(), self.text_bank.state_dict()
         if not self.first:
             return None
         return {"config": dataclasses.asdict(self.config), "world_size": self.world_size,
