@@ -14,13 +14,17 @@ SIGINT / SIGTERM exit codes 130 / 143 with where to resume. A traceback means a 
 
 Under torchrun, train and compare run over the process group torchrun describes in the environment
 (fne_fast/sampling/distributed.py); rank 0 prints and writes. A rank that fails makes the others stop with a
-``PeerFailure`` (exit code 1).
+``PeerFailure`` (exit code 1); each rank's error line names it (``fne-fast: error: rank 1 of 2: …``), and a
+traceback goes to torchrun's error file too, which torchrun reports as the failing rank's root cause.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
+
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from fne_fast.cli.commands import check_compare_args, run_compare, run_eval, run_search, run_train
 from fne_fast.cli.parser import build_parser, config_from_args
@@ -42,6 +46,16 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"fne-fast: warning: {message}", file=sys.stderr if file is None else file, flush=True)
 
 
+def _error_line(error) -> str:
+    """``fne-fast: error: …``, naming this process under torchrun (each rank prints its own line)."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = f"rank {os.environ.get('RANK', '0')} of {processes}: " if processes > 1 else ""
+    return f"fne-fast: error: {rank}{error}"
+
+
+# ``record``: under torchrun, an unexpected exception's traceback goes to torchrun's error file, which it reports
+# as the failing rank's root cause.
+@record
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -63,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             print("fne-fast: interrupted", file=sys.stderr, flush=True)
             return 130
         except _USER_ERRORS as error:
-            print(f"fne-fast: error: {error}", file=sys.stderr, flush=True)
+            print(_error_line(error), file=sys.stderr, flush=True)
             return 2
         except _RUN_ERRORS as error:
-            print(f"fne-fast: error: {error}", file=sys.stderr, flush=True)
+            print(_error_line(error), file=sys.stderr, flush=True)
             return 1
