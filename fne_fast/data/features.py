@@ -33,11 +33,12 @@ def default_cache_dir() -> str:
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fne_fast")
 
 
-def _in_batches(items, batch_size: int, description: str):
-    """Yields (start, batch) slices of ``items`` while a progress bar counts items."""
+def _in_batches(items, batch_size: int, description: str, progress: bool = True):
+    """Yields (start, batch) slices of ``items`` while a progress bar (unless not ``progress``) counts items."""
     from tqdm import tqdm
 
-    with tqdm(total=len(items), desc=description, unit="item", unit_scale=True, leave=False) as bar:
+    with tqdm(total=len(items), desc=description, unit="item", unit_scale=True, leave=False,
+              disable=not progress) as bar:
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
             yield start, batch
@@ -55,35 +56,42 @@ def stack_batches(chunks: list[torch.Tensor], width: int) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-def encode_texts(encoder, texts: list[str], batch_size: int, description: str) -> torch.Tensor:
+def encode_texts(encoder, texts: list[str], batch_size: int, description: str, *,
+                 progress: bool = True) -> torch.Tensor:
     """``encoder.encode`` of each text, each distinct text encoded once, in batches of similar length (less
-    padding), under a progress bar."""
+    padding), under a progress bar (unless not ``progress``)."""
     distinct = sorted(set(texts), key=lambda text: (len(text), text))
-    output = stack_batches([encoder.encode(batch) for _, batch in _in_batches(distinct, batch_size, description)],
-                           encoder.dim)
+    output = stack_batches([encoder.encode(batch)
+                            for _, batch in _in_batches(distinct, batch_size, description, progress)], encoder.dim)
     position = {text: row for row, text in enumerate(distinct)}
     return output[torch.tensor([position[text] for text in texts], dtype=torch.int64)]
 
 
-def _encode_images(encoder, loaders, batch_size: int, description: str) -> torch.Tensor:
+def _encode_images(encoder, loaders, batch_size: int, description: str, progress: bool) -> torch.Tensor:
     return stack_batches([encoder.encode([load() for load in batch])
-                          for _, batch in _in_batches(list(loaders), batch_size, description)], encoder.dim)
+                          for _, batch in _in_batches(list(loaders), batch_size, description, progress)],
+                         encoder.dim)
 
 
-def encode_split(raw: RawSplit, encoders, batch_size: int = 64) -> FeatureSplit:
-    """Features of a raw split from the frozen backbones (or their trunks' outputs: ``LazyEncoders``)."""
+def encode_split(raw: RawSplit, encoders, batch_size: int = 64, *, progress: bool = True) -> FeatureSplit:
+    """Features of a raw split from the frozen backbones (or their trunks' outputs: ``LazyEncoders``), under
+    progress bars (unless not ``progress``)."""
     if raw.image_modality == "text":
         image_features = encode_texts(encoders.text, list(raw.images), 4 * batch_size,
-                                       f"{raw.dataset}/{raw.split} image-side texts")
+                                      f"{raw.dataset}/{raw.split} image-side texts", progress=progress)
     else:
-        image_features = _encode_images(encoders.image, raw.images, batch_size, f"{raw.dataset}/{raw.split} images")
-    text_features = encode_texts(encoders.text, raw.captions, 4 * batch_size, f"{raw.dataset}/{raw.split} captions")
+        image_features = _encode_images(encoders.image, raw.images, batch_size, f"{raw.dataset}/{raw.split} images",
+                                        progress)
+    text_features = encode_texts(encoders.text, raw.captions, 4 * batch_size, f"{raw.dataset}/{raw.split} captions",
+                                 progress=progress)
     return FeatureSplit(image_features, text_features, torch.tensor(raw.caption_image, dtype=torch.int64),
                         group_ids(raw.image_group))
 
 
-def cached_feature_split(raw: RawSplit, encoders, *, cache_dir: str | None = None) -> FeatureSplit:
-    """The split's features from the cache, encoding and caching them with ``encoders`` on a miss."""
+def cached_feature_split(raw: RawSplit, encoders, *, cache_dir: str | None = None,
+                         progress: bool = True) -> FeatureSplit:
+    """The split's features from the cache, encoding and caching them with ``encoders`` on a miss (under progress
+    bars unless not ``progress``)."""
     cache_dir = cache_dir or default_cache_dir()
     remove_stale_temporaries(cache_dir, exclusive=False)  # other processes may be writing here: dead ones only
     versions = encoders.versions(raw.image_modality)
@@ -102,7 +110,7 @@ def cached_feature_split(raw: RawSplit, encoders, *, cache_dir: str | None = Non
                 raise DatasetFormatError(path, f"row {bad[1]} of the cached {bad[0]} is not finite (NaN or "
                                                "infinity); delete this file to encode the split again")
             return cached
-    features = encode_split(raw, encoders)
+    features = encode_split(raw, encoders, progress=progress)
     bad = features.first_nonfinite()
     if bad is not None:
         kind, row = bad

@@ -25,7 +25,7 @@ def load_splits(config: TrainConfig) -> dict[str, FeatureSplit]:
     else:
         encoders = LazyEncoders(config.image_size, config.device, finetune=config.finetune)
         splits = {split: cached_feature_split(load_raw_split(config.dataset, split, **config.data_options),
-                                              encoders, cache_dir=config.cache_dir)
+                                              encoders, cache_dir=config.cache_dir, progress=not config.quiet)
                   for split in SPLITS}
     # The limit subsets the full cached features, so limited runs share one cache with full runs.
     if config.limit is not None:
