@@ -285,7 +285,10 @@ class GlobalBatch:
     """A step's global batch: every rank's online embeddings and image ids, in rank order. The rows of this rank
     (``offset`` to ``offset + local_size``) are its own tensors with their gradients; the other ranks' rows are
     constants. A loss over the global batch then differentiates this rank's embeddings only, and the sum of the
-    ranks' gradients (DDP averages them: scale the loss by ``world_size``) is the global loss's gradient."""
+    ranks' gradients (DDP averages them: scale the loss by ``world_size``) is the global loss's gradient.
+
+    Nothing here builds the G × G in-batch matrix: ``similarity_blocks`` gives this rank's rows of it and its
+    columns (B × G and G × B), from which the statistics and the in-batch loss are computed per rank."""
 
     image: torch.Tensor
     text: torch.Tensor
@@ -293,6 +296,8 @@ class GlobalBatch:
     offset: int
     local_size: int
     world_size: int
+    group: object = None
+    counts: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
@@ -302,16 +307,27 @@ class GlobalBatch:
     def local(self) -> slice:
         return slice(self.offset, self.offset + self.local_size)
 
-    def similarity(self) -> torch.Tensor:
-        """The detached in-batch similarity matrix image × textᵀ [G, G] (the running statistics' input)."""
-        return self.image.detach() @ self.text.detach().T
+    def similarity_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's image rows × every text [B, G], every image × this rank's texts [G, B]) of the in-batch
+        similarity matrix image × textᵀ, with autograd (the local rows' gradients). With one process both are the
+        one [G, G] matrix."""
+        rows = self.image[self.local] @ self.text.T
+        if self.world_size == 1:
+            return rows, rows
+        return rows, self.image @ self.text[self.local].T
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``local`` [B, ...] (one per local pair), concatenated in rank order: [G, ...]."""
+        if self.world_size == 1:
+            return local
+        return all_gather_rows(local, list(self.counts), self.group, "batch")
 
 
 def gather_batch(image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor, group) -> GlobalBatch:
     """The global batch of ``image``, ``text`` [B, D] and ``ids`` [B] (B may differ between ranks, and be 0)."""
     local_size = ids.shape[0]
     if world_size(group) == 1:
-        return GlobalBatch(image, text, ids, 0, local_size, 1)
+        return GlobalBatch(image, text, ids, 0, local_size, 1, group, (local_size,))
     problem = None
     if image.dim() != 2 or text.shape != image.shape or ids.shape != (image.shape[0],):
         problem = (f"image and text must be [B, D] and ids [B], got {tuple(image.shape)}, {tuple(text.shape)} and "
@@ -329,7 +345,7 @@ def gather_batch(image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor, gro
         return torch.cat([gathered[:offset], local, gathered[offset + local_size:]])
 
     return GlobalBatch(with_local_rows(embeddings[:, :dim], image), with_local_rows(embeddings[:, dim:], text),
-                       all_ids, offset, local_size, len(counts))
+                       all_ids, offset, local_size, len(counts), group, tuple(counts))
 
 
 # The floating dtypes an agreement row can name: the banks' and float64 (a gradient check's embeddings).

@@ -72,7 +72,7 @@ class FNELoss(nn.Module):
         if batch is None:
             batch = gather_batch(image, text, ids, self.group)
         if update_stats:
-            self.stats.update(batch.similarity())
+            self.stats.update_batch(batch)
         stats = self.stats.as_tensor()
         if warmup or self.sampler == "inbatch-hardest":
             return self._in_batch(batch, stats, group_of_id)
@@ -111,24 +111,49 @@ class FNELoss(nn.Module):
 
     def _in_batch(self, batch: GlobalBatch, stats, group_of_id):
         """VSE++ max violation within the global batch, both directions; other pairs of the same image are
-        masked. Diagnostics count this rank's anchors only."""
+        masked. Each rank scores its own anchors from its rows (image anchors) and columns (text anchors) of the
+        in-batch matrix, never the whole G × G matrix; a negative chosen from another rank's pairs gets its
+        gradient on that rank (``_gradients_of_chosen_negatives``). Diagnostics count this rank's anchors."""
         diagnostics = _zero_diagnostics(batch.ids.device)
-        sim = batch.image @ batch.text.T
-        positive = sim.diagonal()
-        same_identity = batch.ids.unsqueeze(0) == batch.ids.unsqueeze(1)
-        masked = sim.masked_fill(same_identity, float("-inf"))
-        total = sim.new_zeros(())
-        local = batch.local
-        for negative_sim, chosen in (masked.max(dim=1), masked.max(dim=0)):
+        rows, columns = batch.similarity_blocks()
+        local, ids = batch.local, batch.ids
+        anchors = torch.arange(batch.local_size, device=ids.device)
+        same_identity = ids[local].unsqueeze(1) == ids.unsqueeze(0)  # [B, G]: this rank's pairs × every pair
+        total = rows.new_zeros(())
+        choices = []
+        for sim, masked in ((rows, rows.masked_fill(same_identity, float("-inf"))),
+                            (columns.T, columns.T.masked_fill(same_identity, float("-inf")))):
+            negative_sim, chosen = masked.max(dim=1)
+            positive = sim[anchors, anchors + batch.offset]
             valid = torch.isfinite(negative_sim)
-            hinge = (self.options.margin + negative_sim - positive).clamp(min=0)
-            total = total + torch.where(valid, hinge, torch.zeros_like(hinge)).mean()
-            _add_choice_diagnostics(diagnostics, negative_sim[local].detach().float().unsqueeze(1),
-                                    valid[local].unsqueeze(1), batch.ids[local],
-                                    batch.ids[chosen[local]].unsqueeze(1), stats, self.options, group_of_id)
-        # Every rank computes the whole global loss, but only its own rows carry gradients (GlobalBatch).
-        diagnostics["loss"] += total.detach() / batch.world_size
+            violation = self.options.margin + negative_sim - positive
+            hinge = torch.where(valid, violation.clamp(min=0), torch.zeros_like(violation))
+            # This rank's anchors' part of the mean over the global batch (with one process: the mean itself).
+            total = total + (hinge.mean() * (batch.local_size / batch.size) if batch.local_size else hinge.sum())
+            choices.append((chosen, valid & (violation >= 0)))  # where clamp passes the gradient on
+            _add_choice_diagnostics(diagnostics, negative_sim.detach().float().unsqueeze(1), valid.unsqueeze(1),
+                                    ids[local], ids[chosen].unsqueeze(1), stats, self.options, group_of_id)
+        diagnostics["loss"] += total.detach()
+        if batch.world_size > 1:
+            total = total + _gradients_of_chosen_negatives(batch, choices)
         return total * batch.world_size, diagnostics
+def _gradients_of_chosen_negatives(batch: GlobalBatch, choices) -> torch.Tensor:
+    """Terms whose value is 0 and whose gradient is what the global in-batch loss sends into this rank's
+    embeddings when other ranks' anchors chose them as negatives: an active hinge of anchor a with negative n
+    adds s(a, n) / G, whose gradient reaches n's embedding only on n's rank. Every rank learns each anchor's
+    choice (its index and whether its hinge is active) in one small gather."""
+    (text_chosen, text_active), (image_chosen, image_active) = choices
+    table = batch.gather(torch.stack([text_chosen, text_active.long(), image_chosen, image_active.long()], dim=1))
+    others = torch.ones(batch.size, dtype=torch.bool, device=table.device)
+    others[batch.local] = False  # this rank's own anchors' terms already carry every local gradient
+    extra = batch.image.new_zeros(())
+    for chosen, active, fixed, moving in ((table[:, 0], table[:, 1], batch.image, batch.text),
+                                          (table[:, 2], table[:, 3], batch.text, batch.image)):
+        mine = others & (active > 0) & (chosen >= batch.offset) & (chosen < batch.offset + batch.local_size)
+        anchor_rows = torch.nonzero(mine).squeeze(1)
+        similarity = (fixed[anchor_rows].detach() * moving[chosen[anchor_rows]]).sum(dim=1)
+        extra = extra + (similarity - similarity.detach()).sum() / max(batch.size, 1)
+    return extra
 
 
 def _zero_diagnostics(device) -> dict[str, torch.Tensor]:

@@ -10,20 +10,30 @@ import torch
 __all__ = ["RunningStats", "right_pair_samples"]
 
 
-def right_pair_samples(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def right_pair_samples(sim: torch.Tensor, columns: torch.Tensor | None = None,
+                       offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Samples of one batch from the in-batch similarity matrix ``sim = V Tᵀ`` [B, B].
 
     Returns ``(positive [B], negative [B, 2], right [B] bool)``: row i is a sample where ``right[i]``, i.e.
     ``argmax_j sim[i, j] == i`` and ``argmax_j sim[j, i] == i``; its positive is ``sim[i, i]`` and its negatives
     are the row and column maxima with the diagonal set to 0 (the authors' code fills it with 0 first).
+
+    One rank of a global batch of G passes its rows ``sim`` [B, G] and its columns ``columns`` [G, B] of the
+    G × G matrix (``GlobalBatch.similarity_blocks``), its first pair being global pair ``offset``: the samples of
+    its B pairs, exactly the G × G matrix's rows for them.
     """
-    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
-        raise ValueError(f"sim must be a square [B, B] matrix, got shape {tuple(sim.shape)}")
-    rows = torch.arange(sim.shape[0], device=sim.device)
-    right = (sim.argmax(dim=1) == rows) & (sim.argmax(dim=0) == rows)
-    off_diagonal = sim.masked_fill(torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device), 0.0)
-    negative = torch.stack([off_diagonal.max(dim=1).values, off_diagonal.max(dim=0).values], dim=1)
-    return sim.diagonal(), negative, right
+    columns = sim if columns is None else columns
+    if sim.dim() != 2 or columns.shape != sim.shape[::-1] or not 0 <= offset <= sim.shape[1] - sim.shape[0]:
+        raise ValueError(f"sim must be [B, G] with columns [G, B] and 0 <= offset <= G - B (a square [B, B] "
+                         f"matrix alone), got {tuple(sim.shape)}, {tuple(columns.shape)}, offset {offset}")
+    local = torch.arange(sim.shape[0], device=sim.device)
+    diagonal = local + offset
+    right = (sim.argmax(dim=1) == diagonal) & (columns.argmax(dim=0) == diagonal)
+    on_diagonal = torch.zeros(sim.shape, dtype=torch.bool, device=sim.device)
+    on_diagonal[local, diagonal] = True
+    row_negative = sim.masked_fill(on_diagonal, 0.0).max(dim=1).values
+    column_negative = columns.masked_fill(on_diagonal.T, 0.0).max(dim=0).values
+    return sim[local, diagonal], torch.stack([row_negative, column_negative], dim=1), right
 
 
 class _Moments:
@@ -84,7 +94,20 @@ class RunningStats:
     @torch.no_grad()
     def update(self, sim: torch.Tensor) -> None:
         """Adds the right pairs of one batch's in-batch similarity matrix ``sim`` [B, B] (image × text)."""
-        positive, negative, right = right_pair_samples(sim.detach().to(self.device))
+        self._add(*right_pair_samples(sim.detach().to(self.device)))
+
+    @torch.no_grad()
+    def update_batch(self, batch) -> None:
+        """Adds the right pairs of a global batch (``fne_fast.sampling.distributed.GlobalBatch``; collective when
+        it spans several ranks): each rank takes its pairs' samples from its rows and columns of the in-batch
+        matrix, and the samples of all G pairs, gathered in rank order, update every rank's statistics alike, as
+        ``update`` of the G × G matrix would."""
+        rows, columns = (block.detach().to(self.device) for block in batch.similarity_blocks())
+        positive, negative, right = right_pair_samples(rows, columns, batch.offset)
+        samples = batch.gather(torch.cat([positive[:, None], negative, right[:, None].to(positive.dtype)], dim=1))
+        self._add(samples[:, 0], samples[:, 1:3], samples[:, 3] > 0)
+
+    def _add(self, positive, negative, right) -> None:
         self._positive.add(positive, right)
         self._negative.add(negative, right.unsqueeze(1).expand_as(negative))
 

@@ -73,7 +73,7 @@ def train_one_epoch(run: RunState, split: FeatureSplit, epoch: int, timing: dict
         run.text_bank.enqueue(text_key, ids)
         enqueued = _clock(device)
         batch = distributed.gather_batch(image, text, ids, run.group)
-        run.criterion.stats.update(batch.similarity())
+        run.criterion.stats.update_batch(batch)
         stats_updated = _clock(device)
         loss, diagnostics = run.criterion(image, text, image_key, text_key, ids, image_bank=run.image_bank,
                                           text_bank=run.text_bank, step=run.step, warmup=warmup,
