@@ -175,8 +175,15 @@ def _argument_errors(rank, world_size):
         bank.sample(*arguments, stats + rank)
     with pytest.raises(ValueError, match=r"rank 1: anchors must be a \[B, 8\] tensor"):
         bank.sample(anchors[mine, :DIM - rank], positive_sim[mine], anchor_ids[mine], stats)
-    # No collective was left half done: the bank still works.
+    # Counts a caller passes (no agreement) must name this rank's rows; a wrong one raises before any collective.
+    with pytest.raises(ValueError, match=r"MemoryBank.sample: counts must name every rank's rows \(2 numbers\), "
+                                         r"this rank's 4"):
+        bank.sample(*arguments, stats, counts=[3, 4] if rank == 0 else [4, 3])
+    with pytest.raises(ValueError, match=r"MemoryBank.enqueue: counts must name every rank's rows"):
+        bank.enqueue(keys[mine], ids[mine], counts=[4])
+    # No collective was left half done: the bank still works, and with the counts given it draws the same.
     index = bank.sample(*arguments, stats, SamplerOptions(k=2)).index
+    assert torch.equal(bank.sample(*arguments, stats, SamplerOptions(k=2), counts=[4, 4]).index, index)
     return index.tolist()
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from fne_fast.models.backbones import (ImageEncoder, TextEncoder, backbone_depth, shared_image_encoder,
                                        shared_text_encoder)
 
-__all__ = ["TextTop", "ImageTop", "backbone_tops", "image_side_modality"]
+__all__ = ["TextTop", "ImageTop", "backbone_tops", "image_side_modality", "trim_token_padding"]
 
 # Data sets whose "images" are texts: both sides go through the text backbone.
 _TEXT_IMAGE_DATASETS = ("wordnet",)
@@ -28,6 +28,17 @@ _TEXT_IMAGE_DATASETS = ("wordnet",)
 def image_side_modality(dataset: str) -> str:
     """What the image side of a data set's pairs is: "text" (WordNet's lemmas) or "image"."""
     return "text" if dataset in _TEXT_IMAGE_DATASETS else "image"
+
+
+def trim_token_padding(inputs: torch.Tensor) -> torch.Tensor:
+    """A batch of packed token states [n, L, 385] cut to its longest text (texts are padded at the end to the
+    longest of their split; the padding contributes exact zeros to attention and pooling); other inputs (image
+    maps, features) unchanged. Emoji's training captions hold 38 token slots, a batch's longest about half that.
+    It reads the length where the tensor is: on the host, before a batch goes to a GPU, it costs no
+    synchronisation."""
+    if inputs.dim() != 3 or inputs.shape[0] == 0:
+        return inputs
+    return inputs[:, :int(inputs[..., -1].sum(dim=1).max())]
 
 
 class _EvalModeTop(nn.Module):
@@ -51,15 +62,15 @@ class TextTop(_EvalModeTop):
         self.train()
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        # Texts are padded at the end to the longest of their split: cut the padding none of these texts needs
-        # (it contributes exact zeros to attention and pooling). Emoji's training captions hold 38 token slots, a
-        # batch's longest about half that: the layer's cost halves. On a GPU this reads one number to the host.
+        # The layer's cost halves without the padding none of these texts needs; on a GPU the length would be a
+        # host synchronisation, so there the caller trims the batch on the host first (trim_token_padding).
+        if packed.device.type == "cpu":
+            packed = trim_token_padding(packed)
         if packed.shape[0] == 0:
             # No texts (a process's share of an epoch's last batch): the layers run on one dropped token, so that
             # every parameter is still part of the backward pass, as DistributedDataParallel requires.
             return self(torch.ones(1, 1, packed.shape[2], dtype=packed.dtype, device=packed.device))[:0]
-        length = int(packed[..., -1].sum(dim=1).max())
-        states, mask = packed[:, :length, :-1], packed[:, :length, -1]
+        states, mask = packed[..., :-1], packed[..., -1]
         # The additive mask the BERT layers take: 0 for a token, the dtype's minimum for padding.
         additive = ((1.0 - mask) * torch.finfo(states.dtype).min)[:, None, None, :]
         for layer in self.layers:

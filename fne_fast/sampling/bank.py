@@ -88,9 +88,12 @@ class MemoryBank:
     # --- writing -----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def enqueue(self, features: torch.Tensor, ids: torch.Tensor) -> None:
+    def enqueue(self, features: torch.Tensor, ids: torch.Tensor, *, counts: list[int] | None = None) -> None:
         """Writes the global batch at the pointer, wrapping around; a batch larger than the bank keeps its last
-        rows. Collective when sharded: ``features`` [B, dim] and ``ids`` [B] are this rank's local batch."""
+        rows. Collective when sharded: ``features`` [B, dim] and ``ids`` [B] are this rank's local batch;
+        ``counts``, every rank's B where the caller knows them (a training loop does), skips the agreement and its
+        host synchronisation: they must be the same list on every rank (not checked), and a bad argument then
+        raises on its own rank alone."""
         problem = None
         if features.dim() != 2 or features.shape[1] != self.dim:
             problem = f"features must be [B, {self.dim}], got shape {tuple(features.shape)}"
@@ -98,9 +101,13 @@ class MemoryBank:
             problem = f"ids must be [B] = [{features.shape[0]}], got shape {tuple(ids.shape)}"
         features = features.detach().to(device=self.device, dtype=self.dtype) if problem is None else features
         ids = ids.to(device=self.device, dtype=torch.int64) if problem is None else ids
-        if self.sharded:
+        if self.sharded and counts is not None:
+            counts = _known_counts("MemoryBank.enqueue", counts, self.rank, self.world_size, features.shape[0],
+                                   problem)
+        elif self.sharded:
             table = distributed.agree("MemoryBank.enqueue", [features.shape[0]], problem, self.group, self.device)
             counts = [line[0] for line in table]
+        if self.sharded:
             features = distributed.all_gather_rows(features, counts, self.group, "ring")
             ids = distributed.all_gather_rows(ids, counts, self.group, "ring")
         elif problem is not None:
@@ -138,7 +145,7 @@ class MemoryBank:
     @torch.no_grad()
     def sample(self, anchors: torch.Tensor, positive_sim: torch.Tensor, anchor_ids: torch.Tensor,
                stats: torch.Tensor, options: SamplerOptions = _DEFAULTS, *, seed: int = 0, step: int = 0,
-               backend: str = "auto", check_finite: bool = True) -> BankSample:
+               backend: str = "auto", check_finite: bool = True, counts: list[int] | None = None) -> BankSample:
         """``fne_fast.sample_negatives`` of ``anchors`` [B, D] over the whole bank, with the chosen rows.
 
         Args:
@@ -154,7 +161,10 @@ class MemoryBank:
 
         Collective when sharded: each rank passes its local anchors (any number, 0 included) and the same options,
         counters and ``stats``; the anchors' global rows (ranks in order) are the op's rows, so the result is, index
-        for index, one call over the whole bank with the gathered anchors.
+        for index, one call over the whole bank with the gathered anchors. ``counts``, every rank's B where the
+        caller knows them and guarantees the rest alike (a training loop does), skips the agreement of sizes,
+        options and ``stats`` and its host synchronisations: the same list on every rank (not checked); a bad
+        argument then raises on its own rank alone.
         """
         problem = _sample_problem(anchors, positive_sim, anchor_ids, stats, self.dim, options, seed, step, backend)
         call = dict(seed=seed, step=step, backend=backend, check_finite=check_finite)
@@ -168,11 +178,14 @@ class MemoryBank:
             chosen_ids = torch.where(valid, self.ids[index.clamp(min=0)], -1)
             return BankSample(index, sim, valid, key, rows, chosen_ids)
 
-        metadata = [0] * 7 if problem is not None else [anchors.shape[0], *_fingerprint(options, stats, call)]
-        table = distributed.agree("MemoryBank.sample", metadata, problem, self.group, self.device)
-        distributed.require_same("MemoryBank.sample", [line[1:] for line in table],
-                                 ("k", "mode", "seed", "step", "other options", "stats"))
-        counts = [line[0] for line in table]
+        if counts is not None:
+            counts = _known_counts("MemoryBank.sample", counts, self.rank, self.world_size, anchors.shape[0], problem)
+        else:
+            metadata = [0] * 7 if problem is not None else [anchors.shape[0], *_fingerprint(options, stats, call)]
+            table = distributed.agree("MemoryBank.sample", metadata, problem, self.group, self.device)
+            distributed.require_same("MemoryBank.sample", [line[1:] for line in table],
+                                     ("k", "mode", "seed", "step", "other options", "stats"))
+            counts = [line[0] for line in table]
         if sum(counts) == 0:
             return _empty_sample(options.k, self.dim, self.dtype, self.device)
 
@@ -284,6 +297,17 @@ def sharded_traffic(counts: list[int], rank: int, k: int, dim: int, element_byte
     return {"anchors": others * largest * (row_bytes + 16), "candidates": 16 * k * (sum(counts) - counts[rank]),
             "requests": 8 * rows_fetched, "rows": (row_bytes + 8) * rows_served,
             "ring": others * largest * (row_bytes + 8)}
+
+
+def _known_counts(what: str, counts, rank: int, world_size: int, rows: int, problem: str | None) -> list[int]:
+    """The caller's ``counts`` of every rank's rows, after this rank's own checks."""
+    counts = [int(count) for count in counts]
+    if problem is None and (len(counts) != world_size or counts[rank] != rows):
+        problem = (f"counts must name every rank's rows ({world_size} numbers), this rank's {rows} at position "
+                   f"{rank}; got {counts}")
+    if problem is not None:
+        raise ValueError(f"{what}: {problem}")
+    return counts
 
 
 def _sample_problem(anchors, positive_sim, anchor_ids, stats, dim: int, options, seed, step,

@@ -323,8 +323,11 @@ class GlobalBatch:
         return all_gather_rows(local, list(self.counts), self.group, "batch")
 
 
-def gather_batch(image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor, group) -> GlobalBatch:
-    """The global batch of ``image``, ``text`` [B, D] and ``ids`` [B] (B may differ between ranks, and be 0)."""
+def gather_batch(image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor, group,
+                 counts: list[int] | None = None) -> GlobalBatch:
+    """The global batch of ``image``, ``text`` [B, D] and ``ids`` [B] (B may differ between ranks, and be 0).
+    ``counts``, every rank's B where the caller knows them (and that dim and dtype agree), skips the agreement and
+    its host synchronisation."""
     local_size = ids.shape[0]
     if world_size(group) == 1:
         return GlobalBatch(image, text, ids, 0, local_size, 1, group, (local_size,))
@@ -332,10 +335,17 @@ def gather_batch(image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor, gro
     if image.dim() != 2 or text.shape != image.shape or ids.shape != (image.shape[0],):
         problem = (f"image and text must be [B, D] and ids [B], got {tuple(image.shape)}, {tuple(text.shape)} and "
                    f"{tuple(ids.shape)}")
-    table = agree("gathering the global batch", [local_size, image.shape[-1], dtype_code(image.dtype)], problem,
-                  group, image.device)
-    require_same("gathering the global batch", [line[1:] for line in table], ("dim", "dtype"))
-    counts = [line[0] for line in table]
+    if counts is not None:
+        counts = [int(count) for count in counts]
+        if problem is None and (len(counts) != world_size(group) or counts[rank(group)] != local_size):
+            problem = f"counts must name every rank's pairs, this rank's {local_size}; got {counts}"
+        if problem is not None:
+            raise ValueError(f"gathering the global batch: {problem}")
+    else:
+        table = agree("gathering the global batch", [local_size, image.shape[-1], dtype_code(image.dtype)], problem,
+                      group, image.device)
+        require_same("gathering the global batch", [line[1:] for line in table], ("dim", "dtype"))
+        counts = [line[0] for line in table]
     offset = sum(counts[:rank(group)])
     embeddings = all_gather_rows(torch.cat([image.detach(), text.detach()], dim=1), counts, group, "batch")
     all_ids = all_gather_rows(ids, counts, group, "batch")

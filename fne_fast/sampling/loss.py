@@ -47,15 +47,18 @@ class FNELoss(nn.Module):
     """Loss and diagnostics of one batch; owns the running similarity statistics (reset each epoch).
 
     ``options`` are the op's (its ``mode`` is set from ``sampler``); ``margin`` is also the hinge's. ``group``:
-    the process group the batch is split over (None: this process's batch is the whole batch)."""
+    the process group the batch is split over (None: this process's batch is the whole batch). ``agree_each_step``
+    (default): each sharded sample first checks that the ranks agree on sizes, options and statistics (a host
+    synchronisation each); a training loop that guarantees them (the same settings on every rank, checked once)
+    turns it off, and the samples take the batch's counts."""
 
     def __init__(self, sampler: str = "fne", options: SamplerOptions = SamplerOptions(), *, seed: int = 0,
                  stats_momentum: float | None = None, backend: str = "auto", device: torch.device | str = "cpu",
-                 group=None):
+                 group=None, agree_each_step: bool = True):
         super().__init__()
         self.sampler = sampler
         self.options = options.replace(mode=sampler_mode(sampler))
-        self.backend, self.seed, self.group = backend, seed, group
+        self.backend, self.seed, self.group, self.agree_each_step = backend, seed, group, agree_each_step
         self.stats = RunningStats(device, stats_momentum)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, image_key: torch.Tensor, text_key: torch.Tensor,
@@ -93,7 +96,8 @@ class FNELoss(nn.Module):
         # differentiated, and the hinge below recomputes the chosen similarities in the anchors' dtype. With a
         # bf16 bank the bank rounds the anchors to bf16 too (MemoryBank.sample), so that the op takes its bf16 GEMM.
         draw = bank.sample(anchors.detach(), positive_sim.detach().float(), ids, stats, self.options, seed=seed,
-                           step=step, backend=self.backend)
+                           step=step, backend=self.backend,
+                           counts=None if self.agree_each_step or batch.world_size == 1 else list(batch.counts))
         valid = draw.valid
         negative_sim = torch.einsum("bd,bkd->bk", anchors, draw.rows.to(anchors.dtype))
         weight = valid.to(anchors.dtype)

@@ -17,6 +17,7 @@ import torch
 
 from fne_fast.data import FeatureSplit
 from fne_fast.errors import NonFiniteError
+from fne_fast.models.tops import trim_token_padding
 from fne_fast.sampling import distributed
 from fne_fast.sampling.loss import STEP_SUMS
 from fne_fast.training.config import TrainConfig
@@ -60,19 +61,23 @@ def train_one_epoch(run: RunState, split: FeatureSplit, epoch: int, timing: dict
                disable=config.quiet or not run.first, leave=False)
     for batch_number, global_captions in enumerate(bar):
         captions = global_captions[mine]
+        # Every rank's share of the global batch, known to all without asking: the collectives skip agreeing on it.
+        counts = [max(0, min(config.batch_size, global_captions.numel() - other * config.batch_size))
+                  for other in range(run.world_size)] if run.world_size > 1 else None
         ids = split.caption_image[captions].to(device)
-        image_features = split.image_features[split.caption_image[captions]].to(device)
-        text_features = split.text_features[captions].to(device)
+        # Token states lose their unneeded padding on the host (on a GPU the length would be a synchronisation).
+        image_features = trim_token_padding(split.image_features[split.caption_image[captions]]).to(device)
+        text_features = trim_token_padding(split.text_features[captions]).to(device)
 
         started = _clock(device)
         image, text, image_key, text_key = run.model(image_features, text_features)
         heads_forward = _clock(device)
         if run.ledger:
             run.ledger.record(run.image_bank.next_positions(global_captions.numel()), global_captions, run.step)
-        run.image_bank.enqueue(image_key, ids)
-        run.text_bank.enqueue(text_key, ids)
+        run.image_bank.enqueue(image_key, ids, counts=counts)
+        run.text_bank.enqueue(text_key, ids, counts=counts)
         enqueued = _clock(device)
-        batch = distributed.gather_batch(image, text, ids, run.group)
+        batch = distributed.gather_batch(image, text, ids, run.group, counts)
         run.criterion.stats.update_batch(batch)
         stats_updated = _clock(device)
         loss, diagnostics = run.criterion(image, text, image_key, text_key, ids, image_bank=run.image_bank,

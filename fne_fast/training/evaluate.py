@@ -15,6 +15,7 @@ import torch
 
 from fne_fast.data import FeatureSplit
 from fne_fast.errors import NonFiniteError
+from fne_fast.models.tops import trim_token_padding
 from fne_fast.training.model_selection import run_summary
 
 __all__ = ["retrieval_metrics", "retrieval_ranks", "recalls_from_ranks", "embed_split", "final_table",
@@ -36,8 +37,10 @@ def raise_if_not_finite_embeddings(image: torch.Tensor, text: torch.Tensor) -> N
 def embed_split(heads, split: FeatureSplit, device, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Online-head embeddings of every image and caption of a split (float32, on ``device``)."""
     heads.eval()
-    image = torch.cat([heads.image_head(chunk.to(device)) for chunk in split.image_features.split(batch_size)])
-    text = torch.cat([heads.text_head(chunk.to(device)) for chunk in split.text_features.split(batch_size)])
+    image = torch.cat([heads.image_head(trim_token_padding(chunk).to(device))
+                       for chunk in split.image_features.split(batch_size)])
+    text = torch.cat([heads.text_head(trim_token_padding(chunk).to(device))
+                      for chunk in split.text_features.split(batch_size)])
     heads.train()
     return image, text
 
