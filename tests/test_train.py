@@ -298,3 +298,28 @@ def test_a_rank_that_starts_later_than_the_collective_timeout_is_waited_for(tmp_
                               env=environment)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert len(_read(tmp_path / "late" / METRICS_NAME)) == 1
+
+
+def _one_step_traffic(rank, world_size):
+    """The bytes of agreement rows and row counts one training step of W processes sends."""
+    import torch.distributed as dist
+
+    from fne_fast.sampling.distributed import count_traffic
+    from fne_fast.training.epoch import TIMING_SECTIONS, train_one_epoch
+
+    config = TrainConfig(dataset="features", bank_size=64, joint_dim=8, hidden_dim=16, batch_size=8, out="unused",
+                         warmup_epochs=0, steps_per_epoch=3, options=SamplerOptions(min_count=5))
+    split = synthetic_splits()["train"]
+    run = RunState(config, split, group=dist.group.WORLD)
+    with count_traffic() as sent:
+        train_one_epoch(run, split, 0, dict.fromkeys(TIMING_SECTIONS, 0.0))
+    return sent["control"]
+
+
+def test_a_training_step_agrees_on_nothing_but_the_row_counts():
+    """Under W processes a step's collectives take every rank's share of the global batch from the loop (each rank
+    knows them) instead of agreeing on it: the only control traffic is the two samples' row counts, 8 bytes to each
+    other rank per sample (one host synchronisation each)."""
+    from fne_fast.sampling.launch import results_of, run_in_processes
+
+    assert results_of(run_in_processes(_one_step_traffic, 2)) == [3 * 2 * 8] * 2
