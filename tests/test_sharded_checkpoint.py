@@ -120,3 +120,25 @@ def test_a_foreign_shard_file_is_refused(runs, capsys):
     warning = capsys.readouterr().err
     assert "not the file the checkpoint names" in warning and "using the previous checkpoint" in warning
     _assert_same_run(folder, root / "one")
+
+
+def test_a_run_killed_while_publishing_a_sharded_checkpoint_resumes_from_the_last_one(runs):
+    """Rank 0 is SIGKILLed after every rank wrote its file of the second checkpoint and rank 0 wrote the new
+    checkpoint's temporary file, before it replaced the first: the first checkpoint and its files are intact, and
+    the resumed run ends as the uninterrupted one."""
+    import os
+
+    root, common = runs
+    folder = root / "killed"
+    arguments = [*common, "--batch-size", "24", "--epochs", "3", "--out", str(folder)]
+    environment = dict(os.environ, FNE_FAST_TEST_HOOK="checkpoint-temp-written:2:SIGKILL")
+    killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "fne_fast.cli", *arguments], capture_output=True, text=True, timeout=300,
+                            env=environment)
+    assert killed.returncode != 0
+    state = read_checkpoint(str(folder / CHECKPOINT_NAME))
+    assert state["next_epoch"] == 1
+    for shard in state["image_bank"]["shards"]:  # the files the surviving checkpoint names are still there
+        read_checkpoint(str(folder / shard["file"]), shard["sha256"])
+    _torchrun(2, [*arguments, "--resume"])
+    _assert_same_run(folder, root / "one")
