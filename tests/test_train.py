@@ -254,8 +254,8 @@ def test_torchrun_two_processes_follow_one_process_with_the_global_batch(tmp_pat
 
 
 def _start_from(rank, world_size):
-    """Each rank's RunState over the same data; rank 1 then claims one step more, as if it had resumed from
-    another checkpoint."""
+    """Each rank's RunState over the same data; rank 1 then claims one step more, another checkpoint file,
+    another ring position, other data."""
     import torch.distributed as dist
 
     from fne_fast.training.loop import _agree_on_start
@@ -265,10 +265,17 @@ def _start_from(rank, world_size):
     run.inputs = {"train": {"digest": "same"}}
     _agree_on_start(run, dist.group.WORLD)  # the same state: nothing to say
     run.step += rank
-    with pytest.raises(UsageError, match=r"start from different states: the ranks disagree on epoch, step, .*"
-                                         r"rank 0 has epoch=0, step=0, .*rank 1 has epoch=0, step=1"):
+    with pytest.raises(UsageError, match=r"start from different states: the ranks disagree on checkpoint's CRC-32, "
+                                         r"epoch, step, .*rank 0 has .*epoch=0, step=0, .*rank 1 has .*epoch=0, "
+                                         r"step=1"):
         _agree_on_start(run, dist.group.WORLD)
     run.step -= rank
+    with pytest.raises(UsageError, match=r"rank 0 has checkpoint's CRC-32=\d+, .*rank 1 has checkpoint's CRC-32="):
+        _agree_on_start(run, dist.group.WORLD, checkpoint_digest="ab" if rank else "cd")  # another file each
+    run.image_bank.pointer += rank
+    with pytest.raises(UsageError, match="image ring pointer"):
+        _agree_on_start(run, dist.group.WORLD)
+    run.image_bank.pointer -= rank
     run.inputs = {"train": {"digest": f"rank {rank}"}}
     with pytest.raises(UsageError, match="data fingerprint"):
         _agree_on_start(run, dist.group.WORLD)

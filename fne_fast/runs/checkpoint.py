@@ -44,6 +44,7 @@ import torch
 from fne_fast.io import atomic_output
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "open_checkpoint", "write_checkpoint_file",
+           "stored_digest",
            "checkpoint_path", "has_checkpoint", "CheckpointError", "CheckpointWarning", "FORMAT", "SUFFIX"]
 
 FORMAT = "fne_fast.checkpoint/1"
@@ -161,6 +162,13 @@ def _safetensors():
         raise ImportError("fne_fast checkpoints need the safetensors package: pip install safetensors (it is in "
                           "the `train` extra, which scripts/setup_data.sh installs)") from None
     return safetensors.torch
+
+
+def stored_digest(path: str) -> str:
+    """The SHA-256 a checkpoint file records in its header (read without the tensors; not verified here)."""
+    with open(path, "rb") as stream:
+        header = json.loads(stream.read(int.from_bytes(stream.read(8), "little")))
+    return str((header.get("__metadata__") or {}).get(_DIGEST_KEY, ""))
 
 
 def read_checkpoint(path: str, expected_sha256: str | None = None) -> dict:

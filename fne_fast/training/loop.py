@@ -91,11 +91,13 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None, gr
                 texts, swap_test = run_texts(config, progress=not config.quiet)
         run = RunState(config, splits["train"], texts, group)
         run.inputs = {name: split.inputs for name, split in splits.items()}
+        checkpoint_digest = ""
         if resumed is not None:
+            resumed, checkpoint_digest = resumed
             run.load_state_dict(resumed)
             if run.first and not config.quiet:
                 print(f"resuming {config.out} at epoch {run.next_epoch} (step {run.step})")
-        _agree_on_start(run, group)
+        _agree_on_start(run, group, checkpoint_digest)
         files = _RunFiles(config.out, folder, run)
         first_epoch = run.next_epoch
         for epoch in range(run.next_epoch, config.epochs):
@@ -197,20 +199,25 @@ def _run_folder(config: TrainConfig, group, world_size: int, first: bool):
         yield folder
 
 
-def _agree_on_start(run: RunState, group) -> None:
+def _agree_on_start(run: RunState, group, checkpoint_digest: str = "") -> None:
     """Under several processes, before the first step: the ranks read the same data and start from the same
-    point (epoch, step, the parameters they loaded), or every rank stops with the same error naming what
-    differs. DistributedDataParallel synchronised the parameters when it was built, before the resumption."""
+    point (the checkpoint file they resumed, epoch, step, the banks' ring, the parameters they loaded), or every
+    rank stops with the same error naming what differs. DistributedDataParallel synchronised the parameters when
+    it was built, before the resumption."""
     if run.world_size == 1:
         return
     parameters = 0
     for tensor in run.heads.state_dict().values():
         parameters = zlib.crc32(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy(), parameters)
     data = zlib.crc32(json.dumps(run.inputs, sort_keys=True, default=str).encode())
-    table = distributed.agree("fne-fast train", [run.next_epoch, run.step, parameters, data], None, group,
-                              run.device, error=UsageError)
+    resumed = zlib.crc32(checkpoint_digest.encode())
+    ring = [run.image_bank.pointer, run.image_bank.filled, run.text_bank.pointer, run.text_bank.filled]
+    table = distributed.agree("fne-fast train", [resumed, run.next_epoch, run.step, *ring, parameters, data], None,
+                              group, run.device, error=UsageError)
     distributed.require_same("fne-fast train: the processes start from different states", table,
-                             ("epoch", "step", "parameters' CRC-32", "data fingerprint's CRC-32"), error=UsageError)
+                             ("checkpoint's CRC-32", "epoch", "step", "image ring pointer", "image ring filled",
+                              "text ring pointer", "text ring filled", "parameters' CRC-32",
+                              "data fingerprint's CRC-32"), error=UsageError)
 
 
 def _has_plots(out: str) -> bool:

@@ -18,7 +18,7 @@ from fne_fast.data import FeatureSplit
 from fne_fast.errors import UsageError
 from fne_fast.models import MatchingHeads, backbone_tops
 from fne_fast.runs.artifacts import CHECKPOINT_NAME, refuse_legacy_checkpoint
-from fne_fast.runs.checkpoint import CheckpointError, has_checkpoint, load_checkpoint
+from fne_fast.runs.checkpoint import CheckpointError, has_checkpoint, load_checkpoint, stored_digest
 from fne_fast.runs.fingerprint import differences
 from fne_fast.runs.shards import bank_reference, is_sharded, read_bank_rows, write_shard
 from fne_fast.sampling import distributed
@@ -190,15 +190,16 @@ def _bank_rows_reader(config: TrainConfig, world_size: int, group):
     return accept
 
 
-def resume_state(config: TrainConfig, world_size: int, group=None) -> dict | None:
-    """The checkpoint state to continue from (verified, settings compared, this rank's bank rows read), or None
-    for a new run; refuses to overwrite a run without ``resume``. Reads no data, so a wrong setting stops the run
-    before any work. Collective when ``group`` has several ranks."""
+def resume_state(config: TrainConfig, world_size: int, group=None) -> tuple[dict, str] | None:
+    """(The checkpoint state to continue from: verified, settings compared, this rank's bank rows read; the
+    SHA-256 of the checkpoint file it came from), or None for a new run; refuses to overwrite a run without
+    ``resume``. Reads no data, so a wrong setting stops the run before any work. Collective when ``group`` has
+    several ranks."""
     refuse_legacy_checkpoint(config.out)
     if not has_checkpoint(config.out):
         return None
     if not config.resume:
         raise UsageError(f"--out: {config.out} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue "
                          "it, or choose another --out")
-    state, _ = load_checkpoint(config.out, accept=_bank_rows_reader(config, world_size, group))
-    return state
+    state, path = load_checkpoint(config.out, accept=_bank_rows_reader(config, world_size, group))
+    return state, stored_digest(path)
