@@ -35,7 +35,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine_description, median_seconds, peak_extra_bytes, sample_inputs  # noqa: E402
 from fne_fast.sampling import distributed  # noqa: E402
-from fne_fast.sampling.bank import MemoryBank, sharded_traffic  # noqa: E402
+from fne_fast.sampling.bank import MemoryBank, remote_rows, sharded_traffic  # noqa: E402
 from fne_fast.io import atomic_write_text  # noqa: E402
 from fne_fast.ops import SamplerOptions  # noqa: E402
 from fne_fast.runs.shards import write_shard  # noqa: E402
@@ -62,11 +62,9 @@ def formula_of_step(per_rank: list[dict], size: int, k: int, dim: int, element_b
     world_size = len(per_rank)
     counts = [rank["index"].shape[0] for rank in per_rank]
     index, valid = torch.cat([rank["index"] for rank in per_rank]), torch.cat([rank["valid"] for rank in per_rank])
-    owner = torch.where(valid, index, 0) // (size // world_size)
-    anchor_rank = torch.repeat_interleave(torch.arange(world_size), torch.tensor(counts))[:, None].expand_as(index)
-    remote = valid & (owner != anchor_rank)
-    return [sharded_traffic(counts, rank, k, dim, element_bytes, rows_fetched=int(remote[anchor_rank == rank].sum()),
-                            rows_served=int((remote & (owner == rank)).sum())) for rank in range(world_size)]
+    fetched, served = remote_rows(counts, index, valid, size // world_size)
+    return [sharded_traffic(counts, rank, k, dim, element_bytes, rows_fetched=fetched[rank],
+                            rows_served=served[rank]) for rank in range(world_size)]
 
 
 def expected_traffic(world_size: int, batch: int, k: int, dim: int, element_bytes: int) -> dict[str, int]:

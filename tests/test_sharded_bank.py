@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 import fne_fast
 from fne_fast.ops import SamplerOptions
-from fne_fast.sampling.bank import MemoryBank, sharded_traffic
+from fne_fast.sampling.bank import MemoryBank, remote_rows, sharded_traffic
 from fne_fast.sampling.distributed import PeerFailure, count_traffic
 from fne_fast.sampling.launch import results_of, run_in_processes
 from fne_fast.ops.testing import EXACT_STATS
@@ -41,14 +41,12 @@ def _global_step(step, counts):
             (torch.arange(total) + 1) % 3)
 
 
-def _check_traffic(sent, counts, rank, k, dtype, index, valid, mine):
+def _check_traffic(sent, counts, rank, k, dtype, index, valid):
     """The bytes this rank sent for a step's enqueue and sample are docs/DESIGN.md's formula, its data-dependent
     terms (rows fetched from and served to other ranks) counted from the oracle's chosen rows."""
-    owner = torch.where(valid, index, 0) // (SIZE // len(counts))
-    anchor_rank = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))[:, None].expand_as(index)
-    remote = valid & (owner != anchor_rank)
-    expected = sharded_traffic(counts, rank, k, DIM, torch.finfo(dtype).bits // 8,
-                               rows_fetched=int(remote[mine].sum()), rows_served=int((remote & (owner == rank)).sum()))
+    fetched, served = remote_rows(counts, index, valid, SIZE // len(counts))
+    expected = sharded_traffic(counts, rank, k, DIM, torch.finfo(dtype).bits // 8, rows_fetched=fetched[rank],
+                               rows_served=served[rank])
     measured = {kind: sent.get(kind, 0) for kind in expected}
     assert measured == expected, (counts, rank, k, dtype, measured, expected)
 
@@ -83,7 +81,7 @@ def _compare_with_one_bank(rank, world_size):
                 for name, actual, wanted in zip(("index", "sim", "valid", "key", "rows", "ids"), got,
                                                 (index, sim, valid, key, wanted_rows, wanted_ids)):
                     assert torch.equal(actual, wanted[mine]), (name, step, options, actual, wanted[mine])
-                _check_traffic(dict(sent, **ring_sent), counts, rank, options["k"], dtype, index, valid, mine)
+                _check_traffic(dict(sent, **ring_sent), counts, rank, options["k"], dtype, index, valid)
                 seen["fallback"] += int((valid & ~torch.isfinite(key)).sum())
                 seen["invalid"] += int((~valid).sum())
                 seen["checks"] += 1

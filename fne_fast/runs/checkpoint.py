@@ -256,10 +256,11 @@ def _test_hook(point: str, name: str) -> None:
         os.kill(os.getpid(), getattr(signal, action))
 
 
-def write_checkpoint_file(path: str, state: dict) -> str:
-    """Writes ``state`` as the checkpoint file ``path`` atomically (no rotation); returns its SHA-256."""
+def write_checkpoint_file(path: str, state: dict, before_replace=None) -> str:
+    """Writes ``state`` as the checkpoint file ``path`` atomically (``before_replace()``, when given, runs once
+    the complete file is on disk, just before it replaces ``path``); returns its SHA-256."""
     pieces = _serialize(state)
-    with atomic_output(path, "wb", suffix=SUFFIX) as stream:
+    with atomic_output(path, "wb", suffix=SUFFIX, before_replace=before_replace) as stream:
         for piece in pieces:
             stream.write(piece)
     _known_good[path] = _signature(path)
@@ -269,7 +270,6 @@ def write_checkpoint_file(path: str, state: dict) -> str:
 def save_checkpoint(directory: str, state: dict, name: str = "checkpoint", *, keep_previous: bool = True) -> str:
     """Writes ``state`` as ``directory/<name>.safetensors`` atomically; with ``keep_previous`` the checkpoint it
     replaces (if it verifies) becomes ``<name>.previous.safetensors``. Returns the path written."""
-    pieces = _serialize(state)
     latest, previous = checkpoint_path(directory, name), checkpoint_path(directory, name, previous=True)
 
     def move_latest_aside():
@@ -279,10 +279,7 @@ def save_checkpoint(directory: str, state: dict, name: str = "checkpoint", *, ke
             _known_good.pop(latest, None)
             _test_hook("checkpoint-rotated", name)
 
-    with atomic_output(latest, "wb", suffix=SUFFIX, before_replace=move_latest_aside) as stream:
-        for piece in pieces:
-            stream.write(piece)
-    _known_good[latest] = _signature(latest)
+    write_checkpoint_file(latest, state, before_replace=move_latest_aside)
     _test_hook("checkpoint-saved", name)
     return latest
 

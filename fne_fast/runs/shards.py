@@ -57,27 +57,34 @@ def is_sharded(bank_state: dict) -> bool:
     return "shards" in bank_state
 
 
-def read_bank_rows(out: str, name: str, reference: dict, begin: int, end: int) -> dict:
-    """Bank ``name``'s rows ``[begin, end)`` from the shard files ``reference`` names (each verified against its
-    recorded digest), as ``MemoryBank.load_state_dict`` takes them. Raises ``CheckpointError``."""
-    features, ids = [], []
-    for shard in reference["shards"]:
-        first, last = shard["rows"]
-        if last <= begin or first >= end:
-            continue
-        path = os.path.join(out, shard["file"])
-        state = read_checkpoint(path, expected_sha256=shard["sha256"])
-        rows = state.get("banks", {}).get(name)
-        if rows is None or list(rows["rows"]) != [first, last]:
-            raise CheckpointError(path, f"does not hold rows [{first}, {last}) of {name}")
-        keep = slice(max(begin, first) - first, min(end, last) - first)
-        features.append(rows["features"][keep])
-        ids.append(rows["ids"][keep])
-        del state, rows
-    if sum(part.shape[0] for part in ids) != end - begin:
-        raise CheckpointError(out, f"its shard files do not cover rows [{begin}, {end}) of {name}")
-    return {"features": torch.cat(features), "ids": torch.cat(ids), "row_begin": begin,
-            "pointer": reference["pointer"], "filled": reference["filled"]}
+def read_bank_rows(out: str, references: dict[str, dict], begin: int, end: int) -> dict[str, dict]:
+    """Each bank's rows ``[begin, end)`` (``{name: reference}`` -> ``{name: state}``, as
+    ``MemoryBank.load_state_dict`` takes it) from the shard files the references name: each file that overlaps
+    the rows read once, one at a time, and verified against its recorded digest. Raises ``CheckpointError``."""
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in references}
+    files: dict[tuple[str, str], list[tuple[str, list[int]]]] = {}
+    for name, reference in references.items():
+        for shard in reference["shards"]:
+            if shard["rows"][1] > begin and shard["rows"][0] < end:
+                files.setdefault((shard["file"], shard["sha256"]), []).append((name, list(shard["rows"])))
+    for (file, digest), wanted in files.items():
+        path = os.path.join(out, file)
+        banks = read_checkpoint(path, expected_sha256=digest).get("banks", {})
+        for name, (first, last) in wanted:
+            rows = banks.get(name)
+            if rows is None or list(rows["rows"]) != [first, last]:
+                raise CheckpointError(path, f"does not hold rows [{first}, {last}) of {name}")
+            keep = slice(max(begin, first) - first, min(end, last) - first)
+            parts[name].append((rows["features"][keep], rows["ids"][keep]))
+        del banks
+    states = {}
+    for name, reference in references.items():
+        if sum(ids.shape[0] for _, ids in parts[name]) != end - begin:
+            raise CheckpointError(out, f"its shard files do not cover rows [{begin}, {end}) of {name}")
+        states[name] = {"features": torch.cat([features for features, _ in parts[name]]),
+                        "ids": torch.cat([ids for _, ids in parts[name]]), "row_begin": begin,
+                        "pointer": reference["pointer"], "filled": reference["filled"]}
+    return states
 
 
 def remove_unreferenced(out: str, states: list[dict]) -> None:

@@ -24,7 +24,7 @@ from fne_fast.ops import BACKENDS, SamplerOptions, merge_candidates, sample_nega
 from fne_fast.ops.checks import EMBEDDING_DTYPES, dtype_name
 from fne_fast.sampling import distributed
 
-__all__ = ["MemoryBank", "BankSample", "sharded_traffic"]
+__all__ = ["MemoryBank", "BankSample", "sharded_traffic", "remote_rows"]
 
 _DEFAULTS = SamplerOptions()
 
@@ -102,8 +102,7 @@ class MemoryBank:
         features = features.detach().to(device=self.device, dtype=self.dtype) if problem is None else features
         ids = ids.to(device=self.device, dtype=torch.int64) if problem is None else ids
         if self.sharded and counts is not None:
-            counts = _known_counts("MemoryBank.enqueue", counts, self.rank, self.world_size, features.shape[0],
-                                   problem)
+            counts = distributed.check_counts("MemoryBank.enqueue", counts, self.group, features.shape[0], problem)
         elif self.sharded:
             table = distributed.agree("MemoryBank.enqueue", [features.shape[0]], problem, self.group, self.device)
             counts = [line[0] for line in table]
@@ -179,7 +178,7 @@ class MemoryBank:
             return BankSample(index, sim, valid, key, rows, chosen_ids)
 
         if counts is not None:
-            counts = _known_counts("MemoryBank.sample", counts, self.rank, self.world_size, anchors.shape[0], problem)
+            counts = distributed.check_counts("MemoryBank.sample", counts, self.group, anchors.shape[0], problem)
         else:
             metadata = [0] * 7 if problem is not None else [anchors.shape[0], *_fingerprint(options, stats, call)]
             table = distributed.agree("MemoryBank.sample", metadata, problem, self.group, self.device)
@@ -299,15 +298,16 @@ def sharded_traffic(counts: list[int], rank: int, k: int, dim: int, element_byte
             "ring": others * largest * (row_bytes + 8)}
 
 
-def _known_counts(what: str, counts, rank: int, world_size: int, rows: int, problem: str | None) -> list[int]:
-    """The caller's ``counts`` of every rank's rows, after this rank's own checks."""
-    counts = [int(count) for count in counts]
-    if problem is None and (len(counts) != world_size or counts[rank] != rows):
-        problem = (f"counts must name every rank's rows ({world_size} numbers), this rank's {rows} at position "
-                   f"{rank}; got {counts}")
-    if problem is not None:
-        raise ValueError(f"{what}: {problem}")
-    return counts
+def remote_rows(counts: list[int], index: torch.Tensor, valid: torch.Tensor,
+                shard_size: int) -> tuple[list[int], list[int]]:
+    """``sharded_traffic``'s data-dependent terms for every rank, from a step's chosen rows ``index``, ``valid``
+    [G, k] of the global batch (the ranks' anchors in rank order): (chosen rows of each rank's anchors that
+    other ranks hold, rows of each rank's shard that other ranks' anchors chose)."""
+    owner = torch.where(valid, index, 0) // shard_size
+    anchor_rank = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))[:, None].expand_as(index)
+    remote = valid & (owner != anchor_rank)
+    return (torch.bincount(anchor_rank[remote], minlength=len(counts)).tolist(),
+            torch.bincount(owner[remote], minlength=len(counts)).tolist())
 
 
 def _sample_problem(anchors, positive_sim, anchor_ids, stats, dim: int, options, seed, step,

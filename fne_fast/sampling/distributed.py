@@ -31,7 +31,7 @@ import torch.distributed as dist
 __all__ = ["TIMEOUT", "PATIENT_TIMEOUT", "PeerFailure", "world_size", "rank", "process_group_from_environment",
            "patient_group", "count_traffic", "agree", "require_same", "all_gather_rows", "all_to_all_rows",
            "exchange_counts",
-           "gather_to_first", "all_reduce", "broadcast_from_first", "first_rank_first", "GlobalBatch",
+           "check_counts", "gather_to_first", "all_reduce", "broadcast_from_first", "first_rank_first", "GlobalBatch",
            "gather_batch", "dtype_code", "dtype_code_name"]
 
 # A collective of the training steps that waits longer than this for a peer raises.
@@ -232,6 +232,18 @@ def exchange_counts(send_counts: torch.Tensor, group) -> tuple[list[int], list[i
     return send, receive
 
 
+def check_counts(what: str, counts, group, rows: int, problem: str | None = None) -> list[int]:
+    """``counts`` of every rank's rows that a caller passes instead of agreeing on them, after this rank's own
+    checks (its ``problem``, or counts that do not name its ``rows``): the ``ValueError`` names ``what``."""
+    counts = [int(count) for count in counts]
+    if problem is None and (len(counts) != world_size(group) or counts[rank(group)] != rows):
+        problem = (f"counts must name every rank's rows ({world_size(group)} numbers), this rank's {rows} at "
+                   f"position {rank(group)}; got {counts}")
+    if problem is not None:
+        raise ValueError(f"{what}: {problem}")
+    return counts
+
+
 def gather_to_first(tensor: torch.Tensor, group, label: str) -> list[torch.Tensor] | None:
     """Every rank's ``tensor`` (one shape on every rank) on the group's rank 0, in rank order; None elsewhere."""
     first = rank(group) == 0
@@ -293,15 +305,24 @@ class GlobalBatch:
     image: torch.Tensor
     text: torch.Tensor
     ids: torch.Tensor
-    offset: int
-    local_size: int
-    world_size: int
+    counts: tuple[int, ...]  # every rank's pairs, in rank order
     group: object = None
-    counts: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
         return self.ids.shape[0]
+
+    @property
+    def world_size(self) -> int:
+        return len(self.counts)
+
+    @property
+    def offset(self) -> int:
+        return sum(self.counts[:rank(self.group)])
+
+    @property
+    def local_size(self) -> int:
+        return self.counts[rank(self.group)]
 
     @property
     def local(self) -> slice:
@@ -330,17 +351,13 @@ def gather_batch(image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor, gro
     its host synchronisation."""
     local_size = ids.shape[0]
     if world_size(group) == 1:
-        return GlobalBatch(image, text, ids, 0, local_size, 1, group, (local_size,))
+        return GlobalBatch(image, text, ids, (local_size,), group)
     problem = None
     if image.dim() != 2 or text.shape != image.shape or ids.shape != (image.shape[0],):
         problem = (f"image and text must be [B, D] and ids [B], got {tuple(image.shape)}, {tuple(text.shape)} and "
                    f"{tuple(ids.shape)}")
     if counts is not None:
-        counts = [int(count) for count in counts]
-        if problem is None and (len(counts) != world_size(group) or counts[rank(group)] != local_size):
-            problem = f"counts must name every rank's pairs, this rank's {local_size}; got {counts}"
-        if problem is not None:
-            raise ValueError(f"gathering the global batch: {problem}")
+        counts = check_counts("gathering the global batch", counts, group, local_size, problem)
     else:
         table = agree("gathering the global batch", [local_size, image.shape[-1], dtype_code(image.dtype)], problem,
                       group, image.device)
@@ -355,7 +372,7 @@ def gather_batch(image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor, gro
         return torch.cat([gathered[:offset], local, gathered[offset + local_size:]])
 
     return GlobalBatch(with_local_rows(embeddings[:, :dim], image), with_local_rows(embeddings[:, dim:], text),
-                       all_ids, offset, local_size, len(counts), group, tuple(counts))
+                       all_ids, tuple(counts), group)
 
 
 # The floating dtypes an agreement row can name: the banks' and float64 (a gradient check's embeddings).

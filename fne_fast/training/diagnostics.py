@@ -111,8 +111,8 @@ def bank_diagnostics(anchors: torch.Tensor, positive_sim: torch.Tensor, anchor_i
             hardest_same = torch.gather(same_group, 1, index[:, None]).squeeze(1)
             hardest, hardest_same = _across_shards(torch.stack([hardest.double(), hardest_same.double()], dim=1),
                                                    group).unbind(-1)
-            first = hardest.argmax(dim=0)  # ties: the lowest rank's, i.e. the lowest global column
-            drawing = torch.isfinite(hardest.max(dim=0).values)
+            best, first = hardest.max(dim=0)  # ties: the lowest rank's, i.e. the lowest global column
+            drawing = torch.isfinite(best)
             sums["drawing_anchors"] += once * drawing.sum()
             sums["expected_fn"] += once * ((hardest_same.gather(0, first[None]).squeeze(0) > 0) & drawing).sum()
         top_sim, top_index = candidates.topk(min(top, sim.shape[1]), dim=1)

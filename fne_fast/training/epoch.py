@@ -61,8 +61,9 @@ def train_one_epoch(run: RunState, split: FeatureSplit, epoch: int, timing: dict
                disable=config.quiet or not run.first, leave=False)
     for batch_number, global_captions in enumerate(bar):
         captions = global_captions[mine]
-        # Every rank's share of the global batch, known to all without asking: the collectives skip agreeing on it.
-        counts = [max(0, min(config.batch_size, global_captions.numel() - other * config.batch_size))
+        # Every rank's share of the global batch (its slice, as ``mine`` is this rank's), known to all without
+        # asking: the collectives skip agreeing on it.
+        counts = [global_captions[other * config.batch_size:(other + 1) * config.batch_size].numel()
                   for other in range(run.world_size)] if run.world_size > 1 else None
         ids = split.caption_image[captions].to(device)
         # Token states lose their unneeded padding on the host (on a GPU the length would be a synchronisation).

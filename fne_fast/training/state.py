@@ -174,9 +174,8 @@ def _bank_rows_reader(config: TrainConfig, world_size: int, group):
         _check_same_settings(state, config, world_size)  # a changed bank size is a usage error, not damage
         problem = None
         try:
-            for name in ("image_bank", "text_bank"):
-                if is_sharded(state[name]):
-                    state[name] = read_bank_rows(config.out, name, state[name], rank * rows, (rank + 1) * rows)
+            sharded = {name: state[name] for name in ("image_bank", "text_bank") if is_sharded(state[name])}
+            state.update(read_bank_rows(config.out, sharded, rank * rows, (rank + 1) * rows))
         except CheckpointError as error:
             problem = str(error)
         if world_size > 1:
