@@ -192,3 +192,11 @@ def strided_copy(inputs: dict) -> dict:
         "bank_ids": inputs["bank_ids"].repeat_interleave(2)[::2],
         "stats": torch.stack([inputs["stats"]] * 2, dim=1)[:, 1],
     }
+
+
+def keeping(inputs: dict, share: float) -> dict:
+    """The inputs with statistics whose cut-down keeps about ``share`` of the pairs (a quantile of their own
+    similarities), the Bayesian branch on."""
+    sims = inputs["anchors"].double() @ inputs["bank"].double().T
+    threshold = torch.quantile(sims.flatten().cpu(), 1.0 - share).item()
+    return dict(inputs, stats=torch.tensor([threshold + 0.2, 0.04, 0.0, 0.04, 500.0], device=inputs["stats"].device))

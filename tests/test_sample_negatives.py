@@ -18,7 +18,7 @@ import fne_fast
 from fne_fast.ops import SamplerOptions, reference
 from fne_fast.ops.testing import sample_inputs
 from inputs import (MODES, STEEP, assert_matches_oracle, assert_same_draws, chi_square_p_value,
-                    distribution_inputs, expected_probabilities, pair_p_values, run_oracle, strided_copy)
+                    distribution_inputs, expected_probabilities, keeping, pair_p_values, run_oracle, strided_copy)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -109,6 +109,16 @@ def test_counters_beyond_32_bits(backend):
         options = dict(k=3, col_offset=col_offset, step=2**32 - 1, row_offset=2**32 - 16, **STEEP)
         index, _, valid, _ = check(backend, inputs, seed=(1 << 64) - 5, **options)
         assert (index[valid] >= col_offset).all()
+
+
+@pytest.mark.parametrize("share", [0.002, 0.03, 0.3])
+@pytest.mark.parametrize("mode", ["fne", "uniform"])
+def test_few_candidates_per_row_draw_their_own_words(backend, share, mode):
+    # Training cuts almost every pair down: a backend that draws words only for the candidates (compacted to
+    # (row, column) pairs) must still give each its own counter's word, in rows of every 16-row block (40 rows:
+    # a partial last block) and across 2³² in the middle of the bank.
+    inputs = keeping(backend.inputs(40, 1500, 12, kind="exact", seed=22), share)
+    check(backend, inputs, mode=mode, k=3, col_offset=2**32 - 700, step=5, **STEEP)
 
 
 def shard_bounds(num_cols: int, shards: int) -> list[int]:

@@ -15,7 +15,7 @@ import torch
 
 import fne_fast
 from fne_fast.ops.testing import sample_inputs
-from inputs import MODES, STEEP, Backend, assert_matches_oracle, assert_same_draws, run_oracle
+from inputs import MODES, STEEP, Backend, assert_matches_oracle, assert_same_draws, keeping, run_oracle
 
 
 def run_op(inputs, **options):
@@ -45,14 +45,17 @@ def test_tile_sizes_from_the_environment_are_checked(monkeypatch, value):
         run_op(sample_inputs(4, 50, 8))
 
 
-def test_portable_philox_path_gives_the_same_draws(tmp_path):
+@pytest.mark.parametrize("share", [None, 0.02])
+def test_portable_philox_path_gives_the_same_draws(tmp_path, share):
     # The kernel picks its AVX-512 Philox loop once per process; a fresh process with FNE_FAST_CPU_PORTABLE=1
-    # runs the portable loop on the same inputs, including columns whose global index crosses 2³². The child
+    # runs the portable loop on the same inputs, including columns whose global index crosses 2³², with the
+    # cut-down of the exact inputs and with one that keeps 2 % (both loops then draw per candidate). The child
     # checks that it runs the portable loop, so a variable the kernel does not read fails here.
     if torch.ops.fne_fast.cpu_epilogue() == "portable":
         pytest.skip("this process runs the portable epilogue already (no AVX-512F, or FNE_FAST_CPU_PORTABLE set): "
                     "the comparison would be portable against portable")
     inputs = sample_inputs(9, 700, 8, kind="exact", seed=21)
+    inputs = inputs if share is None else keeping(inputs, share)
     options = dict(k=3, col_offset=2**32 - 350, **STEEP)
     torch.save(inputs, tmp_path / "inputs.pt")
     script = ("import sys, torch, fne_fast; inputs = torch.load(sys.argv[1]); "

@@ -72,21 +72,14 @@ FNE_FAST_AVX512 inline PhiloxRowTerms16 philox_row_terms16(__m512i rows, uint32_
       _mm512_xor_si512(round2_hi, _mm512_set1_epi32(static_cast<int>(key.hi + kPhiloxW1))), round2_lo};
 }
 
-// words[u] = philox_first_word_from_terms(rows[u], columns[u]) for four columns (their rows' terms may differ
-// only where the columns' high words do).
-FNE_FAST_AVX512 inline void philox_words16x4(const PhiloxRowTerms16* const rows[4], const PhiloxColumnTerms columns[4],
-                                             const PhiloxKeys16& keys, __m512i words[4]) {
+// Rounds 3 to 10 of four independent 16-lane Philox states (c0..c3 after round 2, as philox_first_word_from_terms
+// starts them): the first output word of each lane.
+FNE_FAST_AVX512 inline void philox_rounds16x4(__m512i c0[4], __m512i c1[4], __m512i c2[4], __m512i c3[4],
+                                              const PhiloxKeys16& keys, __m512i words[4]) {
   constexpr int kXor3 = 0x96;  // vpternlogd truth table of a ^ b ^ c
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
   const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
-  __m512i c0[4], c1[4], c2[4], c3[4];
-  for (int u = 0; u < 4; ++u) {
-    c0[u] = _mm512_xor_si512(rows[u]->v1, _mm512_set1_epi32(static_cast<int>(columns[u].a)));
-    c1[u] = _mm512_set1_epi32(static_cast<int>(columns[u].b));
-    c2[u] = _mm512_xor_si512(rows[u]->v2, _mm512_set1_epi32(static_cast<int>(columns[u].c)));
-    c3[u] = rows[u]->v3;
-  }
-  // Unrolled: a loop over the rounds kept the four columns' states moving between registers (7% slower).
+  // Unrolled: a loop over the rounds kept the four states moving between registers (7% slower).
 #pragma GCC unroll 8
   for (int round = 2; round < kPhiloxRounds - 1; ++round) {
 #pragma GCC unroll 4
@@ -105,6 +98,46 @@ FNE_FAST_AVX512 inline void philox_words16x4(const PhiloxRowTerms16* const rows[
     const __m512i hi1 = mul_hi_lo16(c2[u], m1, &unused_lo);
     words[u] = _mm512_ternarylogic_epi32(hi1, c1[u], keys.k0[kPhiloxRounds - 1], kXor3);
   }
+}
+
+// words[u] = philox_first_word_from_terms(rows[u], columns[u]) for four columns (their rows' terms may differ
+// only where the columns' high words do).
+FNE_FAST_AVX512 inline void philox_words16x4(const PhiloxRowTerms16* const rows[4], const PhiloxColumnTerms columns[4],
+                                             const PhiloxKeys16& keys, __m512i words[4]) {
+  __m512i c0[4], c1[4], c2[4], c3[4];
+  for (int u = 0; u < 4; ++u) {
+    c0[u] = _mm512_xor_si512(rows[u]->v1, _mm512_set1_epi32(static_cast<int>(columns[u].a)));
+    c1[u] = _mm512_set1_epi32(static_cast<int>(columns[u].b));
+    c2[u] = _mm512_xor_si512(rows[u]->v2, _mm512_set1_epi32(static_cast<int>(columns[u].c)));
+    c3[u] = rows[u]->v3;
+  }
+  philox_rounds16x4(c0, c1, c2, c3, keys, words);
+}
+
+// The starting states of 16 arbitrary (row, column) pairs, for the compacted survivors of a tile: lane e pairs the
+// row whose terms sit at lane rows[e] of row_terms (next_terms where the column's low word wrapped past 2³²
+// inside the tile) with the column whose low 32 bits are column_low[e]. philox_column_terms of 16 columns in
+// vector form; then the xors of philox_first_word_from_terms.
+FNE_FAST_AVX512 inline void philox_pair_states16(__m512i rows, __m512i column_low, __mmask16 next_high,
+                                                 const PhiloxRowTerms16& row_terms,
+                                                 const PhiloxRowTerms16& next_terms, uint32_t step, PhiloxKey key,
+                                                 __m512i* c0, __m512i* c1, __m512i* c2, __m512i* c3) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
+  __m512i column_lo, round2_lo;
+  const __m512i column_hi = mul_hi_lo16(column_low, m0, &column_lo);
+  const __m512i column_c2 = _mm512_xor_si512(column_hi, _mm512_set1_epi32(static_cast<int>(step ^ key.hi)));
+  const __m512i round2_hi = mul_hi_lo16(column_c2, m1, &round2_lo);
+  const __m512i v1 = _mm512_mask_permutexvar_epi32(_mm512_permutexvar_epi32(rows, row_terms.v1), next_high, rows,
+                                                   next_terms.v1);
+  const __m512i v2 = _mm512_mask_permutexvar_epi32(_mm512_permutexvar_epi32(rows, row_terms.v2), next_high, rows,
+                                                   next_terms.v2);
+  const __m512i v3 = _mm512_mask_permutexvar_epi32(_mm512_permutexvar_epi32(rows, row_terms.v3), next_high, rows,
+                                                   next_terms.v3);
+  *c0 = _mm512_xor_si512(round2_hi, v1);
+  *c1 = round2_lo;
+  *c2 = _mm512_xor_si512(column_lo, v2);
+  *c3 = v3;
 }
 
 }  // namespace fne_fast

@@ -3,12 +3,17 @@
 //  1. scan: per column, the masks (finite, not the anchor's identity, above the cut-down), the hardest lists (a
 //     lane leaves the vector only when its similarity reaches its row's k-th: rare after the first columns), and
 //     the list of columns where some row has a race candidate, with a 16-bit mask of those rows;
-//  2. race: the Philox words of the listed columns (philox_avx512.h: 16 rows x 4 columns at a time), and for a
-//     candidate whose word is within its row's limit, the key ℓ + G and the race list. Log-weights are <= 0, so
-//     a word beyond the limit (noise too small to beat the row's k-th key) is dropped with one compare per 16
-//     pairs; after the first columns the logarithms and the weight run for few pairs.
+//  2. race: the Philox words of the candidates, and for a candidate whose word is within its row's limit, the key
+//     ℓ + G and the race list. Log-weights are <= 0, so a word beyond the limit (noise too small to beat the
+//     row's k-th key) is dropped with one compare per 16 pairs; after the first columns the logarithms and the
+//     weight run for few pairs. Where most rows of a listed column are candidates (nothing cut down), the words
+//     are drawn for whole columns (philox_avx512.h: 16 rows x 4 columns at a time); where they are few (training
+//     cuts almost every pair down), the candidates are first compacted to (row, column) pairs and the words are
+//     drawn for 64 pairs at a time, so an excluded pair costs no word. Either way a pair gets the word of its own
+//     (row, column, step) counter, so the draws do not depend on the path.
 // Mode "hardest" runs the scan only. The portable loops (non-x86, no AVX-512, or FNE_FAST_CPU_PORTABLE=1) do the
-// same in scalar code, with a 16-row Philox loop that compilers vectorise.
+// same in scalar code, with a 16-row Philox loop that compilers vectorise for a column with several candidates and
+// one word per candidate otherwise.
 #include "tile_epilogue.h"
 
 #include <algorithm>
@@ -22,6 +27,9 @@ namespace fne_fast {
 namespace {
 
 constexpr int kLanes = 16;
+constexpr int kScalarWordsBelow = 4;
+// The AVX-512 race compacts the candidates when they fill fewer than 1/kCompactBelow of the listed columns' lanes.
+constexpr int64_t kCompactBelow = 2;
 constexpr float kLargest = std::numeric_limits<float>::max();
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -107,9 +115,14 @@ bool block_portable(const SimilarityTile& tile, int64_t r0, int lanes, const Cal
       }
       terms_high = high;
     }
-    philox_words16_portable(v1, v2, v3, column_terms(tile, call, j), call.philox_key, words);
-    for (uint32_t rows = scratch.survivors[i]; rows != 0; rows &= rows - 1) {
+    const PhiloxColumnTerms column = column_terms(tile, call, j);
+    const uint32_t candidates = scratch.survivors[i];
+    // One word per candidate where they are few; a vectorised column of 16 costs about as much as 4 scalar words.
+    const bool few = __builtin_popcount(candidates) <= kScalarWordsBelow;
+    if (!few) philox_words16_portable(v1, v2, v3, column, call.philox_key, words);
+    for (uint32_t rows = candidates; rows != 0; rows &= rows - 1) {
       const int l = __builtin_ctz(rows);
+      if (few) words[l] = philox_first_word_from_terms(PhiloxRowTerms{v1[l], v2[l], v3[l]}, column, call.philox_key);
       if (words[l] <= limit[l]) limit[l] = offer_race(tile, call, lists, r0 + l, j, words[l]);
     }
   }
@@ -129,6 +142,93 @@ FNE_FAST_AVX512 __attribute__((noinline)) __m512 insert_hard_lanes(const Similar
     hard_threshold[l] = lists.insert_hard(tile.row_begin + r0 + l, values[l], tile.global_col_begin + j);
   }
   return _mm512_load_ps(hard_threshold);
+}
+
+// The race over whole listed columns: the words of all 16 rows of 4 columns at a time (the dense case).
+FNE_FAST_AVX512 void race_by_column(const SimilarityTile& tile, const CallContext& call, RowLists& lists,
+                                    const EpilogueScratch& scratch, int64_t r0, int64_t listed, uint32_t high,
+                                    const PhiloxRowTerms16& terms, const PhiloxRowTerms16& next_terms,
+                                    const PhiloxKeys16& keys, uint32_t* limit) {
+  const int32_t* columns = scratch.columns.data();
+  const uint16_t* survivors = scratch.survivors.data();
+  __m512i limits = _mm512_load_si512(limit);
+  for (int64_t group = 0; group < listed; group += 4) {
+    const int count = static_cast<int>(std::min<int64_t>(4, listed - group));
+    PhiloxColumnTerms column[4];
+    const PhiloxRowTerms16* row_terms[4];
+    for (int u = 0; u < 4; ++u) {
+      const int64_t j = columns[group + std::min(u, count - 1)];  // a short last group repeats its last column
+      column[u] = column_terms(tile, call, j);
+      row_terms[u] = column_high(tile, j) == high ? &terms : &next_terms;
+    }
+    __m512i words[4];
+    philox_words16x4(row_terms, column, keys, words);
+    for (int u = 0; u < count; ++u) {
+      __mmask16 pass = _mm512_mask_cmple_epu32_mask(survivors[group + u], words[u], limits);
+      if (pass == 0) continue;
+      alignas(64) uint32_t word[kLanes];
+      _mm512_store_si512(word, words[u]);
+      for (; pass != 0; pass &= pass - 1) {
+        const int l = __builtin_ctz(pass);
+        limit[l] = offer_race(tile, call, lists, r0 + l, columns[group + u], word[l]);
+      }
+      limits = _mm512_load_si512(limit);
+    }
+  }
+}
+
+// The race over the candidates compacted to (row lane, column) pairs: 64 pairs' words at a time, none for a pair
+// that is not a candidate. A row's pairs keep their column order, and a limit read at the start of a group can
+// only be above the row's current one (limits fall as lists fill), so each word is checked again before its offer.
+FNE_FAST_AVX512 void race_compacted(const SimilarityTile& tile, const CallContext& call, RowLists& lists,
+                                    EpilogueScratch& scratch, int64_t r0, int64_t listed,
+                                    const PhiloxRowTerms16& terms, const PhiloxRowTerms16& next_terms,
+                                    const PhiloxKeys16& keys, uint32_t* limit) {
+  uint32_t* lanes = scratch.pair_lanes.data();
+  uint32_t* pair_columns = scratch.pair_columns.data();
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  int64_t pairs = 0;
+  for (int64_t i = 0; i < listed; ++i) {  // the buffers hold kLanes spare slots past the last column's pairs
+    const __mmask16 candidates = scratch.survivors[i];
+    _mm512_storeu_si512(lanes + pairs, _mm512_maskz_compress_epi32(candidates, iota));
+    _mm512_storeu_si512(pair_columns + pairs, _mm512_set1_epi32(scratch.columns[i]));
+    pairs += _mm_popcnt_u32(candidates);
+  }
+  // Global column = global_col_begin + j; its low word wraps past 2³² at most once inside a tile, and there the
+  // next high word's row terms apply.
+  const uint32_t begin_low = static_cast<uint32_t>(tile.global_col_begin);
+  const __m512i begin = _mm512_set1_epi32(static_cast<int>(begin_low));
+  constexpr int64_t kGroup = 4 * kLanes;
+  for (int64_t group = 0; group < pairs; group += kGroup) {
+    __m512i c0[4], c1[4], c2[4], c3[4], words[4];
+    for (int u = 0; u < 4; ++u) {
+      // Past the last pair, lanes repeat pair 0 of the group: valid inputs whose words are never read.
+      const int64_t offset = group + u * kLanes < pairs ? group + u * kLanes : group;
+      const __m512i row_lanes = _mm512_and_si512(_mm512_loadu_si512(lanes + offset), _mm512_set1_epi32(kLanes - 1));
+      const __m512i low = _mm512_add_epi32(begin, _mm512_loadu_si512(pair_columns + offset));
+      const __mmask16 wrapped = _mm512_cmplt_epu32_mask(low, begin);
+      philox_pair_states16(row_lanes, low, wrapped, terms, next_terms, call.config.step, call.philox_key, &c0[u],
+                           &c1[u], &c2[u], &c3[u]);
+    }
+    philox_rounds16x4(c0, c1, c2, c3, keys, words);
+    const __m512i limits = _mm512_load_si512(limit);
+    for (int u = 0; u < 4 && group + u * kLanes < pairs; ++u) {
+      const int64_t offset = group + u * kLanes;
+      const int valid = static_cast<int>(std::min<int64_t>(kLanes, pairs - offset));
+      const __m512i row_lanes = _mm512_loadu_si512(lanes + offset);
+      const __mmask16 live = static_cast<__mmask16>((1u << valid) - 1);
+      __mmask16 pass =
+          _mm512_mask_cmple_epu32_mask(live, words[u], _mm512_permutexvar_epi32(row_lanes, limits));
+      if (pass == 0) continue;
+      alignas(64) uint32_t word[kLanes];
+      _mm512_store_si512(word, words[u]);
+      for (; pass != 0; pass &= pass - 1) {
+        const int e = __builtin_ctz(pass);
+        const uint32_t l = lanes[offset + e];
+        if (word[e] <= limit[l]) limit[l] = offer_race(tile, call, lists, r0 + l, pair_columns[offset + e], word[e]);
+      }
+    }
+  }
 }
 
 FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int lanes, const CallContext& call,
@@ -154,7 +254,7 @@ FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int la
   const int64_t* bank_ids = tile.bank_ids;
   const float* column = tile.sims + r0;
   __mmask16 non_finite = 0;
-  int64_t listed = 0;
+  int64_t listed = 0, kept = 0;
   for (int64_t j = 0; j < cols; ++j, column += ld) {
     const __m512 s = _mm512_maskz_loadu_ps(live, column);
     // abs(NaN) <= max is false: NaN and Inf are not finite, and never candidates.
@@ -170,6 +270,7 @@ FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int la
     columns[listed] = static_cast<int32_t>(j);
     survivors[listed] = survive;
     listed += survive != 0;
+    kept += _mm_popcnt_u32(survive);
   }
   if (call.config.mode == SamplerMode::kHardest || listed == 0) return non_finite != 0;
 
@@ -182,29 +283,10 @@ FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int la
   const PhiloxRowTerms16 next_terms = column_high(tile, columns[listed - 1]) != high
                                           ? philox_row_terms16(row_words, high + 1, call.philox_key)
                                           : terms;
-  __m512i limits = _mm512_load_si512(limit);
-  for (int64_t group = 0; group < listed; group += 4) {
-    const int count = static_cast<int>(std::min<int64_t>(4, listed - group));
-    PhiloxColumnTerms column[4];
-    const PhiloxRowTerms16* row_terms[4];
-    for (int u = 0; u < 4; ++u) {
-      const int64_t j = columns[group + std::min(u, count - 1)];  // a short last group repeats its last column
-      column[u] = column_terms(tile, call, j);
-      row_terms[u] = column_high(tile, j) == high ? &terms : &next_terms;
-    }
-    __m512i words[4];
-    philox_words16x4(row_terms, column, keys, words);
-    for (int u = 0; u < count; ++u) {
-      __mmask16 pass = _mm512_mask_cmple_epu32_mask(survivors[group + u], words[u], limits);
-      if (pass == 0) continue;
-      alignas(64) uint32_t word[kLanes];
-      _mm512_store_si512(word, words[u]);
-      for (; pass != 0; pass &= pass - 1) {
-        const int l = __builtin_ctz(pass);
-        limit[l] = offer_race(tile, call, lists, r0 + l, columns[group + u], word[l]);
-      }
-      limits = _mm512_load_si512(limit);
-    }
+  if (kept * kCompactBelow < listed * kLanes) {
+    race_compacted(tile, call, lists, scratch, r0, listed, terms, next_terms, keys, limit);
+  } else {
+    race_by_column(tile, call, lists, scratch, r0, listed, high, terms, next_terms, keys, limit);
   }
   return non_finite != 0;
 }
@@ -225,6 +307,8 @@ bool tile_epilogue(const SimilarityTile& tile, const CallContext& call, RowLists
   if (static_cast<int64_t>(scratch.columns.size()) < tile.cols) {
     scratch.columns.resize(tile.cols);
     scratch.survivors.resize(tile.cols);
+    scratch.pair_lanes.resize(tile.cols * kLanes + kLanes);
+    scratch.pair_columns.resize(tile.cols * kLanes + kLanes);
   }
 #if defined(__x86_64__) || defined(_M_X64)
   const bool avx512 = avx512_epilogue();

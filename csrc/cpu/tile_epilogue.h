@@ -31,10 +31,12 @@ struct SimilarityTile {
   const int64_t* bank_ids;   // ids of the tile's columns
 };
 
-// Per-thread buffers: for one block of rows, the columns where some row has a race candidate, and which rows.
+// Per-thread buffers: for one block of rows, the columns where some row has a race candidate, and which rows; and
+// the same survivors compacted to one (row lane, column) pair each, where they are few (tile_epilogue.cpp).
 struct EpilogueScratch {
   std::vector<int32_t> columns;
   std::vector<uint16_t> survivors;
+  std::vector<uint32_t> pair_lanes, pair_columns;
 };
 
 // Whether tile_epilogue takes its AVX-512 loops, decided on the first call of the process: on an x86 CPU with

@@ -1,13 +1,19 @@
 """Inputs and timing shared by the tests, the benchmarks and ``fne-fast-demo``: one input builder, one timer.
 
 ``sample_inputs`` returns the six tensor arguments of ``sample_negatives`` as a dict (in argument order), of one
-of three kinds:
+of five kinds:
 
 * ``"exact"``: embedding entries from {-4, ..., 4} / 8, representable in bfloat16 and float16, and every dot
   product exact in float32 (|s| · 64 < 2²⁴), so all backends see bit-identical similarities;
 * ``"random"``: L2-normalised Gaussian rows, as in training;
 * ``"worst_case"``: random rows with nothing cut down, no positives in the bank and the Bayesian branch on: every
-  pair pays for Philox and the race (the benchmarks' setting).
+  pair pays for Philox and the race (the benchmarks' worst case);
+* ``"training"``: the same rows with the cut-down where training puts it: a race of about ``TRAINING_RACE`` (4)
+  candidates per anchor, every other pair cut down (docs/RESULTS.md measures ~4 of 65536 in training runs);
+* ``"middle"``: the same with about ``MIDDLE_KEPT`` (5 %) of the pairs kept.
+
+In "training" and "middle" the cut-down threshold is the quantile of the similarity of two random unit vectors in
+D dimensions (about N(0, 1/D)) that keeps that share; the benchmarks report the share they really kept.
 
 In "exact" and "random", ids repeat, so each anchor has a few positives in the bank, and the statistics switch
 the Bayesian branch on (n⁺ = 500) with a cut-down threshold inside the range of the similarities, so every
@@ -21,9 +27,12 @@ import time
 
 import torch
 
-__all__ = ["sample_inputs", "median_seconds", "EXACT_STATS", "RANDOM_STATS", "WORST_CASE_STATS", "KINDS"]
+__all__ = ["sample_inputs", "median_seconds", "EXACT_STATS", "RANDOM_STATS", "WORST_CASE_STATS", "KINDS", "TRAINING_RACE",
+           "MIDDLE_KEPT"]
 
-KINDS = ("exact", "random", "worst_case")
+KINDS = ("exact", "random", "worst_case", "training", "middle")
+TRAINING_RACE = 4  # race candidates per anchor in the "training" kind
+MIDDLE_KEPT = 0.05  # share of pairs kept in the "middle" kind
 EXACT_STATS = (0.3, 0.04, 0.0, 0.04, 500.0)
 RANDOM_STATS = (0.2, 0.01, 0.0, 0.01, 500.0)
 WORST_CASE_STATS = (-1.0, 0.01, 0.0, 0.01, 500.0)  # cut-down threshold -1.2: below every similarity
@@ -43,6 +52,13 @@ def _embeddings(rows: int, dim: int, kind: str, dtype, device, generator) -> tor
     return out
 
 
+def _kept_share_stats(kept: float, dim: int) -> tuple:
+    """Statistics whose cut-down threshold μ⁺ - margin (the default margin) keeps about ``kept`` of the pairs of
+    random unit vectors in ``dim`` dimensions, with the Bayesian branch on as in the worst case."""
+    threshold = statistics.NormalDist(0.0, dim**-0.5).inv_cdf(1.0 - kept)
+    return (threshold + 0.2, 0.01, 0.0, 0.01, 500.0)
+
+
 def sample_inputs(num_rows: int, num_cols: int, dim: int, *, kind: str = "random", bank_dtype=torch.float32,
                   anchor_dtype=torch.float32, seed: int = 0, num_ids: int | None = None, stats=None,
                   device: str | torch.device = "cpu", generator_device: str | torch.device = "cpu") -> dict:
@@ -56,11 +72,13 @@ def sample_inputs(num_rows: int, num_cols: int, dim: int, *, kind: str = "random
     generator = torch.Generator(device=generator_device).manual_seed(seed)
     anchors = _embeddings(num_rows, dim, kind, anchor_dtype, device, generator)
     bank = _embeddings(num_cols, dim, kind, bank_dtype, device, generator)
-    if kind == "worst_case":
+    if kind in ("worst_case", "training", "middle"):
         positive_sim = torch.full((num_rows,), 0.5)
         anchor_ids = torch.arange(num_rows)
         bank_ids = torch.arange(num_cols) % max(num_cols // 2, 1) + num_rows  # no positives
-        default_stats = WORST_CASE_STATS
+        default_stats = {"worst_case": WORST_CASE_STATS,
+                         "training": _kept_share_stats(min(1.0, TRAINING_RACE / max(num_cols, 1)), dim),
+                         "middle": _kept_share_stats(MIDDLE_KEPT, dim)}[kind]
     else:
         num_ids = num_ids or max(num_cols // 4, 1)
         on = generator.device
