@@ -4,20 +4,29 @@
     python bench/bench_sample_negatives.py --write bench/RESULTS.md   # medians, ratios, memory -> markdown
     python bench/bench_sample_negatives.py --low-precision --write bench/RESULTS_cpu_bf16.md   # bf16 / fp16 banks
 
-Baselines, per shape (B, N, D), float32, 2 threads: the bare matmul ``anchors @ bank.T`` (the floor), the
-eager PyTorch oracle in float32 (fne_fast.ops.reference), and a rewrite of the authors' loss-side selection
+Baselines, per shape (B, N, D), float32, 2 threads: the GEMM's own cost (``torch.mm`` into a preallocated B x N
+output: the floor every table's ratio is taken against), the matmul ``anchors @ bank.T`` that allocates its output,
+a plain eager sampler of the same distribution (bench/plain_eager.py: one matmul, the masks, the log-weights,
+torch's RNG, ``topk``), the float64-capable oracle in float32 (fne_fast.ops.reference: Philox emulated in int64
+tensor arithmetic, labelled as the oracle), and a rewrite of the authors' loss-side selection
 (bench/authors_loss.py). A training step makes two calls (image→text and text→image) of the same shape, so
 per-call ratios are also per-step ratios. The implementations of a shape are timed in round-robin order (one call
 of each per round), so a change in the machine's load moves them together.
+
+Cases (``--case``, default all three; fne_fast.ops.testing's kinds): ``worst`` (nothing cut down: every pair
+needs its Philox word), ``training`` (the cut-down of training runs: a race of ~4 candidates per anchor) and
+``middle`` (~5 % of the pairs kept). The oracle, the authors' code and the fn_tau rows run in the worst case
+only.
 
 Two more rows per shape measure what ``fn_tau`` costs: the fused op on the same tensors with statistics under
 which half of the pairs are likely false negatives (P_fn > 1 - fn_margin), with the authors' weight
 (``fn_tau = tau``) and with their removal (``fn_tau = inf``).
 
 ``--low-precision``: banks and anchors in bf16 and fp16 beside float32, against torch's own matmul in each dtype
-(a new output, as ``anchors @ bank.T`` makes): the fused op on oneDNN's bf16 kernel, on float32 tiles (oneDNN
-off: the fallback, and the fp16 path), and in float32, interleaved as above; the table gives medians of wall time
-and of the process's CPU time per call, and the load average before and after.
+(into a preallocated output, and allocating as ``anchors @ bank.T`` does): the fused op on oneDNN's bf16 kernel,
+on float32 tiles (oneDNN off: the fallback, and the fp16 path), and in float32, interleaved as above; torch's CPU
+fp16 matmul is slow, so the fp16 rows are also compared with the float32 one. The table gives medians of wall
+time and of the process's CPU time per call, and the load average before and after.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import fne_fast  # noqa: E402
 from authors_loss import AuthorsStyleSampler  # noqa: E402
 from common import SHAPES, machine_description, median_seconds, peak_extra_bytes, sample_inputs  # noqa: E402
 from fne_fast.ops import reference  # noqa: E402
+from plain_eager import plain_eager_sampler  # noqa: E402
 
 OPTIONS = dict(k=1, mode="fne", seed=0, step=0)
 # (μ⁺, σ⁺², μ⁻, σ⁻², n⁺): nothing cut down (μ⁺ - margin = -1.2), and P_fn(s) > 0.001 exactly where s > ~0, i.e. for
@@ -43,6 +53,15 @@ OPTIONS = dict(k=1, mode="fne", seed=0, step=0)
 HALF_LIKELY_FALSE_STATS = (-1.0, 1.0, -0.32, 0.01, 500.0)
 FN_TAU_ROWS = ("fused op, half likely FN, fn_tau = tau", "fused op, half likely FN, fn_tau = inf")
 SLOW_BASELINES = ("eager oracle (fp32)", "authors' loss code")
+WORST_CASE_ONLY = (*SLOW_BASELINES, *FN_TAU_ROWS)
+CASES = {"worst": "worst_case", "training": "training", "middle": "middle"}  # --case -> sample_inputs kind
+GEMM_FLOOR = "mm into preallocated output"
+
+
+def preallocated_mm(anchors, bank):
+    """torch.mm into an output allocated once: the GEMM's own cost, without the allocation of a B x N result."""
+    out = torch.empty(anchors.shape[0], bank.shape[0], dtype=anchors.dtype)
+    return lambda: torch.mm(anchors, bank.T, out=out)
 
 
 def authors_baseline(inputs):
@@ -64,7 +83,9 @@ def implementations(inputs):
     half_likely_false = (*args[:-1], torch.tensor(HALF_LIKELY_FALSE_STATS))
     return {
         "fused op": lambda: fne_fast.sample_negatives(*args, **OPTIONS),
-        "bare matmul": lambda: inputs["anchors"] @ inputs["bank"].T,
+        GEMM_FLOOR: preallocated_mm(inputs["anchors"], inputs["bank"]),
+        "bare matmul (allocating)": lambda: inputs["anchors"] @ inputs["bank"].T,
+        "plain eager sampler": lambda: plain_eager_sampler(*args, k=OPTIONS["k"]),
         "eager oracle (fp32)": lambda: reference.sample_negatives_reference(*args, dtype=torch.float32, **OPTIONS),
         "authors' loss code": authors_baseline(inputs),
         FN_TAU_ROWS[0]: lambda: fne_fast.sample_negatives(*half_likely_false, **OPTIONS),
@@ -81,8 +102,8 @@ def _two_threads():
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("name", ["fused op", "bare matmul", "eager oracle (fp32)", "authors' loss code",
-                                  *FN_TAU_ROWS])
+@pytest.mark.parametrize("name", ["fused op", GEMM_FLOOR, "bare matmul (allocating)", "plain eager sampler",
+                                  "eager oracle (fp32)", "authors' loss code", *FN_TAU_ROWS])
 def test_sample_negatives_cpu(benchmark, shape, name):
     function = implementations(sample_inputs(*shape, kind="worst_case"))[name]
     rounds = 1 if not name.startswith("fused op") and shape == SHAPES[-1] else 3
@@ -105,43 +126,59 @@ def _interleaved(functions: dict, repeats: int) -> tuple[dict, dict]:
     return wall, cpu
 
 
-def measure(shapes, repeats: int, skip: tuple = ()) -> list[dict]:
-    """Median seconds per call and peak memory of every implementation; the repeated ones in round-robin order,
-    a slow baseline at a large shape once."""
+def measure(shapes, cases, repeats: int, skip: tuple = ()) -> list[dict]:
+    """Median seconds per call and peak memory of every implementation per shape and case; the repeated ones in
+    round-robin order, a slow baseline at a large shape once."""
     rows = []
     for shape in shapes:
-        inputs = sample_inputs(*shape, kind="worst_case")
-        functions = {name: function for name, function in implementations(inputs).items() if name not in skip}
-        once = {name for name in functions if not name.startswith("fused op") and shape[0] * shape[1] > 10**7}
-        times = {name: [median_seconds(functions[name], 1)] for name in once}
-        times.update(_interleaved({name: functions[name] for name in functions if name not in once}, repeats)[0])
-        for name, function in functions.items():
-            seconds = statistics.median(times[name])
-            rows.append({"shape": shape, "name": name, "seconds": seconds, "peak": peak_extra_bytes(function)})
-            print(f"{shape} {name:<40} {1e3 * seconds:9.1f} ms", flush=True)
+        for case in cases:
+            inputs = sample_inputs(*shape, kind=CASES[case])
+            left_out = skip + (WORST_CASE_ONLY if case != "worst" else ())
+            functions = {name: function for name, function in implementations(inputs).items() if name not in left_out}
+            once = {name for name in functions if name in SLOW_BASELINES and shape[0] * shape[1] > 10**7}
+            times = {name: [median_seconds(functions[name], 1)] for name in once}
+            times.update(_interleaved({name: functions[name] for name in functions if name not in once}, repeats)[0])
+            kept = kept_share(inputs)
+            for name, function in functions.items():
+                seconds = statistics.median(times[name])
+                rows.append({"shape": shape, "case": case, "kept": kept, "name": name, "seconds": seconds,
+                             "peak": peak_extra_bytes(function)})
+                print(f"{shape} {case:<8} {name:<40} {1e3 * seconds:9.1f} ms", flush=True)
     return rows
+
+
+def kept_share(inputs) -> float:
+    """The share of pairs above the inputs' cut-down threshold (μ⁺ - margin), from the first 4096 bank rows."""
+    sims = inputs["anchors"].float() @ inputs["bank"][:4096].float().T
+    return (sims > inputs["stats"][0] - 0.2).float().mean().item()
+
+
+def case_label(row) -> str:
+    return f"{row['case']} ({100 * row['kept']:.3g} % kept)"
 
 
 def markdown(rows) -> str:
     lines = [f"Machine: {machine_description()}", "",
-             "| B, N, D | implementation | median ms/call | vs bare matmul | fused op speed-up | peak extra MB |",
-             "|---|---|---:|---:|---:|---:|"]
+             "| B, N, D | case | implementation | median ms/call | vs mm into preallocated output | "
+             "vs allocating matmul | fused op speed-up | peak extra MB |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for row in rows:
-        same = {r["name"]: r["seconds"] for r in rows if r["shape"] == row["shape"]}
+        same = {r["name"]: r["seconds"] for r in rows if (r["shape"], r["case"]) == (row["shape"], row["case"])}
         peak = "n/a" if row["peak"] is None else f"{row['peak'] / 2**20:.1f}"
-        lines.append(f"| {', '.join(map(str, row['shape']))} | {row['name']} | {1e3 * row['seconds']:.1f} | "
-                     f"{row['seconds'] / same['bare matmul']:.2f}x | {row['seconds'] / same['fused op']:.1f}x | "
-                     f"{peak} |")
+        lines.append(f"| {', '.join(map(str, row['shape']))} | {case_label(row)} | {row['name']} | "
+                     f"{1e3 * row['seconds']:.1f} | {row['seconds'] / same[GEMM_FLOOR]:.2f}x | "
+                     f"{row['seconds'] / same['bare matmul (allocating)']:.2f}x | "
+                     f"{row['seconds'] / same['fused op']:.1f}x | {peak} |")
     return "\n".join(lines) + "\n"
 
 
 LOW_PRECISION_SHAPES = [(128, 65536, 256), (256, 262144, 256)]
 
 
-def low_precision_implementations(shape):
-    """The implementations of the low-precision table for one shape, by name (the worst case of the float32
-    table: nothing cut down, the Bayesian branch on; the same values rounded to bf16 and fp16)."""
-    float32 = sample_inputs(*shape, kind="worst_case")
+def low_precision_implementations(shape, case: str):
+    """The implementations of the low-precision table for one shape and case, by name (float32 inputs of the
+    case; the same values rounded to bf16 and fp16)."""
+    float32 = sample_inputs(*shape, kind=CASES[case])
     bf16 = dict(float32, anchors=float32["anchors"].bfloat16(), bank=float32["bank"].bfloat16())
     fp16 = dict(float32, anchors=float32["anchors"].half(), bank=float32["bank"].half())
 
@@ -151,15 +188,18 @@ def low_precision_implementations(shape):
                 return fne_fast.sample_negatives(*inputs.values(), **OPTIONS)
         return run
 
-    return {
+    functions = {
         "fused op, bf16 (oneDNN bf16 kernel)": fused(bf16),
+        "torch bf16 mm, preallocated": preallocated_mm(bf16["anchors"], bf16["bank"]),
         "torch bf16 mm": lambda: bf16["anchors"] @ bf16["bank"].T,
         "fused op, bf16, oneDNN off (float32 tiles)": fused(bf16, onednn=False),
         "fused op, fp16 (float32 tiles)": fused(fp16),
         "torch fp16 mm": lambda: fp16["anchors"] @ fp16["bank"].T,
         "fused op, float32": fused(float32),
+        "torch float32 mm, preallocated": preallocated_mm(float32["anchors"], float32["bank"]),
         "torch float32 mm": lambda: float32["anchors"] @ float32["bank"].T,
     }
+    return functions, kept_share(float32)
 
 
 def load_average() -> str:
@@ -169,19 +209,22 @@ def load_average() -> str:
         return "n/a"
 
 
-def measure_low_precision(shapes, repeats: int) -> tuple[list[dict], str]:
-    """Interleaved medians (wall and CPU time per call) and peak extra memory per implementation and shape."""
+def measure_low_precision(shapes, cases, repeats: int) -> tuple[list[dict], str]:
+    """Interleaved medians (wall and CPU time per call) and peak extra memory per implementation, shape and
+    case."""
     import warnings
 
     warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # from mkldnn.flags()
     rows, loads = [], [load_average()]
     for shape in shapes:
-        functions = low_precision_implementations(shape)
-        wall, cpu = _interleaved(functions, repeats)
-        for name, function in functions.items():
-            rows.append({"shape": shape, "name": name, "seconds": statistics.median(wall[name]),
-                         "cpu_seconds": statistics.median(cpu[name]), "peak": peak_extra_bytes(function)})
-            print(f"{shape} {name:<44} {1e3 * rows[-1]['seconds']:9.1f} ms", flush=True)
+        for case in cases:
+            functions, kept = low_precision_implementations(shape, case)
+            wall, cpu = _interleaved(functions, repeats)
+            for name, function in functions.items():
+                rows.append({"shape": shape, "case": case, "kept": kept, "name": name,
+                             "seconds": statistics.median(wall[name]), "cpu_seconds": statistics.median(cpu[name]),
+                             "peak": peak_extra_bytes(function)})
+                print(f"{shape} {case:<8} {name:<44} {1e3 * rows[-1]['seconds']:9.1f} ms", flush=True)
     loads.append(load_average())
     return rows, f"load average {loads[0]} before, {loads[-1]} after"
 
@@ -189,17 +232,19 @@ def measure_low_precision(shapes, repeats: int) -> tuple[list[dict], str]:
 def low_precision_markdown(rows, load: str) -> str:
     lines = [f"Machine: {machine_description()}; oneDNN bf16 kernel used: {torch.ops.fne_fast.cpu_bf16_brgemm()}; "
              f"{load}", "",
-             "| B, N, D | implementation | median ms/call | vs torch bf16 mm | vs torch float32 mm | "
+             "Ratios against torch's matmul into a preallocated output (the GEMM's own cost) in bf16 and in float32.",
+             "",
+             "| B, N, D | case | implementation | median ms/call | vs bf16 mm | vs float32 mm | "
              "median CPU ms/call | CPU vs bf16 mm | peak extra MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        same = {r["name"]: r for r in rows if r["shape"] == row["shape"]}
-        bf16_mm, float32_mm = same["torch bf16 mm"], same["torch float32 mm"]
+        same = {r["name"]: r for r in rows if (r["shape"], r["case"]) == (row["shape"], row["case"])}
+        bf16_mm, float32_mm = same["torch bf16 mm, preallocated"], same["torch float32 mm, preallocated"]
         peak = "n/a" if row["peak"] is None else f"{row['peak'] / 2**20:.1f}"
-        lines.append(f"| {', '.join(map(str, row['shape']))} | {row['name']} | {1e3 * row['seconds']:.1f} | "
-                     f"{row['seconds'] / bf16_mm['seconds']:.2f}x | {row['seconds'] / float32_mm['seconds']:.2f}x | "
-                     f"{1e3 * row['cpu_seconds']:.1f} | {row['cpu_seconds'] / bf16_mm['cpu_seconds']:.2f}x | "
-                     f"{peak} |")
+        lines.append(f"| {', '.join(map(str, row['shape']))} | {case_label(row)} | {row['name']} | "
+                     f"{1e3 * row['seconds']:.1f} | {row['seconds'] / bf16_mm['seconds']:.2f}x | "
+                     f"{row['seconds'] / float32_mm['seconds']:.2f}x | {1e3 * row['cpu_seconds']:.1f} | "
+                     f"{row['cpu_seconds'] / bf16_mm['cpu_seconds']:.2f}x | {peak} |")
     return "\n".join(lines) + "\n"
 
 
@@ -211,16 +256,19 @@ def main(argv=None) -> None:
     parser.add_argument("--write", default=None, help="write the markdown table to this file")
     parser.add_argument("--low-precision", action="store_true", help="the bf16 / fp16 table (default shapes: "
                         "128x65536x256,256x262144x256; repeats interleaved)")
+    parser.add_argument("--case", choices=[*CASES, "all"], default="all",
+                        help="worst (nothing cut down), training (~4 candidates per anchor), middle (~5 %% kept)")
     parser.add_argument("--skip-baselines", action="store_true",
                         help="leave out the eager oracle and the authors' code (the fn_tau rows in minutes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     default_shapes = LOW_PRECISION_SHAPES if args.low_precision else SHAPES
     shapes = default_shapes if args.shapes is None else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    cases = list(CASES) if args.case == "all" else [args.case]
     if args.low_precision:
-        table = low_precision_markdown(*measure_low_precision(shapes, args.repeats))
+        table = low_precision_markdown(*measure_low_precision(shapes, cases, args.repeats))
     else:
-        table = markdown(measure(shapes, args.repeats, SLOW_BASELINES if args.skip_baselines else ()))
+        table = markdown(measure(shapes, cases, args.repeats, SLOW_BASELINES if args.skip_baselines else ()))
     print(table)
     if args.write:
         temporary = args.write + ".tmp"

@@ -254,7 +254,7 @@ FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int la
   const int64_t* bank_ids = tile.bank_ids;
   const float* column = tile.sims + r0;
   __mmask16 non_finite = 0;
-  int64_t listed = 0, kept = 0;
+  int64_t listed = 0;
   for (int64_t j = 0; j < cols; ++j, column += ld) {
     const __m512 s = _mm512_maskz_loadu_ps(live, column);
     // abs(NaN) <= max is false: NaN and Inf are not finite, and never candidates.
@@ -270,7 +270,6 @@ FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int la
     columns[listed] = static_cast<int32_t>(j);
     survivors[listed] = survive;
     listed += survive != 0;
-    kept += _mm_popcnt_u32(survive);
   }
   if (call.config.mode == SamplerMode::kHardest || listed == 0) return non_finite != 0;
 
@@ -283,6 +282,8 @@ FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int la
   const PhiloxRowTerms16 next_terms = column_high(tile, columns[listed - 1]) != high
                                           ? philox_row_terms16(row_words, high + 1, call.philox_key)
                                           : terms;
+  int64_t kept = 0;  // counted here rather than in the scan, which training's cut-down leaves with the most work
+  for (int64_t i = 0; i < listed; ++i) kept += _mm_popcnt_u32(survivors[i]);
   if (kept * kCompactBelow < listed * kLanes) {
     race_compacted(tile, call, lists, scratch, r0, listed, terms, next_terms, keys, limit);
   } else {
