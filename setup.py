@@ -1,11 +1,13 @@
 """Builds fne_fast._C: the C++ CPU kernels always, the CUDA kernels when torch is a CUDA build and nvcc exists.
 
 Install torch first, then `pip install --no-build-isolation -e .` (build isolation would compile against a
-different torch). FNE_FAST_FORCE_CPU=1 skips the CUDA sources.
+different torch). FNE_FAST_FORCE_CPU=1 skips the CUDA sources; FNE_FAST_NVCC_FLAGS adds nvcc flags (e.g.
+"-Xptxas=-v" for the kernels' register and shared-memory use).
 """
 
 import glob
 import os
+import shlex
 
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -32,6 +34,7 @@ def _extension():
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc_flags += shlex.split(os.environ.get("FNE_FAST_NVCC_FLAGS", ""))
         return CUDAExtension("fne_fast._C", sources + _sources("csrc/cuda/*.cu"), include_dirs=include_dirs,
                              define_macros=[("FNE_FAST_WITH_CUDA", "1")],
                              extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
