@@ -45,6 +45,7 @@ import fne_fast  # noqa: E402
 from authors_loss import AuthorsStyleSampler  # noqa: E402
 from common import SHAPES, machine_description, median_seconds, peak_extra_bytes, sample_inputs  # noqa: E402
 from fne_fast.ops import reference  # noqa: E402
+from fne_fast.ops.testing import kept_share  # noqa: E402
 from plain_eager import plain_eager_sampler  # noqa: E402
 
 OPTIONS = dict(k=1, mode="fne", seed=0, step=0)
@@ -145,12 +146,6 @@ def measure(shapes, cases, repeats: int, skip: tuple = ()) -> list[dict]:
                              "peak": peak_extra_bytes(function)})
                 print(f"{shape} {case:<8} {name:<40} {1e3 * seconds:9.1f} ms", flush=True)
     return rows
-
-
-def kept_share(inputs) -> float:
-    """The share of pairs above the inputs' cut-down threshold (μ⁺ - margin), from the first 4096 bank rows."""
-    sims = inputs["anchors"].float() @ inputs["bank"][:4096].float().T
-    return (sims > inputs["stats"][0] - 0.2).float().mean().item()
 
 
 def case_label(row) -> str:

@@ -48,7 +48,6 @@ CASES = {"worst": "worst_case", "training": "training", "middle": "middle"}  # -
 STAGES = ("all", "backends", "core", "rest", "profile", "table")
 ORACLE_BYTES_PER_PAIR = 112  # peak of the oracle's B×N temporaries (float32, int64 Philox limbs, sorts) on CPU
 PLAIN_BYTES_PER_PAIR = 24  # peak of the plain eager sampler's B×N temporaries (float32 S, keys, masks)
-MARGIN = 0.2  # the default margin: the cut-down is μ⁺ - MARGIN
 
 
 def parse_args(argv=None):
@@ -173,16 +172,6 @@ def make_inputs(num_rows, num_cols, dim, bank_dtype, *, kind="worst_case", seed=
     return sample_inputs(num_rows, num_cols, dim, kind=kind, bank_dtype=bank_dtype,
                          anchor_dtype=torch.float32 if bank_dtype == torch.float32 else bank_dtype, seed=seed,
                          device=DEVICE, generator_device=DEVICE)
-
-
-def kept_share(inputs) -> float:
-    """The share of pairs above the cut-down μ⁺ - margin (these kinds have no positives in the bank)."""
-    anchors, bank = inputs["anchors"].float(), inputs["bank"]
-    cut = float(inputs["stats"][0]) - MARGIN
-    kept = 0
-    for begin in range(0, bank.shape[0], 2**18):
-        kept += int((anchors @ bank[begin:begin + 2**18].float().T > cut).sum())
-    return kept / max(1, anchors.shape[0] * bank.shape[0])
 
 
 OPTIONS = dict(k=1, mode="fne", seed=1234, step=3)
@@ -334,6 +323,8 @@ def bench_pass(shape, case, part, results, write):
         return
     inputs = make_inputs(num_rows, num_cols, dim, bank_dtype, kind=CASES[case], seed=1)
     if "kept_share" not in entry:
+        from fne_fast.ops.testing import kept_share
+
         entry["kept_share"] = kept_share(inputs)
     print(f"[{part}] B={num_rows} N={num_cols} D={dim} {dtype_name} {case} (kept {entry['kept_share']:.2e})",
           flush=True)

@@ -13,6 +13,9 @@ import math
 
 import torch
 
+from fne_fast.ops.fne_math import fallback_candidates, race_log_weights
+from fne_fast.ops.options import SamplerOptions
+
 __all__ = ["plain_eager_sampler"]
 
 
@@ -32,29 +35,18 @@ def plain_eager_sampler(anchors, bank, positive_sim, anchor_ids, bank_ids, stats
     default fn_tau = tau), by Gumbel-top-k over the whole B×N matrix: ``(indices [B, k] int64, sims [B, k]
     float32)``; an index is -1 (and its sim 0) where the row has run out of non-positive candidates.
 
-    The same distribution as the op, not the same draws: the Gumbel noise comes from torch's generator, not from
-    the kernels' counter-based Philox stream, and the similarities of a 16-bit bank are not rounded the way a
-    given kernel rounds them. Pairs at or below the cut-down μ⁺ - margin and positives (same id) never race;
-    slots the race leaves empty take the hardest remaining non-positive candidates, as the op's fallback does.
+    The masks and log-weights are the project's eager math (fne_fast.ops.fne_math, which the loss and the oracle
+    also use), the rest is what a user would write. The same distribution as the op, not the same draws: the
+    Gumbel noise comes from torch's generator, not from the kernels' counter-based Philox stream, and the
+    similarities of a 16-bit bank are not rounded the way a given kernel rounds them. Slots the race leaves empty
+    take the hardest remaining non-positive candidates, as the op's fallback does.
     """
+    options = SamplerOptions(k=k, margin=margin, tau=tau, prior_k=prior_k, fn_margin=fn_margin,
+                             min_count=min_count)
     sim = _similarities(anchors, bank)
     num_rows, num_cols = sim.shape
-    non_positive = (bank_ids.reshape(1, -1) != anchor_ids.reshape(-1, 1)) & torch.isfinite(sim)
-    stats = stats.to(device=sim.device, dtype=torch.float32)
-    mu_pos, var_pos, mu_neg, var_neg, n_pos = stats.unbind()
-    race = non_positive & (sim > mu_pos - margin)
-
-    # Log-weights: -τ (s - s⁺)², or -τ P_fn(s) where the Bayesian branch is on and P_fn(s) > 1 - fn_margin
-    # (z = logit P_fn from the two Gaussian log-densities, never a ratio of underflowed densities).
-    base = (sim - positive_sim.reshape(-1, 1).float()).square_().mul_(-tau)
-    z = ((sim - mu_neg).square_() / (2 * var_neg) - (sim - mu_pos).square() / (2 * var_pos)
-         + (0.5 * torch.log(var_neg) - 0.5 * torch.log(var_pos) - math.log(prior_k - 1.0)))
-    threshold = 1.0 - fn_margin
-    logit_threshold = (-math.inf if threshold <= 0 else math.inf if threshold >= 1
-                       else math.log(threshold) - math.log1p(-threshold))
-    bayes = (n_pos > min_count) & (var_pos > 0) & (var_neg > 0) & (z > logit_threshold)
-    log_weight = torch.where(bayes, torch.sigmoid(z).mul_(-tau), base)
-    del base, z
+    non_positive = fallback_candidates(sim, anchor_ids, bank_ids, num_cols)
+    log_weight, race = race_log_weights(sim, positive_sim, stats.to(sim.device), options, non_positive)
 
     # Gumbel-top-k: G = -log E with E ~ Exp(1) from torch's generator.
     keys = log_weight.sub_(torch.empty_like(sim).exponential_().log_())

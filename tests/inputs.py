@@ -199,4 +199,5 @@ def keeping(inputs: dict, share: float) -> dict:
     similarities), the Bayesian branch on."""
     sims = inputs["anchors"].double() @ inputs["bank"].double().T
     threshold = torch.quantile(sims.flatten().cpu(), 1.0 - share).item()
-    return dict(inputs, stats=torch.tensor([threshold + 0.2, 0.04, 0.0, 0.04, 500.0], device=inputs["stats"].device))
+    stats = [threshold + SamplerOptions().margin, 0.04, 0.0, 0.04, 500.0]
+    return dict(inputs, stats=torch.tensor(stats, device=inputs["stats"].device))

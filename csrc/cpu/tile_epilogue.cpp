@@ -204,7 +204,7 @@ FNE_FAST_AVX512 void race_compacted(const SimilarityTile& tile, const CallContex
     for (int u = 0; u < 4; ++u) {
       // Past the last pair, lanes repeat pair 0 of the group: valid inputs whose words are never read.
       const int64_t offset = group + u * kLanes < pairs ? group + u * kLanes : group;
-      const __m512i row_lanes = _mm512_and_si512(_mm512_loadu_si512(lanes + offset), _mm512_set1_epi32(kLanes - 1));
+      const __m512i row_lanes = _mm512_loadu_si512(lanes + offset);  // 0..15: vpermd reads the low 4 bits only
       const __m512i low = _mm512_add_epi32(begin, _mm512_loadu_si512(pair_columns + offset));
       const __mmask16 wrapped = _mm512_cmplt_epu32_mask(low, begin);
       philox_pair_states16(row_lanes, low, wrapped, terms, next_terms, call.config.step, call.philox_key, &c0[u],

@@ -27,8 +27,10 @@ import time
 
 import torch
 
-__all__ = ["sample_inputs", "median_seconds", "EXACT_STATS", "RANDOM_STATS", "WORST_CASE_STATS", "KINDS", "TRAINING_RACE",
-           "MIDDLE_KEPT"]
+from fne_fast.ops.options import SamplerOptions
+
+__all__ = ["sample_inputs", "kept_share", "median_seconds", "EXACT_STATS", "RANDOM_STATS", "WORST_CASE_STATS",
+           "KINDS", "TRAINING_RACE", "MIDDLE_KEPT"]
 
 KINDS = ("exact", "random", "worst_case", "training", "middle")
 TRAINING_RACE = 4  # race candidates per anchor in the "training" kind
@@ -56,7 +58,17 @@ def _kept_share_stats(kept: float, dim: int) -> tuple:
     """Statistics whose cut-down threshold μ⁺ - margin (the default margin) keeps about ``kept`` of the pairs of
     random unit vectors in ``dim`` dimensions, with the Bayesian branch on as in the worst case."""
     threshold = statistics.NormalDist(0.0, dim**-0.5).inv_cdf(1.0 - kept)
-    return (threshold + 0.2, 0.01, 0.0, 0.01, 500.0)
+    return (threshold + SamplerOptions().margin, 0.01, 0.0, 0.01, 500.0)
+
+
+def kept_share(inputs: dict, chunk_rows: int = 2**18) -> float:
+    """The share of the pairs of ``inputs`` above their cut-down threshold μ⁺ - margin (the default margin): what
+    the benchmarks report beside each case. Chunks of bank rows, so that no B x N matrix is formed."""
+    anchors, bank = inputs["anchors"].float(), inputs["bank"]
+    cut = float(inputs["stats"][0]) - SamplerOptions().margin
+    kept = sum(int((anchors @ bank[begin:begin + chunk_rows].float().T > cut).sum())
+               for begin in range(0, bank.shape[0], chunk_rows))
+    return kept / max(1, anchors.shape[0] * bank.shape[0])
 
 
 def sample_inputs(num_rows: int, num_cols: int, dim: int, *, kind: str = "random", bank_dtype=torch.float32,
