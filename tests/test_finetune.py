@@ -189,6 +189,24 @@ def test_a_top_over_its_trunk_is_the_whole_backbone(encoders, trained):
     assert not any(module.training for module in top.modules() if module is not top)  # eval mode, always
 
 
+def test_a_text_top_over_every_slot_is_the_top_over_the_real_tokens(encoders):
+    """A GPU's text top keeps every token slot (finding the real ones would read the mask back); the oracle is the
+    CPU's top over the real tokens alone. Padding counted as tokens fails it."""
+    from fne_fast.models import TextTop
+
+    _, text_encoder = encoders
+    top = TextTop(text_encoder, 2)
+    packed = torch.nn.functional.pad(text_encoder.encode_trunk(["a red circle", "bar", "a blue square on white"], 4),
+                                     (0, 0, 0, 5))
+    mask = packed[..., -1].reshape(-1)
+    real = top.encode_tokens(packed, mask.nonzero().squeeze(1))
+    every = top.encode_tokens(packed, torch.arange(mask.numel()))
+    assert torch.allclose(every, real, atol=1e-5)
+    counted = packed.clone()
+    counted[..., -1] = 1.0  # padding counted as tokens
+    assert not torch.allclose(top.encode_tokens(counted, torch.arange(mask.numel())), real, atol=1e-3)
+
+
 # --- a fine-tuned run -----------------------------------------------------------------------------------------
 
 

@@ -53,7 +53,10 @@ class RunState:
         self.model = self.heads if group is None else torch.nn.parallel.DistributedDataParallel(
             self.heads, device_ids=[torch.cuda.current_device()] if self.device.type == "cuda" else None,
             process_group=group)
-        self.optimizer = torch.optim.Adam(self.heads.head_parameters(), lr=config.lr)
+        # With the tops (5 M parameters at --finetune 1) the fused Adam is about 18 ms a step faster than the loop
+        # over tensors (20 ms, 2 CPU threads, emoji); a run of the heads alone keeps the loop, and its numbers.
+        self.optimizer = torch.optim.Adam(self.heads.head_parameters(), lr=config.lr,
+                                          fused=True if config.finetune else None)
         if config.finetune:
             self.optimizer.add_param_group({"params": self.heads.top_parameters(), "lr": config.backbone_lr})
         # Which pair and step each bank row came from, for the staleness of the rows (tops that train only).
