@@ -150,7 +150,10 @@ def _folded(conv: nn.Module, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.
 def _pointwise(conv: nn.Module, norm: nn.BatchNorm2d, features: torch.Tensor) -> torch.Tensor:
     """A 1×1 convolution and its BatchNorm on channels-last features [n, H, W, C]."""
     weight, bias = _folded(conv, norm)
-    return nn.functional.linear(features, weight.flatten(1), bias)
+    # As one matrix product over the positions: a non-contiguous 4-d input would go through a batched product
+    # (4.3 ms instead of 1.9 ms for the depthwise convolution's output at emoji's shapes).
+    flat = features.reshape(-1, features.shape[-1])
+    return nn.functional.linear(flat, weight.flatten(1), bias).view(*features.shape[:-1], -1)
 
 
 def _symmetric_padding(static_padding: nn.Module) -> tuple[int, int] | None:
