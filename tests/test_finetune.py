@@ -207,6 +207,20 @@ def test_a_text_top_over_every_slot_is_the_top_over_the_real_tokens(encoders):
     assert not torch.allclose(top.encode_tokens(counted, torch.arange(mask.numel())), real, atol=1e-3)
 
 
+def test_the_image_top_takes_an_empty_batch_and_gives_gradients_in_the_parameters_layout(encoders):
+    """A process's share of an epoch's last batch may be empty; DistributedDataParallel's buckets take each
+    gradient in its parameter's layout (a depthwise weight's gradient in another layout made it warn)."""
+    from fne_fast.models import ImageTop
+
+    image_encoder, _ = encoders
+    top = ImageTop(image_encoder, 2)
+    channels = top.blocks[0]._expand_conv.in_channels
+    assert top(torch.zeros(0, channels, 2, 2)).shape == (0, image_encoder.dim)
+    top(torch.randn(3, channels, 2, 2)).sum().backward()
+    for name, parameter in top.named_parameters():
+        assert parameter.grad is not None and parameter.grad.stride() == parameter.stride(), name
+
+
 # --- a fine-tuned run -----------------------------------------------------------------------------------------
 
 

@@ -139,12 +139,14 @@ class ImageTop(_EvalModeTop):
 
 
 def _folded(conv: nn.Module, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight and bias of ``conv`` followed by ``norm`` in eval mode."""
+    """The weight, flattened to [out, in·k·k], and the bias of ``conv`` followed by ``norm`` in eval mode. The
+    weight is scaled flat, so that its gradient reaches the parameter in the parameter's own layout whatever layout
+    the convolution's gradient has (DistributedDataParallel's buckets expect that layout)."""
     scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
     bias = norm.bias - norm.running_mean * scale
     if conv.bias is not None:
         bias = bias + conv.bias * scale
-    return conv.weight * scale.view(-1, 1, 1, 1), bias
+    return conv.weight.flatten(1) * scale[:, None], bias
 
 
 def _pointwise(conv: nn.Module, norm: nn.BatchNorm2d, features: torch.Tensor) -> torch.Tensor:
@@ -153,7 +155,7 @@ def _pointwise(conv: nn.Module, norm: nn.BatchNorm2d, features: torch.Tensor) ->
     # As one matrix product over the positions: a non-contiguous 4-d input would go through a batched product
     # (4.3 ms instead of 1.9 ms for the depthwise convolution's output at emoji's shapes).
     flat = features.reshape(-1, features.shape[-1])
-    return nn.functional.linear(flat, weight.flatten(1), bias).view(*features.shape[:-1], -1)
+    return nn.functional.linear(flat, weight, bias).view(*features.shape[:-1], weight.shape[0])
 
 
 def _symmetric_padding(static_padding: nn.Module) -> tuple[int, int] | None:
@@ -179,7 +181,8 @@ def _mbconv_block(block: nn.Module, features: torch.Tensor) -> torch.Tensor:
     if padding is None:
         maps = depthwise.static_padding(maps).contiguous(memory_format=torch.channels_last)
     padding = depthwise.padding if padding is None else padding
-    maps = nn.functional.conv2d(maps, weight, bias, depthwise.stride, padding, depthwise.dilation, depthwise.groups)
+    maps = nn.functional.conv2d(maps, weight.view(depthwise.weight.shape), bias, depthwise.stride, padding,
+                                depthwise.dilation, depthwise.groups)
     hidden = block._swish(maps).permute(0, 2, 3, 1)
     output = _pointwise(block._project_conv, block._bn2, hidden)
     if block.id_skip and arguments.stride == 1 and arguments.input_filters == arguments.output_filters:
