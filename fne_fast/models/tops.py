@@ -62,21 +62,20 @@ class TextTop(_EvalModeTop):
         self.train()
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        # The layer's cost halves without the padding none of these texts needs; on a GPU the length would be a
-        # host synchronisation, so there the caller trims the batch on the host first (trim_token_padding).
-        if packed.device.type == "cpu":
-            packed = trim_token_padding(packed)
         if packed.shape[0] == 0:
             # No texts (a process's share of an epoch's last batch): the layers run on one dropped token, so that
             # every parameter is still part of the backward pass, as DistributedDataParallel requires.
             return self(torch.ones(1, 1, packed.shape[2], dtype=packed.dtype, device=packed.device))[:0]
-        # The layers' dense maps run over the real tokens only (on emoji's batches, 55 % of the trimmed slots):
-        # a forward and backward of one layer over 32 captions took 24 ms instead of 41 ms (2 CPU threads).
-        # Finding them reads the mask, so on a GPU (a synchronisation) every slot is kept and padding is
-        # weighted out as in the attention.
-        mask = packed[..., -1].reshape(-1)
-        positions = (mask.nonzero().squeeze(1) if packed.device.type == "cpu"
-                     else torch.arange(mask.numel(), device=packed.device))
+        # The layers' dense maps run over the real tokens only (on emoji's batches, 55 % of the trimmed slots),
+        # the attention over the batch cut to its longest text: a forward and backward of one layer over 32
+        # captions took 24 ms instead of 41 ms (2 CPU threads). Both read the mask, a host synchronisation on a
+        # GPU, so there the caller trims the batch on the host first (trim_token_padding) and every slot is kept,
+        # padding weighted out as in the attention.
+        if packed.device.type == "cpu":
+            packed = trim_token_padding(packed)
+            positions = packed[..., -1].reshape(-1).nonzero().squeeze(1)
+        else:
+            positions = torch.arange(packed.shape[0] * packed.shape[1], device=packed.device)
         return self.encode_tokens(packed, positions)
 
     def encode_tokens(self, packed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -178,9 +177,8 @@ def _mbconv_block(block: nn.Module, features: torch.Tensor) -> torch.Tensor:
     depthwise = block._depthwise_conv
     weight, bias = _folded(depthwise, block._bn1)
     maps, padding = hidden.permute(0, 3, 1, 2), _symmetric_padding(depthwise.static_padding)
-    if padding is None:
-        maps = depthwise.static_padding(maps).contiguous(memory_format=torch.channels_last)
-    padding = depthwise.padding if padding is None else padding
+    if padding is None:  # one side more than the other: a padded copy
+        maps, padding = depthwise.static_padding(maps).contiguous(memory_format=torch.channels_last), depthwise.padding
     maps = nn.functional.conv2d(maps, weight.view(depthwise.weight.shape), bias, depthwise.stride, padding,
                                 depthwise.dilation, depthwise.groups)
     hidden = block._swish(maps).permute(0, 2, 3, 1)
