@@ -22,6 +22,11 @@ Two more rows per shape measure what ``fn_tau`` costs: the fused op on the same 
 which half of the pairs are likely false negatives (P_fn > 1 - fn_margin), with the authors' weight
 (``fn_tau = tau``) and with their removal (``fn_tau = inf``).
 
+``--criteria``: what the false-negative criteria of docs/DESIGN.md §1 cost beside the plain fused op on the same
+tensors, interleaved, each case: the separate cut-down margin (set to the hinge margin's value, so the same race),
+the centre offset, the positive-relative cut, per-anchor thresholds, and all of them at once, at settings that
+exclude a few candidates per row (ratios to the plain op, with three decimals: the acceptance bound is 5 %).
+
 ``--low-precision``: banks and anchors in bf16 and fp16 beside float32, against torch's own matmul in each dtype
 (into a preallocated output, and allocating as ``anchors @ bank.T`` does): the fused op on oneDNN's bf16 kernel,
 on float32 tiles (oneDNN off: the fallback, and the fp16 path), and in float32, interleaved as above; torch's CPU
@@ -167,6 +172,50 @@ def markdown(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+def criteria_implementations(inputs):
+    """The plain fused op and the op with each criterion, on one set of inputs."""
+    args = tuple(inputs.values())
+    rows = inputs["anchors"].shape[0]
+    # Thresholds above nearly every similarity of random unit vectors in 256 dimensions (sd 1/16): a few excluded.
+    thresholds = torch.full((rows,), 0.25)
+    criteria = {
+        "cut_margin = margin": dict(cut_margin=0.2),
+        "center_offset = -0.1": dict(center_offset=-0.1),
+        "relative_cut = 0.95": dict(relative_cut=0.95),
+        "fn_thresholds": dict(fn_thresholds=thresholds),
+        "all four": dict(cut_margin=0.2, center_offset=-0.1, relative_cut=0.95, fn_thresholds=thresholds),
+    }
+    functions = {"fused op": lambda: fne_fast.sample_negatives(*args, **OPTIONS)}
+    for name, extra in criteria.items():
+        functions[f"fused op, {name}"] = (lambda extra=extra: fne_fast.sample_negatives(*args, **OPTIONS, **extra))
+    return functions
+
+
+def measure_criteria(shapes, cases, repeats: int) -> list[dict]:
+    rows = []
+    for shape in shapes:
+        for case in cases:
+            inputs = sample_inputs(*shape, kind=CASES[case])
+            wall, _ = _interleaved(criteria_implementations(inputs), repeats)
+            kept = kept_share(inputs)
+            for name, times in wall.items():
+                rows.append({"shape": shape, "case": case, "kept": kept, "name": name,
+                             "seconds": statistics.median(times)})
+                print(f"{shape} {case:<8} {name:<40} {1e3 * rows[-1]['seconds']:9.2f} ms", flush=True)
+    return rows
+
+
+def criteria_markdown(rows, repeats: int) -> str:
+    lines = [f"Machine: {machine_description()}", "", f"Medians of {repeats} interleaved calls each.", "",
+             "| B, N, D | case | implementation | median ms/call | vs plain fused op |", "|---|---|---|---:|---:|"]
+    for row in rows:
+        plain = next(r["seconds"] for r in rows
+                     if (r["shape"], r["case"], r["name"]) == (row["shape"], row["case"], "fused op"))
+        lines.append(f"| {', '.join(map(str, row['shape']))} | {case_label(row)} | {row['name']} | "
+                     f"{1e3 * row['seconds']:.2f} | {row['seconds'] / plain:.3f}x |")
+    return "\n".join(lines) + "\n"
+
+
 LOW_PRECISION_SHAPES = [(128, 65536, 256), (256, 262144, 256)]
 
 
@@ -251,17 +300,21 @@ def main(argv=None) -> None:
     parser.add_argument("--write", default=None, help="write the markdown table to this file")
     parser.add_argument("--low-precision", action="store_true", help="the bf16 / fp16 table (default shapes: "
                         "128x65536x256,256x262144x256; repeats interleaved)")
+    parser.add_argument("--criteria", action="store_true",
+                        help="the false-negative criteria beside the plain op (default shape: 128x65536x256)")
     parser.add_argument("--case", choices=[*CASES, "all"], default="all",
                         help="worst (nothing cut down), training (~4 candidates per anchor), middle (~5 %% kept)")
     parser.add_argument("--skip-baselines", action="store_true",
                         help="leave out the eager oracle and the authors' code (the fn_tau rows in minutes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    default_shapes = LOW_PRECISION_SHAPES if args.low_precision else SHAPES
+    default_shapes = LOW_PRECISION_SHAPES if args.low_precision else [(128, 65536, 256)] if args.criteria else SHAPES
     shapes = default_shapes if args.shapes is None else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     cases = list(CASES) if args.case == "all" else [args.case]
     if args.low_precision:
         table = low_precision_markdown(*measure_low_precision(shapes, cases, args.repeats))
+    elif args.criteria:
+        table = criteria_markdown(measure_criteria(shapes, cases, args.repeats), args.repeats)
     else:
         table = markdown(measure(shapes, cases, args.repeats, SLOW_BASELINES if args.skip_baselines else ()))
     print(table)

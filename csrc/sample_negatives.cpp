@@ -26,9 +26,11 @@ SamplerMode parse_mode(c10::string_view mode) {
 
 SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::Tensor& bank,
                                           const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
-                                          const at::Tensor& bank_ids, const at::Tensor& stats, int64_t k,
-                                          c10::string_view mode, double margin, double tau, double fn_tau, double prior_k,
-                                          double fn_margin, int64_t min_count, bool cutdown, int64_t seed,
+                                          const at::Tensor& bank_ids, const at::Tensor& stats,
+                                          const c10::optional<at::Tensor>& fn_thresholds, int64_t k,
+                                          c10::string_view mode, double margin, double tau, double fn_tau,
+                                          double prior_k, double fn_margin, int64_t min_count, bool cutdown,
+                                          double center_offset, c10::optional<double> relative_cut, int64_t seed,
                                           int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled,
                                           bool check_finite) {
   TORCH_CHECK_VALUE(anchors.dim() == 2, "anchors must be 2-D [B, D], got shape ", anchors.sizes());
@@ -66,6 +68,15 @@ SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::T
     TORCH_CHECK_VALUE(tensor->device() == device, name, " must be on the anchors' device ", device, ", got ",
                       tensor->device());
   }
+  if (fn_thresholds.has_value()) {
+    const at::Tensor& thresholds = *fn_thresholds;
+    TORCH_CHECK_VALUE(thresholds.dim() == 1 && thresholds.size(0) == num_rows,
+                      "fn_thresholds must have shape [B] = [", num_rows, "], got ", thresholds.sizes());
+    TORCH_CHECK_TYPE(thresholds.scalar_type() == at::kFloat, "fn_thresholds must be float32, got ",
+                     thresholds.scalar_type());
+    TORCH_CHECK_VALUE(thresholds.device() == device, "fn_thresholds must be on the anchors' device ", device,
+                      ", got ", thresholds.device());
+  }
   TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
   TORCH_CHECK_VALUE(std::isfinite(margin), "margin must be finite, got ", margin);
   TORCH_CHECK_VALUE(std::isfinite(tau) && tau >= 0.0, "tau must be finite and >= 0, got ", tau);
@@ -73,6 +84,9 @@ SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::T
   TORCH_CHECK_VALUE(std::isfinite(prior_k) && prior_k > 1.0, "prior_k must be finite and > 1, got ", prior_k);
   TORCH_CHECK_VALUE(fn_margin >= 0.0 && fn_margin <= 1.0, "fn_margin must be in [0, 1], got ", fn_margin);
   TORCH_CHECK_VALUE(min_count >= 0, "min_count must be >= 0, got ", min_count);
+  TORCH_CHECK_VALUE(std::isfinite(center_offset), "center_offset must be finite, got ", center_offset);
+  TORCH_CHECK_VALUE(!relative_cut.has_value() || (std::isfinite(*relative_cut) && *relative_cut >= 0.0),
+                    "relative_cut must be None (off) or finite and >= 0, got ", relative_cut.value_or(0.0));
   TORCH_CHECK_VALUE(step >= 0 && step <= std::numeric_limits<uint32_t>::max(), "step must be in [0, 2^32), got ",
                     step);
   TORCH_CHECK_VALUE(row_offset >= 0 && row_offset + num_rows - 1 <= std::numeric_limits<uint32_t>::max(),
@@ -101,9 +115,31 @@ SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::T
   return config;
 }
 
-at::Tensor non_finite_input_flags(const at::Tensor& anchors, const at::Tensor& positive_sim, const at::Tensor& stats) {
+RowInputs row_inputs(const at::Tensor& positive_sim, const c10::optional<at::Tensor>& fn_thresholds,
+                     double center_offset, c10::optional<double> relative_cut) {
+  RowInputs rows;
+  // The offset and the gap are rounded to float32 first, as the Python kernels round them.
+  rows.centres = center_offset == 0.0 ? positive_sim.contiguous()
+                                      : at::add(positive_sim, static_cast<float>(center_offset)).contiguous();
+  at::Tensor ceilings;
+  if (relative_cut.has_value()) {
+    const float gap = static_cast<float>(1.0 - *relative_cut);
+    ceilings = at::sub(positive_sim, at::mul(at::abs(positive_sim), gap));
+  }
+  if (fn_thresholds.has_value()) ceilings = ceilings.defined() ? at::fmin(ceilings, *fn_thresholds) : *fn_thresholds;
+  if (ceilings.defined()) {
+    const double inf = std::numeric_limits<double>::infinity();
+    rows.ceilings = at::nan_to_num(ceilings, inf, inf, -inf).contiguous();
+  }
+  return rows;
+}
+
+at::Tensor non_finite_input_flags(const at::Tensor& anchors, const at::Tensor& positive_sim, const at::Tensor& stats,
+                                  const c10::optional<at::Tensor>& fn_thresholds) {
+  const at::Tensor thresholds_nan = fn_thresholds.has_value() ? at::isnan(*fn_thresholds).any()
+                                                              : at::zeros({}, stats.options().dtype(at::kBool));
   return at::stack({at::logical_not(at::isfinite(anchors).all()), at::logical_not(at::isfinite(positive_sim).all()),
-                    at::logical_not(at::isfinite(stats).all())});
+                    at::logical_not(at::isfinite(stats).all()), thresholds_nan});
 }
 
 void raise_if_not_finite(const bool* input_flags, bool bank_similarity_not_finite) {
@@ -111,6 +147,7 @@ void raise_if_not_finite(const bool* input_flags, bool bank_similarity_not_finit
   TORCH_CHECK_VALUE(!input_flags[0], "anchors", suffix);
   TORCH_CHECK_VALUE(!input_flags[1], "positive_sim", suffix);
   TORCH_CHECK_VALUE(!input_flags[2], "stats", suffix);
+  TORCH_CHECK_VALUE(!input_flags[3], "fn_thresholds contains NaN (pass check_finite=False to skip this check)");
   TORCH_CHECK_VALUE(!bank_similarity_not_finite,
                     "bank contains NaN or Inf (a similarity was not finite; pass check_finite=False to skip this "
                     "check)");

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
 #include <c10/util/string_view.h>
 
 #include <cstdint>
@@ -16,15 +17,34 @@ namespace fne_fast {
 // (SamplerConfig, in fne_math.h so that device code can take it by value).
 SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::Tensor& bank,
                                           const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
-                                          const at::Tensor& bank_ids, const at::Tensor& stats, int64_t k,
-                                          c10::string_view mode, double margin, double tau, double fn_tau, double prior_k,
-                                          double fn_margin, int64_t min_count, bool cutdown, int64_t seed,
+                                          const at::Tensor& bank_ids, const at::Tensor& stats,
+                                          const c10::optional<at::Tensor>& fn_thresholds, int64_t k,
+                                          c10::string_view mode, double margin, double tau, double fn_tau,
+                                          double prior_k, double fn_margin, int64_t min_count, bool cutdown,
+                                          double center_offset, c10::optional<double> relative_cut, int64_t seed,
                                           int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled,
                                           bool check_finite);
 
-// check_finite, shared by every kernel so that the errors read the same: a bool tensor [3] on the inputs' device
-// (no host synchronisation) saying whether anchors, positive_sim and stats hold a NaN or Inf ...
-at::Tensor non_finite_input_flags(const at::Tensor& anchors, const at::Tensor& positive_sim, const at::Tensor& stats);
+// The per-anchor values every kernel reads beside positive_sim (docs/DESIGN.md §1), float32 [B], contiguous, on the
+// anchors' device, formed here with tensor operations (one rounding each, no host synchronisation) exactly as
+// fne_fast/ops/fne_math.py forms them for the Python kernels:
+//   centres  = s⁺ + b, the centre of the base log-weight (positive_sim itself where b = 0);
+//   ceilings = min(s⁺ - (1 - relative_cut) |s⁺|, fn_thresholds), NaN terms ignored, +inf where all are NaN; a
+//              candidate with s > ceiling is excluded from the race and the fallback. Undefined when neither the
+//              positive-relative cut nor thresholds are given, and the kernels then skip the comparison.
+struct RowInputs {
+  at::Tensor centres;
+  at::Tensor ceilings;
+};
+RowInputs row_inputs(const at::Tensor& positive_sim, const c10::optional<at::Tensor>& fn_thresholds,
+                     double center_offset, c10::optional<double> relative_cut);
+
+// check_finite, shared by every kernel so that the errors read the same: a bool tensor [4] on the inputs' device
+// (no host synchronisation) saying whether anchors, positive_sim and stats hold a NaN or Inf and whether
+// fn_thresholds (when given) holds a NaN ...
+constexpr int kInputFlags = 4;
+at::Tensor non_finite_input_flags(const at::Tensor& anchors, const at::Tensor& positive_sim, const at::Tensor& stats,
+                                  const c10::optional<at::Tensor>& fn_thresholds);
 
 // ... and the errors, in that order, then the bank's (detected inside the pass, from a non-finite similarity).
 void raise_if_not_finite(const bool* input_flags, bool bank_similarity_not_finite);

@@ -59,7 +59,7 @@ from fne_fast.kernels.configs import TritonConfig, default_config, input_precisi
 from fne_fast.kernels.jit_helpers import (EMPTY_KEY, FLOAT_MAX, PAD_KEY, best_of, from_ordered, gumbel_from_bits,
                                           insert_tile, pack, philox_first_word, store_list)
 from fne_fast.ops.checks import raise_if_not_finite
-from fne_fast.ops.fne_math import fn_logit_threshold
+from fne_fast.ops.fne_math import fn_logit_threshold, row_ceilings, weight_centres
 from fne_fast.ops.options import SamplerOptions
 
 __all__ = ["sample_negatives_triton", "is_interpreted"]
@@ -68,15 +68,16 @@ __all__ = ["sample_negatives_triton", "is_interpreted"]
 @triton.jit(do_not_specialize=["num_rows", "live_cols", "cols_per_split", "col_offset", "row_offset",
                                "step", "seed_lo", "seed_hi"])
 def _sample_negatives_kernel(
-        anchors_ptr, bank_ptr, positive_ptr, anchor_ids_ptr, bank_ids_ptr, stats_ptr,
+        anchors_ptr, bank_ptr, centre_ptr, ceiling_ptr, anchor_ids_ptr, bank_ids_ptr, stats_ptr,
         race_key_ptr, race_idx_ptr, race_sim_ptr, hard_key_ptr, hard_idx_ptr, hard_sim_ptr, flag_ptr,
         num_rows, live_cols, dim, cols_per_split,
-        stride_am, stride_ad, stride_bn, stride_bd, stride_pos, stride_aid, stride_bid, stride_stats,
+        stride_am, stride_ad, stride_bn, stride_bd, stride_centre, stride_ceiling, stride_aid, stride_bid,
+        stride_stats,
         col_offset, row_offset, step, seed_lo, seed_hi,
         margin, tau, fn_tau, min_count, log_prior, z_threshold,
         K: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        HAS_RACE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_CUTDOWN: tl.constexpr, CHECK_FINITE: tl.constexpr,
-        FN_EXCLUDES: tl.constexpr,
+        HAS_RACE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_CUTDOWN: tl.constexpr, HAS_CEILING: tl.constexpr,
+        CHECK_FINITE: tl.constexpr, FN_EXCLUDES: tl.constexpr,
         DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, ONE_K_STEP: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -103,15 +104,18 @@ def _sample_negatives_kernel(
     # The Bayesian weight applies where bayes and z > z_threshold; folded into one threshold (+inf when off).
     bayes_threshold = tl.where(bayes, z_threshold, float("inf"))
     cut = mu_pos - margin
-    positive = tl.load(positive_ptr + rows * stride_pos, mask=row_ok, other=0.0)
+    # The log-weight's centre s⁺ + b, and the ceiling above which a candidate is excluded (fne_math.row_ceilings).
+    centre = tl.load(centre_ptr + rows * stride_centre, mask=row_ok, other=0.0)
+    if HAS_CEILING:
+        ceiling = tl.load(ceiling_ptr + rows * stride_ceiling, mask=row_ok, other=0.0)
     saw_non_finite = tl.zeros([BLOCK_M], dtype=tl.int32)
     if CHECK_FINITE:
         # abs(NaN) <= FLOAT_MAX is false, so these comparisons catch NaN as well as Inf.
         stats_finite = ((tl.abs(mu_pos) <= FLOAT_MAX) & (tl.abs(var_pos) <= FLOAT_MAX)
                         & (tl.abs(mu_neg) <= FLOAT_MAX) & (tl.abs(var_neg) <= FLOAT_MAX)
                         & (tl.abs(n_pos) <= FLOAT_MAX))
-        positive_finite = tl.abs(positive) <= FLOAT_MAX
-        saw_non_finite = tl.where(positive_finite, 0, 1) | tl.where(stats_finite, 0, 1)  # masked rows load 0
+        centre_finite = tl.abs(centre) <= FLOAT_MAX  # s⁺ + b, finite exactly where s⁺ is (b is finite)
+        saw_non_finite = tl.where(centre_finite, 0, 1) | tl.where(stats_finite, 0, 1)  # masked rows load 0
 
     key_lo = seed_lo.to(tl.uint32)
     key_hi = seed_hi.to(tl.uint32)
@@ -166,6 +170,8 @@ def _sample_negatives_kernel(
         finite = tl.abs(s) <= FLOAT_MAX
         live = row_ok[:, None] & col_ok[None, :]
         non_positive = live & finite & (bank_id[None, :] != anchor_id[:, None])
+        if HAS_CEILING:
+            non_positive = non_positive & (s <= ceiling[:, None])
         if CHECK_FINITE:
             saw_non_finite = saw_non_finite | tl.max(tl.where(live & ~finite, 1, 0), axis=1)
         global_base = col_offset + tile_start
@@ -205,7 +211,7 @@ def _sample_negatives_kernel(
                     dp = s - mu_pos
                     dn = s - mu_neg
                     z = z_offset - dp * dp * half_inv_var_pos + dn * dn * half_inv_var_neg
-                    dpos = s - positive[:, None]
+                    dpos = s - centre[:, None]
                     if FN_EXCLUDES:  # fn_tau = inf: a likely false negative has weight 0 (log-weight -inf)
                         likely_false = -float("inf")
                     else:
@@ -273,14 +279,16 @@ def is_interpreted() -> bool:
 
 
 def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
-                            options: SamplerOptions = SamplerOptions(), *, seed=0, step=0, row_offset=0,
-                            col_offset=0, filled=None, check_finite=True, config: TritonConfig | None = None):
+                            options: SamplerOptions = SamplerOptions(), *, fn_thresholds=None, seed=0, step=0,
+                            row_offset=0, col_offset=0, filled=None, check_finite=True,
+                            config: TritonConfig | None = None):
     """``fne_fast.sample_negatives`` on the Triton kernels, for arguments already checked (fne_fast.ops.dispatch
     checks them before calling this).
 
     ``seed`` is an int in [0, 2⁶⁴). ``config`` overrides the tile sizes (tests and benchmarks). With
     ``check_finite`` the kernel flags non-finite similarities, positive_sim or stats, and the flag is read back
-    (one host synchronisation); pass ``check_finite=False`` in training loops that must stay asynchronous.
+    (one host synchronisation, which also looks for NaN in fn_thresholds); pass ``check_finite=False`` in
+    training loops that must stay asynchronous.
     """
     if anchors.device.type == "cpu" and not is_interpreted():
         raise RuntimeError("the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1, which must be set "
@@ -291,7 +299,7 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
     device = anchors.device
     if num_rows == 0 or filled == 0:
         if check_finite and num_rows:
-            raise_if_not_finite(anchors, positive_sim, stats)
+            raise_if_not_finite(anchors, positive_sim, stats, fn_thresholds)
         return (torch.full((num_rows, k), -1, dtype=torch.int64, device=device),
                 torch.zeros((num_rows, k), dtype=torch.float32, device=device),
                 torch.zeros((num_rows, k), dtype=torch.bool, device=device),
@@ -319,18 +327,22 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
         race_key, race_idx, race_sim = hard_key, hard_idx, hard_sim
     flags = torch.empty(row_blocks * splits if check_finite else 1, dtype=torch.int32, device=device)
 
+    centres = weight_centres(positive_sim, options)
+    ceilings = row_ceilings(positive_sim, options, fn_thresholds)
     dot_fp32 = interpreted or not low_precision
     _sample_negatives_kernel[(row_blocks, splits)](
-        anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
+        anchors, bank, centres, centres if ceilings is None else ceilings, anchor_ids, bank_ids, stats,
         race_key, race_idx, race_sim, hard_key, hard_idx, hard_sim, flags,
         num_rows, filled, anchors.shape[1], cols_per_split,
-        anchors.stride(0), anchors.stride(1), bank.stride(0), bank.stride(1), positive_sim.stride(0),
-        anchor_ids.stride(0), bank_ids.stride(0), stats.stride(0),
+        anchors.stride(0), anchors.stride(1), bank.stride(0), bank.stride(1), centres.stride(0),
+        0 if ceilings is None else ceilings.stride(0), anchor_ids.stride(0), bank_ids.stride(0), stats.stride(0),
         col_offset, row_offset, step, seed & 0xFFFFFFFF, seed >> 32,
-        options.margin, options.tau, min(options.effective_fn_tau, FLOAT_MAX.value), float(options.min_count),
+        options.effective_cut_margin, options.tau, min(options.effective_fn_tau, FLOAT_MAX.value),
+        float(options.min_count),
         math.log(options.prior_k - 1.0), fn_logit_threshold(options.fn_margin),
         K=k, KP=kp, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         HAS_RACE=has_race, HAS_WEIGHTS=mode == "fne", HAS_CUTDOWN=has_race and options.cutdown,
+        HAS_CEILING=ceilings is not None,
         CHECK_FINITE=bool(check_finite), FN_EXCLUDES=math.isinf(options.effective_fn_tau), DOT_FP32=dot_fp32,
         INPUT_PRECISION="ieee" if interpreted else input_precision(config),
         ONE_K_STEP=config.block_k >= anchors.shape[1],
@@ -344,7 +356,10 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
     _merge_kernel[(triton.cdiv(num_rows, merge.block_r),)](
         race_key, race_idx, race_sim, hard_key, hard_idx, hard_sim, index, sim, valid, key, num_rows, width,
         K=k, BLOCK_R=merge.block_r, BLOCK_W=merge.block_w, HAS_RACE=has_race, num_warps=merge.num_warps)
-    if check_finite and bool(flags.any()):
-        # Which input it was is worked out on the host, only on this error path.
-        raise_if_not_finite(anchors, positive_sim, stats, similarities_finite=False)
+    if check_finite:
+        thresholds_nan = fn_thresholds is not None and bool(torch.isnan(fn_thresholds).any())
+        similarities_finite = not bool(flags.any())
+        if thresholds_nan or not similarities_finite:
+            # Which input it was is worked out on the host, only on this error path.
+            raise_if_not_finite(anchors, positive_sim, stats, fn_thresholds, similarities_finite=similarities_finite)
     return index, sim, valid, key

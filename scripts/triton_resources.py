@@ -30,9 +30,9 @@ sys.path.insert(0, ROOT)
 SHARED_MEMORY_LIMIT = 227 * 1024  # bytes per block on sm_80 / sm_90 (the opt-in maximum)
 
 
-def _main_case(num_rows, dim, k, bank, anchors=None, mode="fne", fn_excludes=False):
+def _main_case(num_rows, dim, k, bank, anchors=None, mode="fne", fn_excludes=False, ceiling=False):
     return dict(kernel="main", num_rows=num_rows, dim=dim, k=k, bank=bank, anchors=anchors or bank, mode=mode,
-                fn_excludes=fn_excludes)
+                fn_excludes=fn_excludes, ceiling=ceiling)
 
 
 def cases(subset: bool) -> list[dict]:
@@ -43,11 +43,12 @@ def cases(subset: bool) -> list[dict]:
     main += [_main_case(128, 768, k, "fp32") for k in (1, 2, 64)] + [_main_case(128, 128, 1, "fp32")]
     main += [_main_case(128, 768, 1, "bf16", anchors="fp32", mode="uniform"),
              _main_case(128, 256, 3, "fp16", mode="hardest"),
-             _main_case(128, 768, 6, "fp32", fn_excludes=True)]
+             _main_case(128, 768, 6, "fp32", fn_excludes=True),
+             _main_case(128, 256, 16, "bf16", ceiling=True), _main_case(128, 768, 64, "fp32", ceiling=True)]
     merge = [dict(kernel="merge", width=w, k=k, has_race=r) for w, k, r in ((64, 1, True), (528, 1, True),
                                                                            (2048, 64, True), (1584, 3, False))]
     if subset:
-        return [main[4], main[9], main[10], main[-3], main[-2], merge[1], merge[3]]
+        return [main[4], main[9], main[10], main[-5], main[-4], main[-2], merge[1], merge[3]]
     return main + merge
 
 
@@ -85,14 +86,15 @@ def _source(case):
                 described)
     low = case["anchors"] == case["bank"] and case["bank"] != "fp32"
     config = configs.default_config(case["num_rows"], case["dim"], case["k"], low, torch.device("cuda"))
-    pointers = dict(anchors_ptr=case["anchors"], bank_ptr=case["bank"], positive_ptr="fp32", anchor_ids_ptr="i64",
-                    bank_ids_ptr="i64", stats_ptr="fp32", race_key_ptr="i32", race_idx_ptr="i64",
-                    race_sim_ptr="fp32", hard_key_ptr="i32", hard_idx_ptr="i64", hard_sim_ptr="fp32", flag_ptr="i32")
+    pointers = dict(anchors_ptr=case["anchors"], bank_ptr=case["bank"], centre_ptr="fp32", ceiling_ptr="fp32",
+                    anchor_ids_ptr="i64", bank_ids_ptr="i64", stats_ptr="fp32", race_key_ptr="i32",
+                    race_idx_ptr="i64", race_sim_ptr="fp32", hard_key_ptr="i32", hard_idx_ptr="i64",
+                    hard_sim_ptr="fp32", flag_ptr="i32")
     has_race = case["mode"] != "hardest"
     constants = dict(K=case["k"], KP=triton.next_power_of_2(case["k"]), BLOCK_M=config.block_m,
                      BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_RACE=has_race,
-                     HAS_WEIGHTS=case["mode"] == "fne", HAS_CUTDOWN=has_race, CHECK_FINITE=True,
-                     FN_EXCLUDES=case["fn_excludes"], DOT_FP32=not low, INPUT_PRECISION="ieee",
+                     HAS_WEIGHTS=case["mode"] == "fne", HAS_CUTDOWN=has_race, HAS_CEILING=case["ceiling"],
+                     CHECK_FINITE=True, FN_EXCLUDES=case["fn_excludes"], DOT_FP32=not low, INPUT_PRECISION="ieee",
                      ONE_K_STEP=config.block_k >= case["dim"], stride_ad=1, stride_bd=1)
     floats = ("margin", "tau", "fn_tau", "min_count", "log_prior", "z_threshold")
     source = signature(kernels._sample_negatives_kernel, pointers, floats, ("col_offset",), constants)
@@ -104,7 +106,7 @@ def _label(case) -> str:
     if case["kernel"] == "merge":
         return f"merge width={case['width']} k={case['k']}{'' if case['has_race'] else ' hardest'}"
     dtypes = case["bank"] if case["anchors"] == case["bank"] else f"{case['anchors']}/{case['bank']}"
-    extra = " fn_tau=inf" if case["fn_excludes"] else ""
+    extra = (" fn_tau=inf" if case["fn_excludes"] else "") + (" ceilings" if case["ceiling"] else "")
     return f"main B={case['num_rows']} D={case['dim']} k={case['k']} {dtypes} {case['mode']}{extra}"
 
 

@@ -44,15 +44,19 @@ class Backend:
         return sample_inputs(*args, device=self.device, **kwargs)
 
     def run(self, inputs: dict, **options):
-        """The backend on ``inputs`` (moved to its device): ``(index, sim, valid, key)`` on the CPU."""
+        """The backend on ``inputs`` and tensor options (fn_thresholds), moved to its device:
+        ``(index, sim, valid, key)`` on the CPU."""
         tensors = {name: tensor.to(self.device) for name, tensor in inputs.items()}
+        options = {name: value.to(self.device) if isinstance(value, torch.Tensor) else value
+                   for name, value in options.items()}
         result = fne_fast.sample_negatives(*tensors.values(), backend=self.name, return_keys=True, **options)
         return tuple(tensor.cpu() for tensor in result)
 
 
 def run_oracle(inputs: dict, **options):
     """The float64 oracle: ``(index, sim, valid, key)`` on the CPU (keys in float64)."""
-    options = {key: value for key, value in options.items() if key not in ("backend", "check_finite")}
+    options = {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in options.items()
+               if key not in ("backend", "check_finite")}
     cpu_inputs = {name: tensor.cpu() for name, tensor in inputs.items()}
     result = reference.sample_negatives_reference(*cpu_inputs.values(), dtype=torch.float64, return_keys=True,
                                                   **options)
@@ -84,9 +88,11 @@ def oracle_values(inputs: dict, index: torch.Tensor, sampled: torch.Tensor, **op
     similarity (the fallback's order); for explaining disagreements as near-ties."""
     counters = {key: options[key] for key in _COUNTERS if key in options}
     sampler = SamplerOptions(**{key: value for key, value in options.items()
-                                if key not in (*_COUNTERS, "backend", "check_finite")})
+                                if key not in (*_COUNTERS, "backend", "check_finite", "fn_thresholds")})
     cpu_inputs = {name: tensor.cpu() for name, tensor in inputs.items()}
-    keys, _, _, sim = reference.candidate_keys(*cpu_inputs.values(), sampler, **counters)
+    thresholds = options.get("fn_thresholds")
+    keys, _, _, sim = reference.candidate_keys(*cpu_inputs.values(), sampler, **counters,
+                                               fn_thresholds=None if thresholds is None else thresholds.cpu())
     column = index.clamp(min=0)
     return torch.where(sampled, torch.gather(keys, 1, column), torch.gather(sim, 1, column))
 

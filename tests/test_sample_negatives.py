@@ -385,11 +385,17 @@ def test_non_finite_similarities_are_never_chosen_without_check_finite(backend, 
     not torch.cuda.is_available(), reason="needs a GPU"))])
 @pytest.mark.parametrize("name,options", [("k", dict(k=0)), ("mode", dict(mode="x")), ("filled", dict(filled=99)),
                                           ("prior_k", dict(prior_k=1.0)), ("tau", dict(tau=-1.0)),
-                                          ("fn_tau", dict(fn_tau=-1.0)), ("fn_tau", dict(fn_tau=math.nan))])
+                                          ("fn_tau", dict(fn_tau=-1.0)), ("fn_tau", dict(fn_tau=math.nan)),
+                                          ("center_offset", dict(center_offset=math.inf)),
+                                          ("relative_cut", dict(relative_cut=-0.5)),
+                                          ("fn_thresholds", dict(fn_thresholds=torch.zeros(5)))])
 def test_the_raw_operator_checks_too(device, name, options):
     # Callers that bypass the Python wrapper still get an error naming the argument, not a crash.
-    args = dict(k=1, mode="fne", margin=0.2, tau=0.5, fn_tau=0.5, prior_k=1e4, fn_margin=0.999, min_count=200,
-                cutdown=True, seed=0, step=0, row_offset=0, col_offset=0, filled=40, check_finite=True)
+    args = dict(fn_thresholds=None, k=1, mode="fne", margin=0.2, tau=0.5, fn_tau=0.5, prior_k=1e4, fn_margin=0.999,
+                min_count=200, cutdown=True, center_offset=0.0, relative_cut=None, seed=0, step=0, row_offset=0,
+                col_offset=0, filled=40, check_finite=True)
+    if isinstance(options.get("fn_thresholds"), torch.Tensor):
+        options = dict(fn_thresholds=options["fn_thresholds"].to(device))
     args.update(options)
     with pytest.raises(ValueError, match=name):
         torch.ops.fne_fast.sample_negatives(*sample_inputs(6, 40, 8, device=device).values(), *args.values())
@@ -405,8 +411,12 @@ def test_opcheck_and_torch_compile(backend):
     if backend.name == "triton" and not ops.TRITON_SERVES_CUDA:
         pytest.skip("the compiled CUDA kernel serves the CUDA key")
     inputs = {name: tensor.to(backend.device) for name, tensor in backend.inputs(6, 80, 8, kind="exact").items()}
-    args = (*inputs.values(), 2, "fne", 0.2, 0.5, 0.5, 10000.0, 0.999, 200, True, 3, 1, 0, 0, 80, True)
+    args = (*inputs.values(), None, 2, "fne", 0.2, 0.5, 0.5, 10000.0, 0.999, 200, True, 0.0, None, 3, 1, 0, 0, 80,
+            True)
     torch.library.opcheck(torch.ops.fne_fast.sample_negatives.default, args)
+    thresholds = torch.linspace(-0.5, 1.0, 6, device=backend.device)  # the optional tensor and float given
+    criteria = (*inputs.values(), thresholds, *args[7:16], -0.125, 0.9, *args[18:])
+    torch.library.opcheck(torch.ops.fne_fast.sample_negatives.default, criteria)
 
     @torch.compile(backend="eager", fullgraph=True)
     def compiled(*tensors):

@@ -63,13 +63,15 @@ constexpr int64_t kMergeRowsPerChunk = 4096;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
     const at::Tensor& anchors, const at::Tensor& bank, const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
-    const at::Tensor& bank_ids, const at::Tensor& stats, int64_t k, c10::string_view mode, double margin,
-    double tau, double fn_tau, double prior_k, double fn_margin, int64_t min_count, bool cutdown, int64_t seed,
+    const at::Tensor& bank_ids, const at::Tensor& stats, const c10::optional<at::Tensor>& fn_thresholds, int64_t k,
+    c10::string_view mode, double margin, double tau, double fn_tau, double prior_k, double fn_margin,
+    int64_t min_count, bool cutdown, double center_offset, c10::optional<double> relative_cut, int64_t seed,
     int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled, bool check_finite) {
   CallContext call;
-  call.config = check_sample_negatives_args(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k, mode,
-                                            margin, tau, fn_tau, prior_k, fn_margin, min_count, cutdown, seed,
-                                            step, row_offset, col_offset, filled, check_finite);
+  call.config = check_sample_negatives_args(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, fn_thresholds,
+                                            k, mode, margin, tau, fn_tau, prior_k, fn_margin, min_count, cutdown,
+                                            center_offset, relative_cut, seed, step, row_offset, col_offset, filled,
+                                            check_finite);
   const int64_t num_rows = anchors.size(0);
   auto index = at::full({num_rows, k}, -1, anchors.options().dtype(at::kLong));
   auto sim = at::zeros({num_rows, k}, anchors.options().dtype(at::kFloat));
@@ -85,17 +87,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
   const auto stats_contig = stats.contiguous();
   if (check_finite) {
     // The small inputs before the pass (a bad one would waste it); the bank from inside the pass, below.
-    const bool input_flags[3] = {has_non_finite(anchors_contig), has_non_finite(positive_contig),
-                                 has_non_finite(stats_contig)};
+    const bool thresholds_nan = fn_thresholds.has_value() && at::isnan(*fn_thresholds).any().item<bool>();
+    const bool input_flags[kInputFlags] = {has_non_finite(anchors_contig), has_non_finite(positive_contig),
+                                           has_non_finite(stats_contig), thresholds_nan};
     raise_if_not_finite(input_flags, false);
   }
+  const RowInputs rows = row_inputs(positive_contig, fn_thresholds, center_offset, relative_cut);
   const float* stats_ptr = stats_contig.data_ptr<float>();
   call.weights = make_weight_params(stats_ptr, call.config);
   call.philox_key = philox_key_from_seed(call.config.seed);
   call.cut_threshold = (call.config.mode != SamplerMode::kHardest && cutdown) ? stats_ptr[0] - call.config.margin
                                                                                : kNegInf;
   call.anchor_ids = anchor_ids_contig.data_ptr<int64_t>();
-  call.positive_sim = positive_contig.data_ptr<float>();
+  call.centres = rows.centres.data_ptr<float>();
+  call.ceilings = rows.ceilings.defined() ? rows.ceilings.data_ptr<float>() : nullptr;
 
   const int64_t live_cols = call.config.filled;  // rows >= filled are never read
   // Tiles no larger than the problem (small calls allocate little) nor than int32 column offsets allow.
@@ -140,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
     thread_saw_non_finite[thread] |= saw_non_finite;
   });
   if (check_finite) {
-    const bool inputs_checked_above[3] = {false, false, false};
+    const bool inputs_checked_above[kInputFlags] = {false, false, false, false};
     const bool bank_not_finite =
         std::any_of(thread_saw_non_finite.begin(), thread_saw_non_finite.end(), [](char flag) { return flag != 0; });
     raise_if_not_finite(inputs_checked_above, bank_not_finite);

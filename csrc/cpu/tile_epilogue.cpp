@@ -31,7 +31,8 @@ constexpr int kScalarWordsBelow = 4;
 // The AVX-512 race compacts the candidates when they fill fewer than 1/kCompactBelow of the listed columns' lanes.
 constexpr int64_t kCompactBelow = 2;
 constexpr float kLargest = std::numeric_limits<float>::max();
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNegInf = -kInf;
 
 // A race candidate (tile row r, column j) whose Philox word passed its row's limit: its key, then the list.
 // Returns the row's limit afterwards.
@@ -40,7 +41,7 @@ uint32_t offer_race(const SimilarityTile& tile, const CallContext& call, RowList
   const int64_t row = tile.row_begin + r;
   const float s = tile.sims[j * tile.ld + r];
   const float log_weight =
-      call.config.mode == SamplerMode::kFne ? fne_log_weight(s, call.positive_sim[row], call.weights) : 0.f;
+      call.config.mode == SamplerMode::kFne ? fne_log_weight(s, call.centres[row], call.weights) : 0.f;
   const float key = log_weight + gumbel_from_bits(word);
   if (!(key > kNegInf)) return lists.race_limit[row];  // weight 0 (fn_tau = inf): excluded like a cut-down one
   return lists.insert_race(row, key, s, tile.global_col_begin + j);
@@ -69,7 +70,7 @@ __attribute__((target_clones("avx2", "default"))) void philox_words16_portable(
 
 bool block_portable(const SimilarityTile& tile, int64_t r0, int lanes, const CallContext& call, RowLists& lists,
                     EpilogueScratch& scratch) {
-  float hard_threshold[kLanes];
+  float hard_threshold[kLanes], ceiling[kLanes];
   uint32_t limit[kLanes];
   int64_t anchor_id[kLanes];
   for (int l = 0; l < lanes; ++l) {
@@ -77,6 +78,7 @@ bool block_portable(const SimilarityTile& tile, int64_t r0, int lanes, const Cal
     hard_threshold[l] = lists.hard(row).threshold();
     limit[l] = lists.race_limit[row];
     anchor_id[l] = call.anchor_ids[row];
+    ceiling[l] = call.ceilings != nullptr ? call.ceilings[row] : kInf;
   }
   bool non_finite = false;
   int64_t listed = 0;
@@ -89,7 +91,7 @@ bool block_portable(const SimilarityTile& tile, int64_t r0, int lanes, const Cal
       // A non-finite similarity (non-finite inputs, or float32 overflow) is never a candidate.
       const bool finite = std::fabs(s) <= kLargest;
       non_finite |= !finite;
-      const bool candidate = finite && bank_id != anchor_id[l];
+      const bool candidate = finite && bank_id != anchor_id[l] && s <= ceiling[l];
       if (candidate && s >= hard_threshold[l]) {
         hard_threshold[l] = lists.insert_hard(tile.row_begin + r0 + l, s, tile.global_col_begin + j);
       }
@@ -234,7 +236,7 @@ FNE_FAST_AVX512 void race_compacted(const SimilarityTile& tile, const CallContex
 FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int lanes, const CallContext& call,
                                   RowLists& lists, EpilogueScratch& scratch) {
   const __mmask16 live = static_cast<__mmask16>((1u << lanes) - 1);
-  alignas(64) float hard_threshold[kLanes];
+  alignas(64) float hard_threshold[kLanes], ceiling[kLanes];
   alignas(64) uint32_t limit[kLanes], rows[kLanes];
   alignas(64) int64_t anchor_id[kLanes];
   for (int l = 0; l < kLanes; ++l) {
@@ -243,8 +245,10 @@ FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int la
     limit[l] = lists.race_limit[row];
     anchor_id[l] = call.anchor_ids[row];
     rows[l] = counter_row(tile, call, r0 + l);
+    ceiling[l] = call.ceilings != nullptr ? call.ceilings[row] : kInf;
   }
   __m512 threshold = _mm512_load_ps(hard_threshold);
+  const __m512 ceilings = _mm512_load_ps(ceiling);
   const __m512i ids_low = _mm512_load_si512(anchor_id), ids_high = _mm512_load_si512(anchor_id + 8);
   const __m512 cut = _mm512_set1_ps(call.cut_threshold), largest = _mm512_set1_ps(kLargest);
   int32_t* columns = scratch.columns.data();
@@ -263,7 +267,7 @@ FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int la
     const __m512i bank_id = _mm512_set1_epi64(bank_ids[j]);
     const __mmask16 same = _mm512_kunpackb(_mm512_cmpeq_epi64_mask(ids_high, bank_id),
                                            _mm512_cmpeq_epi64_mask(ids_low, bank_id));
-    const __mmask16 candidate = finite & ~same;
+    const __mmask16 candidate = _mm512_mask_cmp_ps_mask(finite & ~same, s, ceilings, _CMP_LE_OQ);
     const __mmask16 hard = _mm512_mask_cmp_ps_mask(candidate, s, threshold, _CMP_GE_OQ);
     if (hard != 0) threshold = insert_hard_lanes(tile, lists, r0, j, hard, s, hard_threshold);
     const __mmask16 survive = _mm512_mask_cmp_ps_mask(candidate, s, cut, _CMP_GT_OQ);

@@ -18,7 +18,8 @@ struct CallContext {
   PhiloxKey philox_key;
   float cut_threshold;  // s <= cut_threshold is cut down (-inf when the cut-down is off)
   const int64_t* anchor_ids;
-  const float* positive_sim;
+  const float* centres;   // [B] the log-weight's centre s⁺ + b (RowInputs in sample_negatives.h)
+  const float* ceilings;  // [B] s > ceiling is excluded from the race and the fallback; nullptr: no ceilings
 };
 
 // One tile: similarity of anchor row row_begin + r to the tile's bank column j at sims[j * ld + r].

@@ -73,7 +73,8 @@ struct EpilogueArgs {
   const float* sims;        // [B, chunk_cols] of this chunk
   const int64_t* bank_ids;  // ids of this chunk's columns
   const int64_t* anchor_ids;
-  const float* positive_sim;
+  const float* centres;   // [B] the log-weight's centre s⁺ + b (RowInputs in sample_negatives.h)
+  const float* ceilings;  // [B] s > ceiling is excluded from the race and the fallback; nullptr: no ceilings
   const float* stats;
   int64_t chunk_cols;
   int64_t split_cols;
@@ -109,7 +110,8 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs args) {
   const int64_t end = min(begin + args.split_cols, args.chunk_cols);
   const float* row_sims = args.sims + row * args.chunk_cols;
   const int64_t anchor_id = args.anchor_ids[row];
-  const float positive = args.positive_sim[row];
+  const float centre = args.centres[row];
+  const float ceiling = args.ceilings != nullptr ? args.ceilings[row] : INFINITY;
   const uint32_t global_row = config.row_offset + static_cast<uint32_t>(row);
   bool non_finite = false;
   for (int64_t base = begin; base < end; base += kRoundCols) {
@@ -124,6 +126,7 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs args) {
         continue;
       }
       if (args.bank_ids[j] == anchor_id) continue;  // the anchor's own identity: a true positive
+      if (s > ceiling) continue;                    // a likely false negative by its anchor's ceiling
       const int64_t column = args.global_col_begin + j;
       offered |= offer(hard, k, Entry{s, s, column});
       if (sampling && s > cut) {
@@ -133,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs args) {
         // Once the list has a threshold, almost every word fails this test: the logarithms and the weight are
         // then skipped, for the whole warp as a rule.
         if (bits <= race.gumbel_limit) {
-          const float log_weight = config.mode == SamplerMode::kFne ? fne_log_weight(s, positive, weights) : 0.f;
+          const float log_weight = config.mode == SamplerMode::kFne ? fne_log_weight(s, centre, weights) : 0.f;
           const float key = log_weight + gumbel_from_bits(bits);
           // Weight 0 (fn_tau = inf), or NaN from non-finite inputs: not a race candidate.
           if (key > -INFINITY) offered |= offer(race, k, Entry{key, s, column});
@@ -233,23 +236,25 @@ int64_t chunk_columns(int64_t num_rows, int64_t dim, bool convert_bank, int64_t 
   return std::min(positive_int_from_env("FNE_FAST_CUDA_CHUNK_COLS", fallback), std::max<int64_t>(live_cols, 1));
 }
 
-// One device-to-host copy for all four checks (the op's only synchronisation, and only with check_finite).
+// One device-to-host copy for all five checks (the op's only synchronisation, and only with check_finite).
 void check_finite_flags(const at::Tensor& anchors, const at::Tensor& positive_sim, const at::Tensor& stats,
-                        const at::Tensor& non_finite) {
-  const auto flags = at::cat({non_finite_input_flags(anchors, positive_sim, stats), non_finite.ne(0)}).cpu();
+                        const c10::optional<at::Tensor>& fn_thresholds, const at::Tensor& non_finite) {
+  const auto flags =
+      at::cat({non_finite_input_flags(anchors, positive_sim, stats, fn_thresholds), non_finite.ne(0)}).cpu();
   const bool* bad = flags.data_ptr<bool>();
-  raise_if_not_finite(bad, bad[3]);
+  raise_if_not_finite(bad, bad[kInputFlags]);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda(
     const at::Tensor& anchors, const at::Tensor& bank, const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
-    const at::Tensor& bank_ids, const at::Tensor& stats, int64_t k, c10::string_view mode, double margin,
-    double tau, double fn_tau, double prior_k, double fn_margin, int64_t min_count, bool cutdown, int64_t seed,
+    const at::Tensor& bank_ids, const at::Tensor& stats, const c10::optional<at::Tensor>& fn_thresholds, int64_t k,
+    c10::string_view mode, double margin, double tau, double fn_tau, double prior_k, double fn_margin,
+    int64_t min_count, bool cutdown, double center_offset, c10::optional<double> relative_cut, int64_t seed,
     int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled, bool check_finite) {
-  const SamplerConfig config =
-      check_sample_negatives_args(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k, mode, margin, tau,
-                                  fn_tau, prior_k, fn_margin, min_count, cutdown, seed, step, row_offset, col_offset,
-                                  filled, check_finite);
+  const SamplerConfig config = check_sample_negatives_args(
+      anchors, bank, positive_sim, anchor_ids, bank_ids, stats, fn_thresholds, k, mode, margin, tau, fn_tau, prior_k,
+      fn_margin, min_count, cutdown, center_offset, relative_cut, seed, step, row_offset, col_offset, filled,
+      check_finite);
   TORCH_CHECK_VALUE(k <= kMaxK, "k must be <= ", kMaxK, " on CUDA (the per-row lists live in shared memory), got ",
                     k);
   const c10::cuda::CUDAGuard device_guard(anchors.device());
@@ -267,6 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda
   const auto anchor_ids_contig = anchor_ids.contiguous();
   const auto positive_contig = positive_sim.contiguous();
   const auto stats_contig = stats.contiguous();
+  const RowInputs rows = row_inputs(positive_contig, fn_thresholds, center_offset, relative_cut);
   // float32 anchors with a low-precision bank: the chunk is converted, so products are formed in float32 from
   // the exact bank values (as on the CPU) rather than from anchors rounded to the bank's dtype.
   const bool convert_bank = bank.scalar_type() != anchors.scalar_type();
@@ -307,7 +313,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda
 
     EpilogueArgs epilogue{};
     epilogue.anchor_ids = anchor_ids_contig.data_ptr<int64_t>();
-    epilogue.positive_sim = positive_contig.data_ptr<float>();
+    epilogue.centres = rows.centres.data_ptr<float>();
+    epilogue.ceilings = rows.ceilings.defined() ? rows.ceilings.data_ptr<float>() : nullptr;
     epilogue.stats = stats_contig.data_ptr<float>();
     epilogue.split_cols = split_cols;
     epilogue.config = config;
@@ -361,7 +368,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (check_finite) {
-    check_finite_flags(anchors_contig, positive_contig, stats_contig, counts.narrow(0, counts.size(0) - 1, 1));
+    check_finite_flags(anchors_contig, positive_contig, stats_contig, fn_thresholds,
+                       counts.narrow(0, counts.size(0) - 1, 1));
   }
   return {index, sim, valid, key};
 }

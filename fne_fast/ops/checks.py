@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_python_types", "check_tensor_arguments", "check_counters", "raise_if_not_finite", "dtype_name",
+__all__ = ["check_python_types", "check_tensor_arguments", "check_fn_thresholds", "check_counters",
+           "raise_if_not_finite", "dtype_name",
            "EMBEDDING_DTYPES", "TENSOR_ARGUMENTS"]
 
 EMBEDDING_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -55,6 +56,15 @@ def check_tensor_arguments(anchors, bank, positive_sim, anchor_ids, bank_ids, st
             raise ValueError(f"{name} must have length {length}, got {tensor.shape[0]}")
 
 
+def check_fn_thresholds(fn_thresholds, num_rows: int, device: torch.device) -> None:
+    """The optional per-anchor thresholds: None, or float32 [B] on the anchors' device."""
+    if fn_thresholds is None:
+        return
+    _check_tensor("fn_thresholds", fn_thresholds, ndim=1, dtypes=(torch.float32,), device=device)
+    if fn_thresholds.shape[0] != num_rows:
+        raise ValueError(f"fn_thresholds must have length {num_rows}, got {fn_thresholds.shape[0]}")
+
+
 def check_counters(num_rows: int, num_cols: int, *, step: int, row_offset: int, col_offset: int,
                    filled: int) -> None:
     """The Philox counter words and the fill count (docs/DESIGN.md §2): rows and steps are 32-bit words."""
@@ -88,14 +98,18 @@ def check_python_types(tensors: dict, integers: dict, seed) -> None:
             raise ValueError(f"{name} must fit in int64, got {value}")
 
 
-def raise_if_not_finite(anchors, positive_sim, stats, *, similarities_finite: bool = True) -> None:
+def raise_if_not_finite(anchors, positive_sim, stats, fn_thresholds=None, *,
+                        similarities_finite: bool = True) -> None:
     """The ``check_finite`` errors of the Python kernels, in the words and order of the C++ kernels'
-    (csrc/sample_negatives.cpp): the first of anchors, positive_sim, stats that holds a NaN or Inf, else the bank
-    when a similarity of a live row was not finite."""
+    (csrc/sample_negatives.cpp): the first of anchors, positive_sim, stats that holds a NaN or Inf, then
+    fn_thresholds if it holds a NaN (±inf are thresholds), else the bank when a similarity of a live row was not
+    finite."""
     suffix = " contains NaN or Inf (pass check_finite=False to skip this check)"
     for name, tensor in (("anchors", anchors), ("positive_sim", positive_sim), ("stats", stats)):
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(name + suffix)
+    if fn_thresholds is not None and bool(torch.isnan(fn_thresholds).any()):
+        raise ValueError("fn_thresholds contains NaN (pass check_finite=False to skip this check)")
     if not similarities_finite:
         raise ValueError("bank contains NaN or Inf (a similarity was not finite; pass check_finite=False to skip "
                          "this check)")

@@ -24,7 +24,8 @@ import importlib.util
 
 import torch
 
-from fne_fast.ops.checks import TENSOR_ARGUMENTS, check_counters, check_python_types, check_tensor_arguments
+from fne_fast.ops.checks import (TENSOR_ARGUMENTS, check_counters, check_fn_thresholds, check_python_types,
+                                 check_tensor_arguments)
 from fne_fast.ops.options import SamplerOptions
 
 __all__ = ["sample_negatives", "sample_negatives_with_options", "check_backend", "BACKENDS", "COMPILED_CUDA_KERNEL",
@@ -44,13 +45,15 @@ def _triton_kernels():
     return importlib.import_module("fne_fast.kernels.sample_negatives")
 
 
-def _run_python_kernel(backend, anchors, bank, positive_sim, anchor_ids, bank_ids, stats, options, *, seed, step,
-                       row_offset, col_offset, filled, check_finite):
+def _run_python_kernel(backend, anchors, bank, positive_sim, anchor_ids, bank_ids, stats, options, *, fn_thresholds,
+                       seed, step, row_offset, col_offset, filled, check_finite):
     """The reference or the Triton kernel, after the checks the C++ kernels make at their entry."""
     check_tensor_arguments(anchors, bank, positive_sim, anchor_ids, bank_ids, stats)
+    check_fn_thresholds(fn_thresholds, anchors.shape[0], anchors.device)
     check_counters(anchors.shape[0], bank.shape[0], step=step, row_offset=row_offset, col_offset=col_offset,
                    filled=filled)
-    counters = dict(seed=seed, step=step, row_offset=row_offset, col_offset=col_offset, filled=filled)
+    counters = dict(seed=seed, step=step, row_offset=row_offset, col_offset=col_offset, filled=filled,
+                    fn_thresholds=fn_thresholds)
     if backend == "reference":
         from fne_fast.ops import reference  # the oracle is loaded only when asked for
 
@@ -60,12 +63,14 @@ def _run_python_kernel(backend, anchors, bank, positive_sim, anchor_ids, bank_id
                                                      options, check_finite=check_finite, **counters)
 
 
-def _sample_negatives_triton_op(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, *schema_values):
+def _sample_negatives_triton_op(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, fn_thresholds,
+                                *schema_values):
     """The Triton kernel in the schema's calling convention (csrc/fne_fast.cpp), for the CUDA dispatch key: the
     options' values (``SCHEMA_FIELDS``), then seed, step, row_offset, col_offset, filled, check_finite."""
     *option_values, seed, step, row_offset, col_offset, filled, check_finite = schema_values
     return _run_python_kernel("triton", anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
-                              SamplerOptions.from_schema(*option_values), seed=seed % _UINT64, step=step,
+                              SamplerOptions.from_schema(*option_values), fn_thresholds=fn_thresholds,
+                              seed=seed % _UINT64, step=step,
                               row_offset=row_offset, col_offset=col_offset, filled=filled, check_finite=check_finite)
 
 
@@ -97,9 +102,9 @@ def check_backend(backend: str, device: torch.device) -> None:
 
 def sample_negatives_with_options(anchors: torch.Tensor, bank: torch.Tensor, positive_sim: torch.Tensor,
                                   anchor_ids: torch.Tensor, bank_ids: torch.Tensor, stats: torch.Tensor,
-                                  options: SamplerOptions = _DEFAULTS, *, seed: int = 0, step: int = 0,
-                                  row_offset: int = 0, col_offset: int = 0, filled: int | None = None,
-                                  backend: str = "auto", check_finite: bool = True):
+                                  options: SamplerOptions = _DEFAULTS, *, fn_thresholds: torch.Tensor | None = None,
+                                  seed: int = 0, step: int = 0, row_offset: int = 0, col_offset: int = 0,
+                                  filled: int | None = None, backend: str = "auto", check_finite: bool = True):
     """``sample_negatives`` with the sampler's options as one ``SamplerOptions``; returns all four outputs
     ``(index, sim, valid, key)``."""
     if not isinstance(options, SamplerOptions):
@@ -107,16 +112,19 @@ def sample_negatives_with_options(anchors: torch.Tensor, bank: torch.Tensor, pos
     tensors = dict(zip(TENSOR_ARGUMENTS, (anchors, bank, positive_sim, anchor_ids, bank_ids, stats)))
     check_python_types(tensors, dict(step=step, row_offset=row_offset, col_offset=col_offset,
                                      filled=0 if filled is None else filled), seed)
+    if fn_thresholds is not None:
+        check_python_types({"anchors": anchors, "fn_thresholds": fn_thresholds}, {}, seed)
     filled = bank.shape[0] if filled is None else filled
     seed %= _UINT64
     check_backend(backend, anchors.device)
     if backend in ("reference", "triton"):
-        return tuple(_run_python_kernel(backend, *tensors.values(), options, seed=seed, step=step,
-                                        row_offset=row_offset, col_offset=col_offset, filled=filled,
+        return tuple(_run_python_kernel(backend, *tensors.values(), options, fn_thresholds=fn_thresholds, seed=seed,
+                                        step=step, row_offset=row_offset, col_offset=col_offset, filled=filled,
                                         check_finite=check_finite))
     signed_seed = seed - _UINT64 if seed >= 2**63 else seed  # the schema's int is int64: the same 64 bits
-    return tuple(torch.ops.fne_fast.sample_negatives(*tensors.values(), *options.schema_values(), signed_seed, step,
-                                                     row_offset, col_offset, filled, bool(check_finite)))
+    return tuple(torch.ops.fne_fast.sample_negatives(*tensors.values(), fn_thresholds, *options.schema_values(),
+                                                     signed_seed, step, row_offset, col_offset, filled,
+                                                     bool(check_finite)))
 
 
 def sample_negatives(anchors: torch.Tensor, bank: torch.Tensor, positive_sim: torch.Tensor,
@@ -124,9 +132,12 @@ def sample_negatives(anchors: torch.Tensor, bank: torch.Tensor, positive_sim: to
                      k: int = _DEFAULTS.k, mode: str = _DEFAULTS.mode, margin: float = _DEFAULTS.margin,
                      tau: float = _DEFAULTS.tau, fn_tau: float | None = _DEFAULTS.fn_tau,
                      prior_k: float = _DEFAULTS.prior_k, fn_margin: float = _DEFAULTS.fn_margin,
-                     min_count: int = _DEFAULTS.min_count, cutdown: bool = _DEFAULTS.cutdown, seed: int = 0,
-                     step: int = 0, row_offset: int = 0, col_offset: int = 0, filled: int | None = None,
-                     backend: str = "auto", check_finite: bool = True, return_keys: bool = False):
+                     min_count: int = _DEFAULTS.min_count, cutdown: bool = _DEFAULTS.cutdown,
+                     cut_margin: float | None = _DEFAULTS.cut_margin, center_offset: float = _DEFAULTS.center_offset,
+                     relative_cut: float | None = _DEFAULTS.relative_cut, fn_thresholds: torch.Tensor | None = None,
+                     seed: int = 0, step: int = 0, row_offset: int = 0, col_offset: int = 0,
+                     filled: int | None = None, backend: str = "auto", check_finite: bool = True,
+                     return_keys: bool = False):
     """Sample k negatives per anchor from the bank in one pass (docs/DESIGN.md §2).
 
     Args:
@@ -135,8 +146,10 @@ def sample_negatives(anchors: torch.Tensor, bank: torch.Tensor, positive_sim: to
         positive_sim: ``[B]`` float32, each anchor's similarity to its own positive.
         anchor_ids, bank_ids: ``[B]`` and ``[N]`` int64 identities; a bank row with the anchor's id is a positive.
         stats: float32 ``(μ⁺, σ⁺², μ⁻, σ⁻², n⁺)`` on the device (``fne_fast.RunningStats.as_tensor()``).
-        k … cutdown: the sampler's options, the fields of :class:`fne_fast.SamplerOptions`, whose defaults these
-            are (``**options.as_kwargs()`` passes a whole one).
+        k … relative_cut: the sampler's options, the fields of :class:`fne_fast.SamplerOptions`, whose defaults
+            these are (``**options.as_kwargs()`` passes a whole one).
+        fn_thresholds: optional ``[B]`` float32 per-anchor thresholds: a candidate with a larger similarity is
+            excluded from the race and the fallback, as by ``relative_cut`` (docs/DESIGN.md §1).
         seed, step, row_offset, col_offset: the Philox key and counters; ``seed`` is taken modulo 2⁶⁴.
         filled: the number of live bank rows (rows ``>= filled`` are never chosen); None means N.
         backend: "auto" (the dispatcher's kernel for the device), "cpu", "cuda", "triton" or "reference".
@@ -158,15 +171,18 @@ def sample_negatives(anchors: torch.Tensor, bank: torch.Tensor, positive_sim: to
     compiled CUDA kernel supports k <= 64 (its lists live in shared memory).
     """
     options = SamplerOptions(mode=mode, k=k, margin=margin, tau=tau, fn_tau=fn_tau, prior_k=prior_k,
-                             fn_margin=fn_margin, min_count=min_count, cutdown=cutdown)
+                             fn_margin=fn_margin, min_count=min_count, cutdown=cutdown, cut_margin=cut_margin,
+                             center_offset=center_offset, relative_cut=relative_cut)
     result = sample_negatives_with_options(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, options,
-                                           seed=seed, step=step, row_offset=row_offset, col_offset=col_offset,
-                                           filled=filled, backend=backend, check_finite=check_finite)
+                                           fn_thresholds=fn_thresholds, seed=seed, step=step, row_offset=row_offset,
+                                           col_offset=col_offset, filled=filled, backend=backend,
+                                           check_finite=check_finite)
     return result if return_keys else result[:3]
 
 
 @torch.library.register_fake(_OPERATOR)
-def _sample_negatives_fake(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, k, *schema_values):
+def _sample_negatives_fake(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, fn_thresholds, k,
+                           *schema_values):
     torch._check(anchors.dim() == 2, lambda: "anchors must be 2-D")
     torch._check(k >= 1, lambda: "k must be >= 1")
     rows = anchors.shape[0]

@@ -16,7 +16,8 @@ import torch
 from fne_fast.ops.options import SamplerOptions
 
 __all__ = ["fn_logit_threshold", "false_negative_logit", "false_negative_probability", "gaussians_defined",
-           "bayes_active", "safe_stats", "log_weights", "fallback_candidates", "race_log_weights"]
+           "bayes_active", "safe_stats", "weight_centres", "row_ceilings", "log_weights", "fallback_candidates",
+           "race_log_weights"]
 
 # Statistics whose Gaussians are the standard normal: stand-ins where the running statistics define no model yet,
 # so that the formulas stay finite (the caller masks their result).
@@ -64,16 +65,45 @@ def safe_stats(stats: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
     return torch.where(usable, stats, torch.tensor(_STANDARD_STATS, dtype=stats.dtype, device=stats.device))
 
 
+def weight_centres(positive_sim: torch.Tensor, options: SamplerOptions) -> torch.Tensor:
+    """The centre c = s⁺ + b of the base log-weight -τ (s - c)², formed in float32 as every kernel forms it
+    (positive_sim unchanged where b = 0)."""
+    if options.center_offset == 0.0:
+        return positive_sim
+    offset = torch.tensor(options.center_offset, dtype=torch.float32, device=positive_sim.device)
+    return (positive_sim.to(torch.float32) + offset).to(positive_sim.dtype)
+
+
+def row_ceilings(positive_sim: torch.Tensor, options: SamplerOptions,
+                 fn_thresholds: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The per-anchor ceiling c [B] (float32) of docs/DESIGN.md §1: a candidate with s > c is excluded from the race
+    and the fallback; None where neither the positive-relative cut nor per-anchor thresholds are on.
+
+    c = min(s⁺ - (1 - relative_cut) |s⁺|, fn_thresholds), each term in float32 (one rounding per operation, the
+    C++ kernels' host code forms the same tensor with the same operations); a NaN term is ignored, and a row whose
+    terms are all NaN has c = +inf (nothing excluded)."""
+    ceilings = None
+    if options.relative_cut is not None:
+        positive = positive_sim.to(torch.float32)
+        gap = torch.tensor(1.0 - options.relative_cut, dtype=torch.float32, device=positive.device)
+        ceilings = positive - gap * positive.abs()
+    if fn_thresholds is not None:
+        ceilings = fn_thresholds if ceilings is None else torch.fmin(ceilings, fn_thresholds)
+    if ceilings is None:
+        return None
+    return torch.nan_to_num(ceilings, nan=math.inf, posinf=math.inf, neginf=-math.inf)
+
+
 def log_weights(sim: torch.Tensor, positive_sim: torch.Tensor, stats: torch.Tensor,
                 options: SamplerOptions = SamplerOptions()) -> torch.Tensor:
-    """ℓ[i, j] of docs/DESIGN.md §1 for similarities sim [B, N] (no masking), in sim's dtype: ``-τ (s - s⁺)²``,
+    """ℓ[i, j] of docs/DESIGN.md §1 for similarities sim [B, N] (no masking), in sim's dtype: ``-τ (s - s⁺ - b)²``,
     or ``-fn_tau P_fn(s)`` where the Bayesian branch applies (-inf with fn_tau = inf: weight 0); zero in mode
     "uniform". Mode "hardest" has no weights (its key is the similarity) and is refused."""
     if options.mode == "hardest":
         raise ValueError("mode 'hardest' has no log-weights: its key is the similarity")
     if options.mode == "uniform":
         return torch.zeros_like(sim)
-    base = -options.tau * (sim - positive_sim.to(sim.dtype).reshape(-1, 1)) ** 2
+    base = -options.tau * (sim - weight_centres(positive_sim, options).to(sim.dtype).reshape(-1, 1)) ** 2
     z = false_negative_logit(sim, stats, options.prior_k)
     use_bayes = bayes_active(stats, options.min_count) & (z > fn_logit_threshold(options.fn_margin))
     fn_tau = options.effective_fn_tau
@@ -81,24 +111,29 @@ def log_weights(sim: torch.Tensor, positive_sim: torch.Tensor, stats: torch.Tens
     return torch.where(use_bayes, likely_false, base)
 
 
-def fallback_candidates(sim: torch.Tensor, anchor_ids: torch.Tensor, bank_ids: torch.Tensor,
-                        filled: int) -> torch.Tensor:
+def fallback_candidates(sim: torch.Tensor, anchor_ids: torch.Tensor, bank_ids: torch.Tensor, filled: int,
+                        ceilings: torch.Tensor | None = None) -> torch.Tensor:
     """[B, N] bool: the pairs eligible for the hardest-negative fallback, the race's superset: another identity, a
-    filled slot and a finite similarity (a non-finite one, from non-finite inputs, is never a candidate)."""
+    filled slot, a finite similarity (a non-finite one, from non-finite inputs, is never a candidate) and, with
+    ``ceilings`` (``row_ceilings``), a similarity at most the row's ceiling."""
     columns = torch.arange(sim.shape[1], device=sim.device)
-    return ((bank_ids.reshape(1, -1) != anchor_ids.reshape(-1, 1)) & (columns < filled).reshape(1, -1)
-            & torch.isfinite(sim))
+    eligible = ((bank_ids.reshape(1, -1) != anchor_ids.reshape(-1, 1)) & (columns < filled).reshape(1, -1)
+                & torch.isfinite(sim))
+    if ceilings is not None:
+        eligible &= sim <= ceilings.to(sim.dtype).reshape(-1, 1)
+    return eligible
 
 
 def race_log_weights(sim: torch.Tensor, positive_sim: torch.Tensor, stats: torch.Tensor, options: SamplerOptions,
                      non_positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ℓ [B, N] of every pair, the race [B, N] bool)`` of modes "fne" and "uniform": the non-positive
     candidates above the cut-down (when on) whose weight is not 0 (fn_tau = inf removes likely false negatives
-    like cut-down ones). The cut-down threshold μ⁺ - margin is formed in float32, as the kernels form it, so that
-    it is the same number everywhere."""
+    like cut-down ones). The cut-down threshold μ⁺ - cut_margin is formed in float32, as the kernels form it, so
+    that it is the same number everywhere."""
     race = non_positive
     if options.cutdown:
-        cut = (stats[0].to(torch.float32) - torch.tensor(options.margin, dtype=torch.float32)).to(sim.dtype)
+        cut_margin = torch.tensor(options.effective_cut_margin, dtype=torch.float32)
+        cut = (stats[0].to(torch.float32) - cut_margin).to(sim.dtype)
         race = race & (sim > cut)
     weights = log_weights(sim, positive_sim, stats, options)
     return weights, race & (weights > -math.inf)

@@ -18,7 +18,9 @@ __all__ = ["SamplerOptions", "MODES", "SCHEMA_FIELDS", "sampler_flag_fields"]
 
 MODES = ("fne", "hardest", "uniform")
 # The options in the order of the operator's schema (csrc/fne_fast.cpp), where fn_tau is already resolved.
-SCHEMA_FIELDS = ("k", "mode", "margin", "tau", "fn_tau", "prior_k", "fn_margin", "min_count", "cutdown")
+# The operator has no hinge: its ``margin`` is the cut-down margin (``cut_margin``, resolved like fn_tau).
+SCHEMA_FIELDS = ("k", "mode", "margin", "tau", "fn_tau", "prior_k", "fn_margin", "min_count", "cutdown",
+                 "center_offset", "relative_cut")
 
 
 def _check_k(value) -> str | None:
@@ -46,6 +48,15 @@ def _check_fn_margin(value) -> str | None:
     return None if is_number(value) and 0 <= value <= 1 else "must be in [0, 1]"
 
 
+def _check_optional_margin(value) -> str | None:
+    return None if value is None or _check_margin(value) is None else "must be None (= margin) or a finite number"
+
+
+def _check_relative_cut(value) -> str | None:
+    ok = value is None or (is_number(value) and math.isfinite(value) and value >= 0)
+    return None if ok else "must be None (off) or a finite number >= 0"
+
+
 def _check_min_count(value) -> str | None:
     ok = is_integer(value) and value >= 0
     return None if ok else "must be an integer >= 0"
@@ -68,7 +79,16 @@ class SamplerOptions:
                                "the Bayesian weight applies where P_fn > 1 - fn_margin")
     min_count: int = option(200, _check_min_count, "positives the running statistics need before the Bayesian "
                                                     "branch switches on")
-    cutdown: bool = option(True, check_bool, "cut down easy negatives (s <= mu+ - margin)")
+    cutdown: bool = option(True, check_bool, "cut down easy negatives (s <= mu+ - cut_margin)")
+    cut_margin: float | None = option(None, _check_optional_margin,
+                                      "cut-down margin: candidates with s <= mu+ - cut_margin leave the race "
+                                      "(default: margin, the hinge's)")
+    center_offset: float = option(0.0, _check_margin, "centre b of the base log-weight -tau (s - s+ - b)^2 "
+                                                      "(SimANS; b < 0 favours candidates below the positive)")
+    relative_cut: float | None = option(None, _check_relative_cut,
+                                        "exclude candidates with s > s+ - (1 - relative_cut) |s+| (relative_cut "
+                                        "times s+ when s+ >= 0; NV-Retriever uses 0.95) from the race and the "
+                                        "fallback; default: off")
 
     def __post_init__(self):
         validate_fields(self)
@@ -77,6 +97,11 @@ class SamplerOptions:
     def effective_fn_tau(self) -> float:
         """fn_tau, with None resolved to tau."""
         return self.tau if self.fn_tau is None else self.fn_tau
+
+    @property
+    def effective_cut_margin(self) -> float:
+        """cut_margin, with None resolved to margin."""
+        return self.margin if self.cut_margin is None else self.cut_margin
 
     def replace(self, **changes) -> "SamplerOptions":
         """A copy with some fields changed (validated again)."""
@@ -87,9 +112,11 @@ class SamplerOptions:
         return dataclasses.asdict(self)
 
     def schema_values(self) -> tuple:
-        """The options as the operator's positional arguments (``SCHEMA_FIELDS``), fn_tau resolved."""
+        """The options as the operator's positional arguments (``SCHEMA_FIELDS``), fn_tau resolved and the
+        cut-down margin in ``margin``'s place."""
         values = dataclasses.asdict(self)
         values["fn_tau"] = self.effective_fn_tau
+        values["margin"] = self.effective_cut_margin
         return tuple(values[name] for name in SCHEMA_FIELDS)
 
     @classmethod

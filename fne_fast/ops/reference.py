@@ -13,7 +13,7 @@ import math
 import torch
 
 from fne_fast.ops.checks import raise_if_not_finite
-from fne_fast.ops.fne_math import fallback_candidates, race_log_weights
+from fne_fast.ops.fne_math import fallback_candidates, race_log_weights, row_ceilings
 from fne_fast.ops.options import SamplerOptions
 
 __all__ = ["philox4x32_10", "gumbel_noise", "gumbel_from_bits", "sample_negatives_reference", "reference_draws",
@@ -75,7 +75,8 @@ def gumbel_from_bits(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> tor
 
 def candidate_keys(anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
                    options: SamplerOptions = _DEFAULTS, *, seed: int = 0, step: int = 0, row_offset: int = 0,
-                   col_offset: int = 0, filled: int | None = None, dtype: torch.dtype = torch.float64):
+                   col_offset: int = 0, filled: int | None = None, dtype: torch.dtype = torch.float64,
+                   fn_thresholds: torch.Tensor | None = None):
     """The full B×N race of docs/DESIGN.md §1-2: ``(keys, survives, non_positive, sim)``, each [B, N].
 
     ``keys`` is ℓ + G (the similarity in mode "hardest") for every pair, masked or not; ``survives`` marks the
@@ -85,7 +86,8 @@ def candidate_keys(anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
     num_rows, num_cols = anchors.shape[0], bank.shape[0]
     filled = num_cols if filled is None else int(filled)
     sim = anchors.to(dtype) @ bank.to(dtype).T
-    non_positive = fallback_candidates(sim, anchor_ids, bank_ids, filled)
+    non_positive = fallback_candidates(sim, anchor_ids, bank_ids, filled,
+                                       row_ceilings(positive_sim, options, fn_thresholds))
     if options.mode == "hardest":
         return sim, non_positive, non_positive, sim
     weights, survives = race_log_weights(sim, positive_sim, stats, options, non_positive)
@@ -100,7 +102,10 @@ def sample_negatives_reference(anchors, bank, positive_sim, anchor_ids, bank_ids
                                tau: float = _DEFAULTS.tau, fn_tau: float | None = _DEFAULTS.fn_tau,
                                prior_k: float = _DEFAULTS.prior_k,
                                fn_margin: float = _DEFAULTS.fn_margin, min_count: int = _DEFAULTS.min_count,
-                               cutdown: bool = _DEFAULTS.cutdown, seed: int = 0, step: int = 0,
+                               cutdown: bool = _DEFAULTS.cutdown, cut_margin: float | None = _DEFAULTS.cut_margin,
+                               center_offset: float = _DEFAULTS.center_offset,
+                               relative_cut: float | None = _DEFAULTS.relative_cut,
+                               fn_thresholds: torch.Tensor | None = None, seed: int = 0, step: int = 0,
                                row_offset: int = 0, col_offset: int = 0, filled: int | None = None,
                                dtype: torch.dtype = torch.float64, return_keys: bool = False,
                                check_finite: bool = False):
@@ -112,26 +117,29 @@ def sample_negatives_reference(anchors, bank, positive_sim, anchor_ids, bank_ids
     slots, the similarity in mode "hardest"), which the tests use to explain near-ties.
     """
     options = SamplerOptions(mode=mode, k=k, margin=margin, tau=tau, fn_tau=fn_tau, prior_k=prior_k,
-                             fn_margin=fn_margin, min_count=min_count, cutdown=cutdown)
+                             fn_margin=fn_margin, min_count=min_count, cutdown=cutdown, cut_margin=cut_margin,
+                             center_offset=center_offset, relative_cut=relative_cut)
     result = reference_draws(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, options, seed=seed, step=step,
                              row_offset=row_offset, col_offset=col_offset, filled=filled, dtype=dtype,
-                             check_finite=check_finite)
+                             check_finite=check_finite, fn_thresholds=fn_thresholds)
     return result if return_keys else result[:3]
 
 
 def reference_draws(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, options: SamplerOptions, *,
                     seed: int = 0, step: int = 0, row_offset: int = 0, col_offset: int = 0,
-                    filled: int | None = None, dtype: torch.dtype = torch.float64, check_finite: bool = False):
+                    filled: int | None = None, dtype: torch.dtype = torch.float64, check_finite: bool = False,
+                    fn_thresholds: torch.Tensor | None = None):
     """The oracle's ``(index, sim, valid, key)`` for options given as one ``SamplerOptions``."""
     keys, survives, non_positive, sim = candidate_keys(anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
                                                        options, seed=seed, step=step, row_offset=row_offset,
-                                                       col_offset=col_offset, filled=filled, dtype=dtype)
+                                                       col_offset=col_offset, filled=filled, dtype=dtype,
+                                                       fn_thresholds=fn_thresholds)
     k = options.k
     device = anchors.device
     num_rows, num_cols = sim.shape
     if check_finite:
         live = num_cols if filled is None else filled
-        raise_if_not_finite(anchors, positive_sim, stats,
+        raise_if_not_finite(anchors, positive_sim, stats, fn_thresholds,
                             similarities_finite=bool(torch.isfinite(sim[:, :live]).all()))
 
     neg_inf = torch.tensor(-math.inf, dtype=dtype, device=device)

@@ -25,9 +25,10 @@ import math
 import torch
 
 from fne_fast.ops.fne_math import (bayes_active, fallback_candidates, false_negative_probability, gaussians_defined,
-                                   race_log_weights, safe_stats)
+                                   race_log_weights, row_ceilings, safe_stats)
 from fne_fast.ops.options import SamplerOptions
 from fne_fast.sampling import distributed
+from fne_fast.training.data import sampler_labels
 
 __all__ = ["bank_diagnostics", "reduce_sums", "epoch_diagnostics", "SIM_EDGES", "LOG10_P_FN_EDGES", "TOP_SHARE"]
 
@@ -43,7 +44,7 @@ _SUMS = ("anchors", "candidates", "race", "race_bayes", "candidates_bayes", "ent
 def _race_log_weights(sim, positive_sim, anchor_ids, bank_ids, filled, stats, options: SamplerOptions, sampler):
     """(log-weights of the sampler's race, -inf outside it; non-positive mask). Mode "hardest" (and the in-batch
     sampler, which draws nothing from the bank) has no race: None."""
-    non_positive = fallback_candidates(sim, anchor_ids, bank_ids, filled)
+    non_positive = fallback_candidates(sim, anchor_ids, bank_ids, filled, row_ceilings(positive_sim, options))
     if sampler == "inbatch-hardest" or options.mode == "hardest":
         return None, non_positive
     weights, race = race_log_weights(sim, positive_sim, stats, options, non_positive)
@@ -218,18 +219,20 @@ def summarise(sums: dict, *, sampler: str, has_groups: bool) -> dict:
 
 @torch.no_grad()
 def epoch_diagnostics(heads, split, image_bank, text_bank, stats: torch.Tensor, options: SamplerOptions,
-                      *, sampler: str, device, anchors: int = 256) -> dict:
+                      *, sampler: str, device, anchors: int = 256, oracle: bool = False) -> dict:
     """Both directions' diagnostics for a fixed sample of ``anchors`` training pairs (the same pairs in every
     epoch and every run on the split): image anchors against the text bank, text anchors against the image bank
     (``MemoryBank``s; collective when they are sharded: every rank scores its own rows and gets the result).
-    Positives are scored against the momentum keys, as in the loss."""
+    Positives are scored against the momentum keys, as in the loss; ``oracle``: the banks hold semantic groups
+    as identities (``fne_fast.training.data.sampler_labels``)."""
     generator = torch.Generator().manual_seed(_SAMPLE_SEED)
     captions = torch.randperm(split.text_features.shape[0], generator=generator)[:anchors]
-    ids = split.caption_image[captions].to(device)
+    identity_of_caption, group_of_id = sampler_labels(split, oracle)
+    ids = identity_of_caption[captions].to(device)
     image_features = split.image_features[split.caption_image[captions]].to(device)
     text_features = split.text_features[captions].to(device)
     image, text, image_key, text_key = heads(image_features, text_features)
-    group_of_id = split.image_group.to(device) if split.image_group is not None else None
+    group_of_id = group_of_id.to(device) if group_of_id is not None else None
     sums = None
     for anchor, positive_key, bank in ((image, text_key, text_bank), (text, image_key, image_bank)):
         sums = bank_diagnostics(anchor, (anchor * positive_key).sum(dim=1), ids, bank.features.to(device),
