@@ -109,6 +109,60 @@ def test_in_batch_max_violation_matches_a_loop():
     assert diagnostics["slots"].item() == 2 * BATCH and diagnostics["fallback"].item() == 0
 
 
+@pytest.mark.parametrize("weight", [0.5, 2.0])
+def test_in_batch_term_adds_to_the_bank_term_with_its_weight(weight):
+    ids, image_bank, text_bank, image, text, image_key, text_key = _case(seed=6)
+    image.requires_grad_(True)
+    text.requires_grad_(True)
+    arguments = dict(image_bank=image_bank, text_bank=text_bank, step=2, update_stats=False)
+
+    def loss_of(**loss_options):
+        module = FNELoss(seed=5, **loss_options)
+        _set_stats(module)
+        return module(image, text, image_key, text_key, ids, **arguments)
+
+    both, diagnostics = loss_of(inbatch_weight=weight)
+    bank_only, bank_diagnostics = loss_of()
+    in_batch, _ = loss_of(sampler="inbatch-hardest")
+    expected = bank_only + weight * in_batch  # the oracles of both terms are test_bank_loss_… and test_in_batch_…
+    torch.testing.assert_close(both, expected)
+    for got, want in zip(torch.autograd.grad(both, (image, text)), torch.autograd.grad(expected, (image, text))):
+        torch.testing.assert_close(got, want)
+    assert not torch.allclose(both, bank_only)
+    torch.testing.assert_close(diagnostics["loss"], expected.detach())
+    # The diagnostics of the draws stay the bank's: the in-batch choices are not counted as slots.
+    assert diagnostics["slots"] == bank_diagnostics["slots"] and diagnostics["fallback"] == bank_diagnostics["fallback"]
+    with pytest.raises(ValueError, match="inbatch_weight"):
+        FNELoss(inbatch_weight=-1.0)
+
+
+def test_cut_margin_moves_the_cut_down_and_not_the_hinge():
+    # The hinge keeps margin 0.2 whatever the cut-down margin: the loss is the oracle's hinge over the draws of a
+    # sampler whose cut-down is μ⁺ - 0.6.
+    ids, image_bank, text_bank, image, text, image_key, text_key = _case(seed=8)
+    module = FNELoss("uniform", SamplerOptions(cut_margin=0.6, k=3), seed=4)
+    _set_stats(module, mu_pos=0.7)
+    stats = module.stats.as_tensor()
+    loss, _ = module(image, text, image_key, text_key, ids, image_bank=image_bank, text_bank=text_bank, step=1,
+                     update_stats=False)
+
+    def direction(anchors, keys, bank, seed, cut_margin):
+        positive = (anchors * keys).sum(dim=1)
+        index, _, valid = sample_negatives_reference(
+            anchors.float().double(), bank.features.double(), positive.float(), ids, bank.ids, stats, k=3,
+            mode="uniform", cut_margin=cut_margin, seed=seed, step=1, filled=bank.filled)
+        chosen = torch.gather(anchors @ bank.features.double().T, 1, index.clamp(min=0))
+        hinge = (0.2 + chosen - positive.unsqueeze(1)).clamp(min=0) * valid
+        return (hinge.sum(dim=1) / valid.sum(dim=1).clamp(min=1)).mean()
+
+    def expected(cut_margin):
+        return (direction(image, text_key, text_bank, 4, cut_margin)
+                + direction(text, image_key, image_bank, 4 + _TEXT_TO_IMAGE_SEED_OFFSET, cut_margin))
+
+    torch.testing.assert_close(loss, expected(0.6))
+    assert not torch.allclose(expected(0.6), expected(None))  # the cut-down margin changed the draws
+
+
 def test_false_negative_rate_and_fallback_diagnostics():
     # Anchor 0's hardest bank candidate is a variant (same group, other identity); anchor 1's is not.
     anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)

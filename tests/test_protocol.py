@@ -142,6 +142,19 @@ def test_arms_parse_and_name_themselves():
     tagged = parse_arm("fne:fn_tau=inf+tags")
     assert tagged == Arm("fne", {"fn_tau": math.inf}, tags=True) and parse_arm(tagged.name) == tagged
     assert tagged.folder == "fne_fn_tau-inf+tags"
+    # Loss settings and presets: the preset's own settings are not repeated in the name, the arm's changes are.
+    mixed = parse_arm("hardest:relative_cut=0.95,inbatch_weight=1")
+    assert mixed.options == {"relative_cut": 0.95} and mixed.settings == {"inbatch_weight": 1.0}
+    assert parse_arm(mixed.name) == mixed
+    from fne_fast.training.presets import PRESETS
+
+    recommended = parse_arm("@recommended:k=2")
+    assert recommended.name == "@recommended:k=2" and recommended.folder == "preset-recommended_k-2"
+    assert recommended.sampler == PRESETS["recommended"].sampler
+    assert recommended.options == {**PRESETS["recommended"].options, "k": 2}
+    assert recommended.settings == PRESETS["recommended"].settings and parse_arm(recommended.name) == recommended
+    with pytest.raises(ValueError, match="the preset expected one of"):
+        parse_arm("@best")
 
 
 def test_tags_arms_follow_the_tags_flag():

@@ -6,6 +6,7 @@
         --out runs/cmp [--baseline inbatch-hardest [uniform ...]]
     torchrun --nproc_per_node 2 -m fne_fast.cli train ...   (W processes; --batch-size is per process)
     fne-fast train --tags                     (TAGS-DC synthetic negatives beside the sampler)
+    fne-fast train --preset recommended       (named settings: authors, recommended)
     fne-fast search --checkpoint runs/emoji-fne --text "a red heart"   (or --image PATH)
 
 A user's mistake (a setting, a data file, a checkpoint that does not verify, a folder in use) is one line on
@@ -27,7 +28,7 @@ import warnings
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from fne_fast.cli.commands import check_compare_args, run_compare, run_eval, run_search, run_train
-from fne_fast.cli.parser import build_parser, config_from_args
+from fne_fast.cli.parser import build_parser, config_from_args, preset_named_in
 from fne_fast.data import DatasetFormatError
 from fne_fast.errors import NonFiniteError, UsageError
 from fne_fast.models import MissingEncoderError
@@ -58,7 +59,7 @@ def _error_line(error) -> str:
 @record
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
+    parser = build_parser(preset_named_in(argv))
     args = parser.parse_args(argv)
     if args.command == "compare":
         check_compare_args(parser, args)

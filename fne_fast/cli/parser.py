@@ -17,8 +17,9 @@ from fne_fast.ops.options import sampler_flag_fields
 from fne_fast.sampling.loss import SAMPLERS
 from fne_fast.tags import TagsOptions
 from fne_fast.training.config import TrainConfig
+from fne_fast.training.presets import PRESETS, preset
 
-__all__ = ["build_parser", "config_from_args"]
+__all__ = ["build_parser", "config_from_args", "preset_named_in"]
 
 _TAGS_PREFIX = "tags_"
 _DATA_PREFIX = "data_"
@@ -101,10 +102,37 @@ def _add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="the device to run on (default: the run's)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def preset_named_in(argv: list[str]) -> str | None:
+    """The preset a ``train`` command line asks for (``--preset NAME``), read before the whole parse because a
+    preset sets the defaults of the other flags; None when there is none or it is not a preset's name (the parse
+    then reports it)."""
+    if not argv or argv[0] != "train":
+        return None
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--preset")
+    name = peek.parse_known_args(argv[1:])[0].preset
+    return name if name in PRESETS else None
+
+
+def _preset_defaults(name: str) -> dict:
+    """The flag defaults of a preset: its sampler, sampler options and loss settings."""
+    chosen = preset(name)
+    return {"sampler": chosen.sampler, **chosen.options, **chosen.settings}
+
+
+def build_parser(preset_name: str | None = None) -> argparse.ArgumentParser:
+    """The command line; ``preset_name`` (``preset_named_in``) makes that preset's settings the defaults of
+    ``train``'s flags, so that a flag given beside ``--preset`` still wins."""
     parser = argparse.ArgumentParser(prog="fne-fast", description="FNE negative sampling for image-text matching")
     commands = parser.add_subparsers(dest="command", required=True)
-    add_training_flags(commands.add_parser("train", help="train (or resume) one run"), single_run=True)
+    train = commands.add_parser("train", help="train (or resume) one run")
+    add_training_flags(train, single_run=True)
+    train.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                       help="named settings (fne_fast/training/presets.py): authors (the paper's FNE, the "
+                            "defaults) or recommended (this project's choice, docs/RESULTS.md); other flags "
+                            "still apply")
+    if preset_name is not None:
+        train.set_defaults(**_preset_defaults(preset_name))
     _add_checkpoint_flags(commands.add_parser("eval", help="evaluate a checkpoint"))
     compare = commands.add_parser("compare", help="samplers x seeds, selected by validation, paired against a "
                                                   "baseline -> results.md, results.json, compare.png")
@@ -113,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_flags(compare, single_run=False)
     compare.add_argument("--samplers", nargs="+", type=_arm, default=[_arm(name) for name in SAMPLERS],
                          metavar="SAMPLER[:FIELD=VALUE,...]",
-                         help=f"the arms: a sampler ({', '.join(SAMPLERS)}), optionally with sampler options of its "
-                              "own, e.g. fne:fn_tau=inf or fne:fn_tau=inf,prior_k=100 (default: every sampler)")
+                         help=f"the arms: a sampler ({', '.join(SAMPLERS)}) or a preset (@{', @'.join(PRESETS)}), "
+                              "optionally with sampler options or loss settings of its own, e.g. fne:fn_tau=inf or "
+                              "fne:relative_cut=0.95,inbatch_weight=1 (default: every sampler)")
     compare.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     compare.add_argument("--baseline", nargs="+", default=None, metavar="ARM",
                          help="the arm every other is paired with (default inbatch-hardest when it is compared, "

@@ -1,9 +1,10 @@
 """``fne-fast compare``: arms × seeds, each run selected by validation, paired against a baseline.
 
-An *arm* is a sampler with optional changes to the sampler's options, written ``SAMPLER[:FIELD=VALUE,...]``
-(``fne``, ``fne:fn_tau=inf``, ``fne:fn_tau=inf,prior_k=100``), and ``+tags`` at the end for TAGS-DC beside the
-sampler (``fne+tags``; ``--tags on|both`` adds it to every arm). Every arm is trained with every seed into
-``OUT/<arm>-seed<seed>``; a run that is finished is not trained again and an interrupted one resumes from its last
+An *arm* is a sampler with optional changes to the sampler's options and to the loss settings
+(``fne_fast.training.presets.ARM_SETTINGS``), written ``SAMPLER[:FIELD=VALUE,...]`` (``fne``, ``fne:fn_tau=inf``,
+``fne:relative_cut=0.95,inbatch_weight=1``), or a preset ``@NAME[:FIELD=VALUE,...]`` (``@recommended``), and
+``+tags`` at the end for TAGS-DC beside the sampler (``fne+tags``; ``--tags on|both`` adds it to every arm).
+Every arm is trained with every seed into ``OUT/<arm>-seed<seed>``; a run that is finished is not trained again and an interrupted one resumes from its last
 checkpoint, so an interrupted comparison redoes only what is missing. Then:
 
 * each run is reported at its best-validation epoch (``fne_fast.training.model_selection``), beside its last
@@ -34,7 +35,9 @@ from fne_fast.sampling import distributed
 from fne_fast.sampling.loss import SAMPLERS
 from fne_fast.training.data import load_splits
 from fne_fast.training.loop import train
+from fne_fast.training.config import TrainConfig
 from fne_fast.training.model_selection import run_summary
+from fne_fast.training.presets import ARM_SETTINGS, PRESETS, preset
 
 __all__ = ["Arm", "parse_arm", "with_tags_arms", "check_arms", "pairings", "compare", "results_markdown",
            "PER_RUN_FIELDS", "RESULTS_JSON", "RESULTS_MD", "COMPARE_PNG"]
@@ -55,21 +58,27 @@ _BANK_DIAGNOSTIC_KEYS = ("top1pct_fn_rate", "race_per_anchor", "bayes_share_race
 
 @dataclass(frozen=True)
 class Arm:
-    """One compared setting: a sampler, the sampler options it changes, and whether TAGS-DC trains beside it."""
+    """One compared setting: a sampler, the sampler options and loss settings it changes (``changes``: those the
+    arm's text wrote, for its name), whether TAGS-DC trains beside it, and the preset it started from."""
 
     sampler: str
     options: dict = field(default_factory=dict)
     tags: bool = False
+    settings: dict = field(default_factory=dict)
+    preset: str | None = None
+    changes: tuple = ()
 
     @property
     def name(self) -> str:
-        changes = ",".join(f"{key}={_format_value(value)}" for key, value in self.options.items())
-        return (f"{self.sampler}:{changes}" if changes else self.sampler) + (_TAGS_SUFFIX if self.tags else "")
+        written = self.changes if self.preset else (*self.options.items(), *self.settings.items())
+        changes = ",".join(f"{key}={_format_value(value)}" for key, value in written)
+        head = f"@{self.preset}" if self.preset else self.sampler
+        return (f"{head}:{changes}" if changes else head) + (_TAGS_SUFFIX if self.tags else "")
 
     @property
     def folder(self) -> str:
         """The name as a portable folder name (no ':' or ',')."""
-        return self.name.replace(":", "_").replace(",", "_").replace("=", "-")
+        return self.name.replace(":", "_").replace(",", "_").replace("=", "-").replace("@", "preset-")
 
 
 def _format_value(value) -> str:
@@ -77,24 +86,41 @@ def _format_value(value) -> str:
 
 
 def parse_arm(text: str) -> Arm:
-    """``SAMPLER[:FIELD=VALUE,...][+tags]`` -> Arm; FIELD is a ``SamplerOptions`` field (``fn_tau`` or ``fn-tau``)
-    other than ``mode``. Raises ValueError naming what is wrong."""
+    """``SAMPLER[:FIELD=VALUE,...][+tags]`` or ``@PRESET[:FIELD=VALUE,...][+tags]`` -> Arm; FIELD is a
+    ``SamplerOptions`` field (``fn_tau`` or ``fn-tau``) other than ``mode``, or a loss setting (``ARM_SETTINGS``).
+    Raises ValueError naming what is wrong."""
     tags = text.endswith(_TAGS_SUFFIX)
-    sampler, _, changes = text[:len(text) - len(_TAGS_SUFFIX)].partition(":") if tags else text.partition(":")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"{text!r}: the sampler must be one of {SAMPLERS}, got {sampler!r}")
-    fields = {option.name: option for option in sampler_flag_fields()}
-    options = {}
+    head, _, changes = text[:len(text) - len(_TAGS_SUFFIX)].partition(":") if tags else text.partition(":")
+    if head.startswith("@"):
+        try:
+            chosen = preset(head[1:])
+        except ValueError as error:
+            raise ValueError(f"{text!r}: the preset {error}") from None
+        sampler, options, settings = chosen.sampler, dict(chosen.options), dict(chosen.settings)
+    elif head in SAMPLERS:
+        sampler, options, settings = head, {}, {}
+    else:
+        raise ValueError(f"{text!r}: the sampler must be one of {SAMPLERS} (or @PRESET, PRESET one of "
+                         f"{tuple(PRESETS)}), got {head!r}")
+    option_fields = {option.name: option for option in sampler_flag_fields()}
+    setting_fields = {item.name: item for item in dataclasses.fields(TrainConfig) if item.name in ARM_SETTINGS}
+    written = []
     for change in filter(None, changes.split(",")):
         name, equals, value = change.partition("=")
         name = name.strip().replace("-", "_")
-        if not equals or name not in fields:
-            raise ValueError(f"{text!r}: expected FIELD=VALUE with FIELD one of {tuple(fields)}, got {change!r}")
+        item = option_fields.get(name) or setting_fields.get(name)
+        if not equals or item is None:
+            raise ValueError(f"{text!r}: expected FIELD=VALUE with FIELD one of "
+                             f"{(*option_fields, *setting_fields)}, got {change!r}")
         try:
-            options[name] = parse_option_text(fields[name], value.strip())
+            parsed = parse_option_text(item, value.strip())
         except ValueError as error:
             raise ValueError(f"{text!r}: {name} {error}") from None
-    return Arm(sampler, options, tags)
+        (options if name in option_fields else settings)[name] = parsed
+        written.append((name, parsed))
+    if head.startswith("@"):
+        return Arm(sampler, options, tags, settings, head[1:], tuple(written))
+    return Arm(sampler, options, tags, settings)
 
 
 def with_tags_arms(arms: list[Arm], tags: str) -> list[Arm]:
@@ -111,7 +137,7 @@ def _run_config(base, arm: Arm, seed: int, out: str):
         raise ValueError(f"{arm.name}: the base configuration has no TAGS-DC options (build it with tags=True)")
     return dataclasses.replace(base, sampler=arm.sampler, seed=seed, out=os.path.join(out, f"{arm.folder}-seed{seed}"),
                                resume=True, options=base.options.replace(**arm.options),
-                               tags=base.tags if arm.tags else None)
+                               tags=base.tags if arm.tags else None, **arm.settings)
 
 
 def _run_record(history: list[dict], seed: int, folder: str) -> dict:
@@ -212,6 +238,8 @@ def _results(base, arms, seeds, out, baselines, histories, test_split, command, 
         summary = {key: _mean_std([run[key] for run in runs]) for key in runs[0] if key not in ("seed", "folder")}
         results["arms"].append({"name": arm.name, "sampler": arm.sampler, "tags": arm.tags,
                                 "options": _run_config(base, arm, seeds[0], out).options.as_kwargs(),
+                                "settings": {name: getattr(_run_config(base, arm, seeds[0], out), name)
+                                             for name in ARM_SETTINGS},
                                 "runs": runs, "summary": summary})
     for name, baseline in pairings([arm.name for arm in arms], baselines):
         pairs = {"arm": name, "baseline": baseline}

@@ -46,7 +46,11 @@ def sampler_mode(sampler: str) -> str:
 class FNELoss(nn.Module):
     """Loss and diagnostics of one batch; owns the running similarity statistics (reset each epoch).
 
-    ``options`` are the op's (its ``mode`` is set from ``sampler``); ``margin`` is also the hinge's. ``group``:
+    ``options`` are the op's (its ``mode`` is set from ``sampler``); ``margin`` is also the hinge's (the cut-down's
+    unless ``cut_margin`` is set). With k > 1 each anchor's hinge is the mean over its valid slots.
+    ``inbatch_weight``: a bank sampler's loss adds VSE++'s in-batch max violation with this weight (0, the
+    default: the bank term alone; both terms at once, as in-batch max violation and the bank each give signal the
+    other lacks). ``group``:
     the process group the batch is split over (None: this process's batch is the whole batch). ``agree_each_step``
     (default): each sharded sample first checks that the ranks agree on sizes, options and statistics (a host
     synchronisation each); a training loop that guarantees them (the same settings on every rank, checked once)
@@ -54,9 +58,11 @@ class FNELoss(nn.Module):
 
     def __init__(self, sampler: str = "fne", options: SamplerOptions = SamplerOptions(), *, seed: int = 0,
                  stats_momentum: float | None = None, backend: str = "auto", device: torch.device | str = "cpu",
-                 group=None, agree_each_step: bool = True):
+                 group=None, agree_each_step: bool = True, inbatch_weight: float = 0.0):
         super().__init__()
-        self.sampler = sampler
+        if not (inbatch_weight >= 0 and inbatch_weight < float("inf")):
+            raise ValueError(f"inbatch_weight must be finite and >= 0, got {inbatch_weight!r}")
+        self.sampler, self.inbatch_weight = sampler, float(inbatch_weight)
         self.options = options.replace(mode=sampler_mode(sampler))
         self.backend, self.seed, self.group, self.agree_each_step = backend, seed, group, agree_each_step
         self.stats = RunningStats(device, stats_momentum)
@@ -87,7 +93,13 @@ class FNELoss(nn.Module):
         loss_text_to_image = self._bank_direction(text, image_key, ids, image_bank, stats,
                                                   self.seed + _TEXT_TO_IMAGE_SEED_OFFSET, step, group_of_id,
                                                   diagnostics, batch)
-        return loss_image_to_text + loss_text_to_image, diagnostics
+        loss = loss_image_to_text + loss_text_to_image
+        if self.inbatch_weight:
+            # The diagnostics stay the bank's draws'; the in-batch term only adds to the loss.
+            in_batch, in_batch_sums = self._in_batch(batch, stats, group_of_id, record_choices=False)
+            loss = loss + self.inbatch_weight * in_batch
+            diagnostics["loss"] += self.inbatch_weight * in_batch_sums["loss"]
+        return loss, diagnostics
 
     def _bank_direction(self, anchors, positive_keys, ids, bank: MemoryBank, stats, seed, step, group_of_id,
                         diagnostics, batch: GlobalBatch) -> torch.Tensor:
@@ -113,11 +125,12 @@ class FNELoss(nn.Module):
                                 sampled=valid & ~fell_back)
         return share * batch.world_size
 
-    def _in_batch(self, batch: GlobalBatch, stats, group_of_id):
+    def _in_batch(self, batch: GlobalBatch, stats, group_of_id, record_choices: bool = True):
         """VSE++ max violation within the global batch, both directions; other pairs of the same image are
         masked. Each rank scores its own anchors from its rows (image anchors) and columns (text anchors) of the
         in-batch matrix, never the whole G × G matrix; a negative chosen from another rank's pairs gets its
-        gradient on that rank (``_gradients_of_chosen_negatives``). Diagnostics count this rank's anchors."""
+        gradient on that rank (``_gradients_of_chosen_negatives``). Diagnostics count this rank's anchors (the
+        choices' only with ``record_choices``)."""
         diagnostics = _zero_diagnostics(batch.ids.device)
         rows, columns = batch.similarity_blocks()
         local, ids = batch.local, batch.ids
@@ -135,12 +148,15 @@ class FNELoss(nn.Module):
             # This rank's anchors' part of the mean over the global batch (with one process: the mean itself).
             total = total + (hinge.mean() * (batch.local_size / batch.size) if batch.local_size else hinge.sum())
             choices.append((chosen, valid & (violation >= 0)))  # where clamp passes the gradient on
-            _add_choice_diagnostics(diagnostics, negative_sim.detach().float().unsqueeze(1), valid.unsqueeze(1),
-                                    ids[local], ids[chosen].unsqueeze(1), stats, self.options, group_of_id)
+            if record_choices:
+                _add_choice_diagnostics(diagnostics, negative_sim.detach().float().unsqueeze(1), valid.unsqueeze(1),
+                                        ids[local], ids[chosen].unsqueeze(1), stats, self.options, group_of_id)
         diagnostics["loss"] += total.detach()
         if batch.world_size > 1:
             total = total + _gradients_of_chosen_negatives(batch, choices)
         return total * batch.world_size, diagnostics
+
+
 def _gradients_of_chosen_negatives(batch: GlobalBatch, choices) -> torch.Tensor:
     """Terms whose value is 0 and whose gradient is what the global in-batch loss sends into this rank's
     embeddings when other ranks' anchors chose them as negatives: an active hinge of anchor a with negative n

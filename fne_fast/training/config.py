@@ -54,6 +54,10 @@ def _check_finetune(value) -> str | None:
         "blocks)")
 
 
+def _check_weight(value) -> str | None:
+    return None if is_number(value) and math.isfinite(value) and value >= 0 else "must be finite and >= 0"
+
+
 def _check_stats_momentum(value) -> str | None:
     # An EMA needs a momentum strictly inside (0, 1) (fne_fast.RunningStats); None is the authors' running mean.
     return None if value is None or (is_number(value) and 0.0 < value < 1.0) else "must be in (0, 1)"
@@ -72,6 +76,11 @@ class TrainConfig:
                                                          "the bank; inbatch-hardest is VSE++'s in-batch max "
                                                          "violation", choices=SAMPLERS)
     options: SamplerOptions = field(default_factory=SamplerOptions)
+    inbatch_weight: float = option(0.0, _check_weight, "a bank sampler's loss adds VSE++'s in-batch max violation "
+                                                       "with this weight (0: the bank term alone)")
+    oracle: bool = option(False, check_bool, "exclude every candidate of the anchor's semantic group, by the data's "
+                                             "labels, in the bank and in the batch: the upper bound of any "
+                                             "false-negative criterion (data with groups only)")
     bank_size: int = option(8224, check_count(1), "rows of each memory bank (the authors' 8224); divides by the "
                                                   "number of processes")
     epochs: int = option(5, check_count(1), "including the warm-up epoch(s)")

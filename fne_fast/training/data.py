@@ -4,6 +4,8 @@ training starts."""
 
 from __future__ import annotations
 
+import torch
+
 from fne_fast.data import SPLITS, FeatureSplit, load_raw_split
 from fne_fast.data.features import cached_feature_split, default_cache_dir, load_feature_arrays
 from fne_fast.errors import UsageError
@@ -11,7 +13,7 @@ from fne_fast.models import LazyEncoders
 from fne_fast.training.config import TrainConfig
 from fne_fast.training.preflight import check_splits
 
-__all__ = ["load_splits", "check_features"]
+__all__ = ["load_splits", "check_features", "sampler_labels"]
 
 
 def load_splits(config: TrainConfig) -> dict[str, FeatureSplit]:
@@ -44,3 +46,15 @@ def check_features(splits: dict[str, FeatureSplit]) -> None:
         bad = split.first_nonfinite()
         if bad is not None:
             raise UsageError(f"--dataset: row {bad[1]} of the {name} split's {bad[0]} is not finite (NaN or infinity)")
+
+
+def sampler_labels(split: FeatureSplit, oracle: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(caption -> the identity the sampler excludes, identity -> semantic group or None)``: the caption's image
+    and the images' groups; with ``oracle``, the caption's semantic group itself, so that the bank and the batch
+    exclude every pair of the anchor's group (and each identity is its own group)."""
+    if not oracle:
+        return split.caption_image, split.image_group
+    if split.image_group is None:
+        raise UsageError("--oracle: this data set has no semantic groups to exclude by")
+    groups = split.image_group
+    return groups[split.caption_image], torch.arange(int(groups.max()) + 1 if groups.numel() else 0)

@@ -21,6 +21,7 @@ from fne_fast.models.tops import trim_token_padding
 from fne_fast.sampling import distributed
 from fne_fast.sampling.loss import STEP_SUMS
 from fne_fast.training.config import TrainConfig
+from fne_fast.training.data import sampler_labels
 from fne_fast.training.state import RunState
 
 __all__ = ["train_one_epoch", "steps_per_epoch", "TIMING_SECTIONS"]
@@ -45,7 +46,8 @@ def train_one_epoch(run: RunState, split: FeatureSplit, epoch: int, timing: dict
     run.criterion.stats.reset()
     shuffle = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
     order = torch.randperm(split.text_features.shape[0], generator=shuffle)
-    group_of_id = split.image_group.to(device) if split.image_group is not None else None
+    identity_of_caption, group_of_id = sampler_labels(split, config.oracle)
+    group_of_id = group_of_id.to(device) if group_of_id is not None else None
     sums = {key: torch.zeros((), dtype=torch.float64, device=device) for key in STEP_SUMS}
     divergence = _DivergenceWatch(device, run.group)
     num_batches = steps_per_epoch(config, order.numel(), run.world_size)
@@ -65,7 +67,7 @@ def train_one_epoch(run: RunState, split: FeatureSplit, epoch: int, timing: dict
         # asking: the collectives skip agreeing on it.
         counts = [global_captions[other * config.batch_size:(other + 1) * config.batch_size].numel()
                   for other in range(run.world_size)] if run.world_size > 1 else None
-        ids = split.caption_image[captions].to(device)
+        ids = identity_of_caption[captions].to(device)
         # Token states lose their unneeded padding on the host (on a GPU the length would be a synchronisation).
         image_features = trim_token_padding(split.image_features[split.caption_image[captions]]).to(device)
         text_features = trim_token_padding(split.text_features[captions]).to(device)
