@@ -120,6 +120,32 @@ def test_retrieval_metrics_against_hand_computed_ranks():
     assert metrics["i2t_r5"] == 100.0
 
 
+def test_group_r_precision_and_map_at_r_against_hand_computed_values():
+    from fne_fast.training.evaluate import _precision_at_group_size, group_precision_from_ranks, retrieval_ranks
+
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5], [float("nan"), 0.2, 0.1, -1.0, -2.0],
+                           [0.5, 0.5, 0.1, 0.0, 0.0]])
+    positive = torch.tensor([[1, 0, 1, 0, 1], [1, 1, 0, 0, 0], [0, 1, 0, 0, 0]], dtype=torch.bool)
+    r_precision, map_at_r = _precision_at_group_size(scores, positive)
+    # Row 0: R = 3, top 3 = hit, miss, hit. Row 1: R = 2, NaN ranks last: hit, miss. Row 2: R = 1, the tie at 0.5
+    # goes to the lower index, a miss.
+    torch.testing.assert_close(r_precision, torch.tensor([2 / 3, 1 / 2, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(map_at_r, torch.tensor([(1 + 2 / 3) / 3, 1 / 2, 0.0], dtype=torch.float64))
+    assert not torch.allclose(map_at_r, r_precision)  # mAP@R weighs where the hits fall, R-Precision does not
+    # Through retrieval_ranks: every item of a group of one image is its own group's only image.
+    image = torch.eye(3)
+    text = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.9], [0.0, 0.0, 1.0]])
+    ranks = retrieval_ranks(image, text, torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]))
+    metrics = group_precision_from_ranks(ranks)
+    # t2i: caption 0 -> {image 0}: hit; caption 1 -> {images 1, 2}: top 2 = images 2, 1, both hits; caption 2 ->
+    # {images 1, 2}: image 2, then the tie at 0 goes to image 0: 1/2.
+    assert metrics["t2i_group_rprec"] == pytest.approx(100 * (1 + 1 + 0.5) / 3)
+    # i2t: image 0 -> {caption 0}: hit; image 1 -> {1, 2}: scores 0.5, 0 -> caption 1 then 0 or 2 (tie at 0: the
+    # lower index, caption 0): 1/2; image 2 -> {1, 2}: 0.9, 1.0 -> both.
+    assert metrics["i2t_group_rprec"] == pytest.approx(100 * (1 + 0.5 + 1) / 3)
+    assert group_precision_from_ranks(retrieval_ranks(image, text, torch.tensor([0, 1, 2]))) == {}
+
+
 def test_cli_train_and_eval_on_feature_arrays(tmp_path, splits, capsys):
     pytest.importorskip("matplotlib", reason="matplotlib (the `train` extra) draws the run's plots")
     from fne_fast.cli import main

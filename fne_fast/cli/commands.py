@@ -16,7 +16,8 @@ from fne_fast.sampling import distributed
 from fne_fast.tags.run import run_texts
 from fne_fast.training.config import TrainConfig
 from fne_fast.training.data import load_splits
-from fne_fast.training.evaluate import embed_split, final_table, retrieval_metrics
+from fne_fast.training.evaluate import (embed_split, final_table, group_precision_from_ranks, recalls_from_ranks,
+                                       retrieval_ranks)
 from fne_fast.training.loop import train
 from fne_fast.training.preflight import check_device, check_run_settings
 
@@ -46,7 +47,8 @@ def run_eval(args) -> int:
     split = load_splits(config)[args.split]
     heads = heads_from_state(state, config.device)
     image, text = embed_split(heads, split, torch.device(config.device))
-    metrics = retrieval_metrics(image, text, split.caption_image, split.image_group)
+    ranks = retrieval_ranks(image, text, split.caption_image, split.image_group)
+    metrics = {**recalls_from_ranks(ranks), **group_precision_from_ranks(ranks)}
     if args.split == "test":  # the one-word-swap test exists for the test split
         _, swap_test = run_texts(config, progress=False)
         metrics.update(swap_test.metrics(heads, image, text, split.caption_image))

@@ -34,6 +34,7 @@ from fne_fast.runs.folder import RunFolder, RunInterrupted
 from fne_fast.sampling import distributed
 from fne_fast.sampling.loss import SAMPLERS
 from fne_fast.training.data import load_splits
+from fne_fast.training.evaluate import group_precision_from_ranks
 from fne_fast.training.loop import train
 from fne_fast.training.config import TrainConfig
 from fne_fast.training.model_selection import run_summary
@@ -234,6 +235,8 @@ def _results(base, arms, seeds, out, baselines, histories, test_split, command, 
             if epoch != record["best_epoch"]:
                 raise UsageError(f"--out: {folder}: its best test ranks are of epoch {epoch}, its metrics select "
                                  f"epoch {record['best_epoch']}; train it again in a new folder")
+            precision = group_precision_from_ranks(ranks[arm.name, seed])  # empty for runs saved before them
+            record.update({key: precision.get(key) for key in ("group_rprec", "group_map_r")})
             runs.append(record)
         summary = {key: _mean_std([run[key] for run in runs]) for key in runs[0] if key not in ("seed", "folder")}
         results["arms"].append({"name": arm.name, "sampler": arm.sampler, "tags": arm.tags,
@@ -287,6 +290,11 @@ def results_markdown(results: dict) -> str:
                                   ("rsum", _column("rsum")), ("group rsum", _column("group_rsum")),
                                   ("rsum (last)", _column("last_rsum")),
                                   ("group rsum (last)", _column("last_group_rsum"))])
+    if any(arm["summary"].get("group_rprec") for arm in results["arms"]):
+        lines += ["", "Over the semantic group as the set of positives (ECCV Caption's metrics, best-validation "
+                      "epoch, test split, the mean of both directions): R-Precision and mAP@R, in percent.", ""]
+        lines += _arm_table(results, [("group R-Precision", _column("group_rprec")),
+                                      ("group mAP@R", _column("group_map_r"))])
     lines += [""] + _arm_table(results, [
         ("FN rate %", _column("fn_rate", 100)), ("FN rate own draws %", _column("fn_rate_sampled", 100)),
         ("fallback %", _column("fallback_rate", 100)), ("mean P_fn of chosen", _column("mean_p_fn", 1, 4)),

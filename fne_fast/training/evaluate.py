@@ -18,11 +18,13 @@ from fne_fast.errors import NonFiniteError
 from fne_fast.models.tops import trim_token_padding
 from fne_fast.training.model_selection import run_summary
 
-__all__ = ["retrieval_metrics", "retrieval_ranks", "recalls_from_ranks", "embed_split", "final_table",
+__all__ = ["retrieval_metrics", "retrieval_ranks", "recalls_from_ranks", "group_precision_from_ranks",
+           "embed_split", "final_table",
            "RECALL_KS", "RECALL_KEYS", "raise_if_not_finite_embeddings"]
 
 RECALL_KS = (1, 5, 10)  # Recall@K cut-offs; rsum adds both directions' recalls at these
 RECALL_KEYS = tuple(f"{direction}_r{k}" for direction in ("i2t", "t2i") for k in RECALL_KS)
+_PRECISION_SUFFIXES = ("_group_rprec", "_group_map_r")  # per-item ECCV metrics beside the group ranks
 
 def raise_if_not_finite_embeddings(image: torch.Tensor, text: torch.Tensor) -> None:
     bad = {name: int((~torch.isfinite(values)).any(dim=1).sum()) for name, values in (("image", image),
@@ -45,6 +47,22 @@ def embed_split(heads, split: FeatureSplit, device, batch_size: int = 4096) -> t
     return image, text
 
 
+def _precision_at_group_size(scores: torch.Tensor, positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ECCV Caption's metrics for rows with several positives (float64 per row): with R the row's positives,
+    R-Precision is the share of the top R candidates that are positives, and mAP@R the mean over the top R ranks
+    k of P@k at the positives. Candidates are ordered by score (NaN last), ties by index."""
+    scores = scores.masked_fill(scores.isnan(), float("-inf"))
+    count = positive.sum(dim=1)
+    width = int(count.max()) if count.numel() else 0
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :width]
+    hits = torch.gather(positive, 1, order).double()
+    within = torch.arange(width, device=scores.device).reshape(1, -1) < count.reshape(-1, 1)
+    hits = hits * within
+    precision_at = hits.cumsum(dim=1) / torch.arange(1, width + 1, device=scores.device, dtype=torch.float64)
+    size = count.clamp(min=1).double()
+    return hits.sum(dim=1) / size, (hits * precision_at).sum(dim=1) / size
+
+
 def _ranks_of_best_positive(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """For each row, how many candidates score strictly above the row's best positive (0 = retrieved first). A
     NaN score ranks below every other; a row whose best positive is not finite ranks last (never a hit)."""
@@ -59,8 +77,10 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image: torc
                     image_group: torch.Tensor | None = None, chunk: int = 1024) -> dict[str, torch.Tensor]:
     """Per-item ranks of the best hit (0 = retrieved first), int64 on the CPU, for unit embeddings ``image``
     [I, D] and ``text`` [T, D]: ``i2t`` [I], ``t2i`` [T], and with groups ``i2t_group``, ``t2i_group``. The
-    recalls are read from them (``recalls_from_ranks``), and so is the paired bootstrap over test items. Raises
-    ``NonFiniteError`` when an embedding is not finite."""
+    recalls are read from them (``recalls_from_ranks``), and so is the paired bootstrap over test items. With
+    groups also each item's R-Precision and AP@R over its group (float64: ``i2t_group_rprec``,
+    ``i2t_group_map_r``, ``t2i_…``; ``group_precision_from_ranks``). Raises ``NonFiniteError`` when an embedding
+    is not finite."""
     raise_if_not_finite_embeddings(image, text)
     caption_image = caption_image.to(image.device)
     # Strict recall labels each image by itself; group recall by its group. A hit shares the anchor's label. Each
@@ -70,18 +90,38 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image: torc
         labelings["_group"] = image_group.to(image.device)
     caption_labels = {suffix: labels[caption_image] for suffix, labels in labelings.items()}
     chunks: dict[str, list[torch.Tensor]] = {f"{direction}{suffix}": [] for direction in ("i2t", "t2i")
-                                             for suffix in labelings}
+                                             for suffix in (*labelings, *(_PRECISION_SUFFIXES if image_group
+                                                                          is not None else ()))}
+
+    def add(direction, suffix, scores, positive):
+        chunks[f"{direction}{suffix}"].append(_ranks_of_best_positive(scores, positive).cpu())
+        if suffix == "_group":
+            r_precision, map_at_r = _precision_at_group_size(scores, positive)
+            chunks[f"{direction}_group_rprec"].append(r_precision.cpu())
+            chunks[f"{direction}_group_map_r"].append(map_at_r.cpu())
+
     for start in range(0, image.shape[0], chunk):
         scores = image[start:start + chunk] @ text.T
         for suffix, labels in labelings.items():
-            positive = labels[start:start + chunk, None] == caption_labels[suffix][None, :]
-            chunks[f"i2t{suffix}"].append(_ranks_of_best_positive(scores, positive).cpu())
+            add("i2t", suffix, scores, labels[start:start + chunk, None] == caption_labels[suffix][None, :])
     for start in range(0, text.shape[0], chunk):
         scores = text[start:start + chunk] @ image.T
         for suffix, labels in labelings.items():
-            positive = caption_labels[suffix][start:start + chunk, None] == labels[None, :]
-            chunks[f"t2i{suffix}"].append(_ranks_of_best_positive(scores, positive).cpu())
+            add("t2i", suffix, scores, caption_labels[suffix][start:start + chunk, None] == labels[None, :])
     return {name: torch.cat(parts) for name, parts in chunks.items()}
+
+
+def group_precision_from_ranks(ranks: dict[str, torch.Tensor]) -> dict[str, float]:
+    """R-Precision and mAP@R over the semantic group in percent, per direction and their mean over both
+    (``group_rprec``, ``group_map_r``), from ``retrieval_ranks`` with groups; empty without them."""
+    metrics: dict[str, float] = {}
+    for name in ("rprec", "map_r"):
+        if f"i2t_group_{name}" not in ranks:
+            continue
+        for direction in ("i2t", "t2i"):
+            metrics[f"{direction}_group_{name}"] = 100.0 * ranks[f"{direction}_group_{name}"].mean().item()
+        metrics[f"group_{name}"] = (metrics[f"i2t_group_{name}"] + metrics[f"t2i_group_{name}"]) / 2
+    return metrics
 
 
 def recalls_from_ranks(ranks: dict[str, torch.Tensor]) -> dict[str, float]:
