@@ -32,7 +32,7 @@ SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::T
                                           double prior_k, double fn_margin, int64_t min_count, bool cutdown,
                                           double center_offset, c10::optional<double> relative_cut, int64_t seed,
                                           int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled,
-                                          bool check_finite) {
+                                          bool check_finite, bool count_above) {
   TORCH_CHECK_VALUE(anchors.dim() == 2, "anchors must be 2-D [B, D], got shape ", anchors.sizes());
   TORCH_CHECK_VALUE(bank.dim() == 2, "bank must be 2-D [N, D], got shape ", bank.sizes());
   TORCH_CHECK_VALUE(anchors.size(1) == bank.size(1), "anchors and bank must have the same embedding dimension, got ",
@@ -77,6 +77,8 @@ SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::T
     TORCH_CHECK_VALUE(thresholds.device() == device, "fn_thresholds must be on the anchors' device ", device,
                       ", got ", thresholds.device());
   }
+  TORCH_CHECK_VALUE(!count_above || fn_thresholds.has_value(),
+                    "count_above counts the candidates above fn_thresholds, which were not given");
   TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
   TORCH_CHECK_VALUE(std::isfinite(margin), "margin must be finite, got ", margin);
   TORCH_CHECK_VALUE(std::isfinite(tau) && tau >= 0.0, "tau must be finite and >= 0, got ", tau);

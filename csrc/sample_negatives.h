@@ -23,7 +23,12 @@ SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::T
                                           double prior_k, double fn_margin, int64_t min_count, bool cutdown,
                                           double center_offset, c10::optional<double> relative_cut, int64_t seed,
                                           int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled,
-                                          bool check_finite);
+                                          bool check_finite, bool count_above);
+
+// The op's outputs: index, sim, valid, key, and above, the per-anchor count of candidates (another identity, a
+// filled row, a finite similarity) whose similarity is above the anchor's fn_thresholds entry: int64 [B] when
+// count_above, else an empty [0] tensor.
+using SampleOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The per-anchor values every kernel reads beside positive_sim (docs/DESIGN.md §1), float32 [B], contiguous, on the
 // anchors' device, formed here with tensor operations (one rounding each, no host synchronisation) exactly as

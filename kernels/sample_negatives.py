@@ -68,16 +68,16 @@ __all__ = ["sample_negatives_triton", "is_interpreted"]
 @triton.jit(do_not_specialize=["num_rows", "live_cols", "cols_per_split", "col_offset", "row_offset",
                                "step", "seed_lo", "seed_hi"])
 def _sample_negatives_kernel(
-        anchors_ptr, bank_ptr, centre_ptr, ceiling_ptr, anchor_ids_ptr, bank_ids_ptr, stats_ptr,
-        race_key_ptr, race_idx_ptr, race_sim_ptr, hard_key_ptr, hard_idx_ptr, hard_sim_ptr, flag_ptr,
+        anchors_ptr, bank_ptr, centre_ptr, ceiling_ptr, count_threshold_ptr, anchor_ids_ptr, bank_ids_ptr, stats_ptr,
+        race_key_ptr, race_idx_ptr, race_sim_ptr, hard_key_ptr, hard_idx_ptr, hard_sim_ptr, flag_ptr, above_ptr,
         num_rows, live_cols, dim, cols_per_split,
-        stride_am, stride_ad, stride_bn, stride_bd, stride_centre, stride_ceiling, stride_aid, stride_bid,
-        stride_stats,
+        stride_am, stride_ad, stride_bn, stride_bd, stride_centre, stride_ceiling, stride_count_threshold,
+        stride_aid, stride_bid, stride_stats,
         col_offset, row_offset, step, seed_lo, seed_hi,
         margin, tau, fn_tau, min_count, log_prior, z_threshold,
         K: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_RACE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_CUTDOWN: tl.constexpr, HAS_CEILING: tl.constexpr,
-        CHECK_FINITE: tl.constexpr, FN_EXCLUDES: tl.constexpr,
+        HAS_COUNT: tl.constexpr, CHECK_FINITE: tl.constexpr, FN_EXCLUDES: tl.constexpr,
         DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, ONE_K_STEP: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -108,6 +108,10 @@ def _sample_negatives_kernel(
     centre = tl.load(centre_ptr + rows * stride_centre, mask=row_ok, other=0.0)
     if HAS_CEILING:
         ceiling = tl.load(ceiling_ptr + rows * stride_ceiling, mask=row_ok, other=0.0)
+    if HAS_COUNT:
+        # The exceedances of fn_thresholds, counted over this program's columns (the host adds the splits).
+        count_threshold = tl.load(count_threshold_ptr + rows * stride_count_threshold, mask=row_ok, other=0.0)
+        above = tl.zeros([BLOCK_M], dtype=tl.int32)
     saw_non_finite = tl.zeros([BLOCK_M], dtype=tl.int32)
     if CHECK_FINITE:
         # abs(NaN) <= FLOAT_MAX is false, so these comparisons catch NaN as well as Inf.
@@ -170,6 +174,8 @@ def _sample_negatives_kernel(
         finite = tl.abs(s) <= FLOAT_MAX
         live = row_ok[:, None] & col_ok[None, :]
         non_positive = live & finite & (bank_id[None, :] != anchor_id[:, None])
+        if HAS_COUNT:
+            above += tl.sum((non_positive & (s > count_threshold[:, None])).to(tl.int32), axis=1)
         if HAS_CEILING:
             non_positive = non_positive & (s <= ceiling[:, None])
         if CHECK_FINITE:
@@ -230,6 +236,8 @@ def _sample_negatives_kernel(
                    width, K, KP)
     if CHECK_FINITE:
         tl.store(flag_ptr + pid_m * tl.num_programs(1) + split, tl.max(saw_non_finite, axis=0))
+    if HAS_COUNT:
+        tl.store(above_ptr + rows * tl.num_programs(1) + split, above, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["num_rows", "width"])
@@ -280,12 +288,13 @@ def is_interpreted() -> bool:
 
 def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
                             options: SamplerOptions = SamplerOptions(), *, fn_thresholds=None, seed=0, step=0,
-                            row_offset=0, col_offset=0, filled=None, check_finite=True,
+                            row_offset=0, col_offset=0, filled=None, check_finite=True, count_above=False,
                             config: TritonConfig | None = None):
     """``fne_fast.sample_negatives`` on the Triton kernels, for arguments already checked (fne_fast.ops.dispatch
     checks them before calling this).
 
-    ``seed`` is an int in [0, 2⁶⁴). ``config`` overrides the tile sizes (tests and benchmarks). With
+    ``seed`` is an int in [0, 2⁶⁴). ``count_above`` appends the exceedance counts of ``fn_thresholds`` (int64
+    [B]). ``config`` overrides the tile sizes (tests and benchmarks). With
     ``check_finite`` the kernel flags non-finite similarities, positive_sim or stats, and the flag is read back
     (one host synchronisation, which also looks for NaN in fn_thresholds); pass ``check_finite=False`` in
     training loops that must stay asynchronous.
@@ -300,10 +309,11 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
     if num_rows == 0 or filled == 0:
         if check_finite and num_rows:
             raise_if_not_finite(anchors, positive_sim, stats, fn_thresholds)
-        return (torch.full((num_rows, k), -1, dtype=torch.int64, device=device),
-                torch.zeros((num_rows, k), dtype=torch.float32, device=device),
-                torch.zeros((num_rows, k), dtype=torch.bool, device=device),
-                torch.full((num_rows, k), -math.inf, dtype=torch.float32, device=device))
+        empty = (torch.full((num_rows, k), -1, dtype=torch.int64, device=device),
+                 torch.zeros((num_rows, k), dtype=torch.float32, device=device),
+                 torch.zeros((num_rows, k), dtype=torch.bool, device=device),
+                 torch.full((num_rows, k), -math.inf, dtype=torch.float32, device=device))
+        return (*empty, torch.zeros(num_rows, dtype=torch.int64, device=device)) if count_above else empty
 
     interpreted = device.type != "cuda"
     low_precision = anchors.dtype == bank.dtype and bank.dtype != torch.float32
@@ -326,23 +336,27 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
     else:  # never read or written: the HAS_RACE branches are compiled out
         race_key, race_idx, race_sim = hard_key, hard_idx, hard_sim
     flags = torch.empty(row_blocks * splits if check_finite else 1, dtype=torch.int32, device=device)
+    # Per (row, split) counts, int32: a split spans fewer than 2³¹ columns.
+    above = torch.empty((num_rows, splits) if count_above else (1,), dtype=torch.int32, device=device)
 
     centres = weight_centres(positive_sim, options)
     ceilings = row_ceilings(positive_sim, options, fn_thresholds)
     dot_fp32 = interpreted or not low_precision
     _sample_negatives_kernel[(row_blocks, splits)](
-        anchors, bank, centres, centres if ceilings is None else ceilings, anchor_ids, bank_ids, stats,
-        race_key, race_idx, race_sim, hard_key, hard_idx, hard_sim, flags,
+        anchors, bank, centres, centres if ceilings is None else ceilings,
+        fn_thresholds if count_above else centres, anchor_ids, bank_ids, stats,
+        race_key, race_idx, race_sim, hard_key, hard_idx, hard_sim, flags, above,
         num_rows, filled, anchors.shape[1], cols_per_split,
         anchors.stride(0), anchors.stride(1), bank.stride(0), bank.stride(1), centres.stride(0),
-        0 if ceilings is None else ceilings.stride(0), anchor_ids.stride(0), bank_ids.stride(0), stats.stride(0),
+        0 if ceilings is None else ceilings.stride(0), fn_thresholds.stride(0) if count_above else 0,
+        anchor_ids.stride(0), bank_ids.stride(0), stats.stride(0),
         col_offset, row_offset, step, seed & 0xFFFFFFFF, seed >> 32,
         options.effective_cut_margin, options.tau, min(options.effective_fn_tau, FLOAT_MAX.value),
         float(options.min_count),
         math.log(options.prior_k - 1.0), fn_logit_threshold(options.fn_margin),
         K=k, KP=kp, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         HAS_RACE=has_race, HAS_WEIGHTS=mode == "fne", HAS_CUTDOWN=has_race and options.cutdown,
-        HAS_CEILING=ceilings is not None,
+        HAS_CEILING=ceilings is not None, HAS_COUNT=bool(count_above),
         CHECK_FINITE=bool(check_finite), FN_EXCLUDES=math.isinf(options.effective_fn_tau), DOT_FP32=dot_fp32,
         INPUT_PRECISION="ieee" if interpreted else input_precision(config),
         ONE_K_STEP=config.block_k >= anchors.shape[1],
@@ -362,4 +376,6 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
         if thresholds_nan or not similarities_finite:
             # Which input it was is worked out on the host, only on this error path.
             raise_if_not_finite(anchors, positive_sim, stats, fn_thresholds, similarities_finite=similarities_finite)
+    if count_above:
+        return index, sim, valid, key, above.sum(dim=1, dtype=torch.int64)
     return index, sim, valid, key

@@ -87,13 +87,14 @@ def _source(case):
     low = case["anchors"] == case["bank"] and case["bank"] != "fp32"
     config = configs.default_config(case["num_rows"], case["dim"], case["k"], low, torch.device("cuda"))
     pointers = dict(anchors_ptr=case["anchors"], bank_ptr=case["bank"], centre_ptr="fp32", ceiling_ptr="fp32",
-                    anchor_ids_ptr="i64", bank_ids_ptr="i64", stats_ptr="fp32", race_key_ptr="i32",
-                    race_idx_ptr="i64", race_sim_ptr="fp32", hard_key_ptr="i32", hard_idx_ptr="i64",
-                    hard_sim_ptr="fp32", flag_ptr="i32")
+                    count_threshold_ptr="fp32", anchor_ids_ptr="i64", bank_ids_ptr="i64", stats_ptr="fp32",
+                    race_key_ptr="i32", race_idx_ptr="i64", race_sim_ptr="fp32", hard_key_ptr="i32",
+                    hard_idx_ptr="i64", hard_sim_ptr="fp32", flag_ptr="i32", above_ptr="i32")
     has_race = case["mode"] != "hardest"
     constants = dict(K=case["k"], KP=triton.next_power_of_2(case["k"]), BLOCK_M=config.block_m,
                      BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_RACE=has_race,
                      HAS_WEIGHTS=case["mode"] == "fne", HAS_CUTDOWN=has_race, HAS_CEILING=case["ceiling"],
+                     HAS_COUNT=case["ceiling"],
                      CHECK_FINITE=True, FN_EXCLUDES=case["fn_excludes"], DOT_FP32=not low, INPUT_PRECISION="ieee",
                      ONE_K_STEP=config.block_k >= case["dim"], stride_ad=1, stride_bd=1)
     floats = ("margin", "tau", "fn_tau", "min_count", "log_prior", "z_threshold")
@@ -106,7 +107,7 @@ def _label(case) -> str:
     if case["kernel"] == "merge":
         return f"merge width={case['width']} k={case['k']}{'' if case['has_race'] else ' hardest'}"
     dtypes = case["bank"] if case["anchors"] == case["bank"] else f"{case['anchors']}/{case['bank']}"
-    extra = (" fn_tau=inf" if case["fn_excludes"] else "") + (" ceilings" if case["ceiling"] else "")
+    extra = (" fn_tau=inf" if case["fn_excludes"] else "") + (" ceilings+counts" if case["ceiling"] else "")
     return f"main B={case['num_rows']} D={case['dim']} k={case['k']} {dtypes} {case['mode']}{extra}"
 
 

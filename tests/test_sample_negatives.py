@@ -388,12 +388,13 @@ def test_non_finite_similarities_are_never_chosen_without_check_finite(backend, 
                                           ("fn_tau", dict(fn_tau=-1.0)), ("fn_tau", dict(fn_tau=math.nan)),
                                           ("center_offset", dict(center_offset=math.inf)),
                                           ("relative_cut", dict(relative_cut=-0.5)),
-                                          ("fn_thresholds", dict(fn_thresholds=torch.zeros(5)))])
+                                          ("fn_thresholds", dict(fn_thresholds=torch.zeros(5))),
+                                          ("count_above", dict(count_above=True))])
 def test_the_raw_operator_checks_too(device, name, options):
     # Callers that bypass the Python wrapper still get an error naming the argument, not a crash.
     args = dict(fn_thresholds=None, k=1, mode="fne", margin=0.2, tau=0.5, fn_tau=0.5, prior_k=1e4, fn_margin=0.999,
                 min_count=200, cutdown=True, center_offset=0.0, relative_cut=None, seed=0, step=0, row_offset=0,
-                col_offset=0, filled=40, check_finite=True)
+                col_offset=0, filled=40, check_finite=True, count_above=False)
     if isinstance(options.get("fn_thresholds"), torch.Tensor):
         options = dict(fn_thresholds=options["fn_thresholds"].to(device))
     args.update(options)
@@ -412,10 +413,10 @@ def test_opcheck_and_torch_compile(backend):
         pytest.skip("the compiled CUDA kernel serves the CUDA key")
     inputs = {name: tensor.to(backend.device) for name, tensor in backend.inputs(6, 80, 8, kind="exact").items()}
     args = (*inputs.values(), None, 2, "fne", 0.2, 0.5, 0.5, 10000.0, 0.999, 200, True, 0.0, None, 3, 1, 0, 0, 80,
-            True)
+            True, False)
     torch.library.opcheck(torch.ops.fne_fast.sample_negatives.default, args)
-    thresholds = torch.linspace(-0.5, 1.0, 6, device=backend.device)  # the optional tensor and float given
-    criteria = (*inputs.values(), thresholds, *args[7:16], -0.125, 0.9, *args[18:])
+    thresholds = torch.linspace(-0.5, 1.0, 6, device=backend.device)  # the optional tensor and float given, counted
+    criteria = (*inputs.values(), thresholds, *args[7:16], -0.125, 0.9, *args[18:-1], True)
     torch.library.opcheck(torch.ops.fne_fast.sample_negatives.default, criteria)
 
     @torch.compile(backend="eager", fullgraph=True)

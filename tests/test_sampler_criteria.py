@@ -192,3 +192,57 @@ def test_relative_cut_samples_the_rest_by_their_weights(backend):
     counts = torch.bincount(index[:, 0], minlength=sims.numel())
     assert chi_square_p_value(counts, kept / kept.sum()) > 1e-3
     assert chi_square_p_value(counts, authors) < 1e-6  # without the cut: rejected
+
+
+# --- exceedance counts ----------------------------------------------------------------------------------------
+
+def counts_by_rule(inputs: dict, thresholds: torch.Tensor, filled: int | None = None) -> torch.Tensor:
+    """Each anchor's candidates (another identity, a filled row) whose float64 similarity is above its threshold."""
+    sims = similarities(inputs)
+    columns = torch.arange(sims.shape[1])
+    other = (inputs["bank_ids"].reshape(1, -1) != inputs["anchor_ids"].reshape(-1, 1))
+    other &= (columns < (sims.shape[1] if filled is None else filled)).reshape(1, -1)
+    return (other & (sims > thresholds.double().reshape(-1, 1))).sum(dim=1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_exceedance_counts_follow_their_rule_whatever_else_is_on(backend, mode):
+    # Exact similarities and thresholds (multiples of 1/64): a tie at the threshold is not above it.
+    inputs = backend.inputs(40, 1500, 9, kind="exact", seed=10)
+    generator = torch.Generator().manual_seed(2)
+    thresholds = torch.randint(-16, 40, (40,), generator=generator) / 64.0
+    thresholds[:3] = torch.tensor([math.inf, -math.inf, math.nan])
+    sims = similarities(inputs)
+    assert (sims == thresholds.double().reshape(-1, 1)).any(dim=1).sum() > 20  # ties occur
+    options = dict(k=3, mode=mode, relative_cut=0.8, fn_thresholds=thresholds, filled=1200, check_finite=False,
+                   **STEEP)
+    *draws, above = backend.run(inputs, return_counts=True, **options)
+    wanted = counts_by_rule(inputs, thresholds, filled=1200)
+    assert above.dtype == torch.int64 and torch.equal(above, wanted)
+    assert above[0] == 0 and above[2] == 0 and above[1] == wanted[1] > 0  # +inf, NaN: none; -inf: every candidate
+    # Counting changes no draw, and the oracle counts the same.
+    for counted, plain in zip(draws, backend.run(inputs, **options)):
+        assert torch.equal(counted, plain)
+    assert torch.equal(run_oracle(inputs, return_counts=True, **options)[-1], wanted)
+    # A count that ignored the identities or the fill would differ here.
+    assert not torch.equal(wanted, counts_by_rule(inputs, thresholds))
+
+
+def test_exceedance_counts_of_shards_add_up(backend):
+    inputs = backend.inputs(17, 600, 12, kind="exact", seed=5)
+    thresholds = torch.linspace(-0.3, 0.5, 17)
+    whole = backend.run(inputs, fn_thresholds=thresholds, return_counts=True)[-1]
+    parts = sum(backend.run(dict(inputs, bank=inputs["bank"][begin:end], bank_ids=inputs["bank_ids"][begin:end]),
+                            col_offset=begin, fn_thresholds=thresholds, return_counts=True)[-1]
+                for begin, end in ((0, 250), (250, 251), (251, 600)))
+    assert torch.equal(parts, whole) and torch.equal(whole, counts_by_rule(inputs, thresholds))
+
+
+def test_counts_need_thresholds_and_empty_calls_count_nothing(backend):
+    inputs = backend.inputs(6, 40, 8)
+    with pytest.raises(ValueError, match="^count_above"):
+        backend.run(inputs, return_counts=True)
+    empty_bank = backend.run(backend.inputs(5, 0, 8), fn_thresholds=torch.zeros(5), return_counts=True)[-1]
+    assert torch.equal(empty_bank, torch.zeros(5, dtype=torch.int64))
+    empty_batch = backend.run(backend.inputs(0, 40, 8), fn_thresholds=torch.zeros(0), return_counts=True)[-1]
+    assert empty_batch.shape == (0,) and empty_batch.dtype == torch.int64

@@ -45,16 +45,18 @@ struct RankedList {
   }
 };
 
-// Storage for the lists of all B rows, and per row the largest Philox word whose noise can still enter the race
-// (gumbel_bits_limit of the race's threshold, kept current by insert_race).
+// Storage for the lists of all B rows, per row the largest Philox word whose noise can still enter the race
+// (gumbel_bits_limit of the race's threshold, kept current by insert_race), and the rows' exceedance counts.
 struct RowLists {
   int64_t k = 0;
   std::vector<float> race_key, race_sim, hard_key, hard_sim;
   std::vector<int64_t> race_index, hard_index, race_count, hard_count;
   std::vector<uint32_t> race_limit;
+  std::vector<int64_t> above;  // per row, candidates above its threshold (when the call counts them)
 
-  void resize(int64_t num_rows, int64_t k_) {
+  void resize(int64_t num_rows, int64_t k_, bool count_above = false) {
     k = k_;
+    above.assign(count_above ? num_rows : 0, 0);
     for (auto* v : {&race_key, &race_sim, &hard_key, &hard_sim}) v->assign(num_rows * k, 0.f);
     for (auto* v : {&race_index, &hard_index}) v->assign(num_rows * k, -1);
     for (auto* v : {&race_count, &hard_count}) v->assign(num_rows, 0);

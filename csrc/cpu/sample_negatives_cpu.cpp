@@ -61,23 +61,24 @@ bool has_non_finite(const at::Tensor& contiguous) {
 // Rows per chunk of the final merge: it is O(B · k · threads), parallel only for very large batches.
 constexpr int64_t kMergeRowsPerChunk = 4096;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
+SampleOutputs sample_negatives_cpu(
     const at::Tensor& anchors, const at::Tensor& bank, const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
     const at::Tensor& bank_ids, const at::Tensor& stats, const c10::optional<at::Tensor>& fn_thresholds, int64_t k,
     c10::string_view mode, double margin, double tau, double fn_tau, double prior_k, double fn_margin,
     int64_t min_count, bool cutdown, double center_offset, c10::optional<double> relative_cut, int64_t seed,
-    int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled, bool check_finite) {
+    int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled, bool check_finite, bool count_above) {
   CallContext call;
   call.config = check_sample_negatives_args(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, fn_thresholds,
                                             k, mode, margin, tau, fn_tau, prior_k, fn_margin, min_count, cutdown,
                                             center_offset, relative_cut, seed, step, row_offset, col_offset, filled,
-                                            check_finite);
+                                            check_finite, count_above);
   const int64_t num_rows = anchors.size(0);
   auto index = at::full({num_rows, k}, -1, anchors.options().dtype(at::kLong));
   auto sim = at::zeros({num_rows, k}, anchors.options().dtype(at::kFloat));
   auto valid = at::zeros({num_rows, k}, anchors.options().dtype(at::kBool));
   auto key = at::full({num_rows, k}, kNegInf, anchors.options().dtype(at::kFloat));
-  if (num_rows == 0) return {index, sim, valid, key};
+  auto above = at::zeros({count_above ? num_rows : 0}, anchors.options().dtype(at::kLong));
+  if (num_rows == 0) return {index, sim, valid, key, above};
 
   const auto anchors_contig = anchors.contiguous();
   const auto bank_contig = bank.contiguous();
@@ -101,6 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
   call.anchor_ids = anchor_ids_contig.data_ptr<int64_t>();
   call.centres = rows.centres.data_ptr<float>();
   call.ceilings = rows.ceilings.defined() ? rows.ceilings.data_ptr<float>() : nullptr;
+  const at::Tensor thresholds_contig = count_above ? fn_thresholds->contiguous() : at::Tensor();
+  call.count_thresholds = count_above ? thresholds_contig.data_ptr<float>() : nullptr;
 
   const int64_t live_cols = call.config.filled;  // rows >= filled are never read
   // Tiles no larger than the problem (small calls allocate little) nor than int32 column offsets allow.
@@ -126,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
     const int thread = at::get_thread_num();
     TORCH_INTERNAL_ASSERT(thread >= 0 && thread < static_cast<int>(thread_lists.size()));
     RowLists& lists = thread_lists[thread];
-    if (lists.k == 0) lists.resize(num_rows, k);
+    if (lists.k == 0) lists.resize(num_rows, k, count_above);
     SimilarityTiles::Worker worker(tiles);
     EpilogueScratch scratch;
     bool saw_non_finite = false;
@@ -171,12 +174,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cpu(
           merged.insert_hard(row, thread_hard.sim[t], thread_hard.index[t]);  // a hard entry's key is its sim
         }
       }
+      if (count_above) {
+        int64_t total = 0;
+        for (const RowLists& lists : thread_lists) total += lists.k == 0 ? 0 : lists.above[row];
+        above.data_ptr<int64_t>()[row] = total;
+      }
       RankedList race = merged.race(row), hard = merged.hard(row);
       write_output_row(hardest ? hard : race, hard, k, index_ptr + row * k, sim_ptr + row * k,
                        valid_ptr + row * k, key_ptr + row * k);
     }
   });
-  return {index, sim, valid, key};
+  return {index, sim, valid, key, above};
 }
 
 }  // namespace

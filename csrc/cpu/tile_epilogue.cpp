@@ -1,6 +1,7 @@
 // The epilogue works on blocks of 16 anchor rows, the lanes of one AVX-512 vector: in a column-major tile, a
 // block's similarities to one bank column are 16 contiguous floats. Two passes per block:
-//  1. scan: per column, the masks (finite, not the anchor's identity, above the cut-down), the hardest lists (a
+//  1. scan: per column, the masks (finite, not the anchor's identity, at most the row's ceiling, above the
+//     cut-down), the exceedance counts when the call asks for them, the hardest lists (a
 //     lane leaves the vector only when its similarity reaches its row's k-th: rare after the first columns), and
 //     the list of columns where some row has a race candidate, with a 16-bit mask of those rows;
 //  2. race: the Philox words of the candidates, and for a candidate whose word is within its row's limit, the key
@@ -70,15 +71,17 @@ __attribute__((target_clones("avx2", "default"))) void philox_words16_portable(
 
 bool block_portable(const SimilarityTile& tile, int64_t r0, int lanes, const CallContext& call, RowLists& lists,
                     EpilogueScratch& scratch) {
-  float hard_threshold[kLanes], ceiling[kLanes];
+  float hard_threshold[kLanes], ceiling[kLanes], count_threshold[kLanes];
   uint32_t limit[kLanes];
-  int64_t anchor_id[kLanes];
+  int64_t anchor_id[kLanes], above[kLanes] = {};
+  const bool counting = call.count_thresholds != nullptr;
   for (int l = 0; l < lanes; ++l) {
     const int64_t row = tile.row_begin + r0 + l;
     hard_threshold[l] = lists.hard(row).threshold();
     limit[l] = lists.race_limit[row];
     anchor_id[l] = call.anchor_ids[row];
     ceiling[l] = call.ceilings != nullptr ? call.ceilings[row] : kInf;
+    count_threshold[l] = counting ? call.count_thresholds[row] : kInf;
   }
   bool non_finite = false;
   int64_t listed = 0;
@@ -91,7 +94,9 @@ bool block_portable(const SimilarityTile& tile, int64_t r0, int lanes, const Cal
       // A non-finite similarity (non-finite inputs, or float32 overflow) is never a candidate.
       const bool finite = std::fabs(s) <= kLargest;
       non_finite |= !finite;
-      const bool candidate = finite && bank_id != anchor_id[l] && s <= ceiling[l];
+      const bool other = finite && bank_id != anchor_id[l];
+      above[l] += other && s > count_threshold[l];
+      const bool candidate = other && s <= ceiling[l];
       if (candidate && s >= hard_threshold[l]) {
         hard_threshold[l] = lists.insert_hard(tile.row_begin + r0 + l, s, tile.global_col_begin + j);
       }
@@ -100,6 +105,9 @@ bool block_portable(const SimilarityTile& tile, int64_t r0, int lanes, const Cal
     scratch.columns[listed] = static_cast<int32_t>(j);
     scratch.survivors[listed] = static_cast<uint16_t>(survivors);
     listed += survivors != 0;
+  }
+  if (counting) {
+    for (int l = 0; l < lanes; ++l) lists.above[tile.row_begin + r0 + l] += above[l];
   }
   if (call.config.mode == SamplerMode::kHardest) return non_finite;
 
@@ -236,9 +244,10 @@ FNE_FAST_AVX512 void race_compacted(const SimilarityTile& tile, const CallContex
 FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int lanes, const CallContext& call,
                                   RowLists& lists, EpilogueScratch& scratch) {
   const __mmask16 live = static_cast<__mmask16>((1u << lanes) - 1);
-  alignas(64) float hard_threshold[kLanes], ceiling[kLanes];
+  alignas(64) float hard_threshold[kLanes], ceiling[kLanes], count_threshold[kLanes];
   alignas(64) uint32_t limit[kLanes], rows[kLanes];
   alignas(64) int64_t anchor_id[kLanes];
+  const bool counting = call.count_thresholds != nullptr;
   for (int l = 0; l < kLanes; ++l) {
     const int64_t row = tile.row_begin + r0 + std::min(l, lanes - 1);  // lanes past the block: masked off
     hard_threshold[l] = lists.hard(row).threshold();
@@ -246,9 +255,12 @@ FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int la
     anchor_id[l] = call.anchor_ids[row];
     rows[l] = counter_row(tile, call, r0 + l);
     ceiling[l] = call.ceilings != nullptr ? call.ceilings[row] : kInf;
+    count_threshold[l] = counting ? call.count_thresholds[row] : kInf;
   }
   __m512 threshold = _mm512_load_ps(hard_threshold);
-  const __m512 ceilings = _mm512_load_ps(ceiling);
+  const __m512 ceilings = _mm512_load_ps(ceiling), count_thresholds = _mm512_load_ps(count_threshold);
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i above = _mm512_setzero_si512();
   const __m512i ids_low = _mm512_load_si512(anchor_id), ids_high = _mm512_load_si512(anchor_id + 8);
   const __m512 cut = _mm512_set1_ps(call.cut_threshold), largest = _mm512_set1_ps(kLargest);
   int32_t* columns = scratch.columns.data();
@@ -267,6 +279,10 @@ FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int la
     const __m512i bank_id = _mm512_set1_epi64(bank_ids[j]);
     const __mmask16 same = _mm512_kunpackb(_mm512_cmpeq_epi64_mask(ids_high, bank_id),
                                            _mm512_cmpeq_epi64_mask(ids_low, bank_id));
+    if (counting) {  // a tile holds fewer than 2³¹ columns: 32-bit lanes cannot overflow
+      above = _mm512_mask_add_epi32(above, _mm512_mask_cmp_ps_mask(finite & ~same, s, count_thresholds, _CMP_GT_OQ),
+                                    above, one);
+    }
     const __mmask16 candidate = _mm512_mask_cmp_ps_mask(finite & ~same, s, ceilings, _CMP_LE_OQ);
     const __mmask16 hard = _mm512_mask_cmp_ps_mask(candidate, s, threshold, _CMP_GE_OQ);
     if (hard != 0) threshold = insert_hard_lanes(tile, lists, r0, j, hard, s, hard_threshold);
@@ -274,6 +290,11 @@ FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int la
     columns[listed] = static_cast<int32_t>(j);
     survivors[listed] = survive;
     listed += survive != 0;
+  }
+  if (counting) {
+    alignas(64) uint32_t counts[kLanes];
+    _mm512_store_si512(counts, above);
+    for (int l = 0; l < lanes; ++l) lists.above[tile.row_begin + r0 + l] += counts[l];
   }
   if (call.config.mode == SamplerMode::kHardest || listed == 0) return non_finite != 0;
 

@@ -20,6 +20,7 @@ struct CallContext {
   const int64_t* anchor_ids;
   const float* centres;   // [B] the log-weight's centre s⁺ + b (RowInputs in sample_negatives.h)
   const float* ceilings;  // [B] s > ceiling is excluded from the race and the fallback; nullptr: no ceilings
+  const float* count_thresholds;  // [B] fn_thresholds, whose exceedances the call counts; nullptr: no count
 };
 
 // One tile: similarity of anchor row row_begin + r to the tile's bank column j at sims[j * ld + r].

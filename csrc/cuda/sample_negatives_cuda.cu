@@ -68,6 +68,7 @@ namespace {
 constexpr int64_t kSimBufferBytes = int64_t{32} << 20;  // target size of the [B, chunk] float32 buffer
 constexpr int kBlocksPerSm = 4;                         // epilogue blocks per SM the split count aims for
 constexpr int kOutputThreads = 128;
+static_assert(sizeof(unsigned long long) == sizeof(int64_t), "the exceedance counts are int64, added atomically");
 
 struct EpilogueArgs {
   const float* sims;        // [B, chunk_cols] of this chunk
@@ -75,6 +76,8 @@ struct EpilogueArgs {
   const int64_t* anchor_ids;
   const float* centres;   // [B] the log-weight's centre s⁺ + b (RowInputs in sample_negatives.h)
   const float* ceilings;  // [B] s > ceiling is excluded from the race and the fallback; nullptr: no ceilings
+  const float* count_thresholds;  // [B] fn_thresholds whose exceedances are counted into `above`; nullptr: none
+  unsigned long long* above;      // [B] int64 counts, added to atomically (integers: the order does not matter)
   const float* stats;
   int64_t chunk_cols;
   int64_t split_cols;
@@ -112,6 +115,8 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs args) {
   const int64_t anchor_id = args.anchor_ids[row];
   const float centre = args.centres[row];
   const float ceiling = args.ceilings != nullptr ? args.ceilings[row] : INFINITY;
+  const float count_threshold = args.count_thresholds != nullptr ? args.count_thresholds[row] : INFINITY;
+  unsigned long long above = 0;
   const uint32_t global_row = config.row_offset + static_cast<uint32_t>(row);
   bool non_finite = false;
   for (int64_t base = begin; base < end; base += kRoundCols) {
@@ -126,6 +131,7 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs args) {
         continue;
       }
       if (args.bank_ids[j] == anchor_id) continue;  // the anchor's own identity: a true positive
+      above += s > count_threshold;
       if (s > ceiling) continue;                    // a likely false negative by its anchor's ceiling
       const int64_t column = args.global_col_begin + j;
       offered |= offer(hard, k, Entry{s, s, column});
@@ -153,6 +159,7 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs args) {
   const int64_t slot = row * args.splits + split;
   store_list(hard, k, args.partial_hard, slot);
   if (sampling) store_list(race, k, args.partial_race, slot);
+  if (above != 0) atomicAdd(args.above + row, above);
   if (__syncthreads_or(non_finite) && threadIdx.x == 0) *args.non_finite = 1;
 }
 
@@ -245,16 +252,16 @@ void check_finite_flags(const at::Tensor& anchors, const at::Tensor& positive_si
   raise_if_not_finite(bad, bad[kInputFlags]);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda(
+SampleOutputs sample_negatives_cuda(
     const at::Tensor& anchors, const at::Tensor& bank, const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
     const at::Tensor& bank_ids, const at::Tensor& stats, const c10::optional<at::Tensor>& fn_thresholds, int64_t k,
     c10::string_view mode, double margin, double tau, double fn_tau, double prior_k, double fn_margin,
     int64_t min_count, bool cutdown, double center_offset, c10::optional<double> relative_cut, int64_t seed,
-    int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled, bool check_finite) {
+    int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled, bool check_finite, bool count_above) {
   const SamplerConfig config = check_sample_negatives_args(
       anchors, bank, positive_sim, anchor_ids, bank_ids, stats, fn_thresholds, k, mode, margin, tau, fn_tau, prior_k,
       fn_margin, min_count, cutdown, center_offset, relative_cut, seed, step, row_offset, col_offset, filled,
-      check_finite);
+      check_finite, count_above);
   TORCH_CHECK_VALUE(k <= kMaxK, "k must be <= ", kMaxK, " on CUDA (the per-row lists live in shared memory), got ",
                     k);
   const c10::cuda::CUDAGuard device_guard(anchors.device());
@@ -264,7 +271,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda
   auto sim = at::empty({num_rows, k}, anchors.options().dtype(at::kFloat));
   auto valid = at::empty({num_rows, k}, anchors.options().dtype(at::kBool));
   auto key = at::empty({num_rows, k}, anchors.options().dtype(at::kFloat));
-  if (num_rows == 0) return {index, sim, valid, key};
+  auto above = at::zeros({count_above ? num_rows : 0}, long_options);
+  if (num_rows == 0) return {index, sim, valid, key, above};
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto anchors_contig = anchors.contiguous();
@@ -273,6 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda
   const auto positive_contig = positive_sim.contiguous();
   const auto stats_contig = stats.contiguous();
   const RowInputs rows = row_inputs(positive_contig, fn_thresholds, center_offset, relative_cut);
+  const at::Tensor thresholds_contig = count_above ? fn_thresholds->contiguous() : at::Tensor();
   // float32 anchors with a low-precision bank: the chunk is converted, so products are formed in float32 from
   // the exact bank values (as on the CPU) rather than from anchors rounded to the bank's dtype.
   const bool convert_bank = bank.scalar_type() != anchors.scalar_type();
@@ -315,6 +324,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda
     epilogue.anchor_ids = anchor_ids_contig.data_ptr<int64_t>();
     epilogue.centres = rows.centres.data_ptr<float>();
     epilogue.ceilings = rows.ceilings.defined() ? rows.ceilings.data_ptr<float>() : nullptr;
+    epilogue.count_thresholds = count_above ? thresholds_contig.data_ptr<float>() : nullptr;
+    epilogue.above = count_above ? reinterpret_cast<unsigned long long*>(above.data_ptr<int64_t>()) : nullptr;
     epilogue.stats = stats_contig.data_ptr<float>();
     epilogue.split_cols = split_cols;
     epilogue.config = config;
@@ -371,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_negatives_cuda
     check_finite_flags(anchors_contig, positive_contig, stats_contig, fn_thresholds,
                        counts.narrow(0, counts.size(0) - 1, 1));
   }
-  return {index, sim, valid, key};
+  return {index, sim, valid, key, above};
 }
 
 }  // namespace

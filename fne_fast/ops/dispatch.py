@@ -46,14 +46,17 @@ def _triton_kernels():
 
 
 def _run_python_kernel(backend, anchors, bank, positive_sim, anchor_ids, bank_ids, stats, options, *, fn_thresholds,
-                       seed, step, row_offset, col_offset, filled, check_finite):
-    """The reference or the Triton kernel, after the checks the C++ kernels make at their entry."""
+                       seed, step, row_offset, col_offset, filled, check_finite, count_above):
+    """The reference or the Triton kernel, after the checks the C++ kernels make at their entry: the four outputs,
+    and the exceedance counts with ``count_above``."""
     check_tensor_arguments(anchors, bank, positive_sim, anchor_ids, bank_ids, stats)
     check_fn_thresholds(fn_thresholds, anchors.shape[0], anchors.device)
+    if count_above and fn_thresholds is None:
+        raise ValueError("count_above counts the candidates above fn_thresholds, which were not given")
     check_counters(anchors.shape[0], bank.shape[0], step=step, row_offset=row_offset, col_offset=col_offset,
                    filled=filled)
     counters = dict(seed=seed, step=step, row_offset=row_offset, col_offset=col_offset, filled=filled,
-                    fn_thresholds=fn_thresholds)
+                    fn_thresholds=fn_thresholds, count_above=count_above)
     if backend == "reference":
         from fne_fast.ops import reference  # the oracle is loaded only when asked for
 
@@ -66,12 +69,14 @@ def _run_python_kernel(backend, anchors, bank, positive_sim, anchor_ids, bank_id
 def _sample_negatives_triton_op(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, fn_thresholds,
                                 *schema_values):
     """The Triton kernel in the schema's calling convention (csrc/fne_fast.cpp), for the CUDA dispatch key: the
-    options' values (``SCHEMA_FIELDS``), then seed, step, row_offset, col_offset, filled, check_finite."""
-    *option_values, seed, step, row_offset, col_offset, filled, check_finite = schema_values
-    return _run_python_kernel("triton", anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
-                              SamplerOptions.from_schema(*option_values), fn_thresholds=fn_thresholds,
-                              seed=seed % _UINT64, step=step,
-                              row_offset=row_offset, col_offset=col_offset, filled=filled, check_finite=check_finite)
+    options' values (``SCHEMA_FIELDS``), then seed, step, row_offset, col_offset, filled, check_finite,
+    count_above; five outputs, the counts empty unless asked for."""
+    *option_values, seed, step, row_offset, col_offset, filled, check_finite, count_above = schema_values
+    result = _run_python_kernel("triton", anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
+                                SamplerOptions.from_schema(*option_values), fn_thresholds=fn_thresholds,
+                                seed=seed % _UINT64, step=step, row_offset=row_offset, col_offset=col_offset,
+                                filled=filled, check_finite=check_finite, count_above=count_above)
+    return result if count_above else (*result, anchors.new_zeros((0,), dtype=torch.int64))
 
 
 def _register_triton_for_cuda():
@@ -104,9 +109,11 @@ def sample_negatives_with_options(anchors: torch.Tensor, bank: torch.Tensor, pos
                                   anchor_ids: torch.Tensor, bank_ids: torch.Tensor, stats: torch.Tensor,
                                   options: SamplerOptions = _DEFAULTS, *, fn_thresholds: torch.Tensor | None = None,
                                   seed: int = 0, step: int = 0, row_offset: int = 0, col_offset: int = 0,
-                                  filled: int | None = None, backend: str = "auto", check_finite: bool = True):
+                                  filled: int | None = None, backend: str = "auto", check_finite: bool = True,
+                                  count_above: bool = False):
     """``sample_negatives`` with the sampler's options as one ``SamplerOptions``; returns all four outputs
-    ``(index, sim, valid, key)``."""
+    ``(index, sim, valid, key)``, and with ``count_above`` a fifth, the exceedance counts (``return_counts`` of
+    ``sample_negatives``)."""
     if not isinstance(options, SamplerOptions):
         raise TypeError(f"options must be a SamplerOptions, got {type(options).__name__}")
     tensors = dict(zip(TENSOR_ARGUMENTS, (anchors, bank, positive_sim, anchor_ids, bank_ids, stats)))
@@ -120,11 +127,12 @@ def sample_negatives_with_options(anchors: torch.Tensor, bank: torch.Tensor, pos
     if backend in ("reference", "triton"):
         return tuple(_run_python_kernel(backend, *tensors.values(), options, fn_thresholds=fn_thresholds, seed=seed,
                                         step=step, row_offset=row_offset, col_offset=col_offset, filled=filled,
-                                        check_finite=check_finite))
+                                        check_finite=check_finite, count_above=bool(count_above)))
     signed_seed = seed - _UINT64 if seed >= 2**63 else seed  # the schema's int is int64: the same 64 bits
-    return tuple(torch.ops.fne_fast.sample_negatives(*tensors.values(), fn_thresholds, *options.schema_values(),
-                                                     signed_seed, step, row_offset, col_offset, filled,
-                                                     bool(check_finite)))
+    result = torch.ops.fne_fast.sample_negatives(*tensors.values(), fn_thresholds, *options.schema_values(),
+                                                 signed_seed, step, row_offset, col_offset, filled,
+                                                 bool(check_finite), bool(count_above))
+    return tuple(result if count_above else result[:4])
 
 
 def sample_negatives(anchors: torch.Tensor, bank: torch.Tensor, positive_sim: torch.Tensor,
@@ -137,7 +145,7 @@ def sample_negatives(anchors: torch.Tensor, bank: torch.Tensor, positive_sim: to
                      relative_cut: float | None = _DEFAULTS.relative_cut, fn_thresholds: torch.Tensor | None = None,
                      seed: int = 0, step: int = 0, row_offset: int = 0, col_offset: int = 0,
                      filled: int | None = None, backend: str = "auto", check_finite: bool = True,
-                     return_keys: bool = False):
+                     return_keys: bool = False, return_counts: bool = False):
     """Sample k negatives per anchor from the bank in one pass (docs/DESIGN.md §2).
 
     Args:
@@ -156,6 +164,9 @@ def sample_negatives(anchors: torch.Tensor, bank: torch.Tensor, positive_sim: to
         check_finite: raise on NaN or infinity in the inputs, checked inside the pass; on CUDA reading that flag
             back is the op's one host synchronisation, and ``check_finite=False`` removes it.
         return_keys: also return each slot's race key.
+        return_counts: also return, last, ``above [B]`` int64: each anchor's candidates (another identity, a
+            filled row, a finite similarity) whose similarity is above its ``fn_thresholds`` entry, excluded or
+            not (GloFND's update of per-anchor thresholds needs them; column shards' counts add up).
 
     Returns:
         ``(index [B, k] int64, sim [B, k] float32, valid [B, k] bool)``: global bank indices (``col_offset + j``)
@@ -176,8 +187,8 @@ def sample_negatives(anchors: torch.Tensor, bank: torch.Tensor, positive_sim: to
     result = sample_negatives_with_options(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, options,
                                            fn_thresholds=fn_thresholds, seed=seed, step=step, row_offset=row_offset,
                                            col_offset=col_offset, filled=filled, backend=backend,
-                                           check_finite=check_finite)
-    return result if return_keys else result[:3]
+                                           check_finite=check_finite, count_above=return_counts)
+    return (*result[:4 if return_keys else 3], *result[4:])
 
 
 @torch.library.register_fake(_OPERATOR)
@@ -185,6 +196,7 @@ def _sample_negatives_fake(anchors, bank, positive_sim, anchor_ids, bank_ids, st
                            *schema_values):
     torch._check(anchors.dim() == 2, lambda: "anchors must be 2-D")
     torch._check(k >= 1, lambda: "k must be >= 1")
-    rows = anchors.shape[0]
+    rows, count_above = anchors.shape[0], schema_values[-1]
     return (anchors.new_empty((rows, k), dtype=torch.int64), anchors.new_empty((rows, k), dtype=torch.float32),
-            anchors.new_empty((rows, k), dtype=torch.bool), anchors.new_empty((rows, k), dtype=torch.float32))
+            anchors.new_empty((rows, k), dtype=torch.bool), anchors.new_empty((rows, k), dtype=torch.float32),
+            anchors.new_empty((rows if count_above else 0,), dtype=torch.int64))

@@ -108,28 +108,33 @@ def sample_negatives_reference(anchors, bank, positive_sim, anchor_ids, bank_ids
                                fn_thresholds: torch.Tensor | None = None, seed: int = 0, step: int = 0,
                                row_offset: int = 0, col_offset: int = 0, filled: int | None = None,
                                dtype: torch.dtype = torch.float64, return_keys: bool = False,
-                               check_finite: bool = False):
+                               return_counts: bool = False, check_finite: bool = False):
     """The oracle: same signature and outputs as ``fne_fast.sample_negatives``.
 
     ``check_finite`` raises the op's errors for NaN/Inf inputs (the bank's from its live similarities).
 
     With ``return_keys=True`` it also returns the key of every chosen slot (``-inf`` for fallback and invalid
-    slots, the similarity in mode "hardest"), which the tests use to explain near-ties.
+    slots, the similarity in mode "hardest"), which the tests use to explain near-ties; with ``return_counts=True``
+    last the per-anchor count of candidates above ``fn_thresholds``.
     """
     options = SamplerOptions(mode=mode, k=k, margin=margin, tau=tau, fn_tau=fn_tau, prior_k=prior_k,
                              fn_margin=fn_margin, min_count=min_count, cutdown=cutdown, cut_margin=cut_margin,
                              center_offset=center_offset, relative_cut=relative_cut)
     result = reference_draws(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, options, seed=seed, step=step,
                              row_offset=row_offset, col_offset=col_offset, filled=filled, dtype=dtype,
-                             check_finite=check_finite, fn_thresholds=fn_thresholds)
-    return result if return_keys else result[:3]
+                             check_finite=check_finite, fn_thresholds=fn_thresholds, count_above=return_counts)
+    return (*result[:4 if return_keys else 3], *result[4:])
 
 
 def reference_draws(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, options: SamplerOptions, *,
                     seed: int = 0, step: int = 0, row_offset: int = 0, col_offset: int = 0,
                     filled: int | None = None, dtype: torch.dtype = torch.float64, check_finite: bool = False,
-                    fn_thresholds: torch.Tensor | None = None):
-    """The oracle's ``(index, sim, valid, key)`` for options given as one ``SamplerOptions``."""
+                    fn_thresholds: torch.Tensor | None = None, count_above: bool = False):
+    """The oracle's ``(index, sim, valid, key)`` for options given as one ``SamplerOptions``, and with
+    ``count_above`` a fifth tensor, ``above [B]`` int64: each anchor's candidates (another identity, a filled row,
+    a finite similarity) whose similarity is above its ``fn_thresholds`` entry, ceilings or not."""
+    if count_above and fn_thresholds is None:
+        raise ValueError("count_above counts the candidates above fn_thresholds, which were not given")
     keys, survives, non_positive, sim = candidate_keys(anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
                                                        options, seed=seed, step=step, row_offset=row_offset,
                                                        col_offset=col_offset, filled=filled, dtype=dtype,
@@ -177,4 +182,8 @@ def reference_draws(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, op
         chosen_sim = torch.zeros(num_rows, k, dtype=dtype, device=device)
     chosen_sim = torch.where(valid, chosen_sim, torch.zeros_like(chosen_sim)).to(torch.float32)
     slot_keys = torch.where(valid, slot_keys, neg_inf)
-    return index, chosen_sim, valid, slot_keys
+    if not count_above:
+        return index, chosen_sim, valid, slot_keys
+    others = fallback_candidates(sim, anchor_ids, bank_ids, num_cols if filled is None else filled)
+    above = (others & (sim > fn_thresholds.to(dtype).reshape(-1, 1))).sum(dim=1)
+    return index, chosen_sim, valid, slot_keys, above
