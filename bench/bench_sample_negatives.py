@@ -24,8 +24,9 @@ which half of the pairs are likely false negatives (P_fn > 1 - fn_margin), with 
 
 ``--criteria``: what the false-negative criteria of docs/DESIGN.md §1 cost beside the plain fused op on the same
 tensors, interleaved, each case: the separate cut-down margin (set to the hinge margin's value, so the same race),
-the centre offset, the positive-relative cut, per-anchor thresholds, and all of them at once, at settings that
-exclude a few candidates per row (ratios to the plain op, with three decimals: the acceptance bound is 5 %).
+the centre offset, the positive-relative cut, per-anchor thresholds (also with their exceedance counts), and all
+of them at once, at settings that exclude a few candidates per row (ratios to the plain op, with three decimals:
+the acceptance bound is 5 %).
 
 ``--low-precision``: banks and anchors in bf16 and fp16 beside float32, against torch's own matmul in each dtype
 (into a preallocated output, and allocating as ``anchors @ bank.T`` does): the fused op on oneDNN's bf16 kernel,
@@ -183,6 +184,7 @@ def criteria_implementations(inputs):
         "center_offset = -0.1": dict(center_offset=-0.1),
         "relative_cut = 0.95": dict(relative_cut=0.95),
         "fn_thresholds": dict(fn_thresholds=thresholds),
+        "fn_thresholds, counted": dict(fn_thresholds=thresholds, return_counts=True),
         "all four": dict(cut_margin=0.2, center_offset=-0.1, relative_cut=0.95, fn_thresholds=thresholds),
     }
     functions = {"fused op": lambda: fne_fast.sample_negatives(*args, **OPTIONS)}
