@@ -72,7 +72,9 @@ def test_unsharded_sample_is_the_op_over_the_filled_rows_plus_their_features(k):
     bank = MemoryBank(12, 4)
     bank.enqueue(inputs["bank"], inputs["bank_ids"])  # 9 of 12 rows filled
     arguments = (inputs["anchors"], inputs["positive_sim"], inputs["anchor_ids"], inputs["stats"])
-    index, sim, valid, key, rows, ids = bank.sample(*arguments, SamplerOptions(k=k), seed=4, step=2)
+    draw = bank.sample(*arguments, SamplerOptions(k=k), seed=4, step=2)
+    index, sim, valid, key, rows, ids = draw[:6]
+    assert draw.above is None  # counted only when asked
     wanted = sample_negatives(inputs["anchors"], bank.features, *arguments[1:3], bank.ids, inputs["stats"], k=k,
                               seed=4, step=2, filled=9, return_keys=True)
     for actual, expected in zip((index, sim, valid, key), wanted):

@@ -54,7 +54,7 @@ def _check_traffic(sent, counts, rank, k, dtype, index, valid):
 def _compare_with_one_bank(rank, world_size):
     group = dist.group.WORLD
     stats = torch.tensor(EXACT_STATS)
-    seen = {"fallback": 0, "invalid": 0, "checks": 0}
+    seen = {"fallback": 0, "invalid": 0, "checks": 0, "counted": 0}
     for dtype in (torch.float32, torch.bfloat16):
         sharded = MemoryBank(SIZE, DIM, dtype=dtype, group=group)
         whole = MemoryBank(SIZE, DIM, dtype=dtype)
@@ -85,6 +85,18 @@ def _compare_with_one_bank(rank, world_size):
                 seen["fallback"] += int((valid & ~torch.isfinite(key)).sum())
                 seen["invalid"] += int((~valid).sum())
                 seen["checks"] += 1
+            # Per-anchor thresholds travel with the anchors, and the shards' exceedance counts add up.
+            thresholds = torch.tensor([0.0, 0.25, float("inf"), -0.25, float("-inf"), 0.5] * 4)[:sum(counts)]
+            options = dict(mode="fne", k=2, min_count=0)
+            got = sharded.sample(anchors[mine], positive_sim[mine], anchor_ids[mine], stats, SamplerOptions(**options),
+                                 seed=7, step=step, fn_thresholds=thresholds[mine], count_above=True)
+            wanted = fne_fast.sample_negatives(anchors.to(dtype), whole.features, positive_sim, anchor_ids, whole.ids,
+                                               stats, seed=7, step=step, filled=whole.filled, return_keys=True,
+                                               fn_thresholds=thresholds, return_counts=True, **options)
+            for name, actual, expected in zip(("index", "sim", "valid", "key", "above"), (*got[:4], got.above),
+                                              wanted):
+                assert torch.equal(actual, expected[mine]), (name, step, actual, expected[mine])
+            seen["counted"] += int(wanted[4].sum())  # the global batch's, the same on every rank
         state = sharded.state_dict()
         if rank == 0:
             assert torch.equal(state["features"], whole.features) and torch.equal(state["ids"], whole.ids)
@@ -100,6 +112,7 @@ def test_sharded_sample_equals_one_call_over_the_whole_bank(world_size):
     assert all(counts == seen[0] for counts in seen)  # every rank checked the same global results
     assert seen[0]["checks"] == 2 * len(SCHEDULE) * len(SAMPLINGS)
     assert seen[0]["fallback"] > 0 and seen[0]["invalid"] > 0  # the cases reach fallbacks and invalid slots
+    assert seen[0]["counted"] > 0  # some candidates lie above their anchors' thresholds
 
 
 def _bf16_on_unit_vectors(rank, world_size):
@@ -134,7 +147,8 @@ def _bf16_on_unit_vectors(rank, world_size):
                                  SamplerOptions(**options), seed=3, step=checks)
             wanted = whole.sample(anchors, positive_sim, anchor_ids, stats, SamplerOptions(**options), seed=3,
                                   step=checks)
-            for name, actual, expected in zip(got._fields, got, wanted):
+            assert got.above is None and wanted.above is None
+            for name, actual, expected in zip(got._fields[:6], got, wanted):
                 assert torch.equal(actual, expected[mine]), (name, threshold, options)
             checks += 1
     return checks

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 
 import pytest
@@ -296,6 +297,29 @@ def test_false_negative_criteria_reach_the_bank_and_leave_the_defaults_alone(tmp
     same = train(_config(tmp_path / "same", epochs=1, options=SamplerOptions(min_count=5, cut_margin=0.2)), splits)
     assert _read(tmp_path / "same" / METRICS_NAME) == _read(tmp_path / "plain" / METRICS_NAME)
     assert same == plain
+
+
+def test_per_item_thresholds_are_learned_checkpointed_and_resume_exactly(tmp_path, splits):
+    settings = dict(threshold_share=0.1, threshold_lr=0.05)
+    uninterrupted = train(_config(tmp_path / "whole", **settings), splits)
+    train(_config(tmp_path / "parts", epochs=2, **settings), splits)
+    resumed = train(_config(tmp_path / "parts", resume=True, **settings), splits)
+    assert resumed == uninterrupted
+    rows = _read(tmp_path / "whole" / METRICS_NAME)
+    assert _read(tmp_path / "parts" / METRICS_NAME) == rows
+    assert rows[0]["threshold_mean"] is None  # the warm-up epoch draws nothing from the bank
+    assert all(0.0 <= row["threshold_share_above"] <= 1.0 and math.isfinite(row["threshold_mean"])
+               for row in rows[1:])
+    whole = read_checkpoint(str(tmp_path / "whole" / CHECKPOINT_NAME))["thresholds"]
+    parts = read_checkpoint(str(tmp_path / "parts" / CHECKPOINT_NAME))["thresholds"]
+    assert len(whole) == 2 and all(torch.equal(a["values"].nan_to_num(9.0), b["values"].nan_to_num(9.0))
+                                   for a, b in zip(whole, parts))
+    assert all(torch.isfinite(table["values"]).any() for table in whole)
+    train(_config(tmp_path / "plain", epochs=2), splits)
+    assert not any("threshold_mean" in row for row in _read(tmp_path / "plain" / METRICS_NAME))
+    assert read_checkpoint(str(tmp_path / "plain" / CHECKPOINT_NAME))["thresholds"] is None
+    with pytest.raises(UsageError, match="--threshold-share: must be in \\(0, 1\\)"):
+        _config(tmp_path / "bad", threshold_share=1.5)
 
 
 def test_torchrun_two_processes_follow_one_process_with_the_global_batch(tmp_path, splits, capsys):

@@ -30,7 +30,8 @@ _DEFAULTS = SamplerOptions()
 
 
 class BankSample(NamedTuple):
-    """What ``MemoryBank.sample`` returns: the op's four outputs for the anchors, then the chosen rows and ids."""
+    """What ``MemoryBank.sample`` returns: the op's four outputs for the anchors, the chosen rows and ids, and the
+    exceedance counts when asked."""
 
     index: torch.Tensor  # [B, k] int64 global bank indices, -1 where invalid
     sim: torch.Tensor  # [B, k] float32 similarity of each chosen row
@@ -38,6 +39,7 @@ class BankSample(NamedTuple):
     key: torch.Tensor  # [B, k] float32 race key (-inf for fallbacks and invalid slots)
     rows: torch.Tensor  # [B, k, dim] the chosen rows in the bank's dtype, zeros where invalid
     ids: torch.Tensor  # [B, k] int64 identities of the chosen rows, -1 where invalid
+    above: torch.Tensor | None = None  # [B] int64: candidates above fn_thresholds (count_above), over the whole bank
 
 
 class MemoryBank:
@@ -144,7 +146,8 @@ class MemoryBank:
     @torch.no_grad()
     def sample(self, anchors: torch.Tensor, positive_sim: torch.Tensor, anchor_ids: torch.Tensor,
                stats: torch.Tensor, options: SamplerOptions = _DEFAULTS, *, seed: int = 0, step: int = 0,
-               backend: str = "auto", check_finite: bool = True, counts: list[int] | None = None) -> BankSample:
+               backend: str = "auto", check_finite: bool = True, counts: list[int] | None = None,
+               fn_thresholds: torch.Tensor | None = None, count_above: bool = False) -> BankSample:
         """``fne_fast.sample_negatives`` of ``anchors`` [B, D] over the whole bank, with the chosen rows.
 
         Args:
@@ -152,11 +155,13 @@ class MemoryBank:
             positive_sim: [B] float32; anchor_ids: [B] int64; stats: the op's [5] float32 statistics.
             options: the sampler's options; seed, step, backend, check_finite: the op's (the bank sets ``filled``
                 and the offsets).
+            fn_thresholds: optional [B] float32 per-anchor thresholds, the op's; count_above: also count each
+                anchor's candidates above its threshold, over the whole bank (the shards' counts added).
 
         Returns:
             A ``BankSample``: ``index`` [B, k] global bank indices, ``sim``, ``valid`` and ``key`` as the op's, and
             ``rows`` [B, k, dim] (the chosen rows in the bank's dtype, zeros where invalid) and ``ids`` [B, k] (their
-            identities, -1 where invalid).
+            identities, -1 where invalid), and with ``count_above`` ``above`` [B] int64.
 
         Collective when sharded: each rank passes its local anchors (any number, 0 included) and the same options,
         counters and ``stats``; the anchors' global rows (ranks in order) are the op's rows, so the result is, index
@@ -165,48 +170,58 @@ class MemoryBank:
         options and ``stats`` and its host synchronisations: the same list on every rank (not checked); a bad
         argument then raises on its own rank alone.
         """
-        problem = _sample_problem(anchors, positive_sim, anchor_ids, stats, self.dim, options, seed, step, backend)
-        call = dict(seed=seed, step=step, backend=backend, check_finite=check_finite)
+        problem = _sample_problem(anchors, positive_sim, anchor_ids, stats, self.dim, options, seed, step, backend,
+                                  fn_thresholds, count_above)
+        call = dict(seed=seed, step=step, backend=backend, check_finite=check_finite, count_above=count_above)
         if not self.sharded:
             if problem is not None:
                 raise ValueError(problem)
-            index, sim, valid, key = sample_negatives_with_options(
+            index, sim, valid, key, *above = sample_negatives_with_options(
                 anchors.to(self.dtype), self.features, positive_sim, anchor_ids, self.ids, stats, options,
-                filled=self.filled, **call)
+                fn_thresholds=fn_thresholds, filled=self.filled, **call)
             rows = torch.where(valid.unsqueeze(-1), self.features[index.clamp(min=0)], 0)
             chosen_ids = torch.where(valid, self.ids[index.clamp(min=0)], -1)
-            return BankSample(index, sim, valid, key, rows, chosen_ids)
+            return BankSample(index, sim, valid, key, rows, chosen_ids, above[0] if count_above else None)
 
         if counts is not None:
             counts = distributed.check_counts("MemoryBank.sample", counts, self.group, anchors.shape[0], problem)
         else:
-            metadata = [0] * 7 if problem is not None else [anchors.shape[0], *_fingerprint(options, stats, call)]
+            metadata = [0] * 7 if problem is not None else [anchors.shape[0],
+                                                            *_fingerprint(options, stats, call, fn_thresholds)]
             table = distributed.agree("MemoryBank.sample", metadata, problem, self.group, self.device)
             distributed.require_same("MemoryBank.sample", [line[1:] for line in table],
                                      ("k", "mode", "seed", "step", "other options", "stats"))
             counts = [line[0] for line in table]
         if sum(counts) == 0:
-            return _empty_sample(options.k, self.dim, self.dtype, self.device)
+            return _empty_sample(options.k, self.dim, self.dtype, self.device, count_above)
 
         # Every rank scores all the global batch's anchors against its shard, the anchors in the bank's dtype as one
         # process passes them, so that every rank's call runs one process's GEMM: a bf16 bank's anchors sent as
         # float32 took the op's float32-anchor path, whose sums round otherwise, and flipped candidates at the
-        # cut-down and at ties. The ids and the positive similarities' float32 bits travel as one int64 pair.
+        # cut-down and at ties. The ids and the float32 bits of the positive similarities (and thresholds) travel
+        # as int64 columns.
         all_anchors = distributed.all_gather_rows(anchors.to(self.dtype), counts, self.group, "anchors")
-        scalars = torch.stack([anchor_ids.to(torch.int64),
-                               positive_sim.float().contiguous().view(torch.int32).to(torch.int64)], dim=1)
-        all_scalars = distributed.all_gather_rows(scalars, counts, self.group, "anchors")
-        all_ids, all_positive_sim = all_scalars[:, 0], all_scalars[:, 1].to(torch.int32).view(torch.float32)
+        scalars = [anchor_ids.to(torch.int64), _float_bits(positive_sim)]
+        if fn_thresholds is not None:
+            scalars.append(_float_bits(fn_thresholds))
+        all_scalars = distributed.all_gather_rows(torch.stack(scalars, dim=1), counts, self.group, "anchors")
+        all_ids, all_positive_sim = all_scalars[:, 0], _bits_float(all_scalars[:, 1])
+        all_thresholds = _bits_float(all_scalars[:, 2]) if fn_thresholds is not None else None
         local_filled = min(max(self.filled - self.row_begin, 0), self.shard_size)
-        shard_index, shard_sim, _, shard_key = sample_negatives_with_options(
+        shard_index, shard_sim, _, shard_key, *shard_above = sample_negatives_with_options(
             all_anchors, self.features, all_positive_sim, all_ids.contiguous(), self.ids, stats, options,
-            row_offset=0, col_offset=self.row_begin, filled=local_filled, **call)
+            fn_thresholds=all_thresholds, row_offset=0, col_offset=self.row_begin, filled=local_filled, **call)
+        above = None
+        if count_above:
+            # The shards' counts add up; this rank keeps its anchors'.
+            offset = sum(counts[:self.rank])
+            above = distributed.all_reduce(shard_above[0], self.group, "counts")[offset:offset + counts[self.rank]]
         # ... then each anchor's candidates go to the rank that owns the anchor only, which merges them and fetches
         # the winning rows from the ranks that hold them.
         index, sim, valid, key = merge_candidates(*self._candidates_of_my_anchors(shard_index, shard_sim, shard_key,
                                                                                   counts), k=options.k)
         rows, chosen_ids = self._fetch_rows(index, valid)
-        return BankSample(index, sim, valid, key, rows, chosen_ids)
+        return BankSample(index, sim, valid, key, rows, chosen_ids, above)
 
     def _candidates_of_my_anchors(self, index, sim, key, counts: list[int]):
         """This rank's anchors' candidates from every rank's shard, side by side [B, W·k] in rank order: each rank
@@ -310,8 +325,16 @@ def remote_rows(counts: list[int], index: torch.Tensor, valid: torch.Tensor,
             torch.bincount(owner[remote], minlength=len(counts)).tolist())
 
 
-def _sample_problem(anchors, positive_sim, anchor_ids, stats, dim: int, options, seed, step,
-                    backend) -> str | None:
+def _float_bits(values: torch.Tensor) -> torch.Tensor:
+    return values.float().contiguous().view(torch.int32).to(torch.int64)
+
+
+def _bits_float(bits: torch.Tensor) -> torch.Tensor:
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def _sample_problem(anchors, positive_sim, anchor_ids, stats, dim: int, options, seed, step, backend,
+                    fn_thresholds=None, count_above=False) -> str | None:
     """What is wrong with ``sample``'s arguments on this rank (None when nothing is), found before any
     collective; the op checks the rest where it runs."""
     if not isinstance(options, SamplerOptions):
@@ -332,20 +355,30 @@ def _sample_problem(anchors, positive_sim, anchor_ids, stats, dim: int, options,
                     f"{getattr(tensor, 'shape', type(tensor).__name__)} {getattr(tensor, 'dtype', '')}")
     if not isinstance(stats, torch.Tensor) or stats.shape != (5,) or stats.dtype != torch.float32:
         return "stats must be a [5] float32 tensor"
+    if fn_thresholds is not None and (not isinstance(fn_thresholds, torch.Tensor) or fn_thresholds.shape != (rows,)
+                                      or fn_thresholds.dtype != torch.float32):
+        return (f"fn_thresholds must be a [{rows}] float32 tensor, got "
+                f"{getattr(fn_thresholds, 'shape', type(fn_thresholds).__name__)} "
+                f"{getattr(fn_thresholds, 'dtype', '')}")
+    if count_above and fn_thresholds is None:
+        return "count_above counts the candidates above fn_thresholds, which were not given"
     return None
 
 
-def _fingerprint(options: SamplerOptions, stats: torch.Tensor, call: dict) -> list[int]:
-    """Integers that equal on every rank exactly when the ranks pass the same options, counters and statistics."""
+def _fingerprint(options: SamplerOptions, stats: torch.Tensor, call: dict, fn_thresholds) -> list[int]:
+    """Integers that equal on every rank exactly when the ranks pass the same options, counters and statistics
+    (and all give thresholds, or none; their values are each anchor's own)."""
     seed = call["seed"] % 2**64
-    rest = repr((options.as_kwargs(), call["backend"], call["check_finite"]))
+    rest = repr((options.as_kwargs(), call["backend"], call["check_finite"], call["count_above"],
+                 fn_thresholds is None))
     stats_bits = zlib.crc32(stats.detach().float().cpu().numpy().tobytes())
     return [options.k, zlib.crc32(options.mode.encode()), seed - 2**64 if seed >= 2**63 else seed,
             call["step"], zlib.crc32(rest.encode()), stats_bits]
 
 
-def _empty_sample(k: int, dim: int, dtype, device) -> BankSample:
+def _empty_sample(k: int, dim: int, dtype, device, count_above: bool) -> BankSample:
     return BankSample(torch.empty(0, k, dtype=torch.int64, device=device), torch.empty(0, k, device=device),
                       torch.empty(0, k, dtype=torch.bool, device=device), torch.empty(0, k, device=device),
                       torch.empty(0, k, dim, dtype=dtype, device=device),
-                      torch.empty(0, k, dtype=torch.int64, device=device))
+                      torch.empty(0, k, dtype=torch.int64, device=device),
+                      torch.empty(0, dtype=torch.int64, device=device) if count_above else None)

@@ -23,6 +23,7 @@ from fne_fast.ops.fne_math import bayes_active, false_negative_probability, safe
 from fne_fast.sampling.bank import MemoryBank
 from fne_fast.sampling.distributed import GlobalBatch, gather_batch
 from fne_fast.sampling.stats import RunningStats
+from fne_fast.sampling.thresholds import ThresholdTable
 
 __all__ = ["FNELoss", "SAMPLERS", "STEP_SUMS", "sampler_mode"]
 
@@ -30,7 +31,7 @@ SAMPLERS = ("fne", "hardest", "uniform", "inbatch-hardest")
 # Per-step sums, kept on the device; a trainer adds them up (and over the ranks) and divides once per epoch (no
 # sync per step). "loss" is this rank's share of the global batch's loss: the ranks' shares add up to it.
 STEP_SUMS = ("loss", "slots", "fallback", "p_fn_sum", "p_fn_slots", "false_negatives", "group_slots",
-             "sampled_false_negatives", "sampled_group_slots")
+             "sampled_false_negatives", "sampled_group_slots", "threshold_sum", "above_share_sum", "threshold_rows")
 # Decorrelates the two directions' Gumbel noise, which would otherwise share (row, column, step) counters.
 _TEXT_TO_IMAGE_SEED_OFFSET = 0x9E3779B97F4A7C15
 
@@ -58,7 +59,8 @@ class FNELoss(nn.Module):
 
     def __init__(self, sampler: str = "fne", options: SamplerOptions = SamplerOptions(), *, seed: int = 0,
                  stats_momentum: float | None = None, backend: str = "auto", device: torch.device | str = "cpu",
-                 group=None, agree_each_step: bool = True, inbatch_weight: float = 0.0):
+                 group=None, agree_each_step: bool = True, inbatch_weight: float = 0.0,
+                 thresholds: tuple[ThresholdTable, ThresholdTable] | None = None):
         super().__init__()
         if not (inbatch_weight >= 0 and inbatch_weight < float("inf")):
             raise ValueError(f"inbatch_weight must be finite and >= 0, got {inbatch_weight!r}")
@@ -66,6 +68,10 @@ class FNELoss(nn.Module):
         self.options = options.replace(mode=sampler_mode(sampler))
         self.backend, self.seed, self.group, self.agree_each_step = backend, seed, group, agree_each_step
         self.stats = RunningStats(device, stats_momentum)
+        if thresholds is not None and (len(thresholds) != 2
+                                       or not all(isinstance(t, ThresholdTable) for t in thresholds)):
+            raise ValueError("thresholds must be two ThresholdTables (image anchors', text anchors') or None")
+        self.thresholds = thresholds
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, image_key: torch.Tensor, text_key: torch.Tensor,
                 ids: torch.Tensor, *, image_bank: MemoryBank | None = None, text_bank: MemoryBank | None = None,
@@ -88,11 +94,12 @@ class FNELoss(nn.Module):
         if image_bank is None or text_bank is None:
             raise ValueError(f"sampler {self.sampler!r} needs image_bank and text_bank outside the warm-up")
         diagnostics = _zero_diagnostics(image.device)
+        image_table, text_table = self.thresholds or (None, None)
         loss_image_to_text = self._bank_direction(image, text_key, ids, text_bank, stats, self.seed, step,
-                                                  group_of_id, diagnostics, batch)
+                                                  group_of_id, diagnostics, batch, image_table)
         loss_text_to_image = self._bank_direction(text, image_key, ids, image_bank, stats,
                                                   self.seed + _TEXT_TO_IMAGE_SEED_OFFSET, step, group_of_id,
-                                                  diagnostics, batch)
+                                                  diagnostics, batch, text_table)
         loss = loss_image_to_text + loss_text_to_image
         if self.inbatch_weight:
             # The diagnostics stay the bank's draws'; the in-batch term only adds to the loss.
@@ -102,14 +109,24 @@ class FNELoss(nn.Module):
         return loss, diagnostics
 
     def _bank_direction(self, anchors, positive_keys, ids, bank: MemoryBank, stats, seed, step, group_of_id,
-                        diagnostics, batch: GlobalBatch) -> torch.Tensor:
+                        diagnostics, batch: GlobalBatch, table: ThresholdTable | None) -> torch.Tensor:
         positive_sim = (anchors * positive_keys.to(anchors.dtype)).sum(dim=1)
+        thresholds = table.lookup(ids, stats) if table is not None else None
         # Selection runs in the bank's storage dtype whatever the anchors' (float64 in gradient checks): it is not
         # differentiated, and the hinge below recomputes the chosen similarities in the anchors' dtype. With a
         # bf16 bank the bank rounds the anchors to bf16 too (MemoryBank.sample), so that the op takes its bf16 GEMM.
         draw = bank.sample(anchors.detach(), positive_sim.detach().float(), ids, stats, self.options, seed=seed,
-                           step=step, backend=self.backend,
+                           step=step, backend=self.backend, fn_thresholds=thresholds, count_above=table is not None,
                            counts=None if self.agree_each_step or batch.world_size == 1 else list(batch.counts))
+        if table is not None:
+            # Every rank applies the global batch's step, so that the ranks' tables stay equal.
+            above = batch.gather(draw.above)
+            table.update(batch.ids, table.lookup(batch.ids, stats), above, bank.filled)
+            # (the anchors whose threshold is set: +inf ones, before the statistics define it, exclude nothing)
+            finite = thresholds.isfinite()
+            diagnostics["threshold_sum"] += torch.where(finite, thresholds, 0).double().sum()
+            diagnostics["above_share_sum"] += (draw.above * finite).double().sum() / max(bank.filled, 1)
+            diagnostics["threshold_rows"] += finite.sum()
         valid = draw.valid
         negative_sim = torch.einsum("bd,bkd->bk", anchors, draw.rows.to(anchors.dtype))
         weight = valid.to(anchors.dtype)

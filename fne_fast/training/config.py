@@ -58,6 +58,10 @@ def _check_weight(value) -> str | None:
     return None if is_number(value) and math.isfinite(value) and value >= 0 else "must be finite and >= 0"
 
 
+def _check_share(value) -> str | None:
+    return None if value is None or (is_number(value) and 0.0 < value < 1.0) else "must be in (0, 1)"
+
+
 def _check_stats_momentum(value) -> str | None:
     # An EMA needs a momentum strictly inside (0, 1) (fne_fast.RunningStats); None is the authors' running mean.
     return None if value is None or (is_number(value) and 0.0 < value < 1.0) else "must be in (0, 1)"
@@ -81,6 +85,12 @@ class TrainConfig:
     oracle: bool = option(False, check_bool, "exclude every candidate of the anchor's semantic group, by the data's "
                                              "labels, in the bank and in the batch: the upper bound of any "
                                              "false-negative criterion (data with groups only)")
+    threshold_share: float | None = option(None, _check_share,
+                                           "GloFND's per-item thresholds: each training item's threshold is learned "
+                                           "so that this share of its bank candidates lies above it, and the "
+                                           "candidates above are excluded (default: off)")
+    threshold_lr: float = option(0.02, _check_learning_rate, "the largest step of a per-item threshold per visit "
+                                                             "of its item (similarity units)")
     bank_size: int = option(8224, check_count(1), "rows of each memory bank (the authors' 8224); divides by the "
                                                   "number of processes")
     epochs: int = option(5, check_count(1), "including the warm-up epoch(s)")

@@ -41,10 +41,12 @@ _SUMS = ("anchors", "candidates", "race", "race_bayes", "candidates_bayes", "ent
          "expected_fn", "top_fn", "top_slots")
 
 
-def _race_log_weights(sim, positive_sim, anchor_ids, bank_ids, filled, stats, options: SamplerOptions, sampler):
+def _race_log_weights(sim, positive_sim, anchor_ids, bank_ids, filled, stats, options: SamplerOptions, sampler,
+                      fn_thresholds=None):
     """(log-weights of the sampler's race, -inf outside it; non-positive mask). Mode "hardest" (and the in-batch
     sampler, which draws nothing from the bank) has no race: None."""
-    non_positive = fallback_candidates(sim, anchor_ids, bank_ids, filled, row_ceilings(positive_sim, options))
+    non_positive = fallback_candidates(sim, anchor_ids, bank_ids, filled,
+                                       row_ceilings(positive_sim, options, fn_thresholds))
     if sampler == "inbatch-hardest" or options.mode == "hardest":
         return None, non_positive
     weights, race = race_log_weights(sim, positive_sim, stats, options, non_positive)
@@ -55,9 +57,11 @@ def _race_log_weights(sim, positive_sim, anchor_ids, bank_ids, filled, stats, op
 def bank_diagnostics(anchors: torch.Tensor, positive_sim: torch.Tensor, anchor_ids: torch.Tensor,
                      bank_features: torch.Tensor, bank_ids: torch.Tensor, filled: int, stats: torch.Tensor,
                      options: SamplerOptions, *, sampler: str = "fne", group_of_id: torch.Tensor | None = None,
-                     sums: dict | None = None, chunk: int = 64, col_offset: int = 0, group=None) -> dict:
+                     sums: dict | None = None, chunk: int = 64, col_offset: int = 0, group=None,
+                     fn_thresholds: torch.Tensor | None = None) -> dict:
     """Adds one direction's sums (device tensors) into ``sums`` and returns it; ``summarise`` turns them into
-    numbers. ``anchors`` [A, D] against ``bank_features`` [N, D]; ``positive_sim`` [A]; ids as for the op.
+    numbers. ``anchors`` [A, D] against ``bank_features`` [N, D]; ``positive_sim`` [A]; ids and
+    ``fn_thresholds`` [A] (optional) as for the op.
 
     Sharded (``group`` of W > 1 ranks, each passing the same anchors, its shard of the bank, the shard's first row
     as ``col_offset`` and the whole bank's ``filled``): each rank adds its shard's part of the sums, and what
@@ -79,8 +83,9 @@ def bank_diagnostics(anchors: torch.Tensor, positive_sim: torch.Tensor, anchor_i
     for start in range(0, anchors.shape[0], chunk):
         rows = slice(start, start + chunk)
         sim = anchors[rows].to(torch.float32) @ bank.T
-        weights, non_positive = _race_log_weights(sim, positive_sim[rows].to(torch.float32), anchor_ids[rows],
-                                                  bank_ids, local_filled, stats, options, sampler)
+        weights, non_positive = _race_log_weights(
+            sim, positive_sim[rows].to(torch.float32), anchor_ids[rows], bank_ids, local_filled, stats, options,
+            sampler, fn_thresholds[rows] if fn_thresholds is not None else None)
         sim64 = sim.double()
         p_fn = false_negative_probability(sim64, model_stats, options.prior_k)
         likely_false = active & (p_fn > p_fn_threshold)
@@ -219,12 +224,13 @@ def summarise(sums: dict, *, sampler: str, has_groups: bool) -> dict:
 
 @torch.no_grad()
 def epoch_diagnostics(heads, split, image_bank, text_bank, stats: torch.Tensor, options: SamplerOptions,
-                      *, sampler: str, device, anchors: int = 256, oracle: bool = False) -> dict:
+                      *, sampler: str, device, anchors: int = 256, oracle: bool = False, thresholds=None) -> dict:
     """Both directions' diagnostics for a fixed sample of ``anchors`` training pairs (the same pairs in every
     epoch and every run on the split): image anchors against the text bank, text anchors against the image bank
     (``MemoryBank``s; collective when they are sharded: every rank scores its own rows and gets the result).
     Positives are scored against the momentum keys, as in the loss; ``oracle``: the banks hold semantic groups
-    as identities (``fne_fast.training.data.sampler_labels``)."""
+    as identities (``fne_fast.training.data.sampler_labels``); ``thresholds``: the run's GloFND tables (image
+    anchors', text anchors'), whose current thresholds exclude as in training."""
     generator = torch.Generator().manual_seed(_SAMPLE_SEED)
     captions = torch.randperm(split.text_features.shape[0], generator=generator)[:anchors]
     identity_of_caption, group_of_id = sampler_labels(split, oracle)
@@ -234,8 +240,11 @@ def epoch_diagnostics(heads, split, image_bank, text_bank, stats: torch.Tensor, 
     image, text, image_key, text_key = heads(image_features, text_features)
     group_of_id = group_of_id.to(device) if group_of_id is not None else None
     sums = None
-    for anchor, positive_key, bank in ((image, text_key, text_bank), (text, image_key, image_bank)):
+    tables = thresholds or (None, None)
+    for anchor, positive_key, bank, table in ((image, text_key, text_bank, tables[0]),
+                                              (text, image_key, image_bank, tables[1])):
         sums = bank_diagnostics(anchor, (anchor * positive_key).sum(dim=1), ids, bank.features.to(device),
                                 bank.ids.to(device), bank.filled, stats, options, sampler=sampler,
-                                group_of_id=group_of_id, sums=sums, col_offset=bank.row_begin, group=bank.group)
+                                group_of_id=group_of_id, sums=sums, col_offset=bank.row_begin, group=bank.group,
+                                fn_thresholds=table.lookup(ids, stats) if table is not None else None)
     return summarise(reduce_sums(sums, image_bank.group), sampler=sampler, has_groups=group_of_id is not None)

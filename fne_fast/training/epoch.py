@@ -128,7 +128,19 @@ def train_one_epoch(run: RunState, split: FeatureSplit, epoch: int, timing: dict
             "fallback_rate": totals["fallback"] / totals["slots"] if totals["slots"] else 0.0,
             "mean_p_fn": totals["p_fn_sum"] / totals["p_fn_slots"] if totals["p_fn_slots"] else None,
             "warmup": warmup,
-            "stats": dict(zip(("mu_pos", "var_pos", "mu_neg", "var_neg", "n_pos"), stats))}
+            "stats": dict(zip(("mu_pos", "var_pos", "mu_neg", "var_neg", "n_pos"), stats)),
+            **_threshold_metrics(totals, config)}
+
+
+def _threshold_metrics(totals: dict, config: TrainConfig) -> dict:
+    """With GloFND's thresholds: the mean finite threshold the anchors used and the mean share of their bank
+    candidates above it (which the update drives towards --threshold-share); nothing otherwise, so other runs'
+    metrics keep their keys."""
+    if config.threshold_share is None:
+        return {}
+    rows = totals["threshold_rows"]
+    return {"threshold_mean": totals["threshold_sum"] / rows if rows else None,
+            "threshold_share_above": totals["above_share_sum"] / rows if rows else None}
 
 
 class _DivergenceWatch:

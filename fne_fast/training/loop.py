@@ -131,7 +131,8 @@ def _train_and_evaluate(run: RunState, splits: dict[str, FeatureSplit], swap_tes
     # Every bank row's diagnostics: collective when sharded, each rank scoring its own rows.
     row["diagnostics"] = epoch_diagnostics(run.heads, splits["train"], run.image_bank, run.text_bank,
                                            run.criterion.stats.as_tensor(), run.criterion.options,
-                                           sampler=config.sampler, device=run.device, oracle=config.oracle)
+                                           sampler=config.sampler, device=run.device, oracle=config.oracle,
+                                           thresholds=run.thresholds)
     if run.ledger:
         row["staleness"] = bank_staleness(run.heads, splits["train"], run.image_bank, run.text_bank, run.ledger,
                                           run.step, run.device)

@@ -24,8 +24,10 @@ from fne_fast.runs.shards import bank_reference, is_sharded, read_bank_rows, wri
 from fne_fast.sampling import distributed
 from fne_fast.sampling.bank import MemoryBank
 from fne_fast.sampling.loss import FNELoss
+from fne_fast.sampling.thresholds import ThresholdTable
 from fne_fast.tags.run import make_trainer
 from fne_fast.training.config import PER_PROCESS_FIELDS, RESUMABLE_FIELDS, TrainConfig
+from fne_fast.training.data import sampler_labels
 from fne_fast.training.staleness import BankLedger
 
 __all__ = ["RunState", "resume_state"]
@@ -64,10 +66,17 @@ class RunState:
         self.image_bank, self.text_bank = (MemoryBank(config.bank_size, config.joint_dim,
                                                       dtype=config.bank_torch_dtype, device=self.device, group=group)
                                            for _ in range(2))
+        self.thresholds = None
+        if config.threshold_share is not None:
+            # One threshold per identity the sampler excludes by (an image, or a group with --oracle), per direction.
+            identity_of_caption, _ = sampler_labels(train_split, config.oracle)
+            items = int(identity_of_caption.max()) + 1 if identity_of_caption.numel() else 1
+            self.thresholds = tuple(ThresholdTable(items, share=config.threshold_share, lr=config.threshold_lr,
+                                                   device=self.device) for _ in range(2))
         self.criterion = FNELoss(config.sampler, config.options, seed=config.seed,
                                  stats_momentum=config.stats_momentum, backend=config.backend, device=self.device,
                                  group=group, agree_each_step=False,  # the ranks' settings agreed at the start
-                                 inbatch_weight=config.inbatch_weight)
+                                 inbatch_weight=config.inbatch_weight, thresholds=self.thresholds)
         self.tags = None
         if config.tags is not None:
             self.tags = make_trainer(config.tags, texts, train_split, seed=config.seed, device=self.device,
@@ -99,7 +108,8 @@ class RunState:
                 "stats": self.criterion.stats.state_dict(), "torch_rng": torch.get_rng_state(),
                 "history": self.history, "timing": self.timing, "inputs": self.inputs,
                 "tags": self.tags.state_dict() if self.tags else None,
-                "ledger": self.ledger.state_dict() if self.ledger else None}
+                "ledger": self.ledger.state_dict() if self.ledger else None,
+                "thresholds": [table.state_dict() for table in self.thresholds] if self.thresholds else None}
 
     def _write_bank_shards(self) -> tuple[dict, dict] | tuple[None, None]:
         """Every rank writes its rows of both banks into its own checkpoint file; rank 0 gets the banks'
@@ -137,6 +147,8 @@ class RunState:
             self.tags.load_state_dict(state["tags"])
         if self.ledger:
             self.ledger.load_state_dict(state["ledger"])
+        for table, table_state in zip(self.thresholds or (), state.get("thresholds") or ()):
+            table.load_state_dict(table_state)
         self.next_epoch, self.step, self.history = state["next_epoch"], state["step"], list(state["history"])
         self.timing = list(state["timing"])
 
