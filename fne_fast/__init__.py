@@ -40,8 +40,8 @@ if not any(isinstance(finder, _SourceKernelsFinder) for finder in sys.meta_path)
 from fne_fast import _C  # noqa: F401,E402  (registers the fne_fast operators)
 from fne_fast.matcher import load_matcher  # noqa: E402
 from fne_fast.ops import SamplerOptions, merge_candidates, sample_negatives  # noqa: E402
-from fne_fast.sampling import FNELoss, MemoryBank, RunningStats  # noqa: E402
+from fne_fast.sampling import FNELoss, MemoryBank, RunningStats, ThresholdTable  # noqa: E402
 
 __all__ = ["sample_negatives", "merge_candidates", "SamplerOptions", "MemoryBank", "RunningStats", "FNELoss",
-           "load_matcher"]
+           "ThresholdTable", "load_matcher"]
 __version__ = "0.1.0"

@@ -232,3 +232,64 @@ def test_in_batch_loss_over_ranks_has_the_whole_batchs_gradients(world_size):
     assert sum(float(share) for _, share, _ in per_rank) == pytest.approx(float(expected.detach()), rel=1e-12)
     for _, _, stats in per_rank:
         torch.testing.assert_close(stats, whole.stats.as_tensor())
+
+
+@pytest.mark.parametrize("attract_k", [1, 3])
+def test_attraction_adds_the_excluded_candidates_as_positives_against_the_draws(attract_k):
+    """FNC's attraction against a float64 oracle: the anchor's ``attract_k`` most similar non-positive rows, where
+    above its relative ceiling, are positives against each drawn negative; the loss (and its gradients) are the
+    plain loss's plus that term. Without the ceiling's mask the oracle differs, so the mask is what is tested."""
+    ids, image_bank, text_bank, image, text, image_key, text_key = _case(seed=9)
+    # Keys nearer their anchors, so that some anchors' most similar candidates lie above the ceiling, some below.
+    image_key, text_key = (torch.nn.functional.normalize(key + anchor, dim=1) for key, anchor in
+                           ((image_key, text), (text_key, image)))
+    options = SamplerOptions(k=2, relative_cut=0.5)
+    plain = FNELoss("uniform", options, seed=4)
+    attracting = FNELoss("uniform", options, seed=4, attract_weight=0.7, attract_k=attract_k)
+    for module in (plain, attracting):
+        _set_stats(module, mu_pos=0.3)
+    stats = plain.stats.as_tensor()
+    image.requires_grad_(True)
+    text.requires_grad_(True)
+    arguments = dict(image_bank=image_bank, text_bank=text_bank, step=1, update_stats=False)
+    base, _ = plain(image, text, image_key, text_key, ids, **arguments)
+    total, sums = attracting(image, text, image_key, text_key, ids, **arguments)
+
+    def direction(anchors, keys, bank, seed, masked_by_ceiling=True):
+        positive = (anchors * keys).sum(dim=1)
+        index, _, valid = sample_negatives_reference(
+            anchors.float().double(), bank.features.double(), positive.float(), ids, bank.ids, stats, k=2,
+            mode="uniform", relative_cut=0.5, seed=seed, step=1, filled=bank.filled)
+        sim = anchors @ bank.features.double().T
+        negative = torch.gather(sim, 1, index.clamp(min=0))
+        unusable = (ids.unsqueeze(1) == bank.ids.unsqueeze(0)) | (torch.arange(BANK) >= bank.filled).unsqueeze(0)
+        top, where = sim.detach().masked_fill(unusable, float("-inf")).topk(attract_k, dim=1)
+        positive32 = positive.detach().float()
+        ceiling = (positive32 - torch.tensor(0.5) * positive32.abs()).double()
+        detected = torch.isfinite(top) & ((top > ceiling.unsqueeze(1)) | (not masked_by_ceiling))
+        attracted = torch.gather(sim, 1, where)
+        violation = (0.2 + negative.unsqueeze(1) - attracted.unsqueeze(2)).clamp(min=0)
+        pairs = (detected.unsqueeze(2) & valid.unsqueeze(1)).double()
+        return 0.7 * ((violation * pairs).sum(dim=(1, 2)) / pairs.sum(dim=(1, 2)).clamp(min=1)).mean(), detected
+
+    def expected(masked_by_ceiling=True):
+        image_term, image_detected = direction(image, text_key, text_bank, 4, masked_by_ceiling)
+        text_term, text_detected = direction(text, image_key, image_bank, 4 + _TEXT_TO_IMAGE_SEED_OFFSET,
+                                             masked_by_ceiling)
+        return image_term + text_term, int(image_detected.sum() + text_detected.sum())
+
+    term, detected = expected()
+    torch.testing.assert_close(total, base + term)
+    for got, want in zip(torch.autograd.grad(total, (image, text)), torch.autograd.grad(base + term, (image, text))):
+        torch.testing.assert_close(got, want)
+    assert 0 < detected < 2 * BATCH * attract_k and sums["attracted"].item() == detected
+    assert not torch.allclose(expected(masked_by_ceiling=False)[0], term)
+
+
+def test_attraction_needs_a_criterion_and_sane_settings():
+    with pytest.raises(ValueError, match="relative_cut or thresholds"):
+        FNELoss(attract_weight=1.0)
+    with pytest.raises(ValueError, match="attract_weight"):
+        FNELoss("fne", SamplerOptions(relative_cut=0.9), attract_weight=float("inf"))
+    with pytest.raises(ValueError, match="attract_k"):
+        FNELoss("fne", SamplerOptions(relative_cut=0.9), attract_weight=1.0, attract_k=0)

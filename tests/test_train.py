@@ -322,6 +322,19 @@ def test_per_item_thresholds_are_learned_checkpointed_and_resume_exactly(tmp_pat
         _config(tmp_path / "bad", threshold_share=1.5)
 
 
+def test_attraction_needs_a_criterion_and_reports_what_it_attracted(tmp_path, splits):
+    with pytest.raises(UsageError, match="--attract-weight: attraction needs a false-negative criterion"):
+        _config(tmp_path / "bad", attract_weight=1.0)
+    criterion = SamplerOptions(min_count=5, relative_cut=0.5)
+    removed = train(_config(tmp_path / "removed", epochs=2, options=criterion), splits)
+    attracted = train(_config(tmp_path / "attracted", epochs=2, options=criterion, attract_weight=1.0,
+                              attract_k=2), splits)
+    assert attracted != removed
+    rows = _read(tmp_path / "attracted" / METRICS_NAME)
+    assert rows[0]["attracted_per_anchor"] is None and 0 < rows[1]["attracted_per_anchor"] <= 2
+    assert "attracted_per_anchor" not in _read(tmp_path / "removed" / METRICS_NAME)[1]
+
+
 def test_torchrun_two_processes_follow_one_process_with_the_global_batch(tmp_path, splits, capsys):
     """`torchrun --nproc_per_node 2 -m fne_fast.cli train --batch-size 8` takes the steps of one process with
     batch 16: the same per-epoch losses, sampler diagnostics and recalls (to float rounding); its checkpoint

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fne_fast.ops import SamplerOptions
-from fne_fast.ops.fne_math import bayes_active, false_negative_probability, safe_stats
+from fne_fast.ops.fne_math import bayes_active, false_negative_probability, row_ceilings, safe_stats
 from fne_fast.sampling.bank import MemoryBank
 from fne_fast.sampling.distributed import GlobalBatch, gather_batch
 from fne_fast.sampling.stats import RunningStats
@@ -31,7 +31,8 @@ SAMPLERS = ("fne", "hardest", "uniform", "inbatch-hardest")
 # Per-step sums, kept on the device; a trainer adds them up (and over the ranks) and divides once per epoch (no
 # sync per step). "loss" is this rank's share of the global batch's loss: the ranks' shares add up to it.
 STEP_SUMS = ("loss", "slots", "fallback", "p_fn_sum", "p_fn_slots", "false_negatives", "group_slots",
-             "sampled_false_negatives", "sampled_group_slots", "threshold_sum", "above_share_sum", "threshold_rows")
+             "sampled_false_negatives", "sampled_group_slots", "threshold_sum", "above_share_sum", "threshold_rows",
+             "attracted", "attract_rows")
 # Decorrelates the two directions' Gumbel noise, which would otherwise share (row, column, step) counters.
 _TEXT_TO_IMAGE_SEED_OFFSET = 0x9E3779B97F4A7C15
 
@@ -60,7 +61,8 @@ class FNELoss(nn.Module):
     def __init__(self, sampler: str = "fne", options: SamplerOptions = SamplerOptions(), *, seed: int = 0,
                  stats_momentum: float | None = None, backend: str = "auto", device: torch.device | str = "cpu",
                  group=None, agree_each_step: bool = True, inbatch_weight: float = 0.0,
-                 thresholds: tuple[ThresholdTable, ThresholdTable] | None = None):
+                 thresholds: tuple[ThresholdTable, ThresholdTable] | None = None, attract_weight: float = 0.0,
+                 attract_k: int = 1):
         super().__init__()
         if not (inbatch_weight >= 0 and inbatch_weight < float("inf")):
             raise ValueError(f"inbatch_weight must be finite and >= 0, got {inbatch_weight!r}")
@@ -72,6 +74,16 @@ class FNELoss(nn.Module):
                                        or not all(isinstance(t, ThresholdTable) for t in thresholds)):
             raise ValueError("thresholds must be two ThresholdTables (image anchors', text anchors') or None")
         self.thresholds = thresholds
+        if not (attract_weight >= 0 and attract_weight < float("inf")):
+            raise ValueError(f"attract_weight must be finite and >= 0, got {attract_weight!r}")
+        if not (isinstance(attract_k, int) and attract_k >= 1):
+            raise ValueError(f"attract_k must be an integer >= 1, got {attract_k!r}")
+        if attract_weight and options.relative_cut is None and thresholds is None:
+            raise ValueError("attract_weight attracts the candidates a false-negative criterion excludes: set "
+                             "options.relative_cut or thresholds")
+        self.attract_weight = float(attract_weight)
+        # The detector: the anchor's most similar non-positive candidates, with no criterion of its own.
+        self._detector = self.options.replace(mode="hardest", k=attract_k, relative_cut=None)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, image_key: torch.Tensor, text_key: torch.Tensor,
                 ids: torch.Tensor, *, image_bank: MemoryBank | None = None, text_bank: MemoryBank | None = None,
@@ -133,6 +145,9 @@ class FNELoss(nn.Module):
         hinge = (self.options.margin + negative_sim - positive_sim.unsqueeze(1)).clamp(min=0) * weight
         # This rank's anchors' part of the mean over the global batch's anchors.
         share = (hinge.sum(dim=1) / weight.sum(dim=1).clamp(min=1)).sum() / max(batch.size, 1)
+        if self.attract_weight:
+            share = share + self._attraction(anchors, positive_sim, ids, bank, stats, step, thresholds,
+                                             negative_sim, valid, batch, diagnostics)
         diagnostics["loss"] += share.detach()
 
         # A fallback slot (no candidate left in the race: all cut down or of weight 0) has key -inf.
@@ -141,6 +156,25 @@ class FNELoss(nn.Module):
         _add_choice_diagnostics(diagnostics, draw.sim, valid, ids, draw.ids, stats, self.options, group_of_id,
                                 sampled=valid & ~fell_back)
         return share * batch.world_size
+
+    def _attraction(self, anchors, positive_sim, ids, bank: MemoryBank, stats, step, thresholds, negative_sim,
+                    valid, batch: GlobalBatch, diagnostics) -> torch.Tensor:
+        """FNC's attraction as a triplet term: each detected false negative d of an anchor (one of its
+        ``attract_k`` most similar non-positive candidates, above its ceiling) is a positive against each of the
+        anchor's drawn negatives n, ``attract_weight · mean [margin + s_n − s_d]_+``; this rank's share of the
+        global batch's mean. One more pass of the op (mode "hardest", which draws no random numbers)."""
+        detect = bank.sample(anchors.detach(), positive_sim.detach().float(), ids, stats, self._detector, step=step,
+                             backend=self.backend,
+                             counts=None if self.agree_each_step or batch.world_size == 1 else list(batch.counts))
+        ceilings = row_ceilings(positive_sim.detach().float(), self.options, thresholds)
+        detected = detect.valid & (detect.sim > ceilings.unsqueeze(1))
+        attracted_sim = torch.einsum("bd,bmd->bm", anchors, detect.rows.to(anchors.dtype))
+        violation = (self.options.margin + negative_sim.unsqueeze(1) - attracted_sim.unsqueeze(2)).clamp(min=0)
+        pairs = (detected.unsqueeze(2) & valid.unsqueeze(1)).to(anchors.dtype)  # [B, attract_k, k]
+        per_anchor = (violation * pairs).sum(dim=(1, 2)) / pairs.sum(dim=(1, 2)).clamp(min=1)
+        diagnostics["attracted"] += detected.sum()
+        diagnostics["attract_rows"] += detected.shape[0]
+        return self.attract_weight * per_anchor.sum() / max(batch.size, 1)
 
     def _in_batch(self, batch: GlobalBatch, stats, group_of_id, record_choices: bool = True):
         """VSE++ max violation within the global batch, both directions; other pairs of the same image are

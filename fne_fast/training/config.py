@@ -86,11 +86,15 @@ class TrainConfig:
                                              "labels, in the bank and in the batch: the upper bound of any "
                                              "false-negative criterion (data with groups only)")
     threshold_share: float | None = option(None, _check_share,
-                                           "GloFND's per-item thresholds: each training item's threshold is learned "
+                                           "GloFND's thresholds: each training item's own threshold is learned "
                                            "so that this share of its bank candidates lies above it, and the "
                                            "candidates above are excluded (default: off)")
-    threshold_lr: float = option(0.02, _check_learning_rate, "the largest step of a per-item threshold per visit "
-                                                             "of its item (similarity units)")
+    threshold_lr: float = option(0.02, _check_learning_rate, "the largest step of an item's threshold per visit "
+                                                             "of the item (similarity units)")
+    attract_weight: float = option(0.0, _check_weight, "FNC's attraction: the bank candidates that the relative "
+                                                       "cut or the thresholds exclude also enter the hinge as "
+                                                       "extra positives, with this weight (0: only removed)")
+    attract_k: int = option(1, check_count(1), "the most similar excluded candidates each anchor attracts")
     bank_size: int = option(8224, check_count(1), "rows of each memory bank (the authors' 8224); divides by the "
                                                   "number of processes")
     epochs: int = option(5, check_count(1), "including the warm-up epoch(s)")
@@ -142,6 +146,9 @@ class TrainConfig:
         if isinstance(self.options, dict):
             self.options = SamplerOptions(**self.options)
         self.options = self.options.replace(mode=sampler_mode(self.sampler))
+        if self.attract_weight and self.options.relative_cut is None and self.threshold_share is None:
+            raise UsageError("--attract-weight: attraction needs a false-negative criterion to detect what it "
+                             "attracts: --relative-cut or --threshold-share")
         if isinstance(self.tags, dict):
             self.tags = TagsOptions(**self.tags)
 

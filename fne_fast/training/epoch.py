@@ -129,7 +129,10 @@ def train_one_epoch(run: RunState, split: FeatureSplit, epoch: int, timing: dict
             "mean_p_fn": totals["p_fn_sum"] / totals["p_fn_slots"] if totals["p_fn_slots"] else None,
             "warmup": warmup,
             "stats": dict(zip(("mu_pos", "var_pos", "mu_neg", "var_neg", "n_pos"), stats)),
-            **_threshold_metrics(totals, config)}
+            **_threshold_metrics(totals, config),
+            # With FNC's attraction: the detected false negatives each anchor attracted (both directions' mean).
+            **({"attracted_per_anchor": totals["attracted"] / totals["attract_rows"] if totals["attract_rows"]
+                else None} if config.attract_weight else {})}
 
 
 def _threshold_metrics(totals: dict, config: TrainConfig) -> dict:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 __all__ = ["Preset", "PRESETS", "ARM_SETTINGS", "preset"]
 
 # The TrainConfig fields (besides the sampler and its options) that a preset or a compare arm may set: the loss's.
-ARM_SETTINGS = ("inbatch_weight", "oracle", "threshold_share", "threshold_lr")
+ARM_SETTINGS = ("inbatch_weight", "oracle", "threshold_share", "threshold_lr", "attract_weight", "attract_k")
 
 
 @dataclass(frozen=True)

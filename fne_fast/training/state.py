@@ -76,7 +76,8 @@ class RunState:
         self.criterion = FNELoss(config.sampler, config.options, seed=config.seed,
                                  stats_momentum=config.stats_momentum, backend=config.backend, device=self.device,
                                  group=group, agree_each_step=False,  # the ranks' settings agreed at the start
-                                 inbatch_weight=config.inbatch_weight, thresholds=self.thresholds)
+                                 inbatch_weight=config.inbatch_weight, thresholds=self.thresholds,
+                                 attract_weight=config.attract_weight, attract_k=config.attract_k)
         self.tags = None
         if config.tags is not None:
             self.tags = make_trainer(config.tags, texts, train_split, seed=config.seed, device=self.device,
