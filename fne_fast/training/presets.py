@@ -27,7 +27,9 @@ class Preset:
 
 PRESETS = {
     "authors": Preset("fne"),
-    "recommended": Preset("fne", {}, {"inbatch_weight": 1.0}),
+    # fne with a cut-down margin of 0.3 (a wider race) and in-batch max violation beside the bank term, weight 1:
+    # the higher mean validation rsum over emoji and Tux Paint of the two settings tried on both.
+    "recommended": Preset("fne", {"cut_margin": 0.3}, {"inbatch_weight": 1.0}),
 }
 
 
