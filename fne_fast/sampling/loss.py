@@ -132,8 +132,8 @@ class FNELoss(nn.Module):
                            counts=None if self.agree_each_step or batch.world_size == 1 else list(batch.counts))
         if table is not None:
             # Every rank applies the global batch's step, so that the ranks' tables stay equal.
-            above = batch.gather(draw.above)
-            table.update(batch.ids, table.lookup(batch.ids, stats), above, bank.filled)
+            used = thresholds if batch.world_size == 1 else table.lookup(batch.ids, stats)
+            table.update(batch.ids, used, batch.gather(draw.above), bank.filled)
             # (the anchors whose threshold is set: +inf ones, before the statistics define it, exclude nothing)
             finite = thresholds.isfinite()
             diagnostics["threshold_sum"] += torch.where(finite, thresholds, 0).double().sum()

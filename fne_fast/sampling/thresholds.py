@@ -28,6 +28,7 @@ counts.
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import torch
 
@@ -48,6 +49,7 @@ class ThresholdTable:
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be finite and > 0, got {lr!r}")
         self.share, self.lr = float(share), float(lr)
+        self._quantile_z = NormalDist().inv_cdf(1.0 - self.share)  # Φ⁻¹(1 − α) of the starting threshold
         self.values = torch.full((num_items,), math.nan, dtype=torch.float32, device=device)
 
     @property
@@ -69,20 +71,19 @@ class ThresholdTable:
         self._check_ids(ids)
         if ids.numel() == 0 or filled <= 0:
             return
-        items, inverse = torch.unique(ids, return_inverse=True)
         steps = (above.to(torch.float64) / (self.share * filled) - 1.0).clamp(-1.0, 1.0)
-        summed = torch.zeros(items.shape[0], dtype=torch.float64, device=ids.device).index_add_(0, inverse, steps)
-        visits = torch.bincount(inverse, minlength=items.shape[0])
-        # Every anchor of an item used the same threshold: any of them gives the item's.
-        start = torch.empty(items.shape[0], dtype=torch.float32, device=ids.device).scatter_(0, inverse, used)
-        stepped = (start.double() + self.lr * summed / visits).float()
+        # Each anchor takes the mean step of its item's anchors in the batch (a [B, B] mask, not torch.unique,
+        # which would synchronise with the host on a GPU); anchors of one item used one threshold, so every one of
+        # them writes the same value.
+        same_item = (ids.unsqueeze(1) == ids.unsqueeze(0)).to(torch.float64)
+        mean_steps = (same_item @ steps) / same_item.sum(dim=1)
+        stepped = (used.double() + self.lr * mean_steps).float()
         # A threshold that started at +inf (no Gaussians yet) stays unset, to start from the statistics next time.
-        self.values[items] = torch.where(stepped.isfinite(), stepped, math.nan)
+        self.values[ids] = torch.where(stepped.isfinite(), stepped, math.nan)
 
     def _starting_threshold(self, stats: torch.Tensor) -> torch.Tensor:
         stats = stats.to(device=self.values.device, dtype=torch.float64)
-        z = math.sqrt(2.0) * torch.special.erfinv(torch.tensor(1.0 - 2.0 * self.share, dtype=torch.float64))
-        quantile = stats[2] + z.to(stats.device) * stats[3].clamp(min=0).sqrt()
+        quantile = stats[2] + self._quantile_z * stats[3].clamp(min=0).sqrt()
         return torch.where(gaussians_defined(stats), quantile, math.inf).float()
 
     def _check_ids(self, ids: torch.Tensor) -> None:

@@ -129,21 +129,23 @@ def train_one_epoch(run: RunState, split: FeatureSplit, epoch: int, timing: dict
             "mean_p_fn": totals["p_fn_sum"] / totals["p_fn_slots"] if totals["p_fn_slots"] else None,
             "warmup": warmup,
             "stats": dict(zip(("mu_pos", "var_pos", "mu_neg", "var_neg", "n_pos"), stats)),
-            **_threshold_metrics(totals, config),
-            # With FNC's attraction: the detected false negatives each anchor attracted (both directions' mean).
-            **({"attracted_per_anchor": totals["attracted"] / totals["attract_rows"] if totals["attract_rows"]
-                else None} if config.attract_weight else {})}
+            **_criteria_metrics(totals, config)}
 
 
-def _threshold_metrics(totals: dict, config: TrainConfig) -> dict:
-    """With GloFND's thresholds: the mean finite threshold the anchors used and the mean share of their bank
-    candidates above it (which the update drives towards --threshold-share); nothing otherwise, so other runs'
-    metrics keep their keys."""
-    if config.threshold_share is None:
-        return {}
-    rows = totals["threshold_rows"]
-    return {"threshold_mean": totals["threshold_sum"] / rows if rows else None,
-            "threshold_share_above": totals["above_share_sum"] / rows if rows else None}
+def _criteria_metrics(totals: dict, config: TrainConfig) -> dict:
+    """Only for the options that are on, so that other runs' metrics keep their keys. GloFND's thresholds: the
+    mean finite threshold the anchors used and the mean share of their bank candidates above it (which the
+    update drives towards --threshold-share). FNC's attraction: the detected false negatives each anchor
+    attracted (both directions' mean)."""
+    metrics = {}
+    if config.threshold_share is not None:
+        rows = totals["threshold_rows"]
+        metrics["threshold_mean"] = totals["threshold_sum"] / rows if rows else None
+        metrics["threshold_share_above"] = totals["above_share_sum"] / rows if rows else None
+    if config.attract_weight:
+        rows = totals["attract_rows"]
+        metrics["attracted_per_anchor"] = totals["attracted"] / rows if rows else None
+    return metrics
 
 
 class _DivergenceWatch:
