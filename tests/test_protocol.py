@@ -48,7 +48,9 @@ def test_a_run_whose_best_validation_epoch_is_not_the_last(tmp_path, splits, mon
     """The best checkpoint and the best test ranks hold epoch 1 of 3; the oracle is a 2-epoch run of the same
     seed, which resumption exactness makes bit-identical to the 3-epoch run after its second epoch."""
     scripted = iter([10.0, 30.0, 20.0])  # validation rsum of epochs 0, 1, 2
-    monkeypatch.setattr(loop, "_validation_rsum", lambda run, split: next(scripted))
+    real = loop._validation
+    monkeypatch.setattr(loop, "_validation",
+                        lambda run, split, swaps: {**real(run, split, swaps), "val_rsum": next(scripted)})
     history = train(_config(tmp_path / "three", epochs=3), splits)
     monkeypatch.undo()
     two_epochs = train(_config(tmp_path / "two", epochs=2), splits)

@@ -49,9 +49,9 @@ def run_eval(args) -> int:
     image, text = embed_split(heads, split, torch.device(config.device))
     ranks = retrieval_ranks(image, text, split.caption_image, split.image_group)
     metrics = {**recalls_from_ranks(ranks), **group_precision_from_ranks(ranks)}
-    if args.split == "test":  # the one-word-swap test exists for the test split
+    if args.split in ("val", "test"):  # the swap tests exist for the validation and test splits
         _, swap_test = run_texts(config, progress=False)
-        metrics.update(swap_test.metrics(heads, image, text, split.caption_image))
+        metrics.update(swap_test.metrics(heads, args.split, image, text, split.caption_image)[0])
     print(json.dumps({"checkpoint": path, "split": args.split, **metrics}))
     return 0
 

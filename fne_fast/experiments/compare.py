@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 
 from fne_fast.errors import UsageError
-from fne_fast.experiments.paired import paired_comparison
+from fne_fast.experiments.paired import paired_accuracy, paired_comparison
 from fne_fast.experiments.plots import comparison_bars
 from fne_fast.fields import parse_option_text
 from fne_fast.io import atomic_write_text
@@ -33,6 +33,7 @@ from fne_fast.runs.artifacts import read_best_test_ranks
 from fne_fast.runs.folder import RunFolder, RunInterrupted
 from fne_fast.sampling import distributed
 from fne_fast.sampling.loss import SAMPLERS
+from fne_fast.tags.swap import SWAP_FAMILIES, SWAP_KEYS, family_suffix
 from fne_fast.training.data import load_splits
 from fne_fast.training.evaluate import group_precision_from_ranks
 from fne_fast.training.loop import train
@@ -50,8 +51,7 @@ PER_RUN_FIELDS = ("sampler", "seed", "out", "resume")
 _TAGS_SUFFIX = "+tags"
 # The best-validation epoch's test recalls, and what the sampler did in the last epoch (training-time rates and
 # the bank diagnostics of fne_fast.training.diagnostics).
-_BEST_KEYS = ("rsum", "group_rsum", "i2t_r1", "t2i_r1", "val_rsum", "swap_acc", "swap_acc_object",
-              "swap_acc_attribute", "swap_acc_relation")
+_BEST_KEYS = ("rsum", "group_rsum", "i2t_r1", "t2i_r1", "val_rsum", *SWAP_KEYS)
 _LAST_KEYS = ("fn_rate", "fn_rate_sampled", "fallback_rate", "mean_p_fn", "tags_positive_share",
               "tags_positive_share_kept")
 _BANK_DIAGNOSTIC_KEYS = ("top1pct_fn_rate", "race_per_anchor", "bayes_share_race", "entropy", "expected_fn_rate")
@@ -250,6 +250,12 @@ def _results(base, arms, seeds, out, baselines, histories, test_split, command, 
             pairs["group_rsum" if by_group else "rsum"] = paired_comparison(
                 [ranks[name, seed] for seed in seeds], [ranks[baseline, seed] for seed in seeds],
                 test_split.caption_image, group=by_group, replicates=replicates)
+        for family in SWAP_FAMILIES:  # runs saved before the swap outcomes were kept have none
+            won, metric = f"swap_won{family_suffix(family)}", f"swap_acc{family_suffix(family)}"
+            if all(won in ranks[arm, seed] for arm in (name, baseline) for seed in seeds):
+                pairs[metric] = paired_accuracy([ranks[name, seed][won] for seed in seeds],
+                                                [ranks[baseline, seed][won] for seed in seeds], metric,
+                                                replicates=replicates)
         results["paired"].append(pairs)
     return results
 
@@ -309,6 +315,20 @@ def results_markdown(results: dict) -> str:
             ("attribute %", _column("swap_acc_attribute")), ("relation %", _column("swap_acc_relation")),
             ("possible positives used %", _column("tags_positive_share", 1, 2)),
             ("possible positives kept %", _column("tags_positive_share_kept", 1, 2))])
+        lines += ["", "Swap families (percent won, best-validation epoch): `vocab` is the one-word swap above, drawn "
+                      "from the training captions' words like TAGS-DC's refills; `unseen` replaces a word by a "
+                      "WordNet word no training caption holds; `exchange` makes two words trade places. Held out: "
+                      "`unseen` and `exchange` follow rules no training component uses. Blind: the matcher with "
+                      "every image replaced by the mean test image; prior: a bigram model of the training captions "
+                      "(no image). Validation: where settings are chosen.", ""]
+        columns = []
+        for family in SWAP_FAMILIES:
+            suffix = family_suffix(family)
+            columns += [(f"{family} val %", _column(f"val_swap_acc{suffix}")),
+                        (f"{family} test %", _column(f"swap_acc{suffix}")),
+                        (f"{family} blind %", _column(f"swap_blind_acc{suffix}")),
+                        (f"{family} prior %", _column(f"swap_prior_acc{suffix}"))]
+        lines += _arm_table(results, columns)
     if results["paired"]:
         baselines = ", ".join(f"`{name}`" for name in results["baselines"])
         lines += ["", f"Paired differences against {baselines} (same seed = same initialisation and "
@@ -317,7 +337,7 @@ def results_markdown(results: dict) -> str:
                   "| arm − baseline | metric | per seed | mean | t-test p | bootstrap 95 % | verdict |",
                   "|---|---|---|---|---|---|---|"]
         for pair in results["paired"]:
-            for metric in ("rsum", "group_rsum"):
+            for metric in ("rsum", "group_rsum", *(f"swap_acc{family_suffix(family)}" for family in SWAP_FAMILIES)):
                 if metric not in pair:
                     continue
                 test = pair[metric]

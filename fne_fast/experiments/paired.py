@@ -10,7 +10,8 @@ paired. Two sources of noise hide a real difference, and each gets its own test:
 
 A difference is called "beyond noise" only when both agree at the chosen level (the t-test's p below 1 − level
 and the bootstrap interval excluding 0); otherwise "within noise". With one seed only the test-set noise can be
-assessed, and the verdict says so.
+assessed, and the verdict says so. A swap test's accuracy is compared the same way, its bootstrap resampling the
+swapped captions (``paired_accuracy``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from fne_fast.training.evaluate import RECALL_KS
 
-__all__ = ["rsum_item_scores", "paired_comparison", "student_t_two_sided_p", "WITHIN_NOISE", "BEYOND_NOISE"]
+__all__ = ["rsum_item_scores", "paired_comparison", "paired_accuracy", "student_t_two_sided_p", "WITHIN_NOISE", "BEYOND_NOISE"]
 
 WITHIN_NOISE = "within noise"
 BEYOND_NOISE = "beyond noise"
@@ -87,16 +88,6 @@ def paired_comparison(arm: list[dict], baseline: list[dict], caption_image: torc
     num_images = arm_scores[0][0].shape[0]
     ones = torch.ones(1, num_images, dtype=torch.float64)
     differences = [(_weighted_rsum(ones, a) - _weighted_rsum(ones, b)).item() for a, b in zip(arm_scores, base_scores)]
-    mean = sum(differences) / len(differences)
-
-    p_value = None
-    if len(differences) > 1:
-        spread = math.sqrt(sum((d - mean) ** 2 for d in differences) / (len(differences) - 1))
-        if spread == 0.0:  # identical differences: no evidence when they are all 0, certainty otherwise
-            p_value = 1.0 if mean == 0.0 else 0.0
-        else:
-            p_value = student_t_two_sided_p(mean / (spread / math.sqrt(len(differences))), len(differences) - 1)
-
     generator = torch.Generator().manual_seed(seed)
     resampled = []
     for start in range(0, replicates, chunk):
@@ -106,15 +97,46 @@ def paired_comparison(arm: list[dict], baseline: list[dict], caption_image: torc
             1, picks, torch.ones(rows, num_images, dtype=torch.float64))
         per_seed = [_weighted_rsum(weights, a) - _weighted_rsum(weights, b) for a, b in zip(arm_scores, base_scores)]
         resampled.append(torch.stack(per_seed).mean(dim=0))
-    resampled = torch.cat(resampled)
+    return _verdict("group_rsum" if group else "rsum", differences, torch.cat(resampled), level, replicates)
+
+
+def paired_accuracy(arm: list[torch.Tensor], baseline: list[torch.Tensor], metric: str, *, replicates: int = 2000,
+                    level: float = 0.95, seed: int = 0, chunk: int = 100) -> dict:
+    """The same test for an accuracy in percent over fixed trials (a swap test's): ``arm[s]``, ``baseline[s]``
+    [S] bool, whether each trial was won at seed s; the bootstrap resamples the trials."""
+    if len(arm) != len(baseline) or not arm:
+        raise ValueError(f"need the same, non-zero number of seeds on both sides, got {len(arm)} and {len(baseline)}")
+    if any(won.shape != arm[0].shape for won in (*arm, *baseline)) or arm[0].numel() == 0:
+        raise ValueError(f"need the same, non-empty trials for every run, got shapes "
+                         f"{[tuple(won.shape) for won in (*arm, *baseline)]}")
+    trials = arm[0].numel()
+    gaps = torch.stack([100.0 * (a.double() - b.double()) for a, b in zip(arm, baseline)])  # [seeds, S]
+    differences = gaps.mean(dim=1).tolist()
+    generator = torch.Generator().manual_seed(seed)
+    resampled = []
+    for start in range(0, replicates, chunk):
+        rows = min(chunk, replicates - start)
+        picks = torch.randint(trials, (rows, trials), generator=generator)
+        resampled.append(gaps.mean(dim=0)[picks].mean(dim=1))
+    return _verdict(metric, differences, torch.cat(resampled), level, replicates)
+
+
+def _verdict(metric: str, differences: list[float], resampled: torch.Tensor, level: float, replicates: int) -> dict:
+    """The t-test over the per-seed differences, the bootstrap interval of their mean, and the verdict."""
+    mean = sum(differences) / len(differences)
+    p_value = None
+    if len(differences) > 1:
+        spread = math.sqrt(sum((d - mean) ** 2 for d in differences) / (len(differences) - 1))
+        if spread == 0.0:  # identical differences: no evidence when they are all 0, certainty otherwise
+            p_value = 1.0 if mean == 0.0 else 0.0
+        else:
+            p_value = student_t_two_sided_p(mean / (spread / math.sqrt(len(differences))), len(differences) - 1)
     tail = (1.0 - level) / 2
     low, high = torch.quantile(resampled, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
-
     bootstrap_excludes_zero = low > 0.0 or high < 0.0
     if p_value is None:
         verdict = f"{BEYOND_NOISE} of the test set (one seed)" if bootstrap_excludes_zero else WITHIN_NOISE
     else:
         verdict = BEYOND_NOISE if bootstrap_excludes_zero and p_value < 1.0 - level else WITHIN_NOISE
-    return {"metric": "group_rsum" if group else "rsum", "per_seed": differences, "mean": mean,
-            "t_test_p": p_value, "bootstrap_interval": [low, high], "level": level, "replicates": replicates,
-            "verdict": verdict}
+    return {"metric": metric, "per_seed": differences, "mean": mean, "t_test_p": p_value,
+            "bootstrap_interval": [low, high], "level": level, "replicates": replicates, "verdict": verdict}

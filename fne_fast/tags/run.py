@@ -1,4 +1,4 @@
-"""What a training run needs from this package, behind a few calls: the swap test of every run
+"""What a training run needs from this package, behind a few calls: the swap tests of every run
 (``SwapEvaluation``), the TAGS-DC trainer of a ``--tags`` run (``make_trainer``) and its ``examples.md``."""
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from fne_fast.tags.filtering import CandidateFilter
 from fne_fast.tags.pool import CaptionSource
 from fne_fast.tags.report import EXAMPLES_NAME
 from fne_fast.tags.spans import MissingSpacyError
-from fne_fast.tags.swap import SWAP_KEYS, SwapSet, cached_swap_set, swap_accuracy
+from fne_fast.tags.lexicon import load_lexicon
+from fne_fast.tags.prior import BigramPrior
+from fne_fast.tags.swap import (SWAP_FAMILIES, SWAP_KEYS, SwapSet, cached_swap_set, family_suffix, swap_accuracy,
+                                swap_wins)
 from fne_fast.tags.synonyms import load_synonyms
 from fne_fast.tags.trainer import TagsTrainer
 
@@ -34,31 +37,65 @@ def text_corpus(dataset: str, data_options: dict, cache_dir: str, limit: int | N
 
 
 class SwapEvaluation:
-    """The one-word-swap test on the test split; its metrics are None where the data has no texts (or spaCy is
-    missing, with a warning naming the fix). With ``finetune`` > 0 the swapped captions go through the text
-    trunk below the trained layers, as the run's captions do."""
+    """The swap tests of the validation and test splits, every family (``fne_fast.tags.swap.SWAP_FAMILIES``); the
+    test split's also under a blind matcher and the caption prior. Its metrics are None where the data has no
+    texts (or spaCy is missing, with a warning naming the fix). With ``finetune`` > 0 the swapped captions go
+    through the text trunk below the trained layers, as the run's captions do."""
 
     def __init__(self, corpus: Corpus | None, cache_dir: str, device, progress: bool, finetune: int = 0):
-        self.swap_set: SwapSet | None = None
+        self.sets: dict[tuple[str, str], SwapSet] = {}
+        self.prior_wins: dict[str, torch.Tensor] = {}
         if corpus is None:
             return
         # What the text head reads: the sentence embeddings, or the trunk's token states below the trained layers.
         encoder = (lambda: text_trunk(finetune, str(device))) if finetune else (
             lambda: shared_text_encoder(str(device)))
+        version = trunk_version(text_encoder_version(), "text", finetune)
         try:
-            self.swap_set = cached_swap_set(f"{corpus.dataset}-test", corpus["test"], corpus.vocabulary(),
-                                            load_synonyms, encoder, cache_dir, progress=progress,
-                                            encoder_version=trunk_version(text_encoder_version(), "text", finetune))
+            for split in ("val", "test"):
+                for family in SWAP_FAMILIES:
+                    self.sets[split, family] = cached_swap_set(
+                        f"{corpus.dataset}-{split}", family, corpus[split], corpus.vocabulary(), load_synonyms,
+                        load_lexicon, encoder, cache_dir, progress=progress, encoder_version=version)
         except MissingSpacyError as error:
-            warnings.warn(f"no one-word-swap test (swap_acc is null): {error}", stacklevel=2)
+            warnings.warn(f"no swap tests (swap_acc is null): {error}", stacklevel=2)
+            self.sets = {}
+            return
+        prior, test = BigramPrior(corpus["train"].captions), corpus["test"]
+        for family in SWAP_FAMILIES:
+            swap_set = self.sets["test", family]
+            self.prior_wins[family] = prior.prefers_true([test.captions[row] for row in swap_set.caption.tolist()],
+                                                         swap_set.texts)
 
-    def metrics(self, heads, image: torch.Tensor, text: torch.Tensor, caption_image: torch.Tensor) -> dict:
-        """``image``, ``text``: the test split's online embeddings (as evaluation computed them)."""
-        if self.swap_set is None:
-            return dict.fromkeys(SWAP_KEYS)
-        with torch.no_grad():
-            swapped = heads.text_head(self.swap_set.features.to(text.device))
-        return swap_accuracy(image, text, swapped, self.swap_set, caption_image)
+    def metrics(self, heads, split: str, image: torch.Tensor, text: torch.Tensor,
+                caption_image: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(metrics, per-triple outcomes) of ``split`` ("val" or "test"); ``image``, ``text``: its online
+        embeddings (as evaluation computed them). The outcomes (``swap_won<suffix>`` [S] bool, test only) are kept
+        with the test ranks for paired comparisons."""
+        keys = [key for key in SWAP_KEYS if key.startswith("val_") == (split == "val")]
+        metrics, outcomes = dict.fromkeys(keys), {}
+        if not self.sets:
+            return metrics, outcomes
+        prefix = "val_" if split == "val" else ""
+        blind = image.mean(dim=0, keepdim=True).expand_as(image)
+        for family in SWAP_FAMILIES:
+            swap_set, suffix = self.sets[split, family], family_suffix(family)
+            with torch.no_grad():
+                swapped = heads.text_head(swap_set.features.to(text.device))
+            won = swap_wins(image, text, swapped, swap_set, caption_image)
+            metrics[f"{prefix}swap_acc{suffix}"] = _percent(won)
+            if split == "val":
+                continue
+            outcomes[f"swap_won{suffix}"] = won.cpu()
+            if family == "vocab":
+                metrics.update(swap_accuracy(image, text, swapped, swap_set, caption_image))
+            metrics[f"swap_blind_acc{suffix}"] = _percent(swap_wins(blind, text, swapped, swap_set, caption_image))
+            metrics[f"swap_prior_acc{suffix}"] = _percent(self.prior_wins[family])
+        return metrics, outcomes
+
+
+def _percent(won: torch.Tensor) -> float | None:
+    return 100.0 * won.double().mean().item() if won.numel() else None
 
 
 def run_texts(config, *, progress: bool) -> tuple[Corpus | None, SwapEvaluation]:

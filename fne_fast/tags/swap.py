@@ -1,4 +1,4 @@
-"""The one-word-swap test: for each test caption and each kind of span it has (object, attribute, relation), the
+"""The swap tests. The ``vocab`` family is the one-word-swap test: for each caption and each kind of span it has (object, attribute, relation), the
 caption with one word of one such span replaced. ``swap_acc`` is the share of (image, caption, swapped caption)
 triples where the matcher scores the true caption higher (ties count as misses).
 
@@ -8,6 +8,10 @@ ones more often), and a swap is redrawn when the generator's filter would drop i
 (a copy of a caption of the image's group, a synonym or another form of the word). The replaced word of an
 object span is its last (the head noun of "skin tone"). The set and its text-backbone features are cached like
 the split's features.
+
+Two more families (``fne_fast.tags.heldout_swaps``) are built by rules no training component uses: ``unseen``
+(replacement words outside the training captions) and ``exchange`` (two words trade places). Every family is built
+for the validation split, where settings are chosen, and for the test split, which is reported.
 """
 
 from __future__ import annotations
@@ -26,12 +30,27 @@ from fne_fast.tags.spans import SPAN_KINDS
 from fne_fast.tags.synonyms import Synonyms
 from fne_fast.tags.vocab import Vocabulary
 
-__all__ = ["SwapSet", "build_swaps", "cached_swap_set", "swap_accuracy", "SWAP_KEYS", "SWAP_SEED"]
+__all__ = ["SwapSet", "build_swaps", "build_family", "cached_swap_set", "swap_wins", "swap_accuracy",
+           "family_suffix", "SWAP_FAMILIES", "SWAP_KEYS", "SWAP_SEED"]
 
 SWAP_SEED = 20211  # fixed: every run of a data set is scored on the same swaps
+SWAP_FAMILIES = ("vocab", "unseen", "exchange")
 _ATTEMPTS = 20  # replacements tried per (caption, kind) before giving that kind up
-_SWAP_RULES_VERSION = 3
-SWAP_KEYS = ("swap_acc", *(f"swap_acc_{kind}" for kind in SPAN_KINDS))
+_SWAP_RULES_VERSION = 4
+
+
+def family_suffix(family: str) -> str:
+    """The metric suffix of a family: none for ``vocab`` (``swap_acc``), ``_unseen``, ``_exchange``."""
+    return "" if family == "vocab" else f"_{family}"
+
+
+# Test split: accuracy per family (and per kind for vocab), the blind matcher's (every image replaced by the mean
+# image) and the caption prior's; validation split: accuracy per family.
+SWAP_KEYS = (*(f"swap_acc{family_suffix(family)}" for family in SWAP_FAMILIES),
+             *(f"swap_acc_{kind}" for kind in SPAN_KINDS),
+             *(f"swap_{baseline}_acc{family_suffix(family)}" for baseline in ("blind", "prior")
+               for family in SWAP_FAMILIES),
+             *(f"val_swap_acc{family_suffix(family)}" for family in SWAP_FAMILIES))
 
 
 @dataclass
@@ -74,21 +93,41 @@ def build_swaps(parsed, captions, caption_image, image_group, vocabulary: Vocabu
     return rows, kinds, texts
 
 
-def cached_swap_set(name: str, texts, vocabulary: Vocabulary, synonyms_loader, text_encoder_loader,
-                    cache_dir: str, progress: bool = True, encoder_version: str | None = None) -> SwapSet:
-    """The swap set of one split (``texts``: its ``SplitTexts``), from the cache or built and encoded with the
-    frozen text backbone (``text_encoder_loader()``, loaded on a miss only; ``encoder_version`` names what it
-    encodes, by default the whole backbone's sentence embeddings, e.g. the trunk below ``--finetune``'s layers)."""
+def build_family(family: str, texts, vocabulary: Vocabulary, synonyms: Synonyms,
+                 lexicon_loader) -> tuple[list[int], list[int], list[str]]:
+    """(caption rows, kind indices, swapped texts) of one family over a split's ``SplitTexts``;
+    ``lexicon_loader(part_of_speech)`` gives a ``fne_fast.tags.lexicon.Lexicon`` (``unseen`` only)."""
+    from fne_fast.tags.heldout_swaps import build_exchange_swaps, build_unseen_swaps
+    from fne_fast.tags.lexicon import KIND_PART_OF_SPEECH
+
+    seed = SWAP_SEED + SWAP_FAMILIES.index(family)
+    common = (texts.parsed, texts.captions, texts.caption_image, texts.image_group)
+    if family == "vocab":
+        return build_swaps(*common, vocabulary, synonyms, seed=seed)
+    if family == "unseen":
+        lexicons = {pos: lexicon_loader(pos) for pos in KIND_PART_OF_SPEECH.values()}
+        return build_unseen_swaps(*common, vocabulary, synonyms, lexicons, seed)
+    if family == "exchange":
+        return build_exchange_swaps(*common, seed)
+    raise ValueError(f"family must be one of {SWAP_FAMILIES}, got {family!r}")
+
+
+def cached_swap_set(name: str, family: str, texts, vocabulary: Vocabulary, synonyms_loader, lexicon_loader,
+                    text_encoder_loader, cache_dir: str, progress: bool = True,
+                    encoder_version: str | None = None) -> SwapSet:
+    """The swap set of one family and split (``texts``: its ``SplitTexts``), from the cache or built and encoded
+    with the frozen text backbone (``text_encoder_loader()``, loaded on a miss only; ``encoder_version`` names
+    what it encodes, by default the whole backbone's sentence embeddings, e.g. the trunk below ``--finetune``'s
+    layers)."""
     key = content_fingerprint(texts.captions, texts.caption_image, texts.image_group, vocabulary.words,
-                              [counts.tolist() for counts in vocabulary.kind_counts.values()], SWAP_SEED,
+                              [counts.tolist() for counts in vocabulary.kind_counts.values()], SWAP_SEED, family,
                               _SWAP_RULES_VERSION, [caption.to_state() for caption in texts.parsed],
                               encoder_version or text_encoder_version())
-    path = os.path.join(cache_dir, "tags", f"swaps-{name}-{key}.pt")
+    path = os.path.join(cache_dir, "tags", f"swaps-{name}-{family}-{key}.pt")
     if os.path.exists(path):
         state = torch.load(path, weights_only=True)
         return SwapSet(state["caption"], state["kind"], list(state["texts"]), state["features"])
-    rows, kinds, swapped = build_swaps(texts.parsed, texts.captions, texts.caption_image, texts.image_group,
-                                       vocabulary, synonyms_loader())
+    rows, kinds, swapped = build_family(family, texts, vocabulary, synonyms_loader(), lexicon_loader)
     features = _encode(text_encoder_loader(), swapped, progress)
     swap_set = SwapSet(torch.tensor(rows, dtype=torch.int64), torch.tensor(kinds, dtype=torch.int64), swapped,
                        features)
@@ -106,13 +145,21 @@ def _encode(encoder, texts: list[str], progress: bool, batch_size: int = 256) ->
 
 
 @torch.no_grad()
-def swap_accuracy(image: torch.Tensor, text: torch.Tensor, swapped: torch.Tensor, swap_set: SwapSet,
-                  caption_image: torch.Tensor) -> dict[str, float | None]:
-    """Percent of triples won by the true caption, overall and per kind; ``image`` [I, D], ``text`` [T, D] and
-    ``swapped`` [S, D]: the split's embeddings and the swapped captions' (None where there is no triple)."""
+def swap_wins(image: torch.Tensor, text: torch.Tensor, swapped: torch.Tensor, swap_set: SwapSet,
+              caption_image: torch.Tensor) -> torch.Tensor:
+    """[S] bool: whether the true caption scores strictly higher than its swap under its image; ``image`` [I, D],
+    ``text`` [T, D] and ``swapped`` [S, D]: the split's embeddings and the swapped captions'."""
     rows = swap_set.caption.to(text.device)
     anchor = image[caption_image.to(text.device)[rows]]
-    won = (anchor * text[rows]).sum(dim=1) > (anchor * swapped).sum(dim=1)
+    return (anchor * text[rows]).sum(dim=1) > (anchor * swapped).sum(dim=1)
+
+
+@torch.no_grad()
+def swap_accuracy(image: torch.Tensor, text: torch.Tensor, swapped: torch.Tensor, swap_set: SwapSet,
+                  caption_image: torch.Tensor) -> dict[str, float | None]:
+    """Percent of triples won by the true caption, overall and per kind (``swap_wins``'s arguments; None where
+    there is no triple)."""
+    won = swap_wins(image, text, swapped, swap_set, caption_image)
     kind = swap_set.kind.to(text.device)
     result = {"swap_acc": 100.0 * won.double().mean().item() if won.numel() else None}
     for index, name in enumerate(SPAN_KINDS):

@@ -47,17 +47,21 @@ from fne_fast.training.state import RunState, resume_state
 __all__ = ["train"]
 
 
-def _validation_rsum(run: RunState, split: FeatureSplit) -> float:
-    """Strict rsum on the validation split: what selects the best epoch (fne_fast.training.model_selection)."""
+def _validation(run: RunState, split: FeatureSplit, swap_test) -> dict:
+    """Strict rsum on the validation split (what selects the best epoch, fne_fast.training.model_selection) and
+    the validation swap tests (where TAGS-DC's settings are chosen)."""
     image, text = embed_split(run.heads, split, run.device)
-    return retrieval_metrics(image, text, split.caption_image)["rsum"]
+    metrics = {"val_rsum": retrieval_metrics(image, text, split.caption_image)["rsum"]}
+    metrics.update(swap_test.metrics(run.heads, "val", image, text, split.caption_image)[0])
+    return metrics
 
 
 def _test_ranks(run: RunState, split: FeatureSplit, swap_test) -> tuple[dict[str, torch.Tensor], dict]:
-    """The per-item test ranks, and the one-word-swap test's metrics (``fne_fast.tags.run.SwapEvaluation``)."""
+    """The per-item test ranks with each swap test's per-triple outcomes, and the swap tests' metrics
+    (``fne_fast.tags.run.SwapEvaluation``)."""
     image, text = embed_split(run.heads, split, run.device)
-    return (retrieval_ranks(image, text, split.caption_image, split.image_group),
-            swap_test.metrics(run.heads, image, text, split.caption_image))
+    metrics, outcomes = swap_test.metrics(run.heads, "test", image, text, split.caption_image)
+    return {**retrieval_ranks(image, text, split.caption_image, split.image_group), **outcomes}, metrics
 
 
 def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None, group=None) -> list[dict]:
@@ -141,7 +145,7 @@ def _train_and_evaluate(run: RunState, splits: dict[str, FeatureSplit], swap_tes
         ranks, swap_metrics = _test_ranks(run, splits["test"], swap_test)
         row.update(recalls_from_ranks(ranks))
         row.update(swap_metrics)
-        row["val_rsum"] = _validation_rsum(run, splits["val"])
+        row.update(_validation(run, splits["val"], swap_test))
     row = distributed.broadcast_from_first(row, patient, "metrics")
     timing["epoch_seconds"] = time.perf_counter() - started
     timing["steps"] = steps_per_epoch(config, splits["train"].text_features.shape[0], run.world_size)
