@@ -28,7 +28,7 @@ def _config(dataset, out, **overrides):
     from fne_fast.tags import TagsOptions
 
     tags = TagsOptions(pool_captions=8, masked_versions=1, samples=3, keep=2, captions_per_step=4,
-                       heldout_captions=4, examples=2, hidden_dim=32)
+                       heldout_captions=4, examples=2, hidden_dim=32, pretrain_epochs=0)
     return shapes_config(dataset, out, **{"options": SamplerOptions(min_count=5), "seed": 2, "tags": tags,
                                           **overrides})
 

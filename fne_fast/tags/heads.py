@@ -1,8 +1,10 @@
 """The three word-level heads of TAGS-DC and the losses.
 
 Each head reads a word's frozen MiniLM state together with the *online* image embedding of the matcher (the
-image head's output), so the generator's masked-word loss, the discrimination loss and the correction loss also
-train the matcher's image head, as the authors' heads share UNITER with the matcher.
+image head's output), so their losses also reach the matcher's image head. With tied heads (the default) the
+generator and the corrector score every vocabulary word through the matcher's *text head* (``word_logits``), the
+projection retrieval uses: the authors' heads share UNITER with the matcher, and this is the part of that sharing
+a dual encoder over frozen backbones can have.
 
 * generator: masked word -> the original word (the MLM loss); sampled at temperature 1.5 to refill spans;
 * discriminator: each word of a synthetic sentence -> changed or not (class weights 1.0 / 0.11);
@@ -41,11 +43,32 @@ class WordHead(nn.Module):
 
 
 class TagsHeads(nn.Module):
-    def __init__(self, word_dim: int, image_dim: int, vocabulary_size: int, hidden_dim: int = 512):
+    """The generator, discriminator and corrector. With ``tied_dim`` (the joint space's width) the generator and
+    the corrector output a query in the joint space, and a word's logit is the query's product with that word's
+    row of a table the caller computes as the matcher's text head applied to each vocabulary word's embedding
+    (``word_logits``), plus a per-word bias: their losses then train the text head retrieval uses."""
+
+    def __init__(self, word_dim: int, image_dim: int, vocabulary_size: int, hidden_dim: int = 512,
+                 tied_dim: int | None = None):
         super().__init__()
-        self.generator = WordHead(word_dim, image_dim, hidden_dim, vocabulary_size)
+        outputs = vocabulary_size if tied_dim is None else tied_dim
+        self.generator = WordHead(word_dim, image_dim, hidden_dim, outputs)
         self.discriminator = WordHead(word_dim, image_dim, hidden_dim // 2, 2)
-        self.corrector = WordHead(word_dim, image_dim, hidden_dim, vocabulary_size)
+        self.corrector = WordHead(word_dim, image_dim, hidden_dim, outputs)
+        self.tied = tied_dim is not None
+        if self.tied:
+            self.word_bias = nn.Parameter(torch.zeros(vocabulary_size))
+
+    def word_logits(self, head: WordHead, word_states: torch.Tensor, image: torch.Tensor,
+                    word_table: torch.Tensor | None) -> torch.Tensor:
+        """[N, V] logits of ``head`` (the generator or the corrector); ``word_table`` [V, D]: the text head over the
+        vocabulary's embeddings when tied, else None."""
+        output = head(word_states, image)
+        if not self.tied:
+            return output
+        if word_table is None:
+            raise ValueError("word_table: tied heads score words through the text head's table, got None")
+        return output @ word_table.T + self.word_bias
 
 
 def sample_words(logits: torch.Tensor, temperature: float, num_samples: int,

@@ -23,9 +23,13 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from fne_fast.fields import check_bool, flag_fields, is_integer, is_number, option, validate_fields
+from fne_fast.fields import check_bool, check_choice, flag_fields, is_integer, is_number, option, validate_fields
 
-__all__ = ["TagsOptions"]
+__all__ = ["TagsOptions", "REFILLS"]
+
+# generator: TAGS-DC's refills; random: the ablation, words drawn by how often they fill a span of the masked
+# word's kind, with the word-level losses (masked word, discrimination, correction) off.
+REFILLS = ("generator", "random")
 
 
 def _count(minimum: int):
@@ -52,6 +56,15 @@ def _probability(value) -> str | None:
 
 @dataclass(frozen=True)
 class TagsOptions:
+    refill: str = option("generator", check_choice(REFILLS), "who refills the masked words: the generator, or "
+                                                             "random (the ablation: frequency-weighted words of the "
+                                                             "span's kind, the word-level losses off)",
+                         choices=REFILLS)
+    share_text_head: bool = option(True, check_bool, "the generator and corrector score each word through the "
+                                                     "matcher's text head applied to the word's embedding, so "
+                                                     "their losses train the projection retrieval uses")
+    pretrain_epochs: int = option(3, _count(0), "epochs of masked-word training of the generator over every "
+                                                "training caption before the first pool (0: it starts random)")
     pool_captions: int = option(128, _count(1), "training captions that get synthetic negatives each epoch")
     masked_versions: int = option(2, _count(1), "masked versions of each pool caption (authors: 20)")
     samples: int = option(6, _count(1), "refills sampled per masked version (authors: 20)")

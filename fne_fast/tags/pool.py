@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import torch
 
 from fne_fast.tags.filtering import DROP_REASONS, CandidateFilter
-from fne_fast.tags.heads import WordHead, sample_words
+from fne_fast.tags.heads import sample_words
 from fne_fast.tags.masking import MaskedVersion, mask_caption
 from fne_fast.tags.spans import ParsedCaption
 from fne_fast.tags.text_states import WordStates, encode_words
-from fne_fast.tags.vocab import Vocabulary
+from fne_fast.tags.vocab import UNKNOWN, Vocabulary
 
-__all__ = ["CaptionSource", "SyntheticPool", "build_pool", "POOL_COUNTS"]
+__all__ = ["CaptionSource", "SyntheticPool", "build_pool", "random_refills", "POOL_COUNTS"]
 
 POOL_COUNTS = ("generated", *DROP_REASONS, "kept", "positive_generated", "positive_kept")
 
@@ -65,6 +65,18 @@ class SyntheticPool:
         return SyntheticPool(**moved)
 
 
+def random_refills(vocabulary: Vocabulary, kinds: list[str], samples: int, random: torch.Generator) -> torch.Tensor:
+    """[Q, samples] word ids, each drawn in proportion to how often the word fills a span of the masked word's kind
+    in the training captions (uniformly over the known words for a kind no word fills), never the unknown word."""
+    uniform = torch.ones(len(vocabulary), dtype=torch.float64)
+    uniform[UNKNOWN] = 0.0
+    weights = {kind: counts if counts.sum() > 0 else uniform for kind, counts in vocabulary.kind_counts.items()}
+    drawn = torch.zeros(len(kinds), samples, dtype=torch.int64)
+    for row, kind in enumerate(kinds):
+        drawn[row] = torch.multinomial(weights[kind], samples, replacement=True, generator=random)
+    return drawn
+
+
 def _grouped(owner: list[int], size: int) -> tuple[torch.Tensor, torch.Tensor]:
     count = torch.bincount(torch.tensor(owner, dtype=torch.int64), minlength=size)
     return torch.cumsum(count, 0) - count, count
@@ -78,10 +90,11 @@ def _mask_all(source: CaptionSource, vocabulary: Vocabulary, rows: list[int], ve
 
 @torch.no_grad()
 def build_pool(source: CaptionSource, vocabulary: Vocabulary, rows: list[int], image_embedding: torch.Tensor,
-               generator_head: WordHead, text_encoder, random: torch.Generator, *, masked_versions: int,
+               generator_logits, text_encoder, random: torch.Generator, *, masked_versions: int,
                samples: int, mask_probability: float, temperature: float, progress: bool = False) -> SyntheticPool:
     """The pool of the captions ``rows`` (each must have a span). ``image_embedding`` [P, D]: the online image
-    embedding of each pool caption's image; ``random`` draws the masks and the refills."""
+    embedding of each pool caption's image; ``generator_logits(word states, image)`` -> [Q, V] refill logits, or
+    None for the ablation's refills (``random_refills``); ``random`` draws the masks and the refills."""
     versions = _mask_all(source, vocabulary, rows, masked_versions, mask_probability, random)
     masked = encode_words(text_encoder, [(version.words, source.parsed[rows[index]].spaces)
                                          for index, version in versions],
@@ -95,8 +108,12 @@ def build_pool(source: CaptionSource, vocabulary: Vocabulary, rows: list[int], i
                                   dtype=torch.int64)
     device = image_embedding.device
     owner_tensor = torch.tensor(masked_owner, dtype=torch.int64)
-    logits = generator_head(masked_states.to(device), image_embedding[owner_tensor.to(device)])
-    drawn = sample_words(logits.cpu(), temperature, samples, random).tolist()
+    if generator_logits is None:
+        drawn = random_refills(vocabulary, [kind for _, version in versions for kind in version.kinds], samples,
+                               random).tolist()
+    else:
+        logits = generator_logits(masked_states.to(device), image_embedding[owner_tensor.to(device)])
+        drawn = sample_words(logits.cpu(), temperature, samples, random).tolist()
 
     counts = dict.fromkeys(POOL_COUNTS, 0)
     kept_words, kept_owner, kept_positive, texts, changes, changed_flags, originals = [], [], [], [], [], [], []

@@ -19,10 +19,12 @@ _MARKDOWN = re.compile(r"([\\`*_\[\]<>|~])")
 
 
 @torch.no_grad()
-def word_level_metrics(heads: TagsHeads, pool: SyntheticPool, image_embedding: torch.Tensor) -> dict[str, float]:
+def word_level_metrics(heads: TagsHeads, pool: SyntheticPool, image_embedding: torch.Tensor,
+                       word_table: torch.Tensor | None = None) -> dict[str, float]:
     """Percent: discrimination accuracy over all words of the pool's sentences and F1 of the "changed" class,
     correction top-1 over the changed words (an original outside the vocabulary counts as a miss), and the
-    generator's top-1 on the masked words. ``image_embedding`` [P, D]: the image of each pool caption."""
+    generator's top-1 on the masked words. ``image_embedding`` [P, D]: the image of each pool caption;
+    ``word_table``: the tied heads' (``TagsHeads.word_logits``)."""
     states, lengths = pool.candidates.states, pool.candidates.lengths
     word_owner = torch.repeat_interleave(pool.candidate_owner, lengths)
     predicted = heads.discriminator(states, image_embedding[word_owner]).argmax(dim=1).bool()
@@ -30,10 +32,12 @@ def word_level_metrics(heads: TagsHeads, pool: SyntheticPool, image_embedding: t
     true_positive = (predicted & changed).sum().item()
     precision_base, recall_base = predicted.sum().item(), changed.sum().item()
     f1 = 2 * true_positive / (precision_base + recall_base) if precision_base + recall_base else 0.0
-    corrected = heads.corrector(states[changed], image_embedding[word_owner[changed]]).argmax(dim=1)
+    corrected = heads.word_logits(heads.corrector, states[changed], image_embedding[word_owner[changed]],
+                                  word_table).argmax(dim=1)
     original = pool.word_original[changed]
     correction_hits = ((corrected == original) & (original != UNKNOWN)).sum().item()
-    generated = heads.generator(pool.masked_states, image_embedding[pool.masked_owner]).argmax(dim=1)
+    generated = heads.word_logits(heads.generator, pool.masked_states, image_embedding[pool.masked_owner],
+                                  word_table).argmax(dim=1)
     words, masked = changed.numel(), pool.masked_targets.numel()
     return {"heldout_discrimination_acc": 100.0 * (predicted == changed).sum().item() / words if words else None,
             "heldout_discrimination_f1": 100.0 * f1 if words else None,

@@ -113,7 +113,7 @@ def _source(texts, synonyms) -> CaptionSource:
 
 
 def make_trainer(options, corpus: Corpus | None, train_split, *, seed: int, device, joint_dim: int, lr: float,
-                 progress: bool) -> TagsTrainer:
+                 progress: bool, cache_dir: str | None = None) -> TagsTrainer:
     """The TAGS-DC trainer of a run; ``train_split`` is the training ``FeatureSplit`` the texts must match."""
     if corpus is None:
         raise ValueError("--tags needs caption texts: the 'features' data set has none")
@@ -127,7 +127,8 @@ def make_trainer(options, corpus: Corpus | None, train_split, *, seed: int, devi
                        heldout=_source(corpus["val"], synonyms),
                        text_encoder=lambda: shared_text_encoder(str(device)),
                        captions=train.captions, image_names=train.image_names, caption_image=train.caption_image,
-                       progress=progress)
+                       cache_dir=cache_dir or default_cache_dir(), encoder_version=text_encoder_version(),
+                       dataset=corpus.dataset, progress=progress)
 
 
 def write_examples(out: str, trainer: TagsTrainer) -> None:

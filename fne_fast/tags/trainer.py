@@ -16,10 +16,13 @@ import torch
 from fne_fast.tags.heads import TagsHeads, discrimination_loss, synthetic_ranking_loss, word_loss
 from fne_fast.tags.options import TagsOptions
 from fne_fast.tags.pool import CaptionSource, SyntheticPool, build_pool
+from fne_fast.tags.pretrain import cached_masked_words, cached_word_embeddings, pretrain_generator, top1_accuracy
 from fne_fast.tags.report import examples_section, word_level_metrics
 from fne_fast.tags.vocab import UNKNOWN, Vocabulary
 
 __all__ = ["TagsTrainer", "derived_seed", "STEP_SUMS"]
+
+_PRETRAIN_HELDOUT = 512  # validation captions whose masked words measure the pretrained generator
 
 # Per-step sums kept on the device and divided once per epoch.
 STEP_SUMS = ("rank_loss", "mlm_loss", "discrimination_loss", "correction_loss", "rank_pairs", "rank_correct",
@@ -56,19 +59,25 @@ def _hardest(scores: torch.Tensor, counts: torch.Tensor, keep: int) -> tuple[tor
 class TagsTrainer:
     def __init__(self, options: TagsOptions, *, seed: int, device, joint_dim: int, word_dim: int, lr: float,
                  vocabulary: Vocabulary, train: CaptionSource, heldout: CaptionSource | None, text_encoder,
-                 captions: list[str], image_names: list[str], caption_image: list[int], progress: bool = False):
-        """``text_encoder``: a zero-argument callable returning the frozen ``TextEncoder`` (loaded on first use);
-        ``captions``, ``image_names``, ``caption_image``: the training split's, for examples.md."""
+                 captions: list[str], image_names: list[str], caption_image: list[int], cache_dir: str,
+                 encoder_version: str, dataset: str, progress: bool = False):
+        """``text_encoder``: a zero-argument callable returning the frozen ``TextEncoder`` (loaded on first use;
+        ``encoder_version`` names it in cache keys); ``captions``, ``image_names``, ``caption_image``: the training
+        split's, for examples.md; ``cache_dir``: where the masked words and word embeddings are cached."""
         self.options, self.seed, self.device, self.progress = options, seed, torch.device(device), progress
         self.vocabulary, self.train_source, self.heldout_source = vocabulary, train, heldout
         self.text_encoder = text_encoder
+        self.cache_dir, self.encoder_version, self.dataset, self.lr = cache_dir, encoder_version, dataset, lr
+        self.word_heads = options.refill == "generator"  # the ablation trains no word-level head
+        self._word_features: torch.Tensor | None = None
         self.captions, self.image_names, self.caption_image = captions, image_names, caption_image
         if not train.eligible:
             raise ValueError("TAGS-DC: no training caption has a word to mask (object, attribute or relation)")
         # Seeded apart from the global RNG, so the matcher's heads start as in the same run without TAGS.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derived_seed(seed, "init"))
-            self.heads = TagsHeads(word_dim, joint_dim, len(vocabulary), options.hidden_dim).to(self.device)
+            self.heads = TagsHeads(word_dim, joint_dim, len(vocabulary), options.hidden_dim,
+                                   tied_dim=joint_dim if options.share_text_head else None).to(self.device)
         self.optimizer = torch.optim.Adam(self.heads.parameters(), lr=lr)
         self.examples: list[str] = []
         self.pool: SyntheticPool | None = None
@@ -83,6 +92,50 @@ class TagsTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.examples = list(state["examples"])
 
+    # --- the words' scores -------------------------------------------------------------------------------------
+    def word_table(self, matching_heads) -> torch.Tensor | None:
+        """[V, D] the matcher's text head over each vocabulary word's embedding (tied heads), else None; under
+        autograd when the caller is, so the word-level losses train the text head."""
+        if not self.heads.tied:
+            return None
+        if self._word_features is None:
+            self._word_features = cached_word_embeddings(self.vocabulary, self.text_encoder, self.encoder_version,
+                                                         self.cache_dir).to(self.device)
+        return matching_heads.text_head(self._word_features)
+
+    def _logits_of(self, head, table):
+        return lambda states, image: self.heads.word_logits(head, states, image, table)
+
+    # --- before the first epoch ---------------------------------------------------------------------------------
+    def pretrain(self, matching_heads, split, heldout_split) -> tuple[dict, dict[str, float]]:
+        """Trains the generator on the masked words of every training caption before the first pool (the
+        matcher's heads as they start, not trained by it); (metrics, timing in seconds): its top-1 on the training
+        and on validation masked words."""
+        started = time.perf_counter()
+        options = self.options
+        if not self.word_heads or options.pretrain_epochs == 0:
+            return {}, {}
+        common = dict(vocabulary=self.vocabulary, text_encoder_loader=self.text_encoder,
+                      encoder_version=self.encoder_version, cache_dir=self.cache_dir,
+                      mask_probability=options.mask_probability, progress=self.progress)
+        train = cached_masked_words(f"{self.dataset}-train", self.train_source, rows=self.train_source.eligible,
+                                    **common)
+        with torch.no_grad():
+            table = self.word_table(matching_heads)
+            image = self._image_embedding(matching_heads, split, train.rows)
+        logits_of = self._logits_of(self.heads.generator, table)
+        parameters = list(self.heads.generator.parameters()) + ([self.heads.word_bias] if self.heads.tied else [])
+        pretrain_generator(logits_of, parameters, train, image, epochs=options.pretrain_epochs, lr=self.lr,
+                           random=torch.Generator().manual_seed(derived_seed(self.seed, "pretrain")))
+        metrics = {"tags_pretrain_train_top1": top1_accuracy(logits_of, train, image)}
+        source = self.heldout_source
+        if source is not None and source.eligible:
+            heldout = cached_masked_words(f"{self.dataset}-val", source, rows=source.eligible[:_PRETRAIN_HELDOUT],
+                                          **common)
+            heldout_image = self._image_embedding(matching_heads, heldout_split, heldout.rows)
+            metrics["tags_pretrain_val_top1"] = top1_accuracy(logits_of, heldout, heldout_image)
+        return metrics, {"tags_pretrain_seconds": time.perf_counter() - started}
+
     # --- the epoch ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _image_embedding(self, matching_heads, split, rows: torch.Tensor) -> torch.Tensor:
@@ -91,7 +144,10 @@ class TagsTrainer:
     def _pool(self, source: CaptionSource, rows: list[int], matching_heads, split, random: torch.Generator,
               masked_versions: int, samples: int) -> SyntheticPool:
         image = self._image_embedding(matching_heads, split, torch.tensor(rows, dtype=torch.int64))
-        pool = build_pool(source, self.vocabulary, rows, image, self.heads.generator, self.text_encoder(), random,
+        with torch.no_grad():
+            refills = self._logits_of(self.heads.generator, self.word_table(matching_heads)) if (
+                self.word_heads) else None
+        pool = build_pool(source, self.vocabulary, rows, image, refills, self.text_encoder(), random,
                           masked_versions=masked_versions, samples=samples,
                           mask_probability=self.options.mask_probability, temperature=self.options.temperature,
                           progress=self.progress)
@@ -139,6 +195,9 @@ class TagsTrainer:
         chosen, valid = _hardest(((image[owner] * embedded).sum(dim=1)).detach(), counts, options.keep)
         synthetic = embedded[chosen] if candidates.numel() else embedded.new_zeros(*chosen.shape, image.shape[1])
         rank_loss, rank_correct = synthetic_ranking_loss(image, caption, synthetic, valid, options.margin)
+        if not self.word_heads:  # the ablation: the synthetic hinge alone
+            self._add_rank_sums(rank_loss, valid, rank_correct, pool.candidate_positive[candidates[chosen[valid]]])
+            return options.rank_weight * rank_loss
 
         # Discrimination and correction on the kept sentences' words; the generator's MLM on the masked words.
         used = candidates[chosen[valid]]
@@ -148,12 +207,14 @@ class TagsTrainer:
         states = pool.candidates.states[words]
         changed = pool.word_changed[words]
         discrimination_logits = self.heads.discriminator(states, word_image)
-        correction_logits = self.heads.corrector(states[changed], word_image[changed])
+        table = self.word_table(matching_heads)
+        correction_logits = self.heads.word_logits(self.heads.corrector, states[changed], word_image[changed], table)
         originals = pool.word_original[words][changed]
         masked = _ranges(pool.masked_start[positions], pool.masked_count[positions])
         masked_image = image[torch.repeat_interleave(torch.arange(positions.numel(), device=self.device),
                                                      pool.masked_count[positions])]
-        generator_logits = self.heads.generator(pool.masked_states[masked], masked_image)
+        generator_logits = self.heads.word_logits(self.heads.generator, pool.masked_states[masked], masked_image,
+                                                  table)
         targets = pool.masked_targets[masked]
 
         losses = {"rank_loss": rank_loss, "mlm_loss": word_loss(generator_logits, targets),
@@ -166,13 +227,23 @@ class TagsTrainer:
                 + options.correction_weight * losses["correction_loss"])
 
     @torch.no_grad()
+    def _add_rank_sums(self, rank_loss, valid, rank_correct, used_positive) -> None:
+        sums = self.sums
+        sums["rank_loss"] += rank_loss.detach()
+        sums["rank_pairs"] += valid.sum()
+        sums["rank_correct"] += rank_correct.sum()
+        sums["used"] += used_positive.numel()
+        sums["used_positive"] += used_positive.sum()
+        self.steps += 1
+
+    @torch.no_grad()
     def _add_sums(self, losses, valid, rank_correct, generator_logits, targets, discrimination_logits, changed,
                   correction_logits, originals, used_positive) -> None:
         sums = self.sums
         for key, value in losses.items():
-            sums[key] += value.detach()
-        sums["rank_pairs"] += valid.sum()
-        sums["rank_correct"] += rank_correct.sum()
+            if key != "rank_loss":
+                sums[key] += value.detach()
+        self._add_rank_sums(losses["rank_loss"], valid, rank_correct, used_positive)
         known = targets != UNKNOWN
         sums["mlm_words"] += known.sum()
         sums["mlm_correct"] += ((generator_logits.argmax(dim=1) == targets) & known).sum()
@@ -185,9 +256,6 @@ class TagsTrainer:
         known_originals = originals != UNKNOWN
         sums["corrections"] += known_originals.sum()
         sums["correction_correct"] += ((correction_logits.argmax(dim=1) == originals) & known_originals).sum()
-        sums["used"] += used_positive.numel()
-        sums["used_positive"] += used_positive.sum()
-        self.steps += 1
 
     def optimizer_step(self) -> None:
         self.optimizer.step()
@@ -203,8 +271,8 @@ class TagsTrainer:
             return 100.0 * totals[part] / totals[whole] if totals[whole] else None
 
         counts = self.pool.counts
-        metrics = {f"tags_{key}": totals[key] / steps for key in ("rank_loss", "mlm_loss", "discrimination_loss",
-                                                                   "correction_loss")}
+        metrics = {f"tags_{key}": totals[key] / steps if self.word_heads or key == "rank_loss" else None
+                   for key in ("rank_loss", "mlm_loss", "discrimination_loss", "correction_loss")}
         changed_f1_base = totals["predicted_changed"] + totals["changed"]
         metrics.update({
             "tags_rank_acc": share("rank_correct", "rank_pairs"),
@@ -226,7 +294,7 @@ class TagsTrainer:
 
     def _heldout(self, epoch: int, matching_heads, heldout_split) -> dict:
         source = self.heldout_source
-        if source is None or not source.eligible or self.options.heldout_captions == 0:
+        if source is None or not source.eligible or self.options.heldout_captions == 0 or not self.word_heads:
             return {}
         rows_random = torch.Generator().manual_seed(derived_seed(self.seed, "heldout-rows"))
         chosen = torch.randperm(len(source.eligible), generator=rows_random)[:self.options.heldout_captions]
@@ -234,7 +302,9 @@ class TagsTrainer:
         random = torch.Generator().manual_seed(derived_seed(self.seed, "heldout", epoch))
         pool = self._pool(source, rows, matching_heads, heldout_split, random, 1, 2)
         image = self._image_embedding(matching_heads, heldout_split, pool.rows.cpu())
-        return {f"tags_{key}": value for key, value in word_level_metrics(self.heads, pool, image).items()}
+        with torch.no_grad():
+            table = self.word_table(matching_heads)
+        return {f"tags_{key}": value for key, value in word_level_metrics(self.heads, pool, image, table).items()}
 
     @torch.no_grad()
     def _append_examples(self, epoch: int, matching_heads, split) -> None:

@@ -127,6 +127,10 @@ def _train_and_evaluate(run: RunState, splits: dict[str, FeatureSplit], swap_tes
     started = time.perf_counter()
     timing = dict.fromkeys(TIMING_SECTIONS, 0.0)
     row = {"epoch": epoch, "sampler": config.sampler, "seed": config.seed}
+    if run.tags and epoch == 0:  # a run resumes only after an epoch: epoch 0 is always a fresh start
+        pretrain_metrics, pretrain_timing = run.tags.pretrain(run.heads, splits["train"], splits["val"])
+        row.update(pretrain_metrics)
+        timing.update(pretrain_timing)
     row.update(train_one_epoch(run, splits["train"], epoch, timing))
     if run.tags:
         tags_metrics, tags_timing = run.tags.finish_epoch(epoch, run.heads, splits["train"], splits["val"])

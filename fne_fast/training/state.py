@@ -81,7 +81,8 @@ class RunState:
         self.tags = None
         if config.tags is not None:
             self.tags = make_trainer(config.tags, texts, train_split, seed=config.seed, device=self.device,
-                                     joint_dim=config.joint_dim, lr=config.lr, progress=not config.quiet)
+                                     joint_dim=config.joint_dim, lr=config.lr, progress=not config.quiet,
+                                     cache_dir=config.cache_dir)
         self.next_epoch = 0
         self.step = 0
         self.history: list[dict] = []
