@@ -20,6 +20,7 @@ import torch
 from fne_fast.tags.filtering import CandidateFilter, normalise
 from fne_fast.tags.lexicon import KIND_PART_OF_SPEECH, Lexicon, inflect_like
 from fne_fast.tags.spans import SPAN_KINDS
+from fne_fast.tags.swap import swap_positions
 from fne_fast.tags.synonyms import Synonyms
 from fne_fast.tags.vocab import Vocabulary
 
@@ -43,37 +44,33 @@ def build_unseen_swaps(parsed, captions, caption_image, image_group, vocabulary:
     random = torch.Generator().manual_seed(seed)
     fallback = {kind: _common_words(lexicons[pos], vocabulary) for kind, pos in KIND_PART_OF_SPEECH.items()}
     rows, kinds, texts = [], [], []
-    for row, caption in enumerate(parsed):
-        for kind_index, kind in enumerate(SPAN_KINDS):
-            spans = [span for span in caption.spans if span.kind == kind]
-            if not spans:
+    for row, caption, kind_index, position in swap_positions(parsed, random):
+        kind = SPAN_KINDS[kind_index]
+        word, lemma = caption.words[position], caption.lemmas[position].lower()
+        lexicon = lexicons[KIND_PART_OF_SPEECH[kind]]
+        if lemma not in lexicon.synsets and word.lower() not in lexicon.synsets:
+            continue
+        siblings = [candidate for candidate in lexicon.siblings(lemma if lemma in lexicon.synsets
+                                                                else word.lower())
+                    if vocabulary.id(candidate) == 0]
+        pool, weights = (siblings, torch.ones(len(siblings), dtype=torch.float64)) if siblings else (
+            fallback[kind][0], fallback[kind][1].clone())
+        for _ in range(_ATTEMPTS):
+            if not weights.sum() > 0:
+                break
+            pick = int(torch.multinomial(weights, 1, generator=random))
+            weights[pick] = 0.0
+            new = inflect_like(word, lemma, pool[pick])
+            if vocabulary.id(new) != 0 or synonyms.same_meaning(word, lemma, new, pool[pick]):
                 continue
-            position = spans[int(torch.randint(len(spans), (), generator=random))].positions[-1]
-            word, lemma = caption.words[position], caption.lemmas[position].lower()
-            lexicon = lexicons[KIND_PART_OF_SPEECH[kind]]
-            if lemma not in lexicon.synsets and word.lower() not in lexicon.synsets:
-                continue
-            siblings = [candidate for candidate in lexicon.siblings(lemma if lemma in lexicon.synsets
-                                                                    else word.lower())
-                        if vocabulary.id(candidate) == 0]
-            pool, weights = (siblings, torch.ones(len(siblings), dtype=torch.float64)) if siblings else (
-                fallback[kind][0], fallback[kind][1].clone())
-            for _ in range(_ATTEMPTS):
-                if not weights.sum() > 0:
-                    break
-                pick = int(torch.multinomial(weights, 1, generator=random))
-                weights[pick] = 0.0
-                new = inflect_like(word, lemma, pool[pick])
-                if vocabulary.id(new) != 0 or synonyms.same_meaning(word, lemma, new, pool[pick]):
-                    continue
-                replacements = {position: (new, pool[pick])}
-                text = caption.replaced({position: new})
-                if (checker.reason_to_drop(row, caption, replacements, text, set()) is None
-                        and not checker.is_positive(row, caption, replacements, text)):
-                    rows.append(row)
-                    kinds.append(kind_index)
-                    texts.append(text)
-                    break
+            replacements = {position: (new, pool[pick])}
+            text = caption.replaced({position: new})
+            if (checker.reason_to_drop(row, caption, replacements, text, set()) is None
+                    and not checker.is_positive(row, caption, replacements, text)):
+                rows.append(row)
+                kinds.append(kind_index)
+                texts.append(text)
+                break
     return rows, kinds, texts
 
 

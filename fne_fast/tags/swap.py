@@ -1,5 +1,5 @@
-"""The swap tests. The ``vocab`` family is the one-word-swap test: for each caption and each kind of span it has (object, attribute, relation), the
-caption with one word of one such span replaced. ``swap_acc`` is the share of (image, caption, swapped caption)
+"""The swap tests. The ``vocab`` family is the one-word-swap test: for each caption and each kind of span it has
+(object, attribute, relation), the caption with one word of one such span replaced. ``swap_acc`` is the share of (image, caption, swapped caption)
 triples where the matcher scores the true caption higher (ties count as misses).
 
 The set is fixed: the span and the replacement are drawn with a fixed seed, replacements of a kind from the
@@ -64,32 +64,38 @@ class SwapSet:
         return {"caption": self.caption, "kind": self.kind, "texts": self.texts, "features": self.features}
 
 
+def swap_positions(parsed, random: torch.Generator):
+    """(row, caption, kind index, position) for each caption and each kind of span it has: one span of the kind
+    drawn with ``random``, and its last word (the head noun of "skin tone")."""
+    for row, caption in enumerate(parsed):
+        for kind_index, kind in enumerate(SPAN_KINDS):
+            spans = [span for span in caption.spans if span.kind == kind]
+            if spans:
+                chosen = spans[int(torch.randint(len(spans), (), generator=random))]
+                yield row, caption, kind_index, chosen.positions[-1]
+
+
 def build_swaps(parsed, captions, caption_image, image_group, vocabulary: Vocabulary, synonyms: Synonyms,
                 seed: int = SWAP_SEED) -> tuple[list[int], list[int], list[str]]:
     """(caption rows, kind indices, swapped texts) of a split's captions."""
     checker = CandidateFilter(captions, caption_image, image_group, synonyms)
     random = torch.Generator().manual_seed(seed)
     rows, kinds, texts = [], [], []
-    for row, caption in enumerate(parsed):
-        for kind_index, kind in enumerate(SPAN_KINDS):
-            spans = [span for span in caption.spans if span.kind == kind]
-            if not spans:
-                continue
-            position = spans[int(torch.randint(len(spans), (), generator=random))].positions[-1]
-            weights = vocabulary.kind_counts[kind].clone()
-            for _ in range(_ATTEMPTS):
-                if not weights.sum() > 0:
-                    break
-                word_id = int(torch.multinomial(weights, 1, generator=random))
-                weights[word_id] = 0.0
-                replacements = {position: (vocabulary.words[word_id], vocabulary.lemmas[word_id])}
-                text = caption.replaced({position: vocabulary.words[word_id]})
-                if (checker.reason_to_drop(row, caption, replacements, text, set()) is None
-                        and not checker.is_positive(row, caption, replacements, text)):
-                    rows.append(row)
-                    kinds.append(kind_index)
-                    texts.append(text)
-                    break
+    for row, caption, kind_index, position in swap_positions(parsed, random):
+        weights = vocabulary.kind_counts[SPAN_KINDS[kind_index]].clone()
+        for _ in range(_ATTEMPTS):
+            if not weights.sum() > 0:
+                break
+            word_id = int(torch.multinomial(weights, 1, generator=random))
+            weights[word_id] = 0.0
+            replacements = {position: (vocabulary.words[word_id], vocabulary.lemmas[word_id])}
+            text = caption.replaced({position: vocabulary.words[word_id]})
+            if (checker.reason_to_drop(row, caption, replacements, text, set()) is None
+                    and not checker.is_positive(row, caption, replacements, text)):
+                rows.append(row)
+                kinds.append(kind_index)
+                texts.append(text)
+                break
     return rows, kinds, texts
 
 
