@@ -20,7 +20,7 @@ import torch
 from fne_fast.tags.filtering import CandidateFilter, normalise
 from fne_fast.tags.lexicon import KIND_PART_OF_SPEECH, Lexicon, inflect_like
 from fne_fast.tags.spans import SPAN_KINDS
-from fne_fast.tags.swap import swap_positions
+from fne_fast.tags.swap import is_negative_swap, swap_positions
 from fne_fast.tags.synonyms import Synonyms
 from fne_fast.tags.vocab import Vocabulary
 
@@ -65,8 +65,7 @@ def build_unseen_swaps(parsed, captions, caption_image, image_group, vocabulary:
                 continue
             replacements = {position: (new, pool[pick])}
             text = caption.replaced({position: new})
-            if (checker.reason_to_drop(row, caption, replacements, text, set()) is None
-                    and not checker.is_positive(row, caption, replacements, text)):
+            if is_negative_swap(checker, row, caption, replacements, text):
                 rows.append(row)
                 kinds.append(kind_index)
                 texts.append(text)

@@ -70,11 +70,12 @@ def random_refills(vocabulary: Vocabulary, kinds: list[str], samples: int, rando
     in the training captions (uniformly over the known words for a kind no word fills), never the unknown word."""
     uniform = torch.ones(len(vocabulary), dtype=torch.float64)
     uniform[UNKNOWN] = 0.0
-    weights = {kind: counts if counts.sum() > 0 else uniform for kind, counts in vocabulary.kind_counts.items()}
-    drawn = torch.zeros(len(kinds), samples, dtype=torch.int64)
-    for row, kind in enumerate(kinds):
-        drawn[row] = torch.multinomial(weights[kind], samples, replacement=True, generator=random)
-    return drawn
+    names = list(vocabulary.kind_counts)
+    weights = torch.stack([counts if counts.sum() > 0 else uniform for counts in vocabulary.kind_counts.values()])
+    if not kinds:
+        return torch.zeros(0, samples, dtype=torch.int64)
+    rows = torch.tensor([names.index(kind) for kind in kinds])
+    return torch.multinomial(weights[rows], samples, replacement=True, generator=random)
 
 
 def _grouped(owner: list[int], size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,13 +79,14 @@ def pretrain_generator(logits_of, parameters, train: MaskedWords, train_image: t
     from fne_fast.tags.heads import word_loss
 
     optimizer = torch.optim.Adam(parameters, lr=lr)
+    device = train_image.device
+    states, targets = train.states.to(device), train.targets.to(device)
     known = torch.nonzero(train.targets != UNKNOWN).flatten()
     for _ in range(epochs):
-        order = known[torch.randperm(known.numel(), generator=random)]
+        order = known[torch.randperm(known.numel(), generator=random)].to(device)
         for start in range(0, order.numel(), batch_size):
-            batch = order[start:start + batch_size].to(train_image.device)
-            loss = word_loss(logits_of(train.states.to(train_image.device)[batch], train_image[batch]),
-                             train.targets.to(train_image.device)[batch])
+            batch = order[start:start + batch_size]
+            loss = word_loss(logits_of(states[batch], train_image[batch]), targets[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

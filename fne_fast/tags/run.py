@@ -18,7 +18,7 @@ from fne_fast.tags.report import EXAMPLES_NAME
 from fne_fast.tags.spans import MissingSpacyError
 from fne_fast.tags.lexicon import load_lexicon
 from fne_fast.tags.prior import BigramPrior
-from fne_fast.tags.swap import (SWAP_FAMILIES, SWAP_KEYS, SwapSet, cached_swap_set, family_suffix, swap_accuracy,
+from fne_fast.tags.swap import (SWAP_FAMILIES, SWAP_KEYS, SwapSet, accuracy_by_kind, cached_swap_set, family_suffix,
                                 swap_wins)
 from fne_fast.tags.synonyms import load_synonyms
 from fne_fast.tags.trainer import TagsTrainer
@@ -88,7 +88,7 @@ class SwapEvaluation:
                 continue
             outcomes[f"swap_won{suffix}"] = won.cpu()
             if family == "vocab":
-                metrics.update(swap_accuracy(image, text, swapped, swap_set, caption_image))
+                metrics.update(accuracy_by_kind(won, swap_set))
             metrics[f"swap_blind_acc{suffix}"] = _percent(swap_wins(blind, text, swapped, swap_set, caption_image))
             metrics[f"swap_prior_acc{suffix}"] = _percent(self.prior_wins[family])
         return metrics, outcomes

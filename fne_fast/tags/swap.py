@@ -31,6 +31,7 @@ from fne_fast.tags.synonyms import Synonyms
 from fne_fast.tags.vocab import Vocabulary
 
 __all__ = ["SwapSet", "build_swaps", "build_family", "cached_swap_set", "swap_wins", "swap_accuracy",
+           "accuracy_by_kind", "is_negative_swap", "swap_positions",
            "family_suffix", "SWAP_FAMILIES", "SWAP_KEYS", "SWAP_SEED"]
 
 SWAP_SEED = 20211  # fixed: every run of a data set is scored on the same swaps
@@ -64,6 +65,12 @@ class SwapSet:
         return {"caption": self.caption, "kind": self.kind, "texts": self.texts, "features": self.features}
 
 
+def is_negative_swap(checker: CandidateFilter, row: int, caption, replacements: dict, text: str) -> bool:
+    """Whether a swap is kept: the generator's filter keeps it and the positive check does not flag it."""
+    return (checker.reason_to_drop(row, caption, replacements, text, set()) is None
+            and not checker.is_positive(row, caption, replacements, text))
+
+
 def swap_positions(parsed, random: torch.Generator):
     """(row, caption, kind index, position) for each caption and each kind of span it has: one span of the kind
     drawn with ``random``, and its last word (the head noun of "skin tone")."""
@@ -90,8 +97,7 @@ def build_swaps(parsed, captions, caption_image, image_group, vocabulary: Vocabu
             weights[word_id] = 0.0
             replacements = {position: (vocabulary.words[word_id], vocabulary.lemmas[word_id])}
             text = caption.replaced({position: vocabulary.words[word_id]})
-            if (checker.reason_to_drop(row, caption, replacements, text, set()) is None
-                    and not checker.is_positive(row, caption, replacements, text)):
+            if is_negative_swap(checker, row, caption, replacements, text):
                 rows.append(row)
                 kinds.append(kind_index)
                 texts.append(text)
@@ -165,8 +171,12 @@ def swap_accuracy(image: torch.Tensor, text: torch.Tensor, swapped: torch.Tensor
                   caption_image: torch.Tensor) -> dict[str, float | None]:
     """Percent of triples won by the true caption, overall and per kind (``swap_wins``'s arguments; None where
     there is no triple)."""
-    won = swap_wins(image, text, swapped, swap_set, caption_image)
-    kind = swap_set.kind.to(text.device)
+    return accuracy_by_kind(swap_wins(image, text, swapped, swap_set, caption_image), swap_set)
+
+
+def accuracy_by_kind(won: torch.Tensor, swap_set: SwapSet) -> dict[str, float | None]:
+    """``swap_accuracy`` from the per-triple outcomes ``won`` [S] bool."""
+    kind = swap_set.kind.to(won.device)
     result = {"swap_acc": 100.0 * won.double().mean().item() if won.numel() else None}
     for index, name in enumerate(SPAN_KINDS):
         selected = won[kind == index]
