@@ -20,13 +20,29 @@ import torch
 from fne_fast.tags.filtering import CandidateFilter, normalise
 from fne_fast.tags.lexicon import KIND_PART_OF_SPEECH, Lexicon, inflect_like
 from fne_fast.tags.spans import SPAN_KINDS
-from fne_fast.tags.swap import is_negative_swap, swap_positions
 from fne_fast.tags.synonyms import Synonyms
 from fne_fast.tags.vocab import Vocabulary
 
-__all__ = ["build_unseen_swaps", "build_exchange_swaps"]
+__all__ = ["build_unseen_swaps", "build_exchange_swaps", "is_negative_swap", "swap_positions"]
 
 _ATTEMPTS = 20  # replacements tried per (caption, kind) before giving that kind up
+
+
+def is_negative_swap(checker: CandidateFilter, row: int, caption, replacements: dict, text: str) -> bool:
+    """Whether a swap is kept: the generator's filter keeps it and the positive check does not flag it."""
+    return (checker.reason_to_drop(row, caption, replacements, text, set()) is None
+            and not checker.is_positive(row, caption, replacements, text))
+
+
+def swap_positions(parsed, random: torch.Generator):
+    """(row, caption, kind index, position) for each caption and each kind of span it has: one span of the kind
+    drawn with ``random``, and its last word (the head noun of "skin tone")."""
+    for row, caption in enumerate(parsed):
+        for kind_index, kind in enumerate(SPAN_KINDS):
+            spans = [span for span in caption.spans if span.kind == kind]
+            if spans:
+                chosen = spans[int(torch.randint(len(spans), (), generator=random))]
+                yield row, caption, kind_index, chosen.positions[-1]
 
 
 def _common_words(lexicon: Lexicon, vocabulary: Vocabulary) -> tuple[list[str], torch.Tensor]:

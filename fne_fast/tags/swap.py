@@ -26,12 +26,14 @@ from fne_fast.data.features import stack_batches
 from fne_fast.io import atomic_save
 from fne_fast.models import text_encoder_version
 from fne_fast.tags.filtering import CandidateFilter
+from fne_fast.tags.heldout_swaps import build_exchange_swaps, build_unseen_swaps, is_negative_swap, swap_positions
+from fne_fast.tags.lexicon import KIND_PART_OF_SPEECH
 from fne_fast.tags.spans import SPAN_KINDS
 from fne_fast.tags.synonyms import Synonyms
 from fne_fast.tags.vocab import Vocabulary
 
 __all__ = ["SwapSet", "build_swaps", "build_family", "cached_swap_set", "swap_wins", "swap_accuracy",
-           "accuracy_by_kind", "is_negative_swap", "swap_positions",
+           "accuracy_by_kind",
            "family_suffix", "SWAP_FAMILIES", "SWAP_KEYS", "SWAP_SEED"]
 
 SWAP_SEED = 20211  # fixed: every run of a data set is scored on the same swaps
@@ -65,23 +67,6 @@ class SwapSet:
         return {"caption": self.caption, "kind": self.kind, "texts": self.texts, "features": self.features}
 
 
-def is_negative_swap(checker: CandidateFilter, row: int, caption, replacements: dict, text: str) -> bool:
-    """Whether a swap is kept: the generator's filter keeps it and the positive check does not flag it."""
-    return (checker.reason_to_drop(row, caption, replacements, text, set()) is None
-            and not checker.is_positive(row, caption, replacements, text))
-
-
-def swap_positions(parsed, random: torch.Generator):
-    """(row, caption, kind index, position) for each caption and each kind of span it has: one span of the kind
-    drawn with ``random``, and its last word (the head noun of "skin tone")."""
-    for row, caption in enumerate(parsed):
-        for kind_index, kind in enumerate(SPAN_KINDS):
-            spans = [span for span in caption.spans if span.kind == kind]
-            if spans:
-                chosen = spans[int(torch.randint(len(spans), (), generator=random))]
-                yield row, caption, kind_index, chosen.positions[-1]
-
-
 def build_swaps(parsed, captions, caption_image, image_group, vocabulary: Vocabulary, synonyms: Synonyms,
                 seed: int = SWAP_SEED) -> tuple[list[int], list[int], list[str]]:
     """(caption rows, kind indices, swapped texts) of a split's captions."""
@@ -109,9 +94,6 @@ def build_family(family: str, texts, vocabulary: Vocabulary, synonyms: Synonyms,
                  lexicon_loader) -> tuple[list[int], list[int], list[str]]:
     """(caption rows, kind indices, swapped texts) of one family over a split's ``SplitTexts``;
     ``lexicon_loader(part_of_speech)`` gives a ``fne_fast.tags.lexicon.Lexicon`` (``unseen`` only)."""
-    from fne_fast.tags.heldout_swaps import build_exchange_swaps, build_unseen_swaps
-    from fne_fast.tags.lexicon import KIND_PART_OF_SPEECH
-
     seed = SWAP_SEED + SWAP_FAMILIES.index(family)
     common = (texts.parsed, texts.captions, texts.caption_image, texts.image_group)
     if family == "vocab":
