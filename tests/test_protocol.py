@@ -169,6 +169,37 @@ def test_tags_arms_follow_the_tags_flag():
         with_tags_arms(arms, "yes")
 
 
+def test_tags_arms_carry_their_own_tags_options():
+    from fne_fast.experiments.compare import _run_config
+    from fne_fast.tags.options import TagsOptions
+    from fne_fast.training.config import TrainConfig
+
+    ablation = parse_arm("fne:fn_tau=inf+tags:refill=random,share-text-head=false")
+    assert ablation.options == {"fn_tau": math.inf} and ablation.tags
+    assert ablation.tags_options == {"refill": "random", "share_text_head": False}
+    assert ablation.name == "fne:fn_tau=inf+tags:refill=random,share_text_head=False"
+    assert parse_arm(ablation.name) == ablation
+    assert ablation.folder == "fne_fn_tau-inf+tags_refill-random_share_text_head-False"
+    base = TrainConfig(tags=TagsOptions(margin=0.3))
+    config = _run_config(base, ablation, 2, "out")
+    assert config.tags == TagsOptions(margin=0.3, refill="random", share_text_head=False) and config.seed == 2
+    assert _run_config(base, parse_arm("fne+tags"), 2, "out").tags == base.tags
+    assert _run_config(base, parse_arm("fne"), 2, "out").tags is None
+    # --tags both adds the arm without and with TAGS-DC; an arm written with +tags stays as written, once.
+    arms = with_tags_arms([parse_arm("fne"), ablation], "both")
+    assert [arm.name for arm in arms] == ["fne", "fne+tags", ablation.name]
+    with pytest.raises(ValueError, match="need TAGS-DC on"):
+        Arm("fne", tags_options={"refill": "random"})
+
+
+@pytest.mark.parametrize("text,message", [("fne+tags:nope=1", "FIELD one of"), ("fne+tagsy", "expected \\+tags"),
+                                          ("fne+tags:refill=sometimes", "refill"),
+                                          ("fne+tags:margin=-1", "margin")])
+def test_bad_tags_arms_name_the_problem(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_arm(text)
+
+
 @pytest.mark.parametrize("text,message", [("bogus", "sampler must be one of"), ("fne:tau", "FIELD=VALUE"),
                                           ("fne:mode=hardest", "FIELD one of"), ("fne:fn_margin=2", "fn_margin"),
                                           ("fne:prior_k=x", "prior_k expects float")])

@@ -143,7 +143,9 @@ def build_parser(preset_name: str | None = None) -> argparse.ArgumentParser:
                          metavar="SAMPLER[:FIELD=VALUE,...]",
                          help=f"the arms: a sampler ({', '.join(SAMPLERS)}) or a preset (@{', @'.join(PRESETS)}), "
                               "optionally with sampler options or loss settings of its own, e.g. fne:fn_tau=inf or "
-                              "fne:relative_cut=0.95,inbatch_weight=1 (default: every sampler)")
+                              "fne:relative_cut=0.95,inbatch_weight=1, and +tags for TAGS-DC beside it, itself "
+                              "optionally with TAGS-DC options of its own, e.g. fne+tags:refill=random "
+                              "(default: every sampler)")
     compare.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     compare.add_argument("--baseline", nargs="+", default=None, metavar="ARM",
                          help="the arm every other is paired with (default inbatch-hardest when it is compared, "

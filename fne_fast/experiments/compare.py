@@ -3,9 +3,11 @@
 An *arm* is a sampler with optional changes to the sampler's options and to the loss settings
 (``fne_fast.training.presets.ARM_SETTINGS``), written ``SAMPLER[:FIELD=VALUE,...]`` (``fne``, ``fne:fn_tau=inf``,
 ``fne:relative_cut=0.95,inbatch_weight=1``), or a preset ``@NAME[:FIELD=VALUE,...]`` (``@recommended``), and
-``+tags`` at the end for TAGS-DC beside the sampler (``fne+tags``; ``--tags on|both`` adds it to every arm).
-Every arm is trained with every seed into ``OUT/<arm>-seed<seed>``; a run that is finished is not trained again and an interrupted one resumes from its last
-checkpoint, so an interrupted comparison redoes only what is missing. Then:
+``+tags`` at the end for TAGS-DC beside the sampler (``fne+tags``; ``--tags on|both`` adds it to every arm), itself
+with changes to the TAGS-DC options (``fne+tags:refill=random``, ``fne+tags:share_text_head=false``: the ablations
+paired against full TAGS-DC in one comparison).
+Every arm is trained with every seed into ``OUT/<arm>-seed<seed>``; a run that is finished is not trained again
+and an interrupted one resumes from its last checkpoint, so an interrupted comparison redoes only what is missing. Then:
 
 * each run is reported at its best-validation epoch (``fne_fast.training.model_selection``), beside its last
   epoch;
@@ -33,6 +35,7 @@ from fne_fast.runs.artifacts import read_best_test_ranks
 from fne_fast.runs.folder import RunFolder, RunInterrupted
 from fne_fast.sampling import distributed
 from fne_fast.sampling.loss import SAMPLERS
+from fne_fast.tags.options import TagsOptions
 from fne_fast.tags.swap import SWAP_FAMILIES, SWAP_KEYS, family_suffix
 from fne_fast.training.data import load_splits
 from fne_fast.training.evaluate import group_precision_from_ranks
@@ -60,7 +63,8 @@ _BANK_DIAGNOSTIC_KEYS = ("top1pct_fn_rate", "race_per_anchor", "bayes_share_race
 @dataclass(frozen=True)
 class Arm:
     """One compared setting: a sampler, the sampler options and loss settings it changes (``changes``: those the
-    arm's text wrote, for its name), whether TAGS-DC trains beside it, and the preset it started from."""
+    arm's text wrote, for its name), whether TAGS-DC trains beside it and which of its options it changes, and the
+    preset it started from."""
 
     sampler: str
     options: dict = field(default_factory=dict)
@@ -68,13 +72,20 @@ class Arm:
     settings: dict = field(default_factory=dict)
     preset: str | None = None
     changes: tuple = ()
+    tags_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.tags_options and not self.tags:
+            raise ValueError(f"{self.sampler}: TAGS-DC options {self.tags_options} need TAGS-DC on (+tags)")
 
     @property
     def name(self) -> str:
         written = self.changes if self.preset else (*self.options.items(), *self.settings.items())
-        changes = ",".join(f"{key}={_format_value(value)}" for key, value in written)
         head = f"@{self.preset}" if self.preset else self.sampler
-        return (f"{head}:{changes}" if changes else head) + (_TAGS_SUFFIX if self.tags else "")
+        name = f"{head}:{_joined(written)}" if written else head
+        if not self.tags:
+            return name
+        return name + _TAGS_SUFFIX + (f":{_joined(self.tags_options.items())}" if self.tags_options else "")
 
     @property
     def folder(self) -> str:
@@ -86,12 +97,36 @@ def _format_value(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _joined(changes) -> str:
+    return ",".join(f"{key}={_format_value(value)}" for key, value in changes)
+
+
+def _parse_changes(text: str, changes: str, fields: dict) -> list[tuple[str, object]]:
+    """``FIELD=VALUE,...`` -> [(field, value)] over ``fields`` ({name: dataclass field}); ValueError naming the
+    arm's text otherwise."""
+    written = []
+    for change in filter(None, changes.split(",")):
+        name, equals, value = change.partition("=")
+        name = name.strip().replace("-", "_")
+        item = fields.get(name)
+        if not equals or item is None:
+            raise ValueError(f"{text!r}: expected FIELD=VALUE with FIELD one of {tuple(fields)}, got {change!r}")
+        try:
+            written.append((name, parse_option_text(item, value.strip())))
+        except ValueError as error:
+            raise ValueError(f"{text!r}: {name} {error}") from None
+    return written
+
+
 def parse_arm(text: str) -> Arm:
-    """``SAMPLER[:FIELD=VALUE,...][+tags]`` or ``@PRESET[:FIELD=VALUE,...][+tags]`` -> Arm; FIELD is a
-    ``SamplerOptions`` field (``fn_tau`` or ``fn-tau``) other than ``mode``, or a loss setting (``ARM_SETTINGS``).
-    Raises ValueError naming what is wrong."""
-    tags = text.endswith(_TAGS_SUFFIX)
-    head, _, changes = text[:len(text) - len(_TAGS_SUFFIX)].partition(":") if tags else text.partition(":")
+    """``SAMPLER[:FIELD=VALUE,...][+tags[:FIELD=VALUE,...]]`` or ``@PRESET[:FIELD=VALUE,...][+tags...]`` -> Arm;
+    FIELD is a ``SamplerOptions`` field (``fn_tau`` or ``fn-tau``) other than ``mode``, or a loss setting
+    (``ARM_SETTINGS``); after ``+tags``, a ``TagsOptions`` field. Raises ValueError naming what is wrong."""
+    text_before_tags, tags_marker, tags_text = text.partition(_TAGS_SUFFIX)
+    tags = bool(tags_marker)
+    if tags and tags_text and not tags_text.startswith(":"):
+        raise ValueError(f"{text!r}: expected +tags or +tags:FIELD=VALUE,... at the end, got +tags{tags_text}")
+    head, _, changes = text_before_tags.partition(":")
     if head.startswith("@"):
         try:
             chosen = preset(head[1:])
@@ -105,31 +140,25 @@ def parse_arm(text: str) -> Arm:
                          f"{tuple(PRESETS)}), got {head!r}")
     option_fields = {option.name: option for option in sampler_flag_fields()}
     setting_fields = {item.name: item for item in dataclasses.fields(TrainConfig) if item.name in ARM_SETTINGS}
-    written = []
-    for change in filter(None, changes.split(",")):
-        name, equals, value = change.partition("=")
-        name = name.strip().replace("-", "_")
-        item = option_fields.get(name) or setting_fields.get(name)
-        if not equals or item is None:
-            raise ValueError(f"{text!r}: expected FIELD=VALUE with FIELD one of "
-                             f"{(*option_fields, *setting_fields)}, got {change!r}")
-        try:
-            parsed = parse_option_text(item, value.strip())
-        except ValueError as error:
-            raise ValueError(f"{text!r}: {name} {error}") from None
-        (options if name in option_fields else settings)[name] = parsed
-        written.append((name, parsed))
+    written = _parse_changes(text, changes, {**option_fields, **setting_fields})
+    for name, value in written:
+        (options if name in option_fields else settings)[name] = value
+    tags_options = dict(_parse_changes(text, tags_text[1:], {item.name: item for item in TagsOptions.fields()}))
     if head.startswith("@"):
-        return Arm(sampler, options, tags, settings, head[1:], tuple(written))
-    return Arm(sampler, options, tags, settings)
+        return Arm(sampler, options, tags, settings, head[1:], tuple(written), tags_options)
+    return Arm(sampler, options, tags, settings, tags_options=tags_options)
 
 
 def with_tags_arms(arms: list[Arm], tags: str) -> list[Arm]:
     """The arms of ``--tags``: ``off`` as given, ``on`` each with TAGS-DC, ``both`` each without and with it."""
     if tags not in ("off", "on", "both"):
         raise ValueError(f"--tags: expected off, on or both, got {tags!r}")
-    variants = {"off": (None,), "on": (True,), "both": (False, True)}[tags]
-    return [arm if variant is None else dataclasses.replace(arm, tags=variant) for arm in arms for variant in variants]
+    if tags == "off":
+        return list(arms)
+    variants = {"on": (True,), "both": (False, True)}[tags]
+    # An arm that already has TAGS-DC (+tags, perhaps with its own options) is kept as written.
+    return [arm if arm.tags else dataclasses.replace(arm, tags=variant) for arm in arms for variant in variants
+            if not (arm.tags and not variant)]
 
 
 def _run_config(base, arm: Arm, seed: int, out: str):
@@ -138,7 +167,7 @@ def _run_config(base, arm: Arm, seed: int, out: str):
         raise ValueError(f"{arm.name}: the base configuration has no TAGS-DC options (build it with tags=True)")
     return dataclasses.replace(base, sampler=arm.sampler, seed=seed, out=os.path.join(out, f"{arm.folder}-seed{seed}"),
                                resume=True, options=base.options.replace(**arm.options),
-                               tags=base.tags if arm.tags else None, **arm.settings)
+                               tags=base.tags.replace(**arm.tags_options) if arm.tags else None, **arm.settings)
 
 
 def _run_record(history: list[dict], seed: int, folder: str) -> dict:
@@ -240,6 +269,7 @@ def _results(base, arms, seeds, out, baselines, histories, test_split, command, 
             runs.append(record)
         summary = {key: _mean_std([run[key] for run in runs]) for key in runs[0] if key not in ("seed", "folder")}
         results["arms"].append({"name": arm.name, "sampler": arm.sampler, "tags": arm.tags,
+                                "tags_options": arm.tags_options,
                                 "options": _run_config(base, arm, seeds[0], out).options.as_kwargs(),
                                 "settings": {name: getattr(_run_config(base, arm, seeds[0], out), name)
                                              for name in ARM_SETTINGS},

@@ -95,3 +95,7 @@ class TagsOptions:
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field, ...]:
         return flag_fields(cls)
+
+    def replace(self, **changes) -> "TagsOptions":
+        """A copy with ``changes``, checked like any other."""
+        return dataclasses.replace(self, **changes)
