@@ -33,19 +33,27 @@ def _config(dataset, out, **overrides):
                                           **overrides})
 
 
+_EXPORT = "negatives.jsonl"
+
+
 @pytest.fixture(scope="module")
 def whole_run(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole")
-    return out, train(_config(dataset, out))
+    return out, train(_config(dataset, out, tags_export=str(out / _EXPORT)))
 
 
 def test_resume_with_tags_reproduces_an_uninterrupted_run_exactly(dataset, whole_run, tmp_path):
     whole, history = whole_run
+    export = tmp_path / "export" / _EXPORT
     for epochs in (1, 2, 3):
-        resumed = train(_config(dataset, tmp_path, epochs=epochs, resume=epochs > 1))
+        resumed = train(_config(dataset, tmp_path, epochs=epochs, resume=epochs > 1, tags_export=str(export)))
+        if epochs == 2:  # as if the run had stopped after writing epoch 2's lines and before its checkpoint
+            with open(export, "a", encoding="utf-8") as stream:
+                stream.write('{"epoch": 2, "sentence": "a stale line"}\n')
     assert resumed == history
     assert read_jsonl(tmp_path / METRICS_NAME) == read_jsonl(whole / METRICS_NAME)
     assert (tmp_path / "examples.md").read_text() == (whole / "examples.md").read_text()
+    assert export.read_text() == (whole / _EXPORT).read_text()
     first = read_checkpoint(str(whole / CHECKPOINT_NAME))
     second = read_checkpoint(str(tmp_path / CHECKPOINT_NAME))
     for part in ("heads",):
@@ -72,6 +80,54 @@ def test_tags_run_logs_losses_accuracies_swap_and_examples(whole_run):
     # Every synthetic sentence shown has at least one changed word, struck through beside its replacement.
     shown = [line for line in examples.splitlines() if line.startswith("  - ")]
     assert shown and all("**" in line and "~~" in line for line in shown)
+
+
+def test_export_holds_every_kept_sentence_with_the_matchers_scores(dataset, whole_run):
+    import fne_fast
+    from fne_fast.data import load_raw_split
+
+    out, history = whole_run
+    records = read_jsonl(out / _EXPORT)
+    assert [sum(record["epoch"] == epoch for record in records) for epoch in range(3)] == [
+        row["tags_pool"]["kept"] for row in history]
+    raw = load_raw_split("albef-json", "train", **dataset["options"])
+    for record in records:
+        assert record["caption"] == raw.captions[record["row"]]
+        assert record["image"] == raw.image_names[raw.caption_image[record["row"]]]
+        # The sentence differs from its caption by its changed words, each inside one of the caption's spans.
+        assert record["changes"] and record["sentence"] != record["caption"]
+        for change in record["changes"]:
+            assert change["original"] != change["new"] and change["new"] in record["sentence"]
+            assert any(change["position"] in span["positions"] for span in record["spans"])
+            assert change["original"] in [word for span in record["spans"] for word in span["words"]]
+    # Ranks order each caption's sentences by score, 0 the hardest.
+    last = [record for record in records if record["epoch"] == 2]
+    by_row = {}
+    for record in last:
+        by_row.setdefault(record["row"], []).append(record)
+    for group in by_row.values():
+        ordered = sorted(group, key=lambda record: record["rank"])
+        assert [record["rank"] for record in ordered] == list(range(len(group)))
+        assert all(a["score"] >= b["score"] for a, b in zip(ordered, ordered[1:]))
+    # The last epoch's scores are the trained matcher's (its latest checkpoint), on the sentence and the caption.
+    matcher = fne_fast.load_matcher(out / CHECKPOINT_NAME)
+    sample = last[:6]
+    paths = [os.path.join(dataset["root"], record["image"]) for record in sample]
+    images = matcher.encode_images(paths)
+    sentences = matcher.encode_texts([record["sentence"] for record in sample])
+    captions = matcher.encode_texts([record["caption"] for record in sample])
+    expected = torch.tensor([[record["score"], record["caption_score"]] for record in sample])
+    measured = torch.stack([(images * sentences).sum(dim=1), (images * captions).sum(dim=1)], dim=1)
+    assert torch.allclose(measured, expected, atol=1e-4), (measured, expected)
+
+
+def test_export_needs_tags_and_a_file(dataset, tmp_path):
+    from fne_fast.errors import UsageError
+
+    with pytest.raises(UsageError, match="--tags-export: .*add --tags"):
+        _config(dataset, tmp_path, tags=None, tags_export=str(tmp_path / _EXPORT))
+    with pytest.raises(UsageError, match="--tags-export: .* is a folder"):
+        train(_config(dataset, tmp_path / "run", tags_export=str(tmp_path)))
 
 
 def test_every_run_has_the_swap_test(dataset, tmp_path):

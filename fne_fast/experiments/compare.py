@@ -49,8 +49,9 @@ __all__ = ["Arm", "parse_arm", "with_tags_arms", "check_arms", "pairings", "comp
 
 RESULTS_JSON, RESULTS_MD, COMPARE_PNG = "results.json", "results.md", "compare.png"
 # The TrainConfig fields a comparison sets for each of its runs (the arm's sampler, the seed, the run's folder
-# inside the comparison's, always resumable): they are not settings of the comparison itself.
-PER_RUN_FIELDS = ("sampler", "seed", "out", "resume")
+# inside the comparison's, always resumable), and one it leaves unset (a single file that every run would write):
+# they are not settings of the comparison itself.
+PER_RUN_FIELDS = ("sampler", "seed", "out", "resume", "tags_export")
 _TAGS_SUFFIX = "+tags"
 # The best-validation epoch's test recalls, and what the sampler did in the last epoch (training-time rates and
 # the bank diagnostics of fne_fast.training.diagnostics).

@@ -11,7 +11,7 @@ from fne_fast.tags.heads import TagsHeads
 from fne_fast.tags.pool import SyntheticPool
 from fne_fast.tags.vocab import UNKNOWN
 
-__all__ = ["word_level_metrics", "examples_section", "EXAMPLES_NAME"]
+__all__ = ["word_level_metrics", "examples_section", "export_records", "EXAMPLES_NAME"]
 
 EXAMPLES_NAME = "examples.md"
 # Characters that would start emphasis, code, links, tables or HTML inside a list item.
@@ -79,3 +79,30 @@ def examples_section(epoch: int, pool: SyntheticPool, scores: torch.Tensor, pars
                          f"(score {float(scores[candidate]):.3f})")
         shown += 1
     return "\n".join(lines) + "\n"
+
+
+def export_records(epoch: int, pool: SyntheticPool, scores: torch.Tensor, caption_scores: torch.Tensor, parsed,
+                   captions: list[str], image_names: list[str], caption_image: list[int]) -> list[dict]:
+    """One JSON-ready record per kept synthetic sentence of the epoch's pool: its caption (training row, text,
+    image, spans), the sentence, its changed words, and the matcher's scores at the end of the epoch (of the
+    sentence and of the caption, ``scores`` [K] and ``caption_scores`` [P]) with the sentence's rank among its
+    caption's (0: the hardest)."""
+    records = []
+    for position in range(pool.rows.numel()):
+        start, number = int(pool.candidate_start[position]), int(pool.candidate_count[position])
+        row = int(pool.rows[position])
+        ranked = sorted(range(start, start + number), key=lambda candidate: -float(scores[candidate]))
+        rank_of = {candidate: rank for rank, candidate in enumerate(ranked)}
+        caption = parsed[row]
+        spans = [{"kind": span.kind, "positions": list(span.positions),
+                  "words": [caption.words[index] for index in span.positions]} for span in caption.spans]
+        for candidate in range(start, start + number):
+            records.append({
+                "epoch": epoch, "row": row, "caption": captions[row],
+                "image": image_names[caption_image[row]] if image_names else caption_image[row],
+                "sentence": pool.texts[candidate],
+                "changes": [{"position": index, "original": original, "new": new}
+                            for index, original, new in pool.changes[candidate]],
+                "spans": spans, "score": float(scores[candidate]), "caption_score": float(caption_scores[position]),
+                "rank": rank_of[candidate], "possible_positive": bool(pool.candidate_positive[candidate])})
+    return records

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
 import torch
 
 from fne_fast.data.features import default_cache_dir
+from fne_fast.errors import UsageError
 from fne_fast.io import atomic_write_text
 from fne_fast.models import shared_text_encoder, text_encoder_version, text_trunk, trunk_version
 from fne_fast.tags.corpus import Corpus
@@ -23,7 +25,7 @@ from fne_fast.tags.swap import (SWAP_FAMILIES, SWAP_KEYS, SwapSet, accuracy_by_k
 from fne_fast.tags.synonyms import load_synonyms
 from fne_fast.tags.trainer import TagsTrainer
 
-__all__ = ["text_corpus", "run_texts", "SwapEvaluation", "make_trainer", "write_examples"]
+__all__ = ["text_corpus", "run_texts", "SwapEvaluation", "make_trainer", "write_examples", "write_export"]
 
 _TEXT_DIM = 384  # MiniLM's width: the word states' width
 
@@ -113,7 +115,7 @@ def _source(texts, synonyms) -> CaptionSource:
 
 
 def make_trainer(options, corpus: Corpus | None, train_split, *, seed: int, device, joint_dim: int, lr: float,
-                 progress: bool, cache_dir: str | None = None) -> TagsTrainer:
+                 progress: bool, cache_dir: str | None = None, export: bool = False) -> TagsTrainer:
     """The TAGS-DC trainer of a run; ``train_split`` is the training ``FeatureSplit`` the texts must match."""
     if corpus is None:
         raise ValueError("--tags needs caption texts: the 'features' data set has none")
@@ -128,7 +130,7 @@ def make_trainer(options, corpus: Corpus | None, train_split, *, seed: int, devi
                        text_encoder=lambda: shared_text_encoder(str(device)),
                        captions=train.captions, image_names=train.image_names, caption_image=train.caption_image,
                        cache_dir=cache_dir or default_cache_dir(), encoder_version=text_encoder_version(),
-                       dataset=corpus.dataset, progress=progress)
+                       dataset=corpus.dataset, progress=progress, export=export)
 
 
 def write_examples(out: str, trainer: TagsTrainer) -> None:
@@ -137,3 +139,24 @@ def write_examples(out: str, trainer: TagsTrainer) -> None:
                       "# Synthetic negatives (TAGS-DC)\n\nEach caption with its hardest synthetic sentences under the "
                       "model at the end of the epoch; changed words in bold, the replaced word struck through.\n\n"
                       + "\n".join(trainer.examples))
+
+
+def write_export(path: str, epoch: int, records: list[dict]) -> None:
+    """``--tags-export``: the file's records of the epochs before ``epoch`` and then ``records`` (one JSON object per
+    line), written atomically. An epoch trained again after an interruption replaces its earlier lines, and a
+    fresh run (epoch 0) replaces the whole file."""
+    kept = []
+    if epoch > 0 and os.path.exists(path):
+        with open(path, encoding="utf-8") as stream:
+            for line in stream:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise UsageError(f"--tags-export: {path} holds a line that is not JSON; it is not this run's "
+                                     "export (choose another file)") from None
+                if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                    raise UsageError(f"--tags-export: {path} holds a line without an epoch; it is not this run's "
+                                     "export (choose another file)")
+                if record["epoch"] < epoch:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_text(path, "".join(kept) + "".join(json.dumps(record) + "\n" for record in records))

@@ -17,7 +17,7 @@ from fne_fast.tags.heads import TagsHeads, discrimination_loss, synthetic_rankin
 from fne_fast.tags.options import TagsOptions
 from fne_fast.tags.pool import CaptionSource, SyntheticPool, build_pool
 from fne_fast.tags.pretrain import cached_masked_words, cached_word_embeddings, pretrain_generator, top1_accuracy
-from fne_fast.tags.report import examples_section, word_level_metrics
+from fne_fast.tags.report import examples_section, export_records, word_level_metrics
 from fne_fast.tags.vocab import UNKNOWN, Vocabulary
 
 __all__ = ["TagsTrainer", "derived_seed", "STEP_SUMS"]
@@ -60,10 +60,11 @@ class TagsTrainer:
     def __init__(self, options: TagsOptions, *, seed: int, device, joint_dim: int, word_dim: int, lr: float,
                  vocabulary: Vocabulary, train: CaptionSource, heldout: CaptionSource | None, text_encoder,
                  captions: list[str], image_names: list[str], caption_image: list[int], cache_dir: str,
-                 encoder_version: str, dataset: str, progress: bool = False):
+                 encoder_version: str, dataset: str, progress: bool = False, export: bool = False):
         """``text_encoder``: a zero-argument callable returning the frozen ``TextEncoder`` (loaded on first use;
         ``encoder_version`` names it in cache keys); ``captions``, ``image_names``, ``caption_image``: the training
-        split's, for examples.md; ``cache_dir``: where the masked words and word embeddings are cached."""
+        split's, for examples.md; ``cache_dir``: where the masked words and word embeddings are cached; ``export``:
+        keep each epoch's kept synthetic sentences as records (``epoch_records``, for ``--tags-export``)."""
         self.options, self.seed, self.device, self.progress = options, seed, torch.device(device), progress
         self.vocabulary, self.train_source, self.heldout_source = vocabulary, train, heldout
         self.text_encoder = text_encoder
@@ -80,6 +81,7 @@ class TagsTrainer:
                                    tied_dim=joint_dim if options.share_text_head else None).to(self.device)
         self.optimizer = torch.optim.Adam(self.heads.parameters(), lr=lr)
         self.examples: list[str] = []
+        self.export, self.epoch_records = export, []
         self.pool: SyntheticPool | None = None
 
     # --- checkpoint ---------------------------------------------------------------------------------------------
@@ -289,7 +291,7 @@ class TagsTrainer:
                                               if counts["generated"] else None),
             "tags_pool": dict(counts)})
         metrics.update(self._heldout(epoch, matching_heads, heldout_split))
-        self._append_examples(epoch, matching_heads, split)
+        self._describe_epoch(epoch, matching_heads, split)
         return metrics, {"tags_finish_seconds": time.perf_counter() - started}
 
     def _heldout(self, epoch: int, matching_heads, heldout_split) -> dict:
@@ -307,10 +309,16 @@ class TagsTrainer:
         return {f"tags_{key}": value for key, value in word_level_metrics(self.heads, pool, image, table).items()}
 
     @torch.no_grad()
-    def _append_examples(self, epoch: int, matching_heads, split) -> None:
+    def _describe_epoch(self, epoch: int, matching_heads, split) -> None:
+        """Appends the epoch's examples.md section and, when exporting, sets ``epoch_records``."""
         pool = self.pool
         image = self._image_embedding(matching_heads, split, pool.rows.cpu())
         scores = (image[pool.candidate_owner] * matching_heads.text_head(pool.candidates.embeddings)).sum(dim=1)
         self.examples = self.examples[:epoch] + [examples_section(
             epoch, pool, scores.cpu(), self.train_source.parsed, self.captions, self.image_names,
             self.caption_image, self.options.examples, self.options.keep)]
+        if self.export:
+            captions = matching_heads.text_head(split.text_features[pool.rows.cpu()].to(self.device))
+            self.epoch_records = export_records(epoch, pool, scores.cpu(), (image * captions).sum(dim=1).cpu(),
+                                                self.train_source.parsed, self.captions, self.image_names,
+                                                self.caption_image)

@@ -29,7 +29,7 @@ __all__ = ["TrainConfig", "BANK_DTYPES", "RESUMABLE_FIELDS", "PER_PROCESS_FIELDS
 # The banks store what the op reads: its embedding dtypes, by name.
 BANK_DTYPES = {dtype_name(dtype): dtype for dtype in EMBEDDING_DTYPES}
 # Settings that may differ between a run and its resumption without changing its numbers.
-RESUMABLE_FIELDS = ("epochs", "resume", "out", "cache_dir", "plots", "quiet")
+RESUMABLE_FIELDS = ("epochs", "resume", "out", "cache_dir", "plots", "quiet", "tags_export")
 # Not compared directly on resume: the global batch, batch_size × processes, is.
 PER_PROCESS_FIELDS = ("batch_size",)
 
@@ -133,10 +133,15 @@ class TrainConfig:
                                                                     "~/.cache/fne_fast)")
     plots: bool = option(True, check_bool, "plots of each run (compare draws compare.png either way)")
     quiet: bool = option(False, check_bool, "no progress bars")
+    tags_export: str | None = option(None, check_text(optional=True),
+                                     "write TAGS-DC's kept synthetic negatives of every epoch to this JSONL file: "
+                                     "each with its caption, spans, changed words and scores (needs --tags)")
 
     def __post_init__(self):
         for item, value, problem in field_problems(self):
             raise UsageError(f"{flag_name(item.name)}: {problem}, got {value!r}")
+        if self.tags_export is not None and self.tags is None:
+            raise UsageError("--tags-export: writes TAGS-DC's synthetic negatives; add --tags")
         if self.finetune and self.dataset == "features":
             raise UsageError("--finetune: --dataset features holds precomputed features, with no backbone to train")
         if self.finetune and self.tags is not None:

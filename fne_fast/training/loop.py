@@ -32,7 +32,7 @@ from fne_fast.runs.artifacts import METRICS_NAME, TIMING_NAME, keep_best, remove
 from fne_fast.runs.checkpoint import save_checkpoint
 from fne_fast.runs.folder import RunFolder, RunLockedError
 from fne_fast.sampling import distributed
-from fne_fast.tags.run import run_texts, write_examples
+from fne_fast.tags.run import run_texts, write_examples, write_export
 from fne_fast.training.config import TrainConfig
 from fne_fast.training.data import check_features, load_splits
 from fne_fast.training.diagnostics import epoch_diagnostics
@@ -175,6 +175,8 @@ class _RunFiles:
 
     def write_epoch(self, state: dict, ranks: dict[str, torch.Tensor], epoch: int) -> None:
         with self.folder.critical():  # a signal now takes effect once the epoch's files are all written
+            if self.run.tags and self.run.config.tags_export:  # first: an epoch trained again rewrites its lines
+                write_export(self.run.config.tags_export, epoch, self.run.tags.epoch_records)
             if is_best_so_far(self.run.history):
                 keep_best(self.out, state, ranks, epoch)
             save_checkpoint(self.out, state)

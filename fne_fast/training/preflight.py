@@ -85,6 +85,10 @@ def check_run_settings(config, *, reads_data: bool = True) -> None:
     device = check_device(config.device)
     _check_backend(config.backend, device)
     _check_writable_folder("--out", config.out)
+    if config.tags_export:
+        if os.path.isdir(config.tags_export):
+            raise UsageError(f"--tags-export: {config.tags_export} is a folder; name the JSONL file to write")
+        _check_writable_folder("--tags-export", os.path.dirname(os.path.abspath(config.tags_export)))
     if not reads_data:
         return
     if config.dataset != "features" or config.cache_dir:
