@@ -154,12 +154,11 @@ def with_tags_arms(arms: list[Arm], tags: str) -> list[Arm]:
     """The arms of ``--tags``: ``off`` as given, ``on`` each with TAGS-DC, ``both`` each without and with it."""
     if tags not in ("off", "on", "both"):
         raise ValueError(f"--tags: expected off, on or both, got {tags!r}")
-    if tags == "off":
-        return list(arms)
-    variants = {"on": (True,), "both": (False, True)}[tags]
-    # An arm that already has TAGS-DC (+tags, perhaps with its own options) is kept as written.
-    return [arm if arm.tags else dataclasses.replace(arm, tags=variant) for arm in arms for variant in variants
-            if not (arm.tags and not variant)]
+    variants = {"off": (), "on": (True,), "both": (False, True)}[tags]
+    # An arm written with +tags (perhaps with its own TAGS-DC options) is kept as written, as is every arm under off.
+    return [variant for arm in arms
+            for variant in ([arm] if arm.tags or not variants else
+                            [dataclasses.replace(arm, tags=tagged) for tagged in variants])]
 
 
 def _run_config(base, arm: Arm, seed: int, out: str):

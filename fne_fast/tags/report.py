@@ -58,6 +58,12 @@ def _marked(text_words: list[str], spaces: tuple[str, ...], changes) -> str:
     return "".join(word + space for word, space in zip(words, spaces))
 
 
+def _ranked(pool: SyntheticPool, scores: torch.Tensor, position: int) -> list[int]:
+    """The candidates of pool caption ``position``, hardest (highest score) first."""
+    start, number = int(pool.candidate_start[position]), int(pool.candidate_count[position])
+    return sorted(range(start, start + number), key=lambda candidate: -float(scores[candidate]))
+
+
 def examples_section(epoch: int, pool: SyntheticPool, scores: torch.Tensor, parsed, captions: list[str],
                      image_names: list[str], caption_image: list[int], count: int, per_caption: int) -> str:
     """Markdown for one epoch: the first ``count`` pool captions, each with its ``per_caption`` hardest synthetic
@@ -67,13 +73,12 @@ def examples_section(epoch: int, pool: SyntheticPool, scores: torch.Tensor, pars
     for position in range(pool.rows.numel()):
         if shown == count:
             break
-        start, number = int(pool.candidate_start[position]), int(pool.candidate_count[position])
-        if number == 0:
+        ranked = _ranked(pool, scores, position)
+        if not ranked:
             continue
         row = int(pool.rows[position])
         name = image_names[caption_image[row]] if image_names else str(caption_image[row])
         lines.append(f"- {_escape(captions[row])} (image {_escape(name)})")
-        ranked = sorted(range(start, start + number), key=lambda candidate: -float(scores[candidate]))
         for candidate in ranked[:per_caption]:
             lines.append(f"  - {_marked(list(parsed[row].words), parsed[row].spaces, pool.changes[candidate])} "
                          f"(score {float(scores[candidate]):.3f})")
@@ -89,14 +94,13 @@ def export_records(epoch: int, pool: SyntheticPool, scores: torch.Tensor, captio
     caption's (0: the hardest)."""
     records = []
     for position in range(pool.rows.numel()):
-        start, number = int(pool.candidate_start[position]), int(pool.candidate_count[position])
-        row = int(pool.rows[position])
-        ranked = sorted(range(start, start + number), key=lambda candidate: -float(scores[candidate]))
+        ranked = _ranked(pool, scores, position)
         rank_of = {candidate: rank for rank, candidate in enumerate(ranked)}
+        row = int(pool.rows[position])
         caption = parsed[row]
         spans = [{"kind": span.kind, "positions": list(span.positions),
                   "words": [caption.words[index] for index in span.positions]} for span in caption.spans]
-        for candidate in range(start, start + number):
+        for candidate in sorted(ranked):
             records.append({
                 "epoch": epoch, "row": row, "caption": captions[row],
                 "image": image_names[caption_image[row]] if image_names else caption_image[row],

@@ -11,7 +11,7 @@ import torch
 
 from fne_fast.data.features import default_cache_dir
 from fne_fast.errors import UsageError
-from fne_fast.io import atomic_write_text
+from fne_fast.io import atomic_write_text, read_jsonl, write_jsonl
 from fne_fast.models import shared_text_encoder, text_encoder_version, text_trunk, trunk_version
 from fne_fast.tags.corpus import Corpus
 from fne_fast.tags.filtering import CandidateFilter
@@ -145,18 +145,9 @@ def write_export(path: str, epoch: int, records: list[dict]) -> None:
     """``--tags-export``: the file's records of the epochs before ``epoch`` and then ``records`` (one JSON object per
     line), written atomically. An epoch trained again after an interruption replaces its earlier lines, and a
     fresh run (epoch 0) replaces the whole file."""
-    kept = []
-    if epoch > 0 and os.path.exists(path):
-        with open(path, encoding="utf-8") as stream:
-            for line in stream:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UsageError(f"--tags-export: {path} holds a line that is not JSON; it is not this run's "
-                                     "export (choose another file)") from None
-                if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
-                    raise UsageError(f"--tags-export: {path} holds a line without an epoch; it is not this run's "
-                                     "export (choose another file)")
-                if record["epoch"] < epoch:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-    atomic_write_text(path, "".join(kept) + "".join(json.dumps(record) + "\n" for record in records))
+    try:
+        earlier = [record for record in read_jsonl(path) if record["epoch"] < epoch] if epoch > 0 else []
+    except (json.JSONDecodeError, TypeError, KeyError):
+        raise UsageError(f"--tags-export: {path} holds a line that is not an exported record; it is not this run's "
+                         "export (choose another file)") from None
+    write_jsonl(path, earlier + records)
