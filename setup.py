@@ -42,10 +42,9 @@ def _extension():
 
 
 setup(
-    # Every package under fne_fast/, found (not listed: a listed one can be forgotten, as fne_fast.data once was),
-    # and the Triton kernels of the top-level kernels/ folder as fne_fast.kernels.
-    packages=find_packages(include=["fne_fast", "fne_fast.*"]) + ["fne_fast.kernels"],
-    package_dir={"fne_fast.kernels": "kernels"},
+    # Every package under fne_fast/ (the Triton kernels are fne_fast/kernels/), found: a listed one can be
+    # forgotten, as fne_fast.data once was.
+    packages=find_packages(include=["fne_fast", "fne_fast.*"]),
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

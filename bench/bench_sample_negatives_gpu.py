@@ -186,7 +186,7 @@ def triton_options():
 
 
 def sweep_configs(num_rows, dim, bank_dtype):
-    """A few alternatives to the default tiles (kernels/configs.py default_config: 8 warps, no spills on
+    """A few alternatives to the default tiles (fne_fast/kernels/configs.py default_config: 8 warps, no spills on
     sm_90): larger epilogue tiles that spill a little, 4 warps, deeper pipelining. The dry run tries one, to check
     the path. Each is one row of the table; one the device cannot run is recorded with its error."""
     if ARGS.no_sweep:

@@ -5,12 +5,12 @@
     python scripts/triton_resources.py --arch 80 --subset     # a few kernels for another GPU, compile only
 
 Triton compiles each kernel with its bundled ptxas (no driver, no GPU: TRITON_INTERPRET must be unset), and the
-bundled cuobjdump reads the cubin's resource usage: REG (registers per thread), STACK (stack frame bytes per
-thread: where ptxas puts spilled registers, so 0 means no spill) and the shared memory Triton reserves. The
-configurations are the launcher's own (kernels/configs.py default_config, merge_config) for a cover of the inputs that
-select them: each block_k class (one k-step at D = 128 and 256, k-loops at D = 768), each row block at the longest
-list it takes (ROW_BLOCK_LIMITS), the dtypes and the modes, and the merge kernel at row widths the launcher makes.
-The numbers belong to the Triton installed (3.9 in CI; scripts/gpu_check.sh runs this under the GPU image's).
+bundled cuobjdump reads the cubin's resource usage: REG (registers per thread), STACK (stack frame bytes per thread:
+where ptxas puts spilled registers, so 0 means no spill) and the shared memory Triton reserves. The configurations are
+the launcher's own (fne_fast/kernels/configs.py default_config, merge_config) for a cover of the inputs that select
+them: each block_k class (one k-step at D = 128 and 256, k-loops at D = 768), each row block at the longest list it
+takes (ROW_BLOCK_LIMITS), the dtypes and the modes, and the merge kernel at row widths the launcher makes. The numbers
+belong to the Triton installed (3.9 in CI; scripts/gpu_check.sh runs this under the GPU image's).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Compares the Python modules of a built wheel with those of the source tree (fne_fast/ and kernels/, which
-installs as fne_fast.kernels); exits 1, listing the differences, when they disagree."""
+"""Compares the Python modules of a built wheel with those of the source tree (fne_fast/, the Triton
+kernels in fne_fast/kernels/ included); exits 1, listing the differences, when they disagree."""
 
 import os
 import sys
@@ -10,13 +10,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def source_modules() -> set[str]:
     found = set()
-    for folder, package in (("fne_fast", "fne_fast"), ("kernels", "fne_fast/kernels")):
-        for directory, subdirectories, files in os.walk(os.path.join(ROOT, folder)):
-            subdirectories[:] = [name for name in subdirectories if name != "__pycache__"]
-            relative = os.path.relpath(directory, os.path.join(ROOT, folder))
-            for name in files:
-                if name.endswith(".py"):
-                    found.add(os.path.normpath(os.path.join(package, relative, name)).replace(os.sep, "/"))
+    for directory, subdirectories, files in os.walk(os.path.join(ROOT, "fne_fast")):
+        subdirectories[:] = [name for name in subdirectories if name != "__pycache__"]
+        relative = os.path.relpath(directory, ROOT)
+        for name in files:
+            if name.endswith(".py"):
+                found.add(os.path.normpath(os.path.join(relative, name)).replace(os.sep, "/"))
     return found
 
 

@@ -41,7 +41,7 @@ COMPILED_CUDA_KERNEL = torch._C._dispatch_has_kernel_for_dispatch_key(_OPERATOR,
 
 
 def _triton_kernels():
-    """kernels/sample_negatives.py, imported on first use (it imports Triton)."""
+    """fne_fast/kernels/sample_negatives.py, imported on first use (it imports Triton)."""
     return importlib.import_module("fne_fast.kernels.sample_negatives")
 
 

@@ -1,10 +1,10 @@
 """The method's math at run time (docs/DESIGN.md §1), in torch on any device and dtype: the false-negative
 probability, the Bayesian-branch test, the log-weights and the race's masks.
 
-It mirrors csrc/fne_math.h (the C++ and CUDA kernels) and the epilogue of kernels/sample_negatives.py (Triton,
+It mirrors csrc/fne_math.h (the C++ and CUDA kernels) and the epilogue of fne_fast/kernels/sample_negatives.py (Triton,
 which forms the same quantities from the statistics on the device inside its kernel; its Gumbel noise is in
-kernels/jit_helpers.py). The loss's diagnostics, the epoch's bank diagnostics, the plots and the reference oracle
-use these functions; the kernels never call them.
+fne_fast/kernels/jit_helpers.py). The loss's diagnostics, the epoch's bank diagnostics, the plots and the reference
+oracle use these functions; the kernels never call them.
 """
 
 from __future__ import annotations

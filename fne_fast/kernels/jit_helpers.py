@@ -1,4 +1,4 @@
-"""The ``@triton.jit`` device helpers of the sampler's kernels (kernels/sample_negatives.py): the first Philox word,
+"""The ``@triton.jit`` device helpers of the sampler's kernels (sample_negatives.py): the first Philox word,
 the Gumbel noise of a word, order-preserving int32 keys, and the running top-k lists a program keeps in registers.
 
 Philox. The rounds are written out (not ``tl.philox``) because the counter is (column, column >> 32, row, step):

@@ -1,4 +1,4 @@
-"""Tile sizes and launch parameters of the sampler's Triton kernels (kernels/sample_negatives.py), with the register
+"""Tile sizes and launch parameters of the sampler's Triton kernels (sample_negatives.py), with the register
 budgets behind the shipped defaults; scripts/triton_resources.py compiles every shipped configuration for sm_90
 without a GPU, and the GPU benchmark sweeps alternatives to them.
 """

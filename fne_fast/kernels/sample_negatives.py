@@ -14,7 +14,7 @@ Gumbel noise alone beats the list's k-th key T; G decreases in the Philox word, 
 bound per row. Tiles where no pair passes the bound (most of them, once each row has seen many times more
 candidates than a tile holds) skip the logarithms, the weights and the top-k update; the hardest list is skipped
 the same way with one float max per row. Only the Philox words are computed for every pair, and broadcasting
-computes the products of the first rounds once per row or column (kernels/jit_helpers.py).
+computes the products of the first rounds once per row or column (fne_fast/kernels/jit_helpers.py).
 
 Random numbers follow docs/DESIGN.md §2 bit for bit (counter = (global column lo, hi, row_offset + i, step), key =
 seed). The epilogue float math mirrors csrc/fne_math.h with two deliberate substitutes, both within a few float32
@@ -33,10 +33,10 @@ a few ulps even on exactly representable inputs: two logarithms in G and one exp
 5 ulps, 1e-5. Candidates whose float64 keys are closer than that are near-ties that may go either way; the tests
 allow exactly that much on a GPU (``Backend.key_tolerance`` in tests/inputs.py), and identical draws elsewhere.
 
-Tiles. ``default_config`` (kernels/configs.py) picks 8 warps and tiles whose epilogue fits the registers without
+Tiles. ``default_config`` (configs.py) picks 8 warps and tiles whose epilogue fits the registers without
 spilling on sm_90; scripts/triton_resources.py compiles every shipped configuration without a GPU and reports its
 registers, stack (spills) and shared memory, and the test suite fails on any spill. The device helpers (Philox,
-Gumbel noise, the top-k lists in registers) are kernels/jit_helpers.py.
+Gumbel noise, the top-k lists in registers) are jit_helpers.py.
 
 Dispatch. fne_fast/ops/dispatch.py calls :func:`sample_negatives_triton` for ``backend="triton"``, and registers
 it for the CUDA key of ``fne_fast::sample_negatives`` when no compiled CUDA kernel was built, so ``backend="auto"``

@@ -1,7 +1,0 @@
-"""Triton kernels of fne_fast, installed as the subpackage fne_fast.kernels: ``sample_negatives`` (the fused kernel,
-its merge kernel and the host launcher), ``jit_helpers`` (the device helpers they share) and ``configs`` (tile sizes
-and launch parameters, with the register budgets behind the defaults).
-
-Nothing here is imported by ``import fne_fast``: fne_fast/ops/dispatch.py imports kernels/sample_negatives.py (and
-with it Triton) on the Triton kernel's first call.
-"""
