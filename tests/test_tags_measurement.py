@@ -154,6 +154,8 @@ def test_pretraining_learns_the_masked_words_and_not_shuffled_ones():
         pretrain_generator(logits_of, heads.generator.parameters(), words, image, epochs=20, lr=1e-2,
                            random=torch.Generator().manual_seed(1), batch_size=64)
         after = top1_accuracy(logits_of, MaskedWords(states, targets, words.rows), image)
+        # No gradient is left behind for the first training step to add to its own.
+        assert all(parameter.grad is None for parameter in heads.generator.parameters())
         if shuffled:
             assert after < 50.0
         else:

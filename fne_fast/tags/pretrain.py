@@ -90,6 +90,8 @@ def pretrain_generator(logits_of, parameters, train: MaskedWords, train_image: t
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+    # The last batch's gradients would otherwise be added to the first training step's.
+    optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
