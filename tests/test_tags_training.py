@@ -121,6 +121,39 @@ def test_export_holds_every_kept_sentence_with_the_matchers_scores(dataset, whol
     assert torch.allclose(measured, expected, atol=1e-4), (measured, expected)
 
 
+def _tags_run_over_ranks(rank, world_size, config):
+    import torch.distributed as dist
+
+    return train(config, group=dist.group.WORLD)
+
+
+def test_two_processes_follow_one_process_with_the_global_batch(dataset, tmp_path):
+    """TAGS-DC over 2 processes of batch 4 (rank 0 pretrains the generator and builds the pools, every rank adds
+    the same TAGS-DC loss, the TAGS-DC heads' gradients averaged) takes the steps of one process of batch 8: the
+    same pools, losses, accuracies and swap test, to float rounding, and the same exported sentences."""
+    from fne_fast.sampling.launch import results_of, run_in_processes
+    from fne_fast.tags import TagsOptions
+
+    tags = TagsOptions(pool_captions=8, masked_versions=1, samples=3, keep=2, captions_per_step=4,
+                       heldout_captions=4, examples=2, hidden_dim=32, pretrain_epochs=1)
+    one = train(_config(dataset, tmp_path / "one", epochs=2, tags=tags, tags_export=str(tmp_path / "one.jsonl")))
+    two = _config(dataset, tmp_path / "two", epochs=2, batch_size=4, tags=tags,
+                  tags_export=str(tmp_path / "two.jsonl"))
+    histories = results_of(run_in_processes(_tags_run_over_ranks, 2, two, deadline=600))
+    assert histories[0] == histories[1]  # every rank returns rank 0's metrics
+    assert read_jsonl(tmp_path / "two" / METRICS_NAME) == histories[0]
+    for single, sharded in zip(one, histories[0], strict=True):
+        assert sharded.keys() == single.keys() and sharded["tags_pool"] == single["tags_pool"]
+        pretrained = [key for key in ("tags_pretrain_train_top1", "tags_pretrain_val_top1") if key in single]
+        for key in ("loss", "fallback_rate", "tags_rank_loss", "tags_mlm_loss", "tags_discrimination_loss",
+                    "tags_correction_loss", "tags_rank_acc", "tags_mlm_acc", "tags_positive_share", *pretrained):
+            assert sharded[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+        assert sharded["swap_acc"] == pytest.approx(single["swap_acc"], abs=1.0)
+    sentences = [[(record["epoch"], record["row"], record["sentence"]) for record in read_jsonl(path)]
+                 for path in (tmp_path / "one.jsonl", tmp_path / "two.jsonl")]
+    assert sentences[0] and sentences[0] == sentences[1]
+
+
 def test_export_needs_tags_and_a_file(dataset, tmp_path):
     from fne_fast.errors import UsageError
 

@@ -25,7 +25,7 @@ from fne_fast.tags.swap import (SWAP_FAMILIES, SWAP_KEYS, SwapSet, accuracy_by_k
 from fne_fast.tags.synonyms import load_synonyms
 from fne_fast.tags.trainer import TagsTrainer
 
-__all__ = ["text_corpus", "run_texts", "SwapEvaluation", "make_trainer", "write_examples", "write_export"]
+__all__ = ["text_corpus", "run_corpus", "run_texts", "SwapEvaluation", "make_trainer", "write_examples", "write_export"]
 
 _TEXT_DIM = 384  # MiniLM's width: the word states' width
 
@@ -100,13 +100,18 @@ def _percent(won: torch.Tensor) -> float | None:
     return 100.0 * won.double().mean().item() if won.numel() else None
 
 
+def run_corpus(config, *, progress: bool) -> Corpus | None:
+    """A run's caption texts (None for precomputed features), limited like its splits; ``config`` is the run's
+    ``fne_fast.training.TrainConfig``."""
+    return text_corpus(config.dataset, config.data_options, config.cache_dir or default_cache_dir(), config.limit,
+                       progress=progress, eval_limit=config.eval_limit)
+
+
 def run_texts(config, *, progress: bool) -> tuple[Corpus | None, SwapEvaluation]:
-    """A run's caption texts (None for precomputed features), limited like its splits, and its one-word-swap
-    test; ``config`` is the run's ``fne_fast.training.TrainConfig``."""
-    cache_dir = config.cache_dir or default_cache_dir()
-    texts = text_corpus(config.dataset, config.data_options, cache_dir, config.limit, progress=progress,
-                        eval_limit=config.eval_limit)
-    return texts, SwapEvaluation(texts, cache_dir, config.device, progress=progress, finetune=config.finetune)
+    """A run's caption texts (``run_corpus``) and its swap tests."""
+    texts = run_corpus(config, progress=progress)
+    return texts, SwapEvaluation(texts, config.cache_dir or default_cache_dir(), config.device, progress=progress,
+                                 finetune=config.finetune)
 
 
 def _source(texts, synonyms) -> CaptionSource:
@@ -115,8 +120,9 @@ def _source(texts, synonyms) -> CaptionSource:
 
 
 def make_trainer(options, corpus: Corpus | None, train_split, *, seed: int, device, joint_dim: int, lr: float,
-                 progress: bool, cache_dir: str | None = None, export: bool = False) -> TagsTrainer:
-    """The TAGS-DC trainer of a run; ``train_split`` is the training ``FeatureSplit`` the texts must match."""
+                 progress: bool, cache_dir: str | None = None, export: bool = False, group=None) -> TagsTrainer:
+    """The TAGS-DC trainer of a run; ``train_split`` is the training ``FeatureSplit`` the texts must match;
+    ``group``: the run's process group (None: one process)."""
     if corpus is None:
         raise ValueError("--tags needs caption texts: the 'features' data set has none")
     train = corpus["train"]
@@ -130,7 +136,7 @@ def make_trainer(options, corpus: Corpus | None, train_split, *, seed: int, devi
                        text_encoder=lambda: shared_text_encoder(str(device)),
                        captions=train.captions, image_names=train.image_names, caption_image=train.caption_image,
                        cache_dir=cache_dir or default_cache_dir(), encoder_version=text_encoder_version(),
-                       dataset=corpus.dataset, progress=progress, export=export)
+                       dataset=corpus.dataset, progress=progress, export=export, group=group)
 
 
 def write_examples(out: str, trainer: TagsTrainer) -> None:

@@ -4,6 +4,12 @@ weighted TAGS losses of one step, added to the sampler's loss before the backwar
 
 Every random choice is drawn from a ``torch.Generator`` seeded by (run seed, epoch, purpose), and the heads, their
 optimiser and the examples so far are in the checkpoint, so a resumed run reproduces an uninterrupted one.
+
+Under several processes rank 0 alone runs the frozen text backbone: it pretrains the generator, builds each epoch's
+pool and evaluates, and sends the generator, the pool and the word table to the other ranks. A step's TAGS-DC loss
+(a few pool captions, ``captions_per_step``) is then the same on every rank: each computes all of it, DDP's
+averaging leaves the matcher's share of its gradient as it is, and the TAGS-DC heads' gradients are averaged
+(``optimizer_step``), so the ranks' heads stay one model and the run follows one process with the global batch.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import time
 
 import torch
 
+from fne_fast.sampling import distributed
 from fne_fast.tags.heads import TagsHeads, discrimination_loss, synthetic_ranking_loss, word_loss
 from fne_fast.tags.options import TagsOptions
 from fne_fast.tags.pool import CaptionSource, SyntheticPool, build_pool
@@ -60,12 +67,17 @@ class TagsTrainer:
     def __init__(self, options: TagsOptions, *, seed: int, device, joint_dim: int, word_dim: int, lr: float,
                  vocabulary: Vocabulary, train: CaptionSource, heldout: CaptionSource | None, text_encoder,
                  captions: list[str], image_names: list[str], caption_image: list[int], cache_dir: str,
-                 encoder_version: str, dataset: str, progress: bool = False, export: bool = False):
+                 encoder_version: str, dataset: str, progress: bool = False, export: bool = False, group=None):
         """``text_encoder``: a zero-argument callable returning the frozen ``TextEncoder`` (loaded on first use;
         ``encoder_version`` names it in cache keys); ``captions``, ``image_names``, ``caption_image``: the training
         split's, for examples.md; ``cache_dir``: where the masked words and word embeddings are cached; ``export``:
-        keep each epoch's kept synthetic sentences as records (``epoch_records``, for ``--tags-export``)."""
+        keep each epoch's kept synthetic sentences as records (``epoch_records``, for ``--tags-export``);
+        ``group``: the run's process group (None: one process)."""
         self.options, self.seed, self.device, self.progress = options, seed, torch.device(device), progress
+        self.group, self.world_size = group, distributed.world_size(group)
+        self.first = distributed.rank(group) == 0
+        # Rank 0's backbone work (pretraining, a pool) may outlast the steps' collective timeout.
+        self.patient = distributed.patient_group(group)
         self.vocabulary, self.train_source, self.heldout_source = vocabulary, train, heldout
         self.text_encoder = text_encoder
         self.cache_dir, self.encoder_version, self.dataset, self.lr = cache_dir, encoder_version, dataset, lr
@@ -117,6 +129,15 @@ class TagsTrainer:
         options = self.options
         if not self.word_heads or options.pretrain_epochs == 0:
             return {}, {}
+        metrics = self._pretrain_on_first(matching_heads, split, heldout_split) if self.first else {}
+        if self.world_size > 1:
+            self.heads.load_state_dict(distributed.broadcast_from_first(
+                self.heads.state_dict() if self.first else None, self.patient, "the pretrained generator"))
+        return metrics, {"tags_pretrain_seconds": time.perf_counter() - started}
+
+    def _pretrain_on_first(self, matching_heads, split, heldout_split) -> dict:
+        """The pretraining itself (rank 0's, with its backbone); its metrics."""
+        options = self.options
         common = dict(vocabulary=self.vocabulary, text_encoder_loader=self.text_encoder,
                       encoder_version=self.encoder_version, cache_dir=self.cache_dir,
                       mask_probability=options.mask_probability, progress=self.progress)
@@ -136,7 +157,7 @@ class TagsTrainer:
                                           **common)
             heldout_image = self._image_embedding(matching_heads, heldout_split, heldout.rows)
             metrics["tags_pretrain_val_top1"] = top1_accuracy(logits_of, heldout, heldout_image)
-        return metrics, {"tags_pretrain_seconds": time.perf_counter() - started}
+        return metrics
 
     # --- the epoch ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -162,12 +183,23 @@ class TagsTrainer:
         eligible = self.train_source.eligible
         chosen = torch.randperm(len(eligible), generator=random)[:self.options.pool_captions].tolist()
         self.pool = self._pool(self.train_source, [eligible[index] for index in chosen], matching_heads, split,
-                               random, self.options.masked_versions, self.options.samples)
+                               random, self.options.masked_versions, self.options.samples) if self.first else None
+        if self.world_size > 1:
+            self._share_pool()
         self._order_random = torch.Generator().manual_seed(derived_seed(self.seed, "order", epoch))
         self._order: list[int] = []
         self.sums = {key: torch.zeros((), dtype=torch.float64, device=self.device) for key in STEP_SUMS}
         self.steps = 0
         return {"tags_pool_seconds": time.perf_counter() - started}
+
+    def _share_pool(self) -> None:
+        """Rank 0's pool and word table (encoded by its backbone) on every rank."""
+        words = self._word_features
+        pool, words = distributed.broadcast_from_first(
+            (self.pool.to("cpu"), None if words is None else words.cpu()) if self.first else None, self.patient,
+            "the synthetic pool")
+        self.pool = pool.to(self.device)
+        self._word_features = None if words is None else words.to(self.device)
 
     def _step_positions(self, step: int) -> torch.Tensor:
         """Pool positions used at ``step``: consecutive slices of a stream of shuffles of the pool."""
@@ -260,6 +292,13 @@ class TagsTrainer:
         sums["correction_correct"] += ((correction_logits.argmax(dim=1) == originals) & known_originals).sum()
 
     def optimizer_step(self) -> None:
+        if self.world_size > 1:  # the same on every rank up to the order of sums: one average keeps one model
+            gradients = [parameter.grad for parameter in self.heads.parameters() if parameter.grad is not None]
+            if gradients:
+                flat = torch.cat([gradient.reshape(-1) for gradient in gradients])
+                distributed.all_reduce(flat, self.group, "TAGS-DC gradients").div_(self.world_size)
+                for gradient, average in zip(gradients, flat.split([gradient.numel() for gradient in gradients])):
+                    gradient.copy_(average.view_as(gradient))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -290,8 +329,9 @@ class TagsTrainer:
             "tags_positive_share_generated": (100.0 * counts["positive_generated"] / counts["generated"]
                                               if counts["generated"] else None),
             "tags_pool": dict(counts)})
-        metrics.update(self._heldout(epoch, matching_heads, heldout_split))
-        self._describe_epoch(epoch, matching_heads, split)
+        if self.first:  # rank 0 evaluates (with its backbone) and writes the examples and the export
+            metrics.update(self._heldout(epoch, matching_heads, heldout_split))
+            self._describe_epoch(epoch, matching_heads, split)
         return metrics, {"tags_finish_seconds": time.perf_counter() - started}
 
     def _heldout(self, epoch: int, matching_heads, heldout_split) -> dict:

@@ -10,7 +10,8 @@ on resume).
 Under torchrun (``group``: the process group, fne_fast/sampling/distributed.py) each step's global batch of W·B
 pairs is split over the ranks in rank order, the banks are sharded, the heads are wrapped in
 DistributedDataParallel and the loss is the global batch's (fne_fast/sampling/loss.py), so the run follows the data
-order, the negatives and the losses of one process with batch W·B. Rank 0 holds the folder, evaluates and writes
+order, the negatives and the losses of one process with batch W·B. TAGS-DC's pools are built by rank 0 and shared,
+and every rank adds the same TAGS-DC loss (fne_fast/tags/trainer.py). Rank 0 holds the folder, evaluates and writes
 every file.
 """
 
@@ -32,7 +33,7 @@ from fne_fast.runs.artifacts import METRICS_NAME, TIMING_NAME, keep_best, remove
 from fne_fast.runs.checkpoint import save_checkpoint
 from fne_fast.runs.folder import RunFolder, RunLockedError
 from fne_fast.sampling import distributed
-from fne_fast.tags.run import run_texts, write_examples, write_export
+from fne_fast.tags.run import run_corpus, run_texts, write_examples, write_export
 from fne_fast.training.config import TrainConfig
 from fne_fast.training.data import check_features, load_splits
 from fne_fast.training.diagnostics import epoch_diagnostics
@@ -75,9 +76,6 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None, gr
     ``NonFiniteError`` when training diverges, ``RunInterrupted`` on SIGINT / SIGTERM."""
     check_run_settings(config, reads_data=splits is None)
     world_size, first = distributed.world_size(group), distributed.rank(group) == 0
-    if config.tags is not None and world_size > 1:
-        raise UsageError("--tags: TAGS-DC trains in one process (its heads and synthetic pool are not sharded); "
-                         "run it without torchrun")
     if config.bank_size % world_size:
         raise UsageError(f"--bank-size: must divide by the number of processes {world_size}, got {config.bank_size}")
     with _run_folder(config, group, world_size, first) as folder:
@@ -89,10 +87,12 @@ def train(config: TrainConfig, splits: dict[str, FeatureSplit] | None = None, gr
             with distributed.first_rank_first(patient):  # rank 0 fills the feature cache, the others read it
                 splits = load_splits(config)
         check_features(splits)
-        texts, swap_test = None, None  # rank 0 evaluates; TAGS-DC runs in one process
+        texts, swap_test = None, None  # rank 0 evaluates
         with distributed.first_rank_first(patient):  # rank 0 may parse and encode the swap test on a cold cache
             if first:
                 texts, swap_test = run_texts(config, progress=not config.quiet)
+            elif config.tags is not None:  # every rank trains TAGS-DC's heads, reading the parses rank 0 cached
+                texts = run_corpus(config, progress=False)
         run = RunState(config, splits["train"], texts, group)
         run.inputs = {name: split.inputs for name, split in splits.items()}
         checkpoint_digest = ""
@@ -218,7 +218,8 @@ def _agree_on_start(run: RunState, group, checkpoint_digest: str = "") -> None:
     if run.world_size == 1:
         return
     parameters = 0
-    for tensor in run.heads.state_dict().values():
+    tensors = list(run.heads.state_dict().values()) + (list(run.tags.heads.state_dict().values()) if run.tags else [])
+    for tensor in tensors:
         parameters = zlib.crc32(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy(), parameters)
     data = zlib.crc32(json.dumps(run.inputs, sort_keys=True, default=str).encode())
     resumed = zlib.crc32(checkpoint_digest.encode())
