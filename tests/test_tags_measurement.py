@@ -15,11 +15,12 @@ from fne_fast.tags.heads import TagsHeads, word_loss
 from fne_fast.tags.heldout_swaps import build_exchange_swaps, build_unseen_swaps
 from fne_fast.tags.lexicon import Lexicon, inflect_like, load_lexicon
 from fne_fast.tags.pool import random_refills
+from fne_fast.tags.prescore import agreement, estimated_embeddings
 from fne_fast.tags.pretrain import MaskedWords, pretrain_generator, top1_accuracy
 from fne_fast.tags.prior import BigramPrior
 from fne_fast.tags.spans import SPAN_KINDS, ParsedCaption, Span
 from fne_fast.tags.synonyms import Synonyms
-from fne_fast.tags.vocab import UNKNOWN, build_vocabulary
+from fne_fast.tags.vocab import UNKNOWN, Vocabulary, build_vocabulary
 
 
 def _caption(words, spans):
@@ -167,3 +168,35 @@ def test_wordnet_siblings_from_the_debian_files():
     assert "wolf" in load_lexicon("noun").siblings("dog")
     assert "small" in load_lexicon("adj").siblings("big")
     assert "dog" not in load_lexicon("noun").siblings("dog")
+
+
+def test_the_prescore_moves_the_caption_by_the_changed_words_own_embeddings():
+    vocabulary = Vocabulary(["<unk>", "red", "blue", "car"], ["<unk>", "red", "blue", "car"], {})
+    words = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    captions = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    changes = [((0, "red", "blue"),), ((0, "red", "blue"), (2, "car", "Red")), ((1, "red", "bicycle"),)]
+    lengths = torch.tensor([4, 5, 3])
+    estimate = estimated_embeddings(captions, changes, lengths, words, vocabulary)
+    expected = torch.stack([captions[0] + (words[2] - words[1]) / 4,
+                            captions[1] + (words[2] - words[1] + words[1] - words[3]) / 5,
+                            captions[2]])  # a word outside the vocabulary moves nothing
+    assert torch.allclose(estimate, torch.nn.functional.normalize(expected, dim=1), atol=1e-6)
+
+
+def test_prescore_agreement_against_scipy_and_by_hand():
+    random = torch.Generator().manual_seed(2)
+    owner = torch.tensor([0] * 6 + [1] * 5 + [2] * 2)
+    scores = torch.randn(13, generator=random, dtype=torch.float64)
+    prescores = scores + torch.randn(13, generator=random, dtype=torch.float64)
+    measured = agreement(prescores, scores, owner, keep=3)
+    expected = (stats.spearmanr(prescores[:6], scores[:6]).statistic
+                + stats.spearmanr(prescores[6:11], scores[6:11]).statistic) / 2  # caption 2 has too few
+    assert measured["tags_prescore_spearman"] == pytest.approx(expected, abs=1e-12)
+    found = sum(len(set(scores[rows].topk(3).indices.tolist()) & set(prescores[rows].topk(3).indices.tolist()))
+                for rows in (slice(0, 6), slice(6, 11)))
+    assert measured["tags_prescore_recall"] == pytest.approx(100 * found / 6)
+    assert agreement(scores, scores, owner, keep=3) == {"tags_prescore_spearman": pytest.approx(1.0),
+                                                        "tags_prescore_recall": 100.0}
+    reversed_order = agreement(-scores, scores, owner, keep=3)
+    assert reversed_order["tags_prescore_spearman"] == pytest.approx(-1.0)
+    assert reversed_order["tags_prescore_recall"] == pytest.approx(100 * 1 / 6)  # 5 candidates: one in both tops

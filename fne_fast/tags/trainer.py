@@ -23,6 +23,7 @@ from fne_fast.sampling import distributed
 from fne_fast.tags.heads import TagsHeads, discrimination_loss, synthetic_ranking_loss, word_loss
 from fne_fast.tags.options import TagsOptions
 from fne_fast.tags.pool import CaptionSource, SyntheticPool, build_pool
+from fne_fast.tags.prescore import agreement, estimated_embeddings
 from fne_fast.tags.pretrain import cached_masked_words, cached_word_embeddings, pretrain_generator, top1_accuracy
 from fne_fast.tags.report import examples_section, export_records, word_level_metrics
 from fne_fast.tags.vocab import UNKNOWN, Vocabulary
@@ -110,12 +111,14 @@ class TagsTrainer:
     def word_table(self, matching_heads) -> torch.Tensor | None:
         """[V, D] the matcher's text head over each vocabulary word's embedding (tied heads), else None; under
         autograd when the caller is, so the word-level losses train the text head."""
-        if not self.heads.tied:
-            return None
+        return matching_heads.text_head(self._word_embeddings()) if self.heads.tied else None
+
+    def _word_embeddings(self) -> torch.Tensor:
+        """[V, word_dim] the frozen backbone's embedding of each vocabulary word alone (cached)."""
         if self._word_features is None:
             self._word_features = cached_word_embeddings(self.vocabulary, self.text_encoder, self.encoder_version,
                                                          self.cache_dir).to(self.device)
-        return matching_heads.text_head(self._word_features)
+        return self._word_features
 
     def _logits_of(self, head, table):
         return lambda states, image: self.heads.word_logits(head, states, image, table)
@@ -194,7 +197,7 @@ class TagsTrainer:
 
     def _share_pool(self) -> None:
         """Rank 0's pool and word table (encoded by its backbone) on every rank."""
-        words = self._word_features
+        words = self._word_features if self.heads.tied else None  # the other ranks need it for the word logits
         pool, words = distributed.broadcast_from_first(
             (self.pool.to("cpu"), None if words is None else words.cpu()) if self.first else None, self.patient,
             "the synthetic pool")
@@ -331,6 +334,7 @@ class TagsTrainer:
             "tags_pool": dict(counts)})
         if self.first:  # rank 0 evaluates (with its backbone) and writes the examples and the export
             metrics.update(self._heldout(epoch, matching_heads, heldout_split))
+            metrics.update(self._prescore_agreement(matching_heads, split))
             self._describe_epoch(epoch, matching_heads, split)
         return metrics, {"tags_finish_seconds": time.perf_counter() - started}
 
@@ -347,6 +351,19 @@ class TagsTrainer:
         with torch.no_grad():
             table = self.word_table(matching_heads)
         return {f"tags_{key}": value for key, value in word_level_metrics(self.heads, pool, image, table).items()}
+
+    @torch.no_grad()
+    def _prescore_agreement(self, matching_heads, split) -> dict:
+        """How well the cheap pre-score (``fne_fast.tags.prescore``) ranks the epoch's pool as the matcher's real
+        scores do, with the matcher at the end of the epoch."""
+        pool = self.pool
+        image = self._image_embedding(matching_heads, split, pool.rows.cpu())[pool.candidate_owner]
+        real = (image * matching_heads.text_head(pool.candidates.embeddings)).sum(dim=1)
+        captions = split.text_features[pool.rows.cpu()].to(self.device)[pool.candidate_owner]
+        estimate = estimated_embeddings(captions, pool.changes, pool.candidates.lengths, self._word_embeddings(),
+                                        self.vocabulary)
+        prescores = (image * matching_heads.text_head(estimate)).sum(dim=1)
+        return agreement(prescores.cpu(), real.cpu(), pool.candidate_owner.cpu(), self.options.keep)
 
     @torch.no_grad()
     def _describe_epoch(self, epoch: int, matching_heads, split) -> None:
