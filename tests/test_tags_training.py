@@ -2,6 +2,7 @@
 a tiny image-caption data set drawn here (coloured shapes) in the albef-json layout, encoded by the real
 backbones."""
 
+import dataclasses
 import os
 
 import pytest
@@ -152,6 +153,36 @@ def test_two_processes_follow_one_process_with_the_global_batch(dataset, tmp_pat
     sentences = [[(record["epoch"], record["row"], record["sentence"]) for record in read_jsonl(path)]
                  for path in (tmp_path / "one.jsonl", tmp_path / "two.jsonl")]
     assert sentences[0] and sentences[0] == sentences[1]
+
+
+def test_two_stages_train_the_word_heads_from_the_second_at_the_lower_rate(dataset, tmp_path):
+    """Stage 1 (epoch 0) trains the generator but neither the discriminator nor the corrector; stage 2 trains
+    them, with every learning rate halved; a run resumed at the boundary is the uninterrupted one."""
+    from fne_fast.tags.run import text_corpus
+    from fne_fast.training.data import load_splits
+    from fne_fast.training.state import RunState
+
+    config = _config(dataset, tmp_path / "staged", epochs=1)
+    config = dataclasses.replace(config, tags=config.tags.replace(stage2_epoch=1, stage2_lr_scale=0.5))
+    texts = text_corpus("albef-json", dataset["options"], dataset["cache"], None, progress=False)
+    initial = RunState(config, load_splits(config)["train"], texts).tags.heads.state_dict()
+    train(config)
+    after_stage_one = read_checkpoint(str(tmp_path / "staged" / CHECKPOINT_NAME))
+    train(dataclasses.replace(config, epochs=2, resume=True))
+    after_stage_two = read_checkpoint(str(tmp_path / "staged" / CHECKPOINT_NAME))
+
+    def moved(state, part):
+        return any(not torch.equal(value, initial[key]) for key, value in state["tags"]["heads"].items()
+                   if key.startswith(part))
+
+    assert moved(after_stage_one, "generator") and not moved(after_stage_one, "discriminator")
+    assert not moved(after_stage_one, "corrector")
+    assert moved(after_stage_two, "discriminator") and moved(after_stage_two, "corrector")
+    for state, scale in ((after_stage_one, 1.0), (after_stage_two, 0.5)):
+        assert state["optimizer"]["param_groups"][0]["lr"] == config.lr * scale
+        assert state["tags"]["optimizer"]["param_groups"][0]["lr"] == config.lr * scale
+    uninterrupted = train(dataclasses.replace(config, epochs=2, out=str(tmp_path / "whole")))
+    assert read_jsonl(tmp_path / "staged" / METRICS_NAME) == uninterrupted
 
 
 def test_export_needs_tags_and_a_file(dataset, tmp_path):

@@ -79,6 +79,12 @@ class TagsOptions:
     mlm_weight: float = option(0.1, _weight, "weight of the generator's masked-word loss (authors: 0.01-0.1)")
     discrimination_weight: float = option(5e-4, _weight, "weight of the word discrimination loss (authors)")
     correction_weight: float = option(5e-4, _weight, "weight of the word correction loss (authors)")
+    stage2_epoch: int = option(0, _count(0), "the authors' two stages: before this epoch only the synthetic "
+                                              "ranking and masked-word losses train; from it on discrimination "
+                                              "and correction join, at --tags-stage2-lr-scale times every "
+                                              "learning rate (0: one stage)")
+    stage2_lr_scale: float = option(1.0, _positive, "factor on every learning rate (the matcher's and TAGS-DC's "
+                                                    "heads') from --tags-stage2-epoch on")
     train_image_head: bool = option(True, check_bool, "TAGS-DC's losses also train the matcher's image head (as the "
                                                   "authors' heads share UNITER); off: only the text head and "
                                                   "TAGS-DC's own heads learn from them")

@@ -179,9 +179,21 @@ class TagsTrainer:
                           progress=self.progress)
         return pool.to(self.device)
 
+    def second_stage(self, epoch: int) -> bool:
+        """Whether ``epoch`` trains discrimination and correction (the authors' stage 2; every epoch in one stage)."""
+        return epoch >= self.options.stage2_epoch
+
+    def learning_rate_scale(self, epoch: int) -> float:
+        """The factor on every learning rate in ``epoch``: the matcher's (the caller applies it) and TAGS-DC's."""
+        return self.options.stage2_lr_scale if self.second_stage(epoch) else 1.0
+
     def start_epoch(self, epoch: int, matching_heads, split) -> dict[str, float]:
-        """Builds the epoch's pool from the generator as it is now; returns its cost in seconds."""
+        """Builds the epoch's pool from the generator as it is now and sets the stage's learning rate; returns the
+        pool's cost in seconds."""
         started = time.perf_counter()
+        self.epoch = epoch
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * self.learning_rate_scale(epoch)
         random = torch.Generator().manual_seed(derived_seed(self.seed, "pool", epoch))
         eligible = self.train_source.eligible
         chosen = torch.randperm(len(eligible), generator=random)[:self.options.pool_captions].tolist()
@@ -259,9 +271,11 @@ class TagsTrainer:
                   "correction_loss": word_loss(correction_logits, originals)}
         self._add_sums(losses, valid, rank_correct, generator_logits, targets, discrimination_logits, changed,
                        correction_logits, originals, pool.candidate_positive[used])
+        word_losses = (options.discrimination_weight * losses["discrimination_loss"]
+                       + options.correction_weight * losses["correction_loss"])
+        # Stage 1 still scores the words (their metrics), but only ranking and masked words train.
         return (options.rank_weight * losses["rank_loss"] + options.mlm_weight * losses["mlm_loss"]
-                + options.discrimination_weight * losses["discrimination_loss"]
-                + options.correction_weight * losses["correction_loss"])
+                + (word_losses if self.second_stage(self.epoch) else 0.0))
 
     @torch.no_grad()
     def _add_rank_sums(self, rank_loss, valid, rank_correct, used_positive) -> None:

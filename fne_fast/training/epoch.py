@@ -59,6 +59,7 @@ def train_one_epoch(run: RunState, split: FeatureSplit, epoch: int, timing: dict
     mine = slice(run.rank * config.batch_size, (run.rank + 1) * config.batch_size)
     if run.tags:
         timing.update(run.tags.start_epoch(epoch, run.heads, split))
+        run.scale_learning_rates(run.tags.learning_rate_scale(epoch))
     bar = tqdm(order.split(global_batch)[:num_batches], total=num_batches, desc=f"epoch {epoch}", unit="step",
                disable=config.quiet or not run.first, leave=False)
     for batch_number, global_captions in enumerate(bar):

@@ -61,6 +61,7 @@ class RunState:
                                           fused=True if config.finetune else None)
         if config.finetune:
             self.optimizer.add_param_group({"params": self.heads.top_parameters(), "lr": config.backbone_lr})
+        self._learning_rates = [group["lr"] for group in self.optimizer.param_groups]
         # Which pair and step each bank row came from, for the staleness of the rows (tops that train only).
         self.ledger = BankLedger(config.bank_size) if config.finetune else None
         self.image_bank, self.text_bank = (MemoryBank(config.bank_size, config.joint_dim,
@@ -89,6 +90,12 @@ class RunState:
         self.history: list[dict] = []
         self.timing: list[dict] = []  # kept in the checkpoint, so timing.jsonl is rewritten like metrics.jsonl
         self.inputs: dict[str, dict | None] = {}  # each split's record of its source files (runs.fingerprint)
+
+    def scale_learning_rates(self, scale: float) -> None:
+        """Every parameter group's learning rate at ``scale`` times the configured one (a resumed optimiser's stored
+        rates are replaced too)."""
+        for group, rate in zip(self.optimizer.param_groups, self._learning_rates):
+            group["lr"] = rate * scale
 
     @property
     def first(self) -> bool:
