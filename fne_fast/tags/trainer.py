@@ -208,13 +208,14 @@ class TagsTrainer:
         return {"tags_pool_seconds": time.perf_counter() - started}
 
     def _share_pool(self) -> None:
-        """Rank 0's pool and word table (encoded by its backbone) on every rank."""
+        """Rank 0's pool and word table (encoded by its backbone) on the other ranks."""
         words = self._word_features if self.heads.tied else None  # the other ranks need it for the word logits
         pool, words = distributed.broadcast_from_first(
             (self.pool.to("cpu"), None if words is None else words.cpu()) if self.first else None, self.patient,
             "the synthetic pool")
-        self.pool = pool.to(self.device)
-        self._word_features = None if words is None else words.to(self.device)
+        if not self.first:
+            self.pool = pool.to(self.device)
+            self._word_features = None if words is None else words.to(self.device)
 
     def _step_positions(self, step: int) -> torch.Tensor:
         """Pool positions used at ``step``: consecutive slices of a stream of shuffles of the pool."""
