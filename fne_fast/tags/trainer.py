@@ -349,8 +349,9 @@ class TagsTrainer:
             "tags_pool": dict(counts)})
         if self.first:  # rank 0 evaluates (with its backbone) and writes the examples and the export
             metrics.update(self._heldout(epoch, matching_heads, heldout_split))
-            metrics.update(self._prescore_agreement(matching_heads, split))
-            self._describe_epoch(epoch, matching_heads, split)
+            image, scores = self._pool_scores(matching_heads, split)
+            metrics.update(self._prescore_agreement(matching_heads, split, image, scores))
+            self._describe_epoch(epoch, matching_heads, split, image, scores)
         return metrics, {"tags_finish_seconds": time.perf_counter() - started}
 
     def _heldout(self, epoch: int, matching_heads, heldout_split) -> dict:
@@ -368,24 +369,30 @@ class TagsTrainer:
         return {f"tags_{key}": value for key, value in word_level_metrics(self.heads, pool, image, table).items()}
 
     @torch.no_grad()
-    def _prescore_agreement(self, matching_heads, split) -> dict:
-        """How well the cheap pre-score (``fne_fast.tags.prescore``) ranks the epoch's pool as the matcher's real
-        scores do, with the matcher at the end of the epoch."""
-        pool = self.pool
-        image = self._image_embedding(matching_heads, split, pool.rows.cpu())[pool.candidate_owner]
-        real = (image * matching_heads.text_head(pool.candidates.embeddings)).sum(dim=1)
-        captions = split.text_features[pool.rows.cpu()].to(self.device)[pool.candidate_owner]
-        estimate = estimated_embeddings(captions, pool.changes, pool.candidates.lengths, self._word_embeddings(),
-                                        self.vocabulary)
-        prescores = (image * matching_heads.text_head(estimate)).sum(dim=1)
-        return agreement(prescores.cpu(), real.cpu(), pool.candidate_owner.cpu(), self.options.keep)
-
-    @torch.no_grad()
-    def _describe_epoch(self, epoch: int, matching_heads, split) -> None:
-        """Appends the epoch's examples.md section and, when exporting, sets ``epoch_records``."""
+    def _pool_scores(self, matching_heads, split) -> tuple[torch.Tensor, torch.Tensor]:
+        """With the matcher at the end of the epoch: the online image embedding of each pool caption [P, D] and
+        each candidate's score against its caption's image [K]."""
         pool = self.pool
         image = self._image_embedding(matching_heads, split, pool.rows.cpu())
         scores = (image[pool.candidate_owner] * matching_heads.text_head(pool.candidates.embeddings)).sum(dim=1)
+        return image, scores
+
+    @torch.no_grad()
+    def _prescore_agreement(self, matching_heads, split, image: torch.Tensor, scores: torch.Tensor) -> dict:
+        """How well the cheap pre-score (``fne_fast.tags.prescore``) ranks the epoch's pool as the matcher's
+        ``scores`` (``_pool_scores``) do."""
+        pool = self.pool
+        captions = split.text_features[pool.rows.cpu()].to(self.device)[pool.candidate_owner]
+        estimate = estimated_embeddings(captions, pool.changes, pool.candidates.lengths, self._word_embeddings(),
+                                        self.vocabulary)
+        prescores = (image[pool.candidate_owner] * matching_heads.text_head(estimate)).sum(dim=1)
+        return agreement(prescores.cpu(), scores.cpu(), pool.candidate_owner.cpu(), self.options.keep)
+
+    @torch.no_grad()
+    def _describe_epoch(self, epoch: int, matching_heads, split, image: torch.Tensor, scores: torch.Tensor) -> None:
+        """Appends the epoch's examples.md section and, when exporting, sets ``epoch_records`` (``image``,
+        ``scores``: ``_pool_scores``)."""
+        pool = self.pool
         self.examples = self.examples[:epoch] + [examples_section(
             epoch, pool, scores.cpu(), self.train_source.parsed, self.captions, self.image_names,
             self.caption_image, self.options.examples, self.options.keep)]
