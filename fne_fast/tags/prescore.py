@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import torch
 
+from fne_fast.tags.pool import SyntheticPool
 from fne_fast.tags.vocab import UNKNOWN, Vocabulary
 
-__all__ = ["estimated_embeddings", "agreement"]
+__all__ = ["estimated_embeddings", "agreement", "pool_agreement"]
 
 
 def estimated_embeddings(caption_features: torch.Tensor, changes: list[tuple[tuple[int, str, str], ...]],
@@ -64,3 +65,15 @@ def agreement(prescores: torch.Tensor, scores: torch.Tensor, owner: torch.Tensor
             chosen += keep
     return {"tags_prescore_spearman": sum(correlations) / len(correlations) if correlations else None,
             "tags_prescore_recall": 100.0 * found / chosen if chosen else None}
+
+
+@torch.no_grad()
+def pool_agreement(pool: SyntheticPool, image: torch.Tensor, scores: torch.Tensor, caption_features: torch.Tensor,
+                   word_features: torch.Tensor, text_head, vocabulary: Vocabulary, keep: int) -> dict:
+    """``agreement`` over an epoch's pool: ``image`` [P, D] each pool caption's image embedding, ``scores`` [K] the
+    matcher's scores of the real candidates, ``caption_features`` the split's caption embeddings (rows as
+    ``pool.rows``), ``text_head`` the matcher's."""
+    captions = caption_features[pool.rows.cpu()].to(image.device)[pool.candidate_owner]
+    estimate = estimated_embeddings(captions, pool.changes, pool.candidates.lengths, word_features, vocabulary)
+    prescores = (image[pool.candidate_owner] * text_head(estimate)).sum(dim=1)
+    return agreement(prescores.cpu(), scores.cpu(), pool.candidate_owner.cpu(), keep)

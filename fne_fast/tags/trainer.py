@@ -23,7 +23,7 @@ from fne_fast.sampling import distributed
 from fne_fast.tags.heads import TagsHeads, discrimination_loss, synthetic_ranking_loss, word_loss
 from fne_fast.tags.options import TagsOptions
 from fne_fast.tags.pool import CaptionSource, SyntheticPool, build_pool
-from fne_fast.tags.prescore import agreement, estimated_embeddings
+from fne_fast.tags.prescore import pool_agreement
 from fne_fast.tags.pretrain import cached_masked_words, cached_word_embeddings, pretrain_generator, top1_accuracy
 from fne_fast.tags.report import examples_section, export_records, word_level_metrics
 from fne_fast.tags.vocab import UNKNOWN, Vocabulary
@@ -350,7 +350,8 @@ class TagsTrainer:
         if self.first:  # rank 0 evaluates (with its backbone) and writes the examples and the export
             metrics.update(self._heldout(epoch, matching_heads, heldout_split))
             image, scores = self._pool_scores(matching_heads, split)
-            metrics.update(self._prescore_agreement(matching_heads, split, image, scores))
+            metrics.update(pool_agreement(self.pool, image, scores, split.text_features, self._word_embeddings(),
+                                          matching_heads.text_head, self.vocabulary, self.options.keep))
             self._describe_epoch(epoch, matching_heads, split, image, scores)
         return metrics, {"tags_finish_seconds": time.perf_counter() - started}
 
@@ -376,17 +377,6 @@ class TagsTrainer:
         image = self._image_embedding(matching_heads, split, pool.rows.cpu())
         scores = (image[pool.candidate_owner] * matching_heads.text_head(pool.candidates.embeddings)).sum(dim=1)
         return image, scores
-
-    @torch.no_grad()
-    def _prescore_agreement(self, matching_heads, split, image: torch.Tensor, scores: torch.Tensor) -> dict:
-        """How well the cheap pre-score (``fne_fast.tags.prescore``) ranks the epoch's pool as the matcher's
-        ``scores`` (``_pool_scores``) do."""
-        pool = self.pool
-        captions = split.text_features[pool.rows.cpu()].to(self.device)[pool.candidate_owner]
-        estimate = estimated_embeddings(captions, pool.changes, pool.candidates.lengths, self._word_embeddings(),
-                                        self.vocabulary)
-        prescores = (image[pool.candidate_owner] * matching_heads.text_head(estimate)).sum(dim=1)
-        return agreement(prescores.cpu(), scores.cpu(), pool.candidate_owner.cpu(), self.options.keep)
 
     @torch.no_grad()
     def _describe_epoch(self, epoch: int, matching_heads, split, image: torch.Tensor, scores: torch.Tensor) -> None:
