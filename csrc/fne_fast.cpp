@@ -13,9 +13,10 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(fne_fast, m) {
   m.def(
       "sample_negatives(Tensor anchors, Tensor bank, Tensor positive_sim, Tensor anchor_ids, Tensor bank_ids, "
-      "Tensor stats, Tensor? fn_thresholds, int k, str mode, float margin, float tau, float fn_tau, float prior_k, "
-      "float fn_margin, int min_count, bool cutdown, float center_offset, float? relative_cut, int seed, int step, "
-      "int row_offset, int col_offset, int filled, bool check_finite, bool count_above) "
+      "Tensor stats, Tensor? fn_thresholds, Tensor? anchor_guides, Tensor? bank_guides, int k, str mode, "
+      "float margin, float tau, float fn_tau, float prior_k, float fn_margin, int min_count, bool cutdown, "
+      "float center_offset, float? relative_cut, float? guide_threshold, int seed, int step, int row_offset, "
+      "int col_offset, int filled, bool check_finite, bool count_above) "
       "-> (Tensor index, Tensor sim, Tensor valid, Tensor key, Tensor above)");
   // Whether a CPU call with bf16 anchors and bank would take oneDNN's bf16 kernel now (the CPU has avx512_bf16
   // and torch.backends.mkldnn is enabled); tests and benchmarks ask it which path they measure.

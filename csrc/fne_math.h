@@ -29,6 +29,9 @@ struct SamplerConfig {
   int64_t col_offset;
   int64_t filled;
   bool check_finite;
+  // Language guidance: with guides, a pair whose guide similarity is above guide_threshold is excluded.
+  bool has_guides;
+  float guide_threshold;
 };
 
 // Parameters of the log-weight that are the same for every pair of one call, folded on the host so that the

@@ -22,15 +22,54 @@ SamplerMode parse_mode(c10::string_view mode) {
   TORCH_CHECK_VALUE(false, "mode must be one of 'fne', 'hardest', 'uniform', got '", std::string(mode), "'");
 }
 
+// The guide inputs of language guidance: both or neither, and exactly when guide_threshold is given.
+void check_guides(const c10::optional<at::Tensor>& anchor_guides, const c10::optional<at::Tensor>& bank_guides,
+                  c10::optional<double> guide_threshold, int64_t num_rows, int64_t num_cols,
+                  const c10::Device& device) {
+  TORCH_CHECK_VALUE(anchor_guides.has_value() == bank_guides.has_value(),
+                    "anchor_guides and bank_guides must be given together, got only ",
+                    anchor_guides.has_value() ? "anchor_guides" : "bank_guides");
+  TORCH_CHECK_VALUE(!guide_threshold.has_value() || anchor_guides.has_value(),
+                    "guide_threshold needs anchor_guides and bank_guides, which were not given");
+  TORCH_CHECK_VALUE(guide_threshold.has_value() || !anchor_guides.has_value(),
+                    "anchor_guides and bank_guides are read only with guide_threshold, which is None");
+  if (!guide_threshold.has_value()) return;
+  TORCH_CHECK_VALUE(std::isfinite(*guide_threshold), "guide_threshold must be None (off) or finite, got ",
+                    *guide_threshold);
+  const at::Tensor& anchor = *anchor_guides;
+  const at::Tensor& bank = *bank_guides;
+  TORCH_CHECK_VALUE(anchor.dim() == 2 && anchor.size(0) == num_rows, "anchor_guides must have shape [B, Dg] with B = ",
+                    num_rows, ", got ", anchor.sizes());
+  TORCH_CHECK_VALUE(bank.dim() == 2 && bank.size(0) == num_cols, "bank_guides must have shape [N, Dg] with N = ",
+                    num_cols, ", got ", bank.sizes());
+  TORCH_CHECK_VALUE(anchor.size(1) == bank.size(1),
+                    "anchor_guides and bank_guides must have the same guide dimension, got ", anchor.size(1),
+                    " and ", bank.size(1));
+  TORCH_CHECK_TYPE(is_supported_embedding_dtype(anchor.scalar_type()),
+                   "anchor_guides must be float32, bfloat16 or float16, got ", anchor.scalar_type());
+  TORCH_CHECK_TYPE(is_supported_embedding_dtype(bank.scalar_type()),
+                   "bank_guides must be float32, bfloat16 or float16, got ", bank.scalar_type());
+  TORCH_CHECK_TYPE(anchor.scalar_type() == bank.scalar_type() || anchor.scalar_type() == at::kFloat,
+                   "anchor_guides must have bank_guides' dtype or be float32, got anchor_guides ",
+                   anchor.scalar_type(), " and bank_guides ", bank.scalar_type());
+  TORCH_CHECK_VALUE(anchor.device() == device, "anchor_guides must be on the anchors' device ", device, ", got ",
+                    anchor.device());
+  TORCH_CHECK_VALUE(bank.device() == device, "bank_guides must be on the anchors' device ", device, ", got ",
+                    bank.device());
+}
+
 }  // namespace
 
 SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::Tensor& bank,
                                           const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
                                           const at::Tensor& bank_ids, const at::Tensor& stats,
-                                          const c10::optional<at::Tensor>& fn_thresholds, int64_t k,
+                                          const c10::optional<at::Tensor>& fn_thresholds,
+                                          const c10::optional<at::Tensor>& anchor_guides,
+                                          const c10::optional<at::Tensor>& bank_guides, int64_t k,
                                           c10::string_view mode, double margin, double tau, double fn_tau,
                                           double prior_k, double fn_margin, int64_t min_count, bool cutdown,
-                                          double center_offset, c10::optional<double> relative_cut, int64_t seed,
+                                          double center_offset, c10::optional<double> relative_cut,
+                                          c10::optional<double> guide_threshold, int64_t seed,
                                           int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled,
                                           bool check_finite, bool count_above) {
   TORCH_CHECK_VALUE(anchors.dim() == 2, "anchors must be 2-D [B, D], got shape ", anchors.sizes());
@@ -77,6 +116,7 @@ SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::T
     TORCH_CHECK_VALUE(thresholds.device() == device, "fn_thresholds must be on the anchors' device ", device,
                       ", got ", thresholds.device());
   }
+  check_guides(anchor_guides, bank_guides, guide_threshold, num_rows, num_cols, device);
   TORCH_CHECK_VALUE(!count_above || fn_thresholds.has_value(),
                     "count_above counts the candidates above fn_thresholds, which were not given");
   TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
@@ -114,6 +154,8 @@ SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::T
   config.col_offset = col_offset;
   config.filled = filled;
   config.check_finite = check_finite;
+  config.has_guides = guide_threshold.has_value();
+  config.guide_threshold = static_cast<float>(guide_threshold.value_or(0.0));
   return config;
 }
 
@@ -137,22 +179,29 @@ RowInputs row_inputs(const at::Tensor& positive_sim, const c10::optional<at::Ten
 }
 
 at::Tensor non_finite_input_flags(const at::Tensor& anchors, const at::Tensor& positive_sim, const at::Tensor& stats,
-                                  const c10::optional<at::Tensor>& fn_thresholds) {
-  const at::Tensor thresholds_nan = fn_thresholds.has_value() ? at::isnan(*fn_thresholds).any()
-                                                              : at::zeros({}, stats.options().dtype(at::kBool));
+                                  const c10::optional<at::Tensor>& fn_thresholds,
+                                  const c10::optional<at::Tensor>& anchor_guides) {
+  const at::Tensor no = at::zeros({}, stats.options().dtype(at::kBool));
+  const at::Tensor thresholds_nan = fn_thresholds.has_value() ? at::isnan(*fn_thresholds).any() : no;
+  const at::Tensor guides_not_finite =
+      anchor_guides.has_value() ? at::logical_not(at::isfinite(*anchor_guides).all()) : no;
   return at::stack({at::logical_not(at::isfinite(anchors).all()), at::logical_not(at::isfinite(positive_sim).all()),
-                    at::logical_not(at::isfinite(stats).all()), thresholds_nan});
+                    at::logical_not(at::isfinite(stats).all()), thresholds_nan, guides_not_finite});
 }
 
-void raise_if_not_finite(const bool* input_flags, bool bank_similarity_not_finite) {
+void raise_if_not_finite(const bool* input_flags, bool bank_similarity_not_finite, bool guide_similarity_not_finite) {
   const char* suffix = " contains NaN or Inf (pass check_finite=False to skip this check)";
   TORCH_CHECK_VALUE(!input_flags[0], "anchors", suffix);
   TORCH_CHECK_VALUE(!input_flags[1], "positive_sim", suffix);
   TORCH_CHECK_VALUE(!input_flags[2], "stats", suffix);
   TORCH_CHECK_VALUE(!input_flags[3], "fn_thresholds contains NaN (pass check_finite=False to skip this check)");
+  TORCH_CHECK_VALUE(!input_flags[4], "anchor_guides", suffix);
   TORCH_CHECK_VALUE(!bank_similarity_not_finite,
                     "bank contains NaN or Inf (a similarity was not finite; pass check_finite=False to skip this "
                     "check)");
+  TORCH_CHECK_VALUE(!guide_similarity_not_finite,
+                    "bank_guides contains NaN or Inf (a guide similarity was not finite; pass check_finite=False to "
+                    "skip this check)");
 }
 
 int64_t positive_int_from_env(const char* name, int64_t fallback) {

@@ -18,10 +18,13 @@ namespace fne_fast {
 SamplerConfig check_sample_negatives_args(const at::Tensor& anchors, const at::Tensor& bank,
                                           const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
                                           const at::Tensor& bank_ids, const at::Tensor& stats,
-                                          const c10::optional<at::Tensor>& fn_thresholds, int64_t k,
+                                          const c10::optional<at::Tensor>& fn_thresholds,
+                                          const c10::optional<at::Tensor>& anchor_guides,
+                                          const c10::optional<at::Tensor>& bank_guides, int64_t k,
                                           c10::string_view mode, double margin, double tau, double fn_tau,
                                           double prior_k, double fn_margin, int64_t min_count, bool cutdown,
-                                          double center_offset, c10::optional<double> relative_cut, int64_t seed,
+                                          double center_offset, c10::optional<double> relative_cut,
+                                          c10::optional<double> guide_threshold, int64_t seed,
                                           int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled,
                                           bool check_finite, bool count_above);
 
@@ -44,15 +47,18 @@ struct RowInputs {
 RowInputs row_inputs(const at::Tensor& positive_sim, const c10::optional<at::Tensor>& fn_thresholds,
                      double center_offset, c10::optional<double> relative_cut);
 
-// check_finite, shared by every kernel so that the errors read the same: a bool tensor [4] on the inputs' device
-// (no host synchronisation) saying whether anchors, positive_sim and stats hold a NaN or Inf and whether
-// fn_thresholds (when given) holds a NaN ...
-constexpr int kInputFlags = 4;
+// check_finite, shared by every kernel so that the errors read the same: a bool tensor [5] on the inputs' device
+// (no host synchronisation) saying whether anchors, positive_sim and stats hold a NaN or Inf, whether
+// fn_thresholds (when given) holds a NaN and whether anchor_guides (when given) hold a NaN or Inf ...
+constexpr int kInputFlags = 5;
 at::Tensor non_finite_input_flags(const at::Tensor& anchors, const at::Tensor& positive_sim, const at::Tensor& stats,
-                                  const c10::optional<at::Tensor>& fn_thresholds);
+                                  const c10::optional<at::Tensor>& fn_thresholds,
+                                  const c10::optional<at::Tensor>& anchor_guides);
 
-// ... and the errors, in that order, then the bank's (detected inside the pass, from a non-finite similarity).
-void raise_if_not_finite(const bool* input_flags, bool bank_similarity_not_finite);
+// ... and the errors, in that order, then the bank's and the bank guides' (detected inside the pass, from a
+// non-finite similarity or guide similarity of a live pair).
+void raise_if_not_finite(const bool* input_flags, bool bank_similarity_not_finite,
+                         bool guide_similarity_not_finite = false);
 
 // A positive integer from the environment variable `name` (tile and chunk sizes, for tests and tuning), or
 // `fallback` when it is unset or empty; anything else is an error naming the variable.

@@ -31,11 +31,18 @@ def test_tiling_and_threads_do_not_change_draws(monkeypatch, tile_rows, tile_col
     stream_only = sample_inputs(29, 1300, 24, seed=5)
     expected_exact = run_op(exact, k=3, **STEEP)
     expected_stream = run_op(stream_only, k=3, mode="uniform", cutdown=False)
+    # Language guidance's tiles follow the same tiling (bf16 guides: the brgemm path where the CPU has it).
+    guides = {name: tensor.to(torch.bfloat16) for name, tensor in
+              zip(("anchor_guides", "bank_guides"), sample_inputs(29, 1300, 10, kind="exact", seed=6).values())}
+    guided = dict(k=3, guide_threshold=0.0, **guides, **STEEP)
+    expected_guided = run_op(exact, **guided)
     monkeypatch.setenv("FNE_FAST_CPU_TILE_ROWS", str(tile_rows))
     monkeypatch.setenv("FNE_FAST_CPU_TILE_COLS", str(tile_cols))
     torch.set_num_threads(threads)
     assert_same_draws(run_op(exact, k=3, **STEEP), expected_exact)
     assert_same_draws(run_op(stream_only, k=3, mode="uniform", cutdown=False), expected_stream)
+    assert_same_draws(run_op(exact, **guided), expected_guided)
+    assert_same_draws(expected_guided, run_oracle(exact, **guided))
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "many"])
@@ -45,27 +52,34 @@ def test_tile_sizes_from_the_environment_are_checked(monkeypatch, value):
         run_op(sample_inputs(4, 50, 8))
 
 
-@pytest.mark.parametrize("share", [None, 0.02])
-def test_portable_philox_path_gives_the_same_draws(tmp_path, share):
+@pytest.mark.parametrize("share,guided", [(None, False), (0.02, False), (0.02, True)])
+def test_portable_philox_path_gives_the_same_draws(tmp_path, share, guided):
     # The kernel picks its AVX-512 Philox loop once per process; a fresh process with FNE_FAST_CPU_PORTABLE=1
     # runs the portable loop on the same inputs, including columns whose global index crosses 2³², with the
-    # cut-down of the exact inputs and with one that keeps 2 % (both loops then draw per candidate). The child
-    # checks that it runs the portable loop, so a variable the kernel does not read fails here.
+    # cut-down of the exact inputs and with one that keeps 2 % (both loops then draw per candidate), and with
+    # language guidance. The child checks that it runs the portable loop, so a variable the kernel does not read
+    # fails here.
     if torch.ops.fne_fast.cpu_epilogue() == "portable":
         pytest.skip("this process runs the portable epilogue already (no AVX-512F, or FNE_FAST_CPU_PORTABLE set): "
                     "the comparison would be portable against portable")
     inputs = sample_inputs(9, 700, 8, kind="exact", seed=21)
     inputs = inputs if share is None else keeping(inputs, share)
     options = dict(k=3, col_offset=2**32 - 350, **STEEP)
-    torch.save(inputs, tmp_path / "inputs.pt")
-    script = ("import sys, torch, fne_fast; inputs = torch.load(sys.argv[1]); "
+    guides = {}
+    if guided:
+        generator = torch.Generator().manual_seed(5)
+        guides = {name: torch.randint(-4, 5, (rows, 6), generator=generator) / 8.0
+                  for name, rows in (("anchor_guides", 9), ("bank_guides", 700))}
+        options["guide_threshold"] = 0.125
+    torch.save((inputs, guides), tmp_path / "inputs.pt")
+    script = ("import sys, torch, fne_fast; inputs, guides = torch.load(sys.argv[1]); "
               "assert torch.ops.fne_fast.cpu_epilogue() == 'portable', torch.ops.fne_fast.cpu_epilogue(); "
-              f"torch.save(fne_fast.sample_negatives(*inputs.values(), **{options!r}), sys.argv[2])")
+              f"torch.save(fne_fast.sample_negatives(*inputs.values(), **guides, **{options!r}), sys.argv[2])")
     env = dict(os.environ, FNE_FAST_CPU_PORTABLE="1")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
                    env=env, check=True)
-    assert_same_draws(torch.load(tmp_path / "out.pt"), run_op(inputs, **options))
-    assert_same_draws(run_op(inputs, **options), run_oracle(inputs, **options))
+    assert_same_draws(torch.load(tmp_path / "out.pt"), run_op(inputs, **guides, **options))
+    assert_same_draws(run_op(inputs, **guides, **options), run_oracle(inputs, **guides, **options))
 
 
 def cpu_has(flag: str) -> bool:

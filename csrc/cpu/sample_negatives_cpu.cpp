@@ -63,14 +63,17 @@ constexpr int64_t kMergeRowsPerChunk = 4096;
 
 SampleOutputs sample_negatives_cpu(
     const at::Tensor& anchors, const at::Tensor& bank, const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
-    const at::Tensor& bank_ids, const at::Tensor& stats, const c10::optional<at::Tensor>& fn_thresholds, int64_t k,
+    const at::Tensor& bank_ids, const at::Tensor& stats, const c10::optional<at::Tensor>& fn_thresholds,
+    const c10::optional<at::Tensor>& anchor_guides, const c10::optional<at::Tensor>& bank_guides, int64_t k,
     c10::string_view mode, double margin, double tau, double fn_tau, double prior_k, double fn_margin,
-    int64_t min_count, bool cutdown, double center_offset, c10::optional<double> relative_cut, int64_t seed,
-    int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled, bool check_finite, bool count_above) {
+    int64_t min_count, bool cutdown, double center_offset, c10::optional<double> relative_cut,
+    c10::optional<double> guide_threshold, int64_t seed, int64_t step, int64_t row_offset, int64_t col_offset,
+    int64_t filled, bool check_finite, bool count_above) {
   CallContext call;
   call.config = check_sample_negatives_args(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, fn_thresholds,
-                                            k, mode, margin, tau, fn_tau, prior_k, fn_margin, min_count, cutdown,
-                                            center_offset, relative_cut, seed, step, row_offset, col_offset, filled,
+                                            anchor_guides, bank_guides, k, mode, margin, tau, fn_tau, prior_k,
+                                            fn_margin, min_count, cutdown, center_offset, relative_cut,
+                                            guide_threshold, seed, step, row_offset, col_offset, filled,
                                             check_finite, count_above);
   const int64_t num_rows = anchors.size(0);
   auto index = at::full({num_rows, k}, -1, anchors.options().dtype(at::kLong));
@@ -86,11 +89,15 @@ SampleOutputs sample_negatives_cpu(
   const auto anchor_ids_contig = anchor_ids.contiguous();
   const auto positive_contig = positive_sim.contiguous();
   const auto stats_contig = stats.contiguous();
+  const bool guided = call.config.has_guides;
+  const at::Tensor anchor_guides_contig = guided ? anchor_guides->contiguous() : at::Tensor();
+  const at::Tensor bank_guides_contig = guided ? bank_guides->contiguous() : at::Tensor();
   if (check_finite) {
-    // The small inputs before the pass (a bad one would waste it); the bank from inside the pass, below.
+    // The small inputs before the pass (a bad one would waste it); the bank and its guides from inside the pass.
     const bool thresholds_nan = fn_thresholds.has_value() && at::isnan(*fn_thresholds).any().item<bool>();
     const bool input_flags[kInputFlags] = {has_non_finite(anchors_contig), has_non_finite(positive_contig),
-                                           has_non_finite(stats_contig), thresholds_nan};
+                                           has_non_finite(stats_contig), thresholds_nan,
+                                           guided && has_non_finite(anchor_guides_contig)};
     raise_if_not_finite(input_flags, false);
   }
   const RowInputs rows = row_inputs(positive_contig, fn_thresholds, center_offset, relative_cut);
@@ -104,6 +111,7 @@ SampleOutputs sample_negatives_cpu(
   call.ceilings = rows.ceilings.defined() ? rows.ceilings.data_ptr<float>() : nullptr;
   const at::Tensor thresholds_contig = count_above ? fn_thresholds->contiguous() : at::Tensor();
   call.count_thresholds = count_above ? thresholds_contig.data_ptr<float>() : nullptr;
+  call.guide_threshold = call.config.guide_threshold;
 
   const int64_t live_cols = call.config.filled;  // rows >= filled are never read
   // Tiles no larger than the problem (small calls allocate little) nor than int32 column offsets allow.
@@ -115,11 +123,14 @@ SampleOutputs sample_negatives_cpu(
   const int64_t row_blocks = (num_rows + tile_rows - 1) / tile_rows;
   const int64_t col_tiles = (live_cols + tile_cols - 1) / tile_cols;
   const SimilarityTiles tiles(anchors_contig, bank_contig, tile_rows, tile_cols, full_cols);
+  // Language guidance: the guide similarities of each tile's pairs, one more GEMM of the same tile shape.
+  c10::optional<SimilarityTiles> guide_tiles;
+  if (guided) guide_tiles.emplace(anchor_guides_contig, bank_guides_contig, tile_rows, tile_cols, full_cols);
   const int64_t* bank_ids_ptr = bank_ids_contig.data_ptr<int64_t>();
   const int64_t global_col_base = call.config.col_offset;
 
   std::vector<RowLists> thread_lists(at::get_num_threads());
-  std::vector<char> thread_saw_non_finite(thread_lists.size(), 0);
+  std::vector<NonFinite> thread_saw_non_finite(thread_lists.size());
   // Threads take items one at a time from a shared counter rather than a fixed share each: on a machine shared
   // with other work (or with cores of unequal speed) a delayed thread then delays the call by one item, not by
   // its whole share. The result does not depend on which thread takes which item.
@@ -131,8 +142,10 @@ SampleOutputs sample_negatives_cpu(
     RowLists& lists = thread_lists[thread];
     if (lists.k == 0) lists.resize(num_rows, k, count_above);
     SimilarityTiles::Worker worker(tiles);
+    c10::optional<SimilarityTiles::Worker> guide_worker;
+    if (guided) guide_worker.emplace(*guide_tiles);
     EpilogueScratch scratch;
-    bool saw_non_finite = false;
+    NonFinite saw_non_finite;
     for (int64_t item = next_item++; item < items; item = next_item++) {
       const int64_t row_begin = (item / col_tiles) * tile_rows;
       const int64_t col_begin = (item % col_tiles) * tile_cols;
@@ -143,15 +156,16 @@ SampleOutputs sample_negatives_cpu(
       tile.global_col_begin = global_col_base + col_begin;
       tile.bank_ids = bank_ids_ptr + col_begin;
       tile.sims = worker.compute(row_begin, tile.rows, col_begin, tile.cols, &tile.ld);
+      if (guided) tile.guides = guide_worker->compute(row_begin, tile.rows, col_begin, tile.cols, &tile.guide_ld);
       saw_non_finite |= tile_epilogue(tile, call, lists, scratch);
     }
     thread_saw_non_finite[thread] |= saw_non_finite;
   });
   if (check_finite) {
-    const bool inputs_checked_above[kInputFlags] = {false, false, false, false};
-    const bool bank_not_finite =
-        std::any_of(thread_saw_non_finite.begin(), thread_saw_non_finite.end(), [](char flag) { return flag != 0; });
-    raise_if_not_finite(inputs_checked_above, bank_not_finite);
+    const bool inputs_checked_above[kInputFlags] = {false, false, false, false, false};
+    NonFinite found;
+    for (const NonFinite& flags : thread_saw_non_finite) found |= flags;
+    raise_if_not_finite(inputs_checked_above, found.similarity, found.guide);
   }
 
   // Exact merge of the per-thread lists; in mode "hardest" the hardest list is the answer.

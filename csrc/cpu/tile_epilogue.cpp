@@ -1,7 +1,7 @@
 // The epilogue works on blocks of 16 anchor rows, the lanes of one AVX-512 vector: in a column-major tile, a
 // block's similarities to one bank column are 16 contiguous floats. Two passes per block:
-//  1. scan: per column, the masks (finite, not the anchor's identity, at most the row's ceiling, above the
-//     cut-down), the exceedance counts when the call asks for them, the hardest lists (a
+//  1. scan: per column, the masks (finite, not the anchor's identity, at most the row's ceiling, not excluded by
+//     language guidance, above the cut-down), the exceedance counts when the call asks for them, the hardest lists (a
 //     lane leaves the vector only when its similarity reaches its row's k-th: rare after the first columns), and
 //     the list of columns where some row has a race candidate, with a 16-bit mask of those rows;
 //  2. race: the Philox words of the candidates, and for a candidate whose word is within its row's limit, the key
@@ -69,8 +69,8 @@ __attribute__((target_clones("avx2", "default"))) void philox_words16_portable(
   }
 }
 
-bool block_portable(const SimilarityTile& tile, int64_t r0, int lanes, const CallContext& call, RowLists& lists,
-                    EpilogueScratch& scratch) {
+NonFinite block_portable(const SimilarityTile& tile, int64_t r0, int lanes, const CallContext& call,
+                         RowLists& lists, EpilogueScratch& scratch) {
   float hard_threshold[kLanes], ceiling[kLanes], count_threshold[kLanes];
   uint32_t limit[kLanes];
   int64_t anchor_id[kLanes], above[kLanes] = {};
@@ -83,20 +83,25 @@ bool block_portable(const SimilarityTile& tile, int64_t r0, int lanes, const Cal
     ceiling[l] = call.ceilings != nullptr ? call.ceilings[row] : kInf;
     count_threshold[l] = counting ? call.count_thresholds[row] : kInf;
   }
-  bool non_finite = false;
+  NonFinite non_finite;
   int64_t listed = 0;
   for (int64_t j = 0; j < tile.cols; ++j) {
     const float* sims = tile.sims + j * tile.ld + r0;
+    const float* guides = tile.guides != nullptr ? tile.guides + j * tile.guide_ld + r0 : nullptr;
     const int64_t bank_id = tile.bank_ids[j];
     uint32_t survivors = 0;
     for (int l = 0; l < lanes; ++l) {
       const float s = sims[l];
       // A non-finite similarity (non-finite inputs, or float32 overflow) is never a candidate.
       const bool finite = std::fabs(s) <= kLargest;
-      non_finite |= !finite;
+      non_finite.similarity |= !finite;
       const bool other = finite && bank_id != anchor_id[l];
       above[l] += other && s > count_threshold[l];
-      const bool candidate = other && s <= ceiling[l];
+      bool candidate = other && s <= ceiling[l];
+      if (guides != nullptr) {
+        non_finite.guide |= !(std::fabs(guides[l]) <= kLargest);
+        candidate &= !(guides[l] > call.guide_threshold);  // a NaN guide similarity excludes nothing
+      }
       if (candidate && s >= hard_threshold[l]) {
         hard_threshold[l] = lists.insert_hard(tile.row_begin + r0 + l, s, tile.global_col_begin + j);
       }
@@ -241,8 +246,11 @@ FNE_FAST_AVX512 void race_compacted(const SimilarityTile& tile, const CallContex
   }
 }
 
-FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int lanes, const CallContext& call,
-                                  RowLists& lists, EpilogueScratch& scratch) {
+// kGuided: the tile carries guide similarities (language guidance); a template parameter, so that the scan of a call
+// without guides has no extra load or branch.
+template <bool kGuided>
+FNE_FAST_AVX512 NonFinite block_avx512(const SimilarityTile& tile, int64_t r0, int lanes, const CallContext& call,
+                                       RowLists& lists, EpilogueScratch& scratch) {
   const __mmask16 live = static_cast<__mmask16>((1u << lanes) - 1);
   alignas(64) float hard_threshold[kLanes], ceiling[kLanes], count_threshold[kLanes];
   alignas(64) uint32_t limit[kLanes], rows[kLanes];
@@ -269,7 +277,10 @@ FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int la
   const int64_t ld = tile.ld, cols = tile.cols;
   const int64_t* bank_ids = tile.bank_ids;
   const float* column = tile.sims + r0;
-  __mmask16 non_finite = 0;
+  const float* guide_column = kGuided ? tile.guides + r0 : nullptr;
+  const int64_t guide_ld = tile.guide_ld;
+  const __m512 guide_threshold = _mm512_set1_ps(call.guide_threshold);
+  __mmask16 non_finite = 0, guide_non_finite = 0;
   int64_t listed = 0;
   for (int64_t j = 0; j < cols; ++j, column += ld) {
     const __m512 s = _mm512_maskz_loadu_ps(live, column);
@@ -283,7 +294,14 @@ FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int la
       above = _mm512_mask_add_epi32(above, _mm512_mask_cmp_ps_mask(finite & ~same, s, count_thresholds, _CMP_GT_OQ),
                                     above, one);
     }
-    const __mmask16 candidate = _mm512_mask_cmp_ps_mask(finite & ~same, s, ceilings, _CMP_LE_OQ);
+    __mmask16 candidate = _mm512_mask_cmp_ps_mask(finite & ~same, s, ceilings, _CMP_LE_OQ);
+    if (kGuided) {
+      const __m512 g = _mm512_maskz_loadu_ps(live, guide_column);
+      guide_column += guide_ld;
+      guide_non_finite |= live & ~_mm512_mask_cmp_ps_mask(live, _mm512_abs_ps(g), largest, _CMP_LE_OQ);
+      // Not greater than the threshold, unordered true: a NaN guide similarity excludes nothing.
+      candidate = _mm512_mask_cmp_ps_mask(candidate, g, guide_threshold, _CMP_NGT_UQ);
+    }
     const __mmask16 hard = _mm512_mask_cmp_ps_mask(candidate, s, threshold, _CMP_GE_OQ);
     if (hard != 0) threshold = insert_hard_lanes(tile, lists, r0, j, hard, s, hard_threshold);
     const __mmask16 survive = _mm512_mask_cmp_ps_mask(candidate, s, cut, _CMP_GT_OQ);
@@ -296,7 +314,8 @@ FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int la
     _mm512_store_si512(counts, above);
     for (int l = 0; l < lanes; ++l) lists.above[tile.row_begin + r0 + l] += counts[l];
   }
-  if (call.config.mode == SamplerMode::kHardest || listed == 0) return non_finite != 0;
+  const NonFinite found{non_finite != 0, guide_non_finite != 0};
+  if (call.config.mode == SamplerMode::kHardest || listed == 0) return found;
 
   const PhiloxKeys16 keys = philox_keys16(call.philox_key);
   const __m512i row_words = _mm512_load_si512(rows);
@@ -314,7 +333,7 @@ FNE_FAST_AVX512 bool block_avx512(const SimilarityTile& tile, int64_t r0, int la
   } else {
     race_by_column(tile, call, lists, scratch, r0, listed, high, terms, next_terms, keys, limit);
   }
-  return non_finite != 0;
+  return found;
 }
 #endif
 
@@ -329,7 +348,8 @@ bool avx512_epilogue() {
 #endif
 }
 
-bool tile_epilogue(const SimilarityTile& tile, const CallContext& call, RowLists& lists, EpilogueScratch& scratch) {
+NonFinite tile_epilogue(const SimilarityTile& tile, const CallContext& call, RowLists& lists,
+                        EpilogueScratch& scratch) {
   if (static_cast<int64_t>(scratch.columns.size()) < tile.cols) {
     scratch.columns.resize(tile.cols);
     scratch.survivors.resize(tile.cols);
@@ -339,12 +359,13 @@ bool tile_epilogue(const SimilarityTile& tile, const CallContext& call, RowLists
 #if defined(__x86_64__) || defined(_M_X64)
   const bool avx512 = avx512_epilogue();
 #endif
-  bool non_finite = false;
+  NonFinite non_finite;
   for (int64_t r0 = 0; r0 < tile.rows; r0 += kLanes) {
     const int lanes = static_cast<int>(std::min<int64_t>(kLanes, tile.rows - r0));
 #if defined(__x86_64__) || defined(_M_X64)
     if (avx512) {
-      non_finite |= block_avx512(tile, r0, lanes, call, lists, scratch);
+      non_finite |= tile.guides != nullptr ? block_avx512<true>(tile, r0, lanes, call, lists, scratch)
+                                           : block_avx512<false>(tile, r0, lanes, call, lists, scratch);
       continue;
     }
 #endif

@@ -21,6 +21,7 @@ struct CallContext {
   const float* centres;   // [B] the log-weight's centre s⁺ + b (RowInputs in sample_negatives.h)
   const float* ceilings;  // [B] s > ceiling is excluded from the race and the fallback; nullptr: no ceilings
   const float* count_thresholds;  // [B] fn_thresholds, whose exceedances the call counts; nullptr: no count
+  float guide_threshold;          // language guidance: a pair whose guide similarity is above it is excluded
 };
 
 // One tile: similarity of anchor row row_begin + r to the tile's bank column j at sims[j * ld + r].
@@ -31,6 +32,20 @@ struct SimilarityTile {
   int64_t cols;
   int64_t global_col_begin;  // col_offset + the tile's first bank row
   const int64_t* bank_ids;   // ids of the tile's columns
+  // Language guidance: the guide similarities of the same pairs at guides[j * guide_ld + r]; nullptr: no guides.
+  const float* guides = nullptr;
+  int64_t guide_ld = 0;
+};
+
+// Which similarities of live pairs were not finite (NaN or Inf), for check_finite's errors.
+struct NonFinite {
+  bool similarity = false;
+  bool guide = false;
+  NonFinite& operator|=(const NonFinite& other) {
+    similarity |= other.similarity;
+    guide |= other.guide;
+    return *this;
+  }
 };
 
 // Per-thread buffers: for one block of rows, the columns where some row has a race candidate, and which rows; and
@@ -46,7 +61,7 @@ struct EpilogueScratch {
 // fne_fast::cpu_epilogue reports the same decision.
 bool avx512_epilogue();
 
-// Runs the epilogue over every row of the tile; returns whether a similarity of a live pair was not finite.
-bool tile_epilogue(const SimilarityTile& tile, const CallContext& call, RowLists& lists, EpilogueScratch& scratch);
+// Runs the epilogue over every row of the tile; returns which similarities of its pairs were not finite.
+NonFinite tile_epilogue(const SimilarityTile& tile, const CallContext& call, RowLists& lists, EpilogueScratch& scratch);
 
 }  // namespace fne_fast

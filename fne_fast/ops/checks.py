@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_python_types", "check_tensor_arguments", "check_fn_thresholds", "check_counters",
+__all__ = ["check_python_types", "check_tensor_arguments", "check_fn_thresholds", "check_guides", "check_counters",
            "raise_if_not_finite", "dtype_name",
            "EMBEDDING_DTYPES", "TENSOR_ARGUMENTS"]
 
@@ -65,6 +65,35 @@ def check_fn_thresholds(fn_thresholds, num_rows: int, device: torch.device) -> N
         raise ValueError(f"fn_thresholds must have length {num_rows}, got {fn_thresholds.shape[0]}")
 
 
+def check_guides(anchor_guides, bank_guides, guide_threshold, num_rows: int, num_cols: int,
+                 device: torch.device) -> None:
+    """Language guidance's inputs: both guide tensors or neither, exactly when ``guide_threshold`` is given,
+    ``[B, Dg]`` and ``[N, Dg]`` embeddings (anchor_guides of bank_guides' dtype, or float32) on the anchors'
+    device."""
+    if (anchor_guides is None) != (bank_guides is None):
+        given = "anchor_guides" if bank_guides is None else "bank_guides"
+        raise ValueError(f"anchor_guides and bank_guides must be given together, got only {given}")
+    if guide_threshold is not None and anchor_guides is None:
+        raise ValueError("guide_threshold needs anchor_guides and bank_guides, which were not given")
+    if guide_threshold is None and anchor_guides is not None:
+        raise ValueError("anchor_guides and bank_guides are read only with guide_threshold, which is None")
+    if guide_threshold is None:
+        return
+    _check_tensor("anchor_guides", anchor_guides, ndim=2, dtypes=EMBEDDING_DTYPES, device=device)
+    _check_tensor("bank_guides", bank_guides, ndim=2, dtypes=EMBEDDING_DTYPES, device=device)
+    if anchor_guides.shape[0] != num_rows:
+        raise ValueError(f"anchor_guides must have shape [B, Dg] with B = {num_rows}, "
+                         f"got {tuple(anchor_guides.shape)}")
+    if bank_guides.shape[0] != num_cols:
+        raise ValueError(f"bank_guides must have shape [N, Dg] with N = {num_cols}, got {tuple(bank_guides.shape)}")
+    if anchor_guides.shape[1] != bank_guides.shape[1]:
+        raise ValueError(f"anchor_guides and bank_guides must have the same guide dimension, got "
+                         f"{anchor_guides.shape[1]} and {bank_guides.shape[1]}")
+    if anchor_guides.dtype != bank_guides.dtype and anchor_guides.dtype != torch.float32:
+        raise TypeError(f"anchor_guides must have bank_guides' dtype or be float32, got anchor_guides "
+                        f"{dtype_name(anchor_guides.dtype)} and bank_guides {dtype_name(bank_guides.dtype)}")
+
+
 def check_counters(num_rows: int, num_cols: int, *, step: int, row_offset: int, col_offset: int,
                    filled: int) -> None:
     """The Philox counter words and the fill count (docs/DESIGN.md §2): rows and steps are 32-bit words."""
@@ -98,18 +127,23 @@ def check_python_types(tensors: dict, integers: dict, seed) -> None:
             raise ValueError(f"{name} must fit in int64, got {value}")
 
 
-def raise_if_not_finite(anchors, positive_sim, stats, fn_thresholds=None, *,
-                        similarities_finite: bool = True) -> None:
+def raise_if_not_finite(anchors, positive_sim, stats, fn_thresholds=None, anchor_guides=None, *,
+                        similarities_finite: bool = True, guide_similarities_finite: bool = True) -> None:
     """The ``check_finite`` errors of the Python kernels, in the words and order of the C++ kernels'
     (csrc/sample_negatives.cpp): the first of anchors, positive_sim, stats that holds a NaN or Inf, then
-    fn_thresholds if it holds a NaN (±inf are thresholds), else the bank when a similarity of a live row was not
-    finite."""
+    fn_thresholds if it holds a NaN (±inf are thresholds), anchor_guides if they hold a NaN or Inf, else the bank
+    when a similarity of a live row was not finite, else the bank's guides when a guide similarity was not."""
     suffix = " contains NaN or Inf (pass check_finite=False to skip this check)"
     for name, tensor in (("anchors", anchors), ("positive_sim", positive_sim), ("stats", stats)):
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(name + suffix)
     if fn_thresholds is not None and bool(torch.isnan(fn_thresholds).any()):
         raise ValueError("fn_thresholds contains NaN (pass check_finite=False to skip this check)")
+    if anchor_guides is not None and not bool(torch.isfinite(anchor_guides).all()):
+        raise ValueError("anchor_guides" + suffix)
     if not similarities_finite:
         raise ValueError("bank contains NaN or Inf (a similarity was not finite; pass check_finite=False to skip "
                          "this check)")
+    if not guide_similarities_finite:
+        raise ValueError("bank_guides contains NaN or Inf (a guide similarity was not finite; pass "
+                         "check_finite=False to skip this check)")

@@ -24,8 +24,8 @@ import importlib.util
 
 import torch
 
-from fne_fast.ops.checks import (TENSOR_ARGUMENTS, check_counters, check_fn_thresholds, check_python_types,
-                                 check_tensor_arguments)
+from fne_fast.ops.checks import (TENSOR_ARGUMENTS, check_counters, check_fn_thresholds, check_guides,
+                                 check_python_types, check_tensor_arguments)
 from fne_fast.ops.options import SamplerOptions
 
 __all__ = ["sample_negatives", "sample_negatives_with_options", "check_backend", "BACKENDS", "COMPILED_CUDA_KERNEL",
@@ -46,17 +46,21 @@ def _triton_kernels():
 
 
 def _run_python_kernel(backend, anchors, bank, positive_sim, anchor_ids, bank_ids, stats, options, *, fn_thresholds,
-                       seed, step, row_offset, col_offset, filled, check_finite, count_above):
+                       anchor_guides, bank_guides, seed, step, row_offset, col_offset, filled, check_finite,
+                       count_above):
     """The reference or the Triton kernel, after the checks the C++ kernels make at their entry: the four outputs,
     and the exceedance counts with ``count_above``."""
     check_tensor_arguments(anchors, bank, positive_sim, anchor_ids, bank_ids, stats)
     check_fn_thresholds(fn_thresholds, anchors.shape[0], anchors.device)
+    check_guides(anchor_guides, bank_guides, options.guide_threshold, anchors.shape[0], bank.shape[0],
+                 anchors.device)
     if count_above and fn_thresholds is None:
         raise ValueError("count_above counts the candidates above fn_thresholds, which were not given")
     check_counters(anchors.shape[0], bank.shape[0], step=step, row_offset=row_offset, col_offset=col_offset,
                    filled=filled)
     counters = dict(seed=seed, step=step, row_offset=row_offset, col_offset=col_offset, filled=filled,
-                    fn_thresholds=fn_thresholds, count_above=count_above)
+                    fn_thresholds=fn_thresholds, anchor_guides=anchor_guides, bank_guides=bank_guides,
+                    count_above=count_above)
     if backend == "reference":
         from fne_fast.ops import reference  # the oracle is loaded only when asked for
 
@@ -67,14 +71,15 @@ def _run_python_kernel(backend, anchors, bank, positive_sim, anchor_ids, bank_id
 
 
 def _sample_negatives_triton_op(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, fn_thresholds,
-                                *schema_values):
+                                anchor_guides, bank_guides, *schema_values):
     """The Triton kernel in the schema's calling convention (csrc/fne_fast.cpp), for the CUDA dispatch key: the
     options' values (``SCHEMA_FIELDS``), then seed, step, row_offset, col_offset, filled, check_finite,
     count_above; five outputs, the counts empty unless asked for."""
     *option_values, seed, step, row_offset, col_offset, filled, check_finite, count_above = schema_values
     result = _run_python_kernel("triton", anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
                                 SamplerOptions.from_schema(*option_values), fn_thresholds=fn_thresholds,
-                                seed=seed % _UINT64, step=step, row_offset=row_offset, col_offset=col_offset,
+                                anchor_guides=anchor_guides, bank_guides=bank_guides, seed=seed % _UINT64,
+                                step=step, row_offset=row_offset, col_offset=col_offset,
                                 filled=filled, check_finite=check_finite, count_above=count_above)
     return result if count_above else (*result, anchors.new_zeros((0,), dtype=torch.int64))
 
@@ -108,6 +113,7 @@ def check_backend(backend: str, device: torch.device) -> None:
 def sample_negatives_with_options(anchors: torch.Tensor, bank: torch.Tensor, positive_sim: torch.Tensor,
                                   anchor_ids: torch.Tensor, bank_ids: torch.Tensor, stats: torch.Tensor,
                                   options: SamplerOptions = _DEFAULTS, *, fn_thresholds: torch.Tensor | None = None,
+                                  anchor_guides: torch.Tensor | None = None, bank_guides: torch.Tensor | None = None,
                                   seed: int = 0, step: int = 0, row_offset: int = 0, col_offset: int = 0,
                                   filled: int | None = None, backend: str = "auto", check_finite: bool = True,
                                   count_above: bool = False):
@@ -119,17 +125,19 @@ def sample_negatives_with_options(anchors: torch.Tensor, bank: torch.Tensor, pos
     tensors = dict(zip(TENSOR_ARGUMENTS, (anchors, bank, positive_sim, anchor_ids, bank_ids, stats)))
     check_python_types(tensors, dict(step=step, row_offset=row_offset, col_offset=col_offset,
                                      filled=0 if filled is None else filled), seed)
-    if fn_thresholds is not None:
-        check_python_types({"anchors": anchors, "fn_thresholds": fn_thresholds}, {}, seed)
+    optional = dict(fn_thresholds=fn_thresholds, anchor_guides=anchor_guides, bank_guides=bank_guides)
+    given = {name: tensor for name, tensor in optional.items() if tensor is not None}
+    if given:
+        check_python_types({"anchors": anchors, **given}, {}, seed)
     filled = bank.shape[0] if filled is None else filled
     seed %= _UINT64
     check_backend(backend, anchors.device)
     if backend in ("reference", "triton"):
-        return tuple(_run_python_kernel(backend, *tensors.values(), options, fn_thresholds=fn_thresholds, seed=seed,
-                                        step=step, row_offset=row_offset, col_offset=col_offset, filled=filled,
+        return tuple(_run_python_kernel(backend, *tensors.values(), options, **optional, seed=seed, step=step,
+                                        row_offset=row_offset, col_offset=col_offset, filled=filled,
                                         check_finite=check_finite, count_above=bool(count_above)))
     signed_seed = seed - _UINT64 if seed >= 2**63 else seed  # the schema's int is int64: the same 64 bits
-    result = torch.ops.fne_fast.sample_negatives(*tensors.values(), fn_thresholds, *options.schema_values(),
+    result = torch.ops.fne_fast.sample_negatives(*tensors.values(), *optional.values(), *options.schema_values(),
                                                  signed_seed, step, row_offset, col_offset, filled,
                                                  bool(check_finite), bool(count_above))
     return tuple(result if count_above else result[:4])
@@ -142,8 +150,11 @@ def sample_negatives(anchors: torch.Tensor, bank: torch.Tensor, positive_sim: to
                      prior_k: float = _DEFAULTS.prior_k, fn_margin: float = _DEFAULTS.fn_margin,
                      min_count: int = _DEFAULTS.min_count, cutdown: bool = _DEFAULTS.cutdown,
                      cut_margin: float | None = _DEFAULTS.cut_margin, center_offset: float = _DEFAULTS.center_offset,
-                     relative_cut: float | None = _DEFAULTS.relative_cut, fn_thresholds: torch.Tensor | None = None,
-                     seed: int = 0, step: int = 0, row_offset: int = 0, col_offset: int = 0,
+                     relative_cut: float | None = _DEFAULTS.relative_cut,
+                     guide_threshold: float | None = _DEFAULTS.guide_threshold,
+                     fn_thresholds: torch.Tensor | None = None, anchor_guides: torch.Tensor | None = None,
+                     bank_guides: torch.Tensor | None = None, seed: int = 0, step: int = 0, row_offset: int = 0,
+                     col_offset: int = 0,
                      filled: int | None = None, backend: str = "auto", check_finite: bool = True,
                      return_keys: bool = False, return_counts: bool = False):
     """Sample k negatives per anchor from the bank in one pass (docs/DESIGN.md §2).
@@ -158,6 +169,10 @@ def sample_negatives(anchors: torch.Tensor, bank: torch.Tensor, positive_sim: to
             these are (``**options.as_kwargs()`` passes a whole one).
         fn_thresholds: optional ``[B]`` float32 per-anchor thresholds: a candidate with a larger similarity is
             excluded from the race and the fallback, as by ``relative_cut`` (docs/DESIGN.md §1).
+        anchor_guides, bank_guides: language guidance's ``[B, Dg]`` and ``[N, Dg]`` guide embeddings (float32,
+            bfloat16 or float16; float32 anchor guides may meet low-precision bank guides), given exactly when
+            ``guide_threshold`` is: a candidate whose guide similarity (their float32 dot product) is above it is
+            excluded from the race and the fallback (docs/DESIGN.md §1).
         seed, step, row_offset, col_offset: the Philox key and counters; ``seed`` is taken modulo 2⁶⁴.
         filled: the number of live bank rows (rows ``>= filled`` are never chosen); None means N.
         backend: "auto" (the dispatcher's kernel for the device), "cpu", "cuda", "triton" or "reference".
@@ -183,17 +198,19 @@ def sample_negatives(anchors: torch.Tensor, bank: torch.Tensor, positive_sim: to
     """
     options = SamplerOptions(mode=mode, k=k, margin=margin, tau=tau, fn_tau=fn_tau, prior_k=prior_k,
                              fn_margin=fn_margin, min_count=min_count, cutdown=cutdown, cut_margin=cut_margin,
-                             center_offset=center_offset, relative_cut=relative_cut)
+                             center_offset=center_offset, relative_cut=relative_cut,
+                             guide_threshold=guide_threshold)
     result = sample_negatives_with_options(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, options,
-                                           fn_thresholds=fn_thresholds, seed=seed, step=step, row_offset=row_offset,
+                                           fn_thresholds=fn_thresholds, anchor_guides=anchor_guides,
+                                           bank_guides=bank_guides, seed=seed, step=step, row_offset=row_offset,
                                            col_offset=col_offset, filled=filled, backend=backend,
                                            check_finite=check_finite, count_above=return_counts)
     return (*result[:4 if return_keys else 3], *result[4:])
 
 
 @torch.library.register_fake(_OPERATOR)
-def _sample_negatives_fake(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, fn_thresholds, k,
-                           *schema_values):
+def _sample_negatives_fake(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, fn_thresholds, anchor_guides,
+                           bank_guides, k, *schema_values):
     torch._check(anchors.dim() == 2, lambda: "anchors must be 2-D")
     torch._check(k >= 1, lambda: "k must be >= 1")
     rows, count_above = anchors.shape[0], schema_values[-1]

@@ -17,7 +17,7 @@ from fne_fast.ops.options import SamplerOptions
 
 __all__ = ["fn_logit_threshold", "false_negative_logit", "false_negative_probability", "gaussians_defined",
            "bayes_active", "safe_stats", "weight_centres", "row_ceilings", "log_weights", "fallback_candidates",
-           "race_log_weights"]
+           "guide_similarities", "guide_exclusions", "race_log_weights"]
 
 # Statistics whose Gaussians are the standard normal: stand-ins where the running statistics define no model yet,
 # so that the formulas stay finite (the caller masks their result).
@@ -112,16 +112,31 @@ def log_weights(sim: torch.Tensor, positive_sim: torch.Tensor, stats: torch.Tens
 
 
 def fallback_candidates(sim: torch.Tensor, anchor_ids: torch.Tensor, bank_ids: torch.Tensor, filled: int,
-                        ceilings: torch.Tensor | None = None) -> torch.Tensor:
+                        ceilings: torch.Tensor | None = None, guided_out: torch.Tensor | None = None) -> torch.Tensor:
     """[B, N] bool: the pairs eligible for the hardest-negative fallback, the race's superset: another identity, a
-    filled slot, a finite similarity (a non-finite one, from non-finite inputs, is never a candidate) and, with
-    ``ceilings`` (``row_ceilings``), a similarity at most the row's ceiling."""
+    filled slot, a finite similarity (a non-finite one, from non-finite inputs, is never a candidate), with
+    ``ceilings`` (``row_ceilings``) a similarity at most the row's ceiling, and with ``guided_out``
+    (``guide_exclusions``) not excluded by language guidance."""
     columns = torch.arange(sim.shape[1], device=sim.device)
     eligible = ((bank_ids.reshape(1, -1) != anchor_ids.reshape(-1, 1)) & (columns < filled).reshape(1, -1)
                 & torch.isfinite(sim))
     if ceilings is not None:
         eligible &= sim <= ceilings.to(sim.dtype).reshape(-1, 1)
+    if guided_out is not None:
+        eligible &= ~guided_out
     return eligible
+
+
+def guide_similarities(anchor_guides: torch.Tensor, bank_guides: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, N] guide similarities g = anchor_guides · bank_guidesᵀ in ``dtype``."""
+    return anchor_guides.to(dtype) @ bank_guides.to(dtype).T
+
+
+def guide_exclusions(guide_sim: torch.Tensor, guide_threshold: float) -> torch.Tensor:
+    """[B, N] bool: the pairs language guidance excludes, g > guide_threshold with the threshold rounded to float32
+    as the kernels hold it (a NaN g excludes nothing)."""
+    threshold = torch.tensor(guide_threshold, dtype=torch.float32).to(guide_sim.dtype)
+    return guide_sim > threshold
 
 
 def race_log_weights(sim: torch.Tensor, positive_sim: torch.Tensor, stats: torch.Tensor, options: SamplerOptions,

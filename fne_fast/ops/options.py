@@ -20,7 +20,7 @@ MODES = ("fne", "hardest", "uniform")
 # The options in the order of the operator's schema (csrc/fne_fast.cpp), where fn_tau is already resolved.
 # The operator has no hinge: its ``margin`` is the cut-down margin (``cut_margin``, resolved like fn_tau).
 SCHEMA_FIELDS = ("k", "mode", "margin", "tau", "fn_tau", "prior_k", "fn_margin", "min_count", "cutdown",
-                 "center_offset", "relative_cut")
+                 "center_offset", "relative_cut", "guide_threshold")
 
 
 def _check_k(value) -> str | None:
@@ -57,6 +57,10 @@ def _check_relative_cut(value) -> str | None:
     return None if ok else "must be None (off) or a finite number >= 0"
 
 
+def _check_guide_threshold(value) -> str | None:
+    return None if value is None or _check_margin(value) is None else "must be None (off) or a finite number"
+
+
 def _check_min_count(value) -> str | None:
     ok = is_integer(value) and value >= 0
     return None if ok else "must be an integer >= 0"
@@ -89,6 +93,10 @@ class SamplerOptions:
                                         "exclude candidates with s > s+ - (1 - relative_cut) |s+| (relative_cut "
                                         "times s+ when s+ >= 0; NV-Retriever uses 0.95) from the race and the "
                                         "fallback; default: off")
+    guide_threshold: float | None = option(None, _check_guide_threshold,
+                                           "language guidance: exclude candidates whose guide similarity (the "
+                                           "frozen text embeddings of the anchor's caption and the row's) is above "
+                                           "this from the race and the fallback; default: off")
 
     def __post_init__(self):
         validate_fields(self)

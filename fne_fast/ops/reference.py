@@ -13,7 +13,8 @@ import math
 import torch
 
 from fne_fast.ops.checks import raise_if_not_finite
-from fne_fast.ops.fne_math import fallback_candidates, race_log_weights, row_ceilings
+from fne_fast.ops.fne_math import (fallback_candidates, guide_exclusions, guide_similarities, race_log_weights,
+                                   row_ceilings)
 from fne_fast.ops.options import SamplerOptions
 
 __all__ = ["philox4x32_10", "gumbel_noise", "gumbel_from_bits", "sample_negatives_reference", "reference_draws",
@@ -76,7 +77,8 @@ def gumbel_from_bits(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> tor
 def candidate_keys(anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
                    options: SamplerOptions = _DEFAULTS, *, seed: int = 0, step: int = 0, row_offset: int = 0,
                    col_offset: int = 0, filled: int | None = None, dtype: torch.dtype = torch.float64,
-                   fn_thresholds: torch.Tensor | None = None):
+                   fn_thresholds: torch.Tensor | None = None, anchor_guides: torch.Tensor | None = None,
+                   bank_guides: torch.Tensor | None = None):
     """The full B×N race of docs/DESIGN.md §1-2: ``(keys, survives, non_positive, sim)``, each [B, N].
 
     ``keys`` is ℓ + G (the similarity in mode "hardest") for every pair, masked or not; ``survives`` marks the
@@ -86,8 +88,11 @@ def candidate_keys(anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
     num_rows, num_cols = anchors.shape[0], bank.shape[0]
     filled = num_cols if filled is None else int(filled)
     sim = anchors.to(dtype) @ bank.to(dtype).T
+    guided_out = None
+    if options.guide_threshold is not None:
+        guided_out = guide_exclusions(guide_similarities(anchor_guides, bank_guides, dtype), options.guide_threshold)
     non_positive = fallback_candidates(sim, anchor_ids, bank_ids, filled,
-                                       row_ceilings(positive_sim, options, fn_thresholds))
+                                       row_ceilings(positive_sim, options, fn_thresholds), guided_out)
     if options.mode == "hardest":
         return sim, non_positive, non_positive, sim
     weights, survives = race_log_weights(sim, positive_sim, stats, options, non_positive)
@@ -105,7 +110,9 @@ def sample_negatives_reference(anchors, bank, positive_sim, anchor_ids, bank_ids
                                cutdown: bool = _DEFAULTS.cutdown, cut_margin: float | None = _DEFAULTS.cut_margin,
                                center_offset: float = _DEFAULTS.center_offset,
                                relative_cut: float | None = _DEFAULTS.relative_cut,
-                               fn_thresholds: torch.Tensor | None = None, seed: int = 0, step: int = 0,
+                               guide_threshold: float | None = _DEFAULTS.guide_threshold,
+                               fn_thresholds: torch.Tensor | None = None, anchor_guides: torch.Tensor | None = None,
+                               bank_guides: torch.Tensor | None = None, seed: int = 0, step: int = 0,
                                row_offset: int = 0, col_offset: int = 0, filled: int | None = None,
                                dtype: torch.dtype = torch.float64, return_keys: bool = False,
                                return_counts: bool = False, check_finite: bool = False):
@@ -119,17 +126,19 @@ def sample_negatives_reference(anchors, bank, positive_sim, anchor_ids, bank_ids
     """
     options = SamplerOptions(mode=mode, k=k, margin=margin, tau=tau, fn_tau=fn_tau, prior_k=prior_k,
                              fn_margin=fn_margin, min_count=min_count, cutdown=cutdown, cut_margin=cut_margin,
-                             center_offset=center_offset, relative_cut=relative_cut)
+                             center_offset=center_offset, relative_cut=relative_cut, guide_threshold=guide_threshold)
     result = reference_draws(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, options, seed=seed, step=step,
                              row_offset=row_offset, col_offset=col_offset, filled=filled, dtype=dtype,
-                             check_finite=check_finite, fn_thresholds=fn_thresholds, count_above=return_counts)
+                             check_finite=check_finite, fn_thresholds=fn_thresholds, anchor_guides=anchor_guides,
+                             bank_guides=bank_guides, count_above=return_counts)
     return (*result[:4 if return_keys else 3], *result[4:])
 
 
 def reference_draws(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, options: SamplerOptions, *,
                     seed: int = 0, step: int = 0, row_offset: int = 0, col_offset: int = 0,
                     filled: int | None = None, dtype: torch.dtype = torch.float64, check_finite: bool = False,
-                    fn_thresholds: torch.Tensor | None = None, count_above: bool = False):
+                    fn_thresholds: torch.Tensor | None = None, anchor_guides: torch.Tensor | None = None,
+                    bank_guides: torch.Tensor | None = None, count_above: bool = False):
     """The oracle's ``(index, sim, valid, key)`` for options given as one ``SamplerOptions``, and with
     ``count_above`` a fifth tensor, ``above [B]`` int64: each anchor's candidates (another identity, a filled row,
     a finite similarity) whose similarity is above its ``fn_thresholds`` entry, ceilings or not."""
@@ -138,14 +147,19 @@ def reference_draws(anchors, bank, positive_sim, anchor_ids, bank_ids, stats, op
     keys, survives, non_positive, sim = candidate_keys(anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
                                                        options, seed=seed, step=step, row_offset=row_offset,
                                                        col_offset=col_offset, filled=filled, dtype=dtype,
-                                                       fn_thresholds=fn_thresholds)
+                                                       fn_thresholds=fn_thresholds, anchor_guides=anchor_guides,
+                                                       bank_guides=bank_guides)
     k = options.k
     device = anchors.device
     num_rows, num_cols = sim.shape
     if check_finite:
         live = num_cols if filled is None else filled
-        raise_if_not_finite(anchors, positive_sim, stats, fn_thresholds,
-                            similarities_finite=bool(torch.isfinite(sim[:, :live]).all()))
+        guides_finite = True
+        if options.guide_threshold is not None:
+            guides_finite = bool(torch.isfinite(guide_similarities(anchor_guides, bank_guides, dtype)[:, :live]).all())
+        raise_if_not_finite(anchors, positive_sim, stats, fn_thresholds, anchor_guides,
+                            similarities_finite=bool(torch.isfinite(sim[:, :live]).all()),
+                            guide_similarities_finite=guides_finite)
 
     neg_inf = torch.tensor(-math.inf, dtype=dtype, device=device)
     # Stable descending sorts put ties in increasing column order: ties go to the lower global index.
