@@ -26,7 +26,8 @@ which half of the pairs are likely false negatives (P_fn > 1 - fn_margin), with 
 tensors, interleaved, each case: the separate cut-down margin (set to the hinge margin's value, so the same race),
 the centre offset, the positive-relative cut, per-anchor thresholds (also with their exceedance counts), and all
 of them at once, at settings that exclude a few candidates per row (ratios to the plain op, with three decimals:
-the acceptance bound is 5 %).
+the acceptance bound is 5 %), and language guidance with 384-dimensional guides (float32 and bf16), whose second
+GEMM is measured, not bounded.
 
 ``--low-precision``: banks and anchors in bf16 and fp16 beside float32, against torch's own matmul in each dtype
 (into a preallocated output, and allocating as ``anchors @ bank.T`` does): the fused op on oneDNN's bf16 kernel,
@@ -187,6 +188,14 @@ def criteria_implementations(inputs):
         "fn_thresholds, counted": dict(fn_thresholds=thresholds, return_counts=True),
         "all four": dict(cut_margin=0.2, center_offset=-0.1, relative_cut=0.95, fn_thresholds=thresholds),
     }
+    # Language guidance with MiniLM's guide dimension (384), unit vectors like its normalised caption embeddings;
+    # a threshold of 0.25 excludes few pairs of random ones (sd 1/sqrt(384)). Its cost is the second GEMM.
+    generator = torch.Generator().manual_seed(1)
+    guides = {name: torch.nn.functional.normalize(torch.randn(count, 384, generator=generator), dim=1)
+              for name, count in (("anchor_guides", rows), ("bank_guides", inputs["bank"].shape[0]))}
+    criteria["language guidance, Dg 384"] = dict(guide_threshold=0.25, **guides)
+    criteria["language guidance, Dg 384, bf16 guides"] = dict(
+        guide_threshold=0.25, **{name: tensor.bfloat16() for name, tensor in guides.items()})
     functions = {"fused op": lambda: fne_fast.sample_negatives(*args, **OPTIONS)}
     for name, extra in criteria.items():
         functions[f"fused op, {name}"] = (lambda extra=extra: fne_fast.sample_negatives(*args, **OPTIONS, **extra))

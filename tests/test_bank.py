@@ -114,3 +114,47 @@ def test_sample_rejects_bad_arguments_naming_them():
         bank.sample(torch.zeros(2, 4), positive_sim, ids, stats)
     with pytest.raises(ValueError, match="anchor_ids must be a \\[2\\] int64 tensor"):
         bank.sample(anchors, positive_sim, ids.int(), stats)
+
+
+def test_a_bank_with_guides_guides_its_draws_and_keeps_them_in_its_state():
+    from fne_fast import sample_negatives
+    from fne_fast.ops.testing import sample_inputs
+
+    inputs = sample_inputs(6, 10, 4, kind="exact", seed=2, num_ids=3)
+    guides = sample_inputs(6, 10, 3, kind="exact", seed=5)
+    bank = MemoryBank(12, 4, guide_dim=3)
+    bank.enqueue(inputs["bank"], inputs["bank_ids"], guides=guides["bank"])
+    assert torch.equal(bank.guides[:10], guides["bank"]) and not bank.guides[10:].any()
+    arguments = (inputs["anchors"], inputs["positive_sim"], inputs["anchor_ids"], inputs["stats"])
+    options = SamplerOptions(k=2, guide_threshold=0.0)
+    draw = bank.sample(*arguments, options, seed=3, anchor_guides=guides["anchors"])
+    wanted = sample_negatives(inputs["anchors"], bank.features, *arguments[1:3], bank.ids, inputs["stats"], k=2,
+                              seed=3, filled=10, guide_threshold=0.0, anchor_guides=guides["anchors"],
+                              bank_guides=bank.guides, return_keys=True)
+    for actual, expected in zip(draw[:4], wanted):
+        assert torch.equal(actual, expected)
+    unguided = bank.sample(*arguments, SamplerOptions(k=2), seed=3)
+    assert not torch.equal(unguided.index, draw.index)  # the guides changed the draws
+    copy = MemoryBank(12, 4, guide_dim=3)
+    copy.load_state_dict(bank.state_dict())
+    assert torch.equal(copy.guides, bank.guides)
+    with pytest.raises(ValueError, match="holds guides, and this bank has none"):
+        MemoryBank(12, 4).load_state_dict(bank.state_dict())
+
+
+def test_guides_are_checked_naming_the_argument():
+    bank, plain = MemoryBank(4, 3, guide_dim=2), MemoryBank(4, 3)
+    with pytest.raises(ValueError, match=r"^guides must be a \[2, 2\] tensor"):
+        bank.enqueue(torch.zeros(2, 3), torch.arange(2))
+    with pytest.raises(ValueError, match="^guides given, but this bank has no guides"):
+        plain.enqueue(torch.zeros(2, 3), torch.arange(2), guides=torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="^guide_dim must be an integer >= 0"):
+        MemoryBank(4, 3, guide_dim=-1)
+    arguments = (torch.zeros(2, 3), torch.zeros(2), torch.zeros(2, dtype=torch.int64), torch.zeros(5))
+    guided = SamplerOptions(guide_threshold=0.5)
+    with pytest.raises(ValueError, match="^options.guide_threshold needs a bank built with guide_dim"):
+        plain.sample(*arguments, guided, anchor_guides=torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=r"^anchor_guides must be a \[2, 2\] tensor"):
+        bank.sample(*arguments, guided)
+    with pytest.raises(ValueError, match="^anchor_guides are read only with options.guide_threshold"):
+        bank.sample(*arguments, anchor_guides=torch.zeros(2, 2))

@@ -19,6 +19,7 @@ from fne_fast.sampling.launch import results_of, run_in_processes
 from fne_fast.ops.testing import EXACT_STATS
 
 SIZE, DIM = 12, 8  # 12 rows divide by 2 and 3 ranks
+GUIDE_DIM = 5  # language guidance's guides per row, in the banks that hold them
 # Local batch sizes per step and rank: a partly filled bank whose last shard is still empty, a step with no rows
 # at all, uneven and empty local batches, a wrap-around, and a global batch longer than the bank.
 SCHEDULE = ([3, 0, 2], [0, 0, 0], [5, 4, 1], [1, 0, 0], [9, 6, 1])
@@ -27,9 +28,9 @@ SAMPLINGS = (dict(mode="fne", k=1), dict(mode="fne", k=4, tau=4.0), dict(mode="h
              dict(mode="uniform", k=3), dict(mode="fne", k=2, fn_tau=float("inf"), min_count=0))
 
 
-def _exact(rows, seed):
+def _exact(rows, seed, dim=DIM):
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(-4, 5, (rows, DIM), generator=generator) / 8.0
+    return torch.randint(-4, 5, (rows, dim), generator=generator) / 8.0
 
 
 def _global_step(step, counts):
@@ -41,12 +42,12 @@ def _global_step(step, counts):
             (torch.arange(total) + 1) % 3)
 
 
-def _check_traffic(sent, counts, rank, k, dtype, index, valid):
+def _check_traffic(sent, counts, rank, k, dtype, index, valid, guide_dim):
     """The bytes this rank sent for a step's enqueue and sample are docs/DESIGN.md's formula, its data-dependent
     terms (rows fetched from and served to other ranks) counted from the oracle's chosen rows."""
     fetched, served = remote_rows(counts, index, valid, SIZE // len(counts))
     expected = sharded_traffic(counts, rank, k, DIM, torch.finfo(dtype).bits // 8, rows_fetched=fetched[rank],
-                               rows_served=served[rank])
+                               rows_served=served[rank], guide_dim=guide_dim)
     measured = {kind: sent.get(kind, 0) for kind in expected}
     assert measured == expected, (counts, rank, k, dtype, measured, expected)
 
@@ -55,44 +56,54 @@ def _compare_with_one_bank(rank, world_size):
     group = dist.group.WORLD
     stats = torch.tensor(EXACT_STATS)
     seen = {"fallback": 0, "invalid": 0, "checks": 0, "counted": 0}
-    for dtype in (torch.float32, torch.bfloat16):
-        sharded = MemoryBank(SIZE, DIM, dtype=dtype, group=group)
-        whole = MemoryBank(SIZE, DIM, dtype=dtype)
+    # float32 and bf16 banks, and a bank with language guidance's guides, every draw guided by them.
+    for dtype, guide_dim in ((torch.float32, 0), (torch.bfloat16, 0), (torch.float32, GUIDE_DIM)):
+        sharded = MemoryBank(SIZE, DIM, dtype=dtype, group=group, guide_dim=guide_dim)
+        whole = MemoryBank(SIZE, DIM, dtype=dtype, guide_dim=guide_dim)
+        guided = dict(guide_threshold=0.0) if guide_dim else {}
         for step, counts in enumerate(SCHEDULE):
             counts = counts[:world_size]
             keys, ids, anchors, positive_sim, anchor_ids = _global_step(step, counts)
+            guides = _exact(sum(counts), 100 + step, GUIDE_DIM) if guide_dim else None
             mine = slice(sum(counts[:rank]), sum(counts[:rank + 1]))
             with count_traffic() as ring_sent:
-                sharded.enqueue(keys[mine], ids[mine])
-            whole.enqueue(keys, ids)
+                sharded.enqueue(keys[mine], ids[mine], guides=guides[mine] if guide_dim else None)
+            whole.enqueue(keys, ids, guides=guides)
             rows = slice(sharded.row_begin, sharded.row_begin + sharded.shard_size)
             assert torch.equal(sharded.features, whole.features[rows]) and torch.equal(sharded.ids, whole.ids[rows])
+            assert not guide_dim or torch.equal(sharded.guides, whole.guides[rows])
             assert (sharded.pointer, sharded.filled) == (whole.pointer, whole.filled)
+            # A row's guide is its key's pair's; an anchor's is taken from the batch's guides shifted by one row.
+            anchor_guides = torch.roll(guides, 1, 0) if guide_dim else None
+            op_guides = dict(anchor_guides=anchor_guides, bank_guides=whole.guides) if guide_dim else {}
             for options in SAMPLINGS:
+                options = dict(options, **guided)
                 with count_traffic() as sent:
                     got = sharded.sample(anchors[mine], positive_sim[mine], anchor_ids[mine], stats,
-                                         SamplerOptions(**options), seed=7, step=step)
+                                         SamplerOptions(**options), seed=7, step=step,
+                                         anchor_guides=anchor_guides[mine] if guide_dim else None)
                 # The bank draws in its own dtype: the anchors are rounded to it first.
                 index, sim, valid, key = fne_fast.sample_negatives(
                     anchors.to(dtype), whole.features, positive_sim, anchor_ids, whole.ids, stats, seed=7, step=step,
-                    filled=whole.filled, return_keys=True, **options)
+                    filled=whole.filled, return_keys=True, **op_guides, **options)
                 wanted_rows = torch.where(valid.unsqueeze(-1), whole.features[index.clamp(min=0)], 0)
                 wanted_ids = torch.where(valid, whole.ids[index.clamp(min=0)], -1)
                 for name, actual, wanted in zip(("index", "sim", "valid", "key", "rows", "ids"), got,
                                                 (index, sim, valid, key, wanted_rows, wanted_ids)):
                     assert torch.equal(actual, wanted[mine]), (name, step, options, actual, wanted[mine])
-                _check_traffic(dict(sent, **ring_sent), counts, rank, options["k"], dtype, index, valid)
+                _check_traffic(dict(sent, **ring_sent), counts, rank, options["k"], dtype, index, valid, guide_dim)
                 seen["fallback"] += int((valid & ~torch.isfinite(key)).sum())
                 seen["invalid"] += int((~valid).sum())
                 seen["checks"] += 1
             # Per-anchor thresholds travel with the anchors, and the shards' exceedance counts add up.
             thresholds = torch.tensor([0.0, 0.25, float("inf"), -0.25, float("-inf"), 0.5] * 4)[:sum(counts)]
-            options = dict(mode="fne", k=2, min_count=0)
+            options = dict(mode="fne", k=2, min_count=0, **guided)
             got = sharded.sample(anchors[mine], positive_sim[mine], anchor_ids[mine], stats, SamplerOptions(**options),
-                                 seed=7, step=step, fn_thresholds=thresholds[mine], count_above=True)
+                                 seed=7, step=step, fn_thresholds=thresholds[mine], count_above=True,
+                                 anchor_guides=anchor_guides[mine] if guide_dim else None)
             wanted = fne_fast.sample_negatives(anchors.to(dtype), whole.features, positive_sim, anchor_ids, whole.ids,
                                                stats, seed=7, step=step, filled=whole.filled, return_keys=True,
-                                               fn_thresholds=thresholds, return_counts=True, **options)
+                                               fn_thresholds=thresholds, return_counts=True, **op_guides, **options)
             for name, actual, expected in zip(("index", "sim", "valid", "key", "above"), (*got[:4], got.above),
                                               wanted):
                 assert torch.equal(actual, expected[mine]), (name, step, actual, expected[mine])
@@ -100,6 +111,7 @@ def _compare_with_one_bank(rank, world_size):
         state = sharded.state_dict()
         if rank == 0:
             assert torch.equal(state["features"], whole.features) and torch.equal(state["ids"], whole.ids)
+            assert not guide_dim or torch.equal(state["guides"], whole.guides)
             assert (state["pointer"], state["filled"]) == (whole.pointer, whole.filled)
         else:
             assert state is None
@@ -110,7 +122,7 @@ def _compare_with_one_bank(rank, world_size):
 def test_sharded_sample_equals_one_call_over_the_whole_bank(world_size):
     seen = results_of(run_in_processes(_compare_with_one_bank, world_size))
     assert all(counts == seen[0] for counts in seen)  # every rank checked the same global results
-    assert seen[0]["checks"] == 2 * len(SCHEDULE) * len(SAMPLINGS)
+    assert seen[0]["checks"] == 3 * len(SCHEDULE) * len(SAMPLINGS)
     assert seen[0]["fallback"] > 0 and seen[0]["invalid"] > 0  # the cases reach fallbacks and invalid slots
     assert seen[0]["counted"] > 0  # some candidates lie above their anchors' thresholds
 
@@ -164,9 +176,11 @@ def _argument_errors(rank, world_size):
     group = dist.group.WORLD
     with pytest.raises(ValueError, match="size must divide by the number of processes 2"):
         MemoryBank(7, DIM, group=group)
-    with pytest.raises(ValueError, match=r"disagree on size, dim, dtype: rank 0 has size=12, dim=8, "
-                                         r"dtype=float32; rank 1 has size=12, dim=4"):
+    with pytest.raises(ValueError, match=r"disagree on size, dim, dtype, guide_dim: rank 0 has size=12, dim=8, "
+                                         r"dtype=float32, guide_dim=0; rank 1 has size=12, dim=4"):
         MemoryBank(SIZE, DIM if rank == 0 else 4, group=group)
+    with pytest.raises(ValueError, match=r"guide_dim=3; rank 1 has size=12, dim=8, dtype=float32, guide_dim=0"):
+        MemoryBank(SIZE, DIM, group=group, guide_dim=3 if rank == 0 else 0)
     with pytest.raises(ValueError, match="dtype=bfloat16"):
         MemoryBank(SIZE, DIM, dtype=torch.float32 if rank == 0 else torch.bfloat16, group=group)
     bank = MemoryBank(SIZE, DIM, group=group)
@@ -185,6 +199,10 @@ def _argument_errors(rank, world_size):
         bank.sample(*arguments, stats, SamplerOptions(tau=1.0 + rank))
     with pytest.raises(ValueError, match="disagree on .*stats"):
         bank.sample(*arguments, stats + rank)
+    with pytest.raises(ValueError, match=r"rank 1: anchor_guides are read only with options.guide_threshold"):
+        bank.sample(*arguments, stats, anchor_guides=torch.zeros(4, 3) if rank == 1 else None)
+    with pytest.raises(ValueError, match=r"ranks 0, 1: options.guide_threshold needs a bank built with guide_dim"):
+        bank.sample(*arguments, stats, SamplerOptions(guide_threshold=0.5), anchor_guides=torch.zeros(4, 3))
     with pytest.raises(ValueError, match=r"rank 1: anchors must be a \[B, 8\] tensor"):
         bank.sample(anchors[mine, :DIM - rank], positive_sim[mine], anchor_ids[mine], stats)
     # Counts a caller passes (no agreement) must name this rank's rows; a wrong one raises before any collective.

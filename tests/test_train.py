@@ -322,6 +322,28 @@ def test_per_item_thresholds_are_learned_checkpointed_and_resume_exactly(tmp_pat
         _config(tmp_path / "bad", threshold_share=1.5)
 
 
+def test_language_guidance_reaches_the_banks_is_checkpointed_and_resumes_exactly(tmp_path, splits):
+    guided = SamplerOptions(min_count=5, guide_threshold=0.3)
+    uninterrupted = train(_config(tmp_path / "whole", options=guided), splits)
+    train(_config(tmp_path / "parts", epochs=2, options=guided), splits)
+    resumed = train(_config(tmp_path / "parts", resume=True, options=guided), splits)
+    assert resumed == uninterrupted
+    assert _read(tmp_path / "parts" / METRICS_NAME) == _read(tmp_path / "whole" / METRICS_NAME)
+    banks = read_checkpoint(str(tmp_path / "whole" / CHECKPOINT_NAME))["text_bank"]
+    # Each row's guide is its pair's text feature, normalised: the same rows in both banks.
+    text = torch.nn.functional.normalize(splits["train"].text_features, dim=1)
+    filled = banks["ids"] >= 0
+    assert filled.any() and torch.allclose(banks["guides"][filled].norm(dim=1), torch.ones(int(filled.sum())))
+    assert all(any(torch.equal(row, candidate) for candidate in text) for row in banks["guides"][filled][:5])
+    plain = train(_config(tmp_path / "plain", options=SamplerOptions(min_count=5)), splits)
+    assert plain != uninterrupted  # the guides excluded candidates, so the draws and the heads changed
+    assert "guides" not in read_checkpoint(str(tmp_path / "plain" / CHECKPOINT_NAME))["text_bank"]
+    with pytest.raises(UsageError, match="^--guide-threshold: .*--finetune 0"):
+        _config(tmp_path / "bad", options=guided, finetune=1, dataset="emoji")
+    with pytest.raises(UsageError, match="^--guide-threshold: .*inbatch-hardest"):
+        _config(tmp_path / "bad", options=guided, sampler="inbatch-hardest")
+
+
 def test_attraction_needs_a_criterion_and_reports_what_it_attracted(tmp_path, splits):
     with pytest.raises(UsageError, match="--attract-weight: attraction needs a false-negative criterion"):
         _config(tmp_path / "bad", attract_weight=1.0)

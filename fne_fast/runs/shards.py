@@ -61,7 +61,7 @@ def read_bank_rows(out: str, references: dict[str, dict], begin: int, end: int) 
     """Each bank's rows ``[begin, end)`` (``{name: reference}`` -> ``{name: state}``, as
     ``MemoryBank.load_state_dict`` takes it) from the shard files the references name: each file that overlaps
     the rows read once, one at a time, and verified against its recorded digest. Raises ``CheckpointError``."""
-    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in references}
+    parts: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in references}
     files: dict[tuple[str, str], list[tuple[str, list[int]]]] = {}
     for name, reference in references.items():
         for shard in reference["shards"]:
@@ -75,15 +75,15 @@ def read_bank_rows(out: str, references: dict[str, dict], begin: int, end: int) 
             if rows is None or list(rows["rows"]) != [first, last]:
                 raise CheckpointError(path, f"does not hold rows [{first}, {last}) of {name}")
             keep = slice(max(begin, first) - first, min(end, last) - first)
-            parts[name].append((rows["features"][keep], rows["ids"][keep]))
+            # features, ids, and guides where the bank has them (language guidance)
+            parts[name].append({key: rows[key][keep] for key in ("features", "ids", "guides") if key in rows})
         del banks
     states = {}
     for name, reference in references.items():
-        if sum(ids.shape[0] for _, ids in parts[name]) != end - begin:
+        if sum(part["ids"].shape[0] for part in parts[name]) != end - begin:
             raise CheckpointError(out, f"its shard files do not cover rows [{begin}, {end}) of {name}")
-        states[name] = {"features": torch.cat([features for features, _ in parts[name]]),
-                        "ids": torch.cat([ids for _, ids in parts[name]]), "row_begin": begin,
-                        "pointer": reference["pointer"], "filled": reference["filled"]}
+        states[name] = {key: torch.cat([part[key] for part in parts[name]]) for key in parts[name][0]}
+        states[name].update(row_begin=begin, pointer=reference["pointer"], filled=reference["filled"])
     return states
 
 

@@ -15,14 +15,15 @@ its own local batch (of any size, 0 included).
 
 from __future__ import annotations
 
-import zlib
 from typing import NamedTuple
 
 import torch
 
-from fne_fast.ops import BACKENDS, SamplerOptions, merge_candidates, sample_negatives_with_options
+from fne_fast.ops import SamplerOptions, merge_candidates, sample_negatives_with_options
 from fne_fast.ops.checks import EMBEDDING_DTYPES, dtype_name
 from fne_fast.sampling import distributed
+from fne_fast.sampling.bank_arguments import fingerprint, guides_problem, sample_problem
+from fne_fast.sampling.traffic import remote_rows, sharded_traffic
 
 __all__ = ["MemoryBank", "BankSample", "sharded_traffic", "remote_rows"]
 
@@ -43,7 +44,10 @@ class BankSample(NamedTuple):
 
 
 class MemoryBank:
-    """``size`` rows of ``dim`` features in ``dtype`` with an int64 id per row (-1 where never written).
+    """``size`` rows of ``dim`` features in ``dtype`` with an int64 id per row (-1 where never written), and with
+    ``guide_dim`` > 0 a guide embedding of that many values per row (language guidance: the frozen text embedding
+    of the row's caption, in ``dtype``), written with the row and read by ``sample`` when
+    ``options.guide_threshold`` is set.
 
     Rows are written in ring order starting at row 0, so the global rows ``[0, filled)`` are the written ones
     until the first wrap-around, and all rows after it. With a process ``group`` of W > 1 ranks this process
@@ -52,22 +56,24 @@ class MemoryBank:
     """
 
     def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", group=None):
+                 device: torch.device | str = "cpu", group=None, guide_dim: int = 0):
         self.group = group
         self.world_size, self.rank = distributed.world_size(group), distributed.rank(group)
         self.device = torch.device(device)
         problem = None
         if size < 1 or dim < 1:
             problem = f"size and dim must be >= 1, got size={size}, dim={dim}"
+        elif not (isinstance(guide_dim, int) and guide_dim >= 0):
+            problem = f"guide_dim must be an integer >= 0, got {guide_dim!r}"
         elif dtype not in EMBEDDING_DTYPES:
             problem = f"dtype must be one of {', '.join(dtype_name(d) for d in EMBEDDING_DTYPES)}, got {dtype}"
         elif size % self.world_size:
             problem = f"size must divide by the number of processes {self.world_size}, got size={size}"
         if self.world_size > 1:
-            table = distributed.agree("MemoryBank", [size, dim, distributed.dtype_code(dtype)], problem, group,
-                                      self.device)
-            distributed.require_same("MemoryBank", table, ("size", "dim", "dtype"),
-                                     lambda line: (line[0], line[1], distributed.dtype_code_name(line[2])))
+            table = distributed.agree("MemoryBank", [size, dim, distributed.dtype_code(dtype), guide_dim], problem,
+                                      group, self.device)
+            distributed.require_same("MemoryBank", table, ("size", "dim", "dtype", "guide_dim"),
+                                     lambda line: (line[0], line[1], distributed.dtype_code_name(line[2]), line[3]))
         elif problem is not None:
             raise ValueError(problem)
         self.size, self.dim, self.dtype = size, dim, dtype
@@ -75,6 +81,8 @@ class MemoryBank:
         self.row_begin = self.rank * self.shard_size
         self.features = torch.zeros(self.shard_size, dim, dtype=dtype, device=self.device)
         self.ids = torch.full((self.shard_size,), -1, dtype=torch.int64, device=self.device)
+        self.guide_dim = guide_dim
+        self.guides = torch.zeros(self.shard_size, guide_dim, dtype=dtype, device=self.device) if guide_dim else None
         self.pointer = 0  # the global ring's next row
         self.filled = 0  # global rows written so far, at most size
 
@@ -84,15 +92,17 @@ class MemoryBank:
 
     @property
     def nbytes(self) -> int:
-        """Bytes this process holds for the bank (features and ids)."""
-        return self.features.nbytes + self.ids.nbytes
+        """Bytes this process holds for the bank (features, ids and guides)."""
+        return self.features.nbytes + self.ids.nbytes + (self.guides.nbytes if self.guides is not None else 0)
 
     # --- writing -----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def enqueue(self, features: torch.Tensor, ids: torch.Tensor, *, counts: list[int] | None = None) -> None:
+    def enqueue(self, features: torch.Tensor, ids: torch.Tensor, *, guides: torch.Tensor | None = None,
+                counts: list[int] | None = None) -> None:
         """Writes the global batch at the pointer, wrapping around; a batch larger than the bank keeps its last
-        rows. Collective when sharded: ``features`` [B, dim] and ``ids`` [B] are this rank's local batch;
+        rows. Collective when sharded: ``features`` [B, dim], ``ids`` [B] and ``guides`` [B, guide_dim] (exactly
+        when the bank has guides) are this rank's local batch;
         ``counts``, every rank's B where the caller knows them (a training loop does), skips the agreement and its
         host synchronisation: they must be the same list on every rank (not checked), and a bad argument then
         raises on its own rank alone."""
@@ -101,8 +111,13 @@ class MemoryBank:
             problem = f"features must be [B, {self.dim}], got shape {tuple(features.shape)}"
         elif ids.shape != (features.shape[0],):
             problem = f"ids must be [B] = [{features.shape[0]}], got shape {tuple(ids.shape)}"
+        else:
+            problem = guides_problem("guides", guides, features.shape[0], self.guide_dim,
+                                      "the bank was built with guide_dim")
         features = features.detach().to(device=self.device, dtype=self.dtype) if problem is None else features
         ids = ids.to(device=self.device, dtype=torch.int64) if problem is None else ids
+        if problem is None and guides is not None:
+            guides = guides.detach().to(device=self.device, dtype=self.dtype)
         if self.sharded and counts is not None:
             counts = distributed.check_counts("MemoryBank.enqueue", counts, self.group, features.shape[0], problem)
         elif self.sharded:
@@ -111,9 +126,11 @@ class MemoryBank:
         if self.sharded:
             features = distributed.all_gather_rows(features, counts, self.group, "ring")
             ids = distributed.all_gather_rows(ids, counts, self.group, "ring")
+            if guides is not None:
+                guides = distributed.all_gather_rows(guides, counts, self.group, "ring")
         elif problem is not None:
             raise ValueError(problem)
-        self._write(features, ids)
+        self._write(features, ids, guides)
 
     def next_positions(self, rows: int) -> tuple[int, torch.Tensor]:
         """Where the next ``enqueue`` of a global batch of ``rows`` rows writes them: the first row it keeps (a
@@ -121,7 +138,7 @@ class MemoryBank:
         skipped = max(0, rows - self.size)
         return skipped, (self.pointer + skipped + torch.arange(rows - skipped)) % self.size
 
-    def _write(self, features: torch.Tensor, ids: torch.Tensor) -> None:
+    def _write(self, features: torch.Tensor, ids: torch.Tensor, guides: torch.Tensor | None) -> None:
         """Writes the global batch's rows that fall into this process's rows, as at most two slices (the ring
         segment before and after the wrap-around), each cut to this process's range."""
         rows = features.shape[0]
@@ -130,6 +147,7 @@ class MemoryBank:
             skipped = rows - self.size
             self.pointer = (self.pointer + skipped) % self.size
             features, ids, rows = features[skipped:], ids[skipped:], self.size
+            guides = guides[skipped:] if guides is not None else None
         first_part = min(rows, self.size - self.pointer)
         for ring_begin, batch_begin, length in ((self.pointer, 0, first_part), (0, first_part, rows - first_part)):
             begin = max(ring_begin, self.row_begin)
@@ -138,6 +156,8 @@ class MemoryBank:
                 source = slice(batch_begin + begin - ring_begin, batch_begin + end - ring_begin)
                 self.features[begin - self.row_begin:end - self.row_begin] = features[source]
                 self.ids[begin - self.row_begin:end - self.row_begin] = ids[source]
+                if guides is not None:
+                    self.guides[begin - self.row_begin:end - self.row_begin] = guides[source]
         self.pointer = (self.pointer + rows) % self.size
         self.filled = min(self.size, self.filled + rows)
 
@@ -147,7 +167,8 @@ class MemoryBank:
     def sample(self, anchors: torch.Tensor, positive_sim: torch.Tensor, anchor_ids: torch.Tensor,
                stats: torch.Tensor, options: SamplerOptions = _DEFAULTS, *, seed: int = 0, step: int = 0,
                backend: str = "auto", check_finite: bool = True, counts: list[int] | None = None,
-               fn_thresholds: torch.Tensor | None = None, count_above: bool = False) -> BankSample:
+               fn_thresholds: torch.Tensor | None = None, count_above: bool = False,
+               anchor_guides: torch.Tensor | None = None) -> BankSample:
         """``fne_fast.sample_negatives`` of ``anchors`` [B, D] over the whole bank, with the chosen rows.
 
         Args:
@@ -157,6 +178,8 @@ class MemoryBank:
                 and the offsets).
             fn_thresholds: optional [B] float32 per-anchor thresholds, the op's; count_above: also count each
                 anchor's candidates above its threshold, over the whole bank (the shards' counts added).
+            anchor_guides: [B, guide_dim] the anchors' guide embeddings, exactly when ``options.guide_threshold``
+                is set (language guidance against the bank's guides; the bank must have them).
 
         Returns:
             A ``BankSample``: ``index`` [B, k] global bank indices, ``sim``, ``valid`` and ``key`` as the op's, and
@@ -170,15 +193,19 @@ class MemoryBank:
         options and ``stats`` and its host synchronisations: the same list on every rank (not checked); a bad
         argument then raises on its own rank alone.
         """
-        problem = _sample_problem(anchors, positive_sim, anchor_ids, stats, self.dim, options, seed, step, backend,
+        problem = sample_problem(anchors, positive_sim, anchor_ids, stats, self.dim, options, seed, step, backend,
                                   fn_thresholds, count_above)
+        if problem is None and isinstance(options, SamplerOptions):
+            problem = self._anchorguides_problem(anchor_guides, anchors.shape[0], options)
+        guided = problem is None and anchor_guides is not None
         call = dict(seed=seed, step=step, backend=backend, check_finite=check_finite, count_above=count_above)
         if not self.sharded:
             if problem is not None:
                 raise ValueError(problem)
             index, sim, valid, key, *above = sample_negatives_with_options(
                 anchors.to(self.dtype), self.features, positive_sim, anchor_ids, self.ids, stats, options,
-                fn_thresholds=fn_thresholds, filled=self.filled, **call)
+                fn_thresholds=fn_thresholds, filled=self.filled,
+                **self._guide_inputs(anchor_guides if guided else None), **call)
             rows = torch.where(valid.unsqueeze(-1), self.features[index.clamp(min=0)], 0)
             chosen_ids = torch.where(valid, self.ids[index.clamp(min=0)], -1)
             return BankSample(index, sim, valid, key, rows, chosen_ids, above[0] if count_above else None)
@@ -187,7 +214,7 @@ class MemoryBank:
             counts = distributed.check_counts("MemoryBank.sample", counts, self.group, anchors.shape[0], problem)
         else:
             metadata = [0] * 7 if problem is not None else [anchors.shape[0],
-                                                            *_fingerprint(options, stats, call, fn_thresholds)]
+                                                            *fingerprint(options, stats, call, fn_thresholds)]
             table = distributed.agree("MemoryBank.sample", metadata, problem, self.group, self.device)
             distributed.require_same("MemoryBank.sample", [line[1:] for line in table],
                                      ("k", "mode", "seed", "step", "other options", "stats"))
@@ -207,10 +234,13 @@ class MemoryBank:
         all_scalars = distributed.all_gather_rows(torch.stack(scalars, dim=1), counts, self.group, "anchors")
         all_ids, all_positive_sim = all_scalars[:, 0], _bits_float(all_scalars[:, 1])
         all_thresholds = _bits_float(all_scalars[:, 2]) if fn_thresholds is not None else None
+        all_guides = (distributed.all_gather_rows(anchor_guides.to(self.dtype), counts, self.group, "anchors")
+                      if guided else None)
         local_filled = min(max(self.filled - self.row_begin, 0), self.shard_size)
         shard_index, shard_sim, _, shard_key, *shard_above = sample_negatives_with_options(
             all_anchors, self.features, all_positive_sim, all_ids.contiguous(), self.ids, stats, options,
-            fn_thresholds=all_thresholds, row_offset=0, col_offset=self.row_begin, filled=local_filled, **call)
+            fn_thresholds=all_thresholds, row_offset=0, col_offset=self.row_begin, filled=local_filled,
+            **self._guide_inputs(all_guides), **call)
         above = None
         if count_above:
             # The shards' counts add up; this rank keeps its anchors'.
@@ -222,6 +252,20 @@ class MemoryBank:
                                                                                   counts), k=options.k)
         rows, chosen_ids = self._fetch_rows(index, valid)
         return BankSample(index, sim, valid, key, rows, chosen_ids, above)
+
+    def _anchorguides_problem(self, anchor_guides, rows: int, options: SamplerOptions) -> str | None:
+        if options.guide_threshold is None:
+            return None if anchor_guides is None else "anchor_guides are read only with options.guide_threshold"
+        if self.guides is None:
+            return "options.guide_threshold needs a bank built with guide_dim > 0 (it holds no guides)"
+        return guides_problem("anchor_guides", anchor_guides, rows, self.guide_dim, "options.guide_threshold is set")
+
+    def _guide_inputs(self, anchor_guides: torch.Tensor | None) -> dict:
+        """The op's guide arguments: the anchors' guides in the bank's dtype (as the anchors are) and this
+        process's rows' guides."""
+        if anchor_guides is None:
+            return {}
+        return dict(anchor_guides=anchor_guides.to(self.dtype), bank_guides=self.guides)
 
     def _candidates_of_my_anchors(self, index, sim, key, counts: list[int]):
         """This rank's anchors' candidates from every rank's shard, side by side [B, W·k] in rank order: each rank
@@ -270,15 +314,27 @@ class MemoryBank:
         return None."""
         state = {"pointer": self.pointer, "filled": self.filled}
         if not self.sharded:
-            return {"features": self.features.clone(), "ids": self.ids.clone(), **state}
-        features = distributed.gather_to_first(self.features, self.group, "checkpoint")
-        ids = distributed.gather_to_first(self.ids, self.group, "checkpoint")
-        return None if features is None else {"features": torch.cat(features), "ids": torch.cat(ids), **state}
+            rows = {"features": self.features.clone(), "ids": self.ids.clone()}
+            if self.guides is not None:
+                rows["guides"] = self.guides.clone()
+            return {**rows, **state}
+        parts = {name: distributed.gather_to_first(tensor, self.group, "checkpoint")
+                 for name, tensor in self._row_tensors().items()}
+        if parts["ids"] is None:
+            return None
+        return {**{name: torch.cat(tensors) for name, tensors in parts.items()}, **state}
+
+    def _row_tensors(self) -> dict[str, torch.Tensor]:
+        """This process's per-row tensors by name: features, ids, and guides where the bank has them."""
+        rows = {"features": self.features, "ids": self.ids}
+        if self.guides is not None:
+            rows["guides"] = self.guides
+        return rows
 
     def shard_state(self) -> dict:
         """This process's rows (``rows``: their global range) without the ring counters: what a rank writes into
         its own checkpoint file (``fne_fast.runs.shards``). Not collective."""
-        return {"features": self.features, "ids": self.ids, "rows": [self.row_begin, self.row_begin + self.shard_size]}
+        return {**self._row_tensors(), "rows": [self.row_begin, self.row_begin + self.shard_size]}
 
     def load_state_dict(self, state: dict) -> None:
         """Loads a whole bank's state (from ``state_dict`` with any number of processes), of which this process
@@ -294,35 +350,18 @@ class MemoryBank:
                 raise ValueError(f"bank state holds rows from {int(state['row_begin'])}, this process's start at "
                                  f"{self.row_begin}")
             rows = slice(0, self.shard_size)
+        if (self.guides is not None) != ("guides" in state):
+            raise ValueError("bank state " + ("holds no guides, and this bank has" if self.guides is not None else
+                                              "holds guides, and this bank has none") +
+                             " (language guidance must be on or off in both)")
+        if self.guides is not None and tuple(state["guides"].shape) != (expected[0], self.guide_dim):
+            raise ValueError(f"bank state's guides have shape {tuple(state['guides'].shape)}, this bank's are "
+                             f"{(expected[0], self.guide_dim)}")
         self.features = state["features"][rows].to(device=self.device, dtype=self.dtype).clone()
         self.ids = state["ids"][rows].to(self.device).clone()
+        if self.guides is not None:
+            self.guides = state["guides"][rows].to(device=self.device, dtype=self.dtype).clone()
         self.pointer, self.filled = int(state["pointer"]), int(state["filled"])
-
-
-def sharded_traffic(counts: list[int], rank: int, k: int, dim: int, element_bytes: int, *, rows_fetched: int,
-                    rows_served: int) -> dict[str, int]:
-    """The bytes rank ``rank`` of a sharded bank sends for one ``enqueue`` and one ``sample`` of a step, by kind
-    (docs/DESIGN.md §3.1; the small agreement rows and row counts aside). ``counts``: every rank's local batch (the
-    anchors and the ring are padded to the largest); ``k``: negatives per anchor; ``element_bytes``: the bank's
-    dtype's; ``rows_fetched``: chosen rows of this rank's anchors that other ranks hold; ``rows_served``: rows of
-    this rank's shard chosen for other ranks' anchors (each about B·k·(W − 1)/W when the chosen rows spread
-    evenly over the shards)."""
-    others, largest, row_bytes = len(counts) - 1, max(counts), dim * element_bytes
-    return {"anchors": others * largest * (row_bytes + 16), "candidates": 16 * k * (sum(counts) - counts[rank]),
-            "requests": 8 * rows_fetched, "rows": (row_bytes + 8) * rows_served,
-            "ring": others * largest * (row_bytes + 8)}
-
-
-def remote_rows(counts: list[int], index: torch.Tensor, valid: torch.Tensor,
-                shard_size: int) -> tuple[list[int], list[int]]:
-    """``sharded_traffic``'s data-dependent terms for every rank, from a step's chosen rows ``index``, ``valid``
-    [G, k] of the global batch (the ranks' anchors in rank order): (chosen rows of each rank's anchors that
-    other ranks hold, rows of each rank's shard that other ranks' anchors chose)."""
-    owner = torch.where(valid, index, 0) // shard_size
-    anchor_rank = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))[:, None].expand_as(index)
-    remote = valid & (owner != anchor_rank)
-    return (torch.bincount(anchor_rank[remote], minlength=len(counts)).tolist(),
-            torch.bincount(owner[remote], minlength=len(counts)).tolist())
 
 
 def _float_bits(values: torch.Tensor) -> torch.Tensor:
@@ -331,49 +370,6 @@ def _float_bits(values: torch.Tensor) -> torch.Tensor:
 
 def _bits_float(bits: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int32).view(torch.float32)
-
-
-def _sample_problem(anchors, positive_sim, anchor_ids, stats, dim: int, options, seed, step, backend,
-                    fn_thresholds=None, count_above=False) -> str | None:
-    """What is wrong with ``sample``'s arguments on this rank (None when nothing is), found before any
-    collective; the op checks the rest where it runs."""
-    if not isinstance(options, SamplerOptions):
-        return f"options must be a SamplerOptions, got {type(options).__name__}"
-    if backend not in BACKENDS:
-        return f"backend must be one of {BACKENDS}, got {backend!r}"
-    if not isinstance(seed, int) or not isinstance(step, int):
-        return "seed and step must be integers"
-    if not isinstance(anchors, torch.Tensor) or anchors.dim() != 2 or anchors.shape[1] != dim:
-        return f"anchors must be a [B, {dim}] tensor, got {getattr(anchors, 'shape', type(anchors).__name__)}"
-    if not anchors.is_floating_point():
-        return f"anchors must be floating point, got {anchors.dtype}"
-    rows = anchors.shape[0]
-    for name, tensor, dtype in (("positive_sim", positive_sim, torch.float32), ("anchor_ids", anchor_ids,
-                                                                                torch.int64)):
-        if not isinstance(tensor, torch.Tensor) or tensor.shape != (rows,) or tensor.dtype != dtype:
-            return (f"{name} must be a [{rows}] {str(dtype).replace('torch.', '')} tensor, got "
-                    f"{getattr(tensor, 'shape', type(tensor).__name__)} {getattr(tensor, 'dtype', '')}")
-    if not isinstance(stats, torch.Tensor) or stats.shape != (5,) or stats.dtype != torch.float32:
-        return "stats must be a [5] float32 tensor"
-    if fn_thresholds is not None and (not isinstance(fn_thresholds, torch.Tensor) or fn_thresholds.shape != (rows,)
-                                      or fn_thresholds.dtype != torch.float32):
-        return (f"fn_thresholds must be a [{rows}] float32 tensor, got "
-                f"{getattr(fn_thresholds, 'shape', type(fn_thresholds).__name__)} "
-                f"{getattr(fn_thresholds, 'dtype', '')}")
-    if count_above and fn_thresholds is None:
-        return "count_above counts the candidates above fn_thresholds, which were not given"
-    return None
-
-
-def _fingerprint(options: SamplerOptions, stats: torch.Tensor, call: dict, fn_thresholds) -> list[int]:
-    """Integers that equal on every rank exactly when the ranks pass the same options, counters and statistics
-    (and all give thresholds, or none; their values are each anchor's own)."""
-    seed = call["seed"] % 2**64
-    rest = repr((options.as_kwargs(), call["backend"], call["check_finite"], call["count_above"],
-                 fn_thresholds is None))
-    stats_bits = zlib.crc32(stats.detach().float().cpu().numpy().tobytes())
-    return [options.k, zlib.crc32(options.mode.encode()), seed - 2**64 if seed >= 2**63 else seed,
-            call["step"], zlib.crc32(rest.encode()), stats_bits]
 
 
 def _empty_sample(k: int, dim: int, dtype, device, count_above: bool) -> BankSample:

@@ -83,18 +83,20 @@ class FNELoss(nn.Module):
                              "options.relative_cut or thresholds")
         self.attract_weight = float(attract_weight)
         # The detector: the anchor's most similar non-positive candidates, with no criterion of its own.
-        self._detector = self.options.replace(mode="hardest", k=attract_k, relative_cut=None)
+        self._detector = self.options.replace(mode="hardest", k=attract_k, relative_cut=None, guide_threshold=None)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, image_key: torch.Tensor, text_key: torch.Tensor,
                 ids: torch.Tensor, *, image_bank: MemoryBank | None = None, text_bank: MemoryBank | None = None,
                 step: int = 0, warmup: bool = False, group_of_id: torch.Tensor | None = None,
-                update_stats: bool = True, batch: GlobalBatch | None = None
+                update_stats: bool = True, batch: GlobalBatch | None = None, guides: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``image``, ``text``: online embeddings [B, D] of this rank's pairs; ``image_key``, ``text_key``: their
         momentum keys; ``ids`` [B]: the image identity of each pair (pairs with one id are positives of each
         other). The banks must already hold this step's keys (enqueue first). ``group_of_id`` maps an identity
         to its semantic group, for the false-negative rate. ``batch``: the global batch of these embeddings
-        (``fne_fast.sampling.distributed.gather_batch``), gathered here when not given. Returns (the loss to
+        (``fne_fast.sampling.distributed.gather_batch``), gathered here when not given. ``guides`` [B, Dg]: the
+        pairs' guide embeddings, needed with ``options.guide_threshold`` (language guidance: both directions'
+        anchors are guided by their pair's caption, against banks built with guides). Returns (the loss to
         differentiate, per-step diagnostic sums)."""
         if batch is None:
             batch = gather_batch(image, text, ids, self.group)
@@ -105,13 +107,15 @@ class FNELoss(nn.Module):
             return self._in_batch(batch, stats, group_of_id)
         if image_bank is None or text_bank is None:
             raise ValueError(f"sampler {self.sampler!r} needs image_bank and text_bank outside the warm-up")
+        if (guides is None) != (self.options.guide_threshold is None):
+            raise ValueError("guides must be given exactly when options.guide_threshold is set (language guidance)")
         diagnostics = _zero_diagnostics(image.device)
         image_table, text_table = self.thresholds or (None, None)
         loss_image_to_text = self._bank_direction(image, text_key, ids, text_bank, stats, self.seed, step,
-                                                  group_of_id, diagnostics, batch, image_table)
+                                                  group_of_id, diagnostics, batch, image_table, guides)
         loss_text_to_image = self._bank_direction(text, image_key, ids, image_bank, stats,
                                                   self.seed + _TEXT_TO_IMAGE_SEED_OFFSET, step, group_of_id,
-                                                  diagnostics, batch, text_table)
+                                                  diagnostics, batch, text_table, guides)
         loss = loss_image_to_text + loss_text_to_image
         if self.inbatch_weight:
             # The diagnostics stay the bank's draws'; the in-batch term only adds to the loss.
@@ -121,7 +125,8 @@ class FNELoss(nn.Module):
         return loss, diagnostics
 
     def _bank_direction(self, anchors, positive_keys, ids, bank: MemoryBank, stats, seed, step, group_of_id,
-                        diagnostics, batch: GlobalBatch, table: ThresholdTable | None) -> torch.Tensor:
+                        diagnostics, batch: GlobalBatch, table: ThresholdTable | None,
+                        guides: torch.Tensor | None) -> torch.Tensor:
         positive_sim = (anchors * positive_keys.to(anchors.dtype)).sum(dim=1)
         thresholds = table.lookup(ids, stats) if table is not None else None
         # Selection runs in the bank's storage dtype whatever the anchors' (float64 in gradient checks): it is not
@@ -129,7 +134,8 @@ class FNELoss(nn.Module):
         # bf16 bank the bank rounds the anchors to bf16 too (MemoryBank.sample), so that the op takes its bf16 GEMM.
         draw = bank.sample(anchors.detach(), positive_sim.detach().float(), ids, stats, self.options, seed=seed,
                            step=step, backend=self.backend, fn_thresholds=thresholds, count_above=table is not None,
-                           counts=None if self.agree_each_step or batch.world_size == 1 else list(batch.counts))
+                           counts=None if self.agree_each_step or batch.world_size == 1 else list(batch.counts),
+                           anchor_guides=guides)
         if table is not None:
             # Every rank applies the global batch's step, so that the ranks' tables stay equal.
             used = thresholds if batch.world_size == 1 else table.lookup(batch.ids, stats)

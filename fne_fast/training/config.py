@@ -151,6 +151,11 @@ class TrainConfig:
         if isinstance(self.options, dict):
             self.options = SamplerOptions(**self.options)
         self.options = self.options.replace(mode=sampler_mode(self.sampler))
+        if self.options.guide_threshold is not None and self.finetune:
+            raise UsageError("--guide-threshold: language guidance compares the frozen text embeddings of the "
+                             "captions, which a run with --finetune does not hold; run it with --finetune 0")
+        if self.options.guide_threshold is not None and self.sampler == "inbatch-hardest":
+            raise UsageError("--guide-threshold: guides the bank's draws, and sampler inbatch-hardest draws none")
         if self.attract_weight and self.options.relative_cut is None and self.threshold_share is None:
             raise UsageError("--attract-weight: attraction needs a false-negative criterion to detect what it "
                              "attracts: --relative-cut or --threshold-share")

@@ -25,7 +25,7 @@ import math
 import torch
 
 from fne_fast.ops.fne_math import (bayes_active, fallback_candidates, false_negative_probability, gaussians_defined,
-                                   race_log_weights, row_ceilings, safe_stats)
+                                   guide_exclusions, guide_similarities, race_log_weights, row_ceilings, safe_stats)
 from fne_fast.ops.options import SamplerOptions
 from fne_fast.sampling import distributed
 from fne_fast.training.data import sampler_labels
@@ -42,11 +42,11 @@ _SUMS = ("anchors", "candidates", "race", "race_bayes", "candidates_bayes", "ent
 
 
 def _race_log_weights(sim, positive_sim, anchor_ids, bank_ids, filled, stats, options: SamplerOptions, sampler,
-                      fn_thresholds=None):
+                      fn_thresholds=None, guided_out=None):
     """(log-weights of the sampler's race, -inf outside it; non-positive mask). Mode "hardest" (and the in-batch
     sampler, which draws nothing from the bank) has no race: None."""
     non_positive = fallback_candidates(sim, anchor_ids, bank_ids, filled,
-                                       row_ceilings(positive_sim, options, fn_thresholds))
+                                       row_ceilings(positive_sim, options, fn_thresholds), guided_out)
     if sampler == "inbatch-hardest" or options.mode == "hardest":
         return None, non_positive
     weights, race = race_log_weights(sim, positive_sim, stats, options, non_positive)
@@ -58,10 +58,11 @@ def bank_diagnostics(anchors: torch.Tensor, positive_sim: torch.Tensor, anchor_i
                      bank_features: torch.Tensor, bank_ids: torch.Tensor, filled: int, stats: torch.Tensor,
                      options: SamplerOptions, *, sampler: str = "fne", group_of_id: torch.Tensor | None = None,
                      sums: dict | None = None, chunk: int = 64, col_offset: int = 0, group=None,
-                     fn_thresholds: torch.Tensor | None = None) -> dict:
+                     fn_thresholds: torch.Tensor | None = None, anchor_guides: torch.Tensor | None = None,
+                     bank_guides: torch.Tensor | None = None) -> dict:
     """Adds one direction's sums (device tensors) into ``sums`` and returns it; ``summarise`` turns them into
-    numbers. ``anchors`` [A, D] against ``bank_features`` [N, D]; ``positive_sim`` [A]; ids and
-    ``fn_thresholds`` [A] (optional) as for the op.
+    numbers. ``anchors`` [A, D] against ``bank_features`` [N, D]; ``positive_sim`` [A]; ids, ``fn_thresholds``
+    [A] (optional) and the guides (with ``options.guide_threshold``) as for the op.
 
     Sharded (``group`` of W > 1 ranks, each passing the same anchors, its shard of the bank, the shard's first row
     as ``col_offset`` and the whole bank's ``filled``): each rank adds its shard's part of the sums, and what
@@ -83,9 +84,13 @@ def bank_diagnostics(anchors: torch.Tensor, positive_sim: torch.Tensor, anchor_i
     for start in range(0, anchors.shape[0], chunk):
         rows = slice(start, start + chunk)
         sim = anchors[rows].to(torch.float32) @ bank.T
+        guided_out = None
+        if options.guide_threshold is not None:
+            guided_out = guide_exclusions(guide_similarities(anchor_guides[rows], bank_guides, torch.float32),
+                                          options.guide_threshold)
         weights, non_positive = _race_log_weights(
             sim, positive_sim[rows].to(torch.float32), anchor_ids[rows], bank_ids, local_filled, stats, options,
-            sampler, fn_thresholds[rows] if fn_thresholds is not None else None)
+            sampler, fn_thresholds[rows] if fn_thresholds is not None else None, guided_out)
         sim64 = sim.double()
         p_fn = false_negative_probability(sim64, model_stats, options.prior_k)
         likely_false = active & (p_fn > p_fn_threshold)
@@ -238,6 +243,8 @@ def epoch_diagnostics(heads, split, image_bank, text_bank, stats: torch.Tensor, 
     image_features = split.image_features[split.caption_image[captions]].to(device)
     text_features = split.text_features[captions].to(device)
     image, text, image_key, text_key = heads(image_features, text_features)
+    guided = options.guide_threshold is not None
+    guides = torch.nn.functional.normalize(text_features, dim=1) if guided else None  # as the training step's
     group_of_id = group_of_id.to(device) if group_of_id is not None else None
     sums = None
     tables = thresholds or (None, None)
@@ -246,5 +253,6 @@ def epoch_diagnostics(heads, split, image_bank, text_bank, stats: torch.Tensor, 
         sums = bank_diagnostics(anchor, (anchor * positive_key).sum(dim=1), ids, bank.features.to(device),
                                 bank.ids.to(device), bank.filled, stats, options, sampler=sampler,
                                 group_of_id=group_of_id, sums=sums, col_offset=bank.row_begin, group=bank.group,
-                                fn_thresholds=table.lookup(ids, stats) if table is not None else None)
+                                fn_thresholds=table.lookup(ids, stats) if table is not None else None,
+                                anchor_guides=guides, bank_guides=bank.guides.to(device) if guided else None)
     return summarise(reduce_sums(sums, image_bank.group), sampler=sampler, has_groups=group_of_id is not None)

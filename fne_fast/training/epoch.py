@@ -78,15 +78,18 @@ def train_one_epoch(run: RunState, split: FeatureSplit, epoch: int, timing: dict
         heads_forward = _clock(device)
         if run.ledger:
             run.ledger.record(run.image_bank.next_positions(global_captions.numel()), global_captions, run.step)
-        run.image_bank.enqueue(image_key, ids, counts=counts)
-        run.text_bank.enqueue(text_key, ids, counts=counts)
+        # Language guidance's guides: the pairs' frozen caption embeddings as cosines (None when it is off).
+        guides = (torch.nn.functional.normalize(text_features, dim=1)
+                  if config.options.guide_threshold is not None else None)
+        run.image_bank.enqueue(image_key, ids, guides=guides, counts=counts)
+        run.text_bank.enqueue(text_key, ids, guides=guides, counts=counts)
         enqueued = _clock(device)
         batch = distributed.gather_batch(image, text, ids, run.group, counts)
         run.criterion.stats.update_batch(batch)
         stats_updated = _clock(device)
         loss, diagnostics = run.criterion(image, text, image_key, text_key, ids, image_bank=run.image_bank,
                                           text_bank=run.text_bank, step=run.step, warmup=warmup,
-                                          group_of_id=group_of_id, update_stats=False, batch=batch)
+                                          group_of_id=group_of_id, update_stats=False, batch=batch, guides=guides)
         sampled = _clock(device)
         if run.tags:
             loss = loss + run.tags.step(batch_number, run.heads, split)

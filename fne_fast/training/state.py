@@ -64,8 +64,11 @@ class RunState:
         self._learning_rates = [group["lr"] for group in self.optimizer.param_groups]
         # Which pair and step each bank row came from, for the staleness of the rows (tops that train only).
         self.ledger = BankLedger(config.bank_size) if config.finetune else None
+        # Language guidance: each row keeps its pair's frozen caption embedding (the text features, normalised).
+        guide_dim = train_split.text_features.shape[1] if config.options.guide_threshold is not None else 0
         self.image_bank, self.text_bank = (MemoryBank(config.bank_size, config.joint_dim,
-                                                      dtype=config.bank_torch_dtype, device=self.device, group=group)
+                                                      dtype=config.bank_torch_dtype, device=self.device, group=group,
+                                                      guide_dim=guide_dim)
                                            for _ in range(2))
         self.thresholds = None
         if config.threshold_share is not None:
