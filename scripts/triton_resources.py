@@ -30,9 +30,10 @@ sys.path.insert(0, ROOT)
 SHARED_MEMORY_LIMIT = 227 * 1024  # bytes per block on sm_80 / sm_90 (the opt-in maximum)
 
 
-def _main_case(num_rows, dim, k, bank, anchors=None, mode="fne", fn_excludes=False, ceiling=False):
+def _main_case(num_rows, dim, k, bank, anchors=None, mode="fne", fn_excludes=False, ceiling=False, guides=None,
+               guide_dim=384):
     return dict(kernel="main", num_rows=num_rows, dim=dim, k=k, bank=bank, anchors=anchors or bank, mode=mode,
-                fn_excludes=fn_excludes, ceiling=ceiling)
+                fn_excludes=fn_excludes, ceiling=ceiling, guides=guides, guide_dim=guide_dim)
 
 
 def cases(subset: bool) -> list[dict]:
@@ -45,11 +46,15 @@ def cases(subset: bool) -> list[dict]:
              _main_case(128, 256, 3, "fp16", mode="hardest"),
              _main_case(128, 768, 6, "fp32", fn_excludes=True),
              _main_case(128, 256, 16, "bf16", ceiling=True), _main_case(128, 768, 64, "fp32", ceiling=True)]
+    # Language guidance (MiniLM guides, Dg = 384) beside every case: guides of the bank's dtype (anchor and bank
+    # guides), and float32 anchor guides with bf16 bank guides.
+    guided = [dict(case, guides=(case["bank"], case["bank"])) for case in main]
+    guided += [_main_case(128, 256, 16, "bf16", guides=("fp32", "bf16"))]
     merge = [dict(kernel="merge", width=w, k=k, has_race=r) for w, k, r in ((64, 1, True), (528, 1, True),
                                                                            (2048, 64, True), (1584, 3, False))]
     if subset:
         return [main[4], main[9], main[10], main[-5], main[-4], main[-2], merge[1], merge[3]]
-    return main + merge
+    return main + guided + merge
 
 
 def _source(case):
@@ -71,7 +76,8 @@ def _source(case):
                 types[name] = "*" + pointers[name]
             else:
                 types[name] = "fp32" if name in floats else "i64" if name in ints64 else "i32"
-        aligned = [name for name in names if types[name].startswith("*") or name in ("stride_am", "stride_bn", "dim")]
+        aligned = [name for name in names if types[name].startswith("*")
+                   or name in ("stride_am", "stride_bn", "dim", "stride_agm", "stride_bgn")]
         attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
         return ASTSource(fn, types, constexprs=constants, attrs=attrs)
 
@@ -85,8 +91,14 @@ def _source(case):
         return (signature(kernels._merge_kernel, pointers, (), (), constants), {"num_warps": config.num_warps},
                 described)
     low = case["anchors"] == case["bank"] and case["bank"] != "fp32"
-    config = configs.default_config(case["num_rows"], case["dim"], case["k"], low, torch.device("cuda"))
+    guides = case["guides"]
+    guide_low = None if guides is None else guides[0] == guides[1] != "fp32"
+    config = configs.default_config(case["num_rows"], case["dim"], case["k"], low, torch.device("cuda"), guide_low)
+    # The launcher's rule (sample_negatives_triton): beside a float32 similarity product the guides take it too.
+    guide_tensor_cores = guides is not None and low and guide_low
     pointers = dict(anchors_ptr=case["anchors"], bank_ptr=case["bank"], centre_ptr="fp32", ceiling_ptr="fp32",
+                    anchor_guides_ptr=guides[0] if guides else case["anchors"],
+                    bank_guides_ptr=guides[1] if guides else case["bank"],
                     count_threshold_ptr="fp32", anchor_ids_ptr="i64", bank_ids_ptr="i64", stats_ptr="fp32",
                     race_key_ptr="i32", race_idx_ptr="i64", race_sim_ptr="fp32", hard_key_ptr="i32",
                     hard_idx_ptr="i64", hard_sim_ptr="fp32", flag_ptr="i32", above_ptr="i32")
@@ -96,8 +108,13 @@ def _source(case):
                      HAS_WEIGHTS=case["mode"] == "fne", HAS_CUTDOWN=has_race, HAS_CEILING=case["ceiling"],
                      HAS_COUNT=case["ceiling"],
                      CHECK_FINITE=True, FN_EXCLUDES=case["fn_excludes"], DOT_FP32=not low, INPUT_PRECISION="ieee",
-                     ONE_K_STEP=config.block_k >= case["dim"], stride_ad=1, stride_bd=1)
-    floats = ("margin", "tau", "fn_tau", "min_count", "log_prior", "z_threshold")
+                     ONE_K_STEP=config.block_k >= case["dim"], stride_ad=1, stride_bd=1,
+                     HAS_GUIDES=guides is not None, GUIDE_DOT_FP32=not guide_tensor_cores,
+                     BLOCK_G=configs.guide_block_k(case["guide_dim"] if guides else 0, guide_tensor_cores,
+                                                   torch.device("cuda")))
+    if guides is not None:
+        constants.update(stride_agd=1, stride_bgd=1)
+    floats = ("margin", "tau", "fn_tau", "min_count", "log_prior", "z_threshold", "guide_threshold")
     source = signature(kernels._sample_negatives_kernel, pointers, floats, ("col_offset",), constants)
     described = (f"{config.block_m}x{config.block_n}x{config.block_k} w{config.num_warps} s{config.num_stages}")
     return source, {"num_warps": config.num_warps, "num_stages": config.num_stages}, described
@@ -108,6 +125,8 @@ def _label(case) -> str:
         return f"merge width={case['width']} k={case['k']}{'' if case['has_race'] else ' hardest'}"
     dtypes = case["bank"] if case["anchors"] == case["bank"] else f"{case['anchors']}/{case['bank']}"
     extra = (" fn_tau=inf" if case["fn_excludes"] else "") + (" ceilings+counts" if case["ceiling"] else "")
+    if case["guides"] is not None:
+        extra += f" guides {case['guides'][0]}/{case['guides'][1]} Dg={case['guide_dim']}"
     return f"main B={case['num_rows']} D={case['dim']} k={case['k']} {dtypes} {case['mode']}{extra}"
 
 

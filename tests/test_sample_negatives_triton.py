@@ -136,16 +136,21 @@ def test_registered_for_the_cuda_dispatch_key():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fne_fast::sample_negatives", "CUDA")
     # The function behind the CUDA key takes the schema's positional arguments and its signed 64-bit seed.
     inputs = inputs_on_device(10, 120, 8, kind="exact", seed=3)
-    schema_args = (None, 2, "fne", 0.2, 4.0, 4.0, 10000.0, 0.999, 200, True, 0.0, None, -1, 5, 3, 7, 100, True,
-                   False)
+    # fn_thresholds, anchor_guides, bank_guides, then the options (SCHEMA_FIELDS), then the counters.
+    schema_args = (None, None, None, 2, "fne", 0.2, 4.0, 4.0, 10000.0, 0.999, 200, True, 0.0, None, None, -1, 5, 3,
+                   7, 100, True, False)
     expected = run_oracle(inputs, k=2, tau=4.0, seed=(1 << 64) - 1, step=5, row_offset=3, col_offset=7, filled=100)
     assert_same_draws(dispatch._sample_negatives_triton_op(*inputs.values(), *schema_args)[:4], expected)
-    # The criteria's places in the schema: thresholds after stats, the centre offset and the relative cut after
-    # cutdown (a mix-up of the two floats would change the draws).
-    thresholds = torch.full((10,), 0.25, device=inputs["anchors"].device)
-    criteria_args = (thresholds, *schema_args[1:10], -0.125, 0.5, *schema_args[12:])
+    # The criteria's places in the schema: thresholds and the guides after stats, the centre offset, the relative
+    # cut and the guide threshold after cutdown (a mix-up of the floats would change the draws).
+    device = inputs["anchors"].device
+    thresholds = torch.full((10,), 0.25, device=device)
+    generator = torch.Generator().manual_seed(2)
+    guides = [(torch.randint(-4, 5, (rows, 6), generator=generator) / 8.0).to(device) for rows in (10, 120)]
+    criteria_args = (thresholds, *guides, *schema_args[3:12], -0.125, 0.5, 0.125, *schema_args[15:])
     expected = run_oracle(inputs, k=2, tau=4.0, seed=(1 << 64) - 1, step=5, row_offset=3, col_offset=7, filled=100,
-                          fn_thresholds=thresholds, center_offset=-0.125, relative_cut=0.5)
+                          fn_thresholds=thresholds, center_offset=-0.125, relative_cut=0.5, guide_threshold=0.125,
+                          anchor_guides=guides[0], bank_guides=guides[1])
     assert_same_draws(dispatch._sample_negatives_triton_op(*inputs.values(), *criteria_args)[:4], expected)
     with pytest.raises(ValueError, match="filled"):  # and checks its arguments, as the C++ kernels do
         dispatch._sample_negatives_triton_op(*inputs.values(), *schema_args[:-3], 121, True, False)

@@ -5,20 +5,23 @@
 //   1. GEMM: cuBLAS writes the float32 similarities S = anchors · chunkᵀ into one reused [B, chunk] buffer
 //      (float32 GEMM; bf16/fp16 inputs use the GEMM with a float32 output, i.e. fp32 accumulation and no
 //      rounding of S; float32 anchors with a low-precision bank convert the chunk to float32 first, so every
-//      product is exact in float32 as on the CPU).
-//   2. Epilogue: one block per (anchor row, column split) reads its slice of S once and applies the masks
-//      (identity, cut-down), Philox, the Gumbel key and the FNE log-weight, keeping two ranked lists in shared
-//      memory: the Gumbel race and the hardest non-positive candidates (for the fallback). Candidates that
-//      cannot beat the list's k-th entry, or the row's k-th entry from earlier chunks, are dropped without any
-//      shared-memory write. As in the CPU kernel, log-weights are <= 0, so a Philox word whose noise alone
-//      cannot reach that threshold skips the logarithms and the weight: after the first rounds almost every
-//      pair costs its Philox word and a few comparisons.
+//      product is exact in float32 as on the CPU). With language guidance a second GEMM, by the same rules,
+//      writes the guide similarities G = anchor_guides · bank_guides_chunkᵀ into a second buffer of that shape.
+//   2. Epilogue: one block per (anchor row, column split) reads its slice of S (and of G) once and applies the
+//      masks (identity, ceiling, guide threshold, cut-down), Philox, the Gumbel key and the FNE log-weight, keeping
+//      two ranked lists in shared memory: the Gumbel race and the hardest non-positive candidates (for the
+//      fallback). Candidates that cannot beat the list's k-th entry, or the row's k-th entry from earlier chunks,
+//      are dropped without any shared-memory write. As in the CPU kernel, log-weights are <= 0, so a Philox word
+//      whose noise alone cannot reach that threshold skips the logarithms and the weight: after the first rounds
+//      almost every pair costs its Philox word and a few comparisons.
 //   3. Merge: one block per row folds the splits' lists into the row's running lists (exact: top-k of a union).
 // After the last chunk one thread per row writes index/sim/valid/key in the CPU kernel's order (race winners by
 // decreasing key, then the hardest non-positive candidates not chosen yet, then invalid slots). Extra memory is
 // the S buffer (about 32 MiB, at least 1024 columns: max(32 MiB, 4 KiB · B)), an optional float32 copy of one
 // bank chunk (counted in the same 32 MiB), and O(B · k · splits) list entries: independent of N, and the B×N
-// matrix is never formed.
+// matrix is never formed. Language guidance shares the 32 MiB between S and G (and an optional float32 copy of
+// the chunk's guides), so its chunks have about half the columns (at least 1024: max(32 MiB, 8 KiB · B)); it adds
+// one GEMM of inner dimension Dg per chunk and one float32 read per pair to the epilogue, and nothing without it.
 //
 // Why this design: cuBLAS reaches the GEMM's peak rate for every dtype, stride and architecture, so the
 // hand-written part is only the epilogue, whose selection semantics must match the CPU kernel exactly, and it can
@@ -36,13 +39,14 @@
 // Non-finite similarities (NaN/Inf anchors or bank rows, or float32 overflow) are never chosen, as by every
 // backend. A key of -inf (weight 0 with fn_tau = inf) or NaN (non-finite positive_sim or stats) is not a race
 // candidate; the candidate can still be a fallback. check_finite=True raises
-// the same errors as the CPU kernel, which needs the host to see a device-side flag: the op then ends with one
-// device-to-host copy of four flags (a single synchronisation, after all kernels are queued). With
+// the same errors as the CPU kernel, which needs the host to see device-side flags (a non-finite similarity, and
+// with guides a non-finite guide similarity, of a live pair): the op then ends with one device-to-host copy of the
+// input flags and these (a single synchronisation, after all kernels are queued). With
 // check_finite=False the op never synchronises with the host (and can be captured in a CUDA graph).
 //
 // Limits: k <= kMaxK (64) because the lists live in shared memory; larger k raises a ValueError. Column indices
-// are int64 throughout (N, filled and col_offset may exceed 2³¹). A float32 GEMM follows torch's TF32 setting
-// (torch.backends.cuda.matmul.allow_tf32, off by default).
+// are int64 throughout (N, filled and col_offset may exceed 2³¹). A float32 GEMM (similarities or guides) follows
+// torch's TF32 setting (torch.backends.cuda.matmul.allow_tf32, off by default).
 //
 // Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which needs the cuBLAS headers), so this file
 // also compiles against a CPU build of torch for the compile check in CMakeLists.txt.
@@ -72,6 +76,7 @@ static_assert(sizeof(unsigned long long) == sizeof(int64_t), "the exceedance cou
 
 struct EpilogueArgs {
   const float* sims;        // [B, chunk_cols] of this chunk
+  const float* guide_sims;  // [B, chunk_cols] guide similarities of this chunk; nullptr without guides
   const int64_t* bank_ids;  // ids of this chunk's columns
   const int64_t* anchor_ids;
   const float* centres;   // [B] the log-weight's centre s⁺ + b (RowInputs in sample_negatives.h)
@@ -88,8 +93,11 @@ struct EpilogueArgs {
   ListSet running_race, running_hard;  // read only: the floors from earlier chunks
   ListSet partial_race, partial_hard;  // written: one list per (row, split)
   int* non_finite;                     // set to 1 when a similarity is not finite
+  int* guide_non_finite;               // set to 1 when a guide similarity is not finite; nullptr without guides
 };
 
+// kHasGuides: language guidance, a template parameter so that calls without it pay nothing for it.
+template <bool kHasGuides>
 __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs args) {
   __shared__ SharedList race, hard;
   __shared__ WeightParams weights;
@@ -112,13 +120,14 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs args) {
   const int64_t begin = split * args.split_cols;
   const int64_t end = min(begin + args.split_cols, args.chunk_cols);
   const float* row_sims = args.sims + row * args.chunk_cols;
+  const float* row_guides = kHasGuides ? args.guide_sims + row * args.chunk_cols : nullptr;
   const int64_t anchor_id = args.anchor_ids[row];
   const float centre = args.centres[row];
   const float ceiling = args.ceilings != nullptr ? args.ceilings[row] : INFINITY;
   const float count_threshold = args.count_thresholds != nullptr ? args.count_thresholds[row] : INFINITY;
   unsigned long long above = 0;
   const uint32_t global_row = config.row_offset + static_cast<uint32_t>(row);
-  bool non_finite = false;
+  bool non_finite = false, guide_non_finite = false;
   for (int64_t base = begin; base < end; base += kRoundCols) {
     bool offered = false;
 #pragma unroll
@@ -126,6 +135,9 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs args) {
       const int64_t j = base + item * kThreads + threadIdx.x;
       if (j >= end) continue;
       const float s = row_sims[j];
+      // Read before any mask: a non-finite guide similarity of a live pair is reported whatever the pair.
+      const float g = kHasGuides ? row_guides[j] : 0.f;
+      if (kHasGuides && !isfinite(g)) guide_non_finite = true;
       if (!isfinite(s)) {
         non_finite = true;
         continue;
@@ -133,6 +145,7 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs args) {
       if (args.bank_ids[j] == anchor_id) continue;  // the anchor's own identity: a true positive
       above += s > count_threshold;
       if (s > ceiling) continue;                    // a likely false negative by its anchor's ceiling
+      if (kHasGuides && g > config.guide_threshold) continue;       // excluded by its guide (a NaN g never is)
       const int64_t column = args.global_col_begin + j;
       offered |= offer(hard, k, Entry{s, s, column});
       if (sampling && s > cut) {
@@ -161,6 +174,9 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs args) {
   if (sampling) store_list(race, k, args.partial_race, slot);
   if (above != 0) atomicAdd(args.above + row, above);
   if (__syncthreads_or(non_finite) && threadIdx.x == 0) *args.non_finite = 1;
+  if constexpr (kHasGuides) {
+    if (__syncthreads_or(guide_non_finite) && threadIdx.x == 0) *args.guide_non_finite = 1;
+  }
 }
 
 struct MergeArgs {
@@ -234,34 +250,58 @@ __global__ void __launch_bounds__(kOutputThreads) output_kernel(OutputArgs args)
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Columns per chunk: the float32 buffers of one chunk (S, plus the converted bank chunk) fill about
-// kSimBufferBytes, in whole rounds of the epilogue; FNE_FAST_CUDA_CHUNK_COLS overrides.
-int64_t chunk_columns(int64_t num_rows, int64_t dim, bool convert_bank, int64_t live_cols) {
-  const int64_t floats_per_column = num_rows + (convert_bank ? dim : 0);
+// Columns per chunk: the float32 buffers of one chunk (S, G, the converted bank and guide chunks), of
+// floats_per_column floats per column, fill about kSimBufferBytes, in whole rounds of the epilogue;
+// FNE_FAST_CUDA_CHUNK_COLS overrides.
+int64_t chunk_columns(int64_t floats_per_column, int64_t live_cols) {
   const int64_t sized = kSimBufferBytes / (static_cast<int64_t>(sizeof(float)) * floats_per_column);
   const int64_t fallback = std::max<int64_t>(kRoundCols, sized / kRoundCols * kRoundCols);
   return std::min(positive_int_from_env("FNE_FAST_CUDA_CHUNK_COLS", fallback), std::max<int64_t>(live_cols, 1));
 }
 
-// One device-to-host copy for all five checks (the op's only synchronisation, and only with check_finite).
+// float32 products out = left · tileᵀ [B, cols] of one chunk (the rules at the top of this file): a float32 GEMM
+// when both are float32 or after converting a low-precision tile into tile_float_buffer (float32 left), else the
+// low-precision GEMM with fp32 accumulation and output. tile may be any strided view (at::mm accepts one, so no
+// copy of the whole bank is made); an empty inner dimension never reaches cuBLAS.
+void float32_products(at::Tensor& out, const at::Tensor& left, const at::Tensor& tile,
+                      const at::Tensor& tile_float_buffer) {
+  if (left.size(1) == 0) {
+    out.zero_();  // empty dot products
+  } else if (tile.scalar_type() != left.scalar_type()) {
+    auto tile_float = tile_float_buffer.narrow(0, 0, tile.size(0));
+    tile_float.copy_(tile);
+    at::mm_out(out, left, tile_float.t());
+  } else if (left.scalar_type() == at::kFloat) {
+    at::mm_out(out, left, tile.t());
+  } else {
+    at::mm_out(out, left, tile.t(), at::kFloat);
+  }
+}
+
+// One device-to-host copy for all the checks (the op's only synchronisation, and only with check_finite):
+// pass_flags holds the pass's flags, the bank's similarity flag and, with guides, the guide similarity flag.
 void check_finite_flags(const at::Tensor& anchors, const at::Tensor& positive_sim, const at::Tensor& stats,
-                        const c10::optional<at::Tensor>& fn_thresholds, const at::Tensor& non_finite) {
+                        const c10::optional<at::Tensor>& fn_thresholds,
+                        const c10::optional<at::Tensor>& anchor_guides, const at::Tensor& pass_flags) {
   const auto flags =
-      at::cat({non_finite_input_flags(anchors, positive_sim, stats, fn_thresholds), non_finite.ne(0)}).cpu();
+      at::cat({non_finite_input_flags(anchors, positive_sim, stats, fn_thresholds, anchor_guides), pass_flags.ne(0)})
+          .cpu();
   const bool* bad = flags.data_ptr<bool>();
-  raise_if_not_finite(bad, bad[kInputFlags]);
+  raise_if_not_finite(bad, bad[kInputFlags], pass_flags.size(0) > 1 && bad[kInputFlags + 1]);
 }
 
 SampleOutputs sample_negatives_cuda(
     const at::Tensor& anchors, const at::Tensor& bank, const at::Tensor& positive_sim, const at::Tensor& anchor_ids,
-    const at::Tensor& bank_ids, const at::Tensor& stats, const c10::optional<at::Tensor>& fn_thresholds, int64_t k,
+    const at::Tensor& bank_ids, const at::Tensor& stats, const c10::optional<at::Tensor>& fn_thresholds,
+    const c10::optional<at::Tensor>& anchor_guides, const c10::optional<at::Tensor>& bank_guides, int64_t k,
     c10::string_view mode, double margin, double tau, double fn_tau, double prior_k, double fn_margin,
-    int64_t min_count, bool cutdown, double center_offset, c10::optional<double> relative_cut, int64_t seed,
-    int64_t step, int64_t row_offset, int64_t col_offset, int64_t filled, bool check_finite, bool count_above) {
+    int64_t min_count, bool cutdown, double center_offset, c10::optional<double> relative_cut,
+    c10::optional<double> guide_threshold, int64_t seed, int64_t step, int64_t row_offset, int64_t col_offset,
+    int64_t filled, bool check_finite, bool count_above) {
   const SamplerConfig config = check_sample_negatives_args(
-      anchors, bank, positive_sim, anchor_ids, bank_ids, stats, fn_thresholds, k, mode, margin, tau, fn_tau, prior_k,
-      fn_margin, min_count, cutdown, center_offset, relative_cut, seed, step, row_offset, col_offset, filled,
-      check_finite, count_above);
+      anchors, bank, positive_sim, anchor_ids, bank_ids, stats, fn_thresholds, anchor_guides, bank_guides, k, mode,
+      margin, tau, fn_tau, prior_k, fn_margin, min_count, cutdown, center_offset, relative_cut, guide_threshold, seed,
+      step, row_offset, col_offset, filled, check_finite, count_above);
   TORCH_CHECK_VALUE(k <= kMaxK, "k must be <= ", kMaxK, " on CUDA (the per-row lists live in shared memory), got ",
                     k);
   const c10::cuda::CUDAGuard device_guard(anchors.device());
@@ -282,13 +322,18 @@ SampleOutputs sample_negatives_cuda(
   const auto stats_contig = stats.contiguous();
   const RowInputs rows = row_inputs(positive_contig, fn_thresholds, center_offset, relative_cut);
   const at::Tensor thresholds_contig = count_above ? fn_thresholds->contiguous() : at::Tensor();
+  const bool has_guides = config.has_guides;
+  const at::Tensor anchor_guides_contig = has_guides ? anchor_guides->contiguous() : at::Tensor();
+  const int64_t guide_dim = has_guides ? anchor_guides->size(1) : 0;
   // float32 anchors with a low-precision bank: the chunk is converted, so products are formed in float32 from
-  // the exact bank values (as on the CPU) rather than from anchors rounded to the bank's dtype.
+  // the exact bank values (as on the CPU) rather than from anchors rounded to the bank's dtype. Likewise guides.
   const bool convert_bank = bank.scalar_type() != anchors.scalar_type();
-  const bool float_gemm = anchors.scalar_type() == at::kFloat;
+  const bool convert_guides = has_guides && bank_guides->scalar_type() != anchor_guides->scalar_type();
 
   const int64_t live_cols = config.filled;  // rows >= filled are never read
-  const int64_t chunk_cols = chunk_columns(num_rows, dim, convert_bank, live_cols);
+  const int64_t floats_per_column =
+      num_rows + (convert_bank ? dim : 0) + (has_guides ? num_rows + (convert_guides ? guide_dim : 0) : 0);
+  const int64_t chunk_cols = chunk_columns(floats_per_column, live_cols);
   int sm_count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, anchors.device().index()));
   // Enough (row, split) blocks to fill the GPU when B is small, but at least one full round per split.
@@ -300,11 +345,14 @@ SampleOutputs sample_negatives_cuda(
                     "anchors has too many rows for one CUDA launch: ", num_rows);
 
   // Lists: running race/hard [B, k], partial race/hard [B, max_splits, k]. Only the running lengths need
-  // initialising: every partial list a merge reads was written by the epilogue of the same chunk.
+  // initialising: every partial list a merge reads was written by the epilogue of the same chunk. The lengths
+  // are followed by the pass's flags: the bank's non-finite similarity, then with guides the guide similarity's.
   const int64_t running_slots = num_rows, partial_slots = num_rows * max_splits;
   const int64_t entry_count = 2 * (running_slots + partial_slots) * k;
+  const int64_t pass_flag_count = has_guides ? 2 : 1;
   auto entries = at::empty({entry_count * static_cast<int64_t>(sizeof(Entry))}, anchors.options().dtype(at::kByte));
-  auto counts = at::zeros({2 * (running_slots + partial_slots) + 1}, anchors.options().dtype(at::kInt));
+  auto counts =
+      at::zeros({2 * (running_slots + partial_slots) + pass_flag_count}, anchors.options().dtype(at::kInt));
   Entry* entry_ptr = reinterpret_cast<Entry*>(entries.data_ptr<uint8_t>());
   int* count_ptr = counts.data_ptr<int>();
   const ListSet running_race{entry_ptr, count_ptr};
@@ -313,12 +361,17 @@ SampleOutputs sample_negatives_cuda(
   const ListSet partial_hard{entry_ptr + (2 * running_slots + partial_slots) * k,
                              count_ptr + 2 * running_slots + partial_slots};
   int* non_finite = count_ptr + 2 * (running_slots + partial_slots);
+  int* guide_non_finite = has_guides ? non_finite + 1 : nullptr;
   const bool sampling = config.mode != SamplerMode::kHardest;
 
   if (live_cols > 0) {
     auto sims_buffer = at::empty({num_rows * chunk_cols}, anchors.options().dtype(at::kFloat));
-    at::Tensor bank_float_buffer;
+    at::Tensor bank_float_buffer, guide_sims_buffer, bank_guides_float_buffer;
     if (convert_bank) bank_float_buffer = at::empty({chunk_cols, dim}, anchors.options().dtype(at::kFloat));
+    if (has_guides) guide_sims_buffer = at::empty({num_rows * chunk_cols}, anchors.options().dtype(at::kFloat));
+    if (convert_guides) {
+      bank_guides_float_buffer = at::empty({chunk_cols, guide_dim}, anchors.options().dtype(at::kFloat));
+    }
 
     EpilogueArgs epilogue{};
     epilogue.anchor_ids = anchor_ids_contig.data_ptr<int64_t>();
@@ -335,6 +388,7 @@ SampleOutputs sample_negatives_cuda(
     epilogue.partial_race = partial_race;
     epilogue.partial_hard = partial_hard;
     epilogue.non_finite = non_finite;
+    epilogue.guide_non_finite = guide_non_finite;
     MergeArgs merge{};
     merge.k = static_cast<int>(k);
     merge.sampling = sampling;
@@ -346,17 +400,12 @@ SampleOutputs sample_negatives_cuda(
     for (int64_t chunk_begin = 0; chunk_begin < live_cols; chunk_begin += chunk_cols) {
       const int64_t cols = std::min(chunk_cols, live_cols - chunk_begin);
       auto sims = sims_buffer.narrow(0, 0, num_rows * cols).view({num_rows, cols});
-      const auto tile = bank.narrow(0, chunk_begin, cols);  // at::mm accepts any strides of a view
-      if (dim == 0) {
-        sims.zero_();  // empty dot products; keeps cuBLAS away from a zero inner dimension
-      } else if (convert_bank) {
-        auto tile_float = bank_float_buffer.narrow(0, 0, cols);
-        tile_float.copy_(tile);
-        at::mm_out(sims, anchors_contig, tile_float.t());
-      } else if (float_gemm) {
-        at::mm_out(sims, anchors_contig, tile.t());
-      } else {
-        at::mm_out(sims, anchors_contig, tile.t(), at::kFloat);  // bf16/fp16 inputs, fp32 accumulation and output
+      float32_products(sims, anchors_contig, bank.narrow(0, chunk_begin, cols), bank_float_buffer);
+      if (has_guides) {
+        auto guide_sims = guide_sims_buffer.narrow(0, 0, num_rows * cols).view({num_rows, cols});
+        float32_products(guide_sims, anchor_guides_contig, bank_guides->narrow(0, chunk_begin, cols),
+                         bank_guides_float_buffer);
+        epilogue.guide_sims = guide_sims.data_ptr<float>();
       }
 
       const int64_t splits = ceil_div(cols, split_cols);
@@ -365,7 +414,12 @@ SampleOutputs sample_negatives_cuda(
       epilogue.chunk_cols = cols;
       epilogue.splits = splits;
       epilogue.global_col_begin = config.col_offset + chunk_begin;
-      epilogue_kernel<<<static_cast<unsigned>(num_rows * splits), kThreads, 0, stream>>>(epilogue);
+      const auto blocks = static_cast<unsigned>(num_rows * splits);
+      if (has_guides) {
+        epilogue_kernel<true><<<blocks, kThreads, 0, stream>>>(epilogue);
+      } else {
+        epilogue_kernel<false><<<blocks, kThreads, 0, stream>>>(epilogue);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       merge.splits = splits;
       merge_kernel<<<static_cast<unsigned>(num_rows), kThreads, 0, stream>>>(merge);
@@ -379,8 +433,8 @@ SampleOutputs sample_negatives_cuda(
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (check_finite) {
-    check_finite_flags(anchors_contig, positive_contig, stats_contig, fn_thresholds,
-                       counts.narrow(0, counts.size(0) - 1, 1));
+    check_finite_flags(anchors_contig, positive_contig, stats_contig, fn_thresholds, anchor_guides,
+                       counts.narrow(0, counts.size(0) - pass_flag_count, pass_flag_count));
   }
   return {index, sim, valid, key, above};
 }

@@ -11,7 +11,7 @@ import torch
 import triton
 
 __all__ = ["TritonConfig", "MergeConfig", "ROW_BLOCK_LIMITS", "TILE_ELEMENTS", "MAX_MERGE_WIDTH", "default_config",
-           "merge_config", "input_precision", "num_splits"]
+           "guide_block_k", "merge_config", "input_precision", "num_splits"]
 
 MAX_MERGE_WIDTH = 2048  # partial entries per row that the merge kernel holds at once
 
@@ -49,14 +49,22 @@ ROW_BLOCK_LIMITS = {True: ((8, 128), (16, 64), (64, 32)), False: ((1, 64), (64, 
 TILE_ELEMENTS = 4096
 
 
-def default_config(num_rows: int, dim: int, k: int, low_precision: bool, device: torch.device) -> TritonConfig:
+def default_config(num_rows: int, dim: int, k: int, low_precision: bool, device: torch.device,
+                   guide_low_precision: bool | None = None) -> TritonConfig:
     """The shipped tiles (bench/bench_sample_negatives_gpu.py sweeps alternatives). Under the interpreter: large
-    tiles, since its cost is per operation, not per element, and exact "ieee" products."""
+    tiles, since its cost is per operation, not per element, and exact "ieee" products.
+
+    ``guide_low_precision`` is None without language guidance, else whether both guide tensors are bf16 / fp16 of
+    one dtype. The guide tile is a second float32 accumulator: where either product is float32 (similarities or
+    guides), 64 rows spilled on sm_90, so such kernels take at most 32 rows; with both products on the tensor cores
+    the table's rows did not spill."""
     kp = triton.next_power_of_2(k)
     whole_dim = max(16, triton.next_power_of_2(dim))
     if device.type != "cuda":
         return TritonConfig(block_m=64, block_n=128, block_k=min(whole_dim, 64), input_precision="ieee")
     largest = next(rows for longest, rows in ROW_BLOCK_LIMITS[low_precision] if kp <= longest)
+    if guide_low_precision is not None and not (low_precision and guide_low_precision):
+        largest = min(largest, 32)
     block_m = min(largest, max(32, triton.next_power_of_2(num_rows)))
     block_n = max(32, min(64, TILE_ELEMENTS // block_m))
     # One k-step when the bank tile's rows are at most 512 bytes (bf16 D <= 256, float32 D <= 128): the anchor tile
@@ -64,6 +72,16 @@ def default_config(num_rows: int, dim: int, k: int, low_precision: bool, device:
     one_step = whole_dim * (2 if low_precision else 4) <= 512
     block_k = whole_dim if one_step else (64 if low_precision else 32)
     return TritonConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=8, num_stages=3)
+
+
+def guide_block_k(guide_dim: int, low_precision: bool, device: torch.device) -> int:
+    """The k-step of the guide product (language guidance), a loop of its own after the tile's similarity:
+    ``low_precision`` when it runs on the tensor cores (bf16 / fp16 guides beside a bf16 / fp16 similarity product),
+    64 entries, else 16 (the float32 product holds its operands in registers: with 32, one of the shipped cases
+    spilled on sm_90); no wider than the guide dimension needs (tl.dot takes at least 16). Under the interpreter up
+    to 64, as its k-steps."""
+    whole_dim = max(16, triton.next_power_of_2(guide_dim))
+    return min(whole_dim, 64 if low_precision or device.type != "cuda" else 16)
 
 
 def merge_config(width: int) -> MergeConfig:

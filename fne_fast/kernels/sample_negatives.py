@@ -7,7 +7,9 @@ Philox word of every pair, forms the keys ``ℓ + G`` in registers and updates t
 the Gumbel race and the hardest non-positive candidates (the fallback). No similarity is ever written to memory.
 Each program writes its lists to small partial buffers ``[B, splits·k]``; a second small kernel merges them
 exactly (keys, then the lower global index on ties) and writes the output slots. Extra memory is
-``O(B · splits · k)``, independent of N.
+``O(B · splits · k)``, independent of N. With language guidance (``HAS_GUIDES``, compiled out without it) each tile
+also forms the guide-similarity tile with ``tl.dot`` in a k-loop of its own over the guide dimension, and pairs above
+``guide_threshold`` leave both lists, as pairs above their ceiling do (the exceedance counts still see them).
 
 Why it is cheap after the first few tiles. Log-weights are <= 0, so a pair can enter a full race list only if its
 Gumbel noise alone beats the list's k-th key T; G decreases in the Philox word, which turns that into an integer
@@ -26,7 +28,8 @@ Precision. Products are accumulated in float32. bf16/fp16 banks with anchors of 
 cores natively. Float32 (or mixed) inputs are converted to float32 and use ``input_precision``, which by default
 follows torch's TF32 setting like the cuBLAS GEMM of the CUDA backend: "ieee" (exact float32 products) unless
 ``torch.backends.cuda.matmul.allow_tf32`` is on, then "tf32" (inputs rounded to 10-bit mantissas, faster).
-Under ``TRITON_INTERPRET=1`` everything runs in float32 with "ieee" (the interpreter's bf16 arithmetic is wrong).
+The guide product follows the same rule with the guides' own dtypes. Under ``TRITON_INTERPRET=1`` everything runs
+in float32 with "ieee" (the interpreter's bf16 arithmetic is wrong).
 Compiled, ``tl.log`` / ``tl.exp`` and the division are the GPU's approximate instructions (about 2 ulp each) and
 multiply-adds are fused, so a key ℓ + G (G up to ~23, where a float32 ulp is 1.9e-6) may differ from the CPU's by
 a few ulps even on exactly representable inputs: two logarithms in G and one exp in the weight put it within
@@ -55,7 +58,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from fne_fast.kernels.configs import TritonConfig, default_config, input_precision, merge_config, num_splits
+from fne_fast.kernels.configs import (TritonConfig, default_config, guide_block_k, input_precision, merge_config,
+                                     num_splits)
 from fne_fast.kernels.jit_helpers import (EMPTY_KEY, FLOAT_MAX, PAD_KEY, best_of, from_ordered, gumbel_from_bits,
                                           insert_tile, pack, philox_first_word, store_list)
 from fne_fast.ops.checks import raise_if_not_finite
@@ -69,16 +73,19 @@ __all__ = ["sample_negatives_triton", "is_interpreted"]
                                "step", "seed_lo", "seed_hi"])
 def _sample_negatives_kernel(
         anchors_ptr, bank_ptr, centre_ptr, ceiling_ptr, count_threshold_ptr, anchor_ids_ptr, bank_ids_ptr, stats_ptr,
+        anchor_guides_ptr, bank_guides_ptr,
         race_key_ptr, race_idx_ptr, race_sim_ptr, hard_key_ptr, hard_idx_ptr, hard_sim_ptr, flag_ptr, above_ptr,
-        num_rows, live_cols, dim, cols_per_split,
+        num_rows, live_cols, dim, guide_dim, cols_per_split,
         stride_am, stride_ad, stride_bn, stride_bd, stride_centre, stride_ceiling, stride_count_threshold,
-        stride_aid, stride_bid, stride_stats,
+        stride_aid, stride_bid, stride_stats, stride_agm, stride_agd, stride_bgn, stride_bgd,
         col_offset, row_offset, step, seed_lo, seed_hi,
-        margin, tau, fn_tau, min_count, log_prior, z_threshold,
+        margin, tau, fn_tau, min_count, log_prior, z_threshold, guide_threshold,
         K: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_G: tl.constexpr,
         HAS_RACE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_CUTDOWN: tl.constexpr, HAS_CEILING: tl.constexpr,
-        HAS_COUNT: tl.constexpr, CHECK_FINITE: tl.constexpr, FN_EXCLUDES: tl.constexpr,
-        DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, ONE_K_STEP: tl.constexpr):
+        HAS_COUNT: tl.constexpr, HAS_GUIDES: tl.constexpr, CHECK_FINITE: tl.constexpr, FN_EXCLUDES: tl.constexpr,
+        DOT_FP32: tl.constexpr, GUIDE_DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        ONE_K_STEP: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     width = tl.num_programs(1).to(tl.int64) * K
@@ -87,6 +94,7 @@ def _sample_negatives_kernel(
     anchor_id = tl.load(anchor_ids_ptr + rows * stride_aid, mask=row_ok, other=0)
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, BLOCK_G)
 
     # Per-call scalars (csrc/fne_math.h make_weight_params), from the statistics on the device.
     mu_pos = tl.load(stats_ptr)
@@ -120,6 +128,9 @@ def _sample_negatives_kernel(
                         & (tl.abs(n_pos) <= FLOAT_MAX))
         centre_finite = tl.abs(centre) <= FLOAT_MAX  # s⁺ + b, finite exactly where s⁺ is (b is finite)
         saw_non_finite = tl.where(centre_finite, 0, 1) | tl.where(stats_finite, 0, 1)  # masked rows load 0
+        # A non-finite guide similarity of a live pair: NaN / Inf bank guides, or anchor guides (the host tells
+        # which), since one non-finite entry of an anchor's guide makes all its guide similarities non-finite.
+        saw_guide_non_finite = tl.zeros([BLOCK_M], dtype=tl.int32)
 
     key_lo = seed_lo.to(tl.uint32)
     key_hi = seed_hi.to(tl.uint32)
@@ -168,6 +179,28 @@ def _sample_negatives_kernel(
                     s = tl.dot(a.to(tl.float32), b.to(tl.float32), s, input_precision=INPUT_PRECISION)
                 else:
                     s = tl.dot(a, b, s)
+        if HAS_GUIDES:
+            # Language guidance (fne_math.guide_exclusions): the tile's guide similarities, formed while s is the
+            # only other tile held (later the masks are too, and float32 products then spilled on sm_90). A pair
+            # above the threshold leaves the race and the fallback like a pair above its ceiling (below, after the
+            # counts, which ignore both).
+            g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            # Not software-pipelined: the tile loop around it is, and prefetched guide tiles spilled on sm_90.
+            for d in tl.range(0, guide_dim, BLOCK_G, num_stages=1):
+                gs = d + offs_g
+                anchor_guide = tl.load(anchor_guides_ptr + rows[:, None] * stride_agm + gs[None, :] * stride_agd,
+                                       mask=row_ok[:, None] & (gs < guide_dim)[None, :], other=0.0)
+                bank_guide = tl.load(bank_guides_ptr + cols[None, :] * stride_bgn + gs[:, None] * stride_bgd,
+                                     mask=(gs < guide_dim)[:, None] & col_ok[None, :], other=0.0)
+                if GUIDE_DOT_FP32:
+                    g = tl.dot(anchor_guide.to(tl.float32), bank_guide.to(tl.float32), g,
+                               input_precision=INPUT_PRECISION)
+                else:
+                    g = tl.dot(anchor_guide, bank_guide, g)
+            guide_kept = ~(g > guide_threshold)  # a NaN g excludes nothing
+            if CHECK_FINITE:
+                guide_live_non_finite = row_ok[:, None] & col_ok[None, :] & ~(tl.abs(g) <= FLOAT_MAX)
+                saw_guide_non_finite = saw_guide_non_finite | tl.max(tl.where(guide_live_non_finite, 1, 0), axis=1)
         bank_id = tl.load(bank_ids_ptr + cols * stride_bid, mask=col_ok, other=0)
         # A non-finite similarity (NaN or Inf inputs, or float32 overflow) is never a candidate, as in the C++
         # kernels; abs(NaN) <= FLOAT_MAX is false.
@@ -180,6 +213,8 @@ def _sample_negatives_kernel(
             non_positive = non_positive & (s <= ceiling[:, None])
         if CHECK_FINITE:
             saw_non_finite = saw_non_finite | tl.max(tl.where(live & ~finite, 1, 0), axis=1)
+        if HAS_GUIDES:
+            non_positive = non_positive & guide_kept
         global_base = col_offset + tile_start
 
         # Hardest non-positive candidates (the fallback; the answer in mode "hardest").
@@ -235,7 +270,11 @@ def _sample_negatives_kernel(
         store_list(race_key_ptr, race_idx_ptr, race_sim_ptr, race_key, race_idx, race_sim, rows, row_ok, split,
                    width, K, KP)
     if CHECK_FINITE:
-        tl.store(flag_ptr + pid_m * tl.num_programs(1) + split, tl.max(saw_non_finite, axis=0))
+        program = pid_m * tl.num_programs(1) + split
+        tl.store(flag_ptr + program, tl.max(saw_non_finite, axis=0))
+        if HAS_GUIDES:  # the flags' second row
+            programs = tl.num_programs(0).to(tl.int64) * tl.num_programs(1)
+            tl.store(flag_ptr + programs + program, tl.max(saw_guide_non_finite, axis=0))
     if HAS_COUNT:
         tl.store(above_ptr + rows * tl.num_programs(1) + split, above, mask=row_ok)
 
@@ -287,17 +326,18 @@ def is_interpreted() -> bool:
 
 
 def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, stats,
-                            options: SamplerOptions = SamplerOptions(), *, fn_thresholds=None, seed=0, step=0,
-                            row_offset=0, col_offset=0, filled=None, check_finite=True, count_above=False,
-                            config: TritonConfig | None = None):
+                            options: SamplerOptions = SamplerOptions(), *, fn_thresholds=None, anchor_guides=None,
+                            bank_guides=None, seed=0, step=0, row_offset=0, col_offset=0, filled=None,
+                            check_finite=True, count_above=False, config: TritonConfig | None = None):
     """``fne_fast.sample_negatives`` on the Triton kernels, for arguments already checked (fne_fast.ops.dispatch
     checks them before calling this).
 
     ``seed`` is an int in [0, 2⁶⁴). ``count_above`` appends the exceedance counts of ``fn_thresholds`` (int64
-    [B]). ``config`` overrides the tile sizes (tests and benchmarks). With
-    ``check_finite`` the kernel flags non-finite similarities, positive_sim or stats, and the flag is read back
-    (one host synchronisation, which also looks for NaN in fn_thresholds); pass ``check_finite=False`` in
-    training loops that must stay asynchronous.
+    [B]). ``anchor_guides`` and ``bank_guides`` are read exactly when ``options.guide_threshold`` is set (language
+    guidance). ``config`` overrides the tile sizes (tests and benchmarks). With
+    ``check_finite`` the kernel flags non-finite similarities, positive_sim or stats, and non-finite guide
+    similarities, and the flags are read back (one host synchronisation, which also looks for NaN in
+    fn_thresholds); pass ``check_finite=False`` in training loops that must stay asynchronous.
     """
     if anchors.device.type == "cpu" and not is_interpreted():
         raise RuntimeError("the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1, which must be set "
@@ -308,7 +348,7 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
     device = anchors.device
     if num_rows == 0 or filled == 0:
         if check_finite and num_rows:
-            raise_if_not_finite(anchors, positive_sim, stats, fn_thresholds)
+            raise_if_not_finite(anchors, positive_sim, stats, fn_thresholds, anchor_guides)
         empty = (torch.full((num_rows, k), -1, dtype=torch.int64, device=device),
                  torch.zeros((num_rows, k), dtype=torch.float32, device=device),
                  torch.zeros((num_rows, k), dtype=torch.bool, device=device),
@@ -317,7 +357,11 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
 
     interpreted = device.type != "cuda"
     low_precision = anchors.dtype == bank.dtype and bank.dtype != torch.float32
-    config = config or default_config(num_rows, anchors.shape[1], k, low_precision, device)
+    has_guides = options.guide_threshold is not None
+    # None without language guidance, else whether both guide tensors are bf16 / fp16 of one dtype.
+    guide_low_precision = (anchor_guides.dtype == bank_guides.dtype and bank_guides.dtype != torch.float32
+                           if has_guides else None)
+    config = config or default_config(num_rows, anchors.shape[1], k, low_precision, device, guide_low_precision)
     kp = triton.next_power_of_2(k)
     row_blocks = triton.cdiv(num_rows, config.block_m)
     tiles = triton.cdiv(filled, config.block_n)
@@ -335,29 +379,43 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
         race_key, race_idx, race_sim = (torch.empty_like(partial) for partial in (hard_key, hard_idx, hard_sim))
     else:  # never read or written: the HAS_RACE branches are compiled out
         race_key, race_idx, race_sim = hard_key, hard_idx, hard_sim
-    flags = torch.empty(row_blocks * splits if check_finite else 1, dtype=torch.int32, device=device)
+    # Per program: whether it saw a non-finite similarity (or positive_sim / stats), and with guides a second row,
+    # whether it saw a non-finite guide similarity.
+    flags = torch.empty((1 + has_guides, row_blocks * splits) if check_finite else (1,), dtype=torch.int32,
+                        device=device)
+    if has_guides:
+        guides, guide_dim = (anchor_guides, bank_guides), anchor_guides.shape[1]
+        guide_strides = (*anchor_guides.stride(), *bank_guides.stride())
+    else:  # never read: the HAS_GUIDES branches are compiled out
+        guides, guide_dim, guide_strides = (anchors, bank), 0, (0, 0, 0, 0)
     # Per (row, split) counts, int32: a split spans fewer than 2³¹ columns.
     above = torch.empty((num_rows, splits) if count_above else (1,), dtype=torch.int32, device=device)
 
     centres = weight_centres(positive_sim, options)
     ceilings = row_ceilings(positive_sim, options, fn_thresholds)
     dot_fp32 = interpreted or not low_precision
+    # Beside a float32 similarity product the guides take it too (bf16 / fp16 products are exact in float32): a
+    # tensor-core guide tile beside it needs layout conversions, which spilled on sm_90.
+    guide_dot_fp32 = dot_fp32 or not guide_low_precision
     _sample_negatives_kernel[(row_blocks, splits)](
         anchors, bank, centres, centres if ceilings is None else ceilings,
-        fn_thresholds if count_above else centres, anchor_ids, bank_ids, stats,
+        fn_thresholds if count_above else centres, anchor_ids, bank_ids, stats, *guides,
         race_key, race_idx, race_sim, hard_key, hard_idx, hard_sim, flags, above,
-        num_rows, filled, anchors.shape[1], cols_per_split,
+        num_rows, filled, anchors.shape[1], guide_dim, cols_per_split,
         anchors.stride(0), anchors.stride(1), bank.stride(0), bank.stride(1), centres.stride(0),
         0 if ceilings is None else ceilings.stride(0), fn_thresholds.stride(0) if count_above else 0,
-        anchor_ids.stride(0), bank_ids.stride(0), stats.stride(0),
+        anchor_ids.stride(0), bank_ids.stride(0), stats.stride(0), *guide_strides,
         col_offset, row_offset, step, seed & 0xFFFFFFFF, seed >> 32,
         options.effective_cut_margin, options.tau, min(options.effective_fn_tau, FLOAT_MAX.value),
         float(options.min_count),
         math.log(options.prior_k - 1.0), fn_logit_threshold(options.fn_margin),
+        options.guide_threshold if has_guides else 0.0,
         K=k, KP=kp, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        BLOCK_G=guide_block_k(guide_dim, not guide_dot_fp32, device),
         HAS_RACE=has_race, HAS_WEIGHTS=mode == "fne", HAS_CUTDOWN=has_race and options.cutdown,
-        HAS_CEILING=ceilings is not None, HAS_COUNT=bool(count_above),
+        HAS_CEILING=ceilings is not None, HAS_COUNT=bool(count_above), HAS_GUIDES=has_guides,
         CHECK_FINITE=bool(check_finite), FN_EXCLUDES=math.isinf(options.effective_fn_tau), DOT_FP32=dot_fp32,
+        GUIDE_DOT_FP32=guide_dot_fp32,
         INPUT_PRECISION="ieee" if interpreted else input_precision(config),
         ONE_K_STEP=config.block_k >= anchors.shape[1],
         num_warps=config.num_warps, num_stages=config.num_stages)
@@ -372,10 +430,14 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
         K=k, BLOCK_R=merge.block_r, BLOCK_W=merge.block_w, HAS_RACE=has_race, num_warps=merge.num_warps)
     if check_finite:
         thresholds_nan = fn_thresholds is not None and bool(torch.isnan(fn_thresholds).any())
-        similarities_finite = not bool(flags.any())
-        if thresholds_nan or not similarities_finite:
+        flagged = flags.any(dim=1).tolist()
+        similarities_finite = not flagged[0]
+        guide_similarities_finite = not (has_guides and flagged[1])
+        if thresholds_nan or not (similarities_finite and guide_similarities_finite):
             # Which input it was is worked out on the host, only on this error path.
-            raise_if_not_finite(anchors, positive_sim, stats, fn_thresholds, similarities_finite=similarities_finite)
+            raise_if_not_finite(anchors, positive_sim, stats, fn_thresholds, anchor_guides,
+                                similarities_finite=similarities_finite,
+                                guide_similarities_finite=guide_similarities_finite)
     if count_above:
         return index, sim, valid, key, above.sum(dim=1, dtype=torch.int64)
     return index, sim, valid, key
