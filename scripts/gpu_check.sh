@@ -249,7 +249,7 @@ OPTIONAL=0
 #    -v and --tb=short leave one line per test and short tracebacks in tests.log even if the step times out;
 #    each xdist worker gets its share of the cores (8 workers × torch's default threads would oversubscribe).
 TESTS=(tests/test_sample_negatives_cuda.py tests/test_sample_negatives_triton.py tests/test_sample_negatives.py
-       -k "(cuda or triton) and not compile_for")
+       tests/test_sampler_criteria.py tests/test_language_guidance.py -k "(cuda or triton) and not compile_for")
 if ((DRY_RUN)); then
   step tests 60 tests.log "$PYTHON" -m pytest -q -p no:cacheprovider --collect-only "${TESTS[@]}"
 else
