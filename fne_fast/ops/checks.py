@@ -34,17 +34,24 @@ def _check_tensor(name: str, value, *, ndim: int, dtypes: tuple, device: torch.d
         raise ValueError(f"{name} must be on the anchors' device {device}, got {value.device}")
 
 
+def _check_pair_of_embeddings(left_name: str, left: torch.Tensor, right_name: str, right: torch.Tensor,
+                              dimension: str, right_dtype: str) -> None:
+    """Rows to be multiplied with each other: one width, and the left of the right's dtype or float32 (products
+    of a low-precision right side with float32 are exact in float32)."""
+    if left.shape[1] != right.shape[1]:
+        raise ValueError(f"{left_name} and {right_name} must have the same {dimension} dimension, got "
+                         f"{left.shape[1]} and {right.shape[1]}")
+    if left.dtype != right.dtype and left.dtype != torch.float32:
+        raise TypeError(f"{left_name} must have {right_dtype} dtype or be float32, got {left_name} "
+                        f"{dtype_name(left.dtype)} and {right_name} {dtype_name(right.dtype)}")
+
+
 def check_tensor_arguments(anchors, bank, positive_sim, anchor_ids, bank_ids, stats) -> None:
     """Shapes, dtypes and devices of the six tensor arguments."""
     _check_tensor("anchors", anchors, ndim=2, dtypes=EMBEDDING_DTYPES, device=None)
     device = anchors.device
     _check_tensor("bank", bank, ndim=2, dtypes=EMBEDDING_DTYPES, device=device)
-    if anchors.shape[1] != bank.shape[1]:
-        raise ValueError(f"anchors and bank must have the same embedding dimension, got {anchors.shape[1]} "
-                         f"and {bank.shape[1]}")
-    if anchors.dtype != bank.dtype and anchors.dtype != torch.float32:
-        raise TypeError(f"anchors must have the bank's dtype or be float32, got anchors "
-                        f"{dtype_name(anchors.dtype)} and bank {dtype_name(bank.dtype)}")
+    _check_pair_of_embeddings("anchors", anchors, "bank", bank, "embedding", "the bank's")
     _check_tensor("positive_sim", positive_sim, ndim=1, dtypes=(torch.float32,), device=device)
     _check_tensor("anchor_ids", anchor_ids, ndim=1, dtypes=(torch.int64,), device=device)
     _check_tensor("bank_ids", bank_ids, ndim=1, dtypes=(torch.int64,), device=device)
@@ -86,12 +93,7 @@ def check_guides(anchor_guides, bank_guides, guide_threshold, num_rows: int, num
                          f"got {tuple(anchor_guides.shape)}")
     if bank_guides.shape[0] != num_cols:
         raise ValueError(f"bank_guides must have shape [N, Dg] with N = {num_cols}, got {tuple(bank_guides.shape)}")
-    if anchor_guides.shape[1] != bank_guides.shape[1]:
-        raise ValueError(f"anchor_guides and bank_guides must have the same guide dimension, got "
-                         f"{anchor_guides.shape[1]} and {bank_guides.shape[1]}")
-    if anchor_guides.dtype != bank_guides.dtype and anchor_guides.dtype != torch.float32:
-        raise TypeError(f"anchor_guides must have bank_guides' dtype or be float32, got anchor_guides "
-                        f"{dtype_name(anchor_guides.dtype)} and bank_guides {dtype_name(bank_guides.dtype)}")
+    _check_pair_of_embeddings("anchor_guides", anchor_guides, "bank_guides", bank_guides, "guide", "bank_guides'")
 
 
 def check_counters(num_rows: int, num_cols: int, *, step: int, row_offset: int, col_offset: int,
