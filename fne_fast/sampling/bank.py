@@ -113,7 +113,7 @@ class MemoryBank:
             problem = f"ids must be [B] = [{features.shape[0]}], got shape {tuple(ids.shape)}"
         else:
             problem = guides_problem("guides", guides, features.shape[0], self.guide_dim,
-                                      "the bank was built with guide_dim")
+                                     "the bank was built with guide_dim")
         features = features.detach().to(device=self.device, dtype=self.dtype) if problem is None else features
         ids = ids.to(device=self.device, dtype=torch.int64) if problem is None else ids
         if problem is None and guides is not None:
@@ -194,9 +194,9 @@ class MemoryBank:
         argument then raises on its own rank alone.
         """
         problem = sample_problem(anchors, positive_sim, anchor_ids, stats, self.dim, options, seed, step, backend,
-                                  fn_thresholds, count_above)
+                                 fn_thresholds, count_above)
         if problem is None and isinstance(options, SamplerOptions):
-            problem = self._anchorguides_problem(anchor_guides, anchors.shape[0], options)
+            problem = self._anchor_guides_problem(anchor_guides, anchors.shape[0], options)
         guided = problem is None and anchor_guides is not None
         call = dict(seed=seed, step=step, backend=backend, check_finite=check_finite, count_above=count_above)
         if not self.sharded:
@@ -253,7 +253,7 @@ class MemoryBank:
         rows, chosen_ids = self._fetch_rows(index, valid)
         return BankSample(index, sim, valid, key, rows, chosen_ids, above)
 
-    def _anchorguides_problem(self, anchor_guides, rows: int, options: SamplerOptions) -> str | None:
+    def _anchor_guides_problem(self, anchor_guides, rows: int, options: SamplerOptions) -> str | None:
         if options.guide_threshold is None:
             return None if anchor_guides is None else "anchor_guides are read only with options.guide_threshold"
         if self.guides is None:
@@ -314,10 +314,7 @@ class MemoryBank:
         return None."""
         state = {"pointer": self.pointer, "filled": self.filled}
         if not self.sharded:
-            rows = {"features": self.features.clone(), "ids": self.ids.clone()}
-            if self.guides is not None:
-                rows["guides"] = self.guides.clone()
-            return {**rows, **state}
+            return {**{name: tensor.clone() for name, tensor in self._row_tensors().items()}, **state}
         parts = {name: distributed.gather_to_first(tensor, self.group, "checkpoint")
                  for name, tensor in self._row_tensors().items()}
         if parts["ids"] is None:

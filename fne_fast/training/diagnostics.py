@@ -254,5 +254,7 @@ def epoch_diagnostics(heads, split, image_bank, text_bank, stats: torch.Tensor, 
                                 bank.ids.to(device), bank.filled, stats, options, sampler=sampler,
                                 group_of_id=group_of_id, sums=sums, col_offset=bank.row_begin, group=bank.group,
                                 fn_thresholds=table.lookup(ids, stats) if table is not None else None,
-                                anchor_guides=guides, bank_guides=bank.guides.to(device) if guided else None)
+                                # the anchors' guides rounded to the bank's dtype, as MemoryBank.sample passes them
+                                anchor_guides=guides.to(bank.dtype) if guided else None,
+                                bank_guides=bank.guides.to(device) if guided else None)
     return summarise(reduce_sums(sums, image_bank.group), sampler=sampler, has_groups=group_of_id is not None)
