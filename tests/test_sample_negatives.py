@@ -389,15 +389,18 @@ def test_non_finite_similarities_are_never_chosen_without_check_finite(backend, 
                                           ("center_offset", dict(center_offset=math.inf)),
                                           ("relative_cut", dict(relative_cut=-0.5)),
                                           ("fn_thresholds", dict(fn_thresholds=torch.zeros(5))),
-                                          ("count_above", dict(count_above=True))])
+                                          ("count_above", dict(count_above=True)),
+                                          ("guide_threshold", dict(guide_threshold=0.5)),
+                                          ("anchor_guides", dict(anchor_guides=torch.zeros(6, 3), bank_guides=torch.zeros(40, 3))),
+                                          ("bank_guides", dict(anchor_guides=torch.zeros(6, 3), bank_guides=torch.zeros(39, 3),
+                                                               guide_threshold=0.5))])
 def test_the_raw_operator_checks_too(device, name, options):
     # Callers that bypass the Python wrapper still get an error naming the argument, not a crash.
-    args = dict(fn_thresholds=None, k=1, mode="fne", margin=0.2, tau=0.5, fn_tau=0.5, prior_k=1e4, fn_margin=0.999,
-                min_count=200, cutdown=True, center_offset=0.0, relative_cut=None, seed=0, step=0, row_offset=0,
-                col_offset=0, filled=40, check_finite=True, count_above=False)
-    if isinstance(options.get("fn_thresholds"), torch.Tensor):
-        options = dict(fn_thresholds=options["fn_thresholds"].to(device))
-    args.update(options)
+    args = dict(fn_thresholds=None, anchor_guides=None, bank_guides=None, k=1, mode="fne", margin=0.2, tau=0.5,
+                fn_tau=0.5, prior_k=1e4, fn_margin=0.999, min_count=200, cutdown=True, center_offset=0.0,
+                relative_cut=None, guide_threshold=None, seed=0, step=0, row_offset=0, col_offset=0, filled=40,
+                check_finite=True, count_above=False)
+    args.update({key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in options.items()})
     with pytest.raises(ValueError, match=name):
         torch.ops.fne_fast.sample_negatives(*sample_inputs(6, 40, 8, device=device).values(), *args.values())
 
@@ -412,11 +415,14 @@ def test_opcheck_and_torch_compile(backend):
     if backend.name == "triton" and not ops.TRITON_SERVES_CUDA:
         pytest.skip("the compiled CUDA kernel serves the CUDA key")
     inputs = {name: tensor.to(backend.device) for name, tensor in backend.inputs(6, 80, 8, kind="exact").items()}
-    args = (*inputs.values(), None, 2, "fne", 0.2, 0.5, 0.5, 10000.0, 0.999, 200, True, 0.0, None, 3, 1, 0, 0, 80,
-            True, False)
+    # fn_thresholds, anchor_guides, bank_guides; the options (SCHEMA_FIELDS); the counters
+    args = (*inputs.values(), None, None, None, 2, "fne", 0.2, 0.5, 0.5, 10000.0, 0.999, 200, True, 0.0, None, None,
+            3, 1, 0, 0, 80, True, False)
     torch.library.opcheck(torch.ops.fne_fast.sample_negatives.default, args)
-    thresholds = torch.linspace(-0.5, 1.0, 6, device=backend.device)  # the optional tensor and float given, counted
-    criteria = (*inputs.values(), thresholds, *args[7:16], -0.125, 0.9, *args[18:-1], True)
+    # The optional tensors and floats given, counted.
+    thresholds = torch.linspace(-0.5, 1.0, 6, device=backend.device)
+    guides = [(torch.randint(-4, 5, (rows, 5)) / 8.0).to(backend.device) for rows in (6, 80)]
+    criteria = (*inputs.values(), thresholds, *guides, *args[9:18], -0.125, 0.9, 0.25, *args[21:-1], True)
     torch.library.opcheck(torch.ops.fne_fast.sample_negatives.default, criteria)
 
     @torch.compile(backend="eager", fullgraph=True)
