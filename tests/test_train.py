@@ -469,3 +469,16 @@ def test_a_training_step_agrees_on_nothing_but_the_row_counts():
     from fne_fast.sampling.launch import results_of, run_in_processes
 
     assert results_of(run_in_processes(_one_step_traffic, 2)) == [3 * 2 * 8] * 2
+
+
+def test_a_checkpoint_from_before_a_new_sampler_option_resumes(tmp_path):
+    # A checkpoint's stored settings lack the options added after it was written; those had their defaults then.
+    from fne_fast.training.state import _check_same_settings
+
+    config = _config(tmp_path / "run")
+    stored = dataclasses.asdict(config)
+    del stored["options"]["guide_threshold"]
+    _check_same_settings({"config": stored}, config, 1)  # no error: the missing option was off
+    changed = dataclasses.replace(config, options=config.options.replace(guide_threshold=0.5))
+    with pytest.raises(UsageError, match="different settings: options="):
+        _check_same_settings({"config": stored}, changed, 1)

@@ -17,6 +17,7 @@ import torch
 from fne_fast.data import FeatureSplit
 from fne_fast.errors import UsageError
 from fne_fast.models import MatchingHeads, backbone_tops
+from fne_fast.ops import SamplerOptions
 from fne_fast.runs.artifacts import CHECKPOINT_NAME, refuse_legacy_checkpoint
 from fne_fast.runs.checkpoint import CheckpointError, has_checkpoint, load_checkpoint, stored_digest
 from fne_fast.runs.fingerprint import differences
@@ -25,6 +26,7 @@ from fne_fast.sampling import distributed
 from fne_fast.sampling.bank import MemoryBank
 from fne_fast.sampling.loss import FNELoss
 from fne_fast.sampling.thresholds import ThresholdTable
+from fne_fast.tags import TagsOptions
 from fne_fast.tags.run import make_trainer
 from fne_fast.training.config import PER_PROCESS_FIELDS, RESUMABLE_FIELDS, TrainConfig
 from fne_fast.training.data import sampler_labels
@@ -168,8 +170,12 @@ class RunState:
 
 def _check_same_settings(state: dict, config: TrainConfig, world_size: int) -> None:
     skipped = RESUMABLE_FIELDS + PER_PROCESS_FIELDS
-    # A setting added after the checkpoint was written had its default then.
+    # A setting added after the checkpoint was written had its default then, in the nested option groups too (a
+    # sampler option such as guide_threshold added later).
     stored = {**dataclasses.asdict(TrainConfig()), **state["config"]}
+    for key, group in (("options", SamplerOptions), ("tags", TagsOptions)):
+        if isinstance(stored.get(key), dict):
+            stored[key] = {**dataclasses.asdict(group()), **stored[key]}
     stored = {key: value for key, value in stored.items() if key not in skipped}
     current = {key: value for key, value in dataclasses.asdict(config).items() if key not in skipped}
     changed = [f"{key}={stored.get(key)!r} (now {current[key]!r})" for key in sorted(current)
