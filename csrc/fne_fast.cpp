@@ -21,6 +21,8 @@ TORCH_LIBRARY(fne_fast, m) {
   // Whether a CPU call with bf16 anchors and bank would take oneDNN's bf16 kernel now (the CPU has avx512_bf16
   // and torch.backends.mkldnn is enabled); tests and benchmarks ask it which path they measure.
   m.def("cpu_bf16_brgemm() -> bool");
+  // The same for oneDNN's float32 kernel (AVX-512 and torch.backends.mkldnn enabled), which every other call takes.
+  m.def("cpu_float32_brgemm() -> bool");
   // Which loops the CPU kernel's epilogue runs in this process: "avx512", or "portable" (a CPU without AVX-512F,
   // or FNE_FAST_CPU_PORTABLE set); tests ask it whether the variable took effect.
   m.def("cpu_epilogue() -> str");

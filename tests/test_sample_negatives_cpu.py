@@ -102,6 +102,9 @@ def test_diagnostic_ops_say_which_paths_this_process_takes():
 
 BRGEMM = cpu_has("avx512_bf16") and torch.backends.mkldnn.is_available()
 needs_brgemm = pytest.mark.skipif(not BRGEMM, reason="needs a CPU with avx512_bf16 and torch with oneDNN")
+FLOAT32_BRGEMM = all(cpu_has(flag) for flag in ("avx512f", "avx512bw", "avx512vl", "avx512dq")) and \
+    torch.backends.mkldnn.is_available()
+needs_float32_brgemm = pytest.mark.skipif(not FLOAT32_BRGEMM, reason="needs a CPU with AVX-512 and torch with oneDNN")
 
 
 @contextlib.contextmanager
@@ -121,9 +124,11 @@ def test_brgemm_path_follows_the_cpu_and_the_mkldnn_switch():
     # The kernel takes oneDNN's bf16 kernel exactly where the CPU has avx512_bf16 and oneDNN is enabled, and asks
     # again on every call (torch.backends.mkldnn may be switched off between calls).
     assert torch.ops.fne_fast.cpu_bf16_brgemm() == BRGEMM
+    assert torch.ops.fne_fast.cpu_float32_brgemm() == FLOAT32_BRGEMM
     with mkldnn_off():
-        assert not torch.ops.fne_fast.cpu_bf16_brgemm()
+        assert not torch.ops.fne_fast.cpu_bf16_brgemm() and not torch.ops.fne_fast.cpu_float32_brgemm()
     assert torch.ops.fne_fast.cpu_bf16_brgemm() == BRGEMM
+    assert torch.ops.fne_fast.cpu_float32_brgemm() == FLOAT32_BRGEMM
 
 
 @needs_brgemm
@@ -163,6 +168,48 @@ def test_brgemm_and_float32_tiles_pick_the_same_negatives_up_to_near_ties(thread
     # Not the same computation: the similarities themselves differ in their last bits somewhere.
     assert not torch.equal(brgemm[1], float32[1])
     torch.testing.assert_close(brgemm[1][~differ], float32[1][~differ], rtol=0, atol=1e-5)
+
+
+FLOAT32_KERNEL_DTYPES = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.float16)]
+
+
+@needs_float32_brgemm
+@pytest.mark.parametrize("anchor_dtype,bank_dtype", FLOAT32_KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("dim", [1, 33, 129])
+@pytest.mark.parametrize("num_rows,num_cols,tile_cols", [(37, 1100, None), (70, 700, "33"), (5, 20, None),
+                                                         (129, 1500, "256")])
+def test_float32_brgemm_tiles_match_the_oracle_exactly(monkeypatch, anchor_dtype, bank_dtype, dim, num_rows,
+                                                       num_cols, tile_cols):
+    # oneDNN's float32 kernel, for every input that is not bf16 on both sides (a low-precision bank tile converted
+    # first): exact inputs give the oracle's draws bit for bit across the tiling's edges, as on the bf16 path.
+    if tile_cols is not None:
+        monkeypatch.setenv("FNE_FAST_CPU_TILE_COLS", tile_cols)
+    inputs = sample_inputs(num_rows, num_cols, dim, kind="exact", seed=dim, num_ids=max(num_cols // 5, 1),
+                           bank_dtype=bank_dtype, anchor_dtype=anchor_dtype)
+    for mode in MODES:
+        options = dict(k=4, mode=mode, seed=5, step=2, col_offset=2**32 - 500, **STEEP)
+        assert_same_draws(run_op(inputs, return_keys=True, **options), run_oracle(inputs, **options))
+
+
+@needs_float32_brgemm
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float32_brgemm_and_matmul_tiles_pick_the_same_negatives_up_to_near_ties(threads):
+    # Random float32 unit vectors: oneDNN's kernel and at::mm_out round their sums differently, so the two paths
+    # may only swap near-tied candidates, and both match the float64 oracle up to near-ties.
+    torch.set_num_threads(threads)
+    inputs = sample_inputs(300, 5000, 256, seed=9)
+    options = dict(k=3, seed=4, **STEEP)
+    brgemm = run_op(inputs, return_keys=True, **options)
+    with mkldnn_off():
+        assert not torch.ops.fne_fast.cpu_float32_brgemm()
+        matmul = run_op(inputs, return_keys=True, **options)
+    backend = Backend("cpu", "cpu")
+    for result in (brgemm, matmul):
+        assert_matches_oracle(backend, result, inputs, max_differ=1e-2, **options)
+    differ = (brgemm[0] != matmul[0]).any(dim=1)
+    assert differ.float().mean() <= 1e-2
+    assert not torch.equal(brgemm[1], matmul[1])  # two computations, not one
+    torch.testing.assert_close(brgemm[1][~differ], matmul[1][~differ], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -17,6 +17,7 @@ std::string epilogue_name() { return avx512_epilogue() ? "avx512" : "portable"; 
 
 TORCH_LIBRARY_IMPL(fne_fast, CompositeExplicitAutograd, m) {
   m.impl("cpu_bf16_brgemm", &bf16_brgemm_supported);
+  m.impl("cpu_float32_brgemm", &float32_brgemm_supported);
   m.impl("cpu_epilogue", &epilogue_name);
 }
 

@@ -2,14 +2,18 @@
 // in float32 (docs/DESIGN.md §2: products and sums in float32 whatever the storage dtype). The bank tile is the left
 // operand of the product, so each tile is one GEMM with the bank rows as its M dimension.
 //
-// Two paths, the same values up to the order of the float32 sums:
-//  * bf16 anchors and bank: oneDNN's bf16 small-GEMM kernel through at::native::cpublas::brgemm (bf16 products are
-//    exact in float32, sums in float32), with the anchors packed once per call in the VNNI-2 layout it reads,
-//    [D/2][B'][2]. Taken where oneDNN is enabled (torch.backends.mkldnn, checked per call) and the CPU has
-//    avx512_bf16 (without it oneDNN emulates bf16 dot products, no faster than the float32 path);
-//  * everything else: at::mm_out in float32, converting a low-precision bank tile to float32 first, and bf16 or
-//    fp16 anchors once per call. float32 anchors with a bf16 bank stay on this path: rounding the anchors to bf16
-//    would change the similarities (by up to 2⁻⁹ relative) and so the draws.
+// Three paths, the same values up to the order of the float32 sums, all through oneDNN's small-GEMM kernel
+// (at::native::cpublas::brgemm) where it is allowed (torch.backends.mkldnn enabled, checked per call):
+//  * bf16 anchors and bank, on a CPU with avx512_bf16: the bf16 kernel (bf16 products are exact in float32, sums
+//    in float32), with the anchors packed once per call in the VNNI-2 layout it reads, [D/2][B'][2] (without
+//    avx512_bf16 oneDNN emulates bf16 dot products, no faster than the float32 kernel);
+//  * everything else, on a CPU with AVX-512: the float32 kernel, with the anchors converted to float32 and
+//    transposed once per call ([D][B']) and a low-precision bank tile converted to float32 first. float32 anchors
+//    with a bf16 bank take it: rounding the anchors to bf16 would change the similarities (by up to 2⁻⁹
+//    relative) and so the draws;
+//  * no AVX-512 or oneDNN off: at::mm_out in float32, with the same conversions.
+// Each brgemm call has a fixed shape (whole tiles, else blocks of 32 bank rows with a zero-padded remainder), so
+// that the shapes of a call do not depend on N or on the bank's fill level.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,6 +26,8 @@ namespace fne_fast {
 // Whether this CPU and torch's settings allow oneDNN's bf16 brgemm kernel (also the op fne_fast::cpu_bf16_brgemm,
 // for tests); calls with bf16 anchors and bank and D >= 2 take it where it is allowed.
 bool bf16_brgemm_supported();
+// The same for its float32 kernel (the op fne_fast::cpu_float32_brgemm), which every other call takes.
+bool float32_brgemm_supported();
 
 class SimilarityTiles {
  public:
@@ -31,7 +37,7 @@ class SimilarityTiles {
                   int64_t full_cols);
 
   // Per-thread working memory (at most (max_cols + 32) x (max_rows + 32) floats and one bank tile), and on the
-  // brgemm path the kernel's hardware context, released when the worker ends.
+  // brgemm paths the kernel's hardware context, released when the worker ends.
   class Worker {
    public:
     explicit Worker(const SimilarityTiles& tiles);
@@ -42,23 +48,30 @@ class SimilarityTiles {
     const float* compute(int64_t row_begin, int64_t rows, int64_t col_begin, int64_t cols, int64_t* ld);
 
    private:
-    const float* compute_brgemm(int64_t row_begin, int64_t rows, int64_t col_begin, int64_t cols, int64_t* ld);
-    const float* compute_float(int64_t row_begin, int64_t rows, int64_t col_begin, int64_t cols, int64_t* ld);
+    template <typename T>
+    void brgemm_tile(int64_t row_begin, int64_t rows, int64_t cols, const T* bank_rows, const T* anchors,
+                     int64_t k, float* out);
+    const float* compute_bf16(int64_t row_begin, int64_t rows, int64_t col_begin, int64_t cols, int64_t* ld);
+    const float* compute_float32(int64_t row_begin, int64_t rows, int64_t col_begin, int64_t cols, int64_t* ld);
+    const float* compute_mm(int64_t row_begin, int64_t rows, int64_t col_begin, int64_t cols, int64_t* ld);
+    // A low-precision bank tile converted to float32 (float32 paths).
+    const float* bank_tile_in_float32(int64_t col_begin, int64_t cols);
 
     const SimilarityTiles& tiles_;
     at::Tensor out_;              // the tile, 64-byte aligned
-    at::Tensor bank_tile_float_;  // float path, low-precision bank: the converted tile
-    at::Tensor staged_rows_;      // brgemm path: the last < kBlock bank rows of a tile, zero-padded
+    at::Tensor bank_tile_float_;  // float32 paths, low-precision bank: the converted tile
+    at::Tensor staged_rows_;      // brgemm paths: the last < 32 bank rows of a tile, zero-padded
   };
 
  private:
-  bool brgemm_;
+  enum class Path { kBf16Brgemm, kFloat32Brgemm, kMatmul };
+  Path path_;
   int64_t dim_, max_rows_, max_cols_, full_cols_;
   at::Tensor bank_;
-  at::Tensor anchors_float_;   // float path
-  at::Tensor packed_anchors_;  // brgemm path: [D/2][padded_rows_][2] bf16, zero-padded rows
+  at::Tensor anchors_float_;   // matmul path: [B][D] float32
+  at::Tensor packed_anchors_;  // bf16: [D/2][padded_rows_][2] bf16; float32 brgemm: [D][padded_rows_] float32
   int64_t padded_rows_ = 0;
-  std::vector<float> last_column_;  // brgemm path, odd D: anchors[:, D - 1] in float32
+  std::vector<float> last_column_;  // bf16 path, odd D: anchors[:, D - 1] in float32
 };
 
 }  // namespace fne_fast
