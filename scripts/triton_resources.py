@@ -46,6 +46,10 @@ def cases(subset: bool) -> list[dict]:
              _main_case(128, 256, 3, "fp16", mode="hardest"),
              _main_case(128, 768, 6, "fp32", fn_excludes=True),
              _main_case(128, 256, 16, "bf16", ceiling=True), _main_case(128, 768, 64, "fp32", ceiling=True)]
+    # The edges of the float32 classes: one k-step at k = 1, and a bank converted in the kernel; the shortest list
+    # of the 32-row bf16 class.
+    main += [_main_case(128, 256, 1, "fp32"), _main_case(128, 768, 1, "bf16", anchors="fp32"),
+             _main_case(128, 128, 1, "bf16", anchors="fp32"), _main_case(128, 256, 9, "bf16")]
     # Language guidance (MiniLM guides, Dg = 384) beside every case: guides of the bank's dtype (anchor and bank
     # guides), and float32 anchor guides with bf16 bank guides.
     guided = [dict(case, guides=(case["bank"], case["bank"])) for case in main]
@@ -53,7 +57,7 @@ def cases(subset: bool) -> list[dict]:
     merge = [dict(kernel="merge", width=w, k=k, has_race=r) for w, k, r in ((64, 1, True), (528, 1, True),
                                                                            (2048, 64, True), (1584, 3, False))]
     if subset:
-        return [main[4], main[9], main[10], main[-5], main[-4], main[-2], merge[1], merge[3]]
+        return [main[4], main[9], main[10], main[14], main[15], main[17], merge[1], merge[3]]
     return main + guided + merge
 
 
@@ -93,7 +97,9 @@ def _source(case):
     low = case["anchors"] == case["bank"] and case["bank"] != "fp32"
     guides = case["guides"]
     guide_low = None if guides is None else guides[0] == guides[1] != "fp32"
-    config = configs.default_config(case["num_rows"], case["dim"], case["k"], low, torch.device("cuda"), guide_low)
+    converted = case["anchors"] == "fp32" and case["bank"] != "fp32"
+    config = configs.default_config(case["num_rows"], case["dim"], case["k"], low, torch.device("cuda"), guide_low,
+                                    converted)
     # The launcher's rule (sample_negatives_triton): beside a float32 similarity product the guides take it too.
     guide_tensor_cores = guides is not None and low and guide_low
     pointers = dict(anchors_ptr=case["anchors"], bank_ptr=case["bank"], centre_ptr="fp32", ceiling_ptr="fp32",
@@ -171,7 +177,7 @@ def main(argv=None) -> int:
               f"{row['shared_bytes'] / 1024:.0f} |")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(dict(arch=args.arch, rows=rows), handle, indent=1)
+            json.dump(dict(arch=args.arch, triton=__import__("triton").__version__, rows=rows), handle, indent=1)
     if args.max_stack_bytes is None:
         return 0
     bad = [row for row in rows

@@ -36,42 +36,54 @@ class MergeConfig:
     num_warps: int
 
 
-# Register budget of the main kernel's defaults, from ptxas for sm_90 (scripts/triton_resources.py reports every
-# shipped configuration; a spill goes to the stack frame, i.e. local memory). Each of the program's threads holds
-# its share of the [BLOCK_M, BLOCK_N] tiles of the epilogue (similarities, Philox state, keys) and of the two
-# [BLOCK_M, KP] lists (int32 key, int64 index, float32 similarity). With 8 warps and BLOCK_M x BLOCK_N = 4096, the
-# largest row block that did not spill, per list length KP (the float32 product needs more registers):
-#   bf16 / fp16: 128 rows up to KP = 8 (216 registers at D = 256), 64 up to KP = 16 (249), else 32 (<= 191);
-#   float32:     64 rows at KP = 1 (176-194), else 32 (<= 175; 64 rows at KP = 4 spilled 24 bytes).
+# Register budget of the main kernel's defaults, from ptxas for sm_90 under Triton 3.6 (the GPU image's) and 3.9
+# (scripts/triton_resources.py reports every shipped configuration; a stack frame means spilled registers or local
+# arrays, i.e. local memory). Each of the program's threads holds its share of the [BLOCK_M, BLOCK_N] tiles of the
+# epilogue (similarities, Philox state, keys) and of the two [BLOCK_M, KP] lists (int32 key, int64 index, float32
+# similarity). ptxas's choices are not monotonic in the tile size, so every class below was compiled under both
+# versions, and the neighbours that did not qualify are named. All take 8 warps.
+#   bf16 / fp16: 128 x 32 tiles up to KP = 8, else 32 x 64 (64 x 64 at KP = 9..16 spilled 24-112 bytes under
+#                3.6), 3 stages; one k-step where a bank row is at most 512 bytes (D <= 256), except with guidance
+#                at 128 rows (128 x 32 x 256 spilled 16 bytes under 3.6), which steps 64 at a time.
+#   float32 products (float32 anchors, any bank): 2 stages and steps of 32 over D (one k-step at D = 128 and 3
+#                stages spilled 8-40 bytes at some list lengths under both versions); 64 x 32 tiles at KP = 1,
+#                else 32 x 64 (64 rows at KP = 4 spilled 24 bytes); 32 x 32 with a bf16 / fp16 bank converted in the
+#                kernel (32 x 64 spilled 8-56 bytes under 3.6); steps of 16 with language guidance, whose float32
+#                guide tile is a second accumulator (steps of 32 spilled 8-32 bytes under 3.6 at KP >= 2).
 # The previous defaults (4 warps at 64 x 64; 128 x 64 one-step tiles at D = 256; 64 rows at k = 64) used all 255
 # registers and spilled 32 to 1656 bytes.
-ROW_BLOCK_LIMITS = {True: ((8, 128), (16, 64), (64, 32)), False: ((1, 64), (64, 32))}
+ROW_BLOCK_LIMITS = {True: ((8, 128), (64, 32)), False: ((1, 64), (64, 32))}
 TILE_ELEMENTS = 4096
 
 
 def default_config(num_rows: int, dim: int, k: int, low_precision: bool, device: torch.device,
-                   guide_low_precision: bool | None = None) -> TritonConfig:
+                   guide_low_precision: bool | None = None, converted_bank: bool = False) -> TritonConfig:
     """The shipped tiles (bench/bench_sample_negatives_gpu.py sweeps alternatives). Under the interpreter: large
     tiles, since its cost is per operation, not per element, and exact "ieee" products.
 
-    ``guide_low_precision`` is None without language guidance, else whether both guide tensors are bf16 / fp16 of
-    one dtype. The guide tile is a second float32 accumulator: where either product is float32 (similarities or
-    guides), 64 rows spilled on sm_90, so such kernels take at most 32 rows; with both products on the tensor cores
-    the table's rows did not spill."""
+    ``low_precision``: bf16 / fp16 anchors and bank of one dtype (tensor-core products); ``converted_bank``: float32
+    anchors with a bf16 / fp16 bank, converted to float32 in the kernel; ``guide_low_precision`` is None without
+    language guidance, else whether both guide tensors are bf16 / fp16 of one dtype. The guide tile is a second
+    float32 accumulator: where either product is float32 (similarities or guides), 64 rows spilled on sm_90, so such
+    kernels take at most 32 rows; with both products on the tensor cores the table's rows did not spill."""
     kp = triton.next_power_of_2(k)
     whole_dim = max(16, triton.next_power_of_2(dim))
     if device.type != "cuda":
         return TritonConfig(block_m=64, block_n=128, block_k=min(whole_dim, 64), input_precision="ieee")
+    guided = guide_low_precision is not None
     largest = next(rows for longest, rows in ROW_BLOCK_LIMITS[low_precision] if kp <= longest)
-    if guide_low_precision is not None and not (low_precision and guide_low_precision):
+    if converted_bank or (guided and not (low_precision and guide_low_precision)):
         largest = min(largest, 32)
     block_m = min(largest, max(32, triton.next_power_of_2(num_rows)))
-    block_n = max(32, min(64, TILE_ELEMENTS // block_m))
-    # One k-step when the bank tile's rows are at most 512 bytes (bf16 D <= 256, float32 D <= 128): the anchor tile
-    # then stays on chip for the whole split.
-    one_step = whole_dim * (2 if low_precision else 4) <= 512
-    block_k = whole_dim if one_step else (64 if low_precision else 32)
-    return TritonConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=8, num_stages=3)
+    if low_precision:
+        block_n = max(32, min(64, TILE_ELEMENTS // block_m))
+        # One k-step: the anchor tile then stays on chip for the whole split.
+        one_step = whole_dim * 2 <= 512 and not (guided and block_m == 128)
+        block_k = whole_dim if one_step else 64
+        return TritonConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=8, num_stages=3)
+    block_n = 32 if block_m == 64 or converted_bank else 64
+    block_k = min(whole_dim, 16 if guided else 32)
+    return TritonConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=8, num_stages=2)
 
 
 def guide_block_k(guide_dim: int, low_precision: bool, device: torch.device) -> int:

@@ -35,12 +35,16 @@ FLOAT_MAX = tl.constexpr(3.4028234663852886e38)
 def philox_first_word(c0, c1, c2, c3, k0, k1):
     """First output word of Philox4x32-10 (csrc/philox.h philox_first_word); uint32 operands that broadcast."""
     # Wrapping uint32 arithmetic is the algorithm, so the overflow sanitizer (on in debug and interpreter runs)
-    # must not check it.
+    # must not check it. Each round's two products are formed in 64 bits, whose halves are the high and low words:
+    # one IMAD.WIDE.U32 on sm_90 instead of IMAD.HI + IMAD (the (128, 4M, 256) kernel: 881 -> 706 multiplies
+    # under Triton 3.9, 4624 -> 4416 instructions under 3.6).
     for _ in tl.static_range(9):
-        n0 = tl.umulhi(c2, PHILOX_M1) ^ c1 ^ k0
-        n2 = tl.umulhi(c0, PHILOX_M0) ^ c3 ^ k1
-        c1 = tl.mul(c2, PHILOX_M1, sanitize_overflow=False)
-        c3 = tl.mul(c0, PHILOX_M0, sanitize_overflow=False)
+        product1 = c2.to(tl.uint64) * tl.full([], PHILOX_M1, tl.uint64)
+        product0 = c0.to(tl.uint64) * tl.full([], PHILOX_M0, tl.uint64)
+        n0 = (product1 >> 32).to(tl.uint32) ^ c1 ^ k0
+        n2 = (product0 >> 32).to(tl.uint32) ^ c3 ^ k1
+        c1 = product1.to(tl.uint32)
+        c3 = product0.to(tl.uint32)
         c0 = n0
         c2 = n2
         k0 = tl.add(k0, PHILOX_W0, sanitize_overflow=False)

@@ -15,8 +15,10 @@ Why it is cheap after the first few tiles. Log-weights are <= 0, so a pair can e
 Gumbel noise alone beats the list's k-th key T; G decreases in the Philox word, which turns that into an integer
 bound per row. Tiles where no pair passes the bound (most of them, once each row has seen many times more
 candidates than a tile holds) skip the logarithms, the weights and the top-k update; the hardest list is skipped
-the same way with one float max per row. Only the Philox words are computed for every pair, and broadcasting
-computes the products of the first rounds once per row or column (fne_fast/kernels/jit_helpers.py).
+the same way with one float max per row. The Philox words are computed only in tiles where some pair survives the
+masks and the cut-down (in training, a few pairs per anchor of the whole bank: most tiles have none), then for
+the whole tile, and broadcasting computes the products of the first rounds once per row or column
+(fne_fast/kernels/jit_helpers.py).
 
 Random numbers follow docs/DESIGN.md §2 bit for bit (counter = (global column lo, hi, row_offset + i, step), key =
 seed). The epilogue float math mirrors csrc/fne_math.h with two deliberate substitutes, both within a few float32
@@ -229,40 +231,44 @@ def _sample_negatives_kernel(
             survives = non_positive
             if HAS_CUTDOWN:
                 survives = survives & (s > cut)
-            # Largest Philox word whose noise can still beat the row's k-th key T: G(x) > T needs
-            # v < 1 - exp(-e^-T) <= e^-T. The slack (factor 1.001: 2³² · 1.001 = 4299262263, plus 64 words)
-            # covers float32 rounding of G, of the key and of the bound.
-            race_worst = tl.min(race_key, axis=1)
-            threshold = tl.where(race_worst == EMPTY_KEY, -float("inf"), from_ordered(race_worst))
-            bound = tl.minimum(tl.exp(-threshold) * 4299262263.0 + 64.0, 4294967295.0)
-            limit = tl.minimum(bound.to(tl.int64), 4294967295).to(tl.uint32)
-            column = global_base + offs_n
-            hi_first = global_base >> 32
-            if hi_first == (global_base + BLOCK_N - 1) >> 32:
-                # The usual case: one high word for the whole tile keeps the first rounds' products 1-D.
-                words = philox_first_word(column.to(tl.uint32)[None, :], hi_first.to(tl.uint32), counter_row,
-                                           counter_step, key_lo, key_hi)
-            else:
-                words = philox_first_word(column.to(tl.uint32)[None, :], (column >> 32).to(tl.uint32)[None, :],
-                                           counter_row, counter_step, key_lo, key_hi)
-            candidates = survives & (words <= limit[:, None])
-            if tl.max(tl.max(candidates.to(tl.int32), axis=1), axis=0) > 0:
-                key = gumbel_from_bits(words)
-                if HAS_WEIGHTS:
-                    dp = s - mu_pos
-                    dn = s - mu_neg
-                    z = z_offset - dp * dp * half_inv_var_pos + dn * dn * half_inv_var_neg
-                    dpos = s - centre[:, None]
-                    if FN_EXCLUDES:  # fn_tau = inf: a likely false negative has weight 0 (log-weight -inf)
-                        likely_false = -float("inf")
-                    else:
-                        likely_false = -fn_tau / (1.0 + tl.exp(-z))
-                    weight = tl.where(z > bayes_threshold, likely_false, -tau * dpos * dpos)
-                    key = weight + key
-                    # A key of -inf (weight 0) or NaN (non-finite positive_sim or stats) is not a race candidate.
-                    candidates = candidates & (key > -float("inf"))
-                race_key, race_idx, race_sim = insert_tile(pack(key, candidates, BLOCK_N), s, race_key, race_idx,
-                                                           race_sim, global_base, K, BLOCK_N, False)
+            # A pair that is excluded or cut down needs no Philox word. In training the race holds a few candidates
+            # per anchor of the whole bank, so most tiles have no survivor at all (at ~4 per 65536 columns, 78 % of
+            # 4096-pair tiles) and skip the words, which are about half the epilogue's instructions.
+            if tl.max(tl.max(survives.to(tl.int32), axis=1), axis=0) > 0:
+                # Largest Philox word whose noise can still beat the row's k-th key T: G(x) > T needs
+                # v < 1 - exp(-e^-T) <= e^-T. The slack (factor 1.001: 2³² · 1.001 = 4299262263, plus 64 words)
+                # covers float32 rounding of G, of the key and of the bound.
+                race_worst = tl.min(race_key, axis=1)
+                threshold = tl.where(race_worst == EMPTY_KEY, -float("inf"), from_ordered(race_worst))
+                bound = tl.minimum(tl.exp(-threshold) * 4299262263.0 + 64.0, 4294967295.0)
+                limit = tl.minimum(bound.to(tl.int64), 4294967295).to(tl.uint32)
+                column = global_base + offs_n
+                hi_first = global_base >> 32
+                if hi_first == (global_base + BLOCK_N - 1) >> 32:
+                    # The usual case: one high word for the whole tile keeps the first rounds' products 1-D.
+                    words = philox_first_word(column.to(tl.uint32)[None, :], hi_first.to(tl.uint32), counter_row,
+                                               counter_step, key_lo, key_hi)
+                else:
+                    words = philox_first_word(column.to(tl.uint32)[None, :], (column >> 32).to(tl.uint32)[None, :],
+                                               counter_row, counter_step, key_lo, key_hi)
+                candidates = survives & (words <= limit[:, None])
+                if tl.max(tl.max(candidates.to(tl.int32), axis=1), axis=0) > 0:
+                    key = gumbel_from_bits(words)
+                    if HAS_WEIGHTS:
+                        dp = s - mu_pos
+                        dn = s - mu_neg
+                        z = z_offset - dp * dp * half_inv_var_pos + dn * dn * half_inv_var_neg
+                        dpos = s - centre[:, None]
+                        if FN_EXCLUDES:  # fn_tau = inf: a likely false negative has weight 0 (log-weight -inf)
+                            likely_false = -float("inf")
+                        else:
+                            likely_false = -fn_tau / (1.0 + tl.exp(-z))
+                        weight = tl.where(z > bayes_threshold, likely_false, -tau * dpos * dpos)
+                        key = weight + key
+                        # A key of -inf (weight 0) or NaN (non-finite positive_sim or stats) is not a race candidate.
+                        candidates = candidates & (key > -float("inf"))
+                    race_key, race_idx, race_sim = insert_tile(pack(key, candidates, BLOCK_N), s, race_key, race_idx,
+                                                               race_sim, global_base, K, BLOCK_N, False)
 
     store_list(hard_key_ptr, hard_idx_ptr, hard_sim_ptr, hard_key, hard_idx, hard_sim, rows, row_ok, split, width,
                K, KP)
@@ -361,7 +367,9 @@ def sample_negatives_triton(anchors, bank, positive_sim, anchor_ids, bank_ids, s
     # None without language guidance, else whether both guide tensors are bf16 / fp16 of one dtype.
     guide_low_precision = (anchor_guides.dtype == bank_guides.dtype and bank_guides.dtype != torch.float32
                            if has_guides else None)
-    config = config or default_config(num_rows, anchors.shape[1], k, low_precision, device, guide_low_precision)
+    converted_bank = anchors.dtype == torch.float32 and bank.dtype != torch.float32
+    config = config or default_config(num_rows, anchors.shape[1], k, low_precision, device, guide_low_precision,
+                                      converted_bank)
     kp = triton.next_power_of_2(k)
     row_blocks = triton.cdiv(num_rows, config.block_m)
     tiles = triton.cdiv(filled, config.block_n)
