@@ -120,24 +120,61 @@ def _helper_lines(tag):
 GEMM_CLASSES = ("GEMM-mma", "GEMM-load")
 
 
-def triton_region(op, tag):
+def _source_lines():
+    """Line numbers of the kernel's landmarks, read from the sources, so that the regions follow the code."""
+    import inspect
+
+    import fne_fast.kernels.jit_helpers as helpers
+    import fne_fast.kernels.sample_negatives as kernels
+    with open(kernels.__file__) as handle:
+        text = handle.read().splitlines()
+
+    def first(pattern, after=0):
+        return next(n for n, line in enumerate(text, 1) if n > after and pattern in line)
+
+    def helper_range(function):
+        lines, begin = inspect.getsourcelines(function.fn)
+        return set(range(begin, begin + len(lines)))
+
+    tile_loop = first("for tile_start in range(col_begin, col_end, BLOCK_N)")
+    masks = first("bank_id = tl.load(bank_ids_ptr", tile_loop)
+    race = first("survives = non_positive", masks)
+    philox = first("words = philox_first_word(", race)
+    wide = first("words = philox_first_word(", philox)
+    limit_test = first("candidates = survives & (words <= limit", wide)
+    logs = first("key = gumbel_from_bits(words)", wide)
+    end = first("race_sim, global_base, K, BLOCK_N, False)", logs)
+    return dict(gemm=range(tile_loop, masks), epilogue=range(masks, race), gate=range(race, logs),
+                philox_call=set(range(philox, wide - 1)), wide_call=set(range(wide, limit_test)),
+                race=range(logs, end + 1),
+                philox_helper=helper_range(helpers.philox_first_word),
+                gumbel_helper=helper_range(helpers.gumbel_from_bits))
+
+
+def triton_region(op, tag, where):
     """Region of one Triton instruction: GEMM, epilogue (masks, hardest list), Philox, race gate, race branch."""
     line, helpers = _outer_line(tag), _helper_lines(tag)
-    if opclass(op) in GEMM_CLASSES or (line is not None and 141 <= line <= 162):
+    if opclass(op) in GEMM_CLASSES or line in where["gemm"]:
         return "GEMM (tile loop, loads, dot)"
-    if tag == "line0" or helpers & set(range(35, 49)) or line in (196, 199):
+    if tag == "line0" or helpers & where["philox_helper"] or line in where["philox_call"] | where["wide_call"]:
         return "Philox (rounds)"
-    if line is not None and 163 <= line <= 180:
+    if line in where["epilogue"]:
         return "epilogue (masks, hardest list)"
-    if line is not None and 181 <= line <= 202:
+    if line in where["gate"]:
         return "race gate (cut, bound, test)"
-    if line is not None and 203 <= line <= 218:
+    if line in where["race"]:
         return "race branch (logs, weight, insert)"
     return "reductions and helpers (nested inline)"
 
 
+PATHS = ("unconditional", "hardest-list insert", "Philox branch (a pair survives the cut)", "race branch",
+         "wide-column Philox (tile straddles 2^32 columns: not counted)")
+
+
 def triton_paths(rows, labels, dim, block_k, pairs_per_thread):
-    """Per-tile instruction counts (per warp) of each path of the tile loop, by region."""
+    """Per-tile instruction counts (per warp) of each path of the tile loop, by region. Forward branches inside
+    the tile loop delimit conditional ranges; an instruction belongs to the innermost range that has a role."""
+    where = _source_lines()
     _, start, end = segments(rows, labels)
     inner = [(labels[t], i) for i, (_, _, _, t, _) in enumerate(rows)
              if t and start < labels[t] <= i < end]  # K-loop (backward branch inside the tile loop)
@@ -145,37 +182,34 @@ def triton_paths(rows, labels, dim, block_k, pairs_per_thread):
     for a, b in inner:
         for i in range(a, b + 1):
             weight[i] = dim / block_k
-    ranges = []
-    for i in range(start, end):
-        t = rows[i][3]
-        if t and labels[t] > i + 1 and labels[t] <= end + 1:
-            if not any(a <= i < b - 1 for a, b, _ in ranges):
-                ranges.append((i + 1, labels[t], rows[i][2]))
+    ranges = [(i + 1, labels[rows[i][3]]) for i in range(start, end)
+              if rows[i][3] and i + 1 < labels[rows[i][3]] <= end + 1]
     roles = {}
-    for a, b, conditional in ranges:
+    for a, b in sorted(ranges, key=lambda r: r[0] - r[1]):  # widest first, so inner ranges overwrite
         tags = [rows[i][4] for i in range(a, b)]
         helpers = set().union(*(_helper_lines(t) for t in tags))
         lines = {_outer_line(t) for t in tags}
         if any(a <= i < b for i, _ in inner):
-            role = None  # the guard of the K-loop (skipped only when dim fits one step)
-        elif helpers & {57, 59, 60, 61} or lines & set(range(203, 219)):
-            role = "race branch"
-        elif 199 in lines:
-            role = "wide-column Philox (tile straddles 2^32 columns: not counted)"
-        elif 196 in lines:
-            role = None  # the usual Philox path: unconditional
+            continue  # the guard of the K-loop (skipped only when dim fits one step)
+        # Triton 3.6 tags an inlined helper's instructions with the helper's lines only, 3.9 with the call's.
+        if where["philox_call"] & lines or helpers & where["philox_helper"]:
+            role = PATHS[2]
+        elif helpers & where["gumbel_helper"] or lines & set(where["race"]):
+            role = PATHS[3]
+        elif where["wide_call"] & lines:
+            role = PATHS[4]
+        elif a in roles:
+            continue  # a branch of a shared helper (the lists' insert) inside a range that has its role
         else:
-            role = "hardest-list insert"
-        if role:
-            roles.update({i: role for i in range(a, b)})
+            role = PATHS[1]
+        roles.update({i: role for i in range(a, b)})
     table = collections.defaultdict(collections.Counter)
     for i in range(start, end + 1):
         op, tag = rows[i][1], rows[i][4]
-        table[roles.get(i, "unconditional")][triton_region(op, tag)] += weight[i]
+        table[roles.get(i, "unconditional")][triton_region(op, tag, where)] += weight[i]
     print(f"per tile, per warp (pairs per thread: {pairs_per_thread}; K-loop body x {dim / block_k:g}):\n")
     print("| path | region | warp-instructions per tile | per pair (thread-instructions) |\n|---|---|---:|---:|")
-    for path in ("unconditional", "hardest-list insert", "race branch",
-                 "wide-column Philox (tile straddles 2^32 columns: not counted)"):
+    for path in PATHS:
         for region, count in sorted(table[path].items()):
             print(f"| {path} | {region} | {count:.0f} | {count / pairs_per_thread:.1f} |")
         total = sum(table[path].values())
