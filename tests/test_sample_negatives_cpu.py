@@ -148,26 +148,29 @@ def test_brgemm_tiles_match_the_oracle_exactly(monkeypatch, dim, num_rows, num_c
         assert_same_draws(run_op(inputs, return_keys=True, **options), run_oracle(inputs, **options))
 
 
-@needs_brgemm
 @pytest.mark.parametrize("threads", [1, 2])
-def test_brgemm_and_float32_tiles_pick_the_same_negatives_up_to_near_ties(threads):
-    # Random unit vectors in bf16: the two paths sum the same exact products in different orders, so their
-    # similarities differ by float32 rounding and a few rows may swap near-tied candidates. Both must match the
-    # float64 oracle up to near-ties (the float32 path's own tolerance), and each other wherever keys are apart.
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=needs_brgemm),
+                                   pytest.param(torch.float32, marks=needs_float32_brgemm)], ids=str)
+def test_brgemm_and_matmul_tiles_pick_the_same_negatives_up_to_near_ties(threads, dtype):
+    # Random unit vectors: oneDNN's kernel (bf16 or float32) and the float32 at::mm_out tiles of oneDNN off sum the
+    # same exact products in different orders, so their similarities differ by float32 rounding and a few rows may
+    # swap near-tied candidates. Both must match the float64 oracle up to near-ties (the float32 path's own
+    # tolerance), and each other wherever keys are apart.
     torch.set_num_threads(threads)
-    inputs = bf16_inputs(300, 5000, 256, seed=9)
+    inputs = sample_inputs(300, 5000, 256, seed=9, bank_dtype=dtype, anchor_dtype=dtype)
     options = dict(k=3, seed=4, **STEEP)
     brgemm = run_op(inputs, return_keys=True, **options)
     with mkldnn_off():
-        float32 = run_op(inputs, return_keys=True, **options)
+        assert not torch.ops.fne_fast.cpu_float32_brgemm()
+        matmul = run_op(inputs, return_keys=True, **options)
     backend = Backend("cpu", "cpu")
-    for result in (brgemm, float32):
+    for result in (brgemm, matmul):
         assert_matches_oracle(backend, result, inputs, max_differ=1e-2, **options)
-    differ = (brgemm[0] != float32[0]).any(dim=1)
+    differ = (brgemm[0] != matmul[0]).any(dim=1)
     assert differ.float().mean() <= 1e-2
     # Not the same computation: the similarities themselves differ in their last bits somewhere.
-    assert not torch.equal(brgemm[1], float32[1])
-    torch.testing.assert_close(brgemm[1][~differ], float32[1][~differ], rtol=0, atol=1e-5)
+    assert not torch.equal(brgemm[1], matmul[1])
+    torch.testing.assert_close(brgemm[1][~differ], matmul[1][~differ], rtol=0, atol=1e-5)
 
 
 FLOAT32_KERNEL_DTYPES = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.float16)]
@@ -189,27 +192,6 @@ def test_float32_brgemm_tiles_match_the_oracle_exactly(monkeypatch, anchor_dtype
     for mode in MODES:
         options = dict(k=4, mode=mode, seed=5, step=2, col_offset=2**32 - 500, **STEEP)
         assert_same_draws(run_op(inputs, return_keys=True, **options), run_oracle(inputs, **options))
-
-
-@needs_float32_brgemm
-@pytest.mark.parametrize("threads", [1, 2])
-def test_float32_brgemm_and_matmul_tiles_pick_the_same_negatives_up_to_near_ties(threads):
-    # Random float32 unit vectors: oneDNN's kernel and at::mm_out round their sums differently, so the two paths
-    # may only swap near-tied candidates, and both match the float64 oracle up to near-ties.
-    torch.set_num_threads(threads)
-    inputs = sample_inputs(300, 5000, 256, seed=9)
-    options = dict(k=3, seed=4, **STEEP)
-    brgemm = run_op(inputs, return_keys=True, **options)
-    with mkldnn_off():
-        assert not torch.ops.fne_fast.cpu_float32_brgemm()
-        matmul = run_op(inputs, return_keys=True, **options)
-    backend = Backend("cpu", "cpu")
-    for result in (brgemm, matmul):
-        assert_matches_oracle(backend, result, inputs, max_differ=1e-2, **options)
-    differ = (brgemm[0] != matmul[0]).any(dim=1)
-    assert differ.float().mean() <= 1e-2
-    assert not torch.equal(brgemm[1], matmul[1])  # two computations, not one
-    torch.testing.assert_close(brgemm[1][~differ], matmul[1][~differ], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
