@@ -5,7 +5,11 @@
 // Each shared-memory list is updated in rounds of kThreads · kItemsPerThread columns. Threads append the
 // candidates that beat the list's current k-th entry to a pool; after a barrier the pool and the list are ranked
 // together (rank = number of entries ordered before, a strict total order on (key, global index) since indices
-// are distinct), and the entries with rank < k form the new list. This is exact for any split of the columns.
+// are distinct), and the entries with rank < k form the new list. This is exact for any split of the columns, and
+// for any order of the offers: a flush ranks by that total order, never by pool position, and an offer is refused
+// only by the floor, which is fixed, or when k listed entries, themselves candidates, already rank before it, so
+// the refused candidate is in no final top-k. The list after the last flush is therefore the top-k of every
+// candidate offered that ranks before the floor, whichever round offered it.
 #pragma once
 
 #include <cstdint>
@@ -37,10 +41,9 @@ struct ListSet {
   int* counts;
 };
 
-// A ranked list under construction in shared memory.
+// A ranked list under construction in shared memory. Each round may append up to kRoundCols candidates.
 struct SharedList {
   Entry pool[kMaxK + kRoundCols];  // [0, count): the list, best first; [k, k + pending): this round's candidates
-  Entry merged[kMaxK];
   Entry floor;    // with has_floor: candidates must rank before it (the row's k-th entry from earlier chunks)
   int has_floor;
   int count;
@@ -73,8 +76,10 @@ __device__ __forceinline__ bool offer(SharedList& list, int k, const Entry& cand
 }
 
 // Collective (every thread of the block, after the barrier that ends a round): folds the pool into the list.
-// Every thread reads the same count/pending here, so the early return is uniform.
-__device__ inline void flush(SharedList& list, int k) {
+// Every thread reads the same count/pending here, so the early return is uniform. scratch: kMaxK entries of
+// shared memory, free between flushes; a block's lists flush one after the other (each flush ends with a
+// barrier), so they share one scratch, which leaves room in the epilogue's shared memory for its race queues.
+__device__ inline void flush(SharedList& list, Entry* scratch, int k) {
   const int listed = list.count, pending = list.pending;
   if (pending == 0) return;
   const int total = listed + pending;
@@ -83,15 +88,15 @@ __device__ inline void flush(SharedList& list, int k) {
     int rank = 0;
     for (int f = 0; f < listed && rank < k; ++f) rank += entry_before(list.pool[f], mine);
     for (int f = 0; f < pending && rank < k; ++f) rank += entry_before(list.pool[k + f], mine);
-    if (rank < k) list.merged[rank] = mine;
+    if (rank < k) scratch[rank] = mine;
   }
   __syncthreads();
   const int kept = min(total, k);
-  for (int e = threadIdx.x; e < kept; e += blockDim.x) list.pool[e] = list.merged[e];
+  for (int e = threadIdx.x; e < kept; e += blockDim.x) list.pool[e] = scratch[e];
   if (threadIdx.x == 0) {
     list.count = kept;
     list.pending = 0;
-    list.gumbel_limit = gumbel_bits_limit(admission_key(list, kept == k ? &list.merged[k - 1] : nullptr));
+    list.gumbel_limit = gumbel_bits_limit(admission_key(list, kept == k ? &scratch[k - 1] : nullptr));
   }
   __syncthreads();
 }

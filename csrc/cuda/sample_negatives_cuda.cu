@@ -1,27 +1,33 @@
 // CUDA kernel of fne_fast::sample_negatives (docs/DESIGN.md §2).
 //
 // Design: "bank chunks through cuBLAS, then a fused epilogue". The live bank rows [0, filled) are processed in
-// column chunks, all on the current stream:
-//   1. GEMM: cuBLAS writes the float32 similarities S = anchors · chunkᵀ into one reused [B, chunk] buffer
-//      (float32 GEMM; bf16/fp16 inputs use the GEMM with a float32 output, i.e. fp32 accumulation and no
-//      rounding of S; float32 anchors with a low-precision bank convert the chunk to float32 first, so every
-//      product is exact in float32 as on the CPU). With language guidance a second GEMM, by the same rules,
-//      writes the guide similarities G = anchor_guides · bank_guides_chunkᵀ into a second buffer of that shape.
+// column chunks:
+//   1. GEMM: cuBLAS writes the float32 similarities S = anchors · chunkᵀ into a [B, chunk] buffer (float32 GEMM;
+//      bf16/fp16 inputs use the GEMM with a float32 output, i.e. fp32 accumulation and no rounding of S; float32
+//      anchors with a low-precision bank convert the chunk to float32 first, so every product is exact in float32
+//      as on the CPU). With language guidance a second GEMM, by the same rules, writes the guide similarities
+//      G = anchor_guides · bank_guides_chunkᵀ into a second buffer of that shape. With more than one chunk the
+//      GEMMs run on a side stream into two buffer sets, one chunk ahead: chunk c + 1's products are formed while
+//      chunk c's epilogue reads the other set (events order the two streams; the op joins the side stream before
+//      it returns, so callers see one stream).
 //   2. Epilogue: one block per (anchor row, column split) reads its slice of S (and of G) once and applies the
-//      masks (identity, ceiling, guide threshold, cut-down), Philox, the Gumbel key and the FNE log-weight, keeping
-//      two ranked lists in shared memory: the Gumbel race and the hardest non-positive candidates (for the
-//      fallback). Candidates that cannot beat the list's k-th entry, or the row's k-th entry from earlier chunks,
-//      are dropped without any shared-memory write. As in the CPU kernel, log-weights are <= 0, so a Philox word
-//      whose noise alone cannot reach that threshold skips the logarithms and the weight: after the first rounds
-//      almost every pair costs its Philox word and a few comparisons.
+//      masks (identity, ceiling, guide threshold, cut-down), keeping two ranked lists in shared memory: the Gumbel
+//      race and the hardest non-positive candidates (for the fallback). Only a pair that passes the masks and the
+//      cut-down needs its Philox word: where such pairs are sparse (training cuts almost every pair), a warp
+//      ballots them into a queue of their column offsets and draws 32 words at once when it holds a warp's worth,
+//      so sparse pairs do not leave 31 lanes idle; a round whose first item has over half a warp of them draws
+//      lane by lane. Candidates that cannot beat the list's k-th entry, or the row's k-th entry from earlier
+//      chunks, are dropped without any shared-memory write. As in the CPU kernel, log-weights are <= 0, so a
+//      Philox word whose noise alone cannot reach that threshold skips the logarithms and the weight. The order
+//      in which a block offers its candidates changes no list (ranked_lists.cuh), so the queues change no draw.
 //   3. Merge: one block per row folds the splits' lists into the row's running lists (exact: top-k of a union).
 // After the last chunk one thread per row writes index/sim/valid/key in the CPU kernel's order (race winners by
 // decreasing key, then the hardest non-positive candidates not chosen yet, then invalid slots). Extra memory is
-// the S buffer (about 32 MiB, at least 1024 columns: max(32 MiB, 4 KiB · B)), an optional float32 copy of one
-// bank chunk (counted in the same 32 MiB), and O(B · k · splits) list entries: independent of N, and the B×N
-// matrix is never formed. Language guidance shares the 32 MiB between S and G (and an optional float32 copy of
-// the chunk's guides), so its chunks have about half the columns (at least 1024: max(32 MiB, 8 KiB · B)); it adds
-// one GEMM of inner dimension Dg per chunk and one float32 read per pair to the epilogue, and nothing without it.
+// the two S buffers (about 32 MiB together, at least 1024 columns each: max(32 MiB, 8 KiB · B)), an optional
+// float32 copy of one bank chunk (counted in the same 32 MiB), and O(B · k · splits) list entries: independent of
+// N, and the B×N matrix is never formed. Language guidance shares the 32 MiB between S and G (and an optional
+// float32 copy of the chunk's guides), so its chunks have about half the columns (at least 1024); it adds one GEMM
+// of inner dimension Dg per chunk and one float32 read per pair to the epilogue, and nothing without it.
 //
 // Why this design: cuBLAS reaches the GEMM's peak rate for every dtype, stride and architecture, so the
 // hand-written part is only the epilogue, whose selection semantics must match the CPU kernel exactly, and it can
@@ -57,202 +63,28 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "../fne_math.h"
-#include "../philox.h"
 #include "../sample_negatives.h"
-#include "ranked_lists.cuh"
+#include "sample_negatives_kernels.cuh"
 
 namespace fne_fast {
 namespace {
 
-constexpr int64_t kSimBufferBytes = int64_t{32} << 20;  // target size of the [B, chunk] float32 buffer
+constexpr int64_t kSimBufferBytes = int64_t{32} << 20;  // target size of all the chunk loop's float32 buffers
+constexpr int kProductSets = 2;  // S (and G) buffers: one chunk's GEMM fills one, the previous epilogue reads one
 constexpr int kBlocksPerSm = 4;                         // epilogue blocks per SM the split count aims for
-constexpr int kOutputThreads = 128;
-static_assert(sizeof(unsigned long long) == sizeof(int64_t), "the exceedance counts are int64, added atomically");
-
-struct EpilogueArgs {
-  const float* sims;        // [B, chunk_cols] of this chunk
-  const float* guide_sims;  // [B, chunk_cols] guide similarities of this chunk; nullptr without guides
-  const int64_t* bank_ids;  // ids of this chunk's columns
-  const int64_t* anchor_ids;
-  const float* centres;   // [B] the log-weight's centre s⁺ + b (RowInputs in sample_negatives.h)
-  const float* ceilings;  // [B] s > ceiling is excluded from the race and the fallback; nullptr: no ceilings
-  const float* count_thresholds;  // [B] fn_thresholds whose exceedances are counted into `above`; nullptr: none
-  unsigned long long* above;      // [B] int64 counts, added to atomically (integers: the order does not matter)
-  const float* stats;
-  int64_t chunk_cols;
-  int64_t split_cols;
-  int64_t splits;            // splits of this chunk; partial slot of (row, split) is row * splits + split
-  int64_t global_col_begin;  // col_offset + first column of the chunk
-  SamplerConfig config;
-  PhiloxKey philox_key;
-  ListSet running_race, running_hard;  // read only: the floors from earlier chunks
-  ListSet partial_race, partial_hard;  // written: one list per (row, split)
-  int* non_finite;                     // set to 1 when a similarity is not finite
-  int* guide_non_finite;               // set to 1 when a guide similarity is not finite; nullptr without guides
-};
-
-// kHasGuides: language guidance, a template parameter so that calls without it pay nothing for it.
-template <bool kHasGuides>
-__global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueArgs args) {
-  __shared__ SharedList race, hard;
-  __shared__ WeightParams weights;
-  __shared__ float cut;
-  const SamplerConfig& config = args.config;
-  const int k = static_cast<int>(config.k);
-  const int64_t row = blockIdx.x / args.splits;
-  const int64_t split = blockIdx.x % args.splits;
-  const bool sampling = config.mode != SamplerMode::kHardest;
-  if (threadIdx.x == 0) {
-    weights = make_weight_params(args.stats, config);
-    cut = sampling && config.cutdown ? args.stats[0] - config.margin : -INFINITY;
-    const bool race_full = args.running_race.counts[row] == k;
-    const bool hard_full = args.running_hard.counts[row] == k;
-    init_list(race, race_full ? &args.running_race.entries[row * k + k - 1] : nullptr);
-    init_list(hard, hard_full ? &args.running_hard.entries[row * k + k - 1] : nullptr);
-  }
-  __syncthreads();
-
-  const int64_t begin = split * args.split_cols;
-  const int64_t end = min(begin + args.split_cols, args.chunk_cols);
-  const float* row_sims = args.sims + row * args.chunk_cols;
-  const float* row_guides = kHasGuides ? args.guide_sims + row * args.chunk_cols : nullptr;
-  const int64_t anchor_id = args.anchor_ids[row];
-  const float centre = args.centres[row];
-  const float ceiling = args.ceilings != nullptr ? args.ceilings[row] : INFINITY;
-  const float count_threshold = args.count_thresholds != nullptr ? args.count_thresholds[row] : INFINITY;
-  unsigned long long above = 0;
-  const uint32_t global_row = config.row_offset + static_cast<uint32_t>(row);
-  bool non_finite = false, guide_non_finite = false;
-  for (int64_t base = begin; base < end; base += kRoundCols) {
-    bool offered = false;
-#pragma unroll
-    for (int item = 0; item < kItemsPerThread; ++item) {
-      const int64_t j = base + item * kThreads + threadIdx.x;
-      if (j >= end) continue;
-      const float s = row_sims[j];
-      // Read before any mask: a non-finite guide similarity of a live pair is reported whatever the pair.
-      const float g = kHasGuides ? row_guides[j] : 0.f;
-      if (kHasGuides && !isfinite(g)) guide_non_finite = true;
-      if (!isfinite(s)) {
-        non_finite = true;
-        continue;
-      }
-      if (args.bank_ids[j] == anchor_id) continue;  // the anchor's own identity: a true positive
-      above += s > count_threshold;
-      if (s > ceiling) continue;                    // a likely false negative by its anchor's ceiling
-      if (kHasGuides && g > config.guide_threshold) continue;       // excluded by its guide (a NaN g never is)
-      const int64_t column = args.global_col_begin + j;
-      offered |= offer(hard, k, Entry{s, s, column});
-      if (sampling && s > cut) {
-        const uint64_t counter = static_cast<uint64_t>(column);
-        const uint32_t bits = philox_first_word(static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32),
-                                                global_row, config.step, args.philox_key);
-        // Once the list has a threshold, almost every word fails this test: the logarithms and the weight are
-        // then skipped, for the whole warp as a rule.
-        if (bits <= race.gumbel_limit) {
-          const float log_weight = config.mode == SamplerMode::kFne ? fne_log_weight(s, centre, weights) : 0.f;
-          const float key = log_weight + gumbel_from_bits(bits);
-          // Weight 0 (fn_tau = inf), or NaN from non-finite inputs: not a race candidate.
-          if (key > -INFINITY) offered |= offer(race, k, Entry{key, s, column});
-        }
-      }
-    }
-    // The round's trip count is the same for every thread, so every thread reaches this barrier.
-    if (__syncthreads_or(offered)) {
-      flush(hard, k);
-      flush(race, k);
-    }
-  }
-
-  const int64_t slot = row * args.splits + split;
-  store_list(hard, k, args.partial_hard, slot);
-  if (sampling) store_list(race, k, args.partial_race, slot);
-  if (above != 0) atomicAdd(args.above + row, above);
-  if (__syncthreads_or(non_finite) && threadIdx.x == 0) *args.non_finite = 1;
-  if constexpr (kHasGuides) {
-    if (__syncthreads_or(guide_non_finite) && threadIdx.x == 0) *args.guide_non_finite = 1;
-  }
-}
-
-struct MergeArgs {
-  int64_t splits;  // of the chunk just processed
-  int k;
-  bool sampling;   // mode != hardest: the race lists are in use
-  ListSet running_race, running_hard;  // read and rewritten, one block per row
-  ListSet partial_race, partial_hard;
-};
-
-__global__ void __launch_bounds__(kThreads) merge_kernel(MergeArgs args) {
-  __shared__ SharedList race, hard;
-  const int k = args.k;
-  const int64_t row = blockIdx.x;
-  if (threadIdx.x == 0) {
-    init_list(race, nullptr);
-    init_list(hard, nullptr);
-  }
-  __syncthreads();
-  // Source 0 is the running list, sources 1..splits the chunk's partial lists; k positions each. The sources
-  // cover disjoint column ranges, so all indices are distinct.
-  const int64_t total = (args.splits + 1) * k;
-  for (int64_t base = 0; base < total; base += kRoundCols) {
-    bool offered = false;
-#pragma unroll
-    for (int item = 0; item < kItemsPerThread; ++item) {
-      const int64_t t = base + item * kThreads + threadIdx.x;
-      if (t >= total) continue;
-      const int64_t source = t / k;
-      const int position = static_cast<int>(t % k);
-      const int64_t partial_slot = row * args.splits + source - 1;
-      if (source == 0) {
-        offered |= offer_listed(hard, k, args.running_hard, row, position);
-        if (args.sampling) offered |= offer_listed(race, k, args.running_race, row, position);
-      } else {
-        offered |= offer_listed(hard, k, args.partial_hard, partial_slot, position);
-        if (args.sampling) offered |= offer_listed(race, k, args.partial_race, partial_slot, position);
-      }
-    }
-    if (__syncthreads_or(offered)) {
-      flush(hard, k);
-      flush(race, k);
-    }
-  }
-  // Every read of the running lists happened before the last barrier above.
-  store_list(hard, k, args.running_hard, row);
-  if (args.sampling) store_list(race, k, args.running_race, row);
-}
-
-struct OutputArgs {
-  int64_t num_rows;
-  int k;
-  bool sampling;
-  ListSet race, hard;
-  int64_t* index;
-  float* sim;
-  bool* valid;
-  float* key;
-};
-
-// One thread per row writes its k output slots (in mode "hardest" the race list is the hardest list).
-__global__ void __launch_bounds__(kOutputThreads) output_kernel(OutputArgs args) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= args.num_rows) return;
-  const int k = args.k;
-  const EntryList hard{args.hard.entries + row * k, args.hard.counts[row]};
-  const EntryList race = args.sampling ? EntryList{args.race.entries + row * k, args.race.counts[row]} : hard;
-  write_output_row(race, hard, k, args.index + row * k, args.sim + row * k, args.valid + row * k,
-                   args.key + row * k);
-}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Columns per chunk: the float32 buffers of one chunk (S, G, the converted bank and guide chunks), of
-// floats_per_column floats per column, fill about kSimBufferBytes, in whole rounds of the epilogue;
-// FNE_FAST_CUDA_CHUNK_COLS overrides.
+// Columns per chunk: the float32 buffers of the chunk loop (kProductSets of S and of G, one converted bank chunk
+// and one guide chunk), of floats_per_column floats per column, fill about kSimBufferBytes, in whole rounds of the
+// epilogue; FNE_FAST_CUDA_CHUNK_COLS overrides.
 int64_t chunk_columns(int64_t floats_per_column, int64_t live_cols) {
   const int64_t sized = kSimBufferBytes / (static_cast<int64_t>(sizeof(float)) * floats_per_column);
   const int64_t fallback = std::max<int64_t>(kRoundCols, sized / kRoundCols * kRoundCols);
@@ -277,6 +109,55 @@ void float32_products(at::Tensor& out, const at::Tensor& left, const at::Tensor&
     at::mm_out(out, left, tile.t(), at::kFloat);
   }
 }
+
+// A CUDA event that orders two streams (no timing), destroyed with its scope: the driver releases it once the
+// waits queued on it have passed.
+class StreamEvent {
+ public:
+  StreamEvent() { C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming)); }
+  ~StreamEvent() { C10_CUDA_IGNORE_ERROR(cudaEventDestroy(event_)); }
+  StreamEvent(const StreamEvent&) = delete;
+  StreamEvent& operator=(const StreamEvent&) = delete;
+  void record(cudaStream_t stream) { C10_CUDA_CHECK(cudaEventRecord(event_, stream)); }
+  // Work queued on `stream` after this call waits for the work queued before the last record.
+  void block(cudaStream_t stream) const { C10_CUDA_CHECK(cudaStreamWaitEvent(stream, event_, 0)); }
+  cudaEvent_t get() const { return event_; }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
+// The events of a chunk loop that forms the products on a side stream (the top of this file). The side stream
+// starts after the work already queued on the current stream (the inputs), and join() makes the current stream
+// wait for it; if an exception leaves the loop first, the destructor queues that wait instead (best effort). Either
+// way the buffers, declared before this object and so freed after it, are reused by the caching allocator on the
+// current stream only after the side stream's last GEMM. Each event is waited on before it is recorded again
+// (the loop's order), so a wait always sees the record it means.
+struct ChunkPipeline {
+  ChunkPipeline(cudaStream_t current_stream, cudaStream_t side_stream)
+      : current(current_stream), side(side_stream) {
+    inputs_ready.record(current);
+    inputs_ready.block(side);
+  }
+  ~ChunkPipeline() {
+    if (joined) return;
+    C10_CUDA_IGNORE_ERROR(cudaEventRecord(side_done.get(), side));
+    C10_CUDA_IGNORE_ERROR(cudaStreamWaitEvent(current, side_done.get(), 0));
+  }
+  ChunkPipeline(const ChunkPipeline&) = delete;
+  ChunkPipeline& operator=(const ChunkPipeline&) = delete;
+  void join() {
+    side_done.record(side);
+    side_done.block(current);
+    joined = true;
+  }
+
+  cudaStream_t current, side;
+  StreamEvent inputs_ready, side_done;
+  StreamEvent products_done[kProductSets];  // recorded on the side stream after a set's GEMMs
+  StreamEvent epilogue_done[kProductSets];  // recorded on the current stream after the epilogue that read a set
+  bool joined = false;
+};
 
 // One device-to-host copy for all the checks (the op's only synchronisation, and only with check_finite):
 // pass_flags holds the pass's flags, the bank's similarity flag and, with guides, the guide similarity flag.
@@ -331,15 +212,17 @@ SampleOutputs sample_negatives_cuda(
   const bool convert_guides = has_guides && bank_guides->scalar_type() != anchor_guides->scalar_type();
 
   const int64_t live_cols = config.filled;  // rows >= filled are never read
-  const int64_t floats_per_column =
-      num_rows + (convert_bank ? dim : 0) + (has_guides ? num_rows + (convert_guides ? guide_dim : 0) : 0);
+  const int64_t floats_per_column = kProductSets * num_rows + (convert_bank ? dim : 0) +
+                                    (has_guides ? kProductSets * num_rows + (convert_guides ? guide_dim : 0) : 0);
   const int64_t chunk_cols = chunk_columns(floats_per_column, live_cols);
   int sm_count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, anchors.device().index()));
-  // Enough (row, split) blocks to fill the GPU when B is small, but at least one full round per split.
+  // Enough (row, split) blocks to fill the GPU when B is small, but at least one full round per split, and no
+  // split longer than the race queues' 32-bit offsets reach (only an overridden chunk of over 2³¹ columns).
   const int64_t splits_wanted = ceil_div(int64_t{kBlocksPerSm} * sm_count, num_rows);
-  const int64_t split_cols =
-      ceil_div(chunk_cols, std::max<int64_t>(1, std::min(splits_wanted, ceil_div(chunk_cols, kRoundCols))));
+  const int64_t split_count = std::max<int64_t>(
+      {1, std::min(splits_wanted, ceil_div(chunk_cols, kRoundCols)), ceil_div(chunk_cols, kMaxSplitCols)});
+  const int64_t split_cols = ceil_div(chunk_cols, split_count);
   const int64_t max_splits = ceil_div(chunk_cols, split_cols);
   TORCH_CHECK_VALUE(num_rows * max_splits <= std::numeric_limits<int32_t>::max(),
                     "anchors has too many rows for one CUDA launch: ", num_rows);
@@ -365,13 +248,49 @@ SampleOutputs sample_negatives_cuda(
   const bool sampling = config.mode != SamplerMode::kHardest;
 
   if (live_cols > 0) {
-    auto sims_buffer = at::empty({num_rows * chunk_cols}, anchors.options().dtype(at::kFloat));
-    at::Tensor bank_float_buffer, guide_sims_buffer, bank_guides_float_buffer;
-    if (convert_bank) bank_float_buffer = at::empty({chunk_cols, dim}, anchors.options().dtype(at::kFloat));
-    if (has_guides) guide_sims_buffer = at::empty({num_rows * chunk_cols}, anchors.options().dtype(at::kFloat));
-    if (convert_guides) {
-      bank_guides_float_buffer = at::empty({chunk_cols, guide_dim}, anchors.options().dtype(at::kFloat));
+    // With one chunk there is nothing to overlap: one buffer set, and everything on the current stream.
+    const int64_t chunks = ceil_div(live_cols, chunk_cols);
+    const bool pipelined = chunks > 1;
+    const int product_sets = pipelined ? kProductSets : 1;
+    const auto float_options = anchors.options().dtype(at::kFloat);
+    at::Tensor sims_buffers[kProductSets], guide_sims_buffers[kProductSets];
+    for (int set = 0; set < product_sets; ++set) {
+      sims_buffers[set] = at::empty({num_rows * chunk_cols}, float_options);
+      if (has_guides) guide_sims_buffers[set] = at::empty({num_rows * chunk_cols}, float_options);
     }
+    // The converted chunks are written and read by the GEMM stream alone, chunk after chunk: one of each.
+    at::Tensor bank_float_buffer, bank_guides_float_buffer;
+    if (convert_bank) bank_float_buffer = at::empty({chunk_cols, dim}, float_options);
+    if (convert_guides) bank_guides_float_buffer = at::empty({chunk_cols, guide_dim}, float_options);
+    // After the buffers, so that it is destroyed (and the side stream joined) before they are freed.
+    std::optional<c10::cuda::CUDAStream> side_stream;
+    std::optional<ChunkPipeline> pipeline;
+    if (pipelined) {
+      side_stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, anchors.device().index());
+      pipeline.emplace(stream, side_stream->stream());
+    }
+
+    // Queues chunk `chunk`'s products into buffer set chunk % product_sets: on the side stream when pipelined
+    // (the stream guard also gives at::mm_out's cuBLAS handle that stream), after the epilogue that last read
+    // the set.
+    const auto queue_products = [&](int64_t chunk) {
+      const int set = static_cast<int>(chunk % product_sets);
+      const int64_t chunk_begin = chunk * chunk_cols;
+      const int64_t cols = std::min(chunk_cols, live_cols - chunk_begin);
+      std::optional<c10::cuda::CUDAStreamGuard> on_side_stream;
+      if (pipelined) {
+        if (chunk >= kProductSets) pipeline->epilogue_done[set].block(pipeline->side);
+        on_side_stream.emplace(*side_stream);
+      }
+      auto sims = sims_buffers[set].narrow(0, 0, num_rows * cols).view({num_rows, cols});
+      float32_products(sims, anchors_contig, bank.narrow(0, chunk_begin, cols), bank_float_buffer);
+      if (has_guides) {
+        auto guide_sims = guide_sims_buffers[set].narrow(0, 0, num_rows * cols).view({num_rows, cols});
+        float32_products(guide_sims, anchor_guides_contig, bank_guides->narrow(0, chunk_begin, cols),
+                         bank_guides_float_buffer);
+      }
+      if (pipelined) pipeline->products_done[set].record(pipeline->side);
+    };
 
     EpilogueArgs epilogue{};
     epilogue.anchor_ids = anchor_ids_contig.data_ptr<int64_t>();
@@ -397,34 +316,35 @@ SampleOutputs sample_negatives_cuda(
     merge.partial_race = partial_race;
     merge.partial_hard = partial_hard;
 
-    for (int64_t chunk_begin = 0; chunk_begin < live_cols; chunk_begin += chunk_cols) {
+    queue_products(0);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      // The next chunk's GEMM first, so that the side stream has it while this chunk's epilogue runs.
+      if (chunk + 1 < chunks) queue_products(chunk + 1);
+      const int set = static_cast<int>(chunk % product_sets);
+      const int64_t chunk_begin = chunk * chunk_cols;
       const int64_t cols = std::min(chunk_cols, live_cols - chunk_begin);
-      auto sims = sims_buffer.narrow(0, 0, num_rows * cols).view({num_rows, cols});
-      float32_products(sims, anchors_contig, bank.narrow(0, chunk_begin, cols), bank_float_buffer);
-      if (has_guides) {
-        auto guide_sims = guide_sims_buffer.narrow(0, 0, num_rows * cols).view({num_rows, cols});
-        float32_products(guide_sims, anchor_guides_contig, bank_guides->narrow(0, chunk_begin, cols),
-                         bank_guides_float_buffer);
-        epilogue.guide_sims = guide_sims.data_ptr<float>();
-      }
-
       const int64_t splits = ceil_div(cols, split_cols);
-      epilogue.sims = sims.data_ptr<float>();
+      epilogue.sims = sims_buffers[set].data_ptr<float>();
+      epilogue.guide_sims = has_guides ? guide_sims_buffers[set].data_ptr<float>() : nullptr;
       epilogue.bank_ids = bank_ids_contig.data_ptr<int64_t>() + chunk_begin;
       epilogue.chunk_cols = cols;
       epilogue.splits = splits;
       epilogue.global_col_begin = config.col_offset + chunk_begin;
       const auto blocks = static_cast<unsigned>(num_rows * splits);
+      if (pipelined) pipeline->products_done[set].block(stream);
       if (has_guides) {
         epilogue_kernel<true><<<blocks, kThreads, 0, stream>>>(epilogue);
       } else {
         epilogue_kernel<false><<<blocks, kThreads, 0, stream>>>(epilogue);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (pipelined) pipeline->epilogue_done[set].record(stream);
       merge.splits = splits;
       merge_kernel<<<static_cast<unsigned>(num_rows), kThreads, 0, stream>>>(merge);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
+    // The caller sees a single-stream op: what follows on its stream comes after the last GEMM too.
+    if (pipelined) pipeline->join();
   }
 
   OutputArgs output{num_rows, static_cast<int>(k), sampling, running_race, running_hard,
