@@ -14,7 +14,8 @@ Stages, each under its own ``--budget-s`` (it starts nothing new after that many
   kernel where it was built, and the GEMM floors: ``anchors @ bank.T`` (which allocates its output) and
   ``torch.mm(anchors, bank.T, out=...)`` into a preallocated output;
 * ``rest``: the core rows at the other shapes and cases, Triton with check_finite, the plain eager sampler
-  (bench/plain_eager.py: one matmul, masks, log-weights, torch's RNG, topk), then a small sweep of Triton tiles and
+  (bench/plain_eager.py: one matmul, masks, log-weights, torch's RNG, topk), the CUDA kernel at twice its chunk and
+  as one chunk (``diag: cuda ...`` rows: does its side stream overlap?), then a small sweep of Triton tiles and
   two diagnostic modes, then the eager oracle (float32); with ``--compile`` also torch.compile of the oracle (its
   first call compiles for minutes, which no budget bounds: off by default).
 
@@ -311,6 +312,30 @@ def core_rows(record, inputs, bank_dtype, entry):
     del out
 
 
+def cuda_chunk_diagnostics(num_rows, num_cols):
+    """(row name, chunk columns) of the CUDA kernel at other chunk sizes than its own, to tell which end of its
+    predicted range holds (bench/RESULTS_gpu_model.md §4): twice its chunk, the chunk count of the single-buffer
+    build before the side stream, and the whole bank as one chunk (no side stream, one merge) where its float32
+    similarities fit. The shipped chunk mirrors csrc/cuda/sample_negatives_cuda.cu for inputs of one dtype without
+    guides: two float32 buffers of B columns' rows in 32 MiB, in whole rounds of 1024 columns."""
+    shipped = max(1024, (2**25 // (4 * 2 * num_rows)) // 1024 * 1024)
+    if num_cols <= shipped:
+        return []
+    rows = [(f"diag: cuda chunk {2 * shipped} cols", 2 * shipped)] if 2 * shipped < num_cols else []
+    if fits(num_rows, num_cols, 4):
+        rows.append(("diag: cuda one chunk", num_cols))
+    return rows
+
+
+def cuda_call_with_chunk(inputs, columns):
+    """One call of the compiled CUDA kernel with FNE_FAST_CUDA_CHUNK_COLS (read at every call) set to columns."""
+    os.environ["FNE_FAST_CUDA_CHUNK_COLS"] = str(columns)
+    try:
+        return fne_fast.sample_negatives(*inputs.values(), backend="cuda", check_finite=False, **OPTIONS)
+    finally:
+        del os.environ["FNE_FAST_CUDA_CHUNK_COLS"]
+
+
 def bench_pass(shape, case, part, results, write):
     """One part of a stage for one shape and case: "core", "more" (the rest's first pass: the core rows where the
     core stage did not run them, check_finite, the plain eager sampler), "sweep", "oracle", "compile". Each part
@@ -337,6 +362,9 @@ def bench_pass(shape, case, part, results, write):
             record("plain eager", lambda: plain_eager_sampler(*inputs.values(), k=OPTIONS["k"]))
         else:
             entry["methods"].setdefault("plain eager", {"skipped": "would not fit in memory"})
+        if DEVICE.type == "cuda" and ops.COMPILED_CUDA_KERNEL:
+            for name, columns in cuda_chunk_diagnostics(num_rows, num_cols):
+                record(name, lambda columns=columns: cuda_call_with_chunk(inputs, columns))
     elif part == "sweep":
         for name, config in sweep_configs(num_rows, dim, bank_dtype).items():
             record(name, lambda config=config: triton_kernels.sample_negatives_triton(

@@ -23,8 +23,8 @@
 #       synccheck
 #    9. resources   registers, spills, shared memory of the shipped Triton configurations     resources.log
 #                   under this machine's Triton (scripts/triton_resources.py)
-#   10. rest        the other shapes and cases, check_finite, the plain eager sampler, the    roofline.log, .json
-#                   Triton sweep, the eager oracle
+#   10. rest        the other shapes and cases, check_finite, the plain eager sampler, CUDA   roofline.log, .json
+#                   at other chunk sizes, the Triton sweep, the eager oracle
 # OUT/summary.txt holds the versions, each step's status and seconds, and last the headline table. A file appears
 # in OUT only whole (written aside, then renamed) as soon as its step ends; OUT holds at most 8 files, as many as
 # the device tool brings back. The exit status is 1 if a step failed (the ncu steps excepted).

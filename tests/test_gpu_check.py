@@ -118,3 +118,26 @@ def test_steps_past_the_budget_are_skipped_and_fail_the_check(tmp_path, budget_s
     told = re.search(r"--stage rest --budget-s (\d+)", (tmp_path / "roofline.log").read_text())
     assert told and int(told.group(1)) < budget_s
     assert len(out_files(tmp_path)) <= 8
+
+
+def test_cuda_chunk_rows_give_the_single_buffer_chunk_count(monkeypatch):
+    # The CUDA kernel's diagnostic rows: twice its chunk must be the chunk of the build with one 32 MiB similarity
+    # buffer (2²⁵ bytes of float32 rows of B columns, whole rounds of 1024), whose merges the model counts, and
+    # the one-chunk row appears only where B×N float32 similarities fit in memory.
+    import importlib.util
+
+    import torch
+
+    path = os.path.join(os.path.dirname(SCRIPT), os.pardir, "bench", "bench_sample_negatives_gpu.py")
+    spec = importlib.util.spec_from_file_location("bench_sample_negatives_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "torch", torch, raising=False)
+    monkeypatch.setattr(bench, "DEVICE", torch.device("cpu"), raising=False)
+    for num_rows, num_cols in ((128, 4 * 2**20), (1024, 2**20), (128, 16 * 2**20)):
+        single_buffer_chunk = 2**25 // (4 * num_rows) // 1024 * 1024
+        assert bench.cuda_chunk_diagnostics(num_rows, num_cols) == [
+            (f"diag: cuda chunk {single_buffer_chunk} cols", single_buffer_chunk), ("diag: cuda one chunk", num_cols)]
+    assert bench.cuda_chunk_diagnostics(32, 8224) == []  # one chunk already
+    monkeypatch.setattr(bench, "fits", lambda *shape: False)
+    assert [name for name, _ in bench.cuda_chunk_diagnostics(128, 4 * 2**20)] == ["diag: cuda chunk 65536 cols"]
