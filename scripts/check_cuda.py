@@ -34,9 +34,10 @@ def run_step(name: str, command: list[str], env: dict | None = None) -> bool:
 
 
 # The sanitizers' workload: bank columns per chunk (FNE_FAST_CUDA_CHUNK_COLS) and the bank's length. The CUDA
-# kernel cuts a chunk into min(ceil(4 · SMs / B), ceil(chunk / 1024)) column splits and merges their lists
-# (sample_negatives_cuda.cu, chunk_columns and split_cols); with 5000-column chunks of 12000 columns, B <= 105 on a
-# 132-SM GPU gets 5, 5 and 2 splits: every chunk crosses the multi-split merge, and the chunks the running lists.
+# kernel cuts a chunk into min(ceil(4 · SMs / B), ceil(chunk / 1024)) column splits and merges their lists after
+# every second chunk (sample_negatives_cuda.cu, chunk_columns and split_cols); with 5000-column chunks of 11500
+# live columns, B <= 105 on a 132-SM GPU gets 5, 5 and 2 splits: the first merge folds two chunks' 10 lists, the
+# second the last chunk's 2 into the running lists, and the last chunk's epilogue starts from a merged floor.
 CASE_CHUNK_COLS, CASE_COLUMNS, CASE_FILLED = 5000, 12000, 11500
 
 

@@ -16,11 +16,12 @@
 //      cut-down needs its Philox word: where such pairs are sparse (training cuts almost every pair), a warp
 //      ballots them into a queue of their column offsets and draws 32 words at once when it holds a warp's worth,
 //      so sparse pairs do not leave 31 lanes idle; a round whose first item has over half a warp of them draws
-//      lane by lane. Candidates that cannot beat the list's k-th entry, or the row's k-th entry from earlier
-//      chunks, are dropped without any shared-memory write. As in the CPU kernel, log-weights are <= 0, so a
+//      lane by lane. Candidates that cannot beat the list's k-th entry, or the row's k-th entry from the chunks
+//      merged so far, are dropped without any shared-memory write. As in the CPU kernel, log-weights are <= 0, so a
 //      Philox word whose noise alone cannot reach that threshold skips the logarithms and the weight. The order
 //      in which a block offers its candidates changes no list (ranked_lists.cuh), so the queues change no draw.
-//   3. Merge: one block per row folds the splits' lists into the row's running lists (exact: top-k of a union).
+//   3. Merge: after every second chunk (and the last), one block per row folds the lists of those chunks' splits
+//      into the row's running lists (exact: top-k of a union).
 // After the last chunk one thread per row writes index/sim/valid/key in the CPU kernel's order (race winners by
 // decreasing key, then the hardest non-positive candidates not chosen yet, then invalid slots). Extra memory is
 // the two S buffers (about 32 MiB together, at least 1024 columns each: max(32 MiB, 8 KiB · B)), an optional
@@ -78,6 +79,9 @@ namespace {
 
 constexpr int64_t kSimBufferBytes = int64_t{32} << 20;  // target size of all the chunk loop's float32 buffers
 constexpr int kProductSets = 2;  // S (and G) buffers: one chunk's GEMM fills one, the previous epilogue reads one
+// One merge per two chunks: the sets share the single buffer's budget, so the chunks are half as long as with
+// one buffer, and merging every other chunk keeps the merge count (launch-bound, a few µs each) at that build's.
+constexpr int kChunksPerMerge = 2;
 constexpr int kBlocksPerSm = 4;                         // epilogue blocks per SM the split count aims for
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -227,10 +231,11 @@ SampleOutputs sample_negatives_cuda(
   TORCH_CHECK_VALUE(num_rows * max_splits <= std::numeric_limits<int32_t>::max(),
                     "anchors has too many rows for one CUDA launch: ", num_rows);
 
-  // Lists: running race/hard [B, k], partial race/hard [B, max_splits, k]. Only the running lengths need
-  // initialising: every partial list a merge reads was written by the epilogue of the same chunk. The lengths
-  // are followed by the pass's flags: the bank's non-finite similarity, then with guides the guide similarity's.
-  const int64_t running_slots = num_rows, partial_slots = num_rows * max_splits;
+  // Lists: running race/hard [B, k], partial race/hard [B, kChunksPerMerge · max_splits, k]. Only the running
+  // lengths need initialising: every partial list a merge reads was written by an epilogue since the last merge.
+  // The lengths are followed by the pass's flags: the bank's non-finite similarity, then with guides the guide
+  // similarity's.
+  const int64_t running_slots = num_rows, partial_slots = num_rows * kChunksPerMerge * max_splits;
   const int64_t entry_count = 2 * (running_slots + partial_slots) * k;
   const int64_t pass_flag_count = has_guides ? 2 : 1;
   auto entries = at::empty({entry_count * static_cast<int64_t>(sizeof(Entry))}, anchors.options().dtype(at::kByte));
@@ -316,19 +321,31 @@ SampleOutputs sample_negatives_cuda(
     merge.partial_race = partial_race;
     merge.partial_hard = partial_hard;
 
+    // The splits of a chunk: all but the last chunk have chunk_cols columns.
+    const auto chunk_splits = [&](int64_t chunk) {
+      return ceil_div(std::min(chunk_cols, live_cols - chunk * chunk_cols), split_cols);
+    };
     queue_products(0);
+    int64_t merge_slots = 0;  // partial lists per row of the chunks since the last merge, and their layout's stride
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       // The next chunk's GEMM first, so that the side stream has it while this chunk's epilogue runs.
       if (chunk + 1 < chunks) queue_products(chunk + 1);
       const int set = static_cast<int>(chunk % product_sets);
       const int64_t chunk_begin = chunk * chunk_cols;
       const int64_t cols = std::min(chunk_cols, live_cols - chunk_begin);
-      const int64_t splits = ceil_div(cols, split_cols);
+      const int64_t splits = chunk_splits(chunk);
+      const int64_t group_end = std::min((chunk / kChunksPerMerge + 1) * kChunksPerMerge, chunks);  // next merge
+      if (chunk % kChunksPerMerge == 0) {
+        merge_slots = 0;
+        for (int64_t member = chunk; member < group_end; ++member) merge_slots += chunk_splits(member);
+      }
       epilogue.sims = sims_buffers[set].data_ptr<float>();
       epilogue.guide_sims = has_guides ? guide_sims_buffers[set].data_ptr<float>() : nullptr;
       epilogue.bank_ids = bank_ids_contig.data_ptr<int64_t>() + chunk_begin;
       epilogue.chunk_cols = cols;
       epilogue.splits = splits;
+      epilogue.slot_stride = merge_slots;
+      epilogue.slot_base = (chunk % kChunksPerMerge) * max_splits;  // the group's earlier chunks are whole
       epilogue.global_col_begin = config.col_offset + chunk_begin;
       const auto blocks = static_cast<unsigned>(num_rows * splits);
       if (pipelined) pipeline->products_done[set].block(stream);
@@ -339,9 +356,11 @@ SampleOutputs sample_negatives_cuda(
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (pipelined) pipeline->epilogue_done[set].record(stream);
-      merge.splits = splits;
-      merge_kernel<<<static_cast<unsigned>(num_rows), kThreads, 0, stream>>>(merge);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (chunk + 1 == group_end) {
+        merge.splits = merge_slots;
+        merge_kernel<<<static_cast<unsigned>(num_rows), kThreads, 0, stream>>>(merge);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     }
     // The caller sees a single-stream op: what follows on its stream comes after the last GEMM too.
     if (pipelined) pipeline->join();

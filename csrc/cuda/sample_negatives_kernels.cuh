@@ -27,7 +27,9 @@ struct EpilogueArgs {
   const float* stats;
   int64_t chunk_cols;
   int64_t split_cols;
-  int64_t splits;            // splits of this chunk; partial slot of (row, split) is row * splits + split
+  int64_t splits;            // splits of this chunk: block b is (row b / splits, split b % splits)
+  int64_t slot_stride;       // partial lists per row until the next merge (the splits of its chunks)
+  int64_t slot_base;         // this chunk's first: (row, split) writes slot row * slot_stride + slot_base + split
   int64_t global_col_begin;  // col_offset + first column of the chunk
   SamplerConfig config;
   PhiloxKey philox_key;
@@ -193,7 +195,7 @@ __global__ void __launch_bounds__(kThreads, kEpilogueMinBlocks) epilogue_kernel(
     if (__syncthreads_or(offered)) flush(race, flush_scratch, k);
   }
 
-  const int64_t slot = row * args.splits + split;
+  const int64_t slot = row * args.slot_stride + args.slot_base + split;
   store_list(hard, k, args.partial_hard, slot);
   if (sampling) store_list(race, k, args.partial_race, slot);
   if (above != 0) atomicAdd(args.above + row, above);
@@ -204,7 +206,7 @@ __global__ void __launch_bounds__(kThreads, kEpilogueMinBlocks) epilogue_kernel(
 }
 
 struct MergeArgs {
-  int64_t splits;  // of the chunk just processed
+  int64_t splits;  // partial lists per row: the splits of the chunks since the last merge
   int k;
   bool sampling;   // mode != hardest: the race lists are in use
   ListSet running_race, running_hard;  // read and rewritten, one block per row
@@ -221,7 +223,7 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(MergeArgs args) {
     init_list(hard, nullptr);
   }
   __syncthreads();
-  // Source 0 is the running list, sources 1..splits the chunk's partial lists; k positions each. The sources
+  // Source 0 is the running list, sources 1..splits the chunks' partial lists; k positions each. The sources
   // cover disjoint column ranges, so all indices are distinct.
   const int64_t total = (args.splits + 1) * k;
   for (int64_t base = 0; base < total; base += kRoundCols) {
