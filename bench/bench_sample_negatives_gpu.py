@@ -40,6 +40,7 @@ import platform
 import subprocess
 import sys
 import time
+import unittest.mock
 
 SHAPES = ((32, 8224, 768, "float32"), (128, 4 * 2**20, 256, "bfloat16"), (1024, 2**20, 768, "bfloat16"),
           (128, 16 * 2**20, 128, "bfloat16"))
@@ -328,12 +329,10 @@ def cuda_chunk_diagnostics(num_rows, num_cols):
 
 
 def cuda_call_with_chunk(inputs, columns):
-    """One call of the compiled CUDA kernel with FNE_FAST_CUDA_CHUNK_COLS (read at every call) set to columns."""
-    os.environ["FNE_FAST_CUDA_CHUNK_COLS"] = str(columns)
-    try:
+    """One call of the compiled CUDA kernel with FNE_FAST_CUDA_CHUNK_COLS (read at every call) set to columns, the
+    environment restored after it."""
+    with unittest.mock.patch.dict(os.environ, {"FNE_FAST_CUDA_CHUNK_COLS": str(columns)}):
         return fne_fast.sample_negatives(*inputs.values(), backend="cuda", check_finite=False, **OPTIONS)
-    finally:
-        del os.environ["FNE_FAST_CUDA_CHUNK_COLS"]
 
 
 def bench_pass(shape, case, part, results, write):

@@ -124,14 +124,11 @@ def test_cuda_chunk_rows_give_the_single_buffer_chunk_count(monkeypatch):
     # The CUDA kernel's diagnostic rows: twice its chunk must be the chunk of the build with one 32 MiB similarity
     # buffer (2²⁵ bytes of float32 rows of B columns, whole rounds of 1024), whose merges the model counts, and
     # the one-chunk row appears only where B×N float32 similarities fit in memory.
-    import importlib.util
-
     import torch
 
-    path = os.path.join(os.path.dirname(SCRIPT), os.pardir, "bench", "bench_sample_negatives_gpu.py")
-    spec = importlib.util.spec_from_file_location("bench_sample_negatives_gpu", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(SCRIPT)), "bench"))
+    import bench_sample_negatives_gpu as bench
+
     monkeypatch.setattr(bench, "torch", torch, raising=False)
     monkeypatch.setattr(bench, "DEVICE", torch.device("cpu"), raising=False)
     for num_rows, num_cols in ((128, 4 * 2**20), (1024, 2**20), (128, 16 * 2**20)):

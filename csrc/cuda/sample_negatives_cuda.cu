@@ -58,6 +58,7 @@
 // Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which needs the cuBLAS headers), so this file
 // also compiles against a CPU build of torch for the compile check in CMakeLists.txt.
 #include <ATen/ATen.h>
+#include <c10/core/Event.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -114,39 +115,26 @@ void float32_products(at::Tensor& out, const at::Tensor& left, const at::Tensor&
   }
 }
 
-// A CUDA event that orders two streams (no timing), destroyed with its scope: the driver releases it once the
-// waits queued on it have passed.
-class StreamEvent {
- public:
-  StreamEvent() { C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming)); }
-  ~StreamEvent() { C10_CUDA_IGNORE_ERROR(cudaEventDestroy(event_)); }
-  StreamEvent(const StreamEvent&) = delete;
-  StreamEvent& operator=(const StreamEvent&) = delete;
-  void record(cudaStream_t stream) { C10_CUDA_CHECK(cudaEventRecord(event_, stream)); }
-  // Work queued on `stream` after this call waits for the work queued before the last record.
-  void block(cudaStream_t stream) const { C10_CUDA_CHECK(cudaStreamWaitEvent(stream, event_, 0)); }
-  cudaEvent_t get() const { return event_; }
-
- private:
-  cudaEvent_t event_ = nullptr;
-};
-
-// The events of a chunk loop that forms the products on a side stream (the top of this file). The side stream
-// starts after the work already queued on the current stream (the inputs), and join() makes the current stream
-// wait for it; if an exception leaves the loop first, the destructor queues that wait instead (best effort). Either
-// way the buffers, declared before this object and so freed after it, are reused by the caching allocator on the
-// current stream only after the side stream's last GEMM. Each event is waited on before it is recorded again
-// (the loop's order), so a wait always sees the record it means.
+// The side stream of a chunk loop that forms the products there (the top of this file), with the events that
+// order it against the current stream (c10::Event: lazily created, no timing, destroyed with this object). The
+// side stream starts after the work already queued on the current stream (the inputs), and join() makes the
+// current stream wait for it; if an exception leaves the loop first, the destructor joins instead (best effort).
+// Either way the buffers, declared before this object and so freed after it, are reused by the caching allocator
+// on the current stream only after the side stream's last GEMM. Each event is waited on before it is recorded
+// again (the loop's order), so a wait always sees the record it means.
 struct ChunkPipeline {
-  ChunkPipeline(cudaStream_t current_stream, cudaStream_t side_stream)
-      : current(current_stream), side(side_stream) {
+  explicit ChunkPipeline(const c10::cuda::CUDAStream& current_stream)
+      : current(current_stream),
+        side(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, current_stream.device_index())) {
     inputs_ready.record(current);
     inputs_ready.block(side);
   }
   ~ChunkPipeline() {
     if (joined) return;
-    C10_CUDA_IGNORE_ERROR(cudaEventRecord(side_done.get(), side));
-    C10_CUDA_IGNORE_ERROR(cudaStreamWaitEvent(current, side_done.get(), 0));
+    try {
+      join();
+    } catch (...) {  // already leaving by an exception: keep that one
+    }
   }
   ChunkPipeline(const ChunkPipeline&) = delete;
   ChunkPipeline& operator=(const ChunkPipeline&) = delete;
@@ -156,10 +144,13 @@ struct ChunkPipeline {
     joined = true;
   }
 
-  cudaStream_t current, side;
-  StreamEvent inputs_ready, side_done;
-  StreamEvent products_done[kProductSets];  // recorded on the side stream after a set's GEMMs
-  StreamEvent epilogue_done[kProductSets];  // recorded on the current stream after the epilogue that read a set
+  c10::cuda::CUDAStream current, side;
+  c10::Event inputs_ready{c10::DeviceType::CUDA}, side_done{c10::DeviceType::CUDA};
+  static_assert(kProductSets == 2, "one event of each kind per buffer set");
+  c10::Event products_done[kProductSets]{c10::Event{c10::DeviceType::CUDA},
+                                         c10::Event{c10::DeviceType::CUDA}};  // side stream: a set's GEMMs ended
+  c10::Event epilogue_done[kProductSets]{c10::Event{c10::DeviceType::CUDA},
+                                         c10::Event{c10::DeviceType::CUDA}};  // current stream: its reader ended
   bool joined = false;
 };
 
@@ -199,7 +190,8 @@ SampleOutputs sample_negatives_cuda(
   auto above = at::zeros({count_above ? num_rows : 0}, long_options);
   if (num_rows == 0) return {index, sim, valid, key, above};
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const c10::cuda::CUDAStream current_stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream.stream();
   const auto anchors_contig = anchors.contiguous();
   const auto bank_ids_contig = bank_ids.contiguous();
   const auto anchor_ids_contig = anchor_ids.contiguous();
@@ -268,24 +260,22 @@ SampleOutputs sample_negatives_cuda(
     if (convert_bank) bank_float_buffer = at::empty({chunk_cols, dim}, float_options);
     if (convert_guides) bank_guides_float_buffer = at::empty({chunk_cols, guide_dim}, float_options);
     // After the buffers, so that it is destroyed (and the side stream joined) before they are freed.
-    std::optional<c10::cuda::CUDAStream> side_stream;
     std::optional<ChunkPipeline> pipeline;
-    if (pipelined) {
-      side_stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, anchors.device().index());
-      pipeline.emplace(stream, side_stream->stream());
-    }
+    if (pipelined) pipeline.emplace(current_stream);
+    // Columns of chunk `chunk`: all but the last have chunk_cols.
+    const auto chunk_width = [&](int64_t chunk) { return std::min(chunk_cols, live_cols - chunk * chunk_cols); };
+    const auto chunk_splits = [&](int64_t chunk) { return ceil_div(chunk_width(chunk), split_cols); };
 
     // Queues chunk `chunk`'s products into buffer set chunk % product_sets: on the side stream when pipelined
     // (the stream guard also gives at::mm_out's cuBLAS handle that stream), after the epilogue that last read
     // the set.
     const auto queue_products = [&](int64_t chunk) {
       const int set = static_cast<int>(chunk % product_sets);
-      const int64_t chunk_begin = chunk * chunk_cols;
-      const int64_t cols = std::min(chunk_cols, live_cols - chunk_begin);
+      const int64_t chunk_begin = chunk * chunk_cols, cols = chunk_width(chunk);
       std::optional<c10::cuda::CUDAStreamGuard> on_side_stream;
       if (pipelined) {
         if (chunk >= kProductSets) pipeline->epilogue_done[set].block(pipeline->side);
-        on_side_stream.emplace(*side_stream);
+        on_side_stream.emplace(pipeline->side);
       }
       auto sims = sims_buffers[set].narrow(0, 0, num_rows * cols).view({num_rows, cols});
       float32_products(sims, anchors_contig, bank.narrow(0, chunk_begin, cols), bank_float_buffer);
@@ -321,18 +311,13 @@ SampleOutputs sample_negatives_cuda(
     merge.partial_race = partial_race;
     merge.partial_hard = partial_hard;
 
-    // The splits of a chunk: all but the last chunk have chunk_cols columns.
-    const auto chunk_splits = [&](int64_t chunk) {
-      return ceil_div(std::min(chunk_cols, live_cols - chunk * chunk_cols), split_cols);
-    };
     queue_products(0);
     int64_t merge_slots = 0;  // partial lists per row of the chunks since the last merge, and their layout's stride
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       // The next chunk's GEMM first, so that the side stream has it while this chunk's epilogue runs.
       if (chunk + 1 < chunks) queue_products(chunk + 1);
       const int set = static_cast<int>(chunk % product_sets);
-      const int64_t chunk_begin = chunk * chunk_cols;
-      const int64_t cols = std::min(chunk_cols, live_cols - chunk_begin);
+      const int64_t chunk_begin = chunk * chunk_cols, cols = chunk_width(chunk);
       const int64_t splits = chunk_splits(chunk);
       const int64_t group_end = std::min((chunk / kChunksPerMerge + 1) * kChunksPerMerge, chunks);  // next merge
       if (chunk % kChunksPerMerge == 0) {
@@ -348,14 +333,14 @@ SampleOutputs sample_negatives_cuda(
       epilogue.slot_base = (chunk % kChunksPerMerge) * max_splits;  // the group's earlier chunks are whole
       epilogue.global_col_begin = config.col_offset + chunk_begin;
       const auto blocks = static_cast<unsigned>(num_rows * splits);
-      if (pipelined) pipeline->products_done[set].block(stream);
+      if (pipelined) pipeline->products_done[set].block(current_stream);
       if (has_guides) {
         epilogue_kernel<true><<<blocks, kThreads, 0, stream>>>(epilogue);
       } else {
         epilogue_kernel<false><<<blocks, kThreads, 0, stream>>>(epilogue);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (pipelined) pipeline->epilogue_done[set].record(stream);
+      if (pipelined) pipeline->epilogue_done[set].record(current_stream);
       if (chunk + 1 == group_end) {
         merge.splits = merge_slots;
         merge_kernel<<<static_cast<unsigned>(num_rows), kThreads, 0, stream>>>(merge);
