@@ -196,7 +196,7 @@ def test_rejects_unknown_sampler_and_missing_banks():
 _LOCAL_SIZES = {2: [4, 2], 3: [3, 0, 3]}  # uneven local batches, and a rank without pairs
 
 
-def _in_batch_over_ranks(rank, world_size):
+def _in_batch_over_ranks(rank, world_size, batch_invariant):
     """This rank's share of the in-batch loss and statistics of the global batch of ``_case``, and the gradient of
     its returned loss with respect to its own pairs' embeddings."""
     import torch.distributed as dist
@@ -205,21 +205,23 @@ def _in_batch_over_ranks(rank, world_size):
     sizes = _LOCAL_SIZES[world_size]
     mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
     local_image, local_text = image[mine].clone().requires_grad_(True), text[mine].clone().requires_grad_(True)
-    loss_module = FNELoss("fne", SamplerOptions(margin=0.5), group=dist.group.WORLD)
+    loss_module = FNELoss("fne", SamplerOptions(margin=0.5), group=dist.group.WORLD, batch_invariant=batch_invariant)
     loss, diagnostics = loss_module(local_image, local_text, local_image, local_text, ids[mine], warmup=True)
     gradients = torch.autograd.grad(loss, (local_image, local_text), allow_unused=True)
     return ([torch.zeros_like(local_image) if grad is None else grad for grad in gradients],
             diagnostics["loss"], loss_module.stats.as_tensor())
 
 
+@pytest.mark.parametrize("batch_invariant", [False, True])
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_in_batch_loss_over_ranks_has_the_whole_batchs_gradients(world_size):
+def test_in_batch_loss_over_ranks_has_the_whole_batchs_gradients(world_size, batch_invariant):
     """Each rank scores its own rows and columns of the in-batch matrix; the negatives other ranks' anchors chose
     get their gradients on their own rank. Against one process's loss on the whole batch (float64): every pair's
-    gradient (returned loss / W), the summed loss, and the statistics."""
+    gradient (returned loss / W; batch-invariant: the returned loss's own, to the bit), the summed loss, and the
+    statistics."""
     from fne_fast.sampling.launch import results_of, run_in_processes
 
-    per_rank = results_of(run_in_processes(_in_batch_over_ranks, world_size))
+    per_rank = results_of(run_in_processes(_in_batch_over_ranks, world_size, batch_invariant))
     ids, _, _, image, text, _, _ = _case(seed=4)
     image.requires_grad_(True)
     text.requires_grad_(True)
@@ -227,8 +229,11 @@ def test_in_batch_loss_over_ranks_has_the_whole_batchs_gradients(world_size):
     expected, _ = whole(image, text, image, text, ids, warmup=True)
     wanted = torch.autograd.grad(expected, (image, text))
     for which in range(2):
-        got = torch.cat([gradients[which] for gradients, _, _ in per_rank]) / world_size
-        torch.testing.assert_close(got, wanted[which], rtol=1e-12, atol=1e-14)
+        got = torch.cat([gradients[which] for gradients, _, _ in per_rank])
+        if batch_invariant:
+            assert torch.equal(got, wanted[which])
+        else:
+            torch.testing.assert_close(got / world_size, wanted[which], rtol=1e-12, atol=1e-14)
     assert sum(float(share) for _, share, _ in per_rank) == pytest.approx(float(expected.detach()), rel=1e-12)
     for _, _, stats in per_rank:
         torch.testing.assert_close(stats, whole.stats.as_tensor())

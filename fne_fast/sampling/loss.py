@@ -56,14 +56,18 @@ class FNELoss(nn.Module):
     the process group the batch is split over (None: this process's batch is the whole batch). ``agree_each_step``
     (default): each sharded sample first checks that the ranks agree on sizes, options and statistics (a host
     synchronisation each); a training loop that guarantees them (the same settings on every rank, checked once)
-    turns it off, and the samples take the batch's counts."""
+    turns it off, and the samples take the batch's counts. ``batch_invariant``: each rank's loss is the part
+    whose gradient, summed (not averaged) over the ranks, is the global loss's, and each row's gradient is
+    computed as one process computes it, to the bit, however the global batch is split: the in-batch term is the
+    whole G × G matrix's on every rank (G² · D multiply-adds per rank instead of B · G · D)."""
 
     def __init__(self, sampler: str = "fne", options: SamplerOptions = SamplerOptions(), *, seed: int = 0,
                  stats_momentum: float | None = None, backend: str = "auto", device: torch.device | str = "cpu",
                  group=None, agree_each_step: bool = True, inbatch_weight: float = 0.0,
                  thresholds: tuple[ThresholdTable, ThresholdTable] | None = None, attract_weight: float = 0.0,
-                 attract_k: int = 1):
+                 attract_k: int = 1, batch_invariant: bool = False):
         super().__init__()
+        self.batch_invariant = bool(batch_invariant)
         if not (inbatch_weight >= 0 and inbatch_weight < float("inf")):
             raise ValueError(f"inbatch_weight must be finite and >= 0, got {inbatch_weight!r}")
         self.sampler, self.inbatch_weight = sampler, float(inbatch_weight)
@@ -161,7 +165,7 @@ class FNELoss(nn.Module):
         diagnostics["fallback"] += fell_back.sum()
         _add_choice_diagnostics(diagnostics, draw.sim, valid, ids, draw.ids, stats, self.options, group_of_id,
                                 sampled=valid & ~fell_back)
-        return share * batch.world_size
+        return share if self.batch_invariant else share * batch.world_size
 
     def _attraction(self, anchors, positive_sim, ids, bank: MemoryBank, stats, step, thresholds, negative_sim,
                     valid, batch: GlobalBatch, diagnostics) -> torch.Tensor:
@@ -186,29 +190,38 @@ class FNELoss(nn.Module):
         """VSE++ max violation within the global batch, both directions; other pairs of the same image are
         masked. Each rank scores its own anchors from its rows (image anchors) and columns (text anchors) of the
         in-batch matrix, never the whole G × G matrix; a negative chosen from another rank's pairs gets its
-        gradient on that rank (``_gradients_of_chosen_negatives``). Diagnostics count this rank's anchors (the
-        choices' only with ``record_choices``)."""
+        gradient on that rank (``_gradients_of_chosen_negatives``). With ``batch_invariant`` every rank scores the
+        whole matrix as one process does instead, its rows' gradients reaching it alone. Diagnostics count this
+        rank's anchors (the choices' only with ``record_choices``)."""
+        whole = self.batch_invariant and batch.world_size > 1
+        scored = GlobalBatch(batch.image, batch.text, batch.ids, (batch.size,)) if whole else batch
+        mine = batch.local if whole else slice(None)  # this rank's anchors among the scored ones
         diagnostics = _zero_diagnostics(batch.ids.device)
-        rows, columns = batch.similarity_blocks()
-        local, ids = batch.local, batch.ids
-        anchors = torch.arange(batch.local_size, device=ids.device)
-        same_identity = ids[local].unsqueeze(1) == ids.unsqueeze(0)  # [B, G]: this rank's pairs × every pair
-        total = rows.new_zeros(())
+        rows, columns = scored.similarity_blocks()
+        local, ids = scored.local, scored.ids
+        anchors = torch.arange(scored.local_size, device=ids.device)
+        same_identity = ids[local].unsqueeze(1) == ids.unsqueeze(0)  # [B, G]: the scored anchors × every pair
+        total, own = rows.new_zeros(()), rows.new_zeros(())
         choices = []
         for sim, masked in ((rows, rows.masked_fill(same_identity, float("-inf"))),
                             (columns.T, columns.T.masked_fill(same_identity, float("-inf")))):
             negative_sim, chosen = masked.max(dim=1)
-            positive = sim[anchors, anchors + batch.offset]
+            positive = sim[anchors, anchors + scored.offset]
             valid = torch.isfinite(negative_sim)
             violation = self.options.margin + negative_sim - positive
             hinge = torch.where(valid, violation.clamp(min=0), torch.zeros_like(violation))
-            # This rank's anchors' part of the mean over the global batch (with one process: the mean itself).
-            total = total + (hinge.mean() * (batch.local_size / batch.size) if batch.local_size else hinge.sum())
+            # The scored anchors' part of the mean over the global batch (with one process: the mean itself).
+            part = hinge.mean() * (scored.local_size / scored.size) if scored.local_size else hinge.sum()
+            total = total + part
+            own = own + (hinge[mine].sum() / batch.size if whole else part)
             choices.append((chosen, valid & (violation >= 0)))  # where clamp passes the gradient on
             if record_choices:
-                _add_choice_diagnostics(diagnostics, negative_sim.detach().float().unsqueeze(1), valid.unsqueeze(1),
-                                        ids[local], ids[chosen].unsqueeze(1), stats, self.options, group_of_id)
-        diagnostics["loss"] += total.detach()
+                _add_choice_diagnostics(diagnostics, negative_sim[mine].detach().float().unsqueeze(1),
+                                        valid[mine].unsqueeze(1), batch.ids[batch.local],
+                                        ids[chosen[mine]].unsqueeze(1), stats, self.options, group_of_id)
+        diagnostics["loss"] += own.detach()
+        if whole:
+            return total, diagnostics
         if batch.world_size > 1:
             total = total + _gradients_of_chosen_negatives(batch, choices)
         return total * batch.world_size, diagnostics

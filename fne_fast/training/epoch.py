@@ -23,6 +23,7 @@ from fne_fast.sampling.loss import STEP_SUMS
 from fne_fast.training.config import TrainConfig
 from fne_fast.training.data import sampler_labels
 from fne_fast.training.state import RunState
+from fne_fast.training.units import UnitStep
 
 __all__ = ["train_one_epoch", "steps_per_epoch", "TIMING_SECTIONS"]
 
@@ -69,18 +70,24 @@ def train_one_epoch(run: RunState, split: FeatureSplit, epoch: int, timing: dict
         counts = [global_captions[other * config.batch_size:(other + 1) * config.batch_size].numel()
                   for other in range(run.world_size)] if run.world_size > 1 else None
         ids = identity_of_caption[captions].to(device)
-        # Token states lose their unneeded padding on the host (on a GPU the length would be a synchronisation).
-        image_features = trim_token_padding(split.image_features[split.caption_image[captions]]).to(device)
-        text_features = trim_token_padding(split.text_features[captions]).to(device)
+        image_inputs = split.image_features[split.caption_image[captions]]
+        text_inputs = split.text_features[captions]
 
         started = _clock(device)
-        image, text, image_key, text_key = run.model(image_features, text_features)
+        units, guides = None, None
+        if run.batch_invariant:
+            units = UnitStep(run.heads, image_inputs.to(device), text_inputs.to(device))
+            image, text, image_key, text_key = units.image, units.text, units.image_key, units.text_key
+        else:
+            # Token states lose their unneeded padding on the host (on a GPU the length would be a synchronisation).
+            text_features = trim_token_padding(text_inputs).to(device)
+            image, text, image_key, text_key = run.model(trim_token_padding(image_inputs).to(device), text_features)
+            # Language guidance's guides: the pairs' frozen caption embeddings as cosines (None when it is off).
+            if config.options.guide_threshold is not None:
+                guides = torch.nn.functional.normalize(text_features, dim=1)
         heads_forward = _clock(device)
         if run.ledger:
             run.ledger.record(run.image_bank.next_positions(global_captions.numel()), global_captions, run.step)
-        # Language guidance's guides: the pairs' frozen caption embeddings as cosines (None when it is off).
-        guides = (torch.nn.functional.normalize(text_features, dim=1)
-                  if config.options.guide_threshold is not None else None)
         run.image_bank.enqueue(image_key, ids, guides=guides, counts=counts)
         run.text_bank.enqueue(text_key, ids, guides=guides, counts=counts)
         enqueued = _clock(device)
@@ -96,6 +103,8 @@ def train_one_epoch(run: RunState, split: FeatureSplit, epoch: int, timing: dict
         tags_loss = _clock(device)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if units:
+            units.backward(run.trained_parameters, run.group)
         run.optimizer.step()
         if run.tags:
             run.tags.optimizer_step()

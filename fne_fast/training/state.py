@@ -51,12 +51,14 @@ class RunState:
                                    text_top.dim if text_top else train_split.text_features.shape[1],
                                    config.joint_dim, config.hidden_dim, config.momentum, image_top=image_top,
                                    text_top=text_top).to(self.device)
-        # DDP averages the ranks' gradients of every trained parameter, the tops' included (the momentum copies
-        # have none); the loss is scaled so that the average is the global batch's gradient
-        # (fne_fast/sampling/loss.py).
-        self.model = self.heads if group is None else torch.nn.parallel.DistributedDataParallel(
-            self.heads, device_ids=[torch.cuda.current_device()] if self.device.type == "cuda" else None,
-            process_group=group)
+        # The heads alone: DDP averages the ranks' gradients (the momentum copies have none); the loss is scaled so
+        # that the average is the global batch's gradient (fne_fast/sampling/loss.py). With tops, whose training
+        # amplifies rounding, each step sums the ranks' gradients in a fixed order instead (training.units).
+        self.batch_invariant = bool(config.finetune)
+        self.model = self.heads if group is None or self.batch_invariant else (
+            torch.nn.parallel.DistributedDataParallel(
+                self.heads, device_ids=[torch.cuda.current_device()] if self.device.type == "cuda" else None,
+                process_group=group))
         # With the tops (5 M parameters at --finetune 1) the fused Adam is about 18 ms a step faster than the loop
         # over tensors (20 ms, 2 CPU threads, emoji); a run of the heads alone keeps the loop, and its numbers.
         self.optimizer = torch.optim.Adam(self.heads.head_parameters(), lr=config.lr,
@@ -83,7 +85,8 @@ class RunState:
                                  stats_momentum=config.stats_momentum, backend=config.backend, device=self.device,
                                  group=group, agree_each_step=False,  # the ranks' settings agreed at the start
                                  inbatch_weight=config.inbatch_weight, thresholds=self.thresholds,
-                                 attract_weight=config.attract_weight, attract_k=config.attract_k)
+                                 attract_weight=config.attract_weight, attract_k=config.attract_k,
+                                 batch_invariant=self.batch_invariant)
         self.tags = None
         if config.tags is not None:
             self.tags = make_trainer(config.tags, texts, train_split, seed=config.seed, device=self.device,
@@ -101,6 +104,11 @@ class RunState:
         rates are replaced too)."""
         for group, rate in zip(self.optimizer.param_groups, self._learning_rates):
             group["lr"] = rate * scale
+
+    @property
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        """Every parameter the optimiser steps, in its groups' order."""
+        return [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
 
     @property
     def first(self) -> bool:
