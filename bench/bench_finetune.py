@@ -8,6 +8,8 @@ banks filled by one warm-up pass of ``--fill-steps`` steps. Then, ``--rounds`` t
 epoch of ``--steps`` steps after the warm-up (``train_one_epoch``: tops and heads, both banks, the statistics, the
 sampled loss, the optimiser and the momentum copies), in turn, so that other load on the machine falls on all of
 them alike. The table gives the median time per step over the rounds and its ratio to the frozen step.
+``--whole-batch`` adds, for each N > 0, the step as one pass over the whole batch: what a fine-tuned step cost before
+it fixed the order of its sums (units of 16 rows, so that any split over processes gives the same bits).
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ from fne_fast.training.epoch import TIMING_SECTIONS, train_one_epoch  # noqa: E4
 from fne_fast.training.state import RunState  # noqa: E402
 
 
-def _state(dataset: str, finetune: int, steps: int):
+def _state(dataset: str, finetune: int, steps: int, whole_batch: bool = False):
     config = TrainConfig(dataset=dataset, finetune=finetune, steps_per_epoch=steps, quiet=True, out="unused")
     split = load_splits(config)["train"]
-    return RunState(config, split), split
+    run = RunState(config, split)
+    if whole_batch:
+        run.batch_invariant = False  # one forward and backward over the batch, as a frozen step runs
+    return run, split
 
 
 def _epoch_seconds(run: RunState, split, epoch: int) -> float:
@@ -48,27 +53,33 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per timed epoch")
     parser.add_argument("--fill-steps", type=int, default=260, help="warm-up steps that fill the banks")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--whole-batch", action="store_true",
+                        help="also time each N > 0 as one pass over the whole batch (no fixed order of the sums)")
     parser.add_argument("--write", help="also write the table to this file")
     args = parser.parse_args()
     if 0 not in args.finetune:
         parser.error("--finetune: include 0, the frozen step the others are compared with")
 
+    configurations = [(str(finetune), finetune, False) for finetune in args.finetune]
+    if args.whole_batch:
+        configurations += [(f"{finetune}, whole batch", finetune, True) for finetune in args.finetune if finetune]
     runs = {}
-    for finetune in args.finetune:
-        run, split = _state(args.dataset, finetune, args.fill_steps)
+    for label, finetune, whole_batch in configurations:
+        run, split = _state(args.dataset, finetune, args.fill_steps, whole_batch)
         _epoch_seconds(run, split, 0)  # the warm-up epoch fills the banks
         run.config.steps_per_epoch = args.steps
-        runs[finetune] = (run, split)
-    per_step = {finetune: [] for finetune in args.finetune}
+        runs[label] = (run, split)
+    per_step = {label: [] for label in runs}
     for round_number in range(args.rounds):
-        for finetune, (run, split) in runs.items():
-            per_step[finetune].append(_epoch_seconds(run, split, 1 + round_number) / args.steps)
+        for label, (run, split) in runs.items():
+            per_step[label].append(_epoch_seconds(run, split, 1 + round_number) / args.steps)
 
-    frozen = statistics.median(per_step[0])
+    frozen = statistics.median(per_step["0"])
     lines = [f"# A training step with the backbones' top layers training ({args.dataset})", "",
              f"Machine: {machine_description()}.", "",
              f"Command: `python bench/bench_finetune.py --dataset {args.dataset} --finetune "
-             f"{' '.join(map(str, args.finetune))} --steps {args.steps} --rounds {args.rounds}`; batch 32 pairs, "
+             f"{' '.join(map(str, args.finetune))} --steps {args.steps} --rounds {args.rounds}"
+             f"{' --whole-batch' if args.whole_batch else ''}`; batch 32 pairs, "
              f"banks of 8224 rows filled, median over {args.rounds} interleaved rounds of {args.steps} steps.", "",
              "| --finetune | ms per step | × the frozen step | spread over rounds (ms) |", "|---|---|---|---|"]
     for finetune, times in per_step.items():

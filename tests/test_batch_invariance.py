@@ -52,7 +52,7 @@ def _batch(rows: int, dtype=torch.float32, seed: int = 1):
 
 
 def _unit_gradients(heads, image_inputs, text_inputs, ids, unit_rows, group=None):
-    units = UnitStep(heads, image_inputs, text_inputs, unit_rows=unit_rows)
+    units = UnitStep(heads, image_inputs, text_inputs, unit_rows=unit_rows)  # (on the CPU)
     loss, _ = FNELoss("fne", SamplerOptions(margin=0.2), group=group, batch_invariant=True)(
         units.image, units.text, units.image_key, units.text_key, ids, warmup=True)
     loss.backward()

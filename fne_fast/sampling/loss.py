@@ -10,7 +10,9 @@ With a process group (docs/DESIGN.md §3.1) the loss is that of the global batch
 the running statistics and the in-batch loss use the gathered batch, the banks are sharded and sample for the
 global anchor rows. Each rank returns ``world_size`` times the part of the global loss its own embeddings'
 gradients come from, so that DDP's averaging of the ranks' gradients gives the global loss's gradient: a run
-with W processes of batch B takes the steps of one process with batch W·B.
+with W processes of batch B takes the steps of one process with batch W·B. With ``batch_invariant`` (fine-tuned
+runs, ``fne_fast.training.units``) the shares are not scaled, the ranks' gradients are summed, and each row's
+gradient is one process's to the bit.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def train_one_epoch(run: RunState, split: FeatureSplit, epoch: int, timing: dict
         started = _clock(device)
         units, guides = None, None
         if run.batch_invariant:
-            units = UnitStep(run.heads, image_inputs.to(device), text_inputs.to(device))
+            units = UnitStep(run.heads, image_inputs, text_inputs, device)
             image, text, image_key, text_key = units.image, units.text, units.image_key, units.text_key
         else:
             # Token states lose their unneeded padding on the host (on a GPU the length would be a synchronisation).

@@ -9,8 +9,9 @@ on resume).
 
 Under torchrun (``group``: the process group, fne_fast/sampling/distributed.py) each step's global batch of W·B
 pairs is split over the ranks in rank order, the banks are sharded, the heads are wrapped in
-DistributedDataParallel and the loss is the global batch's (fne_fast/sampling/loss.py), so the run follows the data
-order, the negatives and the losses of one process with batch W·B. TAGS-DC's pools are built by rank 0 and shared,
+DistributedDataParallel (fine-tuned runs sum the ranks' gradients in a fixed order instead: training.units) and the
+loss is the global batch's (fne_fast/sampling/loss.py), so the run follows the data order, the negatives and the
+losses of one process with batch W·B. TAGS-DC's pools are built by rank 0 and shared,
 and every rank adds the same TAGS-DC loss (fne_fast/tags/trainer.py). Rank 0 holds the folder, evaluates and writes
 every file.
 """
@@ -214,7 +215,8 @@ def _agree_on_start(run: RunState, group, checkpoint_digest: str = "") -> None:
     """Under several processes, before the first step: the ranks read the same data and start from the same
     point (the checkpoint file they resumed, epoch, step, the banks' ring, the parameters they loaded), or every
     rank stops with the same error naming what differs. DistributedDataParallel synchronised the parameters when
-    it was built, before the resumption."""
+    it was built, before the resumption; a fine-tuned run's (no DDP) start equal from the seed and the pretrained
+    layers, which this checks."""
     if run.world_size == 1:
         return
     parameters = 0

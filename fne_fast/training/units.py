@@ -23,30 +23,32 @@ __all__ = ["UNIT_ROWS", "UnitStep", "pairwise_sum"]
 UNIT_ROWS = 16
 
 
-def pairwise_sum(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Adjacent parts added level by level, an odd last one carried up a level. A list cut into consecutive blocks
-    of a power-of-two length (the last may be shorter) gives the same sum, to the bit, when each block is summed
-    this way first and the blocks' sums then are."""
+def pairwise_sum(parts: list, add=torch.add):
+    """Adjacent parts added (``add``) level by level, an odd last one carried up a level. A list cut into
+    consecutive blocks of a power-of-two length (the last may be shorter) gives the same sum, to the bit, when each
+    block is summed this way first and the blocks' sums then are."""
     if not parts:
         raise ValueError("pairwise_sum needs at least one part")
     while len(parts) > 1:
-        parts = [parts[i] + parts[i + 1] if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+        parts = [add(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
     return parts[0]
 
 
 class UnitStep:
-    """One step's forward over this rank's units (``heads``: ``MatchingHeads``); the online embeddings are
-    leaves for the loss, and ``backward`` takes their gradients back through each unit and into ``parameters``'
-    ``.grad`` (the global batch's gradient: the units' and then the ranks' sums)."""
+    """One step's forward over this rank's units (``heads``: ``MatchingHeads``; the inputs on the host, each unit
+    moved to ``device``); the online embeddings are leaves for the loss, and ``backward`` takes their gradients
+    back through each unit and into ``parameters``' ``.grad`` (the global batch's gradient: the units' and then the
+    ranks' sums)."""
 
     def __init__(self, heads: torch.nn.Module, image_inputs: torch.Tensor, text_inputs: torch.Tensor,
-                 unit_rows: int = UNIT_ROWS):
+                 device: torch.device | str = "cpu", unit_rows: int = UNIT_ROWS):
         starts = range(0, image_inputs.shape[0], unit_rows)
         # An empty share still runs the heads once, for the embeddings' shapes (its gradient is zero).
         units = [slice(start, start + unit_rows) for start in starts] or [slice(0, 0)]
-        # Token states lose their padding per unit, so that a unit's inputs are the same in every split.
-        self._outputs = [heads(trim_token_padding(image_inputs[unit]), trim_token_padding(text_inputs[unit]))
-                         for unit in units]
+        # Token states lose their padding per unit, so that a unit's inputs are the same in every split; on the
+        # host, where reading a unit's length costs no synchronisation.
+        self._outputs = [heads(trim_token_padding(image_inputs[unit]).to(device),
+                               trim_token_padding(text_inputs[unit]).to(device)) for unit in units]
         self.image, self.text = (torch.cat([out[which] for out in self._outputs]).detach().requires_grad_()
                                  for which in (0, 1))
         self.image_key, self.text_key = (torch.cat([out[which] for out in self._outputs]) for which in (2, 3))
@@ -64,10 +66,7 @@ class UnitStep:
             per_unit.append([grad if grad is not None else torch.zeros_like(parameter)
                              for grad, parameter in zip(grads, parameters)])
         # Parameter by parameter (one foreach addition per pair of units), without a flat copy of each unit's.
-        while len(per_unit) > 1:
-            per_unit = [torch._foreach_add(per_unit[i], per_unit[i + 1]) if i + 1 < len(per_unit) else per_unit[i]
-                        for i in range(0, len(per_unit), 2)]
-        total = per_unit[0]
+        total = pairwise_sum(per_unit, add=torch._foreach_add)
         if distributed.world_size(group) > 1:
             ranks = distributed.world_size(group)
             flat = torch.cat([grad.reshape(-1) for grad in total])
