@@ -4,7 +4,8 @@ the epoch's metrics from the per-step sums.
 A step's global batch is the next W·B pairs of the shuffle (``batch_size`` B per process); rank r takes its r-th
 slice of B. Each step: heads (online embeddings and momentum keys) -> both banks enqueue the keys -> the global
 batch's running statistics -> ``FNELoss`` (negatives drawn from the banks by the fused op; TAGS-DC's loss added
-when on) -> one optimiser step -> the momentum heads follow. Nothing is read back to the host per step on a GPU
+when on) -> one optimiser step -> the momentum heads follow. A fine-tuned step runs the heads in units and sums
+their gradients in a fixed order (``training.units``). Nothing is read back to the host per step on a GPU
 but the divergence check every 20 steps and the timing breakdown's synchronisations.
 """
 
