@@ -64,7 +64,7 @@ class TextTop(_EvalModeTop):
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         if packed.shape[0] == 0:
             # No texts (a process's share of an epoch's last batch): the layers run on one dropped token, so that
-            # every parameter is still part of the backward pass, as DistributedDataParallel requires.
+            # the embeddings have their width and every parameter gets its (zero) gradient from the backward pass.
             return self(torch.ones(1, 1, packed.shape[2], dtype=packed.dtype, device=packed.device))[:0]
         # The layers' dense maps run over the real tokens only (on emoji's batches, 55 % of the trimmed slots),
         # the attention over the batch cut to its longest text: a forward and backward of one layer over 32
@@ -140,7 +140,7 @@ class ImageTop(_EvalModeTop):
 def _folded(conv: nn.Module, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight, flattened to [out, in·k·k], and the bias of ``conv`` followed by ``norm`` in eval mode. The
     weight is scaled flat, so that its gradient reaches the parameter in the parameter's own layout whatever layout
-    the convolution's gradient has (DistributedDataParallel's buckets expect that layout)."""
+    the convolution's gradient has (a fine-tuned step would otherwise copy it into that layout each step)."""
     scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
     bias = norm.bias - norm.running_mean * scale
     if conv.bias is not None:

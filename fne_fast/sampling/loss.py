@@ -215,13 +215,14 @@ class FNELoss(nn.Module):
             # The scored anchors' part of the mean over the global batch (with one process: the mean itself).
             part = hinge.mean() * (scored.local_size / scored.size) if scored.local_size else hinge.sum()
             total = total + part
-            own = own + (hinge[mine].sum() / batch.size if whole else part)
+            if whole:
+                own = own + hinge[mine].sum() / batch.size
             choices.append((chosen, valid & (violation >= 0)))  # where clamp passes the gradient on
             if record_choices:
                 _add_choice_diagnostics(diagnostics, negative_sim[mine].detach().float().unsqueeze(1),
                                         valid[mine].unsqueeze(1), batch.ids[batch.local],
                                         ids[chosen[mine]].unsqueeze(1), stats, self.options, group_of_id)
-        diagnostics["loss"] += own.detach()
+        diagnostics["loss"] += (own if whole else total).detach()
         if whole:
             return total, diagnostics
         if batch.world_size > 1:

@@ -104,7 +104,7 @@ def train_one_epoch(run: RunState, split: FeatureSplit, epoch: int, timing: dict
         tags_loss = _clock(device)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if units:
+        if units is not None:
             units.backward(run.trained_parameters, run.group)
         run.optimizer.step()
         if run.tags:

@@ -56,13 +56,12 @@ class UnitStep:
     def backward(self, parameters: list[torch.nn.Parameter], group=None) -> None:
         """After the loss's backward into ``image`` and ``text``: every parameter's ``.grad`` is the sum of every
         unit's gradient on every rank (``group``), the same on every rank."""
-        leaves = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in (self.image, self.text)]
-        per_unit, start = [], 0
-        for image, text, _, _ in self._outputs:
-            rows = slice(start, start + image.shape[0])
-            start = rows.stop
-            grads = torch.autograd.grad((image, text), parameters, (leaves[0][rows], leaves[1][rows]),
-                                        allow_unused=True)
+        sizes = [out[0].shape[0] for out in self._outputs]
+        image_grads, text_grads = ((leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).split(sizes)
+                                   for leaf in (self.image, self.text))
+        per_unit = []
+        for (image, text, _, _), image_grad, text_grad in zip(self._outputs, image_grads, text_grads):
+            grads = torch.autograd.grad((image, text), parameters, (image_grad, text_grad), allow_unused=True)
             per_unit.append([grad if grad is not None else torch.zeros_like(parameter)
                              for grad, parameter in zip(grads, parameters)])
         # Parameter by parameter (one foreach addition per pair of units), without a flat copy of each unit's.
