@@ -10,6 +10,7 @@ sampled loss, the optimiser and the momentum copies), in turn, so that other loa
 them alike. The table gives the median time per step over the rounds and its ratio to the frozen step.
 ``--whole-batch`` adds, for each N > 0, the step as one pass over the whole batch: what a fine-tuned step cost before
 it fixed the order of its sums (units of 16 rows, so that any split over processes gives the same bits).
+``--bfloat16`` adds, for each N > 0, the step with ``--finetune-precision bfloat16``.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from fne_fast.training.epoch import TIMING_SECTIONS, train_one_epoch  # noqa: E4
 from fne_fast.training.state import RunState  # noqa: E402
 
 
-def _state(dataset: str, finetune: int, steps: int, whole_batch: bool = False):
-    config = TrainConfig(dataset=dataset, finetune=finetune, steps_per_epoch=steps, quiet=True, out="unused")
+def _state(dataset: str, finetune: int, steps: int, whole_batch: bool = False, precision: str = "float32"):
+    config = TrainConfig(dataset=dataset, finetune=finetune, steps_per_epoch=steps, quiet=True, out="unused",
+                         finetune_precision=precision)
     split = load_splits(config)["train"]
     run = RunState(config, split)
     if whole_batch:
@@ -55,17 +57,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--whole-batch", action="store_true",
                         help="also time each N > 0 as one pass over the whole batch (no fixed order of the sums)")
+    parser.add_argument("--bfloat16", action="store_true",
+                        help="also time each N > 0 with --finetune-precision bfloat16")
     parser.add_argument("--write", help="also write the table to this file")
     args = parser.parse_args()
     if 0 not in args.finetune:
         parser.error("--finetune: include 0, the frozen step the others are compared with")
 
-    configurations = [(str(finetune), finetune, False) for finetune in args.finetune]
+    configurations = [(str(finetune), finetune, False, "float32") for finetune in args.finetune]
     if args.whole_batch:
-        configurations += [(f"{finetune}, whole batch", finetune, True) for finetune in args.finetune if finetune]
+        configurations += [(f"{finetune}, whole batch", finetune, True, "float32")
+                           for finetune in args.finetune if finetune]
+    if args.bfloat16:
+        configurations += [(f"{finetune}, bfloat16", finetune, False, "bfloat16")
+                           for finetune in args.finetune if finetune]
     runs = {}
-    for label, finetune, whole_batch in configurations:
-        run, split = _state(args.dataset, finetune, args.fill_steps, whole_batch)
+    for label, finetune, whole_batch, precision in configurations:
+        run, split = _state(args.dataset, finetune, args.fill_steps, whole_batch, precision)
         _epoch_seconds(run, split, 0)  # the warm-up epoch fills the banks
         run.config.steps_per_epoch = args.steps
         runs[label] = (run, split)
@@ -79,7 +87,8 @@ def main() -> None:
              f"Machine: {machine_description()}.", "",
              f"Command: `python bench/bench_finetune.py --dataset {args.dataset} --finetune "
              f"{' '.join(map(str, args.finetune))} --steps {args.steps} --rounds {args.rounds}"
-             f"{' --whole-batch' if args.whole_batch else ''}`; batch 32 pairs, "
+             f"{' --whole-batch' if args.whole_batch else ''}{' --bfloat16' if args.bfloat16 else ''}`; "
+             "batch 32 pairs, "
              f"banks of 8224 rows filled, median over {args.rounds} interleaved rounds of {args.steps} steps.", "",
              "| --finetune | ms per step | × the frozen step | spread over rounds (ms) |", "|---|---|---|---|"]
     for finetune, times in per_step.items():

@@ -89,8 +89,9 @@ def heads_from_state(state: dict, device="cpu") -> MatchingHeads:
     config = state["config"]
     tops = {}
     if config.get("finetune"):
-        tops = dict(zip(("image_top", "text_top"), backbone_tops(config["finetune"], config["dataset"],
-                                                                 config["image_size"], device)))
+        tops = dict(zip(("image_top", "text_top"), backbone_tops(
+            config["finetune"], config["dataset"], config["image_size"], device,
+            config.get("finetune_precision", "float32"))))  # a run saved before the field trained in float32
     return MatchingHeads.from_state_dict(state["heads"], **tops).to(device)
 
 

@@ -189,6 +189,43 @@ def test_a_top_over_its_trunk_is_the_whole_backbone(encoders, trained):
     assert not any(module.training for module in top.modules() if module is not top)  # eval mode, always
 
 
+def test_a_bfloat16_top_is_the_float64_top_to_bfloat16_rounding(encoders):
+    """The oracle is each top in float64. In bfloat16 (8 bits of mantissa against float32's 24) the outputs and
+    the parameters' gradients are near it by bfloat16's rounding, and farther than the float32 top by a large
+    factor, so a top that ignored its precision fails; the gradients reach the float32 parameters as float32."""
+    import copy
+
+    from PIL import Image
+
+    from fne_fast.models import ImageTop, TextTop
+
+    image_encoder, text_encoder = encoders
+    generator = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(40, 50, 3, generator=generator) * 255).byte().numpy()) for _ in range(3)]
+    cases = [(TextTop, text_encoder, text_encoder.encode_trunk(["a red circle", "bar", "a blue square"], 5)),
+             (ImageTop, image_encoder, image_encoder.encode_trunk(images, 15))]
+    for top_type, encoder, inputs in cases:
+        oracle = copy.deepcopy(top_type(encoder, 1)).double()
+        expected = oracle(inputs.double())
+        expected.sum().backward()
+        errors = {}
+        for precision in ("float32", "bfloat16"):
+            top = top_type(encoder, 1, precision)
+            output = top(inputs)
+            assert output.dtype == torch.float32
+            output.sum().backward()
+            gradients = torch.cat([parameter.grad.flatten() for parameter in top.parameters()])
+            assert all(parameter.grad.dtype == torch.float32 for parameter in top.parameters())
+            oracle_gradients = torch.cat([parameter.grad.flatten() for parameter in oracle.parameters()])
+            errors[precision] = ((output.double() - expected).norm() / expected.norm(),
+                                 (gradients.double() - oracle_gradients).norm() / oracle_gradients.norm())
+        (output_32, gradient_32), (output_16, gradient_16) = errors["float32"], errors["bfloat16"]
+        assert output_16 < 3e-2 and gradient_16 < 6e-2, top_type.__name__
+        assert output_16 > 30 * output_32 and gradient_16 > 30 * gradient_32, top_type.__name__
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TextTop(text_encoder, 1, "float16")
+
+
 def test_a_text_top_over_every_slot_is_the_top_over_the_real_tokens(encoders):
     """A GPU's text top keeps every token slot (finding the real ones would read the mask back); the oracle is the
     CPU's top over the real tokens alone. Padding counted as tokens fails it."""
@@ -234,10 +271,17 @@ def _config(dataset, out, **overrides):
     return shapes_config(dataset, out, **{"backbone_lr": 1e-4, "seed": 1, "finetune": 1, **overrides})
 
 
-@pytest.fixture(scope="module")
-def whole_run(dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("whole")
-    return out, train(_config(dataset, out))
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def whole_run(dataset, tmp_path_factory, request):
+    """A whole fine-tuned run, its tops computing in each ``--finetune-precision``: (its folder, its history)."""
+    out = tmp_path_factory.mktemp(f"whole-{request.param}")
+    return out, train(_config(dataset, out, finetune_precision=request.param))
+
+
+def _precision_of(run_folder) -> str:
+    from fne_fast.runs.checkpoint import read_checkpoint
+
+    return read_checkpoint(str(run_folder / "checkpoint.safetensors"))["config"]["finetune_precision"]
 
 
 def test_a_resumed_finetuned_run_is_the_uninterrupted_one(dataset, whole_run, tmp_path, monkeypatch):
@@ -252,7 +296,8 @@ def test_a_resumed_finetuned_run_is_the_uninterrupted_one(dataset, whole_run, tm
     for encoder in (ImageEncoder, TextEncoder):  # the trunks' outputs (and the swap test's) come from the cache
         monkeypatch.setattr(encoder, "encode_trunk", lambda *args: pytest.fail("encoded again"))
     for epochs in (1, 3):
-        resumed = train(_config(dataset, tmp_path, epochs=epochs, resume=epochs > 1))
+        resumed = train(_config(dataset, tmp_path, epochs=epochs, resume=epochs > 1,
+                                finetune_precision=_precision_of(whole)))
     assert cache_entries() == cached
     assert resumed == history
     assert read_jsonl(tmp_path / "metrics.jsonl") == read_jsonl(whole / "metrics.jsonl")
@@ -290,13 +335,27 @@ def test_each_epoch_measures_the_banks_staleness(whole_run):
     assert history[-1]["staleness"]["mean_age_steps"] == 2.5 and history[-1]["staleness"]["max_age_steps"] == 4
 
 
-def test_a_resume_with_another_finetune_is_refused_in_one_line(dataset, whole_run, capsys):
+def test_a_resume_with_another_finetune_or_precision_is_refused_in_one_line(dataset, whole_run, capsys):
     from fne_fast.errors import UsageError
 
     out, _ = whole_run
+    precision = _precision_of(out)
     with pytest.raises(UsageError, match=r"finetune=1 \(now 2\)") as error:
-        train(_config(dataset, out, finetune=2, epochs=4, resume=True))
+        train(_config(dataset, out, finetune=2, epochs=4, resume=True, finetune_precision=precision))
     assert "\n" not in str(error.value)
+    other = "float32" if precision == "bfloat16" else "bfloat16"
+    with pytest.raises(UsageError, match=rf"finetune_precision='?{precision}'? \(now '?{other}'?\)") as error:
+        train(_config(dataset, out, epochs=4, resume=True, finetune_precision=other))
+    assert "\n" not in str(error.value)
+
+
+def test_finetune_precision_without_finetune_is_a_usage_error_naming_the_flag(dataset, tmp_path):
+    from fne_fast.errors import UsageError
+
+    with pytest.raises(UsageError, match="^--finetune-precision: .*--finetune N"):
+        _config(dataset, tmp_path, finetune=0, finetune_precision="bfloat16")
+    with pytest.raises(UsageError, match="^--finetune-precision: "):
+        _config(dataset, tmp_path, finetune_precision="float16")
 
 
 def test_eval_and_the_matcher_serve_the_trained_layers(dataset, whole_run, capsys):
@@ -319,17 +378,19 @@ def test_eval_and_the_matcher_serve_the_trained_layers(dataset, whole_run, capsy
         history[-1]["rsum"])
 
 
-def test_torchrun_two_processes_follow_one_with_the_global_batch(dataset, tmp_path):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_torchrun_two_processes_follow_one_with_the_global_batch(dataset, tmp_path, precision):
     """2 × 16 against 1 × 32 (one thread each, as a product's rounding depends on the threads): the trained layers,
-    heads and momentum copies are equal to the bit after three epochs (warm-up and bank steps); the epochs' losses,
-    sums of the ranks' shares, agree to rounding."""
+    heads and momentum copies are equal to the bit after three epochs (warm-up and bank steps), with the tops'
+    products in either precision; the epochs' losses, sums of the ranks' shares, agree to rounding."""
     from fne_fast.runs.checkpoint import load_checkpoint
 
     options = dataset["options"]
     common = ["train", "--dataset", "albef-json", "--train-json", options["train_json"], "--val-json",
               options["val_json"], "--test-json", options["test_json"], "--image-root", options["image_root"],
               "--cache-dir", dataset["cache"], "--image-size", "64", "--finetune", "1", "--epochs", "3",
-              "--bank-size", "32", "--joint-dim", "16", "--hidden-dim", "32", "--seed", "3", "--quiet", "--no-plots"]
+              "--bank-size", "32", "--joint-dim", "16", "--hidden-dim", "32", "--seed", "3", "--quiet", "--no-plots",
+              "--finetune-precision", precision]
     runs = {"one": (1, "32"), "two": (2, "16")}
     for name, (processes, batch) in runs.items():
         launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",

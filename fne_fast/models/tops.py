@@ -7,6 +7,12 @@ The tops always run in eval mode, also while they train: no dropout, no drop-con
 statistics. Batch statistics and random masks would make a process's step depend on which other pairs share its
 batch (W processes × B pairs would no longer follow one process × W·B) and add draws to the random state a resumed
 run must replay; with batches of 32 pairs, BatchNorm's batch statistics would also be noisy.
+
+With ``precision="bfloat16"`` a top's matrix products and convolutions run in bfloat16 under autocast (the
+weights, their gradients' sums, the optimiser and everything outside the tops stay float32): on a CPU with
+AVX-512 BF16 or AMX, and on a GPU, those products are 2-3× faster (emoji's shapes, 2 AMD EPYC threads: 390
+against 150-165 GFLOP/s). The attention stays float32: its bfloat16 backward took 7.4 ms instead of 1.1 ms a call
+on that CPU, at a tenth of the products' arithmetic.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from torch import nn
 from fne_fast.models.backbones import (ImageEncoder, TextEncoder, backbone_depth, shared_image_encoder,
                                        shared_text_encoder)
 
-__all__ = ["TextTop", "ImageTop", "backbone_tops", "image_side_modality", "trim_token_padding"]
+__all__ = ["TextTop", "ImageTop", "backbone_tops", "image_side_modality", "trim_token_padding", "TOP_PRECISIONS"]
+
+# What a top's matrix products compute in: the autocast dtype (None: float32 throughout).
+TOP_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
 # Data sets whose "images" are texts: both sides go through the text backbone.
 _TEXT_IMAGE_DATASETS = ("wordnet",)
@@ -42,7 +51,19 @@ def trim_token_padding(inputs: torch.Tensor) -> torch.Tensor:
 
 
 class _EvalModeTop(nn.Module):
-    """A trained top that stays in eval mode whatever ``train()`` is asked (see the module's docstring)."""
+    """A trained top that stays in eval mode whatever ``train()`` is asked, and computes in its ``precision``
+    (see the module's docstring): ``forward`` runs ``encode`` under autocast and returns float32."""
+
+    def __init__(self, precision: str):
+        super().__init__()
+        if precision not in TOP_PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(TOP_PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        dtype = TOP_PRECISIONS[self.precision]
+        with torch.autocast(inputs.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return self.encode(inputs).float()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -55,17 +76,17 @@ class TextTop(_EvalModeTop):
     """MiniLM's top ``layers`` transformer layers and its pooling: ``TextEncoder.encode_trunk``'s packed token
     states [n, L, 385] (channel 384 the attention mask) -> [n, 384] unit-norm sentence embeddings."""
 
-    def __init__(self, encoder: TextEncoder, layers: int):
-        super().__init__()
+    def __init__(self, encoder: TextEncoder, layers: int, precision: str = "float32"):
+        super().__init__(precision)
         self.dim = encoder.dim
         self.layers = copy.deepcopy(encoder.network.encoder.layer[-layers:])
         self.train()
 
-    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+    def encode(self, packed: torch.Tensor) -> torch.Tensor:
         if packed.shape[0] == 0:
             # No texts (a process's share of an epoch's last batch): the layers run on one dropped token, so that
             # the embeddings have their width and every parameter gets its (zero) gradient from the backward pass.
-            return self(torch.ones(1, 1, packed.shape[2], dtype=packed.dtype, device=packed.device))[:0]
+            return self.encode(torch.ones(1, 1, packed.shape[2], dtype=packed.dtype, device=packed.device))[:0]
         # The layers' dense maps run over the real tokens only (on emoji's batches, 55 % of the trimmed slots),
         # the attention over the batch cut to its longest text: a forward and backward of one layer over 32
         # captions took 24 ms instead of 41 ms (2 CPU threads). Both read the mask, a host synchronisation on a
@@ -105,8 +126,9 @@ def _bert_layer(layer: nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
     qkv = nn.functional.linear(tokens, torch.cat([projection.weight for projection in projections]),
                                torch.cat([projection.bias for projection in projections]))
     slots = qkv.new_zeros(texts * length, qkv.shape[1]).index_copy(0, positions, qkv)
-    query, key, value = slots.view(texts, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    context = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=additive)
+    query, key, value = slots.to(tokens.dtype).view(texts, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    with torch.autocast(tokens.device.type, enabled=False):  # float32 under a bfloat16 top (the module's docstring)
+        context = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=additive)
     context = context.transpose(1, 2).reshape(texts * length, heads * head_dim)[positions]
     attended = layer.attention.output.LayerNorm(layer.attention.output.dense(context) + tokens)
     hidden = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(attended))
@@ -117,8 +139,8 @@ class ImageTop(_EvalModeTop):
     """EfficientNet-Lite0's top ``blocks`` MBConv blocks, its head convolution, BatchNorm and activation, and the
     global average pool: ``ImageEncoder.encode_trunk``'s feature maps -> [n, 1280] features."""
 
-    def __init__(self, encoder: ImageEncoder, blocks: int):
-        super().__init__()
+    def __init__(self, encoder: ImageEncoder, blocks: int, precision: str = "float32"):
+        super().__init__(precision)
         network = encoder.network
         self.dim = encoder.dim
         self.blocks = copy.deepcopy(network._blocks[-blocks:])
@@ -126,7 +148,7 @@ class ImageTop(_EvalModeTop):
                                   copy.deepcopy(network._swish))
         self.train()
 
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+    def encode(self, maps: torch.Tensor) -> torch.Tensor:
         # Each convolution runs with its BatchNorm folded in (eval mode: a per-channel affine map of its output),
         # and the 1×1 ones as matrix products over the positions, channels last: a forward and backward over 32
         # of emoji's 4×4 maps took 33 ms instead of 42 ms as modules (2 CPU threads).
@@ -188,12 +210,15 @@ def _mbconv_block(block: nn.Module, features: torch.Tensor) -> torch.Tensor:
     return output
 
 
-def backbone_tops(finetune: int, dataset: str, image_size: int, device="cpu") -> tuple[nn.Module, nn.Module]:
-    """(image-side top, text top) with the pretrained weights of the ``finetune`` top layers, on ``device``."""
+def backbone_tops(finetune: int, dataset: str, image_size: int, device="cpu",
+                  precision: str = "float32") -> tuple[nn.Module, nn.Module]:
+    """(image-side top, text top) with the pretrained weights of the ``finetune`` top layers, on ``device``,
+    computing in ``precision`` (``TOP_PRECISIONS``)."""
     if not 1 <= finetune <= min(backbone_depth("image"), backbone_depth("text")):
         raise ValueError(f"finetune must be in [1, {min(backbone_depth('image'), backbone_depth('text'))}], "
                          f"got {finetune}")
-    text = TextTop(shared_text_encoder(str(device)), finetune)
-    image = (TextTop(shared_text_encoder(str(device)), finetune) if image_side_modality(dataset) == "text"
-             else ImageTop(shared_image_encoder(image_size, str(device)), finetune))
+    text = TextTop(shared_text_encoder(str(device)), finetune, precision)
+    image = (TextTop(shared_text_encoder(str(device)), finetune, precision)
+             if image_side_modality(dataset) == "text"
+             else ImageTop(shared_image_encoder(image_size, str(device)), finetune, precision))
     return image.to(device), text.to(device)

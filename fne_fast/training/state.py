@@ -44,7 +44,8 @@ class RunState:
         self.device = torch.device(config.device)
         # The trained tops are copies of the pretrained layers (loading them draws no random numbers after the
         # seed); their input is the trunks' outputs, their output the backbones' features.
-        image_top, text_top = (backbone_tops(config.finetune, config.dataset, config.image_size, self.device)
+        image_top, text_top = (backbone_tops(config.finetune, config.dataset, config.image_size, self.device,
+                                             config.finetune_precision)
                                if config.finetune else (None, None))
         torch.manual_seed(config.seed)
         self.heads = MatchingHeads(image_top.dim if image_top else train_split.image_features.shape[1],
