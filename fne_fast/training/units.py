@@ -34,6 +34,12 @@ def pairwise_sum(parts: list, add=torch.add):
     return parts[0]
 
 
+def _add_into(left: list[torch.Tensor], right: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``left`` with ``right`` added in place, tensor by tensor."""
+    torch._foreach_add_(left, right)
+    return left
+
+
 class UnitStep:
     """One step's forward over this rank's units (``heads``: ``MatchingHeads``; the inputs on the host, each unit
     moved to ``device``); the online embeddings are leaves for the loss, and ``backward`` takes their gradients
@@ -64,8 +70,10 @@ class UnitStep:
             grads = torch.autograd.grad((image, text), parameters, (image_grad, text_grad), allow_unused=True)
             per_unit.append([grad if grad is not None else torch.zeros_like(parameter)
                              for grad, parameter in zip(grads, parameters)])
-        # Parameter by parameter (one foreach addition per pair of units), without a flat copy of each unit's.
-        total = pairwise_sum(per_unit, add=torch._foreach_add)
+        # Parameter by parameter (one foreach addition per pair of units), without a flat copy of each unit's, and
+        # into the left unit's own gradients: a fresh sum per level allocated and faulted in 5 M floats, 6.3 of a
+        # bfloat16 step's 78.6 ms at --finetune 1 (emoji, 2 CPU threads). The sums are the same to the bit.
+        total = pairwise_sum(per_unit, add=_add_into)
         if distributed.world_size(group) > 1:
             ranks = distributed.world_size(group)
             flat = torch.cat([grad.reshape(-1) for grad in total])
