@@ -272,19 +272,19 @@ def _config(dataset, out, **overrides):
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def whole_run(dataset, tmp_path_factory, request):
-    """A whole fine-tuned run, its tops computing in each ``--finetune-precision``: (its folder, its history)."""
-    out = tmp_path_factory.mktemp(f"whole-{request.param}")
-    return out, train(_config(dataset, out, finetune_precision=request.param))
+def precision(request):
+    """The ``--finetune-precision`` of ``whole_run``'s tops."""
+    return request.param
 
 
-def _precision_of(run_folder) -> str:
-    from fne_fast.runs.checkpoint import read_checkpoint
+@pytest.fixture(scope="module")
+def whole_run(dataset, tmp_path_factory, precision):
+    """A whole fine-tuned run, its tops computing in ``precision``: (its folder, its history)."""
+    out = tmp_path_factory.mktemp(f"whole-{precision}")
+    return out, train(_config(dataset, out, finetune_precision=precision))
 
-    return read_checkpoint(str(run_folder / "checkpoint.safetensors"))["config"]["finetune_precision"]
 
-
-def test_a_resumed_finetuned_run_is_the_uninterrupted_one(dataset, whole_run, tmp_path, monkeypatch):
+def test_a_resumed_finetuned_run_is_the_uninterrupted_one(dataset, whole_run, precision, tmp_path, monkeypatch):
     from fne_fast.models import ImageEncoder, TextEncoder
 
     whole, history = whole_run
@@ -297,7 +297,7 @@ def test_a_resumed_finetuned_run_is_the_uninterrupted_one(dataset, whole_run, tm
         monkeypatch.setattr(encoder, "encode_trunk", lambda *args: pytest.fail("encoded again"))
     for epochs in (1, 3):
         resumed = train(_config(dataset, tmp_path, epochs=epochs, resume=epochs > 1,
-                                finetune_precision=_precision_of(whole)))
+                                finetune_precision=precision))
     assert cache_entries() == cached
     assert resumed == history
     assert read_jsonl(tmp_path / "metrics.jsonl") == read_jsonl(whole / "metrics.jsonl")
@@ -335,11 +335,10 @@ def test_each_epoch_measures_the_banks_staleness(whole_run):
     assert history[-1]["staleness"]["mean_age_steps"] == 2.5 and history[-1]["staleness"]["max_age_steps"] == 4
 
 
-def test_a_resume_with_another_finetune_or_precision_is_refused_in_one_line(dataset, whole_run, capsys):
+def test_a_resume_with_another_finetune_or_precision_is_refused_in_one_line(dataset, whole_run, precision, capsys):
     from fne_fast.errors import UsageError
 
     out, _ = whole_run
-    precision = _precision_of(out)
     with pytest.raises(UsageError, match=r"finetune=1 \(now 2\)") as error:
         train(_config(dataset, out, finetune=2, epochs=4, resume=True, finetune_precision=precision))
     assert "\n" not in str(error.value)

@@ -27,8 +27,8 @@ from fne_fast.models.backbones import (ImageEncoder, TextEncoder, backbone_depth
 
 __all__ = ["TextTop", "ImageTop", "backbone_tops", "image_side_modality", "trim_token_padding", "TOP_PRECISIONS"]
 
-# What a top's matrix products compute in: the autocast dtype (None: float32 throughout).
-TOP_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
+# What a top's matrix products compute in (float32: no autocast).
+TOP_PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # Data sets whose "images" are texts: both sides go through the text backbone.
 _TEXT_IMAGE_DATASETS = ("wordnet",)
@@ -62,7 +62,7 @@ class _EvalModeTop(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         dtype = TOP_PRECISIONS[self.precision]
-        with torch.autocast(inputs.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype != torch.float32):
             return self.encode(inputs).float()
 
     def train(self, mode: bool = True):
