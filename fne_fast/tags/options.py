@@ -74,8 +74,9 @@ class TagsOptions:
     temperature: float = option(1.5, _positive, "sampling temperature of the generator")
     margin: float = option(0.2, _weight, "margin of the synthetic ranking hinge (the authors'; chosen on validation, "
                                          "see docs/TRAINING.md)")
-    rank_weight: float = option(1.0, _weight, "weight of the synthetic ranking loss (authors: 5e-5 to 1e-3 "
-                                               "of a cross-encoder's loss; see docs/TRAINING.md)")
+    rank_weight: float = option(0.5, _weight, "weight of the synthetic ranking loss (authors: 5e-5 to 1e-3 "
+                                               "of a cross-encoder's loss; chosen on validation, see "
+                                               "docs/TRAINING.md)")
     mlm_weight: float = option(0.1, _weight, "weight of the generator's masked-word loss (authors: 0.01-0.1)")
     discrimination_weight: float = option(5e-4, _weight, "weight of the word discrimination loss (authors)")
     correction_weight: float = option(5e-4, _weight, "weight of the word correction loss (authors)")
