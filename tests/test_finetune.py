@@ -137,8 +137,7 @@ def test_finetune_beyond_the_backbones_is_a_usage_error_before_any_data_isread_j
     monkeypatch.setattr(data, "load_splits", lambda config: pytest.fail("data was read"))
     for arguments, message in ((["--finetune", "7"], "--finetune: must be an integer in [0, 6]"),
                                (["--finetune", "-1"], "--finetune: must be an integer in [0, 6]"),
-                               (["--finetune", "1", "--dataset", "features"], "--finetune: --dataset features"),
-                               (["--finetune", "1", "--tags"], "--finetune: TAGS-DC")):
+                               (["--finetune", "1", "--dataset", "features"], "--finetune: --dataset features")):
         assert main(["train", *arguments, "--out", "unused", "--quiet"]) == 2
         error = capsys.readouterr().err
         assert message in error and error.count("\n") == 1, error

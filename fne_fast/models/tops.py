@@ -87,32 +87,56 @@ class TextTop(_EvalModeTop):
             # No texts (a process's share of an epoch's last batch): the layers run on one dropped token, so that
             # the embeddings have their width and every parameter gets its (zero) gradient from the backward pass.
             return self.encode(torch.ones(1, 1, packed.shape[2], dtype=packed.dtype, device=packed.device))[:0]
-        # The layers' dense maps run over the real tokens only (on emoji's batches, 55 % of the trimmed slots),
-        # the attention over the batch cut to its longest text: a forward and backward of one layer over 32
-        # captions took 24 ms instead of 41 ms (2 CPU threads). Both read the mask, a host synchronisation on a
-        # GPU, so there the caller trims the batch on the host first (trim_token_padding) and every slot is kept,
-        # padding weighted out as in the attention.
-        if packed.device.type == "cpu":
-            packed = trim_token_padding(packed)
-            positions = packed[..., -1].reshape(-1).nonzero().squeeze(1)
-        else:
-            positions = torch.arange(packed.shape[0] * packed.shape[1], device=packed.device)
+        packed, positions = _kept_slots(packed)
         return self.encode_tokens(packed, positions)
+
+    def forward_with_tokens(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """What ``forward`` gives, and the token states it pooled: (embeddings [n, 384], the top's output state
+        [T, 384] of each kept slot, those slots' flat positions [T] in the batch cut to L slots per text, L),
+        float32, with autograd. TAGS-DC's word heads read these states."""
+        dtype = TOP_PRECISIONS[self.precision]
+        with torch.autocast(packed.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            packed, positions = _kept_slots(packed)
+            tokens = self._top_tokens(packed, positions)
+            embeddings = self._pooled(tokens, packed, positions)
+        return embeddings.float(), tokens.float(), positions, packed.shape[1]
 
     def encode_tokens(self, packed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The embeddings of packed token states [n, L, 385], computed over the flat slots ``positions`` (of
         n·L): every real token's, and any padding slots that are kept are weighted out of the pooling."""
+        return self._pooled(self._top_tokens(packed, positions), packed, positions)
+
+    def _top_tokens(self, packed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The top layers' output states [T, 384] of the slots ``positions`` of packed token states [n, L, 385]."""
         texts, length = packed.shape[:2]
         states, mask = packed[..., :-1].reshape(texts * length, -1), packed[..., -1].reshape(-1)
-        tokens, weights = states[positions], mask[positions]
+        tokens = states[positions]
         # The additive mask of the attention's keys: 0 for a token, the dtype's minimum for padding.
         additive = ((1.0 - mask.view(texts, length)) * torch.finfo(states.dtype).min)[:, None, None, :]
         for layer in self.layers:
             tokens = _bert_layer(layer, tokens, positions, texts, length, additive)
+        return tokens
+
+    def _pooled(self, tokens: torch.Tensor, packed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The masked mean of the slots' states ``tokens`` per text, L2-normalised."""
+        texts, length = packed.shape[:2]
+        weights = packed[..., -1].reshape(-1)[positions]
         text_of_token = torch.div(positions, length, rounding_mode="floor")
         pooled = tokens.new_zeros(texts, tokens.shape[1]).index_add_(0, text_of_token, tokens * weights[:, None])
         counts = weights.new_zeros(texts).index_add_(0, text_of_token, weights)
         return nn.functional.normalize(pooled / counts.clamp(min=1e-9)[:, None], dim=-1)
+
+
+def _kept_slots(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the batch, the flat slots the layers' dense maps run over). The layers' dense maps run over the real
+    tokens only (on emoji's batches, 55 % of the trimmed slots), the attention over the batch cut to its longest
+    text: a forward and backward of one layer over 32 captions took 24 ms instead of 41 ms (2 CPU threads). Both
+    read the mask, a host synchronisation on a GPU, so there the caller trims the batch on the host first
+    (trim_token_padding) and every slot is kept, padding weighted out as in the attention."""
+    if packed.device.type == "cpu":
+        packed = trim_token_padding(packed)
+        return packed, packed[..., -1].reshape(-1).nonzero().squeeze(1)
+    return packed, torch.arange(packed.shape[0] * packed.shape[1], device=packed.device)
 
 
 def _bert_layer(layer: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, texts: int, length: int,

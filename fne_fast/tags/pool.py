@@ -1,8 +1,10 @@
 """An epoch's synthetic sentences: mask the pool captions, refill them with the generator, filter, and encode
-the survivors once with the frozen text backbone (the expensive part, so it is done once per epoch, batched).
+the survivors once with the text backbone (the expensive part, so it is done once per epoch, batched).
 
 The pool also keeps each masked version's selected-word states, which the generator trains on (the MLM loss)
 while the epoch runs; the sentences for epoch e are drawn with the generator as it was at the start of epoch e.
+Under a trained text top the pool also keeps the masked versions' and the candidates' trunk states, which a step
+runs the top over again (``fne_fast.tags.text_states.TrunkWords``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from fne_fast.tags.filtering import DROP_REASONS, CandidateFilter
 from fne_fast.tags.heads import sample_words
 from fne_fast.tags.masking import MaskedVersion, mask_caption
 from fne_fast.tags.spans import ParsedCaption
-from fne_fast.tags.text_states import WordStates, encode_words
+from fne_fast.tags.text_states import TrunkWords, WordStates
 from fne_fast.tags.vocab import UNKNOWN, Vocabulary
 
 __all__ = ["CaptionSource", "SyntheticPool", "build_pool", "random_refills", "POOL_COUNTS"]
@@ -45,6 +47,9 @@ class SyntheticPool:
     masked_owner: torch.Tensor  # [Q] pool position
     masked_start: torch.Tensor
     masked_count: torch.Tensor
+    masked_trunk: TrunkWords | None  # under a trained top: the masked versions' trunk states, else None
+    masked_version: torch.Tensor  # [Q] the masked version (row of masked_trunk) each masked word is in
+    masked_position: torch.Tensor  # [Q] its word position in that version
     candidates: WordStates  # kept candidates: sentence embeddings and packed word states
     candidate_owner: torch.Tensor  # [K] pool position
     candidate_positive: torch.Tensor  # [K] bool: the broader positive check says it describes its image
@@ -57,11 +62,8 @@ class SyntheticPool:
     counts: dict[str, int]
 
     def to(self, device) -> "SyntheticPool":
-        moved = {name: (value.to(device) if isinstance(value, torch.Tensor) else value)
+        moved = {name: (value.to(device) if isinstance(value, (torch.Tensor, WordStates, TrunkWords)) else value)
                  for name, value in self.__dict__.items()}
-        candidates = self.candidates
-        moved["candidates"] = WordStates(candidates.embeddings.to(device), candidates.states.to(device),
-                                         candidates.starts.to(device), candidates.lengths.to(device))
         return SyntheticPool(**moved)
 
 
@@ -91,17 +93,21 @@ def _mask_all(source: CaptionSource, vocabulary: Vocabulary, rows: list[int], ve
 
 @torch.no_grad()
 def build_pool(source: CaptionSource, vocabulary: Vocabulary, rows: list[int], image_embedding: torch.Tensor,
-               generator_logits, text_encoder, random: torch.Generator, *, masked_versions: int,
+               generator_logits, encode, random: torch.Generator, *, masked_versions: int,
                samples: int, mask_probability: float, temperature: float, progress: bool = False) -> SyntheticPool:
     """The pool of the captions ``rows`` (each must have a span). ``image_embedding`` [P, D]: the online image
     embedding of each pool caption's image; ``generator_logits(word states, image)`` -> [Q, V] refill logits, or
-    None for the ablation's refills (``random_refills``); ``random`` draws the masks and the refills."""
+    None for the ablation's refills (``random_refills``); ``encode(sentences, progress label or None)`` ->
+    ``WordStates`` of (words, spaces) sentences; ``random`` draws the masks and the refills."""
     versions = _mask_all(source, vocabulary, rows, masked_versions, mask_probability, random)
-    masked = encode_words(text_encoder, [(version.words, source.parsed[rows[index]].spaces)
-                                         for index, version in versions],
-                          progress="encoding masked captions" if progress else None)
+    masked = encode([(version.words, source.parsed[rows[index]].spaces) for index, version in versions],
+                    "encoding masked captions" if progress else None)
     state_rows = [int(masked.starts[number]) + position for number, (_, version) in enumerate(versions)
                   for position in version.positions]
+    masked_version = torch.tensor([number for number, (_, version) in enumerate(versions)
+                                   for _ in version.positions], dtype=torch.int64)
+    masked_position = torch.tensor([position for _, version in versions for position in version.positions],
+                                   dtype=torch.int64)
     masked_owner = [index for index, version in versions for _ in version.positions]
     masked_states = masked.states[state_rows]
     masked_targets = torch.tensor([vocabulary.id(source.parsed[rows[index]].words[position])
@@ -150,11 +156,12 @@ def build_pool(source: CaptionSource, vocabulary: Vocabulary, rows: list[int], i
             changed_flags += [position in replacements for position in range(len(words))]
             originals += [vocabulary.id(word) for word in caption.words]
 
-    candidates = encode_words(text_encoder, kept_words, progress="encoding synthetic sentences" if progress else None)
+    candidates = encode(kept_words, "encoding synthetic sentences" if progress else None)
     masked_start, masked_count = _grouped(masked_owner, len(rows))
     candidate_start, candidate_count = _grouped(kept_owner, len(rows))
     return SyntheticPool(torch.tensor(rows, dtype=torch.int64), masked_states, masked_targets, owner_tensor,
-                         masked_start, masked_count, candidates, torch.tensor(kept_owner, dtype=torch.int64),
+                         masked_start, masked_count, masked.trunk, masked_version, masked_position, candidates,
+                         torch.tensor(kept_owner, dtype=torch.int64),
                          torch.tensor(kept_positive, dtype=torch.bool), candidate_start, candidate_count,
                          torch.tensor(changed_flags, dtype=torch.bool), torch.tensor(originals, dtype=torch.int64),
                          texts, changes, counts)

@@ -71,9 +71,10 @@ def agreement(prescores: torch.Tensor, scores: torch.Tensor, owner: torch.Tensor
 def pool_agreement(pool: SyntheticPool, image: torch.Tensor, scores: torch.Tensor, caption_features: torch.Tensor,
                    word_features: torch.Tensor, text_head, vocabulary: Vocabulary, keep: int) -> dict:
     """``agreement`` over an epoch's pool: ``image`` [P, D] each pool caption's image embedding, ``scores`` [K] the
-    matcher's scores of the real candidates, ``caption_features`` the split's caption embeddings (rows as
-    ``pool.rows``), ``text_head`` the matcher's."""
-    captions = caption_features[pool.rows.cpu()].to(image.device)[pool.candidate_owner]
+    matcher's scores of the real candidates, ``caption_features`` [P, D] each pool caption's backbone feature,
+    ``text_head`` what maps such features into the joint space (the matcher's text head, or its projection over a
+    trained top)."""
+    captions = caption_features.to(image.device)[pool.candidate_owner]
     estimate = estimated_embeddings(captions, pool.changes, pool.candidates.lengths, word_features, vocabulary)
     prescores = (image[pool.candidate_owner] * text_head(estimate)).sum(dim=1)
     return agreement(prescores.cpu(), scores.cpu(), pool.candidate_owner.cpu(), keep)

@@ -12,7 +12,7 @@ import torch
 from fne_fast.data.features import default_cache_dir
 from fne_fast.errors import UsageError
 from fne_fast.io import atomic_write_text, read_jsonl, write_jsonl
-from fne_fast.models import shared_text_encoder, text_encoder_version, text_trunk, trunk_version
+from fne_fast.models import TEXT_DEPTH, shared_text_encoder, text_encoder_version, text_trunk, trunk_version
 from fne_fast.tags.corpus import Corpus
 from fne_fast.tags.filtering import CandidateFilter
 from fne_fast.tags.pool import CaptionSource
@@ -120,9 +120,11 @@ def _source(texts, synonyms) -> CaptionSource:
 
 
 def make_trainer(options, corpus: Corpus | None, train_split, *, seed: int, device, joint_dim: int, lr: float,
-                 progress: bool, cache_dir: str | None = None, export: bool = False, group=None) -> TagsTrainer:
+                 progress: bool, cache_dir: str | None = None, export: bool = False, group=None,
+                 finetune: int = 0) -> TagsTrainer:
     """The TAGS-DC trainer of a run; ``train_split`` is the training ``FeatureSplit`` the texts must match;
-    ``group``: the run's process group (None: one process)."""
+    ``group``: the run's process group (None: one process); ``finetune``: the run's trained top layers, which
+    TAGS-DC then shares."""
     if corpus is None:
         raise ValueError("--tags needs caption texts: the 'features' data set has none")
     train = corpus["train"]
@@ -136,7 +138,8 @@ def make_trainer(options, corpus: Corpus | None, train_split, *, seed: int, devi
                        text_encoder=lambda: shared_text_encoder(str(device)),
                        captions=train.captions, image_names=train.image_names, caption_image=train.caption_image,
                        cache_dir=cache_dir or default_cache_dir(), encoder_version=text_encoder_version(),
-                       dataset=corpus.dataset, progress=progress, export=export, group=group)
+                       dataset=corpus.dataset, progress=progress, export=export, group=group,
+                       trunk_cut=TEXT_DEPTH - finetune if finetune else None)
 
 
 def write_examples(out: str, trainer: TagsTrainer) -> None:

@@ -10,6 +10,11 @@ pool and evaluates, and sends the generator, the pool and the word table to the 
 (a few pool captions, ``captions_per_step``) is then the same on every rank: each computes all of it, DDP's
 averaging leaves the matcher's share of its gradient as it is, and the TAGS-DC heads' gradients are averaged
 (``optimizer_step``), so the ranks' heads stay one model and the run follows one process with the global batch.
+
+When ``--finetune`` trains MiniLM's top layers (``trunk_cut``), those layers are the trunk TAGS-DC shares with
+the matcher, as the authors' heads share UNITER: a step runs them, with autograd, over its captions, their
+candidates and their masked versions, so the ranking hinge and the generator's, the discriminator's and the
+corrector's losses all train the layers retrieval reads, and the word heads read the layers' output states.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from fne_fast.tags.pool import CaptionSource, SyntheticPool, build_pool
 from fne_fast.tags.prescore import pool_agreement
 from fne_fast.tags.pretrain import cached_masked_words, cached_word_embeddings, pretrain_generator, top1_accuracy
 from fne_fast.tags.report import examples_section, export_records, word_level_metrics
+from fne_fast.tags.text_states import encode_trunk_words, encode_words, top_word_states
 from fne_fast.tags.vocab import UNKNOWN, Vocabulary
 
 __all__ = ["TagsTrainer", "derived_seed", "STEP_SUMS"]
@@ -68,19 +74,22 @@ class TagsTrainer:
     def __init__(self, options: TagsOptions, *, seed: int, device, joint_dim: int, word_dim: int, lr: float,
                  vocabulary: Vocabulary, train: CaptionSource, heldout: CaptionSource | None, text_encoder,
                  captions: list[str], image_names: list[str], caption_image: list[int], cache_dir: str,
-                 encoder_version: str, dataset: str, progress: bool = False, export: bool = False, group=None):
+                 encoder_version: str, dataset: str, progress: bool = False, export: bool = False, group=None,
+                 trunk_cut: int | None = None):
         """``text_encoder``: a zero-argument callable returning the frozen ``TextEncoder`` (loaded on first use;
         ``encoder_version`` names it in cache keys); ``captions``, ``image_names``, ``caption_image``: the training
         split's, for examples.md; ``cache_dir``: where the masked words and word embeddings are cached; ``export``:
         keep each epoch's kept synthetic sentences as records (``epoch_records``, for ``--tags-export``);
-        ``group``: the run's process group (None: one process)."""
+        ``group``: the run's process group (None: one process); ``trunk_cut``: the first of MiniLM's layers the
+        run trains (``--finetune``; the matcher's text head is then a ``Tower`` over them), None for frozen."""
         self.options, self.seed, self.device, self.progress = options, seed, torch.device(device), progress
         self.group, self.world_size = group, distributed.world_size(group)
         self.first = distributed.rank(group) == 0
         # Rank 0's backbone work (pretraining, a pool) may outlast the steps' collective timeout.
         self.patient = distributed.patient_group(group)
         self.vocabulary, self.train_source, self.heldout_source = vocabulary, train, heldout
-        self.text_encoder = text_encoder
+        self.text_encoder, self.trunk_cut = text_encoder, trunk_cut
+        self.shares_trunk = trunk_cut is not None
         self.cache_dir, self.encoder_version, self.dataset, self.lr = cache_dir, encoder_version, dataset, lr
         self.word_heads = options.refill == "generator"  # the ablation trains no word-level head
         self._word_features: torch.Tensor | None = None
@@ -111,7 +120,21 @@ class TagsTrainer:
     def word_table(self, matching_heads) -> torch.Tensor | None:
         """[V, D] the matcher's text head over each vocabulary word's embedding (tied heads), else None; under
         autograd when the caller is, so the word-level losses train the text head."""
-        return matching_heads.text_head(self._word_embeddings()) if self.heads.tied else None
+        return self._text_projection(matching_heads)(self._word_embeddings()) if self.heads.tied else None
+
+    def _text_projection(self, matching_heads):
+        """What maps a backbone sentence feature into the joint space: the text head, or with a trained top its
+        projection over the top (a vocabulary word's table row is the projection of its frozen embedding: the
+        top over every word each step would cost more than the step's captions)."""
+        return matching_heads.text_head.projection if self.shares_trunk else matching_heads.text_head
+
+    def _encoder(self, matching_heads):
+        """``build_pool``'s ``encode``: the frozen backbone's states, or the trunk's kept for the trained top and
+        the top's states as it is now."""
+        if self.shares_trunk:
+            return lambda sentences, label: encode_trunk_words(self.text_encoder(), sentences, self.trunk_cut,
+                                                               matching_heads.text_head.top, progress=label)
+        return lambda sentences, label: encode_words(self.text_encoder(), sentences, progress=label)
 
     def _word_embeddings(self) -> torch.Tensor:
         """[V, word_dim] the frozen backbone's embedding of each vocabulary word alone (cached)."""
@@ -173,7 +196,7 @@ class TagsTrainer:
         with torch.no_grad():
             refills = self._logits_of(self.heads.generator, self.word_table(matching_heads)) if (
                 self.word_heads) else None
-        pool = build_pool(source, self.vocabulary, rows, image, refills, self.text_encoder(), random,
+        pool = build_pool(source, self.vocabulary, rows, image, refills, self._encoder(matching_heads), random,
                           masked_versions=masked_versions, samples=samples,
                           mask_probability=self.options.mask_probability, temperature=self.options.temperature,
                           progress=self.progress)
@@ -235,9 +258,15 @@ class TagsTrainer:
             image = image.detach()
         counts = pool.candidate_count[positions]
         candidates = _ranges(pool.candidate_start[positions], counts)
-        # One pass of the text head over the captions and their candidates (one weight gradient, not two).
-        texts = matching_heads.text_head(torch.cat([split.text_features[rows].to(self.device),
-                                                    pool.candidates.embeddings[candidates]]))
+        masked = _ranges(pool.masked_start[positions], pool.masked_count[positions])
+        if self.shares_trunk:
+            texts, trunk_states, candidate_rows, masked_states = self._trunk_pass(matching_heads, split, rows,
+                                                                                 candidates, masked)
+        else:
+            # One pass of the text head over the captions and their candidates (one weight gradient, not two).
+            texts = matching_heads.text_head(torch.cat([split.text_features[rows].to(self.device),
+                                                        pool.candidates.embeddings[candidates]]))
+            masked_states = pool.masked_states[masked]
         caption, embedded = texts[:positions.numel()], texts[positions.numel():]
 
         # Score every candidate of these captions with the current model; keep the m hardest of each.
@@ -254,17 +283,16 @@ class TagsTrainer:
         lengths = pool.candidates.lengths[used]
         words = _ranges(pool.candidates.starts[used], lengths)
         word_image = image[torch.repeat_interleave(owner[chosen[valid]], lengths)]
-        states = pool.candidates.states[words]
+        states = (trunk_states[_ranges(candidate_rows[chosen[valid]], lengths)] if self.shares_trunk
+                  else pool.candidates.states[words])
         changed = pool.word_changed[words]
         discrimination_logits = self.heads.discriminator(states, word_image)
         table = self.word_table(matching_heads)
         correction_logits = self.heads.word_logits(self.heads.corrector, states[changed], word_image[changed], table)
         originals = pool.word_original[words][changed]
-        masked = _ranges(pool.masked_start[positions], pool.masked_count[positions])
         masked_image = image[torch.repeat_interleave(torch.arange(positions.numel(), device=self.device),
                                                      pool.masked_count[positions])]
-        generator_logits = self.heads.word_logits(self.heads.generator, pool.masked_states[masked], masked_image,
-                                                  table)
+        generator_logits = self.heads.word_logits(self.heads.generator, masked_states, masked_image, table)
         targets = pool.masked_targets[masked]
 
         losses = {"rank_loss": rank_loss, "mlm_loss": word_loss(generator_logits, targets),
@@ -277,6 +305,34 @@ class TagsTrainer:
         # Stage 1 still scores the words (their metrics), but only ranking and masked words train.
         return (options.rank_weight * losses["rank_loss"] + options.mlm_weight * losses["mlm_loss"]
                 + (word_losses if self.second_stage(self.epoch) else 0.0))
+
+    def _trunk_pass(self, matching_heads, split, rows: torch.Tensor, candidates: torch.Tensor,
+                    masked: torch.Tensor):
+        """One run of the trained text top, with autograd, over the step's captions (``rows`` of ``split``), their
+        candidates and the masked versions holding their ``masked`` words: (the captions' and the candidates'
+        joint embeddings, the word states, each candidate's first row in them, the masked words' states). The
+        ablation, which trains no word head, runs the captions and the candidates only."""
+        pool, top = self.pool, matching_heads.text_head.top
+        versions, version_of_word = (pool.masked_version[masked].unique_consecutive(return_inverse=True)
+                                     if self.word_heads else (masked[:0], masked[:0]))
+        caption_packed = split.text_features[rows].to(self.device)
+        parts = [(caption_packed, torch.full(caption_packed.shape[:2], -1, device=self.device),
+                  torch.zeros(rows.numel(), dtype=torch.int64, device=self.device)),
+                 (pool.candidates.trunk.packed[candidates], pool.candidates.trunk.piece_word[candidates],
+                  pool.candidates.lengths[candidates] if self.word_heads else torch.zeros_like(candidates)),
+                 (pool.masked_trunk.packed[versions], pool.masked_trunk.piece_word[versions],
+                  pool.masked_trunk.lengths[versions])]
+        width = max(packed.shape[1] for packed, _, _ in parts)
+        packed = torch.cat([torch.nn.functional.pad(packed, (0, 0, 0, width - packed.shape[1]))
+                            for packed, _, _ in parts])
+        piece_word = torch.cat([torch.nn.functional.pad(words, (0, width - words.shape[1]), value=-1)
+                                for _, words, _ in parts])
+        embeddings, states, starts = top_word_states(top, packed, piece_word, torch.cat([n for _, _, n in parts]))
+        captions_and_candidates = rows.numel() + candidates.numel()
+        texts = matching_heads.text_head.projection(embeddings[:captions_and_candidates])
+        masked_rows = starts[captions_and_candidates:][version_of_word] + pool.masked_position[masked]
+        return (texts, states, starts[rows.numel():captions_and_candidates],
+                states[masked_rows] if self.word_heads else None)
 
     @torch.no_grad()
     def _add_rank_sums(self, rank_loss, valid, rank_correct, used_positive) -> None:
@@ -350,8 +406,9 @@ class TagsTrainer:
         if self.first:  # rank 0 evaluates (with its backbone) and writes the examples and the export
             metrics.update(self._heldout(epoch, matching_heads, heldout_split))
             image, scores = self._pool_scores(matching_heads, split)
-            metrics.update(pool_agreement(self.pool, image, scores, split.text_features, self._word_embeddings(),
-                                          matching_heads.text_head, self.vocabulary, self.options.keep))
+            metrics.update(pool_agreement(self.pool, image, scores, self._caption_features(matching_heads, split),
+                                          self._word_embeddings(), self._text_projection(matching_heads),
+                                          self.vocabulary, self.options.keep))
             self._describe_epoch(epoch, matching_heads, split, image, scores)
         return metrics, {"tags_finish_seconds": time.perf_counter() - started}
 
@@ -375,8 +432,25 @@ class TagsTrainer:
         each candidate's score against its caption's image [K]."""
         pool = self.pool
         image = self._image_embedding(matching_heads, split, pool.rows.cpu())
-        scores = (image[pool.candidate_owner] * matching_heads.text_head(pool.candidates.embeddings)).sum(dim=1)
+        scores = (image[pool.candidate_owner] * self._text_projection(matching_heads)(
+            self._candidate_features(matching_heads))).sum(dim=1)
         return image, scores
+
+    @torch.no_grad()
+    def _candidate_features(self, matching_heads) -> torch.Tensor:
+        """[K, 384] the pool's candidates' backbone features: the frozen backbone's, or the trained top's now."""
+        candidates = self.pool.candidates
+        if not self.shares_trunk:
+            return candidates.embeddings
+        top = matching_heads.text_head.top
+        return torch.cat([top(candidates.trunk.packed[first:first + 128])
+                          for first in range(0, candidates.trunk.packed.shape[0], 128)] or [candidates.embeddings])
+
+    @torch.no_grad()
+    def _caption_features(self, matching_heads, split) -> torch.Tensor:
+        """[P, 384] the pool captions' backbone features (the trained top's now, with one)."""
+        features = split.text_features[self.pool.rows.cpu()].to(self.device)
+        return matching_heads.text_head.top(features) if self.shares_trunk else features
 
     @torch.no_grad()
     def _describe_epoch(self, epoch: int, matching_heads, split, image: torch.Tensor, scores: torch.Tensor) -> None:

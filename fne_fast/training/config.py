@@ -152,9 +152,6 @@ class TrainConfig:
         if self.finetune_precision != "float32" and not self.finetune:
             raise UsageError("--finetune-precision: sets what the layers --finetune trains compute in; add "
                              "--finetune N (N >= 1)")
-        if self.finetune and self.tags is not None:
-            raise UsageError("--finetune: TAGS-DC (--tags) trains over the frozen backbones' features; run it with "
-                             "--finetune 0")
         store_floats(self)
         if isinstance(self.options, dict):
             self.options = SamplerOptions(**self.options)

@@ -105,7 +105,14 @@ def train_one_epoch(run: RunState, split: FeatureSplit, epoch: int, timing: dict
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if units is not None:
+            # The sampler's loss ends at the units' leaves, so what the backward pass left in the parameters is
+            # TAGS-DC's share: the same on every rank, added once to the units' sum.
+            tags_grads = [parameter.grad for parameter in run.trained_parameters] if run.tags else None
             units.backward(run.trained_parameters, run.group)
+            if tags_grads:
+                for parameter, grad in zip(run.trained_parameters, tags_grads):
+                    if grad is not None:
+                        parameter.grad.add_(grad)
         run.optimizer.step()
         if run.tags:
             run.tags.optimizer_step()

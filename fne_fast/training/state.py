@@ -93,7 +93,7 @@ class RunState:
             self.tags = make_trainer(config.tags, texts, train_split, seed=config.seed, device=self.device,
                                      joint_dim=config.joint_dim, lr=config.lr, progress=not config.quiet,
                                      cache_dir=config.cache_dir, export=config.tags_export is not None,
-                                     group=group)
+                                     group=group, finetune=config.finetune)
         self.next_epoch = 0
         self.step = 0
         self.history: list[dict] = []
