@@ -95,3 +95,26 @@ def shapes_config(dataset: dict, out, **overrides):
                   epochs=3, batch_size=8, bank_size=32, joint_dim=16, hidden_dim=32, lr=1e-3, plots=False,
                   quiet=True, image_size=64)
     return TrainConfig(**{**values, **overrides})
+
+
+def shapes_run_arguments(dataset: dict) -> list[str]:
+    """``fne-fast train``'s command line for the coloured shapes through the real backbones (``shapes_config``'s
+    data, image size and widths; batch size and output folder left to the caller)."""
+    options = dataset["options"]
+    return ["train", "--dataset", "albef-json", "--train-json", options["train_json"], "--val-json",
+            options["val_json"], "--test-json", options["test_json"], "--image-root", options["image_root"],
+            "--cache-dir", dataset["cache"], "--image-size", "64", "--bank-size", "32", "--joint-dim", "16",
+            "--hidden-dim", "32", "--quiet", "--no-plots"]
+
+
+def torchrun_cli(arguments: list[str], processes: int) -> None:
+    """``fne-fast ARGUMENTS`` under torchrun with ``processes`` processes of one thread each (a product's rounding
+    depends on the threads, so runs compared to the bit use one); fails the test with the launch's error."""
+    import os
+    import subprocess
+    import sys
+
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               str(processes), "-m", "fne_fast.cli", *arguments], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert launched.returncode == 0, launched.stderr[-3000:]

@@ -5,8 +5,6 @@ serving, torchrun) on the coloured-shapes data set through the real backbones.""
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from fne_fast.io import read_jsonl
 from fne_fast.models import MatchingHeads, backbone_depth, momentum_copy, trunk_version
 from fne_fast.training import TrainConfig, train
 from fne_fast.training.staleness import BankLedger
-from runs import shapes_config, write_shapes_dataset
+from runs import shapes_config, shapes_run_arguments, torchrun_cli, write_shapes_dataset
 
 
 def _needs_backbones():
@@ -383,19 +381,11 @@ def test_torchrun_two_processes_follow_one_with_the_global_batch(dataset, tmp_pa
     products in either precision; the epochs' losses, sums of the ranks' shares, agree to rounding."""
     from fne_fast.runs.checkpoint import load_checkpoint
 
-    options = dataset["options"]
-    common = ["train", "--dataset", "albef-json", "--train-json", options["train_json"], "--val-json",
-              options["val_json"], "--test-json", options["test_json"], "--image-root", options["image_root"],
-              "--cache-dir", dataset["cache"], "--image-size", "64", "--finetune", "1", "--epochs", "3",
-              "--bank-size", "32", "--joint-dim", "16", "--hidden-dim", "32", "--seed", "3", "--quiet", "--no-plots",
+    common = [*shapes_run_arguments(dataset), "--finetune", "1", "--epochs", "3", "--seed", "3",
               "--finetune-precision", precision]
     runs = {"one": (1, "32"), "two": (2, "16")}
     for name, (processes, batch) in runs.items():
-        launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                   "--nproc_per_node", str(processes), "-m", "fne_fast.cli", *common, "--batch-size",
-                                   batch, "--out", str(tmp_path / name)], capture_output=True, text=True, timeout=600,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert launched.returncode == 0, launched.stderr[-3000:]
+        torchrun_cli([*common, "--batch-size", batch, "--out", str(tmp_path / name)], processes)
     one, two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
     assert len(one) == len(two) == 3 and not one[1]["warmup"]
     for single, sharded in zip(one, two):

@@ -2,10 +2,6 @@
 matcher. Their word states against the frozen backbone's while they are still the pretrained ones, the word-level
 losses reaching them, and a run's guarantees (resume, two processes), on the coloured shapes of ``runs``."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -18,7 +14,7 @@ from fne_fast.io import read_jsonl  # noqa: E402
 from fne_fast.ops import SamplerOptions  # noqa: E402
 from fne_fast.runs.artifacts import METRICS_NAME  # noqa: E402
 from fne_fast.training import train  # noqa: E402
-from runs import shapes_config, write_shapes_dataset  # noqa: E402
+from runs import shapes_config, shapes_run_arguments, torchrun_cli, write_shapes_dataset  # noqa: E402
 
 _SENTENCES = [(("a", "red", "circle", "above", "a", "square"), (" ", " ", " ", " ", " ", "")),
               (("two", "unbelievably", "green", "triangles"), (" ", " ", " ", "")),
@@ -103,22 +99,13 @@ def test_torchrun_two_processes_with_tags_and_finetune_follow_one_with_the_globa
     layers' gradient sum, so the layers, heads and TAGS-DC heads end equal to the bit after two epochs."""
     from fne_fast.runs.checkpoint import load_checkpoint
 
-    options = dataset["options"]
-    common = ["train", "--dataset", "albef-json", "--train-json", options["train_json"], "--val-json",
-              options["val_json"], "--test-json", options["test_json"], "--image-root", options["image_root"],
-              "--cache-dir", dataset["cache"], "--image-size", "64", "--finetune", "1", "--epochs", "2",
-              "--bank-size", "32", "--joint-dim", "16", "--hidden-dim", "32", "--seed", "3", "--quiet", "--no-plots",
-              "--min-count", "5", "--tags", "--tags-pool-captions", "8", "--tags-masked-versions", "1",
-              "--tags-samples", "3", "--tags-keep", "2", "--tags-captions-per-step", "4",
-              "--tags-heldout-captions", "4", "--tags-examples", "2", "--tags-hidden-dim", "32",
-              "--tags-pretrain-epochs", "1"]
+    common = [*shapes_run_arguments(dataset), "--finetune", "1", "--epochs", "2", "--seed", "3", "--min-count", "5",
+              "--tags", "--tags-pool-captions", "8", "--tags-masked-versions", "1", "--tags-samples", "3",
+              "--tags-keep", "2", "--tags-captions-per-step", "4", "--tags-heldout-captions", "4",
+              "--tags-examples", "2", "--tags-hidden-dim", "32", "--tags-pretrain-epochs", "1"]
     runs = {"one": (1, "32"), "two": (2, "16")}
     for name, (processes, batch) in runs.items():
-        launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                   "--nproc_per_node", str(processes), "-m", "fne_fast.cli", *common, "--batch-size",
-                                   batch, "--out", str(tmp_path / name)], capture_output=True, text=True, timeout=600,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert launched.returncode == 0, launched.stderr[-3000:]
+        torchrun_cli([*common, "--batch-size", batch, "--out", str(tmp_path / name)], processes)
     one, two = read_jsonl(tmp_path / "one" / METRICS_NAME), read_jsonl(tmp_path / "two" / METRICS_NAME)
     assert len(one) == len(two) == 2
     for single, sharded in zip(one, two):
