@@ -86,6 +86,25 @@ def test_the_masked_word_loss_trains_the_shared_text_layers(dataset, tied):
     assert all(projection) if tied else not any(projection)
 
 
+def test_the_ablation_trains_the_shared_text_layers_through_the_hinge_alone(dataset):
+    """Random refills with the word-level losses off: the synthetic hinge still reaches the trained text layers (its
+    captions and sentences go through them) and no word state is computed."""
+    from fne_fast.tags.run import text_corpus
+    from fne_fast.training.data import load_splits
+    from fne_fast.training.state import RunState
+
+    config = _config(dataset, "unused", tags=_tags(refill="random", margin=2.0))
+    train_split = load_splits(config)["train"]
+    texts = text_corpus("albef-json", dataset["options"], dataset["cache"], None, progress=False)
+    run = RunState(config, train_split, texts)
+    run.tags.start_epoch(0, run.heads, train_split)
+    run.tags.step(0, run.heads, train_split).backward()
+    reached = [parameter.grad is not None and bool(parameter.grad.abs().sum() > 0)
+               for parameter in run.heads.text_head.top.parameters()]
+    assert reached and all(reached)
+    assert all(parameter.grad is None for parameter in run.tags.heads.parameters())
+
+
 def test_resume_with_tags_and_finetune_reproduces_an_uninterrupted_run(dataset, tmp_path):
     whole = train(_config(dataset, tmp_path / "whole", epochs=2))
     train(_config(dataset, tmp_path / "parts", epochs=1))

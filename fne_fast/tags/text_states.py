@@ -156,14 +156,15 @@ def encode_trunk_words(text_encoder, sentences: list[tuple[tuple[str, ...], tupl
 def top_word_states(top, packed: torch.Tensor, piece_word: torch.Tensor,
                     lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``top`` over n sentences' trunk states (``TrunkWords``' ``packed`` [n, L, 385] and ``piece_word`` [n, L]
-    rows; ``lengths`` [n] their words, 0 where the words are not needed): (embeddings [n, 384], word states
-    [lengths.sum(), 384], each sentence's first row in them [n]), with autograd. A word's state is the mean of its
-    pieces' output states, as ``encode_words`` computes it; a word with no piece keeps a zero state."""
+    rows; ``lengths`` [n] how many of their words to compute, 0 where none is needed): (embeddings [n, 384], word
+    states [lengths.sum(), 384], each sentence's first row in them [n]), with autograd. A word's state is the mean
+    of its pieces' output states, as ``encode_words`` computes it; a word with no piece keeps a zero state."""
     embeddings, tokens, positions, width = top.forward_with_tokens(packed)
     starts = torch.cumsum(lengths, 0) - lengths
     word = piece_word[:, :width].reshape(-1)[positions]
-    inside = word >= 0
-    row = starts[torch.div(positions, width, rounding_mode="floor")[inside]] + word[inside]
+    text = torch.div(positions, width, rounding_mode="floor")
+    inside = (word >= 0) & (word < lengths[text])
+    row = starts[text[inside]] + word[inside]
     total = int(lengths.sum())
     sums = tokens.new_zeros(total, tokens.shape[1]).index_add(0, row, tokens[inside])
     counts = tokens.new_zeros(total).index_add(0, row, torch.ones_like(row, dtype=tokens.dtype))

@@ -330,9 +330,10 @@ class TagsTrainer:
         embeddings, states, starts = top_word_states(top, packed, piece_word, torch.cat([n for _, _, n in parts]))
         captions_and_candidates = rows.numel() + candidates.numel()
         texts = matching_heads.text_head.projection(embeddings[:captions_and_candidates])
+        if not self.word_heads:
+            return texts, states, starts[rows.numel():captions_and_candidates], None
         masked_rows = starts[captions_and_candidates:][version_of_word] + pool.masked_position[masked]
-        return (texts, states, starts[rows.numel():captions_and_candidates],
-                states[masked_rows] if self.word_heads else None)
+        return texts, states, starts[rows.numel():captions_and_candidates], states[masked_rows]
 
     @torch.no_grad()
     def _add_rank_sums(self, rank_loss, valid, rank_correct, used_positive) -> None:
