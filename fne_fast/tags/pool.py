@@ -20,7 +20,7 @@ from fne_fast.tags.spans import ParsedCaption
 from fne_fast.tags.text_states import TrunkWords, WordStates
 from fne_fast.tags.vocab import UNKNOWN, Vocabulary
 
-__all__ = ["CaptionSource", "SyntheticPool", "build_pool", "random_refills", "POOL_COUNTS"]
+__all__ = ["CaptionSource", "SyntheticPool", "build_pool", "random_refills", "grouped_ranges", "POOL_COUNTS"]
 
 POOL_COUNTS = ("generated", *DROP_REASONS, "kept", "positive_generated", "positive_kept")
 
@@ -78,6 +78,14 @@ def random_refills(vocabulary: Vocabulary, kinds: list[str], samples: int, rando
         return torch.zeros(0, samples, dtype=torch.int64)
     rows = torch.tensor([names.index(kind) for kind in kinds])
     return torch.multinomial(weights[rows], samples, replacement=True, generator=random)
+
+
+def grouped_ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The concatenation of arange(start, start + count) (on the inputs' device): the rows of groups."""
+    total = int(counts.sum())
+    first = torch.cumsum(counts, 0) - counts
+    offsets = torch.arange(total, device=starts.device) - torch.repeat_interleave(first, counts)
+    return torch.repeat_interleave(starts, counts) + offsets
 
 
 def _grouped(owner: list[int], size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,11 +10,7 @@ pool and evaluates, and sends the generator, the pool and the word table to the 
 (a few pool captions, ``captions_per_step``) is then the same on every rank: each computes all of it, DDP's
 averaging leaves the matcher's share of its gradient as it is, and the TAGS-DC heads' gradients are averaged
 (``optimizer_step``), so the ranks' heads stay one model and the run follows one process with the global batch.
-
-When ``--finetune`` trains MiniLM's top layers (``trunk_cut``), those layers are the trunk TAGS-DC shares with
-the matcher, as the authors' heads share UNITER: a step runs them, with autograd, over its captions, their
-candidates and their masked versions, so the ranking hinge and the generator's, the discriminator's and the
-corrector's losses all train the layers retrieval reads, and the word heads read the layers' output states.
+With ``--finetune`` the trained MiniLM layers are the trunk TAGS-DC shares with the matcher (``text_path``).
 """
 
 from __future__ import annotations
@@ -27,11 +23,11 @@ import torch
 from fne_fast.sampling import distributed
 from fne_fast.tags.heads import TagsHeads, discrimination_loss, synthetic_ranking_loss, word_loss
 from fne_fast.tags.options import TagsOptions
-from fne_fast.tags.pool import CaptionSource, SyntheticPool, build_pool
+from fne_fast.tags.pool import CaptionSource, SyntheticPool, build_pool, grouped_ranges
 from fne_fast.tags.prescore import pool_agreement
 from fne_fast.tags.pretrain import cached_masked_words, cached_word_embeddings, pretrain_generator, top1_accuracy
 from fne_fast.tags.report import examples_section, export_records, word_level_metrics
-from fne_fast.tags.text_states import encode_trunk_words, encode_words, top_word_states
+from fne_fast.tags.text_path import TextPath
 from fne_fast.tags.vocab import UNKNOWN, Vocabulary
 
 __all__ = ["TagsTrainer", "derived_seed", "STEP_SUMS"]
@@ -48,14 +44,6 @@ def derived_seed(seed: int, *purpose) -> int:
     """A 63-bit seed for one purpose (e.g. ("pool", epoch)) of a run: independent streams per purpose."""
     digest = hashlib.sha256(repr((seed, "tags", *purpose)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """The concatenation of arange(start, start + count) (on the inputs' device)."""
-    total = int(counts.sum())
-    first = torch.cumsum(counts, 0) - counts
-    offsets = torch.arange(total, device=starts.device) - torch.repeat_interleave(first, counts)
-    return torch.repeat_interleave(starts, counts) + offsets
 
 
 def _hardest(scores: torch.Tensor, counts: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,8 +76,7 @@ class TagsTrainer:
         # Rank 0's backbone work (pretraining, a pool) may outlast the steps' collective timeout.
         self.patient = distributed.patient_group(group)
         self.vocabulary, self.train_source, self.heldout_source = vocabulary, train, heldout
-        self.text_encoder, self.trunk_cut = text_encoder, trunk_cut
-        self.shares_trunk = trunk_cut is not None
+        self.text_encoder, self.text_path = text_encoder, TextPath(text_encoder, trunk_cut)
         self.cache_dir, self.encoder_version, self.dataset, self.lr = cache_dir, encoder_version, dataset, lr
         self.word_heads = options.refill == "generator"  # the ablation trains no word-level head
         self._word_features: torch.Tensor | None = None
@@ -120,21 +107,7 @@ class TagsTrainer:
     def word_table(self, matching_heads) -> torch.Tensor | None:
         """[V, D] the matcher's text head over each vocabulary word's embedding (tied heads), else None; under
         autograd when the caller is, so the word-level losses train the text head."""
-        return self._text_projection(matching_heads)(self._word_embeddings()) if self.heads.tied else None
-
-    def _text_projection(self, matching_heads):
-        """What maps a backbone sentence feature into the joint space: the text head, or with a trained top its
-        projection over the top (a vocabulary word's table row is the projection of its frozen embedding: the
-        top over every word each step would cost more than the step's captions)."""
-        return matching_heads.text_head.projection if self.shares_trunk else matching_heads.text_head
-
-    def _encoder(self, matching_heads):
-        """``build_pool``'s ``encode``: the frozen backbone's states, or the trunk's kept for the trained top and
-        the top's states as it is now."""
-        if self.shares_trunk:
-            return lambda sentences, label: encode_trunk_words(self.text_encoder(), sentences, self.trunk_cut,
-                                                               matching_heads.text_head.top, progress=label)
-        return lambda sentences, label: encode_words(self.text_encoder(), sentences, progress=label)
+        return self.text_path.projection(matching_heads)(self._word_embeddings()) if self.heads.tied else None
 
     def _word_embeddings(self) -> torch.Tensor:
         """[V, word_dim] the frozen backbone's embedding of each vocabulary word alone (cached)."""
@@ -196,7 +169,7 @@ class TagsTrainer:
         with torch.no_grad():
             refills = self._logits_of(self.heads.generator, self.word_table(matching_heads)) if (
                 self.word_heads) else None
-        pool = build_pool(source, self.vocabulary, rows, image, refills, self._encoder(matching_heads), random,
+        pool = build_pool(source, self.vocabulary, rows, image, refills, self.text_path.encoder(matching_heads), random,
                           masked_versions=masked_versions, samples=samples,
                           mask_probability=self.options.mask_probability, temperature=self.options.temperature,
                           progress=self.progress)
@@ -257,17 +230,11 @@ class TagsTrainer:
         if not options.train_image_head:
             image = image.detach()
         counts = pool.candidate_count[positions]
-        candidates = _ranges(pool.candidate_start[positions], counts)
-        masked = _ranges(pool.masked_start[positions], pool.masked_count[positions])
-        if self.shares_trunk:
-            texts, trunk_states, candidate_rows, masked_states = self._trunk_pass(matching_heads, split, rows,
-                                                                                 candidates, masked)
-        else:
-            # One pass of the text head over the captions and their candidates (one weight gradient, not two).
-            texts = matching_heads.text_head(torch.cat([split.text_features[rows].to(self.device),
-                                                        pool.candidates.embeddings[candidates]]))
-            masked_states = pool.masked_states[masked]
-        caption, embedded = texts[:positions.numel()], texts[positions.numel():]
+        candidates = grouped_ranges(pool.candidate_start[positions], counts)
+        masked = grouped_ranges(pool.masked_start[positions], pool.masked_count[positions])
+        texts = self.text_path.step_texts(matching_heads, pool, split.text_features[rows].to(self.device),
+                                          candidates, masked, self.word_heads)
+        caption, embedded = texts.texts[:positions.numel()], texts.texts[positions.numel():]
 
         # Score every candidate of these captions with the current model; keep the m hardest of each.
         owner = torch.repeat_interleave(torch.arange(positions.numel(), device=self.device), counts)
@@ -281,10 +248,9 @@ class TagsTrainer:
         # Discrimination and correction on the kept sentences' words; the generator's MLM on the masked words.
         used = candidates[chosen[valid]]
         lengths = pool.candidates.lengths[used]
-        words = _ranges(pool.candidates.starts[used], lengths)
+        words = grouped_ranges(pool.candidates.starts[used], lengths)
         word_image = image[torch.repeat_interleave(owner[chosen[valid]], lengths)]
-        states = (trunk_states[_ranges(candidate_rows[chosen[valid]], lengths)] if self.shares_trunk
-                  else pool.candidates.states[words])
+        states = texts.states[grouped_ranges(texts.candidate_rows[chosen[valid]], lengths)]
         changed = pool.word_changed[words]
         discrimination_logits = self.heads.discriminator(states, word_image)
         table = self.word_table(matching_heads)
@@ -292,7 +258,7 @@ class TagsTrainer:
         originals = pool.word_original[words][changed]
         masked_image = image[torch.repeat_interleave(torch.arange(positions.numel(), device=self.device),
                                                      pool.masked_count[positions])]
-        generator_logits = self.heads.word_logits(self.heads.generator, masked_states, masked_image, table)
+        generator_logits = self.heads.word_logits(self.heads.generator, texts.masked_states, masked_image, table)
         targets = pool.masked_targets[masked]
 
         losses = {"rank_loss": rank_loss, "mlm_loss": word_loss(generator_logits, targets),
@@ -305,35 +271,6 @@ class TagsTrainer:
         # Stage 1 still scores the words (their metrics), but only ranking and masked words train.
         return (options.rank_weight * losses["rank_loss"] + options.mlm_weight * losses["mlm_loss"]
                 + (word_losses if self.second_stage(self.epoch) else 0.0))
-
-    def _trunk_pass(self, matching_heads, split, rows: torch.Tensor, candidates: torch.Tensor,
-                    masked: torch.Tensor):
-        """One run of the trained text top, with autograd, over the step's captions (``rows`` of ``split``), their
-        candidates and the masked versions holding their ``masked`` words: (the captions' and the candidates'
-        joint embeddings, the word states, each candidate's first row in them, the masked words' states). The
-        ablation, which trains no word head, runs the captions and the candidates only."""
-        pool, top = self.pool, matching_heads.text_head.top
-        versions, version_of_word = (pool.masked_version[masked].unique_consecutive(return_inverse=True)
-                                     if self.word_heads else (masked[:0], masked[:0]))
-        caption_packed = split.text_features[rows].to(self.device)
-        parts = [(caption_packed, torch.full(caption_packed.shape[:2], -1, device=self.device),
-                  torch.zeros(rows.numel(), dtype=torch.int64, device=self.device)),
-                 (pool.candidates.trunk.packed[candidates], pool.candidates.trunk.piece_word[candidates],
-                  pool.candidates.lengths[candidates] if self.word_heads else torch.zeros_like(candidates)),
-                 (pool.masked_trunk.packed[versions], pool.masked_trunk.piece_word[versions],
-                  pool.masked_trunk.lengths[versions])]
-        width = max(packed.shape[1] for packed, _, _ in parts)
-        packed = torch.cat([torch.nn.functional.pad(packed, (0, 0, 0, width - packed.shape[1]))
-                            for packed, _, _ in parts])
-        piece_word = torch.cat([torch.nn.functional.pad(words, (0, width - words.shape[1]), value=-1)
-                                for _, words, _ in parts])
-        embeddings, states, starts = top_word_states(top, packed, piece_word, torch.cat([n for _, _, n in parts]))
-        captions_and_candidates = rows.numel() + candidates.numel()
-        texts = matching_heads.text_head.projection(embeddings[:captions_and_candidates])
-        if not self.word_heads:
-            return texts, states, starts[rows.numel():captions_and_candidates], None
-        masked_rows = starts[captions_and_candidates:][version_of_word] + pool.masked_position[masked]
-        return texts, states, starts[rows.numel():captions_and_candidates], states[masked_rows]
 
     @torch.no_grad()
     def _add_rank_sums(self, rank_loss, valid, rank_correct, used_positive) -> None:
@@ -407,9 +344,11 @@ class TagsTrainer:
         if self.first:  # rank 0 evaluates (with its backbone) and writes the examples and the export
             metrics.update(self._heldout(epoch, matching_heads, heldout_split))
             image, scores = self._pool_scores(matching_heads, split)
-            metrics.update(pool_agreement(self.pool, image, scores, self._caption_features(matching_heads, split),
-                                          self._word_embeddings(), self._text_projection(matching_heads),
-                                          self.vocabulary, self.options.keep))
+            captions = self.text_path.caption_features(
+                matching_heads, split.text_features[self.pool.rows.cpu()].to(self.device))
+            metrics.update(pool_agreement(self.pool, image, scores, captions, self._word_embeddings(),
+                                          self.text_path.projection(matching_heads), self.vocabulary,
+                                          self.options.keep))
             self._describe_epoch(epoch, matching_heads, split, image, scores)
         return metrics, {"tags_finish_seconds": time.perf_counter() - started}
 
@@ -433,25 +372,9 @@ class TagsTrainer:
         each candidate's score against its caption's image [K]."""
         pool = self.pool
         image = self._image_embedding(matching_heads, split, pool.rows.cpu())
-        scores = (image[pool.candidate_owner] * self._text_projection(matching_heads)(
-            self._candidate_features(matching_heads))).sum(dim=1)
+        scores = (image[pool.candidate_owner] * self.text_path.projection(matching_heads)(
+            self.text_path.candidate_features(matching_heads, pool))).sum(dim=1)
         return image, scores
-
-    @torch.no_grad()
-    def _candidate_features(self, matching_heads) -> torch.Tensor:
-        """[K, 384] the pool's candidates' backbone features: the frozen backbone's, or the trained top's now."""
-        candidates = self.pool.candidates
-        if not self.shares_trunk:
-            return candidates.embeddings
-        top = matching_heads.text_head.top
-        return torch.cat([top(candidates.trunk.packed[first:first + 128])
-                          for first in range(0, candidates.trunk.packed.shape[0], 128)] or [candidates.embeddings])
-
-    @torch.no_grad()
-    def _caption_features(self, matching_heads, split) -> torch.Tensor:
-        """[P, 384] the pool captions' backbone features (the trained top's now, with one)."""
-        features = split.text_features[self.pool.rows.cpu()].to(self.device)
-        return matching_heads.text_head.top(features) if self.shares_trunk else features
 
     @torch.no_grad()
     def _describe_epoch(self, epoch: int, matching_heads, split, image: torch.Tensor, scores: torch.Tensor) -> None:
